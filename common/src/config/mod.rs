@@ -1,0 +1,379 @@
+//! Configuration: one [`Settings`], loaded once at start from an optional file
+//! (`--config PATH` or `STITCH_CONFIG`) overridden by `STITCH__<SECTION>__<KEY>` environment
+//! variables, then validated so that a bad value stops the process with the key's name.
+//!
+//! Unknown keys are errors too: a mistyped limit must not silently fall back to its default.
+
+mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{ByteSize, Interval};
+
+/// Environment variable naming a configuration file, when `--config` is not given.
+pub const CONFIG_FILE_ENV: &str = "STITCH_CONFIG";
+
+/// All of Stitch's settings. Every binary reads the same structure; each uses its sections.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Prefix of every Redis key and every RabbitMQ exchange and queue, so that several
+    /// deployments (or test runs) can share one Redis and one broker.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
+    pub storage: StorageSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
+    #[serde(default)]
+    pub amqp: AmqpSettings,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub uploads: UploadSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address to listen on. The worker serves its probes and metrics on its own bind.
+    pub bind: SocketAddr,
+    /// How long a client may take to send a request's headers (slowloris guard; axum's own
+    /// `serve` has none).
+    pub header_read_timeout: Interval,
+    /// How long a request body may stall between two reads before the request fails.
+    pub body_idle_timeout: Interval,
+    /// On SIGTERM, how long in-flight requests may run before the process exits anyway.
+    pub shutdown_grace: Interval,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// The shared directory (a ReadWriteMany volume when distributed).
+    pub root: PathBuf,
+    /// fsync chunk files and directories before counting a chunk. Turning this off trades
+    /// invariant 1 (durability across a power loss) for speed; only for throwaway setups.
+    pub fsync: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    pub url: Secret,
+    /// Connections per process. deadpool's default (4 × CPUs) is too small for a busy pod.
+    pub pool_size: usize,
+    /// Bound on connecting and on each command; past it the request fails with 503.
+    pub timeout: Interval,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    pub url: Secret,
+}
+
+/// Limits on what clients may send. Every one is enforced before anything is stored.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_chunk_bytes: ByteSize,
+    pub max_upload_bytes: ByteSize,
+    pub max_chunks: u64,
+    /// Chunk bodies being written at once by one API process; more get 503 + Retry-After.
+    pub max_concurrent_chunk_writes: usize,
+    pub max_filename_bytes: usize,
+    pub max_metadata_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadSettings {
+    /// An upload untouched for this long expires (its Redis keys' TTL, refreshed on activity).
+    pub ttl: Interval,
+    /// Compute MD5 of every chunk even when the client sends no `Content-MD5` (costs about
+    /// one core per 600 MB/s).
+    pub chunk_md5: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A `tracing` filter directive, e.g. `info` or `stitch_api=debug,info`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, for development.
+    Pretty,
+    /// One JSON object per line, for production log pipelines.
+    Json,
+}
+
+/// A configuration value that must not appear in logs (URLs with passwords, keys).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+fn default_namespace() -> String {
+    "stitch".into()
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            header_read_timeout: Interval(Duration::from_secs(30)),
+            body_idle_timeout: Interval(Duration::from_secs(60)),
+            shutdown_grace: Interval(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("./stitch-data"),
+            fsync: true,
+        }
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("redis://127.0.0.1:6379"),
+            pool_size: 32,
+            timeout: Interval(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_chunk_bytes: ByteSize(128 << 20),
+            max_upload_bytes: ByteSize(16 << 40),
+            max_chunks: 100_000,
+            max_concurrent_chunk_writes: 64,
+            max_filename_bytes: 1024,
+            max_metadata_bytes: 8 << 10,
+        }
+    }
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        Self {
+            ttl: Interval(Duration::from_secs(7 * 86_400)),
+            chunk_md5: false,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// The largest chunk count any deployment may configure: the received-chunk bitmap of one
+/// upload stays at most 1.25 MB.
+pub const MAX_CHUNKS_CEILING: u64 = 10_000_000;
+
+/// A configuration problem, naming the key (in its environment-variable spelling).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration could not be read: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+impl Settings {
+    /// Loads settings from `file` (or the file named by `STITCH_CONFIG`), then the
+    /// environment, then validates them. `defaults` are per-binary defaults given as
+    /// `("section.key", value)`, below the file and the environment.
+    pub fn load(file: Option<&Path>, defaults: &[(&str, &str)]) -> Result<Self, SettingsError> {
+        let env_file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        let file = file.map(Path::to_path_buf).or(env_file);
+        let mut builder = config::Config::builder();
+        for (key, value) in defaults {
+            builder = builder.set_default(*key, *value)?;
+        }
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("STITCH")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values that types alone cannot.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key, problem: &str| {
+            Err(SettingsError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        let ns = &self.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return invalid(
+                "STITCH__NAMESPACE",
+                "must be 1-64 characters of A-Z, a-z, 0-9, '_' and '-'",
+            );
+        }
+        let l = &self.limits;
+        if l.max_chunk_bytes.0 == 0 {
+            return invalid("STITCH__LIMITS__MAX_CHUNK_BYTES", "must be at least 1");
+        }
+        // Redis scripts count bytes in Lua numbers (doubles): exact up to 2^53 (8 PiB).
+        if l.max_upload_bytes.0 == 0 || l.max_upload_bytes.0 > 1 << 53 {
+            return invalid(
+                "STITCH__LIMITS__MAX_UPLOAD_BYTES",
+                "must be between 1 and 2^53 bytes (8 PiB)",
+            );
+        }
+        if l.max_chunks == 0 || l.max_chunks > MAX_CHUNKS_CEILING {
+            return invalid(
+                "STITCH__LIMITS__MAX_CHUNKS",
+                &format!("must be between 1 and {MAX_CHUNKS_CEILING}"),
+            );
+        }
+        if l.max_concurrent_chunk_writes == 0 {
+            return invalid(
+                "STITCH__LIMITS__MAX_CONCURRENT_CHUNK_WRITES",
+                "must be at least 1",
+            );
+        }
+        if self.redis.pool_size == 0 {
+            return invalid("STITCH__REDIS__POOL_SIZE", "must be at least 1");
+        }
+        for (key, value) in [
+            ("STITCH__HTTP__HEADER_READ_TIMEOUT", self.http.header_read_timeout),
+            ("STITCH__HTTP__BODY_IDLE_TIMEOUT", self.http.body_idle_timeout),
+            ("STITCH__REDIS__TIMEOUT", self.redis.timeout),
+            ("STITCH__UPLOADS__TTL", self.uploads.ttl),
+        ] {
+            if value.0.is_zero() {
+                return invalid(key, "must be longer than zero");
+            }
+        }
+        if self.uploads.ttl.0 < Duration::from_secs(60) {
+            return invalid("STITCH__UPLOADS__TTL", "must be at least 60s");
+        }
+        if self.storage.root.as_os_str().is_empty() {
+            return invalid("STITCH__STORAGE__ROOT", "must not be empty");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("STITCH__LOG__LEVEL", "is not a valid filter such as `info`");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(toml: &str) -> Result<Settings, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stitch.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load(Some(&path), &[])
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let s = load_toml("").unwrap();
+        assert_eq!(s.namespace, "stitch");
+        assert_eq!(s.http.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.storage.root, PathBuf::from("./stitch-data"));
+        assert_eq!(s.limits.max_chunk_bytes, ByteSize(128 << 20));
+        assert!(s.storage.fsync);
+    }
+
+    #[test]
+    fn units_are_accepted_in_the_file() {
+        let s = load_toml(
+            "[limits]\nmax_chunk_bytes = \"8MiB\"\n[http]\nbody_idle_timeout = \"1500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.limits.max_chunk_bytes, ByteSize(8 << 20));
+        assert_eq!(s.http.body_idle_timeout, Interval(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn a_mistyped_key_is_an_error_not_a_default() {
+        let err = load_toml("[limits]\nmax_chunk_byte = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_chunk_byte"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let err = load_toml("namespace = \"a:b\"\n").unwrap_err();
+        assert!(err.to_string().contains("STITCH__NAMESPACE"), "{err}");
+        let err = load_toml("[limits]\nmax_chunks = 0\n").unwrap_err();
+        assert!(err.to_string().contains("STITCH__LIMITS__MAX_CHUNKS"), "{err}");
+        let err = load_toml("[http]\nbind = \"nonsense\"\n").unwrap_err();
+        assert!(err.to_string().contains("bind"), "{err}");
+        let err = load_toml("[limits]\nmax_chunk_bytes = \"lots\"\n").unwrap_err();
+        assert!(err.to_string().contains("byte size"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = load_toml("[redis]\nurl = \"redis://:hunter2@host\"\n").unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

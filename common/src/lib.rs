@@ -1,0 +1,31 @@
+//! Stitch's shared core: the model, configuration and backend boundaries used by the API
+//! (`stitch-api`) and the merge worker (`stitch-worker`).
+//!
+//! A tour, following one chunk:
+//! - [`id::UploadId`] and [`geometry`] turn untrusted headers into an upload id, a chunk
+//!   index and the upload's fixed [`geometry::Geometry`] (total size, chunk size, count).
+//! - [`storage::FsChunkStore`] streams the chunk's bytes to shared storage under a unique name,
+//!   computing [`digest`]s on the way, and makes them durable before anything counts them.
+//! - [`state::StateStore`] (Redis: [`state::RedisStateStore`]) records the chunk in one atomic
+//!   operation that also detects completion and moves the upload from `receiving` to
+//!   `merging` ([`upload::UploadState`]), leaving the merge trigger in the upload's outbox.
+//! - [`config::Settings`] holds every limit and address; [`telemetry`] and [`shutdown`] are
+//!   the process plumbing both binaries share.
+
+pub mod config;
+pub mod digest;
+pub mod geometry;
+pub mod id;
+pub mod shutdown;
+pub mod state;
+pub mod storage;
+pub mod telemetry;
+pub mod upload;
+
+/// Milliseconds since the Unix epoch, the time unit of stored timestamps.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

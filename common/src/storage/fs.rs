@@ -1,0 +1,410 @@
+//! [`FsChunkStore`]: chunks and manifests on a POSIX file system.
+//!
+//! All file I/O runs on blocking threads, never on the async executor; a chunk's digests are
+//! computed on the same thread as it is written, so hashing never stalls request handling.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::StorageError;
+use crate::digest::{ChunkDigests, ChunkHasher};
+use crate::geometry::ChunkIndex;
+use crate::id::UploadId;
+use crate::upload::NewUpload;
+
+/// One message of a chunk body on its way to storage.
+#[derive(Debug)]
+pub enum Feed {
+    Data(Bytes),
+    /// The body is complete and valid as far as the sender can tell. Without it, a closed
+    /// channel means the request failed, and the partial copy is deleted.
+    End,
+}
+
+/// A chunk copy under its final name: complete and durable, not yet counted.
+#[derive(Clone, Debug)]
+pub struct StagedChunk {
+    pub path: PathBuf,
+    pub token: String,
+    pub digests: ChunkDigests,
+}
+
+/// What [`FsChunkStore::ensure_manifest`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ManifestCheck {
+    /// This call wrote the manifest.
+    Created,
+    /// A manifest with the same geometry (and MD5, when both declare one) exists.
+    Matches,
+    /// A manifest for a different upload shape exists.
+    Conflicts(Box<NewUpload>),
+}
+
+/// Chunk files and manifests under one root directory.
+#[derive(Clone, Debug)]
+pub struct FsChunkStore {
+    root: PathBuf,
+    fsync: bool,
+}
+
+impl FsChunkStore {
+    pub fn new(root: impl Into<PathBuf>, fsync: bool) -> Self {
+        Self {
+            root: root.into(),
+            fsync,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of one upload. `id` is validated, so this is always a child of the root.
+    pub fn upload_dir(&self, id: &UploadId) -> PathBuf {
+        self.root.join("uploads").join(id.as_str())
+    }
+
+    pub fn chunks_dir(&self, id: &UploadId) -> PathBuf {
+        self.upload_dir(id).join("chunks")
+    }
+
+    pub fn manifest_path(&self, id: &UploadId) -> PathBuf {
+        self.upload_dir(id).join("manifest.json")
+    }
+
+    /// Path of a chunk copy.
+    pub fn chunk_path(&self, id: &UploadId, index: ChunkIndex, token: &str) -> PathBuf {
+        self.chunks_dir(id).join(format!("{index}.{token}"))
+    }
+
+    /// Streams one chunk copy from `feed` to a new `.part` file, hashing it on the way
+    /// (CRC32C always, MD5 when `with_md5`), then fsyncs it and renames it to its final,
+    /// unique name. If the feed closes without [`Feed::End`], or anything fails, the partial
+    /// file is removed.
+    pub async fn stage_chunk(
+        &self,
+        id: &UploadId,
+        index: ChunkIndex,
+        with_md5: bool,
+        feed: mpsc::Receiver<Feed>,
+    ) -> Result<StagedChunk, StorageError> {
+        let token = new_token();
+        let dir = self.chunks_dir(id);
+        let path = self.chunk_path(id, index, &token);
+        let fsync = self.fsync;
+        let staged = tokio::task::spawn_blocking(move || {
+            let digests = write_copy(&dir, &path, with_md5, fsync, feed)?;
+            Ok(StagedChunk {
+                path,
+                token,
+                digests,
+            })
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("chunk writer failed: {e}")))?;
+        staged
+    }
+
+    /// Removes a staged copy that did not get counted.
+    pub async fn discard(&self, staged: &StagedChunk) {
+        let path = staged.path.clone();
+        let result = tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await;
+        if let Ok(Err(e)) = result {
+            if e.kind() != ErrorKind::NotFound {
+                tracing::warn!(path = %staged.path.display(), error = %e, "could not remove a surplus chunk copy");
+            }
+        }
+    }
+
+    /// Writes the upload's manifest unless one exists; the first writer wins (a hard link
+    /// refuses to replace, also on NFS), later ones compare against it.
+    pub async fn ensure_manifest(&self, upload: &NewUpload) -> Result<ManifestCheck, StorageError> {
+        let dir = self.upload_dir(&upload.id);
+        let path = self.manifest_path(&upload.id);
+        let upload = upload.clone();
+        let fsync = self.fsync;
+        tokio::task::spawn_blocking(move || write_manifest(&dir, &path, &upload, fsync))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("manifest writer failed: {e}")))?
+    }
+
+    /// Reads an upload's manifest, if it has one.
+    pub async fn read_manifest(&self, id: &UploadId) -> Result<Option<NewUpload>, StorageError> {
+        let path = self.manifest_path(id);
+        tokio::task::spawn_blocking(move || read_manifest(&path))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("manifest reader failed: {e}")))?
+    }
+
+    /// Removes everything stored for an upload. Missing is fine.
+    pub async fn remove_upload(&self, id: &UploadId) -> Result<(), StorageError> {
+        let dir = self.upload_dir(id);
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(StorageError::from_io("removing upload directory", e))
+            }
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("remover failed: {e}")))?
+    }
+
+    /// Checks that the root accepts a write (readiness).
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(root.join("uploads"))
+                .map_err(|e| StorageError::from_io("creating the storage root", e))?;
+            let probe = root.join(format!(".probe-{}", new_token()));
+            std::fs::write(&probe, b"ok").map_err(|e| StorageError::from_io("probe write", e))?;
+            std::fs::remove_file(&probe).map_err(|e| StorageError::from_io("probe remove", e))
+        })
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("probe failed: {e}")))?
+    }
+}
+
+/// A random 64-bit token in hex: unique per copy, short enough to store per chunk.
+fn new_token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+fn write_copy(
+    dir: &Path,
+    path: &Path,
+    with_md5: bool,
+    fsync: bool,
+    mut feed: mpsc::Receiver<Feed>,
+) -> Result<ChunkDigests, StorageError> {
+    std::fs::create_dir_all(dir).map_err(|e| StorageError::from_io("creating chunk directory", e))?;
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&part)
+        .map_err(|e| StorageError::from_io("creating chunk file", e))?;
+    let result = (|| {
+        let mut hasher = ChunkHasher::new(with_md5);
+        loop {
+            match feed.blocking_recv() {
+                Some(Feed::Data(bytes)) => {
+                    hasher.update(&bytes);
+                    file.write_all(&bytes)
+                        .map_err(|e| StorageError::from_io("writing chunk", e))?;
+                }
+                Some(Feed::End) => break,
+                None => return Err(StorageError::Interrupted),
+            }
+        }
+        if fsync {
+            file.sync_data()
+                .map_err(|e| StorageError::from_io("syncing chunk", e))?;
+        }
+        std::fs::rename(&part, path).map_err(|e| StorageError::from_io("renaming chunk", e))?;
+        if fsync {
+            sync_dir(dir)?;
+        }
+        Ok(hasher.finish())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::from_io("syncing directory", e))
+}
+
+fn write_manifest(
+    dir: &Path,
+    path: &Path,
+    upload: &NewUpload,
+    fsync: bool,
+) -> Result<ManifestCheck, StorageError> {
+    if let Some(existing) = read_manifest(path)? {
+        return Ok(compare_manifest(existing, upload));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| StorageError::from_io("creating upload directory", e))?;
+    let tmp = dir.join(format!(".manifest.{}.tmp", new_token()));
+    let body = serde_json::to_vec_pretty(&ManifestFile::V1(upload.clone()))
+        .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let result = (|| {
+        let mut file = File::create(&tmp).map_err(|e| StorageError::from_io("creating manifest", e))?;
+        file.write_all(&body)
+            .map_err(|e| StorageError::from_io("writing manifest", e))?;
+        if fsync {
+            file.sync_all()
+                .map_err(|e| StorageError::from_io("syncing manifest", e))?;
+        }
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => {
+                if fsync {
+                    sync_dir(dir)?;
+                }
+                Ok(ManifestCheck::Created)
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let existing = read_manifest(path)?
+                    .ok_or_else(|| StorageError::Corrupt("manifest vanished".into()))?;
+                Ok(compare_manifest(existing, upload))
+            }
+            Err(e) => Err(StorageError::from_io("publishing manifest", e)),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn compare_manifest(existing: NewUpload, upload: &NewUpload) -> ManifestCheck {
+    let md5_agrees = match (existing.file_md5, upload.file_md5) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    if existing.geometry == upload.geometry && md5_agrees {
+        ManifestCheck::Matches
+    } else {
+        ManifestCheck::Conflicts(Box::new(existing))
+    }
+}
+
+/// The manifest's on-disk form, versioned so that a later Stitch can read older ones.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "manifest_version")]
+enum ManifestFile {
+    #[serde(rename = "1")]
+    V1(NewUpload),
+}
+
+fn read_manifest(path: &Path) -> Result<Option<NewUpload>, StorageError> {
+    match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(ManifestFile::V1(upload)) => Ok(Some(upload)),
+            Err(e) => Err(StorageError::Corrupt(format!("{}: {e}", path.display()))),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::from_io("reading manifest", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::Geometry;
+
+    fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
+        NewUpload {
+            id: UploadId::parse(id).unwrap(),
+            geometry: Geometry::new(total, chunk).unwrap(),
+            filename: Some("f.bin".into()),
+            file_md5: None,
+            metadata: None,
+            created_at_ms: 1,
+        }
+    }
+
+    async fn stage(store: &FsChunkStore, id: &UploadId, parts: &[&[u8]], end: bool) -> Result<StagedChunk, StorageError> {
+        let (tx, rx) = mpsc::channel(4);
+        let task = store.stage_chunk(id, ChunkIndex(3), true, rx);
+        let feed = async {
+            for p in parts {
+                tx.send(Feed::Data(Bytes::copy_from_slice(p))).await.unwrap();
+            }
+            if end {
+                tx.send(Feed::End).await.unwrap();
+            }
+            drop(tx);
+        };
+        let (staged, ()) = tokio::join!(task, feed);
+        staged
+    }
+
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_staged_chunk_is_complete_under_a_unique_final_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), true);
+        let id = UploadId::parse("u1").unwrap();
+        let a = stage(&store, &id, &[b"hello ", b"world"], true).await.unwrap();
+        let b = stage(&store, &id, &[b"hello world"], true).await.unwrap();
+        assert_ne!(a.path, b.path);
+        assert_eq!(std::fs::read(&a.path).unwrap(), b"hello world");
+        assert_eq!(a.digests, b.digests);
+        assert_eq!(a.digests.md5.unwrap().to_hex(), "5eb63bbbe01eeed093cb22bb8f5acdc3");
+        assert_eq!(files_under(&store.chunks_dir(&id)).len(), 2);
+        store.discard(&b).await;
+        assert_eq!(files_under(&store.chunks_dir(&id)), vec![format!("3.{}", a.token)]);
+    }
+
+    #[tokio::test]
+    async fn a_feed_that_ends_without_its_marker_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), true);
+        let id = UploadId::parse("u2").unwrap();
+        let err = stage(&store, &id, &[b"partial"], false).await.unwrap_err();
+        assert!(matches!(err, StorageError::Interrupted), "{err:?}");
+        assert!(files_under(&store.chunks_dir(&id)).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_first_manifest_wins_and_later_ones_are_compared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), true);
+        let first = upload("u3", 100, 10);
+        assert_eq!(store.ensure_manifest(&first).await.unwrap(), ManifestCheck::Created);
+        assert_eq!(store.ensure_manifest(&first).await.unwrap(), ManifestCheck::Matches);
+        let other = upload("u3", 100, 20);
+        assert_eq!(
+            store.ensure_manifest(&other).await.unwrap(),
+            ManifestCheck::Conflicts(Box::new(first.clone()))
+        );
+        assert_eq!(store.read_manifest(&first.id).await.unwrap(), Some(first));
+        // Only the manifest remains: no temporary files.
+        assert_eq!(files_under(&store.upload_dir(&other.id)), vec!["manifest.json"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_manifest_writers_agree_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), false);
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.ensure_manifest(&upload("u4", 100, 10 + i)).await.unwrap() })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tasks {
+            if t.await.unwrap() == ManifestCheck::Created {
+                created += 1;
+            }
+        }
+        assert_eq!(created, 1);
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_full() {
+        // /dev/full answers every write with ENOSPC.
+        let mut full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let err = StorageError::from_io("x", full.write_all(&[0u8; 1]).unwrap_err());
+        assert!(matches!(err, StorageError::Full(_)), "{err:?}");
+    }
+}

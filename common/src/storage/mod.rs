@@ -1,0 +1,44 @@
+//! Shared storage for chunk files and upload manifests: a directory that every API pod and
+//! worker mounts (a ReadWriteMany volume when distributed, a local directory single-node).
+//!
+//! Layout under the root:
+//! ```text
+//! uploads/<id>/manifest.json             immutable, written once at creation
+//! uploads/<id>/chunks/<index>.<token>    a complete, fsynced copy of one chunk
+//! uploads/<id>/chunks/<index>.<token>.part   a copy being written (never counted)
+//! ```
+//! Every copy of a chunk gets a unique `token`, so two pods receiving the same chunk at once
+//! never write the same file; the state store decides which copy counts and the other is
+//! removed. A copy reaches its final name only after all its bytes are fsynced (invariant 1),
+//! so a crash mid-chunk leaves at most a `.part` file that nothing counts.
+
+mod fs;
+
+pub use fs::{Feed, FsChunkStore, ManifestCheck, StagedChunk};
+
+/// A storage failure. Callers branch on the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// No space (ENOSPC) or quota (EDQUOT) left. Maps to 507.
+    #[error("storage is full: {0}")]
+    Full(String),
+    /// Storage could not be read or written. Maps to 503.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The body feed ended without its `End` marker: the request failed mid-body, and the
+    /// partial copy was removed.
+    #[error("chunk body ended early")]
+    Interrupted,
+    /// A stored manifest cannot be read as one.
+    #[error("manifest is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    pub(crate) fn from_io(context: &str, e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Self::Full(format!("{context}: {e}")),
+            _ => Self::Unavailable(format!("{context}: {e}")),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The upload: its lifecycle and what is known about it.
+//!
+//! ```text
+//! receiving ──(last missing chunk recorded)──▶ merging ──▶ completed
+//!     │                                          │    └──▶ failed
+//!     └──────────────(DELETE)────────────────────┴──────▶ aborted
+//! ```
+//! Only the state store moves an upload between states, each move inside one atomic
+//! operation, so two API pods can never both see themselves as the one that completed it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Md5;
+use crate::geometry::{ChunkIndex, Geometry};
+use crate::id::UploadId;
+
+/// Where an upload is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    Receiving,
+    Merging,
+    Completed,
+    Failed,
+    Aborted,
+}
+
+impl UploadState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Receiving => "receiving",
+            Self::Merging => "merging",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+impl fmt::Display for UploadState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for UploadState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "receiving" => Self::Receiving,
+            "merging" => Self::Merging,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "aborted" => Self::Aborted,
+            other => return Err(format!("unknown upload state {other:?}")),
+        })
+    }
+}
+
+/// Everything fixed when an upload is created, by an explicit create or by its first chunk.
+/// It is also the upload's immutable manifest on storage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewUpload {
+    pub id: UploadId,
+    pub geometry: Geometry,
+    /// The client's name for the file; never used to build a path.
+    pub filename: Option<String>,
+    /// The whole file's MD5, if the client declared it; the merge verifies against it.
+    pub file_md5: Option<Md5>,
+    /// Opaque client metadata (a JSON object), bounded in size by configuration.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// One received chunk, as the state store records it. Storage holds its bytes at the
+/// file named by `token` (see `storage`), which makes concurrent copies of one chunk distinct.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkRecord {
+    pub index: ChunkIndex,
+    /// Byte offset of the chunk in the file. The chunk protocol fixes it by geometry; kept
+    /// so that byte-range (tus) parts can share the same record.
+    pub offset: u64,
+    pub len: u64,
+    pub crc32c: u32,
+    pub md5: Option<Md5>,
+    /// Unique name of the stored copy that this record counts.
+    pub token: String,
+}
+
+impl ChunkRecord {
+    /// Whether `other` carries the same bytes as far as the digests can tell: same length,
+    /// same CRC32C, and the same MD5 when both have one.
+    pub fn same_content(&self, other: &ChunkRecord) -> bool {
+        self.offset == other.offset
+            && self.len == other.len
+            && self.crc32c == other.crc32c
+            && match (self.md5, other.md5) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    }
+}
+
+/// A snapshot of an upload for the status endpoint: small even for 10,000+ chunks (the
+/// received set travels as a bitmap).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadStatus {
+    pub id: UploadId,
+    pub state: UploadState,
+    pub geometry: Geometry,
+    pub filename: Option<String>,
+    pub file_md5: Option<Md5>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub bytes_received: u64,
+    pub chunks_received: u64,
+    /// Indices of the received chunks, ascending.
+    pub uploaded_chunks: Vec<u64>,
+}
+
+/// Decodes a Redis-style bitmap (bit 0 is the most significant bit of byte 0) into the
+/// ascending list of set bit positions below `limit`.
+pub fn bitmap_indices(bitmap: &[u8], limit: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (byte_index, &byte) in bitmap.iter().enumerate() {
+        if byte == 0 {
+            continue;
+        }
+        for bit in 0..8 {
+            if byte & (0x80 >> bit) != 0 {
+                let index = byte_index as u64 * 8 + bit;
+                if index < limit {
+                    out.push(index);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_decoding_follows_redis_bit_order() {
+        // SETBIT k 0 1; SETBIT k 9 1; SETBIT k 15 1 gives 0x80 0x41.
+        assert_eq!(bitmap_indices(&[0x80, 0x41], 100), vec![0, 9, 15]);
+        assert_eq!(bitmap_indices(&[0xff], 3), vec![0, 1, 2]);
+        assert!(bitmap_indices(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for s in [
+            UploadState::Receiving,
+            UploadState::Merging,
+            UploadState::Completed,
+            UploadState::Failed,
+            UploadState::Aborted,
+        ] {
+            assert_eq!(s.as_str().parse::<UploadState>(), Ok(s));
+        }
+    }
+}
