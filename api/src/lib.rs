@@ -1,1 +1,103 @@
+//! Stitch's HTTP API: chunk ingest, resumable status and abort, over a shared state store
+//! and shared storage. Any number of API processes can serve the same uploads.
+//!
+//! A request's path: [`routes`] → an extractor in [`extract`] (headers and ids checked for
+//! form) → a handler in [`handlers`] → one call into [`service::UploadService`] (the rules)
+//! → the state store and storage from `stitch_common`. Failures become [`error::ApiError`],
+//! which knows its status code and stable JSON code. [`server`] runs the connections.
+//!
+//! [`Application`] assembles it from [`Settings`]; `main.rs` only loads settings and calls
+//! [`Application::run_until_stopped`].
 
+pub mod body;
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod routes;
+pub mod server;
+pub mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use stitch_common::config::Settings;
+use stitch_common::state::{RedisStateStore, StateStore};
+use stitch_common::storage::FsChunkStore;
+use tokio::net::TcpListener;
+
+use crate::server::ServerLimits;
+use crate::service::UploadService;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub uploads: Arc<UploadService>,
+    pub body_idle_timeout: Duration,
+    pub max_metadata_bytes: usize,
+    pub metrics: PrometheusHandle,
+}
+
+/// A bound, not yet running API server.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    limits: ServerLimits,
+}
+
+impl Application {
+    /// Binds the listener and connects the backends (lazily: a backend that is down makes
+    /// requests fail with 503 and `/readyz` report it, it does not stop the process).
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let state: Arc<dyn StateStore> = Arc::new(
+            RedisStateStore::new(&settings.redis, &settings.namespace)
+                .context("setting up the Redis state store")?,
+        );
+        let storage = FsChunkStore::new(&settings.storage.root, settings.storage.fsync);
+        if let Err(e) = storage.probe().await {
+            tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");
+        }
+        let listener = TcpListener::bind(settings.http.bind)
+            .await
+            .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
+        Ok(Self {
+            listener,
+            state: AppState {
+                uploads: Arc::new(UploadService::new(settings, state, storage)),
+                body_idle_timeout: settings.http.body_idle_timeout.0,
+                max_metadata_bytes: settings.limits.max_metadata_bytes,
+                metrics: stitch_common::telemetry::metrics_handle(),
+            },
+            limits: ServerLimits {
+                header_read_timeout: settings.http.header_read_timeout.0,
+                shutdown_grace: settings.http.shutdown_grace.0,
+            },
+        })
+    }
+
+    /// The address actually bound (port 0 becomes a real port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "stitch-api listening");
+        server::serve(
+            self.listener,
+            routes::router(self.state),
+            self.limits,
+            shutdown,
+        )
+        .await
+        .context("serving HTTP")
+    }
+}

@@ -114,25 +114,26 @@ impl Geometry {
             return Err(GeometryError::RangeBeyondTotal { end, total_size });
         }
         let len = range.len();
-        let chunk_size = if index.0 == 0 {
-            if start != 0 {
+        let chunk_size = match start.checked_div(index.0) {
+            // Chunk 0 is the chunk size long (or the whole upload, when it is the only one).
+            None if start != 0 => {
                 return Err(GeometryError::MisplacedChunk {
                     start,
                     index: 0,
                     chunk_size: len,
                 });
             }
-            if total_chunks == 1 { total_size } else { len }
-        } else {
-            let size = start / index.0;
-            if size == 0 || size * index.0 != start {
+            None if total_chunks == 1 => total_size,
+            None => len,
+            // Chunk i > 0 starts at i × chunk size.
+            Some(size) if size == 0 || size * index.0 != start => {
                 return Err(GeometryError::MisplacedChunk {
                     start,
                     index: index.0,
                     chunk_size: size,
                 });
             }
-            size
+            Some(size) => size,
         };
         let geometry = Self::new(total_size, chunk_size)?;
         if geometry.total_chunks != total_chunks || geometry.chunk_size != chunk_size {

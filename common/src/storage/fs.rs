@@ -96,7 +96,7 @@ impl FsChunkStore {
         let dir = self.chunks_dir(id);
         let path = self.chunk_path(id, index, &token);
         let fsync = self.fsync;
-        let staged = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let digests = write_copy(&dir, &path, with_md5, fsync, feed)?;
             Ok(StagedChunk {
                 path,
@@ -105,18 +105,17 @@ impl FsChunkStore {
             })
         })
         .await
-        .map_err(|e| StorageError::Unavailable(format!("chunk writer failed: {e}")))?;
-        staged
+        .map_err(|e| StorageError::Unavailable(format!("chunk writer failed: {e}")))?
     }
 
     /// Removes a staged copy that did not get counted.
     pub async fn discard(&self, staged: &StagedChunk) {
         let path = staged.path.clone();
         let result = tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await;
-        if let Ok(Err(e)) = result {
-            if e.kind() != ErrorKind::NotFound {
-                tracing::warn!(path = %staged.path.display(), error = %e, "could not remove a surplus chunk copy");
-            }
+        if let Ok(Err(e)) = result
+            && e.kind() != ErrorKind::NotFound
+        {
+            tracing::warn!(path = %staged.path.display(), error = %e, "could not remove a surplus chunk copy");
         }
     }
 

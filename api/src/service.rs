@@ -1,0 +1,365 @@
+//! The upload service: the rules of the chunk protocol, between the handlers (HTTP in, JSON
+//! out) and the backends (state store, shared storage). Handlers call exactly one function
+//! here; nothing here knows about HTTP beyond the error it returns.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use stitch_common::config::{Limits, Settings};
+use stitch_common::digest::{ChunkDigests, Md5};
+use stitch_common::geometry::{ChunkIndex, Geometry};
+use stitch_common::id::UploadId;
+use stitch_common::now_ms;
+use stitch_common::state::{Conflict, Created, Progress, Recorded, StateError, StateStore};
+use stitch_common::storage::{Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
+use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::body::ChunkBody;
+use crate::error::ApiError;
+use crate::extract::ChunkHeaders;
+
+/// Blocks of body bytes buffered between the request and the storage writer. Small: the
+/// memory a chunk costs is this many blocks, whatever the chunk's size.
+const FEED_DEPTH: usize = 4;
+
+pub struct UploadService {
+    state: Arc<dyn StateStore>,
+    storage: FsChunkStore,
+    limits: Limits,
+    ttl_ms: u64,
+    /// Compute MD5 of every chunk even without a client digest (operator's choice).
+    always_md5: bool,
+    /// Bounds the chunk bodies written at once by this process.
+    write_permits: Arc<Semaphore>,
+}
+
+/// `POST /upload`: an explicit create.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUpload {
+    /// The client's id for the upload; a fresh one is made when absent.
+    pub upload_id: Option<UploadId>,
+    pub total_size: u64,
+    pub chunk_size: u64,
+    pub filename: Option<String>,
+    /// MD5 of the whole file (hex or base64); the merge verifies against it.
+    pub md5: Option<Md5>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// What became of one chunk.
+#[derive(Debug)]
+pub struct ChunkAccepted {
+    pub id: UploadId,
+    pub index: ChunkIndex,
+    pub geometry: Geometry,
+    /// True when an identical copy was already counted (an idempotent re-send).
+    pub duplicate: bool,
+    pub progress: Progress,
+    pub digests: ChunkDigests,
+}
+
+impl UploadService {
+    pub fn new(settings: &Settings, state: Arc<dyn StateStore>, storage: FsChunkStore) -> Self {
+        Self {
+            state,
+            storage,
+            limits: settings.limits.clone(),
+            ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
+            always_md5: settings.uploads.chunk_md5,
+            write_permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_chunk_writes)),
+        }
+    }
+
+    /// Creates an upload (or confirms an identical one): manifest on storage first, then the
+    /// state store, so that every upload the state store knows has a manifest.
+    pub async fn create_upload(&self, req: CreateUpload) -> Result<(Created, UploadStatus), ApiError> {
+        let geometry = Geometry::new(req.total_size, req.chunk_size)?;
+        self.check_geometry(&geometry)?;
+        let filename = req.filename.map(|f| self.check_filename(f)).transpose()?;
+        if let Some(metadata) = &req.metadata {
+            let size = serde_json::Value::Object(metadata.clone()).to_string().len();
+            if size > self.limits.max_metadata_bytes {
+                return Err(ApiError::InvalidJson(format!(
+                    "metadata is {size} bytes; at most {} are allowed",
+                    self.limits.max_metadata_bytes
+                )));
+            }
+        }
+        let upload = NewUpload {
+            id: req.upload_id.unwrap_or_else(UploadId::generate),
+            geometry,
+            filename,
+            file_md5: req.md5,
+            metadata: req.metadata,
+            created_at_ms: now_ms(),
+        };
+        if let ManifestCheck::Conflicts(existing) = self.storage.ensure_manifest(&upload).await? {
+            return Err(manifest_conflict(&existing, &upload));
+        }
+        let created = self.state.create_upload(&upload, self.ttl_ms).await?;
+        let status = self.upload_status(&upload.id).await?;
+        Ok((created, status))
+    }
+
+    /// Receives one chunk: checks it against the limits and the upload, streams it to
+    /// storage (durable under a unique name), then records it in one atomic state-store
+    /// operation. Whatever is refused leaves no file and no state behind.
+    pub async fn accept_chunk(
+        &self,
+        chunk: ChunkHeaders,
+        mut body: ChunkBody,
+    ) -> Result<ChunkAccepted, ApiError> {
+        // 1. Everything that needs no I/O: bounds first, so that no huge number reaches a
+        //    backend.
+        if chunk.total_chunks > self.limits.max_chunks {
+            return Err(ApiError::TooManyChunks {
+                count: chunk.total_chunks,
+                max: self.limits.max_chunks,
+            });
+        }
+        let geometry = Geometry::from_chunk(chunk.index, chunk.total_chunks, chunk.range)?;
+        self.check_geometry(&geometry)?;
+        let len = chunk.range.len();
+        if !body.is_multipart() {
+            match chunk.content_length {
+                Some(0) => return Err(ApiError::EmptyChunk),
+                Some(declared) if declared != len => {
+                    return Err(ApiError::LengthMismatch {
+                        declared,
+                        expected: len,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let filename = chunk.filename.map(|f| self.check_filename(f)).transpose()?;
+        let upload = NewUpload {
+            id: chunk.id,
+            geometry,
+            filename,
+            file_md5: chunk.file_md5,
+            metadata: None,
+            created_at_ms: now_ms(),
+        };
+
+        // 2. What the state store knows, to refuse early without reading the body.
+        let known = self.state.upload_header(&upload.id).await?;
+        if let Some(header) = &known {
+            if header.geometry != geometry {
+                return Err(Conflict::Geometry {
+                    existing: header.geometry,
+                }
+                .into());
+            }
+            if let (Some(a), Some(b)) = (header.file_md5, upload.file_md5)
+                && a != b
+            {
+                return Err(Conflict::FileMd5.into());
+            }
+            if header.state != UploadState::Receiving {
+                return Err(Conflict::NotReceiving(header.state).into());
+            }
+        }
+
+        // 3. The body, to a durable copy under a unique name.
+        let _permit = self
+            .write_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy)?;
+        let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
+        let staged = self
+            .receive_body(&upload.id, chunk.index, with_md5, len, &mut body)
+            .await?;
+        if let Some(expected) = chunk.chunk_md5
+            && staged.digests.md5 != Some(expected)
+        {
+            self.storage.discard(&staged).await;
+            return Err(ApiError::ChecksumMismatch { what: "chunk MD5" });
+        }
+
+        // 4. A first chunk creates the upload: its manifest, then (atomically with the
+        //    chunk) its state.
+        if known.is_none() {
+            match self.storage.ensure_manifest(&upload).await {
+                Ok(ManifestCheck::Created | ManifestCheck::Matches) => {}
+                Ok(ManifestCheck::Conflicts(existing)) => {
+                    self.storage.discard(&staged).await;
+                    return Err(manifest_conflict(&existing, &upload));
+                }
+                Err(e) => {
+                    self.storage.discard(&staged).await;
+                    return Err(e.into());
+                }
+            }
+        }
+
+        // 5. Count it.
+        let record = ChunkRecord {
+            index: chunk.index,
+            offset: chunk.range.start,
+            len,
+            crc32c: staged.digests.crc32c,
+            md5: staged.digests.md5,
+            token: staged.token.clone(),
+        };
+        let accepted = |duplicate, progress| ChunkAccepted {
+            id: upload.id.clone(),
+            index: chunk.index,
+            geometry,
+            duplicate,
+            progress,
+            digests: staged.digests,
+        };
+        match self.state.record_chunk(&upload, &record, self.ttl_ms).await {
+            Ok(Recorded::New(progress)) => {
+                if progress.completed_upload {
+                    tracing::info!(upload_id = %upload.id, "upload complete, merge triggered");
+                }
+                Ok(accepted(false, progress))
+            }
+            Ok(Recorded::Duplicate { progress, .. }) => {
+                self.storage.discard(&staged).await;
+                Ok(accepted(true, progress))
+            }
+            Err(StateError::Unavailable {
+                detail,
+                outcome_unknown: true,
+            }) => {
+                // The record may have been applied: the copy may be the counted one, so it
+                // stays (an uncounted copy is collected by the janitor, a counted one must
+                // never go missing).
+                Err(ApiError::Unavailable(detail))
+            }
+            Err(e) => {
+                self.storage.discard(&staged).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Pumps the body into a staged copy, enforcing the declared length as it goes: reading
+    /// stops at the first byte past it.
+    async fn receive_body(
+        &self,
+        id: &UploadId,
+        index: ChunkIndex,
+        with_md5: bool,
+        len: u64,
+        body: &mut ChunkBody,
+    ) -> Result<StagedChunk, ApiError> {
+        let (tx, rx) = mpsc::channel(FEED_DEPTH);
+        let writer = self.storage.stage_chunk(id, index, with_md5, rx);
+        let reader = async move {
+            let mut received = 0u64;
+            while let Some(bytes) = body.next().await? {
+                received += bytes.len() as u64;
+                if received > len {
+                    return Err(ApiError::BodyTooLong { expected: len });
+                }
+                if tx.send(Feed::Data(bytes)).await.is_err() {
+                    return Ok(()); // The writer failed; its error is the one to report.
+                }
+            }
+            if received < len {
+                return Err(if received == 0 {
+                    ApiError::EmptyChunk
+                } else {
+                    ApiError::BodyTooShort {
+                        expected: len,
+                        received,
+                    }
+                });
+            }
+            let _ = tx.send(Feed::End).await;
+            Ok(())
+        };
+        let (written, read) = tokio::join!(writer, reader);
+        match (read, written) {
+            (Err(e), Ok(staged)) => {
+                // Unreachable in practice (no End was sent), but never keep such a copy.
+                self.storage.discard(&staged).await;
+                Err(e)
+            }
+            (Err(e), Err(_)) => Err(e),
+            (Ok(()), Err(StorageError::Interrupted)) => {
+                Err(ApiError::InvalidBody("the body ended early".into()))
+            }
+            (Ok(()), Err(e)) => Err(e.into()),
+            (Ok(()), Ok(staged)) => Ok(staged),
+        }
+    }
+
+    /// A snapshot of the upload.
+    pub async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
+        self.state.upload_status(id).await?.ok_or(ApiError::NotFound)
+    }
+
+    /// Aborts the upload and removes its chunks. Idempotent: aborting again retries the
+    /// removal.
+    pub async fn abort_upload(&self, id: &UploadId) -> Result<(), ApiError> {
+        self.state.abort_upload(id, self.ttl_ms).await?;
+        self.storage.remove_upload(id).await?;
+        Ok(())
+    }
+
+    /// Readiness: both backends answer.
+    pub async fn check_ready(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let (state, storage) = tokio::join!(self.state.ping(), self.storage.probe());
+        vec![
+            ("redis", state.map_err(|e| e.to_string())),
+            ("storage", storage.map_err(|e| e.to_string())),
+        ]
+    }
+
+    fn check_geometry(&self, g: &Geometry) -> Result<(), ApiError> {
+        let l = &self.limits;
+        if g.total_size > l.max_upload_bytes.0 {
+            return Err(ApiError::UploadTooLarge {
+                size: g.total_size,
+                max: l.max_upload_bytes.0,
+            });
+        }
+        if g.chunk_size > l.max_chunk_bytes.0 {
+            return Err(ApiError::ChunkTooLarge {
+                size: g.chunk_size,
+                max: l.max_chunk_bytes.0,
+            });
+        }
+        if g.total_chunks > l.max_chunks {
+            return Err(ApiError::TooManyChunks {
+                count: g.total_chunks,
+                max: l.max_chunks,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_filename(&self, name: String) -> Result<String, ApiError> {
+        if name.len() > self.limits.max_filename_bytes {
+            return Err(ApiError::InvalidFilename(format!(
+                "is longer than {} bytes",
+                self.limits.max_filename_bytes
+            )));
+        }
+        if name.is_empty() || name.chars().any(char::is_control) {
+            return Err(ApiError::InvalidFilename(
+                "must be non-empty, without control characters".into(),
+            ));
+        }
+        Ok(name)
+    }
+}
+
+fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ApiError {
+    if existing.geometry != upload.geometry {
+        Conflict::Geometry {
+            existing: existing.geometry,
+        }
+        .into()
+    } else {
+        Conflict::FileMd5.into()
+    }
+}
