@@ -94,13 +94,19 @@ impl ChunkBody {
                 } = &mut **source;
                 if let Some(current) = field {
                     let is_file = current.name() == Some(FILE_FIELD);
-                    match within(idle, current.chunk()).await?.map_err(multipart_error)? {
+                    match within(idle, current.chunk())
+                        .await?
+                        .map_err(multipart_error)?
+                    {
                         Some(bytes) if is_file => return Ok(Some(bytes)),
                         Some(_) => continue,
                         None => *field = None,
                     }
                 }
-                match within(idle, multipart.next_field()).await?.map_err(multipart_error)? {
+                match within(idle, multipart.next_field())
+                    .await?
+                    .map_err(multipart_error)?
+                {
                     Some(next) => {
                         if next.name() == Some(FILE_FIELD) {
                             if *seen_file {

@@ -23,7 +23,10 @@ pub enum ApiError {
     #[error("the {0} header must appear only once")]
     DuplicateHeader(&'static str),
     #[error("the {header} header {reason}")]
-    InvalidHeader { header: &'static str, reason: String },
+    InvalidHeader {
+        header: &'static str,
+        reason: String,
+    },
     #[error("{0}")]
     InvalidId(#[from] InvalidId),
     #[error("{0}")]
@@ -74,9 +77,19 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            MissingHeader(_) | DuplicateHeader(_) | InvalidHeader { .. } | InvalidId(_)
-            | InvalidChunk(_) | TooManyChunks { .. } | EmptyChunk | LengthMismatch { .. }
-            | BodyTooShort { .. } | BodyTooLong { .. } | InvalidBody(_) | InvalidFilename(_) | InvalidJson(_)
+            MissingHeader(_)
+            | DuplicateHeader(_)
+            | InvalidHeader { .. }
+            | InvalidId(_)
+            | InvalidChunk(_)
+            | TooManyChunks { .. }
+            | EmptyChunk
+            | LengthMismatch { .. }
+            | BodyTooShort { .. }
+            | BodyTooLong { .. }
+            | InvalidBody(_)
+            | InvalidFilename(_)
+            | InvalidJson(_)
             | ChecksumMismatch { .. } => StatusCode::BAD_REQUEST,
             ChunkTooLarge { .. } | UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -175,11 +188,15 @@ impl IntoResponse for ApiError {
         }));
         let mut response = (status, body).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
         }
-        if matches!(self, Self::BodyTimeout | Self::BodyTooLong { .. } | Self::Busy) {
+        if matches!(
+            self,
+            Self::BodyTimeout | Self::BodyTooLong { .. } | Self::Busy
+        ) {
             // The rest of the body is not worth reading: close the connection.
             response
                 .headers_mut()

@@ -44,10 +44,13 @@ fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
     if values.next().is_some() {
         return Err(ApiError::DuplicateHeader(display_name(name)));
     }
-    value.to_str().map(Some).map_err(|_| ApiError::InvalidHeader {
-        header: display_name(name),
-        reason: "must be visible ASCII".into(),
-    })
+    value
+        .to_str()
+        .map(Some)
+        .map_err(|_| ApiError::InvalidHeader {
+            header: display_name(name),
+            reason: "must be visible ASCII".into(),
+        })
 }
 
 fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, ApiError> {
@@ -122,7 +125,9 @@ impl ChunkHeaders {
                 reason: e.to_string(),
             }
         })?;
-        let filename = single(headers, FILE_NAME)?.map(decode_filename).transpose()?;
+        let filename = single(headers, FILE_NAME)?
+            .map(decode_filename)
+            .transpose()?;
         let file_md5 = md5(headers, FILE_MD5)?;
         let chunk_md5 = match (md5(headers, "content-md5")?, md5(headers, CHUNK_MD5)?) {
             (Some(a), Some(b)) if a != b => {
@@ -234,7 +239,10 @@ mod tests {
         ] {
             let h: Vec<_> = base().into_iter().filter(|(k, _)| *k != name).collect();
             let err = ChunkHeaders::parse(&headers(&h)).unwrap_err();
-            assert!(matches!(err, ApiError::MissingHeader(n) if n == display), "{err:?}");
+            assert!(
+                matches!(err, ApiError::MissingHeader(n) if n == display),
+                "{err:?}"
+            );
         }
     }
 
@@ -259,7 +267,10 @@ mod tests {
         ] {
             let mut h: Vec<_> = base().into_iter().filter(|(k, _)| *k != name).collect();
             h.push((name, value));
-            assert!(ChunkHeaders::parse(&headers(&h)).is_err(), "{name}: {value} was accepted");
+            assert!(
+                ChunkHeaders::parse(&headers(&h)).is_err(),
+                "{name}: {value} was accepted"
+            );
         }
     }
 

@@ -28,7 +28,8 @@ async fn main() -> ExitCode {
     stitch_common::telemetry::init(&settings.log);
     let run = async {
         let app = stitch_api::Application::build(&settings).await?;
-        app.run_until_stopped(stitch_common::shutdown::signal()).await
+        app.run_until_stopped(stitch_common::shutdown::signal())
+            .await
     };
     match run.await {
         Ok(()) => ExitCode::SUCCESS,

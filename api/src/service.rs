@@ -74,12 +74,17 @@ impl UploadService {
 
     /// Creates an upload (or confirms an identical one): manifest on storage first, then the
     /// state store, so that every upload the state store knows has a manifest.
-    pub async fn create_upload(&self, req: CreateUpload) -> Result<(Created, UploadStatus), ApiError> {
+    pub async fn create_upload(
+        &self,
+        req: CreateUpload,
+    ) -> Result<(Created, UploadStatus), ApiError> {
         let geometry = Geometry::new(req.total_size, req.chunk_size)?;
         self.check_geometry(&geometry)?;
         let filename = req.filename.map(|f| self.check_filename(f)).transpose()?;
         if let Some(metadata) = &req.metadata {
-            let size = serde_json::Value::Object(metadata.clone()).to_string().len();
+            let size = serde_json::Value::Object(metadata.clone())
+                .to_string()
+                .len();
             if size > self.limits.max_metadata_bytes {
                 return Err(ApiError::InvalidJson(format!(
                     "metadata is {size} bytes; at most {} are allowed",
@@ -294,7 +299,10 @@ impl UploadService {
 
     /// A snapshot of the upload.
     pub async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
-        self.state.upload_status(id).await?.ok_or(ApiError::NotFound)
+        self.state
+            .upload_status(id)
+            .await?
+            .ok_or(ApiError::NotFound)
     }
 
     /// Aborts the upload and removes its chunks. Idempotent: aborting again retries the

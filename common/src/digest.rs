@@ -122,7 +122,12 @@ mod tests {
         let b64 = Md5::parse("nhB9nTcrtoJr2B01QqQZ1g==").unwrap();
         assert_eq!(hex, b64);
         assert_eq!(hex.to_base64(), "nhB9nTcrtoJr2B01QqQZ1g==");
-        for bad in ["", "9e107d9d", "zz107d9d372bb6826bd81d3542a419d6", "nhB9nTcrtoJr2B01QqQZ1g!="] {
+        for bad in [
+            "",
+            "9e107d9d",
+            "zz107d9d372bb6826bd81d3542a419d6",
+            "nhB9nTcrtoJr2B01QqQZ1g!=",
+        ] {
             assert!(Md5::parse(bad).is_none(), "{bad:?}");
         }
     }

@@ -285,12 +285,27 @@ mod tests {
             ContentRange::parse("bytes 0-9/*"),
             Err(ParseError::UnknownTotal)
         );
-        assert_eq!(ContentRange::parse("bytes 9-0/10"), Err(ParseError::Inverted));
+        assert_eq!(
+            ContentRange::parse("bytes 9-0/10"),
+            Err(ParseError::Inverted)
+        );
         for bad in [
-            "", "bytes", "bytes 0-9", "items 0-9/10", "bytes 0-/10", "bytes -9/10", "bytes  0-9/10",
-            "bytes 0-9/10 ", "bytes +0-9/10", "bytes */10",
+            "",
+            "bytes",
+            "bytes 0-9",
+            "items 0-9/10",
+            "bytes 0-/10",
+            "bytes -9/10",
+            "bytes  0-9/10",
+            "bytes 0-9/10 ",
+            "bytes +0-9/10",
+            "bytes */10",
         ] {
-            assert_eq!(ContentRange::parse(bad), Err(ParseError::Malformed), "{bad:?}");
+            assert_eq!(
+                ContentRange::parse(bad),
+                Err(ParseError::Malformed),
+                "{bad:?}"
+            );
         }
     }
 
@@ -298,27 +313,66 @@ mod tests {
     fn any_chunk_determines_the_geometry() {
         let g = Geometry::new(25, 10).unwrap();
         assert_eq!(g.total_chunks, 3);
-        assert_eq!(Geometry::from_chunk(ChunkIndex(0), 3, range(0, 9, 25)), Ok(g));
-        assert_eq!(Geometry::from_chunk(ChunkIndex(1), 3, range(10, 19, 25)), Ok(g));
-        assert_eq!(Geometry::from_chunk(ChunkIndex(2), 3, range(20, 24, 25)), Ok(g));
+        assert_eq!(
+            Geometry::from_chunk(ChunkIndex(0), 3, range(0, 9, 25)),
+            Ok(g)
+        );
+        assert_eq!(
+            Geometry::from_chunk(ChunkIndex(1), 3, range(10, 19, 25)),
+            Ok(g)
+        );
+        assert_eq!(
+            Geometry::from_chunk(ChunkIndex(2), 3, range(20, 24, 25)),
+            Ok(g)
+        );
         let single = Geometry::new(7, 7).unwrap();
-        assert_eq!(Geometry::from_chunk(ChunkIndex(0), 1, range(0, 6, 7)), Ok(single));
+        assert_eq!(
+            Geometry::from_chunk(ChunkIndex(0), 1, range(0, 6, 7)),
+            Ok(single)
+        );
     }
 
     #[test]
     fn inconsistent_chunks_are_refused() {
         use GeometryError::*;
         let chunk = |i, n, r| Geometry::from_chunk(ChunkIndex(i), n, r);
-        assert!(matches!(chunk(3, 3, range(0, 9, 25)), Err(IndexOutOfRange { .. })));
+        assert!(matches!(
+            chunk(3, 3, range(0, 9, 25)),
+            Err(IndexOutOfRange { .. })
+        ));
         assert!(matches!(chunk(0, 0, range(0, 9, 25)), Err(NoChunks)));
-        assert!(matches!(chunk(0, 3, range(0, 25, 25)), Err(RangeBeyondTotal { .. })));
-        assert!(matches!(chunk(2, 3, range(21, 24, 25)), Err(MisplacedChunk { .. })));
-        assert!(matches!(chunk(1, 3, range(11, 20, 25)), Err(WrongChunkLength { .. })));
-        assert!(matches!(chunk(0, 3, range(1, 10, 25)), Err(MisplacedChunk { .. })));
-        assert!(matches!(chunk(1, 3, range(10, 18, 25)), Err(WrongChunkLength { .. })));
-        assert!(matches!(chunk(2, 3, range(20, 23, 25)), Err(WrongChunkLength { .. })));
-        assert!(matches!(chunk(0, 4, range(0, 9, 25)), Err(WrongChunkCount { .. })));
-        assert!(matches!(chunk(0, 1, range(0, 9, 25)), Err(WrongChunkLength { .. })));
+        assert!(matches!(
+            chunk(0, 3, range(0, 25, 25)),
+            Err(RangeBeyondTotal { .. })
+        ));
+        assert!(matches!(
+            chunk(2, 3, range(21, 24, 25)),
+            Err(MisplacedChunk { .. })
+        ));
+        assert!(matches!(
+            chunk(1, 3, range(11, 20, 25)),
+            Err(WrongChunkLength { .. })
+        ));
+        assert!(matches!(
+            chunk(0, 3, range(1, 10, 25)),
+            Err(MisplacedChunk { .. })
+        ));
+        assert!(matches!(
+            chunk(1, 3, range(10, 18, 25)),
+            Err(WrongChunkLength { .. })
+        ));
+        assert!(matches!(
+            chunk(2, 3, range(20, 23, 25)),
+            Err(WrongChunkLength { .. })
+        ));
+        assert!(matches!(
+            chunk(0, 4, range(0, 9, 25)),
+            Err(WrongChunkCount { .. })
+        ));
+        assert!(matches!(
+            chunk(0, 1, range(0, 9, 25)),
+            Err(WrongChunkLength { .. })
+        ));
         assert!(matches!(chunk(0, 1, range(0, 0, 0)), Err(EmptyUpload)));
     }
 

@@ -41,7 +41,10 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<AppState>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         app.metrics.render(),
     )
         .into_response()

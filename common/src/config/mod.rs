@@ -143,6 +143,22 @@ impl fmt::Debug for Secret {
     }
 }
 
+impl Default for Settings {
+    /// The documented defaults, as an empty configuration file gives them.
+    fn default() -> Self {
+        Self {
+            namespace: default_namespace(),
+            http: HttpSettings::default(),
+            storage: StorageSettings::default(),
+            redis: RedisSettings::default(),
+            amqp: AmqpSettings::default(),
+            limits: Limits::default(),
+            uploads: UploadSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
 fn default_namespace() -> String {
     "stitch".into()
 }
@@ -300,8 +316,14 @@ impl Settings {
             return invalid("STITCH__REDIS__POOL_SIZE", "must be at least 1");
         }
         for (key, value) in [
-            ("STITCH__HTTP__HEADER_READ_TIMEOUT", self.http.header_read_timeout),
-            ("STITCH__HTTP__BODY_IDLE_TIMEOUT", self.http.body_idle_timeout),
+            (
+                "STITCH__HTTP__HEADER_READ_TIMEOUT",
+                self.http.header_read_timeout,
+            ),
+            (
+                "STITCH__HTTP__BODY_IDLE_TIMEOUT",
+                self.http.body_idle_timeout,
+            ),
             ("STITCH__REDIS__TIMEOUT", self.redis.timeout),
             ("STITCH__UPLOADS__TTL", self.uploads.ttl),
         ] {
@@ -350,7 +372,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.limits.max_chunk_bytes, ByteSize(8 << 20));
-        assert_eq!(s.http.body_idle_timeout, Interval(Duration::from_millis(1500)));
+        assert_eq!(
+            s.http.body_idle_timeout,
+            Interval(Duration::from_millis(1500))
+        );
     }
 
     #[test]
@@ -364,7 +389,10 @@ mod tests {
         let err = load_toml("namespace = \"a:b\"\n").unwrap_err();
         assert!(err.to_string().contains("STITCH__NAMESPACE"), "{err}");
         let err = load_toml("[limits]\nmax_chunks = 0\n").unwrap_err();
-        assert!(err.to_string().contains("STITCH__LIMITS__MAX_CHUNKS"), "{err}");
+        assert!(
+            err.to_string().contains("STITCH__LIMITS__MAX_CHUNKS"),
+            "{err}"
+        );
         let err = load_toml("[http]\nbind = \"nonsense\"\n").unwrap_err();
         assert!(err.to_string().contains("bind"), "{err}");
         let err = load_toml("[limits]\nmax_chunk_bytes = \"lots\"\n").unwrap_err();

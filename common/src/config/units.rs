@@ -115,16 +115,32 @@ mod tests {
         assert_eq!(ByteSize::parse("1 TiB"), Some(ByteSize(1 << 40)));
         assert_eq!(ByteSize::parse("8mb"), Some(ByteSize(8_000_000)));
         assert_eq!(ByteSize::parse("123"), Some(ByteSize(123)));
-        for bad in ["", "MiB", "-1", "1.5GiB", "1 parsec", "99999999999999999999TiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "1.5GiB",
+            "1 parsec",
+            "99999999999999999999TiB",
+        ] {
             assert_eq!(ByteSize::parse(bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn durations_take_units() {
-        assert_eq!(Interval::parse("500ms"), Some(Interval(Duration::from_millis(500))));
-        assert_eq!(Interval::parse("30"), Some(Interval(Duration::from_secs(30))));
-        assert_eq!(Interval::parse("7d"), Some(Interval(Duration::from_secs(604_800))));
+        assert_eq!(
+            Interval::parse("500ms"),
+            Some(Interval(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            Interval::parse("30"),
+            Some(Interval(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            Interval::parse("7d"),
+            Some(Interval(Duration::from_secs(604_800)))
+        );
         assert_eq!(Interval::parse("1w"), None);
     }
 }

@@ -18,14 +18,12 @@ use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 
-use super::{
-    Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore, UploadHeader,
-};
+use super::{Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore, UploadHeader};
 use crate::config::RedisSettings;
-use crate::now_ms;
 use crate::digest::Md5;
 use crate::geometry::Geometry;
 use crate::id::UploadId;
+use crate::now_ms;
 use crate::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus, bitmap_indices};
 
 /// Names of an upload's keys.
@@ -141,7 +139,9 @@ impl Reply {
     fn parse(value: Value) -> Result<Self, StateError> {
         match value {
             Value::Array(items) => Ok(Self(items)),
-            other => Err(StateError::Corrupt(format!("unexpected script reply {other:?}"))),
+            other => Err(StateError::Corrupt(format!(
+                "unexpected script reply {other:?}"
+            ))),
         }
     }
 
@@ -181,10 +181,13 @@ impl Reply {
     }
 }
 
-fn parse_u64_field(map: &std::collections::HashMap<String, String>, field: &str) -> Result<u64, StateError> {
-    map.get(field)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| StateError::Corrupt(format!("meta field {field} is missing or not a number")))
+fn parse_u64_field(
+    map: &std::collections::HashMap<String, String>,
+    field: &str,
+) -> Result<u64, StateError> {
+    map.get(field).and_then(|v| v.parse().ok()).ok_or_else(|| {
+        StateError::Corrupt(format!("meta field {field} is missing or not a number"))
+    })
 }
 
 fn optional(map: &std::collections::HashMap<String, String>, field: &str) -> Option<String> {
@@ -224,7 +227,13 @@ impl StateStore for RedisStateStore {
         let mut conn = self.connection().await?;
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(keys::meta(&self.namespace, id))
-            .arg(&["state", "total_size", "chunk_size", "total_chunks", "file_md5"])
+            .arg(&[
+                "state",
+                "total_size",
+                "chunk_size",
+                "total_chunks",
+                "file_md5",
+            ])
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -406,5 +415,4 @@ mod tests {
             assert!(key.starts_with("ns:{abc}:"), "{key}");
         }
     }
-
 }

@@ -179,7 +179,8 @@ fn write_copy(
     fsync: bool,
     mut feed: mpsc::Receiver<Feed>,
 ) -> Result<ChunkDigests, StorageError> {
-    std::fs::create_dir_all(dir).map_err(|e| StorageError::from_io("creating chunk directory", e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StorageError::from_io("creating chunk directory", e))?;
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
@@ -232,12 +233,14 @@ fn write_manifest(
     if let Some(existing) = read_manifest(path)? {
         return Ok(compare_manifest(existing, upload));
     }
-    std::fs::create_dir_all(dir).map_err(|e| StorageError::from_io("creating upload directory", e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StorageError::from_io("creating upload directory", e))?;
     let tmp = dir.join(format!(".manifest.{}.tmp", new_token()));
     let body = serde_json::to_vec_pretty(&ManifestFile::V1(upload.clone()))
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;
     let result = (|| {
-        let mut file = File::create(&tmp).map_err(|e| StorageError::from_io("creating manifest", e))?;
+        let mut file =
+            File::create(&tmp).map_err(|e| StorageError::from_io("creating manifest", e))?;
         file.write_all(&body)
             .map_err(|e| StorageError::from_io("writing manifest", e))?;
         if fsync {
@@ -310,12 +313,19 @@ mod tests {
         }
     }
 
-    async fn stage(store: &FsChunkStore, id: &UploadId, parts: &[&[u8]], end: bool) -> Result<StagedChunk, StorageError> {
+    async fn stage(
+        store: &FsChunkStore,
+        id: &UploadId,
+        parts: &[&[u8]],
+        end: bool,
+    ) -> Result<StagedChunk, StorageError> {
         let (tx, rx) = mpsc::channel(4);
         let task = store.stage_chunk(id, ChunkIndex(3), true, rx);
         let feed = async {
             for p in parts {
-                tx.send(Feed::Data(Bytes::copy_from_slice(p))).await.unwrap();
+                tx.send(Feed::Data(Bytes::copy_from_slice(p)))
+                    .await
+                    .unwrap();
             }
             if end {
                 tx.send(Feed::End).await.unwrap();
@@ -342,15 +352,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsChunkStore::new(dir.path(), true);
         let id = UploadId::parse("u1").unwrap();
-        let a = stage(&store, &id, &[b"hello ", b"world"], true).await.unwrap();
+        let a = stage(&store, &id, &[b"hello ", b"world"], true)
+            .await
+            .unwrap();
         let b = stage(&store, &id, &[b"hello world"], true).await.unwrap();
         assert_ne!(a.path, b.path);
         assert_eq!(std::fs::read(&a.path).unwrap(), b"hello world");
         assert_eq!(a.digests, b.digests);
-        assert_eq!(a.digests.md5.unwrap().to_hex(), "5eb63bbbe01eeed093cb22bb8f5acdc3");
+        assert_eq!(
+            a.digests.md5.unwrap().to_hex(),
+            "5eb63bbbe01eeed093cb22bb8f5acdc3"
+        );
         assert_eq!(files_under(&store.chunks_dir(&id)).len(), 2);
         store.discard(&b).await;
-        assert_eq!(files_under(&store.chunks_dir(&id)), vec![format!("3.{}", a.token)]);
+        assert_eq!(
+            files_under(&store.chunks_dir(&id)),
+            vec![format!("3.{}", a.token)]
+        );
     }
 
     #[tokio::test]
@@ -368,8 +386,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsChunkStore::new(dir.path(), true);
         let first = upload("u3", 100, 10);
-        assert_eq!(store.ensure_manifest(&first).await.unwrap(), ManifestCheck::Created);
-        assert_eq!(store.ensure_manifest(&first).await.unwrap(), ManifestCheck::Matches);
+        assert_eq!(
+            store.ensure_manifest(&first).await.unwrap(),
+            ManifestCheck::Created
+        );
+        assert_eq!(
+            store.ensure_manifest(&first).await.unwrap(),
+            ManifestCheck::Matches
+        );
         let other = upload("u3", 100, 20);
         assert_eq!(
             store.ensure_manifest(&other).await.unwrap(),
@@ -377,7 +401,10 @@ mod tests {
         );
         assert_eq!(store.read_manifest(&first.id).await.unwrap(), Some(first));
         // Only the manifest remains: no temporary files.
-        assert_eq!(files_under(&store.upload_dir(&other.id)), vec!["manifest.json"]);
+        assert_eq!(
+            files_under(&store.upload_dir(&other.id)),
+            vec!["manifest.json"]
+        );
     }
 
     #[tokio::test]
@@ -387,7 +414,12 @@ mod tests {
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let store = store.clone();
-                tokio::spawn(async move { store.ensure_manifest(&upload("u4", 100, 10 + i)).await.unwrap() })
+                tokio::spawn(async move {
+                    store
+                        .ensure_manifest(&upload("u4", 100, 10 + i))
+                        .await
+                        .unwrap()
+                })
             })
             .collect();
         let mut created = 0;

@@ -1,0 +1,74 @@
+//! Connection and concurrency limits: slow headers, stalled bodies, too many writes.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+fn secs(n: u64) -> stitch_common::config::Interval {
+    stitch_common::config::Interval(Duration::from_secs(n))
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = spawn_app_with(|s| s.http.header_read_timeout = secs(1)).await;
+    let mut slow = RawConnection::open(app.addr).await;
+    slow.send(b"PUT /upload/chunk HTTP/1.1\r\nHost: test\r\nX-File-ID: a\r\n")
+        .await;
+    let (_, closed) = slow.read_until_close(Duration::from_secs(20)).await;
+    assert!(
+        closed,
+        "the server kept a connection with unfinished headers open"
+    );
+    // Everyone else is still served.
+    let response = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_and_leaves_nothing() {
+    let app = spawn_app_with(|s| s.http.body_idle_timeout = secs(1)).await;
+    let id = new_id();
+    let mut conn = RawConnection::open(app.addr).await;
+    conn.send(raw_chunk_head(&id, 0, 2, 0, 1000, 2000).as_bytes())
+        .await;
+    conn.send(&[7u8; 500]).await;
+    let (status, response) = conn.read_response(Duration::from_secs(20)).await;
+    assert_eq!(status, 408, "{response}");
+    assert!(response.contains("body_timeout"), "{response}");
+    assert!(app.env.storage_snapshot().is_empty());
+    assert!(app.env.redis_snapshot().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_writes_beyond_the_limit_get_503_until_one_finishes() {
+    let app = spawn_app_with(|s| s.limits.max_concurrent_chunk_writes = 1).await;
+    let id = new_id();
+    let source = Source::random(2000, 1000, 16);
+
+    // A slow client holds the only write slot.
+    let mut slow = RawConnection::open(app.addr).await;
+    slow.send(raw_chunk_head(&id, 0, 2, 0, 1000, 2000).as_bytes())
+        .await;
+    slow.send(&source.chunk(0).1[..500]).await;
+    let env = app.env.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the slow chunk to start writing",
+        || env.storage_snapshot().keys().any(|k| k.ends_with(".part")),
+    )
+    .await;
+
+    let response = app.chunk_request(&id, &source, 1).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error_code(&body), "too_busy");
+
+    slow.send(&source.chunk(0).1[500..]).await;
+    let (status, text) = slow.read_response(Duration::from_secs(20)).await;
+    assert_eq!(status, 200, "{text}");
+    let (code, body) = app.put_chunk(&id, &source, 1).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["upload_complete"], true);
+    assert_eq!(reassemble_counted(&app.env, &id), source.bytes);
+}
