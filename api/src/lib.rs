@@ -4,7 +4,7 @@
 //! A request's path: [`routes`] → an extractor in [`extract`] (headers and ids checked for
 //! form) → a handler in [`handlers`] → one call into [`service::UploadService`] (the rules)
 //! → the state store and storage from `stitch_common`. Failures become [`error::ApiError`],
-//! which knows its status code and stable JSON code. [`server`] runs the connections.
+//! which knows its status code and stable JSON code. `stitch_common::server` runs the connections.
 //!
 //! [`Application`] assembles it from [`Settings`]; `main.rs` only loads settings and calls
 //! [`Application::run_until_stopped`].
@@ -14,7 +14,6 @@ pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod routes;
-pub mod server;
 pub mod service;
 
 use std::future::Future;
@@ -29,8 +28,8 @@ use stitch_common::state::{RedisStateStore, StateStore};
 use stitch_common::storage::FsChunkStore;
 use tokio::net::TcpListener;
 
-use crate::server::ServerLimits;
 use crate::service::UploadService;
+use stitch_common::server::{self, ServerLimits};
 
 /// What every handler can reach.
 #[derive(Clone)]

@@ -9,13 +9,14 @@
 //! - [`state::StateStore`] (Redis: [`state::RedisStateStore`]) records the chunk in one atomic
 //!   operation that also detects completion and moves the upload from `receiving` to
 //!   `merging` ([`upload::UploadState`]), leaving the merge trigger in the upload's outbox.
-//! - [`config::Settings`] holds every limit and address; [`telemetry`] and [`shutdown`] are
-//!   the process plumbing both binaries share.
+//! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`] and
+//!   [`shutdown`] are the process plumbing both binaries share.
 
 pub mod config;
 pub mod digest;
 pub mod geometry;
 pub mod id;
+pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod storage;
