@@ -59,6 +59,10 @@ pub enum ApiError {
     Conflict(Conflict),
     #[error("no upload with this id")]
     NotFound,
+    #[error("the upload is {0}; only a completed upload can be downloaded")]
+    NotCompleted(UploadState),
+    #[error("the requested range is outside the file")]
+    RangeNotSatisfiable,
     #[error("no such resource")]
     NoRoute,
     #[error("method not allowed on this resource")]
@@ -93,7 +97,8 @@ impl ApiError {
             | ChecksumMismatch { .. } => StatusCode::BAD_REQUEST,
             ChunkTooLarge { .. } | UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Conflict(_) => StatusCode::CONFLICT,
+            Conflict(_) | NotCompleted(_) => StatusCode::CONFLICT,
+            RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             NotFound | NoRoute => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Busy | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -134,8 +139,12 @@ impl ApiError {
                     UploadState::Aborted => "upload_aborted",
                     UploadState::Receiving => "upload_receiving",
                 },
+                stitch_common::state::Conflict::NotMerging(_) => "upload_not_merging",
+                stitch_common::state::Conflict::Fenced => "fenced",
             },
             NotFound => "upload_not_found",
+            NotCompleted(_) => "upload_not_completed",
+            RangeNotSatisfiable => "range_not_satisfiable",
             NoRoute => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Busy => "too_busy",

@@ -10,6 +10,7 @@
 //! [`Application::run_until_stopped`].
 
 pub mod body;
+pub mod download;
 pub mod error;
 pub mod extract;
 pub mod handlers;
@@ -24,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use stitch_common::config::Settings;
+use stitch_common::queue::{AmqpBroker, MergeQueue};
 use stitch_common::state::{RedisStateStore, StateStore};
 use stitch_common::storage::FsChunkStore;
 use tokio::net::TcpListener;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub body_idle_timeout: Duration,
     pub max_metadata_bytes: usize,
     pub metrics: PrometheusHandle,
+    /// Base of absolute download links (`http.public_url`), if configured.
+    pub public_url: Option<Arc<str>>,
 }
 
 /// A bound, not yet running API server.
@@ -56,6 +60,7 @@ impl Application {
                 .context("setting up the Redis state store")?,
         );
         let storage = FsChunkStore::new(&settings.storage.root, settings.storage.fsync);
+        let merges: Arc<dyn MergeQueue> = Arc::new(AmqpBroker::new(settings));
         if let Err(e) = storage.probe().await {
             tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");
         }
@@ -65,10 +70,11 @@ impl Application {
         Ok(Self {
             listener,
             state: AppState {
-                uploads: Arc::new(UploadService::new(settings, state, storage)),
+                uploads: Arc::new(UploadService::new(settings, state, storage, merges)),
                 body_idle_timeout: settings.http.body_idle_timeout.0,
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),
+                public_url: settings.http.public_url.as_deref().map(Arc::from),
             },
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,

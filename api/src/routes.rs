@@ -6,7 +6,7 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, post, put};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -20,7 +20,10 @@ pub fn router(state: AppState) -> Router {
         .route("/upload/chunk", put(chunks::put_chunk))
         .route("/upload/status", get(uploads::status_by_header))
         .route("/upload/{id}/status", get(uploads::status_by_path))
-        .route("/files/{id}", delete(files::abort_upload))
+        .route(
+            "/files/{id}",
+            get(files::download).delete(files::abort_upload),
+        )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -10,6 +10,7 @@ use stitch_common::digest::{ChunkDigests, Md5};
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::now_ms;
+use stitch_common::queue::{MergeJob, MergeQueue};
 use stitch_common::state::{Conflict, Created, Progress, Recorded, StateError, StateStore};
 use stitch_common::storage::{Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
@@ -26,6 +27,10 @@ const FEED_DEPTH: usize = 4;
 pub struct UploadService {
     state: Arc<dyn StateStore>,
     storage: FsChunkStore,
+    /// Where the completing chunk sends the merge job (the outbox covers its failures).
+    merges: Arc<dyn MergeQueue>,
+    /// Bound on the merge job publish, so a slow broker does not hold the client's response.
+    publish_timeout: std::time::Duration,
     limits: Limits,
     ttl_ms: u64,
     /// Compute MD5 of every chunk even without a client digest (operator's choice).
@@ -48,6 +53,23 @@ pub struct CreateUpload {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// One readiness check's outcome.
+pub struct ReadinessCheck {
+    pub name: &'static str,
+    /// Whether the process is unready when this check fails.
+    pub required: bool,
+    pub result: Result<(), String>,
+}
+
+/// A completed upload's file.
+pub struct CompletedFile {
+    pub path: std::path::PathBuf,
+    pub size: u64,
+    pub md5: Md5,
+    pub filename: Option<String>,
+    pub completed_at_ms: u64,
+}
+
 /// What became of one chunk.
 #[derive(Debug)]
 pub struct ChunkAccepted {
@@ -61,10 +83,17 @@ pub struct ChunkAccepted {
 }
 
 impl UploadService {
-    pub fn new(settings: &Settings, state: Arc<dyn StateStore>, storage: FsChunkStore) -> Self {
+    pub fn new(
+        settings: &Settings,
+        state: Arc<dyn StateStore>,
+        storage: FsChunkStore,
+        merges: Arc<dyn MergeQueue>,
+    ) -> Self {
         Self {
             state,
             storage,
+            merges,
+            publish_timeout: settings.amqp.timeout.0,
             limits: settings.limits.clone(),
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
             always_md5: settings.uploads.chunk_md5,
@@ -218,10 +247,15 @@ impl UploadService {
             progress,
             digests: staged.digests,
         };
-        match self.state.record_chunk(&upload, &record, self.ttl_ms).await {
+        let merge_job = MergeJob::new(upload.id.clone()).to_json();
+        match self
+            .state
+            .record_chunk(&upload, &record, &merge_job, self.ttl_ms)
+            .await
+        {
             Ok(Recorded::New(progress)) => {
                 if progress.completed_upload {
-                    tracing::info!(upload_id = %upload.id, "upload complete, merge triggered");
+                    self.trigger_merge(&upload.id, &merge_job).await;
                 }
                 Ok(accepted(false, progress))
             }
@@ -241,6 +275,31 @@ impl UploadService {
             Err(e) => {
                 self.storage.discard(&staged).await;
                 Err(e.into())
+            }
+        }
+    }
+
+    /// Publishes the merge job the completing chunk wrote to the outbox, and clears it from
+    /// the outbox once the broker confirmed it. Any failure leaves the job in the outbox for
+    /// the sweeper; the client's chunk is stored and acknowledged either way.
+    async fn trigger_merge(&self, id: &UploadId, merge_job: &str) {
+        let published = tokio::time::timeout(
+            self.publish_timeout,
+            self.merges.enqueue_merge(id, merge_job),
+        )
+        .await;
+        match published {
+            Ok(Ok(())) => {
+                tracing::info!(upload_id = %id, "upload complete, merge enqueued");
+                if let Err(e) = self.state.clear_outbox_entry(id, merge_job).await {
+                    tracing::warn!(upload_id = %id, error = %e, "merge enqueued but not cleared from the outbox; it may be enqueued twice");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upload_id = %id, error = %e, "merge not enqueued; the sweeper will retry from the outbox");
+            }
+            Err(_) => {
+                tracing::warn!(upload_id = %id, "merge enqueue timed out; the sweeper will retry from the outbox");
             }
         }
     }
@@ -313,13 +372,54 @@ impl UploadService {
         Ok(())
     }
 
-    /// Readiness: both backends answer.
-    pub async fn check_ready(&self) -> Vec<(&'static str, Result<(), String>)> {
-        let (state, storage) = tokio::join!(self.state.ping(), self.storage.probe());
+    /// Readiness: Redis and storage must answer (`required`); the broker is reported but
+    /// not required, because the outbox keeps chunks flowing while it is down.
+    pub async fn check_ready(&self) -> Vec<ReadinessCheck> {
+        let (state, storage, broker) = tokio::join!(
+            self.state.ping(),
+            self.storage.probe(),
+            tokio::time::timeout(self.publish_timeout, self.merges.ping()),
+        );
+        let broker = match broker {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("no answer in time".into()),
+        };
         vec![
-            ("redis", state.map_err(|e| e.to_string())),
-            ("storage", storage.map_err(|e| e.to_string())),
+            ReadinessCheck {
+                name: "redis",
+                required: true,
+                result: state.map_err(|e| e.to_string()),
+            },
+            ReadinessCheck {
+                name: "storage",
+                required: true,
+                result: storage.map_err(|e| e.to_string()),
+            },
+            ReadinessCheck {
+                name: "broker",
+                required: false,
+                result: broker,
+            },
         ]
+    }
+
+    /// The completed file of an upload, for download.
+    pub async fn completed_file(&self, id: &UploadId) -> Result<CompletedFile, ApiError> {
+        let status = self.upload_status(id).await?;
+        let completion = match (&status.completion, status.state) {
+            (Some(c), UploadState::Completed) => c.clone(),
+            (_, state) => return Err(ApiError::NotCompleted(state)),
+        };
+        let path = self.storage.resolve(&completion.location).ok_or_else(|| {
+            ApiError::Internal(format!("bad stored location {:?}", completion.location))
+        })?;
+        Ok(CompletedFile {
+            path,
+            size: completion.size,
+            md5: completion.md5,
+            filename: status.filename,
+            completed_at_ms: completion.completed_at_ms,
+        })
     }
 
     fn check_geometry(&self, g: &Geometry) -> Result<(), ApiError> {

@@ -14,8 +14,11 @@
 
 pub mod config;
 pub mod digest;
+pub mod events;
 pub mod geometry;
 pub mod id;
+pub mod lock;
+pub mod queue;
 pub mod server;
 pub mod shutdown;
 pub mod state;

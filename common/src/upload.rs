@@ -122,6 +122,33 @@ pub struct UploadStatus {
     pub chunks_received: u64,
     /// Indices of the received chunks, ascending.
     pub uploaded_chunks: Vec<u64>,
+    /// Bytes the current merge attempt has written (while `merging`).
+    pub merge_bytes_done: Option<u64>,
+    /// The merge result, once `completed`.
+    pub completion: Option<Completion>,
+    /// Why the upload failed, once `failed`.
+    pub failure: Option<Failure>,
+}
+
+/// What a committed merge produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub size: u64,
+    pub md5: Md5,
+    /// Path of the file relative to the storage root.
+    pub location: String,
+    pub completed_at_ms: u64,
+    /// The `upload.completed` event's id, stable across re-publishes.
+    pub event_id: String,
+}
+
+/// Why a merge failed for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub failed_at_ms: u64,
+    /// The `upload.failed` event's id.
+    pub event_id: String,
 }
 
 /// Decodes a Redis-style bitmap (bit 0 is the most significant bit of byte 0) into the

@@ -1,39 +1,49 @@
-//! Stitch's merge worker. The merge pipeline (RabbitMQ consumer, fenced lock, concatenate +
-//! MD5, completion events) arrives with the merge issue; today the worker serves its probes
-//! and metrics so that deployments can already run and watch it.
+//! Stitch's merge worker: turns completed uploads into one verified file.
 //!
-//! Like the API, it is a library with a thin `main.rs`: [`Worker::build`] then
-//! [`Worker::run_until_stopped`], so tests and the single-node mode can run it in-process.
+//! Roles (each switchable in `[worker]`):
+//! - **merge** ([`consumer`] → [`merge::Merger`] → [`concat`]): takes merge jobs from
+//!   RabbitMQ, locks the upload (Redlock-style, fenced), concatenates its chunks while
+//!   computing MD5, verifies, commits and publishes `upload.completed`.
+//! - **sweeper** ([`sweeper`]): republishes merge triggers left in outboxes and re-enqueues
+//!   merges that got stuck.
+//!
+//! It always serves `/healthz`, `/readyz` and `/metrics` ([`probes`]) on its own bind. Like
+//! the API it is a library with a thin `main.rs`: [`Worker::build`], then
+//! [`Worker::run_until_stopped`], so tests and the single-node mode run it in-process.
+
+pub mod concat;
+pub mod consumer;
+pub mod merge;
+pub mod probes;
+pub mod sweeper;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use stitch_common::config::Settings;
+use stitch_common::lock::RedisLock;
+use stitch_common::queue::{AmqpBroker, EventSink};
 use stitch_common::server::{self, ServerLimits};
 use stitch_common::state::{RedisStateStore, StateStore};
+use stitch_common::storage::FsChunkStore;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::merge::Merger;
 
 /// The worker's default bind, beside the API's 8080, so both run on one machine unchanged.
 pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
 
-#[derive(Clone)]
-struct ProbeState {
-    state: Arc<dyn StateStore>,
-    metrics: PrometheusHandle,
-}
-
 /// A bound, not yet running worker.
 pub struct Worker {
     listener: TcpListener,
-    probes: ProbeState,
+    settings: Settings,
+    state: Arc<dyn StateStore>,
+    broker: Arc<AmqpBroker>,
+    merger: Arc<Merger>,
+    lock: RedisLock,
     limits: ServerLimits,
 }
 
@@ -43,15 +53,27 @@ impl Worker {
             RedisStateStore::new(&settings.redis, &settings.namespace)
                 .context("setting up the Redis state store")?,
         );
+        let storage = FsChunkStore::new(&settings.storage.root, settings.storage.fsync);
+        let lock = RedisLock::new(settings).context("setting up the merge lock")?;
+        let broker = Arc::new(AmqpBroker::new(settings));
+        let events: Arc<dyn EventSink> = broker.clone();
+        let merger = Arc::new(Merger::new(
+            settings,
+            state.clone(),
+            storage,
+            lock.clone(),
+            events,
+        ));
         let listener = TcpListener::bind(settings.http.bind)
             .await
             .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
         Ok(Self {
             listener,
-            probes: ProbeState {
-                state,
-                metrics: stitch_common::telemetry::metrics_handle(),
-            },
+            settings: settings.clone(),
+            state,
+            broker,
+            merger,
+            lock,
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,
                 shutdown_grace: settings.http.shutdown_grace.0,
@@ -65,45 +87,61 @@ impl Worker {
             .expect("a bound TCP listener has an address")
     }
 
-    /// Serves the probes until `shutdown` completes.
+    /// Runs the configured roles until `shutdown` completes; then stops taking jobs, lets
+    /// running merges finish within the grace period and hands the rest back to the broker.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.local_addr(), "stitch-worker listening");
-        let router = Router::new()
-            .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
-            .with_state(self.probes);
-        server::serve(self.listener, router, self.limits, shutdown)
-            .await
-            .context("serving the worker's probes")
+        let s = &self.settings;
+        tracing::info!(addr = %self.local_addr(), merge = s.worker.merge, sweeper = s.worker.sweeper, "stitch-worker listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut roles = tokio::task::JoinSet::new();
+        if s.worker.merge {
+            let config = consumer::ConsumerConfig {
+                prefetch: s.merge.concurrency,
+                retry_delays: s.merge.retry_delays.iter().map(|d| d.0).collect(),
+                shutdown_grace: s.http.shutdown_grace.0,
+            };
+            roles.spawn(consumer::run(
+                self.merger.clone(),
+                self.broker.clone(),
+                config,
+                stop_rx.clone(),
+            ));
+        }
+        if s.worker.sweeper {
+            let sweeper = sweeper::Sweeper {
+                state: self.state.clone(),
+                broker: self.broker.clone(),
+                lock: self.lock.clone(),
+                merger: self.merger.clone(),
+                config: sweeper::SweeperConfig {
+                    namespace: s.namespace.clone(),
+                    interval: s.sweeper.interval.0,
+                    outbox_horizon: s.sweeper.outbox_horizon.0,
+                    stuck_merge_horizon: s.sweeper.stuck_merge_horizon.0,
+                    max_requeues: s.sweeper.max_requeues,
+                },
+            };
+            roles.spawn(sweeper.run(stop_rx.clone()));
+        }
+        let probes = probes::router(probes::Probes {
+            state: self.state.clone(),
+            broker: s.worker.merge.then(|| self.broker.clone()),
+            metrics: stitch_common::telemetry::metrics_handle(),
+        });
+        let (probes_stop_tx, probes_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let probe_server = tokio::spawn(server::serve(self.listener, probes, self.limits, async {
+            let _ = probes_stop_rx.await;
+        }));
+
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        while roles.join_next().await.is_some() {}
+        let _ = probes_stop_tx.send(());
+        let _ = probe_server.await;
+        tracing::info!("stitch-worker stopped");
+        Ok(())
     }
-}
-
-async fn healthz() -> Response {
-    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
-}
-
-async fn readyz(State(probes): State<ProbeState>) -> Response {
-    match probes.state.ping().await {
-        Ok(()) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "status": "unavailable", "checks": { "redis": e.to_string() } })),
-        )
-            .into_response(),
-    }
-}
-
-async fn metrics(State(probes): State<ProbeState>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        probes.metrics.render(),
-    )
-        .into_response()
 }

@@ -12,18 +12,19 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: the backends answer; otherwise 503 naming the ones that do not.
+/// `GET /readyz`: Redis and storage answer; otherwise 503. The broker is listed but not
+/// required: while it is down, chunks are still accepted and merges wait in the outbox.
 pub async fn readyz(State(app): State<AppState>) -> Response {
     let checks = app.uploads.check_ready().await;
-    let ready = checks.iter().all(|(_, r)| r.is_ok());
+    let ready = checks.iter().all(|c| !c.required || c.result.is_ok());
     let detail: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
-        .map(|(name, result)| {
-            let value = match result {
+        .map(|check| {
+            let value = match check.result {
                 Ok(()) => serde_json::json!("ok"),
                 Err(e) => serde_json::json!(e),
             };
-            (name.to_owned(), value)
+            (check.name.to_owned(), value)
         })
         .collect();
     let status = if ready {

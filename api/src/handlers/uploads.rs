@@ -24,7 +24,7 @@ pub async fn create_upload(State(app): State<AppState>, body: Body) -> Result<Re
     let request: CreateUpload =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let (created, status) = app.uploads.create_upload(request).await?;
-    let view = StatusView::from(status);
+    let view = StatusView::new(status, app.public_url.as_deref());
     let code = match created {
         Created::New => StatusCode::CREATED,
         Created::AlreadyExists => StatusCode::OK,
@@ -37,12 +37,14 @@ pub async fn status_by_header(
     State(app): State<AppState>,
     UploadIdHeader(id): UploadIdHeader,
 ) -> Result<Json<StatusView>, ApiError> {
-    Ok(Json(app.uploads.upload_status(&id).await?.into()))
+    let status = app.uploads.upload_status(&id).await?;
+    Ok(Json(StatusView::new(status, app.public_url.as_deref())))
 }
 
 pub async fn status_by_path(
     State(app): State<AppState>,
     UploadIdPath(id): UploadIdPath,
 ) -> Result<Json<StatusView>, ApiError> {
-    Ok(Json(app.uploads.upload_status(&id).await?.into()))
+    let status = app.uploads.upload_status(&id).await?;
+    Ok(Json(StatusView::new(status, app.public_url.as_deref())))
 }

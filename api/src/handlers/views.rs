@@ -1,7 +1,7 @@
 //! JSON shapes of responses. Field names are part of the public protocol.
 
 use serde::Serialize;
-use stitch_common::upload::UploadStatus;
+use stitch_common::upload::{UploadState, UploadStatus};
 
 /// The status of an upload, as `GET /upload/status` and friends return it.
 #[derive(Serialize)]
@@ -21,11 +21,31 @@ pub struct StatusView {
     pub created_at: String,
     pub updated_at: String,
     pub status_url: String,
+    /// While merging: bytes of the file written so far.
+    pub merge_bytes_done: Option<u64>,
+    /// Once completed: the file's size, MD5 and where to fetch it.
+    pub size: Option<u64>,
+    pub md5: Option<String>,
+    pub download_url: Option<String>,
+    pub completed_at: Option<String>,
+    /// Once failed: why.
+    pub failure_reason: Option<String>,
 }
 
-impl From<UploadStatus> for StatusView {
-    fn from(s: UploadStatus) -> Self {
+impl StatusView {
+    pub fn new(s: UploadStatus, public_url: Option<&str>) -> Self {
+        let completion = s.completion.as_ref();
+        let download_url =
+            completion.map(|_| stitch_common::events::download_url(public_url, s.id.as_str()));
         Self {
+            merge_bytes_done: s
+                .merge_bytes_done
+                .filter(|_| s.state == UploadState::Merging),
+            size: completion.map(|c| c.size),
+            md5: completion.map(|c| c.md5.to_hex()),
+            download_url,
+            completed_at: completion.map(|c| rfc3339(c.completed_at_ms)),
+            failure_reason: s.failure.as_ref().map(|f| f.reason.clone()),
             status_url: format!("/upload/{}/status", s.id),
             upload_id: s.id.to_string(),
             state: s.state.as_str(),
@@ -44,7 +64,4 @@ impl From<UploadStatus> for StatusView {
     }
 }
 
-pub fn rfc3339(ms: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(time).to_string()
-}
+pub use stitch_common::events::rfc3339;

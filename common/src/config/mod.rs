@@ -35,6 +35,14 @@ pub struct Settings {
     #[serde(default)]
     pub amqp: AmqpSettings,
     #[serde(default)]
+    pub lock: LockSettings,
+    #[serde(default)]
+    pub merge: MergeSettings,
+    #[serde(default)]
+    pub sweeper: SweeperSettings,
+    #[serde(default)]
+    pub worker: WorkerRoles,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub uploads: UploadSettings,
@@ -52,8 +60,13 @@ pub struct HttpSettings {
     pub header_read_timeout: Interval,
     /// How long a request body may stall between two reads before the request fails.
     pub body_idle_timeout: Interval,
-    /// On SIGTERM, how long in-flight requests may run before the process exits anyway.
+    /// On SIGTERM, how long in-flight requests (and, in the worker, merges) may run before
+    /// the process exits anyway.
     pub shutdown_grace: Interval,
+    /// The externally visible base URL of the API (e.g. `https://uploads.example.com`), used
+    /// to build download links in status responses and events. Without it links are
+    /// relative (`/files/<id>`).
+    pub public_url: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -80,6 +93,56 @@ pub struct RedisSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpSettings {
     pub url: Secret,
+    /// Bound on connecting and on each publisher confirm.
+    pub timeout: Interval,
+}
+
+/// The per-upload merge lock (Redlock-style, fenced).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LockSettings {
+    /// Independent Redis nodes for a Redlock quorum. Empty: the state store's Redis alone.
+    pub redis_urls: Vec<Secret>,
+    /// Lease length; a watchdog renews it every third of this while a merge runs.
+    pub ttl: Interval,
+}
+
+/// How merges run and retry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MergeSettings {
+    /// Merges one worker runs at once (its RabbitMQ prefetch).
+    pub concurrency: u16,
+    /// Delays before the 2nd, 3rd, … attempt after a transient failure. Past the last, the
+    /// job is dead-lettered and the upload marked `failed`.
+    pub retry_delays: Vec<Interval>,
+    /// Deliveries of one message before the broker dead-letters it (a worker that crashes on
+    /// it every time). RabbitMQ 3.10 has no default; 4.x defaults to 20.
+    pub delivery_limit: u32,
+    /// Read/hash block size. 64 KiB stays in cache; 1 MiB was measurably slower here.
+    pub buffer_bytes: ByteSize,
+}
+
+/// The outbox sweeper: no upload whose last chunk was accepted stays unfinished.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweeperSettings {
+    pub interval: Interval,
+    /// A merge trigger still in an outbox this long after it was written is published again.
+    pub outbox_horizon: Interval,
+    /// An upload `merging` this long without a commit (and without a lock holder) is
+    /// enqueued again.
+    pub stuck_merge_horizon: Interval,
+    /// Re-enqueues of one stuck upload before it is marked `failed`.
+    pub max_requeues: u32,
+}
+
+/// Which roles a `stitch-worker` process runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerRoles {
+    pub merge: bool,
+    pub sweeper: bool,
 }
 
 /// Limits on what clients may send. Every one is enforced before anything is stored.
@@ -152,6 +215,10 @@ impl Default for Settings {
             storage: StorageSettings::default(),
             redis: RedisSettings::default(),
             amqp: AmqpSettings::default(),
+            lock: LockSettings::default(),
+            merge: MergeSettings::default(),
+            sweeper: SweeperSettings::default(),
+            worker: WorkerRoles::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             log: LogSettings::default(),
@@ -170,6 +237,7 @@ impl Default for HttpSettings {
             header_read_timeout: Interval(Duration::from_secs(30)),
             body_idle_timeout: Interval(Duration::from_secs(60)),
             shutdown_grace: Interval(Duration::from_secs(30)),
+            public_url: None,
         }
     }
 }
@@ -197,6 +265,49 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            timeout: Interval(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Default for LockSettings {
+    fn default() -> Self {
+        Self {
+            redis_urls: Vec::new(),
+            ttl: Interval(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for MergeSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            retry_delays: [5, 30, 120, 600]
+                .map(|s| Interval(Duration::from_secs(s)))
+                .to_vec(),
+            delivery_limit: 10,
+            buffer_bytes: ByteSize(64 << 10),
+        }
+    }
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        Self {
+            interval: Interval(Duration::from_secs(15)),
+            outbox_horizon: Interval(Duration::from_secs(30)),
+            stuck_merge_horizon: Interval(Duration::from_secs(900)),
+            max_requeues: 5,
+        }
+    }
+}
+
+impl Default for WorkerRoles {
+    fn default() -> Self {
+        Self {
+            merge: true,
+            sweeper: true,
         }
     }
 }
@@ -262,7 +373,10 @@ impl Settings {
         builder = builder.add_source(
             config::Environment::with_prefix("STITCH")
                 .prefix_separator("__")
-                .separator("__"),
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("merge.retry_delays")
+                .with_list_parse_key("lock.redis_urls"),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -326,6 +440,9 @@ impl Settings {
             ),
             ("STITCH__REDIS__TIMEOUT", self.redis.timeout),
             ("STITCH__UPLOADS__TTL", self.uploads.ttl),
+            ("STITCH__AMQP__TIMEOUT", self.amqp.timeout),
+            ("STITCH__LOCK__TTL", self.lock.ttl),
+            ("STITCH__SWEEPER__INTERVAL", self.sweeper.interval),
         ] {
             if value.0.is_zero() {
                 return invalid(key, "must be longer than zero");
@@ -333,6 +450,40 @@ impl Settings {
         }
         if self.uploads.ttl.0 < Duration::from_secs(60) {
             return invalid("STITCH__UPLOADS__TTL", "must be at least 60s");
+        }
+        if self.lock.ttl.0 < Duration::from_millis(300) {
+            return invalid("STITCH__LOCK__TTL", "must be at least 300ms");
+        }
+        if self.merge.concurrency == 0 {
+            return invalid("STITCH__MERGE__CONCURRENCY", "must be at least 1");
+        }
+        if self
+            .merge
+            .retry_delays
+            .iter()
+            .any(|d| d.0 < Duration::from_millis(100))
+        {
+            return invalid(
+                "STITCH__MERGE__RETRY_DELAYS",
+                "each delay must be at least 100ms",
+            );
+        }
+        if self.merge.delivery_limit == 0 {
+            return invalid("STITCH__MERGE__DELIVERY_LIMIT", "must be at least 1");
+        }
+        if !(4 << 10..=16 << 20).contains(&self.merge.buffer_bytes.0) {
+            return invalid(
+                "STITCH__MERGE__BUFFER_BYTES",
+                "must be between 4KiB and 16MiB",
+            );
+        }
+        if let Some(url) = &self.http.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid(
+                "STITCH__HTTP__PUBLIC_URL",
+                "must start with http:// or https://",
+            );
         }
         if self.storage.root.as_os_str().is_empty() {
             return invalid("STITCH__STORAGE__ROOT", "must not be empty");

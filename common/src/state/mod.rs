@@ -12,11 +12,12 @@ mod redis;
 
 use async_trait::async_trait;
 
+pub(crate) use self::redis::pool as redis_pool;
 pub use self::redis::{RedisStateStore, keys};
 use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
-use crate::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
+use crate::upload::{ChunkRecord, Completion, NewUpload, UploadState, UploadStatus};
 
 /// What a state store knows of an upload without its chunk list: enough to refuse a chunk
 /// before reading its body.
@@ -71,6 +72,11 @@ pub enum Conflict {
     ChunkContent(ChunkIndex),
     #[error("the upload is {0}, not receiving")]
     NotReceiving(UploadState),
+    #[error("the upload is {0}, not merging")]
+    NotMerging(UploadState),
+    /// A newer merge attempt took the upload's fencing token: this one must change nothing.
+    #[error("a newer merge attempt holds the fencing token")]
+    Fenced,
 }
 
 /// A state store failure. Callers branch on the variant.
@@ -102,6 +108,61 @@ pub enum Aborted {
     Already,
 }
 
+/// Everything a merge attempt needs, taken atomically with its fencing token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergePlan {
+    /// The fencing token: higher than any earlier attempt's. The commit checks it.
+    pub fence: u64,
+    pub upload: NewUpload,
+    /// The counted chunks, in index order.
+    pub chunks: Vec<ChunkRecord>,
+}
+
+/// Result of [`StateStore::begin_merge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MergeStart {
+    Ready(MergePlan),
+    /// The upload was merged already (a redelivered job).
+    AlreadyCompleted,
+    /// The upload is in a state no merge applies to (aborted, failed, still receiving).
+    NotMerging(UploadState),
+}
+
+/// Result of [`StateStore::commit_merge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// This attempt's result is now the upload's.
+    Now,
+    /// An earlier attempt committed; its event id is returned for re-publishing.
+    Already { event_id: String },
+}
+
+/// Result of [`StateStore::fail_merge`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failed {
+    Now,
+    /// The upload was no longer merging; nothing changed.
+    NotMerging(UploadState),
+}
+
+/// A merge trigger found in an outbox by the sweeper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub upload_id: UploadId,
+    /// The exact stored text (needed to remove it).
+    pub raw: String,
+    pub enqueued_at_ms: u64,
+}
+
+/// An upload in `merging` as the sweeper sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergingUpload {
+    pub upload_id: UploadId,
+    /// When it last entered `merging` or was last re-enqueued.
+    pub since_ms: u64,
+    pub requeues: u32,
+}
+
 /// The shared index of uploads. Implementations must make every method atomic with respect
 /// to every other call on the same upload, from any process.
 #[async_trait]
@@ -120,10 +181,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`Recorded::Duplicate`], different content: [`Conflict::ChunkContent`]); and when this
     /// chunk completes the set, moves the upload to `merging` and writes the merge trigger
     /// to the upload's outbox. Refreshes the upload's TTL. A refusal changes nothing.
+    /// `merge_job` is what goes into the outbox when this chunk completes the upload.
     async fn record_chunk(
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
+        merge_job: &str,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError>;
 
@@ -133,6 +196,51 @@ pub trait StateStore: Send + Sync + 'static {
     /// Moves the upload to `aborted` and forgets its chunks (their files are the caller's to
     /// remove). Idempotent.
     async fn abort_upload(&self, id: &UploadId, ttl_ms: u64) -> Result<Aborted, StateError>;
+
+    /// Removes one merge trigger from the upload's outbox, once the broker confirmed it.
+    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError>;
+
+    /// Merge triggers still in outboxes, written before `older_than_ms`.
+    async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError>;
+
+    /// Uploads in `merging` since before `older_than_ms`.
+    async fn stuck_merges(&self, older_than_ms: u64) -> Result<Vec<MergingUpload>, StateError>;
+
+    /// Counts a re-enqueue of a stuck merge; `None` when the upload is no longer merging.
+    async fn note_requeue(&self, id: &UploadId) -> Result<Option<u32>, StateError>;
+
+    /// Starts a merge attempt (the caller holds the upload's lock): if the upload is
+    /// `merging`, takes a new fencing token and returns the counted chunks.
+    async fn begin_merge(&self, id: &UploadId, ttl_ms: u64) -> Result<MergeStart, StateError>;
+
+    /// Records merge progress for status, if `fence` is still the newest attempt.
+    async fn report_merge_progress(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        bytes_done: u64,
+    ) -> Result<(), StateError>;
+
+    /// Commits a merge: only if the upload is `merging` and `fence` is the newest token
+    /// ([`Conflict::Fenced`] otherwise), atomically moves it to `completed` with `result`.
+    /// Idempotent for an upload that is already completed.
+    async fn commit_merge(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        result: &Completion,
+        ttl_ms: u64,
+    ) -> Result<Committed, StateError>;
+
+    /// Marks a merging upload `failed` for `reason`; fenced when `fence` is given.
+    async fn fail_merge(
+        &self,
+        id: &UploadId,
+        fence: Option<u64>,
+        reason: &str,
+        event_id: &str,
+        ttl_ms: u64,
+    ) -> Result<Failed, StateError>;
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StateError>;

@@ -18,13 +18,18 @@ use async_trait::async_trait;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 
-use super::{Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore, UploadHeader};
+use super::{
+    Aborted, Committed, Conflict, Created, Failed, MergePlan, MergeStart, MergingUpload,
+    OutboxEntry, Progress, Recorded, StateError, StateStore, UploadHeader,
+};
 use crate::config::RedisSettings;
 use crate::digest::Md5;
-use crate::geometry::Geometry;
+use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
-use crate::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus, bitmap_indices};
+use crate::upload::{
+    ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus, bitmap_indices,
+};
 
 /// Names of an upload's keys.
 pub mod keys {
@@ -42,6 +47,21 @@ pub mod keys {
     pub fn outbox(ns: &str, id: &UploadId) -> String {
         format!("{ns}:{{{id}}}:outbox")
     }
+    /// The fencing counter of the upload's merges.
+    pub fn fence(ns: &str, id: &UploadId) -> String {
+        format!("{ns}:{{{id}}}:fence")
+    }
+    /// The merge lock (on the lock nodes, which may be other Redis servers).
+    pub fn lock(ns: &str, id: &UploadId) -> String {
+        format!("{ns}:{{{id}}}:lock")
+    }
+
+    /// The id inside a key of this layout, if it is one.
+    pub fn id_of(ns: &str, key: &str) -> Option<UploadId> {
+        let rest = key.strip_prefix(ns)?.strip_prefix(":{")?;
+        let (id, _) = rest.split_once("}:")?;
+        UploadId::parse(id).ok()
+    }
 }
 
 /// The Redis state store. Cheap to clone (a pool handle).
@@ -56,6 +76,11 @@ struct Scripts {
     record_chunk: Script,
     create_upload: Script,
     abort_upload: Script,
+    begin_merge: Script,
+    commit_merge: Script,
+    fail_merge: Script,
+    merge_progress: Script,
+    note_requeue: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -64,6 +89,11 @@ fn scripts() -> &'static Scripts {
         record_chunk: Script::new(include_str!("lua/record_chunk.lua")),
         create_upload: Script::new(include_str!("lua/create_upload.lua")),
         abort_upload: Script::new(include_str!("lua/abort_upload.lua")),
+        begin_merge: Script::new(include_str!("lua/begin_merge.lua")),
+        commit_merge: Script::new(include_str!("lua/commit_merge.lua")),
+        fail_merge: Script::new(include_str!("lua/fail_merge.lua")),
+        merge_progress: Script::new(include_str!("lua/merge_progress.lua")),
+        note_requeue: Script::new(include_str!("lua/note_requeue.lua")),
     })
 }
 
@@ -71,19 +101,12 @@ impl RedisStateStore {
     /// Builds the pool. Connects lazily: a Redis that is down now makes requests fail with
     /// `Unavailable` (503) until it is back, instead of stopping the process.
     pub fn new(settings: &RedisSettings, namespace: &str) -> anyhow::Result<Self> {
-        let timeout: Duration = settings.timeout.0;
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(settings.url.expose(), connection)
-            .map_err(|e| anyhow::anyhow!("STITCH__REDIS__URL is not a usable Redis URL: {e}"))?;
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()?;
+        let pool = pool(
+            settings.url.expose(),
+            settings.pool_size,
+            settings.timeout.0,
+            "STITCH__REDIS__URL",
+        )?;
         Ok(Self {
             pool,
             namespace: namespace.to_owned(),
@@ -98,6 +121,34 @@ impl RedisStateStore {
         })
     }
 
+    /// Every key of the namespace of one kind (`meta`, `outbox`, …), by SCAN: cheap per call
+    /// and safe on a busy server. Under Redis Cluster this runs per node.
+    async fn scan(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+        kind: &str,
+    ) -> Result<Vec<String>, StateError> {
+        let pattern = format!("{}:{{*}}:{kind}", self.namespace);
+        let mut cursor: u64 = 0;
+        let mut out = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .map_err(redis_error)?;
+            out.extend(batch);
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
     fn all_keys(&self, id: &UploadId) -> [String; 4] {
         let ns = &self.namespace;
         [
@@ -107,6 +158,23 @@ impl RedisStateStore {
             keys::outbox(ns, id),
         ]
     }
+}
+
+/// A connection pool with every wait bounded by `timeout`, so that an unreachable Redis
+/// fails requests quickly instead of hanging them.
+pub(crate) fn pool(url: &str, size: usize, timeout: Duration, key: &str) -> anyhow::Result<Pool> {
+    let connection = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let manager = Manager::new_with_config(url, connection)
+        .map_err(|e| anyhow::anyhow!("{key} is not a usable Redis URL: {e}"))?;
+    Ok(Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .runtime(Runtime::Tokio1)
+        .build()?)
 }
 
 fn redis_error(e: RedisError) -> StateError {
@@ -175,10 +243,34 @@ impl Reply {
                 },
             },
             "file_md5" => Conflict::FileMd5,
+            "fenced" => Conflict::Fenced,
             "state" => Conflict::NotReceiving(self.state(2)?),
             other => return Err(StateError::Corrupt(format!("unknown conflict {other:?}"))),
         })
     }
+}
+
+/// Decodes a parts entry `offset:len:crc32c:md5hex:token`.
+fn parse_part(index: u64, entry: &str) -> Result<ChunkRecord, StateError> {
+    let corrupt = || StateError::Corrupt(format!("chunk entry {index} is malformed: {entry:?}"));
+    let mut fields = entry.splitn(5, ':');
+    let mut next = || fields.next().ok_or_else(corrupt);
+    let offset = next()?.parse().map_err(|_| corrupt())?;
+    let len = next()?.parse().map_err(|_| corrupt())?;
+    let crc32c = next()?.parse().map_err(|_| corrupt())?;
+    let md5 = match next()? {
+        "" => None,
+        hex => Some(Md5::parse(hex).ok_or_else(corrupt)?),
+    };
+    let token = next()?.to_owned();
+    Ok(ChunkRecord {
+        index: ChunkIndex(index),
+        offset,
+        len,
+        crc32c,
+        md5,
+        token,
+    })
 }
 
 fn parse_u64_field(
@@ -262,6 +354,7 @@ impl StateStore for RedisStateStore {
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
+        merge_job: &str,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError> {
         let mut conn = self.connection().await?;
@@ -271,13 +364,6 @@ impl StateStore for RedisStateStore {
             "{}:{}:{}:{}:{}",
             chunk.offset, chunk.len, chunk.crc32c, md5, chunk.token
         );
-        let job = serde_json::json!({
-            "type": "merge",
-            "version": 1,
-            "upload_id": upload.id,
-            "enqueued_at_ms": now_ms(),
-        })
-        .to_string();
         let mut invocation = self.scripts.record_chunk.prepare_invoke();
         for key in self.all_keys(&upload.id) {
             invocation.key(key);
@@ -297,7 +383,7 @@ impl StateStore for RedisStateStore {
             .arg(metadata_arg(upload))
             .arg(now_ms())
             .arg(ttl_ms)
-            .arg(job)
+            .arg(merge_job)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -363,6 +449,26 @@ impl StateStore for RedisStateStore {
             bytes_received: parse_u64_field(&meta, "bytes_received")?,
             chunks_received: parse_u64_field(&meta, "chunks_received")?,
             uploaded_chunks: bitmap_indices(bits.as_deref().unwrap_or(&[]), geometry.total_chunks),
+            merge_bytes_done: optional(&meta, "merge_bytes_done").and_then(|v| v.parse().ok()),
+            completion: match optional(&meta, "md5") {
+                Some(md5) => Some(Completion {
+                    size: parse_u64_field(&meta, "size")?,
+                    md5: Md5::parse(&md5)
+                        .ok_or_else(|| StateError::Corrupt("md5 is not a digest".into()))?,
+                    location: optional(&meta, "location").unwrap_or_default(),
+                    completed_at_ms: parse_u64_field(&meta, "completed_at")?,
+                    event_id: optional(&meta, "completed_event_id").unwrap_or_default(),
+                }),
+                None => None,
+            },
+            failure: match optional(&meta, "failure_reason") {
+                Some(reason) => Some(Failure {
+                    reason,
+                    failed_at_ms: parse_u64_field(&meta, "failed_at")?,
+                    event_id: optional(&meta, "failed_event_id").unwrap_or_default(),
+                }),
+                None => None,
+            },
         }))
     }
 
@@ -389,6 +495,249 @@ impl StateStore for RedisStateStore {
         }
     }
 
+    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError> {
+        let mut conn = self.connection().await?;
+        let _: i64 = redis::cmd("LREM")
+            .arg(keys::outbox(&self.namespace, id))
+            .arg(1)
+            .arg(raw)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError> {
+        let mut conn = self.connection().await?;
+        let mut out = Vec::new();
+        for key in self.scan(&mut conn, "outbox").await? {
+            let Some(upload_id) = keys::id_of(&self.namespace, &key) else {
+                continue;
+            };
+            let entries: Vec<String> = redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_error)?;
+            for raw in entries {
+                let enqueued_at_ms = crate::queue::MergeJob::from_json(raw.as_bytes())
+                    .map(|j| j.enqueued_at_ms)
+                    .unwrap_or(0);
+                if enqueued_at_ms < older_than_ms {
+                    out.push(OutboxEntry {
+                        upload_id: upload_id.clone(),
+                        raw,
+                        enqueued_at_ms,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stuck_merges(&self, older_than_ms: u64) -> Result<Vec<MergingUpload>, StateError> {
+        let mut conn = self.connection().await?;
+        let metas = self.scan(&mut conn, "meta").await?;
+        let mut out = Vec::new();
+        for batch in metas.chunks(500) {
+            let mut pipe = redis::pipe();
+            for key in batch {
+                pipe.cmd("HMGET")
+                    .arg(key)
+                    .arg(&["state", "merging_at", "requeued_at", "requeues"]);
+            }
+            let rows: Vec<Vec<Option<String>>> =
+                pipe.query_async(&mut conn).await.map_err(redis_error)?;
+            for (key, row) in batch.iter().zip(rows) {
+                if row.first().and_then(|s| s.as_deref()) != Some("merging") {
+                    continue;
+                }
+                let number = |i: usize| {
+                    row.get(i)
+                        .and_then(|v| v.as_deref())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                let since_ms = number(1).max(number(2));
+                if since_ms < older_than_ms
+                    && let Some(upload_id) = keys::id_of(&self.namespace, key)
+                {
+                    out.push(MergingUpload {
+                        upload_id,
+                        since_ms,
+                        requeues: number(3).min(u32::MAX as u64) as u32,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn note_requeue(&self, id: &UploadId) -> Result<Option<u32>, StateError> {
+        let mut conn = self.connection().await?;
+        let count: i64 = self
+            .scripts
+            .note_requeue
+            .key(keys::meta(&self.namespace, id))
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok((count >= 0).then(|| count.min(u32::MAX as i64) as u32))
+    }
+
+    async fn begin_merge(&self, id: &UploadId, ttl_ms: u64) -> Result<MergeStart, StateError> {
+        let mut conn = self.connection().await?;
+        let ns = &self.namespace;
+        let reply: Value = self
+            .scripts
+            .begin_merge
+            .key(keys::meta(ns, id))
+            .key(keys::parts(ns, id))
+            .key(keys::fence(ns, id))
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "missing" => return Err(StateError::NotFound),
+            "completed" => return Ok(MergeStart::AlreadyCompleted),
+            "state" => return Ok(MergeStart::NotMerging(reply.state(1)?)),
+            "merging" => {}
+            other => return Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+        let geometry = Geometry {
+            total_size: reply.u64(2)?,
+            chunk_size: reply.u64(3)?,
+            total_chunks: reply.u64(4)?,
+        };
+        let metadata = match reply.str(7)? {
+            json if json.is_empty() => None,
+            json => match serde_json::from_str(&json) {
+                Ok(serde_json::Value::Object(map)) => Some(map),
+                _ => return Err(StateError::Corrupt("metadata is not a JSON object".into())),
+            },
+        };
+        let upload = NewUpload {
+            id: id.clone(),
+            geometry,
+            filename: Some(reply.str(5)?).filter(|s| !s.is_empty()),
+            file_md5: Md5::parse(&reply.str(6)?),
+            metadata,
+            created_at_ms: reply.u64(8)?,
+        };
+        let mut chunks = Vec::with_capacity((reply.0.len() - 9) / 2);
+        let mut i = 9;
+        while i + 1 < reply.0.len() {
+            chunks.push(parse_part(reply.u64(i)?, &reply.str(i + 1)?)?);
+            i += 2;
+        }
+        chunks.sort_by_key(|c| c.index);
+        Ok(MergeStart::Ready(MergePlan {
+            fence: reply.u64(1)?,
+            upload,
+            chunks,
+        }))
+    }
+
+    async fn report_merge_progress(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        bytes_done: u64,
+    ) -> Result<(), StateError> {
+        let mut conn = self.connection().await?;
+        let _: i64 = self
+            .scripts
+            .merge_progress
+            .key(keys::meta(&self.namespace, id))
+            .key(keys::fence(&self.namespace, id))
+            .arg(fence)
+            .arg(bytes_done)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
+    }
+
+    async fn commit_merge(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        result: &Completion,
+        ttl_ms: u64,
+    ) -> Result<Committed, StateError> {
+        let mut conn = self.connection().await?;
+        let ns = &self.namespace;
+        let reply: Value = self
+            .scripts
+            .commit_merge
+            .key(keys::meta(ns, id))
+            .key(keys::fence(ns, id))
+            .key(keys::parts(ns, id))
+            .key(keys::outbox(ns, id))
+            .key(keys::bits(ns, id))
+            .arg(fence)
+            .arg(result.size)
+            .arg(result.md5.to_hex())
+            .arg(&result.location)
+            .arg(&result.event_id)
+            .arg(result.completed_at_ms)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "committed" => Ok(Committed::Now),
+            "completed" => Ok(Committed::Already {
+                event_id: reply.str(1)?,
+            }),
+            "missing" => Err(StateError::NotFound),
+            "fenced" => Err(Conflict::Fenced.into()),
+            "state" => Err(Conflict::NotMerging(reply.state(1)?).into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
+    async fn fail_merge(
+        &self,
+        id: &UploadId,
+        fence: Option<u64>,
+        reason: &str,
+        event_id: &str,
+        ttl_ms: u64,
+    ) -> Result<Failed, StateError> {
+        let mut conn = self.connection().await?;
+        let ns = &self.namespace;
+        let reply: Value = self
+            .scripts
+            .fail_merge
+            .key(keys::meta(ns, id))
+            .key(keys::fence(ns, id))
+            .key(keys::outbox(ns, id))
+            .arg(fence.map(|f| f.to_string()).unwrap_or_default())
+            .arg(reason)
+            .arg(event_id)
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "failed" => Ok(Failed::Now),
+            "state" => Ok(Failed::NotMerging(reply.state(1)?)),
+            "missing" => Err(StateError::NotFound),
+            "fenced" => Err(Conflict::Fenced.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
     async fn ping(&self) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
         let _: String = redis::cmd("PING")
@@ -404,6 +753,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ids_are_recovered_from_keys_of_the_namespace_only() {
+        let id = UploadId::parse("a-b_c").unwrap();
+        assert_eq!(
+            keys::id_of("ns", &keys::outbox("ns", &id)),
+            Some(id.clone())
+        );
+        assert_eq!(keys::id_of("other", &keys::outbox("ns", &id)), None);
+        assert_eq!(keys::id_of("ns", "ns:{../x}:meta"), None);
+    }
+
+    #[test]
+    fn part_entries_parse_with_and_without_md5() {
+        let p = parse_part(3, "3000:1000:12345::abcdef").unwrap();
+        assert_eq!(
+            (p.offset, p.len, p.crc32c, p.md5, p.token.as_str()),
+            (3000, 1000, 12345, None, "abcdef")
+        );
+        let p = parse_part(0, "0:5:1:9e107d9d372bb6826bd81d3542a419d6:t").unwrap();
+        assert!(p.md5.is_some());
+        assert!(parse_part(0, "0:5").is_err());
+        assert!(parse_part(0, "x:5:1::t").is_err());
+    }
+
+    #[test]
     fn every_key_of_an_upload_shares_one_hash_tag() {
         let id = UploadId::parse("abc").unwrap();
         for key in [
@@ -411,6 +784,8 @@ mod tests {
             keys::parts("ns", &id),
             keys::bits("ns", &id),
             keys::outbox("ns", &id),
+            keys::fence("ns", &id),
+            keys::lock("ns", &id),
         ] {
             assert!(key.starts_with("ns:{abc}:"), "{key}");
         }

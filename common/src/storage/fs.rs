@@ -76,6 +76,16 @@ impl FsChunkStore {
         self.upload_dir(id).join("manifest.json")
     }
 
+    /// The absolute path of a location relative to the root, as stored for completed files.
+    /// `None` for anything that is not a plain relative path below the root.
+    pub fn resolve(&self, location: &str) -> Option<PathBuf> {
+        let relative = Path::new(location);
+        let plain = relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        (plain && !location.is_empty()).then(|| self.root.join(relative))
+    }
+
     /// Path of a chunk copy.
     pub fn chunk_path(&self, id: &UploadId, index: ChunkIndex, token: &str) -> PathBuf {
         self.chunks_dir(id).join(format!("{index}.{token}"))

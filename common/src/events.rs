@@ -1,0 +1,123 @@
+//! Upload events: what applications learn about uploads, published on the
+//! `<namespace>.events` topic exchange with the event type as routing key.
+//!
+//! `event_id` is fixed when the event's fact is committed (stored with the upload), so every
+//! re-publish of the same fact — after a redelivery, a crash, a retry — carries the same id
+//! and consumers can deduplicate on it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::upload::UploadStatus;
+
+/// The schema version of event bodies. Additive changes keep it; others bump it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    #[serde(rename = "upload.completed")]
+    Completed,
+    #[serde(rename = "upload.failed")]
+    Failed,
+}
+
+impl EventKind {
+    /// The routing key on the events exchange.
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Self::Completed => "upload.completed",
+            Self::Failed => "upload.failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub schema_version: u32,
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    /// When the fact was committed (RFC 3339).
+    pub occurred_at: String,
+    pub upload: EventUpload,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventUpload {
+    pub id: String,
+    pub state: String,
+    pub filename: Option<String>,
+    pub size: u64,
+    /// MD5 of the merged file (hex), for `upload.completed`.
+    pub md5: Option<String>,
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where to fetch the file, for `upload.completed`.
+    pub download_url: Option<String>,
+    /// Why the upload failed, for `upload.failed`.
+    pub failure_reason: Option<String>,
+}
+
+/// The download URL of an upload: absolute under `public_url` when configured.
+pub fn download_url(public_url: Option<&str>, id: &str) -> String {
+    match public_url {
+        Some(base) => format!("{}/files/{id}", base.trim_end_matches('/')),
+        None => format!("/files/{id}"),
+    }
+}
+
+pub fn rfc3339(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+impl Event {
+    /// The `upload.completed` event of a completed upload; `None` if it is not completed.
+    pub fn completed(status: &UploadStatus, public_url: Option<&str>) -> Option<Self> {
+        let done = status.completion.as_ref()?;
+        Some(Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: done.event_id.clone(),
+            kind: EventKind::Completed,
+            occurred_at: rfc3339(done.completed_at_ms),
+            upload: EventUpload {
+                id: status.id.to_string(),
+                state: status.state.to_string(),
+                filename: status.filename.clone(),
+                size: done.size,
+                md5: Some(done.md5.to_hex()),
+                metadata: status.metadata.clone(),
+                download_url: Some(download_url(public_url, status.id.as_str())),
+                failure_reason: None,
+            },
+        })
+    }
+
+    /// The `upload.failed` event of a failed upload; `None` if it did not fail.
+    pub fn failed(status: &UploadStatus) -> Option<Self> {
+        let failure = status.failure.as_ref()?;
+        Some(Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: failure.event_id.clone(),
+            kind: EventKind::Failed,
+            occurred_at: rfc3339(failure.failed_at_ms),
+            upload: EventUpload {
+                id: status.id.to_string(),
+                state: status.state.to_string(),
+                filename: status.filename.clone(),
+                size: status.geometry.total_size,
+                md5: None,
+                metadata: status.metadata.clone(),
+                download_url: None,
+                failure_reason: Some(failure.reason.clone()),
+            },
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A fresh event id.
+pub fn new_event_id() -> String {
+    format!("evt_{}", uuid::Uuid::new_v4().simple())
+}

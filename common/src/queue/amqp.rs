@@ -1,0 +1,525 @@
+//! RabbitMQ (lapin): topology, confirmed publishes, the merge consumer.
+//!
+//! Topology under the namespace `<ns>` (declared idempotently on every new connection):
+//!
+//! | name | kind | role |
+//! |---|---|---|
+//! | `<ns>.merge` | direct exchange | merge jobs (`merge`) and retries (`wait.<ms>ms`) |
+//! | `<ns>.merge` | quorum queue | the work queue; explicit delivery limit; dead-letters to `<ns>.merge.dead` |
+//! | `<ns>.merge.wait.<ms>ms` | quorum queue | one per retry delay: messages wait out their TTL, then dead-letter back to `<ns>.merge` |
+//! | `<ns>.merge.dead` | fanout exchange + quorum queue | poison jobs, kept for operators |
+//! | `<ns>.events` | topic exchange | upload events (`upload.completed`, `upload.failed`, …) |
+//!
+//! Retries go through delay queues rather than `nack(requeue)`: a failing job waits its
+//! backoff without spinning on a worker. Quorum queues dead-letter `at-least-once`, which
+//! RabbitMQ allows only with `x-overflow: reject-publish` (a full queue then nacks publishes
+//! instead of dropping messages).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Confirmation;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::{MergeJob, MergeQueue, QueueError};
+use crate::config::Settings;
+use crate::id::UploadId;
+
+/// Names and shape of the namespace's exchanges and queues.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub namespace: String,
+    pub retry_delays: Vec<Duration>,
+    pub delivery_limit: u32,
+}
+
+/// Routing key of merge jobs on the merge exchange.
+const MERGE_KEY: &str = "merge";
+
+impl Topology {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            namespace: settings.namespace.clone(),
+            retry_delays: settings.merge.retry_delays.iter().map(|d| d.0).collect(),
+            delivery_limit: settings.merge.delivery_limit,
+        }
+    }
+
+    pub fn merge_exchange(&self) -> String {
+        format!("{}.merge", self.namespace)
+    }
+
+    pub fn merge_queue(&self) -> String {
+        format!("{}.merge", self.namespace)
+    }
+
+    pub fn dead_letters(&self) -> String {
+        format!("{}.merge.dead", self.namespace)
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.namespace)
+    }
+
+    fn wait_key(delay: Duration) -> String {
+        format!("wait.{}ms", delay.as_millis())
+    }
+
+    pub fn wait_queue(&self, delay: Duration) -> String {
+        format!("{}.merge.{}", self.namespace, Self::wait_key(delay))
+    }
+
+    /// Every queue of the topology (for teardown and inspection).
+    pub fn queues(&self) -> Vec<String> {
+        let mut out = vec![self.merge_queue(), self.dead_letters()];
+        out.extend(self.retry_delays.iter().map(|d| self.wait_queue(*d)));
+        out
+    }
+
+    /// Every exchange of the topology.
+    pub fn exchanges(&self) -> Vec<String> {
+        vec![
+            self.merge_exchange(),
+            self.dead_letters(),
+            self.events_exchange(),
+        ]
+    }
+
+    /// Declares everything; safe to repeat (declarations are idempotent when unchanged).
+    pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            self.merge_exchange().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.dead_letters().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.exchange_declare(
+            self.events_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+
+        let mut work = quorum_args();
+        work.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.delivery_limit.min(i32::MAX as u32) as i32),
+        );
+        work.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letters().into()),
+        );
+        ch.queue_declare(self.merge_queue().into(), durable_queue, work)
+            .await?;
+        ch.queue_bind(
+            self.merge_queue().into(),
+            self.merge_exchange().into(),
+            MERGE_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        ch.queue_declare(self.dead_letters().into(), durable_queue, quorum_args())
+            .await?;
+        ch.queue_bind(
+            self.dead_letters().into(),
+            self.dead_letters().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+        for delay in &self.retry_delays {
+            let mut wait = quorum_args();
+            wait.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            wait.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.merge_exchange().into()),
+            );
+            wait.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(MERGE_KEY.into()),
+            );
+            ch.queue_declare(self.wait_queue(*delay).into(), durable_queue, wait)
+                .await?;
+            ch.queue_bind(
+                self.wait_queue(*delay).into(),
+                self.merge_exchange().into(),
+                Self::wait_key(*delay).into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString("at-least-once".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args
+}
+
+/// A connection to RabbitMQ for publishing (shared, reconnected on failure) and a factory
+/// of consumers. Connects lazily: a broker that is down makes publishes fail, it does not
+/// stop the process.
+pub struct AmqpBroker {
+    url: crate::config::Secret,
+    timeout: Duration,
+    topology: Topology,
+    publisher: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl AmqpBroker {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            url: settings.amqp.url.clone(),
+            timeout: settings.amqp.timeout.0,
+            topology: Topology::from_settings(settings),
+            publisher: Mutex::new(None),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// A new connection with one channel, the topology declared on it.
+    async fn connect(&self, role: &str) -> Result<(Connection, Channel), QueueError> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(format!("stitch-{role}").into());
+        let setup = async {
+            let conn = Connection::connect(self.url.expose(), properties).await?;
+            let channel = conn.create_channel().await?;
+            self.topology.declare(&channel).await?;
+            Ok::<_, lapin::Error>((conn, channel))
+        };
+        match tokio::time::timeout(self.timeout, setup).await {
+            Ok(Ok(pair)) => Ok(pair),
+            Ok(Err(e)) => Err(QueueError::Unavailable(e.to_string())),
+            Err(_) => Err(QueueError::Unavailable(format!(
+                "no connection within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
+    async fn publish_channel(&self) -> Result<Channel, QueueError> {
+        let mut guard = self.publisher.lock().await;
+        if let Some((conn, channel)) = guard.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let (conn, channel) = self.connect("publisher").await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+        *guard = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Publishes persistently and waits for the broker's confirm. With `mandatory`, a message
+    /// no queue takes comes back and is an error, never a silent success.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), QueueError> {
+        let result = async {
+            let channel = self.publish_channel().await?;
+            let properties = properties
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into());
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..Default::default()
+                    },
+                    payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| QueueError::Unavailable(e.to_string()))?;
+            match tokio::time::timeout(self.timeout, confirm).await {
+                Err(_) => Err(QueueError::Unavailable(
+                    "no publisher confirm in time".into(),
+                )),
+                Ok(Err(e)) => Err(QueueError::Unavailable(e.to_string())),
+                Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(QueueError::Refused(format!(
+                    "unroutable: {} {}",
+                    returned.reply_code, returned.reply_text
+                ))),
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    Err(QueueError::Refused("the broker nacked the message".into()))
+                }
+            }
+        }
+        .await;
+        if let Err(QueueError::Unavailable(_)) = &result {
+            // Start from a fresh connection next time.
+            *self.publisher.lock().await = None;
+        }
+        result
+    }
+
+    /// Publishes a merge job to the work queue.
+    pub async fn publish_merge(&self, job: &MergeJob) -> Result<(), QueueError> {
+        self.publish_merge_raw(&job.upload_id, &job.to_json()).await
+    }
+
+    /// Publishes a merge job, given as the exact text stored in an outbox.
+    pub async fn publish_merge_raw(
+        &self,
+        upload_id: &UploadId,
+        raw: &str,
+    ) -> Result<(), QueueError> {
+        let properties = BasicProperties::default()
+            .with_message_id(upload_id.as_str().into())
+            .with_type("merge".into());
+        self.publish(
+            &self.topology.merge_exchange(),
+            MERGE_KEY,
+            raw.as_bytes(),
+            properties,
+            true,
+        )
+        .await
+    }
+
+    /// Publishes a merge job to wait `delay` (one of the configured retry delays) before it
+    /// returns to the work queue.
+    pub async fn publish_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
+        let properties = BasicProperties::default()
+            .with_message_id(job.upload_id.as_str().into())
+            .with_type("merge".into());
+        self.publish(
+            &self.topology.merge_exchange(),
+            &Topology::wait_key(delay),
+            job.to_json().as_bytes(),
+            properties,
+            true,
+        )
+        .await
+    }
+
+    /// Publishes a message to the dead-letter queue with the reason in a header.
+    pub async fn publish_dead(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-stitch-reason".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        self.publish(
+            &self.topology.dead_letters(),
+            "",
+            payload,
+            BasicProperties::default().with_headers(headers),
+            true,
+        )
+        .await
+    }
+
+    /// Publishes an event to the events exchange under `routing_key` (its type). Not
+    /// `mandatory`: an event nobody subscribed to is not an error.
+    pub async fn publish_event(
+        &self,
+        routing_key: &str,
+        event_id: &str,
+        body: &[u8],
+    ) -> Result<(), QueueError> {
+        let properties = BasicProperties::default()
+            .with_message_id(ShortString::from(event_id))
+            .with_type(ShortString::from(routing_key));
+        self.publish(
+            &self.topology.events_exchange(),
+            routing_key,
+            body,
+            properties,
+            false,
+        )
+        .await
+    }
+
+    /// Checks that the broker answers (readiness).
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        self.publish_channel().await.map(|_| ())
+    }
+
+    /// Starts consuming merge jobs on a dedicated connection, at most `prefetch` unacked.
+    pub async fn consume_merges(&self, prefetch: u16) -> Result<MergeDeliveries, QueueError> {
+        let (conn, channel) = self.connect("merge-consumer").await?;
+        let unavailable = |e: lapin::Error| QueueError::Unavailable(e.to_string());
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(unavailable)?;
+        let consumer = channel
+            .basic_consume(
+                self.topology.merge_queue().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(MergeDeliveries {
+            conn,
+            channel,
+            consumer,
+        })
+    }
+
+    /// Deletes every exchange and queue of the namespace (tests, decommissioning).
+    pub async fn delete_topology(&self) -> Result<(), QueueError> {
+        let (conn, channel) = self.connect("teardown").await?;
+        for queue in self.topology.queues() {
+            let _ = channel
+                .queue_delete(queue.into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in self.topology.exchanges() {
+            let _ = channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl MergeQueue for AmqpBroker {
+    async fn enqueue_merge(&self, upload_id: &UploadId, raw: &str) -> Result<(), QueueError> {
+        self.publish_merge_raw(upload_id, raw).await
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        AmqpBroker::ping(self).await
+    }
+}
+
+#[async_trait::async_trait]
+impl super::EventSink for AmqpBroker {
+    async fn publish_event(&self, event: &crate::events::Event) -> Result<(), QueueError> {
+        AmqpBroker::publish_event(
+            self,
+            event.kind.routing_key(),
+            &event.event_id,
+            &event.to_json(),
+        )
+        .await
+    }
+}
+
+/// A running merge consumer.
+pub struct MergeDeliveries {
+    conn: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+/// One merge job delivered to this worker; it stays unacked (and is redelivered if this
+/// process dies) until [`MergeDelivery::ack`].
+pub struct MergeDelivery {
+    /// The job, or why the payload is not one (a poison message).
+    pub job: Result<MergeJob, String>,
+    pub payload: Vec<u8>,
+    pub redelivered: bool,
+    acker: lapin::Acker,
+}
+
+impl MergeDeliveries {
+    /// The next delivery; `None` when the consumer was cancelled or the connection closed.
+    pub async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
+        let delivery = self.consumer.next().await?;
+        Some(
+            delivery
+                .map(|d| MergeDelivery {
+                    job: MergeJob::from_json(&d.data).map_err(|e| e.to_string()),
+                    payload: d.data.clone(),
+                    redelivered: d.redelivered,
+                    acker: d.acker.clone(),
+                })
+                .map_err(|e| QueueError::Unavailable(e.to_string())),
+        )
+    }
+
+    /// Closes the connection: every unacked delivery goes back to the queue.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "shutting down".into()).await;
+        let _ = self.conn.close(200, "shutting down".into()).await;
+    }
+}
+
+impl MergeDelivery {
+    pub async fn ack(&self) -> Result<(), QueueError> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+
+    /// Hands the job back to the queue now (shutdown); counts toward the delivery limit.
+    pub async fn requeue(&self) -> Result<(), QueueError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+}

@@ -1,0 +1,22 @@
+-- Commits a finished merge, fenced: only the newest attempt of a still-merging upload may.
+-- See StateStore::commit_merge.
+--
+-- KEYS: 1 meta, 2 fence, 3 parts, 4 outbox, 5 bits
+-- ARGV: 1 fence, 2 size, 3 md5hex, 4 location, 5 event_id, 6 now_ms, 7 ttl_ms
+-- Returns {"missing"} | {"completed", event_id} | {"state", state} | {"fenced"} | {"committed"}
+
+local meta, fence = KEYS[1], KEYS[2]
+local state = redis.call('HGET', meta, 'state')
+if not state then return {'missing'} end
+if state == 'completed' then
+  return {'completed', redis.call('HGET', meta, 'completed_event_id') or ''}
+end
+if state ~= 'merging' then return {'state', state} end
+if redis.call('GET', fence) ~= ARGV[1] then return {'fenced'} end
+redis.call('HSET', meta, 'state', 'completed', 'size', ARGV[2], 'md5', ARGV[3],
+  'location', ARGV[4], 'completed_event_id', ARGV[5], 'completed_at', ARGV[6],
+  'updated_at', ARGV[6], 'merge_bytes_done', ARGV[2])
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('PEXPIRE', meta, ARGV[7])
+redis.call('PEXPIRE', KEYS[5], ARGV[7])
+return {'committed'}

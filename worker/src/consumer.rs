@@ -1,0 +1,205 @@
+//! The merge consumer: takes jobs from RabbitMQ (prefetch = merge slots), runs each with
+//! [`Merger`], and settles the delivery by what happened:
+//!
+//! | outcome | delivery |
+//! |---|---|
+//! | committed / already completed / skipped / failed for good | ack (after the event is confirmed) |
+//! | lock busy, lease lost | re-published to the first delay queue (attempt unchanged), ack |
+//! | transient failure | re-published to the next delay queue (attempt + 1), ack; past the last delay: dead-lettered, upload `failed` |
+//! | not a job | dead-lettered, ack |
+//! | shutdown mid-merge | left unacked: the broker redelivers it |
+//!
+//! A delivery is acked only after its effect is committed, so a worker dying at any point
+//! leaves the job to be redelivered and re-run idempotently.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use stitch_common::queue::{AmqpBroker, MergeDelivery, MergeJob};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::concat::Control;
+use crate::merge::{MergeError, MergeOutcome, Merger};
+
+pub struct ConsumerConfig {
+    pub prefetch: u16,
+    pub retry_delays: Vec<Duration>,
+    /// How long in-flight merges may run after shutdown begins before they are cancelled.
+    pub shutdown_grace: Duration,
+}
+
+/// Consumes until `shutdown` turns true, reconnecting with backoff when the broker drops.
+pub async fn run(
+    merger: Arc<Merger>,
+    broker: Arc<AmqpBroker>,
+    config: ConsumerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let config = Arc::new(config);
+    let mut in_flight: JoinSet<()> = JoinSet::new();
+    let mut controls: Vec<std::sync::Weak<Control>> = Vec::new();
+    let mut backoff = Duration::from_millis(200);
+    'connect: while !*shutdown.borrow() {
+        let mut deliveries = match broker.consume_merges(config.prefetch).await {
+            Ok(d) => {
+                tracing::info!("consuming merge jobs");
+                backoff = Duration::from_millis(200);
+                d
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "cannot consume merge jobs; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue 'connect;
+            }
+        };
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            tokio::select! {
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let control = Arc::new(Control::default());
+                        controls.retain(|c| c.strong_count() > 0);
+                        controls.push(Arc::downgrade(&control));
+                        let (merger, broker, config) = (merger.clone(), broker.clone(), config.clone());
+                        in_flight.spawn(handle(merger, broker, config, delivery, control));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "merge consumer failed; reconnecting");
+                        continue 'connect;
+                    }
+                    None => {
+                        tracing::warn!("merge consumer closed; reconnecting");
+                        continue 'connect;
+                    }
+                },
+                _ = shutdown.changed() => {
+                    // Stop taking jobs, let the running ones finish within the grace period,
+                    // then cancel what is left; closing the connection hands every unacked
+                    // job back to the broker.
+                    tracing::info!(running = in_flight.len(), "stopping the merge consumer");
+                    let drained = tokio::time::timeout(config.shutdown_grace, async {
+                        while in_flight.join_next().await.is_some() {}
+                    })
+                    .await;
+                    if drained.is_err() {
+                        for control in controls.iter().filter_map(std::sync::Weak::upgrade) {
+                            control.cancel.store(true, Ordering::SeqCst);
+                        }
+                        while in_flight.join_next().await.is_some() {}
+                    }
+                    deliveries.close().await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    merger: Arc<Merger>,
+    broker: Arc<AmqpBroker>,
+    config: Arc<ConsumerConfig>,
+    delivery: MergeDelivery,
+    control: Arc<Control>,
+) {
+    let job = match &delivery.job {
+        Ok(job) => job.clone(),
+        Err(reason) => {
+            tracing::error!(%reason, "not a merge job; dead-lettering it");
+            let reason = format!("not a merge job: {reason}");
+            if broker
+                .publish_dead(&delivery.payload, &reason)
+                .await
+                .is_ok()
+            {
+                let _ = delivery.ack().await;
+            }
+            return;
+        }
+    };
+    let id = job.upload_id.clone();
+    let first_delay = config
+        .retry_delays
+        .first()
+        .copied()
+        .unwrap_or(Duration::from_secs(5));
+    match merger.merge_upload(&id, control).await {
+        Ok(MergeOutcome::Committed(finish)) | Ok(MergeOutcome::AlreadyCompleted(finish)) => {
+            if let Err(e) = delivery.ack().await {
+                tracing::warn!(upload_id = %id, error = %e, "ack failed after commit; the job will be redelivered and find the upload completed");
+            }
+            merger.finish(finish).await;
+        }
+        Ok(MergeOutcome::Skipped(reason)) => {
+            tracing::info!(upload_id = %id, %reason, "merge job skipped");
+            let _ = delivery.ack().await;
+        }
+        Ok(MergeOutcome::Failed(_)) => {
+            let _ = delivery.ack().await;
+        }
+        Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => {
+            // Someone else is (or may be) merging: check again later, without counting this
+            // as a failed attempt.
+            retry_later(&broker, &delivery, &job, first_delay).await;
+        }
+        Err(MergeError::Cancelled) => {
+            // Shutdown: leave it unacked; closing the connection returns it to the queue.
+        }
+        Err(MergeError::Transient(reason)) => {
+            let attempt = job.attempt as usize;
+            if let Some(delay) = config.retry_delays.get(attempt) {
+                tracing::warn!(upload_id = %id, %reason, attempt = attempt + 1, ?delay, "merge failed; will retry");
+                let next = MergeJob {
+                    attempt: job.attempt + 1,
+                    ..job.clone()
+                };
+                retry_later(&broker, &delivery, &next, *delay).await;
+            } else {
+                tracing::error!(upload_id = %id, %reason, "merge failed on every attempt; dead-lettering");
+                let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
+                if broker
+                    .publish_dead(&delivery.payload, &reason)
+                    .await
+                    .is_err()
+                {
+                    let _ = delivery.requeue().await;
+                    return;
+                }
+                match merger.fail(&id, None, &reason).await {
+                    Ok(_) => {
+                        let _ = delivery.ack().await;
+                    }
+                    Err(_) => {
+                        let _ = delivery.requeue().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends `job` through the delay queue for `delay`, then acks the delivery. If the broker
+/// refuses, the delivery goes back to the queue as it is.
+async fn retry_later(
+    broker: &AmqpBroker,
+    delivery: &MergeDelivery,
+    job: &MergeJob,
+    delay: Duration,
+) {
+    match broker.publish_retry(job, delay).await {
+        Ok(()) => {
+            let _ = delivery.ack().await;
+        }
+        Err(e) => {
+            tracing::warn!(upload_id = %job.upload_id, error = %e, "could not schedule a retry; requeueing");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.requeue().await;
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! One merge attempt, end to end: lock, plan, concatenate + MD5, verify, rename, commit
+//! (fenced), publish the event. The consumer acks after this returns and then calls
+//! [`Finish::run`] to delete the chunks and release the lock — the order of invariant 5.
+//!
+//! Correctness under crashes and pauses rests on three things:
+//! - every attempt writes its own file (`file.<fence>`), so a stale attempt never touches the
+//!   file another attempt committed;
+//! - the commit is a fenced script: only the newest attempt of a still-merging upload wins;
+//! - an attempt stops before renaming or committing when its lease may have lapsed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use stitch_common::config::Settings;
+use stitch_common::events::{Event, new_event_id};
+use stitch_common::id::UploadId;
+use stitch_common::lock::{Lease, RedisLock};
+use stitch_common::queue::EventSink;
+use stitch_common::state::{
+    Committed, Conflict, Failed, MergePlan, MergeStart, StateError, StateStore, keys,
+};
+use stitch_common::storage::FsChunkStore;
+use stitch_common::upload::{Completion, UploadState};
+use tokio::sync::Mutex;
+
+use crate::concat::{ChunkSource, Concat, ConcatError, Control, concatenate};
+
+/// How a merge attempt ended, when it did not need a retry.
+#[derive(Debug)]
+pub enum MergeOutcome {
+    /// This attempt committed the file and published `upload.completed`.
+    Committed(Finish),
+    /// The upload was merged before (a redelivered or duplicate job); the completion event
+    /// was published again with its original id.
+    AlreadyCompleted(Finish),
+    /// Nothing to do: the upload is aborted, failed, expired or not complete, or a newer
+    /// attempt fenced this one out.
+    Skipped(String),
+    /// Another worker holds the upload's lock.
+    LockBusy,
+    /// The upload cannot be merged (missing or corrupt chunk, MD5 mismatch): it was marked
+    /// `failed` and `upload.failed` published.
+    Failed(String),
+}
+
+/// Why an attempt must be tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// Redis, storage or the broker failed: retry with backoff.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// The lease lapsed or could not be renewed; another worker may be merging.
+    #[error("the lock lease was lost")]
+    LeaseLost,
+    /// Shutdown asked the attempt to stop.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+fn transient(e: impl std::fmt::Display) -> MergeError {
+    MergeError::Transient(e.to_string())
+}
+
+/// Cleanup that follows the ack: delete the chunks and stray attempt files, release the lock.
+#[derive(Debug)]
+pub struct Finish {
+    id: UploadId,
+    lease: Option<Lease>,
+    keep: Option<String>,
+}
+
+pub struct Merger {
+    state: Arc<dyn StateStore>,
+    storage: FsChunkStore,
+    lock: RedisLock,
+    events: Arc<dyn EventSink>,
+    namespace: String,
+    ttl_ms: u64,
+    block_bytes: usize,
+    fsync: bool,
+    public_url: Option<String>,
+}
+
+impl Merger {
+    pub fn new(
+        settings: &Settings,
+        state: Arc<dyn StateStore>,
+        storage: FsChunkStore,
+        lock: RedisLock,
+        events: Arc<dyn EventSink>,
+    ) -> Self {
+        Self {
+            state,
+            storage,
+            lock,
+            events,
+            namespace: settings.namespace.clone(),
+            ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
+            block_bytes: settings.merge.buffer_bytes.0 as usize,
+            fsync: settings.storage.fsync,
+            public_url: settings.http.public_url.clone(),
+        }
+    }
+
+    /// Runs one merge attempt. `control.cancel` stops it (shutdown); the lease watchdog sets
+    /// it too when the lease is lost.
+    pub async fn merge_upload(
+        &self,
+        id: &UploadId,
+        control: Arc<Control>,
+    ) -> Result<MergeOutcome, MergeError> {
+        let key = keys::lock(&self.namespace, id);
+        let Some(lease) = self.lock.try_acquire(&key).await.map_err(transient)? else {
+            return Ok(MergeOutcome::LockBusy);
+        };
+        let lease = Arc::new(Mutex::new(lease));
+        let lost = Arc::new(AtomicBool::new(false));
+        let watchdog = tokio::spawn(watch_lease(
+            self.lock.clone(),
+            lease.clone(),
+            control.clone(),
+            lost.clone(),
+        ));
+        let result = self.merge_locked(id, &lease, &control, &lost).await;
+        watchdog.abort();
+        let _ = watchdog.await;
+        let lease = Arc::try_unwrap(lease)
+            .map(Mutex::into_inner)
+            .map_err(|_| MergeError::Transient("lease still shared".into()))?;
+        match result {
+            Ok(MergeOutcome::Committed(mut finish)) => {
+                finish.lease = Some(lease);
+                Ok(MergeOutcome::Committed(finish))
+            }
+            Ok(MergeOutcome::AlreadyCompleted(mut finish)) => {
+                finish.lease = Some(lease);
+                Ok(MergeOutcome::AlreadyCompleted(finish))
+            }
+            other => {
+                if let Err(e) = self.lock.release(&lease).await {
+                    tracing::warn!(upload_id = %id, error = %e, "could not release the merge lock; it will expire");
+                }
+                other
+            }
+        }
+    }
+
+    async fn merge_locked(
+        &self,
+        id: &UploadId,
+        lease: &Mutex<Lease>,
+        control: &Arc<Control>,
+        lost: &AtomicBool,
+    ) -> Result<MergeOutcome, MergeError> {
+        let plan = match self.state.begin_merge(id, self.ttl_ms).await {
+            Ok(MergeStart::Ready(plan)) => plan,
+            Ok(MergeStart::AlreadyCompleted) => {
+                let status = self.state.upload_status(id).await.map_err(transient)?;
+                let keep = status
+                    .as_ref()
+                    .and_then(|s| s.completion.as_ref())
+                    .map(|c| c.location.clone());
+                if let Some(event) = status
+                    .as_ref()
+                    .and_then(|s| Event::completed(s, self.public_url.as_deref()))
+                {
+                    self.events.publish_event(&event).await.map_err(transient)?;
+                }
+                return Ok(MergeOutcome::AlreadyCompleted(Finish {
+                    id: id.clone(),
+                    lease: None,
+                    keep,
+                }));
+            }
+            Ok(MergeStart::NotMerging(UploadState::Failed)) => {
+                // A failure whose event may not have gone out yet: publish it (same id).
+                if let Some(event) = self
+                    .state
+                    .upload_status(id)
+                    .await
+                    .map_err(transient)?
+                    .as_ref()
+                    .and_then(Event::failed)
+                {
+                    self.events.publish_event(&event).await.map_err(transient)?;
+                }
+                return Ok(MergeOutcome::Skipped("the upload failed earlier".into()));
+            }
+            Ok(MergeStart::NotMerging(state)) => {
+                return Ok(MergeOutcome::Skipped(format!("the upload is {state}")));
+            }
+            Err(StateError::NotFound) => {
+                return Ok(MergeOutcome::Skipped("no such upload (expired?)".into()));
+            }
+            Err(e) => return Err(transient(e)),
+        };
+        if let Err(reason) = check_plan(&plan) {
+            return self.fail(id, Some(plan.fence), &reason).await;
+        }
+        tracing::info!(upload_id = %id, fence = plan.fence, chunks = plan.chunks.len(), "merging");
+
+        let dir = self.storage.upload_dir(id);
+        let temp = dir.join(format!(
+            ".file.{}.{:016x}.tmp",
+            plan.fence,
+            rand::random::<u64>()
+        ));
+        let final_name = format!("file.{}", plan.fence);
+        let final_path = dir.join(&final_name);
+        let location = format!("uploads/{id}/{final_name}");
+        let job = Concat {
+            chunks: plan
+                .chunks
+                .iter()
+                .map(|c| ChunkSource {
+                    index: c.index.0,
+                    path: self.storage.chunk_path(id, c.index, &c.token),
+                    len: c.len,
+                    crc32c: c.crc32c,
+                    md5: c.md5,
+                })
+                .collect(),
+            output: temp.clone(),
+            block_bytes: self.block_bytes,
+            fsync: self.fsync,
+        };
+        let reporter = tokio::spawn(report_progress(
+            self.state.clone(),
+            id.clone(),
+            plan.fence,
+            control.clone(),
+        ));
+        let worker_control = control.clone();
+        let concatenated = tokio::task::spawn_blocking(move || concatenate(&job, &worker_control))
+            .await
+            .map_err(|e| MergeError::Transient(format!("merge thread failed: {e}")));
+        reporter.abort();
+        let done = match concatenated? {
+            Ok(done) => done,
+            Err(ConcatError::Cancelled) if lost.load(Ordering::Relaxed) => {
+                return Err(MergeError::LeaseLost);
+            }
+            Err(ConcatError::Cancelled) => return Err(MergeError::Cancelled),
+            Err(ConcatError::Storage(e)) => return Err(MergeError::Transient(e)),
+            Err(e @ (ConcatError::MissingChunk { .. } | ConcatError::CorruptChunk { .. })) => {
+                return self.fail(id, Some(plan.fence), &e.to_string()).await;
+            }
+        };
+
+        if let Some(expected) = plan.upload.file_md5
+            && expected != done.md5
+        {
+            remove(&temp).await;
+            let reason = format!(
+                "the merged file's MD5 is {}, the client declared {expected}",
+                done.md5
+            );
+            return self.fail(id, Some(plan.fence), &reason).await;
+        }
+        if lost.load(Ordering::Relaxed) || !lease.lock().await.is_valid() {
+            remove(&temp).await;
+            return Err(MergeError::LeaseLost);
+        }
+        let (from, to, dir_) = (temp.clone(), final_path.clone(), dir.clone());
+        let fsync = self.fsync;
+        let renamed = tokio::task::spawn_blocking(move || {
+            std::fs::rename(&from, &to)?;
+            if fsync {
+                std::fs::File::open(&dir_)?.sync_all()?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(transient)?;
+        if let Err(e) = renamed {
+            remove(&temp).await;
+            return Err(MergeError::Transient(format!(
+                "publishing the merged file: {e}"
+            )));
+        }
+
+        let completion = Completion {
+            size: done.size,
+            md5: done.md5,
+            location: location.clone(),
+            completed_at_ms: stitch_common::now_ms(),
+            event_id: new_event_id(),
+        };
+        match self
+            .state
+            .commit_merge(id, plan.fence, &completion, self.ttl_ms)
+            .await
+        {
+            Ok(Committed::Now) => {
+                tracing::info!(upload_id = %id, size = done.size, md5 = %done.md5, "merge committed");
+                self.publish_completed(id).await?;
+                Ok(MergeOutcome::Committed(Finish {
+                    id: id.clone(),
+                    lease: None,
+                    keep: Some(location),
+                }))
+            }
+            Ok(Committed::Already { .. }) => {
+                remove(&final_path).await;
+                self.publish_completed(id).await?;
+                let keep = self
+                    .state
+                    .upload_status(id)
+                    .await
+                    .map_err(transient)?
+                    .and_then(|s| s.completion.map(|c| c.location));
+                Ok(MergeOutcome::AlreadyCompleted(Finish {
+                    id: id.clone(),
+                    lease: None,
+                    keep,
+                }))
+            }
+            Err(StateError::Conflict(Conflict::Fenced | Conflict::NotMerging(_)))
+            | Err(StateError::NotFound) => {
+                tracing::warn!(upload_id = %id, fence = plan.fence, "fenced out: a newer attempt owns the upload");
+                remove(&final_path).await;
+                Ok(MergeOutcome::Skipped(
+                    "fenced out by a newer attempt".into(),
+                ))
+            }
+            Err(e @ StateError::Unavailable { .. }) => {
+                // The commit may have happened: the file may be the committed one. Keep it;
+                // the next attempt finds the upload completed (or cleans up after its own).
+                Err(transient(e))
+            }
+            Err(e) => {
+                remove(&final_path).await;
+                Err(transient(e))
+            }
+        }
+    }
+
+    async fn publish_completed(&self, id: &UploadId) -> Result<(), MergeError> {
+        let status = self.state.upload_status(id).await.map_err(transient)?;
+        if let Some(event) = status
+            .as_ref()
+            .and_then(|s| Event::completed(s, self.public_url.as_deref()))
+        {
+            self.events.publish_event(&event).await.map_err(transient)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the upload failed (fenced by `fence` when given) and publishes `upload.failed`.
+    pub async fn fail(
+        &self,
+        id: &UploadId,
+        fence: Option<u64>,
+        reason: &str,
+    ) -> Result<MergeOutcome, MergeError> {
+        tracing::warn!(upload_id = %id, %reason, "merge failed for good");
+        match self
+            .state
+            .fail_merge(id, fence, reason, &new_event_id(), self.ttl_ms)
+            .await
+        {
+            Ok(Failed::Now) => {
+                let status = self.state.upload_status(id).await.map_err(transient)?;
+                if let Some(event) = status.as_ref().and_then(Event::failed) {
+                    self.events.publish_event(&event).await.map_err(transient)?;
+                }
+                Ok(MergeOutcome::Failed(reason.to_owned()))
+            }
+            Ok(Failed::NotMerging(state)) => {
+                Ok(MergeOutcome::Skipped(format!("the upload is {state}")))
+            }
+            Err(StateError::Conflict(_)) | Err(StateError::NotFound) => Ok(MergeOutcome::Skipped(
+                "fenced out by a newer attempt".into(),
+            )),
+            Err(e) => Err(transient(e)),
+        }
+    }
+
+    /// Deletes what a finished upload no longer needs and releases the lock.
+    pub async fn finish(&self, finish: Finish) {
+        let dir = self.storage.upload_dir(&finish.id);
+        let keep = finish
+            .keep
+            .as_deref()
+            .and_then(|l| l.rsplit('/').next())
+            .map(str::to_owned);
+        let cleaned =
+            tokio::task::spawn_blocking(move || clean_upload_dir(&dir, keep.as_deref())).await;
+        if let Ok(Err(e)) = cleaned {
+            tracing::warn!(upload_id = %finish.id, error = %e, "cleanup after merge incomplete; the janitor will finish it");
+        }
+        if let Some(lease) = finish.lease
+            && let Err(e) = self.lock.release(&lease).await
+        {
+            tracing::warn!(upload_id = %finish.id, error = %e, "could not release the merge lock; it will expire");
+        }
+    }
+}
+
+/// Removes the chunks and every attempt's file but `keep`.
+fn clean_upload_dir(dir: &std::path::Path, keep: Option<&str>) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir.join("chunks")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let attempt_file =
+            name.starts_with("file.") || (name.starts_with(".file.") && name.ends_with(".tmp"));
+        if attempt_file && Some(name.as_str()) != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The plan must cover every chunk exactly, as the geometry says.
+fn check_plan(plan: &MergePlan) -> Result<(), String> {
+    let g = plan.upload.geometry;
+    if plan.chunks.len() as u64 != g.total_chunks {
+        return Err(format!(
+            "{} of {} chunks are recorded",
+            plan.chunks.len(),
+            g.total_chunks
+        ));
+    }
+    for (i, chunk) in plan.chunks.iter().enumerate() {
+        let index = stitch_common::geometry::ChunkIndex(i as u64);
+        if chunk.index != index
+            || chunk.offset != g.chunk_start(index)
+            || chunk.len != g.chunk_len(index)
+        {
+            return Err(format!(
+                "chunk {i} is recorded inconsistently with the geometry"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn remove(path: &std::path::Path) {
+    let path: PathBuf = path.to_owned();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+}
+
+/// Renews the lease every third of its TTL. If a renewal fails, or the lease may have lapsed
+/// before a renewal succeeded, the merge is cancelled.
+async fn watch_lease(
+    lock: RedisLock,
+    lease: Arc<Mutex<Lease>>,
+    control: Arc<Control>,
+    lost: Arc<AtomicBool>,
+) {
+    let period = lock.ttl() / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        let mut held = lease.lock().await;
+        let renewed = if held.is_valid() {
+            matches!(lock.renew(&mut held).await, Ok(true))
+        } else {
+            false
+        };
+        if !renewed {
+            tracing::warn!(key = %held.key, "merge lease lost; stopping the merge");
+            lost.store(true, Ordering::SeqCst);
+            control.cancel.store(true, Ordering::SeqCst);
+            return;
+        }
+    }
+}
+
+/// Writes merge progress to the state store about once a second.
+async fn report_progress(
+    state: Arc<dyn StateStore>,
+    id: UploadId,
+    fence: u64,
+    control: Arc<Control>,
+) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let done = control.bytes_done.load(Ordering::Relaxed);
+        if done != last {
+            last = done;
+            let _ = state.report_merge_progress(&id, fence, done).await;
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The sweeper: no upload whose last chunk was accepted may stay unfinished.
+//!
+//! Every interval it (1) publishes merge triggers that are still in outboxes past the
+//! horizon (the API's publish failed or the API died between the commit and the publish) and
+//! (2) re-enqueues uploads stuck in `merging` past the horizon with no lock holder (a job
+//! dead-lettered by the broker after repeated worker crashes, a lost message), up to a bound
+//! after which the upload is marked `failed`. Running several sweepers is safe: publishing a
+//! merge job twice only costs a duplicate that the lock and the fence absorb.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stitch_common::lock::RedisLock;
+use stitch_common::queue::{AmqpBroker, MergeJob};
+use stitch_common::state::{StateStore, keys};
+use tokio::sync::watch;
+
+use crate::merge::Merger;
+
+pub struct SweeperConfig {
+    pub namespace: String,
+    pub interval: Duration,
+    pub outbox_horizon: Duration,
+    pub stuck_merge_horizon: Duration,
+    pub max_requeues: u32,
+}
+
+pub struct Sweeper {
+    pub state: Arc<dyn StateStore>,
+    pub broker: Arc<AmqpBroker>,
+    pub lock: RedisLock,
+    pub merger: Arc<Merger>,
+    pub config: SweeperConfig,
+}
+
+impl Sweeper {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.sweep_once().await {
+                tracing::warn!(error = %e, "sweep incomplete");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// One pass; returns how many jobs it published.
+    pub async fn sweep_once(&self) -> anyhow::Result<usize> {
+        let now = stitch_common::now_ms();
+        let mut published = 0;
+        let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
+        for entry in self.state.pending_outbox(horizon).await? {
+            match self
+                .broker
+                .publish_merge_raw(&entry.upload_id, &entry.raw)
+                .await
+            {
+                Ok(()) => {
+                    self.state
+                        .clear_outbox_entry(&entry.upload_id, &entry.raw)
+                        .await?;
+                    tracing::info!(upload_id = %entry.upload_id, "published a merge trigger left in the outbox");
+                    published += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(upload_id = %entry.upload_id, error = %e, "outbox publish failed; next sweep retries");
+                }
+            }
+        }
+
+        let horizon = now.saturating_sub(self.config.stuck_merge_horizon.as_millis() as u64);
+        for stuck in self.state.stuck_merges(horizon).await? {
+            let id = &stuck.upload_id;
+            if self
+                .lock
+                .is_held(&keys::lock(&self.config.namespace, id))
+                .await?
+            {
+                continue; // A merge is running.
+            }
+            if stuck.requeues >= self.config.max_requeues {
+                let reason = format!(
+                    "the merge did not complete after {} re-enqueues",
+                    stuck.requeues
+                );
+                self.merger.fail(id, None, &reason).await?;
+                continue;
+            }
+            if self.state.note_requeue(id).await?.is_some() {
+                self.broker
+                    .publish_merge(&MergeJob::new(id.clone()))
+                    .await?;
+                tracing::warn!(upload_id = %id, requeues = stuck.requeues + 1, "re-enqueued a stuck merge");
+                published += 1;
+            }
+        }
+        Ok(published)
+    }
+}
