@@ -10,6 +10,7 @@
 //! [`Application::run_until_stopped`].
 
 pub mod body;
+pub mod cli;
 pub mod download;
 pub mod error;
 pub mod extract;

@@ -165,6 +165,9 @@ fn copy_chunks(
 ) -> Result<u64, ConcatError> {
     let mut written = 0u64;
     let mut last_sync = 0u64;
+    // A block taken from the pool but not filled (end of a chunk) waits here for the next
+    // read, so that the pool never shrinks.
+    let mut spare: Option<Vec<u8>> = None;
     for chunk in &job.chunks {
         let mut file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
             index: chunk.index,
@@ -177,12 +180,18 @@ fn copy_chunks(
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(ConcatError::Cancelled);
             }
-            let mut block = empty
-                .recv()
-                .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?;
+            let mut block = match spare.take() {
+                Some(block) => block,
+                None => empty
+                    .recv()
+                    .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?,
+            };
             let n = match file.read(&mut block) {
                 Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {
+                    spare = Some(block);
+                    continue;
+                }
                 Err(e) => {
                     return Err(ConcatError::MissingChunk {
                         index: chunk.index,
@@ -191,6 +200,7 @@ fn copy_chunks(
                 }
             };
             if n == 0 {
+                spare = Some(block);
                 break;
             }
             crc = crc32c::crc32c_append(crc, &block[..n]);
@@ -285,6 +295,23 @@ mod tests {
             control.bytes_done.load(Ordering::Relaxed),
             bytes.len() as u64
         );
+    }
+
+    #[test]
+    fn more_chunks_than_pooled_blocks_do_not_exhaust_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = data(DEPTH * 5 * 1000 + 1);
+        let chunks = write_chunks(dir.path(), &bytes, 1000, false);
+        assert!(chunks.len() > 4 * (DEPTH + 2));
+        let job = Concat {
+            chunks,
+            output: dir.path().join("out"),
+            block_bytes: 4096,
+            fsync: false,
+        };
+        let done = concatenate(&job, &Control::default()).unwrap();
+        assert_eq!(done.size, bytes.len() as u64);
+        assert_eq!(std::fs::read(&job.output).unwrap(), bytes);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! the API it is a library with a thin `main.rs`: [`Worker::build`], then
 //! [`Worker::run_until_stopped`], so tests and the single-node mode run it in-process.
 
+pub mod cli;
 pub mod concat;
 pub mod consumer;
 pub mod merge;

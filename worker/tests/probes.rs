@@ -1,17 +1,11 @@
-//! The worker's probes answer on its own bind, and readiness follows Redis.
+//! The worker's probes answer on its own bind, and readiness follows Redis and the broker.
 
 #![allow(clippy::unwrap_used)]
 
-use stitch_common::config::{Secret, Settings};
+use stitch_common::config::{Interval, Secret, Settings};
+use stitch_testkit::TestEnv;
 
-async fn start(redis_url: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut settings = Settings {
-        namespace: format!("test-{:016x}", rand_u64()),
-        ..Settings::default()
-    };
-    settings.http.bind = "127.0.0.1:0".parse().unwrap();
-    settings.redis.url = Secret::new(redis_url);
-    settings.redis.timeout = stitch_common::config::Interval(std::time::Duration::from_secs(1));
+async fn start(settings: Settings) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let worker = stitch_worker::Worker::build(&settings).await.unwrap();
     let addr = worker.local_addr();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -21,16 +15,18 @@ async fn start(redis_url: &str) -> (std::net::SocketAddr, tokio::sync::oneshot::
     (addr, tx)
 }
 
-fn rand_u64() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
-        .as_nanos() as u64
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
-async fn the_worker_is_live_and_ready_when_redis_answers() {
-    let (addr, _stop) = start("redis://127.0.0.1:6379").await;
+async fn the_worker_is_live_and_ready_when_redis_and_the_broker_answer() {
+    let env = TestEnv::new();
+    let (addr, _stop) = start(env.settings()).await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
@@ -38,17 +34,26 @@ async fn the_worker_is_live_and_ready_when_redis_answers() {
 }
 
 #[tokio::test]
-async fn the_worker_is_not_ready_without_redis() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let (addr, _stop) = start(&format!("redis://127.0.0.1:{port}")).await;
-    let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 503);
-    let live = reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .unwrap();
-    assert_eq!(live.status(), 200);
+async fn the_worker_is_not_ready_without_redis_or_without_the_broker() {
+    let env = TestEnv::new();
+    let mut no_redis = env.settings();
+    no_redis.redis.url = Secret::new(format!("redis://127.0.0.1:{}", closed_port()));
+    no_redis.redis.timeout = Interval(std::time::Duration::from_secs(1));
+    let mut no_broker = env.settings();
+    no_broker.amqp.url = Secret::new(format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        closed_port()
+    ));
+    no_broker.amqp.timeout = Interval(std::time::Duration::from_secs(1));
+    for (name, settings) in [("redis", no_redis), ("broker", no_broker)] {
+        let (addr, _stop) = start(settings).await;
+        let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+        assert_eq!(ready.status(), 503, "without {name}");
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_ne!(body["checks"][name], "ok", "{body}");
+        let live = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap();
+        assert_eq!(live.status(), 200);
+    }
 }

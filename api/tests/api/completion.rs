@@ -3,21 +3,21 @@
 
 use std::sync::Arc;
 
+use stitch_testkit::events::take_merge_jobs;
 use tokio::sync::Semaphore;
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_completing_chunk_triggers_the_merge_exactly_once_under_a_race() {
-    let a = Arc::new(spawn_app().await);
-    let b = Arc::new(a.sibling().await);
+/// Runs `rounds` uploads of 32 chunks, sent 16 at a time across two instances, highest
+/// index first; checks each completed exactly once and returns their ids.
+async fn race(a: &Arc<TestApp>, b: &Arc<TestApp>, rounds: usize) -> Vec<String> {
     let source = Arc::new(Source::random(32 * 1024, 1024, 11));
-    let mut conn = redis_connection().expect("Redis");
-    for round in 0..25 {
+    let mut ids = Vec::new();
+    for round in 0..rounds {
         let id = Arc::new(new_id());
+        ids.push(id.to_string());
         let permits = Arc::new(Semaphore::new(16));
         let mut tasks = Vec::new();
-        // Highest index first, alternating instances, 16 in flight.
         for index in (0..32u64).rev() {
             let permit = permits.clone().acquire_owned().await.unwrap();
             let app = if index % 2 == 0 { a.clone() } else { b.clone() };
@@ -41,21 +41,62 @@ async fn the_completing_chunk_triggers_the_merge_exactly_once_under_a_race() {
             completions, 1,
             "round {round}: exactly one chunk completed the upload"
         );
-        let outbox: Vec<String> = redis::cmd("LRANGE")
-            .arg(format!("{}:{{{id}}}:outbox", a.env.namespace))
-            .arg(0)
-            .arg(-1)
-            .query(&mut conn)
-            .unwrap();
-        assert_eq!(
-            outbox.len(),
-            1,
-            "round {round}: one merge trigger in the outbox"
-        );
-        let job: serde_json::Value = serde_json::from_str(&outbox[0]).unwrap();
-        assert_eq!(job["upload_id"], id.as_str());
         let (_, status) = a.status(&id).await;
         assert_eq!(status["state"], "merging");
         assert_eq!(status["chunks_received"], 32);
+    }
+    ids
+}
+
+fn outbox(env: &TestEnv, id: &str) -> Vec<String> {
+    let mut conn = redis_connection().expect("Redis");
+    redis::cmd("LRANGE")
+        .arg(format!("{}:{{{id}}}:outbox", env.namespace))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_completing_chunk_enqueues_exactly_one_merge_job_under_a_race() {
+    let a = Arc::new(spawn_app().await);
+    let b = Arc::new(a.sibling().await);
+    let ids = race(&a, &b, 20).await;
+    let jobs = take_merge_jobs(&a.env).await;
+    for id in &ids {
+        let for_id = jobs
+            .iter()
+            .filter(|j| j["upload_id"] == id.as_str())
+            .count();
+        assert_eq!(for_id, 1, "{id}: one merge job on the queue");
+        assert!(
+            outbox(&a.env, id).is_empty(),
+            "{id}: the confirmed job left the outbox"
+        );
+    }
+    assert_eq!(jobs.len(), ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_broker_unreachable_the_race_leaves_exactly_one_trigger_in_the_outbox() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let unreachable = move |s: &mut stitch_common::config::Settings| {
+        s.amqp.url =
+            stitch_common::config::Secret::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
+        s.amqp.timeout = stitch_common::config::Interval(std::time::Duration::from_secs(1));
+    };
+    let a = Arc::new(spawn_app_with(unreachable).await);
+    let b = Arc::new(spawn_in(a.env.clone(), unreachable).await);
+    for id in race(&a, &b, 10).await {
+        let entries = outbox(&a.env, &id);
+        assert_eq!(entries.len(), 1, "{id}: one merge trigger in the outbox");
+        let job: serde_json::Value = serde_json::from_str(&entries[0]).unwrap();
+        assert_eq!(job["upload_id"], id.as_str());
+        assert_eq!(job["type"], "merge");
     }
 }

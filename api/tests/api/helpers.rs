@@ -1,155 +1,17 @@
-//! Test harness: the real API on port 0, against the real Redis, with a random namespace and
-//! its own storage directory per test, both removed when the test ends.
+//! The API in-process on port 0, for tests that drive it over HTTP.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use stitch_common::config::Settings;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+pub use stitch_testkit::*;
 use tokio::sync::oneshot;
-
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
-
-/// A namespace and a storage directory shared by the API instances of one test.
-pub struct TestEnv {
-    pub namespace: String,
-    pub storage_root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl TestEnv {
-    pub fn new() -> Arc<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("stitch-test-")
-            .tempdir_in(std::env::temp_dir())
-            .expect("creating a test directory");
-        let storage_root = dir.path().join("storage");
-        std::fs::create_dir_all(&storage_root).expect("creating the storage root");
-        Arc::new(Self {
-            namespace: format!("test-{:016x}", rand::random::<u64>()),
-            storage_root,
-            _dir: dir,
-        })
-    }
-
-    pub fn settings(&self) -> Settings {
-        let mut s = Settings {
-            namespace: self.namespace.clone(),
-            ..Settings::default()
-        };
-        s.http.bind = "127.0.0.1:0".parse().expect("a socket address");
-        s.storage.root = self.storage_root.clone();
-        s.redis.url = stitch_common::config::Secret::new(REDIS_URL);
-        s.limits.max_chunks = 10_000;
-        s
-    }
-
-    /// Every key of the namespace with its content, for before/after comparisons.
-    pub fn redis_snapshot(&self) -> BTreeMap<String, String> {
-        redis_snapshot(&self.namespace)
-    }
-
-    /// Every file under the storage root (relative path → size).
-    pub fn storage_snapshot(&self) -> BTreeMap<String, u64> {
-        storage_snapshot(&self.storage_root)
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        let Ok(mut conn) = redis_connection() else {
-            return;
-        };
-        let keys = scan_keys(&mut conn, &self.namespace);
-        if !keys.is_empty() {
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
-        }
-    }
-}
-
-pub fn redis_connection() -> redis::RedisResult<redis::Connection> {
-    redis::Client::open(REDIS_URL)?.get_connection()
-}
-
-fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
-    let iter: redis::Iter<String> = redis::cmd("SCAN")
-        .cursor_arg(0)
-        .arg("MATCH")
-        .arg(format!("{namespace}:*"))
-        .arg("COUNT")
-        .arg(1000)
-        .clone()
-        .iter(conn)
-        .expect("Redis must be running on 127.0.0.1:6379 for these tests");
-    let mut keys: Vec<String> = iter.filter_map(Result::ok).collect();
-    keys.sort();
-    keys
-}
-
-pub fn redis_snapshot(namespace: &str) -> BTreeMap<String, String> {
-    let mut conn = redis_connection().expect("Redis must be running on 127.0.0.1:6379");
-    let mut out = BTreeMap::new();
-    for key in scan_keys(&mut conn, namespace) {
-        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).expect("TYPE");
-        let value = match kind.as_str() {
-            "hash" => {
-                let map: BTreeMap<String, String> = redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query(&mut conn)
-                    .expect("HGETALL");
-                format!("{map:?}")
-            }
-            "string" => {
-                let v: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).expect("GET");
-                format!("{v:?}")
-            }
-            "list" => {
-                let v: Vec<String> = redis::cmd("LRANGE")
-                    .arg(&key)
-                    .arg(0)
-                    .arg(-1)
-                    .query(&mut conn)
-                    .expect("LRANGE");
-                format!("{v:?}")
-            }
-            other => format!("<{other}>"),
-        };
-        out.insert(key, value);
-    }
-    out
-}
-
-pub fn storage_snapshot(root: &Path) -> BTreeMap<String, u64> {
-    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, u64>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                let rel = path
-                    .strip_prefix(root)
-                    .unwrap_or(&path)
-                    .display()
-                    .to_string();
-                out.insert(rel, entry.metadata().map(|m| m.len()).unwrap_or(0));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
 
 /// One running API instance.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub api: ApiClient,
     pub base: String,
     pub client: reqwest::Client,
     pub env: Arc<TestEnv>,
@@ -180,13 +42,12 @@ pub async fn spawn_in(env: Arc<TestEnv>, adjust: impl FnOnce(&mut Settings)) -> 
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
+    let api = ApiClient::new(addr);
     TestApp {
         addr,
-        base: format!("http://{addr}"),
-        client: reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .build()
-            .expect("an HTTP client"),
+        base: api.base.clone(),
+        client: api.client.clone(),
+        api,
         env,
         shutdown: Some(tx),
         task: Some(task),
@@ -203,44 +64,21 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
-    /// A `PUT /upload/chunk` with the protocol's headers for `chunk` of `source`.
     pub fn chunk_request(&self, id: &str, source: &Source, index: u64) -> reqwest::RequestBuilder {
-        let (start, bytes) = source.chunk(index);
-        self.client
-            .put(self.url("/upload/chunk"))
-            .header("X-File-ID", id)
-            .header("X-Chunk-Index", index.to_string())
-            .header("X-Total-Chunks", source.total_chunks().to_string())
-            .header(
-                "Content-Range",
-                format!(
-                    "bytes {}-{}/{}",
-                    start,
-                    start + bytes.len() as u64 - 1,
-                    source.len()
-                ),
-            )
-            .body(bytes.to_vec())
+        self.api.chunk_request(id, source, index)
     }
 
-    /// Sends one chunk and returns the status and the JSON body.
     pub async fn put_chunk(
         &self,
         id: &str,
         source: &Source,
         index: u64,
     ) -> (u16, serde_json::Value) {
-        json_response(self.chunk_request(id, source, index).send().await).await
+        self.api.put_chunk(id, source, index).await
     }
 
     pub async fn status(&self, id: &str) -> (u16, serde_json::Value) {
-        json_response(
-            self.client
-                .get(self.url(&format!("/upload/{id}/status")))
-                .send()
-                .await,
-        )
-        .await
+        self.api.status(id).await
     }
 
     /// Stops the instance and waits for it to drain.
@@ -263,204 +101,5 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-    }
-}
-
-pub async fn json_response(
-    response: reqwest::Result<reqwest::Response>,
-) -> (u16, serde_json::Value) {
-    let response = response.expect("the request reached the server");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("a response body");
-    let json = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("response {status} is not JSON: {text:?}"));
-    (status, json)
-}
-
-/// The error code of an error response.
-pub fn error_code(body: &serde_json::Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or("<no error code>")
-}
-
-/// A file to upload, in memory, cut into fixed-size chunks.
-#[derive(Clone)]
-pub struct Source {
-    pub bytes: Vec<u8>,
-    pub chunk_size: u64,
-}
-
-impl Source {
-    /// `len` pseudo-random bytes (seeded: a failing test can be replayed).
-    pub fn random(len: usize, chunk_size: u64, seed: u64) -> Self {
-        let mut state = seed | 1;
-        let bytes = (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect();
-        Self { bytes, chunk_size }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-
-    pub fn total_chunks(&self) -> u64 {
-        self.len().div_ceil(self.chunk_size)
-    }
-
-    /// Start offset and bytes of chunk `index`.
-    pub fn chunk(&self, index: u64) -> (u64, &[u8]) {
-        let start = index * self.chunk_size;
-        let end = (start + self.chunk_size).min(self.len());
-        (start, &self.bytes[start as usize..end as usize])
-    }
-}
-
-/// A fresh upload id.
-pub fn new_id() -> String {
-    format!("up-{:016x}", rand::random::<u64>())
-}
-
-/// Files under an upload's chunk directory (names only), sorted.
-pub fn chunk_files(env: &TestEnv, id: &str) -> Vec<String> {
-    let dir = env.storage_root.join("uploads").join(id).join("chunks");
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// Reassembles an upload from what Redis counts and the files it points at: proves that
-/// every counted chunk is backed by a complete file with the right bytes.
-pub fn reassemble_counted(env: &TestEnv, id: &str) -> Vec<u8> {
-    let mut conn = redis_connection().expect("Redis");
-    let parts: BTreeMap<u64, String> = redis::cmd("HGETALL")
-        .arg(format!("{}:{{{id}}}:parts", env.namespace))
-        .query(&mut conn)
-        .expect("HGETALL parts");
-    let mut out = Vec::new();
-    for (index, entry) in parts {
-        let token = entry.rsplit(':').next().expect("an entry with a token");
-        let path = env
-            .storage_root
-            .join("uploads")
-            .join(id)
-            .join("chunks")
-            .join(format!("{index}.{token}"));
-        out.extend(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
-    }
-    out
-}
-
-/// A raw HTTP/1.1 connection, for requests that reqwest cannot shape (stalled bodies,
-/// partial headers).
-pub struct RawConnection {
-    pub stream: TcpStream,
-}
-
-impl RawConnection {
-    pub async fn open(addr: SocketAddr) -> Self {
-        Self {
-            stream: TcpStream::connect(addr).await.expect("connecting"),
-        }
-    }
-
-    pub async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("writing");
-        self.stream.flush().await.expect("flushing");
-    }
-
-    /// Reads until the server closes or `limit` passes; returns what arrived.
-    pub async fn read_until_close(&mut self, limit: Duration) -> (Vec<u8>, bool) {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
-                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-                Err(_) => return (out, false),
-            }
-        }
-    }
-
-    /// Reads one response head and body (Content-Length framed).
-    pub async fn read_response(&mut self, limit: Duration) -> (u16, String) {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(head_end) = find(&out, b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&out[..head_end]).to_string();
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse::<usize>().ok())?
-                    })
-                    .unwrap_or(0);
-                if out.len() >= head_end + 4 + len {
-                    let status = head
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|s| s.parse().ok())
-                        .expect("a status code");
-                    let body = String::from_utf8_lossy(&out[head_end + 4..head_end + 4 + len]);
-                    return (status, format!("{head}\r\n\r\n{body}"));
-                }
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
-                Ok(Ok(0)) => panic!("connection closed before a full response: {out:?}"),
-                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-                Ok(Err(e)) => panic!("read failed: {e}"),
-                Err(_) => panic!(
-                    "no response within {limit:?}: {:?}",
-                    String::from_utf8_lossy(&out)
-                ),
-            }
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The head of a chunk request with the given declared length, for raw connections.
-pub fn raw_chunk_head(
-    id: &str,
-    index: u64,
-    total_chunks: u64,
-    start: u64,
-    len: u64,
-    total: u64,
-) -> String {
-    format!(
-        "PUT /upload/chunk HTTP/1.1\r\nHost: test\r\nX-File-ID: {id}\r\nX-Chunk-Index: {index}\r\n\
-         X-Total-Chunks: {total_chunks}\r\nContent-Range: bytes {start}-{}/{total}\r\n\
-         Content-Length: {len}\r\nContent-Type: application/octet-stream\r\n\r\n",
-        start + len - 1
-    )
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `limit`.
-pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !check() {
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,88 +1,19 @@
 //! The real `stitch-api` binary: killed mid-chunk, stopped with SIGTERM, misconfigured.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::helpers::*;
-
-/// A running `stitch-api` process, killed on drop.
-struct ApiProcess {
-    child: Child,
-    addr: SocketAddr,
-}
+use stitch_testkit::process::{ServiceProcess, stitch_command};
 
 fn api_command(env: &TestEnv) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stitch-api"));
-    cmd.env("STITCH__NAMESPACE", &env.namespace)
-        .env("STITCH__STORAGE__ROOT", &env.storage_root)
-        .env("STITCH__REDIS__URL", REDIS_URL)
-        .env("STITCH__HTTP__BIND", "127.0.0.1:0")
-        .env("STITCH__LOG__FORMAT", "json")
-        .env("STITCH__LOG__LEVEL", "info")
-        .env_remove("STITCH_CONFIG")
-        .env_remove("RUST_LOG");
-    cmd
+    stitch_command(std::path::Path::new(env!("CARGO_BIN_EXE_stitch-api")), env)
 }
 
-impl ApiProcess {
-    fn start(env: &TestEnv) -> Self {
-        let mut child = api_command(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting stitch-api");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !sent
-                    && let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                    && json["message"] == "stitch-api listening"
-                {
-                    let _ = tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
-                    sent = true;
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("stitch-api did not report its address")
-            .parse()
-            .expect("a socket address");
-        Self { child, addr }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        #[allow(unsafe_code)]
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "stitch-api did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ApiProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_api(env: &TestEnv) -> ServiceProcess {
+    ServiceProcess::start(api_command(env), "stitch-api listening")
 }
 
 fn client() -> reqwest::Client {
@@ -104,7 +35,7 @@ async fn an_api_killed_while_a_chunk_streams_in_never_counts_that_chunk() {
     let env = TestEnv::new();
     let id = new_id();
     let source = Source::random(8 << 20, 4 << 20, 17);
-    let mut api = ApiProcess::start(&env);
+    let mut api = start_api(&env);
 
     // Chunk 0 arrives whole; chunk 1 is half sent when the process dies.
     let mut whole = RawConnection::open(api.addr).await;
@@ -131,11 +62,11 @@ async fn an_api_killed_while_a_chunk_streams_in_never_counts_that_chunk() {
         },
     )
     .await;
-    api.signal(libc::SIGKILL);
+    api.signal("KILL");
     api.wait_exit(Duration::from_secs(30));
 
     // Nothing counts chunk 1: not Redis, and no file under a final name.
-    let restarted = ApiProcess::start(&env);
+    let restarted = start_api(&env);
     let (code, status) = status_of(restarted.addr, &id).await;
     assert_eq!(code, 200);
     assert_eq!(status["uploaded_chunks"], serde_json::json!([0]));
@@ -168,7 +99,7 @@ async fn sigterm_lets_an_in_flight_chunk_finish_then_exits_cleanly() {
     let env = TestEnv::new();
     let id = new_id();
     let source = Source::random(2 << 20, 1 << 20, 18);
-    let mut api = ApiProcess::start(&env);
+    let mut api = start_api(&env);
     let addr = api.addr;
     let mut conn = RawConnection::open(addr).await;
     conn.send(raw_chunk_head(&id, 0, 2, 0, 1 << 20, 2 << 20).as_bytes())
@@ -180,7 +111,7 @@ async fn sigterm_lets_an_in_flight_chunk_finish_then_exits_cleanly() {
     })
     .await;
 
-    api.signal(libc::SIGTERM);
+    api.signal("TERM");
     // New connections are refused once the listener is closed...
     let mut refused = false;
     for _ in 0..200 {
@@ -239,7 +170,7 @@ async fn environment_variables_override_the_configuration_file() {
     let mut cmd = api_command(&env);
     cmd.env("STITCH_CONFIG", &file)
         .env("STITCH__LIMITS__MAX_CHUNKS", "7");
-    let api = ApiProcess::start_with(cmd);
+    let api = ServiceProcess::start(cmd, "stitch-api listening");
     let source = Source::random(8 * 100, 100, 19);
     // 8 chunks: above the environment's 7.
     let url = format!("http://{}/upload/chunk", api.addr);
@@ -262,30 +193,4 @@ async fn environment_variables_override_the_configuration_file() {
     );
     let (code, body) = json_response(send(7).await).await;
     assert_eq!(code, 200, "the file's 5 was overridden: {body}");
-}
-
-impl ApiProcess {
-    fn start_with(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting stitch-api");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                    && json["message"] == "stitch-api listening"
-                {
-                    let _ = tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("stitch-api did not report its address")
-            .parse()
-            .expect("a socket address");
-        Self { child, addr }
-    }
 }

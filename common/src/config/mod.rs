@@ -102,6 +102,8 @@ pub struct AmqpSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct LockSettings {
     /// Independent Redis nodes for a Redlock quorum. Empty: the state store's Redis alone.
+    /// In the environment: comma-separated.
+    #[serde(deserialize_with = "units::list_or_csv")]
     pub redis_urls: Vec<Secret>,
     /// Lease length; a watchdog renews it every third of this while a merge runs.
     pub ttl: Interval,
@@ -114,7 +116,9 @@ pub struct MergeSettings {
     /// Merges one worker runs at once (its RabbitMQ prefetch).
     pub concurrency: u16,
     /// Delays before the 2nd, 3rd, … attempt after a transient failure. Past the last, the
-    /// job is dead-lettered and the upload marked `failed`.
+    /// job is dead-lettered and the upload marked `failed`. In the environment:
+    /// comma-separated (`5s,30s,2m`).
+    #[serde(deserialize_with = "units::list_or_csv")]
     pub retry_delays: Vec<Interval>,
     /// Deliveries of one message before the broker dead-letters it (a worker that crashes on
     /// it every time). RabbitMQ 3.10 has no default; 4.x defaults to 20.
@@ -373,10 +377,7 @@ impl Settings {
         builder = builder.add_source(
             config::Environment::with_prefix("STITCH")
                 .prefix_separator("__")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("merge.retry_delays")
-                .with_list_parse_key("lock.redis_urls"),
+                .separator("__"),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -548,6 +549,27 @@ mod tests {
         assert!(err.to_string().contains("bind"), "{err}");
         let err = load_toml("[limits]\nmax_chunk_bytes = \"lots\"\n").unwrap_err();
         assert!(err.to_string().contains("byte size"), "{err}");
+    }
+
+    #[test]
+    fn lists_come_as_arrays_or_comma_separated_text() {
+        let s = load_toml("[merge]\nretry_delays = [\"1s\", \"2m\"]\n").unwrap();
+        assert_eq!(
+            s.merge.retry_delays,
+            vec![
+                Interval(Duration::from_secs(1)),
+                Interval(Duration::from_secs(120))
+            ]
+        );
+        let s = load_toml("[merge]\nretry_delays = \"500ms, 1s,2s\"\n").unwrap();
+        assert_eq!(s.merge.retry_delays.len(), 3);
+        assert_eq!(
+            s.merge.retry_delays[0],
+            Interval(Duration::from_millis(500))
+        );
+        let s = load_toml("[lock]\nredis_urls = \"redis://a,redis://b,redis://c\"\n").unwrap();
+        assert_eq!(s.lock.redis_urls.len(), 3);
+        assert!(load_toml("[merge]\nretry_delays = \"1s,soon\"\n").is_err());
     }
 
     #[test]

@@ -93,6 +93,34 @@ impl<'de> Deserialize<'de> for Interval {
     }
 }
 
+/// A list given as an array (files) or as comma-separated text (environment variables).
+pub(super) fn list_or_csv<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText<T> {
+        List(Vec<T>),
+        Text(String),
+    }
+    match ListOrText::<T>::deserialize(d)? {
+        ListOrText::List(items) => Ok(items),
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                T::deserialize(
+                    serde::de::value::StrDeserializer::<serde::de::value::Error>::new(item),
+                )
+                .map_err(|e| serde::de::Error::custom(format!("{item:?}: {e}")))
+            })
+            .collect(),
+    }
+}
+
 impl Serialize for Interval {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", self.0.as_millis()))

@@ -1,0 +1,366 @@
+//! Contract tests of the backend boundaries, against the real Redis. Each check is written
+//! against the trait (`StateStore`) or the lock's public API, so that every implementation
+//! (the embedded single-node store too) can run the same suite.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stitch_common::config::Interval;
+use stitch_common::digest::Md5;
+use stitch_common::geometry::{ChunkIndex, Geometry};
+use stitch_common::id::UploadId;
+use stitch_common::lock::RedisLock;
+use stitch_common::state::{
+    Aborted, Committed, Conflict, Created, Failed, MergeStart, Recorded, RedisStateStore,
+    StateError, StateStore, keys,
+};
+use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
+use stitch_testkit::TestEnv;
+
+const TTL: u64 = 60_000;
+
+fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
+    NewUpload {
+        id: UploadId::parse(id).unwrap(),
+        geometry: Geometry::new(total, chunk).unwrap(),
+        filename: Some("f".into()),
+        file_md5: None,
+        metadata: None,
+        created_at_ms: 1,
+    }
+}
+
+fn chunk(u: &NewUpload, index: u64, crc: u32) -> ChunkRecord {
+    let i = ChunkIndex(index);
+    ChunkRecord {
+        index: i,
+        offset: u.geometry.chunk_start(i),
+        len: u.geometry.chunk_len(i),
+        crc32c: crc,
+        md5: None,
+        token: format!("t{index}-{crc}"),
+    }
+}
+
+fn redis_store(env: &TestEnv) -> Arc<dyn StateStore> {
+    Arc::new(RedisStateStore::new(&env.settings().redis, &env.namespace).unwrap())
+}
+
+/// Records every chunk of `u`; returns how many calls reported completing it.
+async fn record_all(store: &dyn StateStore, u: &NewUpload) -> usize {
+    let mut completions = 0;
+    for i in 0..u.geometry.total_chunks {
+        match store
+            .record_chunk(u, &chunk(u, i, 7), "{\"job\":1}", TTL)
+            .await
+            .unwrap()
+        {
+            Recorded::New(p) if p.completed_upload => completions += 1,
+            _ => {}
+        }
+    }
+    completions
+}
+
+async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
+    let u = upload("c1", 25, 10);
+    let first = store
+        .record_chunk(&u, &chunk(&u, 1, 5), "j", TTL)
+        .await
+        .unwrap();
+    assert!(matches!(first, Recorded::New(p) if p.chunks_received == 1 && p.bytes_received == 10));
+    let mut again = chunk(&u, 1, 5);
+    again.token = "another-copy".into();
+    match store.record_chunk(&u, &again, "j", TTL).await.unwrap() {
+        Recorded::Duplicate {
+            progress,
+            counted_token,
+        } => {
+            assert_eq!(counted_token, "t1-5");
+            assert_eq!(progress.chunks_received, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let conflict = store.record_chunk(&u, &chunk(&u, 1, 6), "j", TTL).await;
+    assert!(matches!(
+        conflict,
+        Err(StateError::Conflict(Conflict::ChunkContent(ChunkIndex(1))))
+    ));
+    let other_shape = upload("c1", 30, 10);
+    let conflict = store
+        .record_chunk(&other_shape, &chunk(&other_shape, 0, 1), "j", TTL)
+        .await;
+    assert!(matches!(
+        conflict,
+        Err(StateError::Conflict(Conflict::Geometry { .. }))
+    ));
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.uploaded_chunks, vec![1]);
+}
+
+async fn completion_is_reported_exactly_once(store: &dyn StateStore) {
+    let u = upload("c2", 95, 10);
+    assert_eq!(record_all(store, &u).await, 1);
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.state, UploadState::Merging);
+    assert_eq!(status.uploaded_chunks, (0..10).collect::<Vec<_>>());
+    let late = store.record_chunk(&u, &chunk(&u, 0, 7), "j", TTL).await;
+    assert!(matches!(
+        late,
+        Err(StateError::Conflict(Conflict::NotReceiving(
+            UploadState::Merging
+        )))
+    ));
+}
+
+async fn creation_is_idempotent_for_the_same_declaration(store: &dyn StateStore) {
+    let u = upload("c3", 100, 10);
+    assert_eq!(store.create_upload(&u, TTL).await.unwrap(), Created::New);
+    assert_eq!(
+        store.create_upload(&u, TTL).await.unwrap(),
+        Created::AlreadyExists
+    );
+    let other = upload("c3", 100, 20);
+    assert!(matches!(
+        store.create_upload(&other, TTL).await,
+        Err(StateError::Conflict(Conflict::Geometry { .. }))
+    ));
+}
+
+async fn abort_is_idempotent_and_refuses_later_chunks(store: &dyn StateStore) {
+    let u = upload("c4", 20, 10);
+    store
+        .record_chunk(&u, &chunk(&u, 0, 1), "j", TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.abort_upload(&u.id, TTL).await.unwrap(),
+        Aborted::Now {
+            previous: UploadState::Receiving
+        }
+    );
+    assert_eq!(
+        store.abort_upload(&u.id, TTL).await.unwrap(),
+        Aborted::Already
+    );
+    let late = store.record_chunk(&u, &chunk(&u, 1, 1), "j", TTL).await;
+    assert!(matches!(
+        late,
+        Err(StateError::Conflict(Conflict::NotReceiving(
+            UploadState::Aborted
+        )))
+    ));
+    let missing = UploadId::parse("never").unwrap();
+    assert!(matches!(
+        store.abort_upload(&missing, TTL).await,
+        Err(StateError::NotFound)
+    ));
+}
+
+fn completion(location: &str) -> Completion {
+    Completion {
+        size: 95,
+        md5: Md5::parse("9e107d9d372bb6826bd81d3542a419d6").unwrap(),
+        location: location.into(),
+        completed_at_ms: 5,
+        event_id: format!("evt-{location}"),
+    }
+}
+
+async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore) {
+    let u = upload("c5", 95, 10);
+    record_all(store, &u).await;
+    let MergeStart::Ready(first) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert_eq!(first.chunks.len(), 10);
+    assert_eq!(first.upload.geometry, u.geometry);
+    let MergeStart::Ready(second) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert!(second.fence > first.fence);
+    let stale = store
+        .commit_merge(&u.id, first.fence, &completion("old"), TTL)
+        .await;
+    assert!(
+        matches!(stale, Err(StateError::Conflict(Conflict::Fenced))),
+        "{stale:?}"
+    );
+    let stale_fail = store
+        .fail_merge(&u.id, Some(first.fence), "x", "e", TTL)
+        .await;
+    assert!(matches!(
+        stale_fail,
+        Err(StateError::Conflict(Conflict::Fenced))
+    ));
+    assert_eq!(
+        store
+            .commit_merge(&u.id, second.fence, &completion("new"), TTL)
+            .await
+            .unwrap(),
+        Committed::Now
+    );
+    assert_eq!(
+        store
+            .commit_merge(&u.id, second.fence, &completion("again"), TTL)
+            .await
+            .unwrap(),
+        Committed::Already {
+            event_id: "evt-new".into()
+        }
+    );
+    assert_eq!(
+        store.begin_merge(&u.id, TTL).await.unwrap(),
+        MergeStart::AlreadyCompleted
+    );
+    assert_eq!(
+        store
+            .fail_merge(&u.id, None, "late", "e2", TTL)
+            .await
+            .unwrap(),
+        Failed::NotMerging(UploadState::Completed)
+    );
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.state, UploadState::Completed);
+    assert_eq!(status.completion.unwrap().location, "new");
+}
+
+async fn a_failed_merge_is_final(store: &dyn StateStore) {
+    let u = upload("c6", 20, 10);
+    record_all(store, &u).await;
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert_eq!(
+        store
+            .fail_merge(&u.id, Some(plan.fence), "bad md5", "evt-f", TTL)
+            .await
+            .unwrap(),
+        Failed::Now
+    );
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.state, UploadState::Failed);
+    assert_eq!(status.failure.unwrap().event_id, "evt-f");
+    let late = store
+        .commit_merge(&u.id, plan.fence, &completion("x"), TTL)
+        .await;
+    assert!(matches!(
+        late,
+        Err(StateError::Conflict(Conflict::NotMerging(
+            UploadState::Failed
+        )))
+    ));
+    assert_eq!(
+        store.begin_merge(&u.id, TTL).await.unwrap(),
+        MergeStart::NotMerging(UploadState::Failed)
+    );
+}
+
+async fn the_outbox_holds_the_trigger_until_cleared(store: &dyn StateStore) {
+    let u = upload("c7", 10, 10);
+    let job = stitch_common::queue::MergeJob::new(u.id.clone());
+    let raw = job.to_json();
+    store
+        .record_chunk(&u, &chunk(&u, 0, 1), &raw, TTL)
+        .await
+        .unwrap();
+    let mine = |entries: Vec<stitch_common::state::OutboxEntry>| -> Vec<String> {
+        entries
+            .into_iter()
+            .filter(|e| e.upload_id == u.id)
+            .map(|e| e.raw)
+            .collect()
+    };
+    assert_eq!(
+        mine(store.pending_outbox(job.enqueued_at_ms + 1).await.unwrap()),
+        vec![raw.clone()]
+    );
+    assert!(
+        mine(store.pending_outbox(job.enqueued_at_ms).await.unwrap()).is_empty(),
+        "not past the horizon yet"
+    );
+    store.clear_outbox_entry(&u.id, &raw).await.unwrap();
+    assert!(mine(store.pending_outbox(u64::MAX).await.unwrap()).is_empty());
+    let stuck = store.stuck_merges(u64::MAX).await.unwrap();
+    let mine: Vec<_> = stuck.iter().filter(|s| s.upload_id == u.id).collect();
+    assert_eq!(mine.len(), 1, "{stuck:?}");
+    assert_eq!(mine[0].requeues, 0);
+    assert!(
+        store.stuck_merges(0).await.unwrap().is_empty(),
+        "nothing is older than the epoch"
+    );
+    assert_eq!(store.note_requeue(&u.id).await.unwrap(), Some(1));
+}
+
+#[tokio::test]
+async fn the_redis_state_store_keeps_the_state_store_contract() {
+    let env = TestEnv::new();
+    let store = redis_store(&env);
+    chunks_are_counted_once_and_never_overwritten(store.as_ref()).await;
+    completion_is_reported_exactly_once(store.as_ref()).await;
+    creation_is_idempotent_for_the_same_declaration(store.as_ref()).await;
+    abort_is_idempotent_and_refuses_later_chunks(store.as_ref()).await;
+    the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
+    a_failed_merge_is_final(store.as_ref()).await;
+    the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
+}
+
+fn lock(env: &TestEnv, ttl: Duration) -> RedisLock {
+    let mut settings = env.settings();
+    settings.lock.ttl = Interval(ttl);
+    RedisLock::new(&settings).unwrap()
+}
+
+#[tokio::test]
+async fn only_the_lease_holder_can_renew_or_release_the_lock() {
+    let env = TestEnv::new();
+    let lock = lock(&env, Duration::from_secs(5));
+    let key = keys::lock(&env.namespace, &UploadId::parse("l1").unwrap());
+    let mut held = lock.try_acquire(&key).await.unwrap().expect("free lock");
+    assert!(held.is_valid());
+    assert!(
+        lock.try_acquire(&key).await.unwrap().is_none(),
+        "held twice"
+    );
+    let forged = lock.lease_with_token(&key, "not-the-token");
+    assert!(
+        !lock.release(&forged).await.unwrap(),
+        "a non-owner released the lock"
+    );
+    assert!(lock.is_held(&key).await.unwrap());
+    assert!(lock.try_acquire(&key).await.unwrap().is_none());
+    assert!(lock.renew(&mut held).await.unwrap());
+    assert!(lock.release(&held).await.unwrap());
+    assert!(!lock.is_held(&key).await.unwrap());
+    assert!(lock.try_acquire(&key).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_lost_to_the_next_holder() {
+    let env = TestEnv::new();
+    let lock = lock(&env, Duration::from_millis(300));
+    let key = keys::lock(&env.namespace, &UploadId::parse("l2").unwrap());
+    let mut old = lock.try_acquire(&key).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !old.is_valid(),
+        "the holder's own clock says the lease lapsed"
+    );
+    let new = lock
+        .try_acquire(&key)
+        .await
+        .unwrap()
+        .expect("the lapsed lock is free");
+    assert!(
+        !lock.renew(&mut old).await.unwrap(),
+        "the old holder renewed someone else's lease"
+    );
+    assert!(!lock.release(&old).await.unwrap());
+    assert!(
+        lock.is_held(&key).await.unwrap(),
+        "the old holder's release removed the new lease"
+    );
+    assert!(lock.release(&new).await.unwrap());
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: API and worker processes against the real Redis, RabbitMQ and files,
+//! killed, stopped and cut off from the broker the way production would do it to them.
+
+#![allow(clippy::unwrap_used)]
+
+mod downloads;
+mod harness;
+mod merge;
+mod outages;
