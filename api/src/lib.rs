@@ -25,10 +25,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
+use stitch_common::backends::Backends;
 use stitch_common::config::Settings;
-use stitch_common::queue::{AmqpBroker, MergeQueue};
-use stitch_common::state::{RedisStateStore, StateStore};
-use stitch_common::storage::FsChunkStore;
 use tokio::net::TcpListener;
 
 use crate::service::UploadService;
@@ -56,12 +54,16 @@ impl Application {
     /// Binds the listener and connects the backends (lazily: a backend that is down makes
     /// requests fail with 503 and `/readyz` report it, it does not stop the process).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let state: Arc<dyn StateStore> = Arc::new(
-            RedisStateStore::new(&settings.redis, &settings.namespace)
-                .context("setting up the Redis state store")?,
+        Self::build_with(settings, &Backends::distributed(settings)?).await
+    }
+
+    /// An API on the given backends (the single-node mode passes embedded ones).
+    pub async fn build_with(settings: &Settings, backends: &Backends) -> anyhow::Result<Self> {
+        let (state, storage, merges) = (
+            backends.state.clone(),
+            backends.storage.clone(),
+            backends.queue.clone(),
         );
-        let storage = FsChunkStore::new(&settings.storage.root, settings.storage.fsync);
-        let merges: Arc<dyn MergeQueue> = Arc::new(AmqpBroker::new(settings));
         if let Err(e) = storage.probe().await {
             tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");
         }

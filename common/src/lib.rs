@@ -12,6 +12,7 @@
 //! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`] and
 //!   [`shutdown`] are the process plumbing both binaries share.
 
+pub mod backends;
 pub mod config;
 pub mod digest;
 pub mod events;

@@ -11,7 +11,7 @@ use stitch_common::config::Interval;
 use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
-use stitch_common::lock::RedisLock;
+use stitch_common::lock::{Lease, MergeLock, RedisLock};
 use stitch_common::state::{
     Aborted, Committed, Conflict, Created, Failed, MergeStart, Recorded, RedisStateStore,
     StateError, StateStore, keys,
@@ -307,16 +307,13 @@ async fn the_redis_state_store_keeps_the_state_store_contract() {
     the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
 }
 
-fn lock(env: &TestEnv, ttl: Duration) -> RedisLock {
+fn redis_lock(env: &TestEnv, ttl: Duration) -> Arc<dyn MergeLock> {
     let mut settings = env.settings();
     settings.lock.ttl = Interval(ttl);
-    RedisLock::new(&settings).unwrap()
+    Arc::new(RedisLock::new(&settings).unwrap())
 }
 
-#[tokio::test]
-async fn only_the_lease_holder_can_renew_or_release_the_lock() {
-    let env = TestEnv::new();
-    let lock = lock(&env, Duration::from_secs(5));
+async fn only_the_lease_holder_can_renew_or_release_the_lock(env: &TestEnv, lock: &dyn MergeLock) {
     let key = keys::lock(&env.namespace, &UploadId::parse("l1").unwrap());
     let mut held = lock.try_acquire(&key).await.unwrap().expect("free lock");
     assert!(held.is_valid());
@@ -324,7 +321,7 @@ async fn only_the_lease_holder_can_renew_or_release_the_lock() {
         lock.try_acquire(&key).await.unwrap().is_none(),
         "held twice"
     );
-    let forged = lock.lease_with_token(&key, "not-the-token");
+    let forged = Lease::new(&key, "not-the-token".into(), std::time::Instant::now());
     assert!(
         !lock.release(&forged).await.unwrap(),
         "a non-owner released the lock"
@@ -337,10 +334,7 @@ async fn only_the_lease_holder_can_renew_or_release_the_lock() {
     assert!(lock.try_acquire(&key).await.unwrap().is_some());
 }
 
-#[tokio::test]
-async fn a_lapsed_lease_is_lost_to_the_next_holder() {
-    let env = TestEnv::new();
-    let lock = lock(&env, Duration::from_millis(300));
+async fn a_lapsed_lease_is_lost_to_the_next_holder(env: &TestEnv, lock: &dyn MergeLock) {
     let key = keys::lock(&env.namespace, &UploadId::parse("l2").unwrap());
     let mut old = lock.try_acquire(&key).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -363,4 +357,19 @@ async fn a_lapsed_lease_is_lost_to_the_next_holder() {
         "the old holder's release removed the new lease"
     );
     assert!(lock.release(&new).await.unwrap());
+}
+
+#[tokio::test]
+async fn the_redis_lock_keeps_the_lock_contract() {
+    let env = TestEnv::new();
+    only_the_lease_holder_can_renew_or_release_the_lock(
+        &env,
+        redis_lock(&env, Duration::from_secs(5)).as_ref(),
+    )
+    .await;
+    a_lapsed_lease_is_lost_to_the_next_holder(
+        &env,
+        redis_lock(&env, Duration::from_millis(300)).as_ref(),
+    )
+    .await;
 }

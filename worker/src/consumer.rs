@@ -1,4 +1,4 @@
-//! The merge consumer: takes jobs from RabbitMQ (prefetch = merge slots), runs each with
+//! The merge consumer: takes jobs from the merge queue (prefetch = merge slots), runs each with
 //! [`Merger`], and settles the delivery by what happened:
 //!
 //! | outcome | delivery |
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use stitch_common::queue::{AmqpBroker, MergeDelivery, MergeJob};
+use stitch_common::queue::{MergeDelivery, MergeJob, MergeQueue};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -33,7 +33,7 @@ pub struct ConsumerConfig {
 /// Consumes until `shutdown` turns true, reconnecting with backoff when the broker drops.
 pub async fn run(
     merger: Arc<Merger>,
-    broker: Arc<AmqpBroker>,
+    queue: Arc<dyn MergeQueue>,
     config: ConsumerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -42,7 +42,7 @@ pub async fn run(
     let mut controls: Vec<std::sync::Weak<Control>> = Vec::new();
     let mut backoff = Duration::from_millis(200);
     'connect: while !*shutdown.borrow() {
-        let mut deliveries = match broker.consume_merges(config.prefetch).await {
+        let mut deliveries = match queue.consume(config.prefetch).await {
             Ok(d) => {
                 tracing::info!("consuming merge jobs");
                 backoff = Duration::from_millis(200);
@@ -66,8 +66,8 @@ pub async fn run(
                         let control = Arc::new(Control::default());
                         controls.retain(|c| c.strong_count() > 0);
                         controls.push(Arc::downgrade(&control));
-                        let (merger, broker, config) = (merger.clone(), broker.clone(), config.clone());
-                        in_flight.spawn(handle(merger, broker, config, delivery, control));
+                        let (merger, queue, config) = (merger.clone(), queue.clone(), config.clone());
+                        in_flight.spawn(handle(merger, queue, config, delivery, control));
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "merge consumer failed; reconnecting");
@@ -103,7 +103,7 @@ pub async fn run(
 
 async fn handle(
     merger: Arc<Merger>,
-    broker: Arc<AmqpBroker>,
+    queue: Arc<dyn MergeQueue>,
     config: Arc<ConsumerConfig>,
     delivery: MergeDelivery,
     control: Arc<Control>,
@@ -113,11 +113,7 @@ async fn handle(
         Err(reason) => {
             tracing::error!(%reason, "not a merge job; dead-lettering it");
             let reason = format!("not a merge job: {reason}");
-            if broker
-                .publish_dead(&delivery.payload, &reason)
-                .await
-                .is_ok()
-            {
+            if queue.dead_letter(&delivery.payload, &reason).await.is_ok() {
                 let _ = delivery.ack().await;
             }
             return;
@@ -146,7 +142,7 @@ async fn handle(
         Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => {
             // Someone else is (or may be) merging: check again later, without counting this
             // as a failed attempt.
-            retry_later(&broker, &delivery, &job, first_delay).await;
+            retry_later(queue.as_ref(), &delivery, &job, first_delay).await;
         }
         Err(MergeError::Cancelled) => {
             // Shutdown: leave it unacked; closing the connection returns it to the queue.
@@ -159,15 +155,11 @@ async fn handle(
                     attempt: job.attempt + 1,
                     ..job.clone()
                 };
-                retry_later(&broker, &delivery, &next, *delay).await;
+                retry_later(queue.as_ref(), &delivery, &next, *delay).await;
             } else {
                 tracing::error!(upload_id = %id, %reason, "merge failed on every attempt; dead-lettering");
                 let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
-                if broker
-                    .publish_dead(&delivery.payload, &reason)
-                    .await
-                    .is_err()
-                {
+                if queue.dead_letter(&delivery.payload, &reason).await.is_err() {
                     let _ = delivery.requeue().await;
                     return;
                 }
@@ -187,12 +179,12 @@ async fn handle(
 /// Sends `job` through the delay queue for `delay`, then acks the delivery. If the broker
 /// refuses, the delivery goes back to the queue as it is.
 async fn retry_later(
-    broker: &AmqpBroker,
+    queue: &dyn MergeQueue,
     delivery: &MergeDelivery,
     job: &MergeJob,
     delay: Duration,
 ) {
-    match broker.publish_retry(job, delay).await {
+    match queue.enqueue_retry(job, delay).await {
         Ok(()) => {
             let _ = delivery.ack().await;
         }

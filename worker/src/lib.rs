@@ -23,12 +23,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use stitch_common::backends::Backends;
 use stitch_common::config::Settings;
-use stitch_common::lock::RedisLock;
-use stitch_common::queue::{AmqpBroker, EventSink};
 use stitch_common::server::{self, ServerLimits};
-use stitch_common::state::{RedisStateStore, StateStore};
-use stitch_common::storage::FsChunkStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -41,29 +38,25 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
 pub struct Worker {
     listener: TcpListener,
     settings: Settings,
-    state: Arc<dyn StateStore>,
-    broker: Arc<AmqpBroker>,
+    backends: Backends,
     merger: Arc<Merger>,
-    lock: RedisLock,
     limits: ServerLimits,
 }
 
 impl Worker {
+    /// A worker on Redis and RabbitMQ.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let state: Arc<dyn StateStore> = Arc::new(
-            RedisStateStore::new(&settings.redis, &settings.namespace)
-                .context("setting up the Redis state store")?,
-        );
-        let storage = FsChunkStore::new(&settings.storage.root, settings.storage.fsync);
-        let lock = RedisLock::new(settings).context("setting up the merge lock")?;
-        let broker = Arc::new(AmqpBroker::new(settings));
-        let events: Arc<dyn EventSink> = broker.clone();
+        Self::build_with(settings, Backends::distributed(settings)?).await
+    }
+
+    /// A worker on the given backends.
+    pub async fn build_with(settings: &Settings, backends: Backends) -> anyhow::Result<Self> {
         let merger = Arc::new(Merger::new(
             settings,
-            state.clone(),
-            storage,
-            lock.clone(),
-            events,
+            backends.state.clone(),
+            backends.storage.clone(),
+            backends.lock.clone(),
+            backends.events.clone(),
         ));
         let listener = TcpListener::bind(settings.http.bind)
             .await
@@ -71,10 +64,8 @@ impl Worker {
         Ok(Self {
             listener,
             settings: settings.clone(),
-            state,
-            broker,
+            backends,
             merger,
-            lock,
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,
                 shutdown_grace: settings.http.shutdown_grace.0,
@@ -106,16 +97,16 @@ impl Worker {
             };
             roles.spawn(consumer::run(
                 self.merger.clone(),
-                self.broker.clone(),
+                self.backends.queue.clone(),
                 config,
                 stop_rx.clone(),
             ));
         }
         if s.worker.sweeper {
             let sweeper = sweeper::Sweeper {
-                state: self.state.clone(),
-                broker: self.broker.clone(),
-                lock: self.lock.clone(),
+                state: self.backends.state.clone(),
+                queue: self.backends.queue.clone(),
+                lock: self.backends.lock.clone(),
                 merger: self.merger.clone(),
                 config: sweeper::SweeperConfig {
                     namespace: s.namespace.clone(),
@@ -128,8 +119,8 @@ impl Worker {
             roles.spawn(sweeper.run(stop_rx.clone()));
         }
         let probes = probes::router(probes::Probes {
-            state: self.state.clone(),
-            broker: s.worker.merge.then(|| self.broker.clone()),
+            state: self.backends.state.clone(),
+            queue: s.worker.merge.then(|| self.backends.queue.clone()),
             metrics: stitch_common::telemetry::metrics_handle(),
         });
         let (probes_stop_tx, probes_stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -16,7 +16,7 @@ use std::time::Duration;
 use stitch_common::config::Settings;
 use stitch_common::events::{Event, new_event_id};
 use stitch_common::id::UploadId;
-use stitch_common::lock::{Lease, RedisLock};
+use stitch_common::lock::{Lease, MergeLock};
 use stitch_common::queue::EventSink;
 use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, StateError, StateStore, keys,
@@ -74,7 +74,7 @@ pub struct Finish {
 pub struct Merger {
     state: Arc<dyn StateStore>,
     storage: FsChunkStore,
-    lock: RedisLock,
+    lock: Arc<dyn MergeLock>,
     events: Arc<dyn EventSink>,
     namespace: String,
     ttl_ms: u64,
@@ -88,7 +88,7 @@ impl Merger {
         settings: &Settings,
         state: Arc<dyn StateStore>,
         storage: FsChunkStore,
-        lock: RedisLock,
+        lock: Arc<dyn MergeLock>,
         events: Arc<dyn EventSink>,
     ) -> Self {
         Self {
@@ -453,7 +453,7 @@ async fn remove(path: &std::path::Path) {
 /// Renews the lease every third of its TTL. If a renewal fails, or the lease may have lapsed
 /// before a renewal succeeded, the merge is cancelled.
 async fn watch_lease(
-    lock: RedisLock,
+    lock: Arc<dyn MergeLock>,
     lease: Arc<Mutex<Lease>>,
     control: Arc<Control>,
     lost: Arc<AtomicBool>,

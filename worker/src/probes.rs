@@ -9,13 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use stitch_common::queue::AmqpBroker;
+use stitch_common::queue::MergeQueue;
 use stitch_common::state::StateStore;
 
 #[derive(Clone)]
 pub struct Probes {
     pub state: Arc<dyn StateStore>,
-    pub broker: Option<Arc<AmqpBroker>>,
+    pub queue: Option<Arc<dyn MergeQueue>>,
     pub metrics: PrometheusHandle,
 }
 
@@ -43,8 +43,8 @@ async fn readyz(State(probes): State<Probes>) -> Response {
             checks.insert("redis".into(), e.to_string().into());
         }
     }
-    if let Some(broker) = &probes.broker {
-        match broker.ping().await {
+    if let Some(queue) = &probes.queue {
+        match queue.ping().await {
             Ok(()) => {
                 checks.insert("broker".into(), "ok".into());
             }

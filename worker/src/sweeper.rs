@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stitch_common::lock::RedisLock;
-use stitch_common::queue::{AmqpBroker, MergeJob};
+use stitch_common::lock::MergeLock;
+use stitch_common::queue::{MergeJob, MergeQueue};
 use stitch_common::state::{StateStore, keys};
 use tokio::sync::watch;
 
@@ -27,8 +27,8 @@ pub struct SweeperConfig {
 
 pub struct Sweeper {
     pub state: Arc<dyn StateStore>,
-    pub broker: Arc<AmqpBroker>,
-    pub lock: RedisLock,
+    pub queue: Arc<dyn MergeQueue>,
+    pub lock: Arc<dyn MergeLock>,
     pub merger: Arc<Merger>,
     pub config: SweeperConfig,
 }
@@ -52,11 +52,7 @@ impl Sweeper {
         let mut published = 0;
         let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
         for entry in self.state.pending_outbox(horizon).await? {
-            match self
-                .broker
-                .publish_merge_raw(&entry.upload_id, &entry.raw)
-                .await
-            {
+            match self.queue.enqueue_merge(&entry.upload_id, &entry.raw).await {
                 Ok(()) => {
                     self.state
                         .clear_outbox_entry(&entry.upload_id, &entry.raw)
@@ -89,8 +85,8 @@ impl Sweeper {
                 continue;
             }
             if self.state.note_requeue(id).await?.is_some() {
-                self.broker
-                    .publish_merge(&MergeJob::new(id.clone()))
+                self.queue
+                    .enqueue_merge(id, &MergeJob::new(id.clone()).to_json())
                     .await?;
                 tracing::warn!(upload_id = %id, requeues = stuck.requeues + 1, "re-enqueued a stuck merge");
                 published += 1;

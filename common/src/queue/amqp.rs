@@ -28,7 +28,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{MergeJob, MergeQueue, QueueError};
+use super::{Acknowledge, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue, QueueError};
 use crate::config::Settings;
 use crate::id::UploadId;
 
@@ -397,7 +397,7 @@ impl AmqpBroker {
     }
 
     /// Starts consuming merge jobs on a dedicated connection, at most `prefetch` unacked.
-    pub async fn consume_merges(&self, prefetch: u16) -> Result<MergeDeliveries, QueueError> {
+    pub async fn consume_merges(&self, prefetch: u16) -> Result<AmqpDeliveries, QueueError> {
         let (conn, channel) = self.connect("merge-consumer").await?;
         let unavailable = |e: lapin::Error| QueueError::Unavailable(e.to_string());
         channel
@@ -413,7 +413,7 @@ impl AmqpBroker {
             )
             .await
             .map_err(unavailable)?;
-        Ok(MergeDeliveries {
+        Ok(AmqpDeliveries {
             conn,
             channel,
             consumer,
@@ -444,6 +444,18 @@ impl MergeQueue for AmqpBroker {
         self.publish_merge_raw(upload_id, raw).await
     }
 
+    async fn enqueue_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
+        self.publish_retry(job, delay).await
+    }
+
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
+        self.publish_dead(payload, reason).await
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError> {
+        Ok(Box::new(self.consume_merges(prefetch).await?))
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         AmqpBroker::ping(self).await
     }
@@ -462,58 +474,27 @@ impl super::EventSink for AmqpBroker {
     }
 }
 
-/// A running merge consumer.
-pub struct MergeDeliveries {
+/// A running merge consumer on its own connection.
+pub struct AmqpDeliveries {
     conn: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
 }
 
-/// One merge job delivered to this worker; it stays unacked (and is redelivered if this
-/// process dies) until [`MergeDelivery::ack`].
-pub struct MergeDelivery {
-    /// The job, or why the payload is not one (a poison message).
-    pub job: Result<MergeJob, String>,
-    pub payload: Vec<u8>,
-    pub redelivered: bool,
-    acker: lapin::Acker,
-}
+struct AmqpAcker(lapin::Acker);
 
-impl MergeDeliveries {
-    /// The next delivery; `None` when the consumer was cancelled or the connection closed.
-    pub async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
-        let delivery = self.consumer.next().await?;
-        Some(
-            delivery
-                .map(|d| MergeDelivery {
-                    job: MergeJob::from_json(&d.data).map_err(|e| e.to_string()),
-                    payload: d.data.clone(),
-                    redelivered: d.redelivered,
-                    acker: d.acker.clone(),
-                })
-                .map_err(|e| QueueError::Unavailable(e.to_string())),
-        )
-    }
-
-    /// Closes the connection: every unacked delivery goes back to the queue.
-    pub async fn close(self) {
-        let _ = self.channel.close(200, "shutting down".into()).await;
-        let _ = self.conn.close(200, "shutting down".into()).await;
-    }
-}
-
-impl MergeDelivery {
-    pub async fn ack(&self) -> Result<(), QueueError> {
-        self.acker
+#[async_trait::async_trait]
+impl Acknowledge for AmqpAcker {
+    async fn ack(&self) -> Result<(), QueueError> {
+        self.0
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
             .map_err(|e| QueueError::Unavailable(e.to_string()))
     }
 
-    /// Hands the job back to the queue now (shutdown); counts toward the delivery limit.
-    pub async fn requeue(&self) -> Result<(), QueueError> {
-        self.acker
+    async fn requeue(&self) -> Result<(), QueueError> {
+        self.0
             .nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
@@ -521,5 +502,28 @@ impl MergeDelivery {
             .await
             .map(|_| ())
             .map_err(|e| QueueError::Unavailable(e.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl MergeDeliveries for AmqpDeliveries {
+    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
+        let delivery = self.consumer.next().await?;
+        Some(
+            delivery
+                .map(|d| {
+                    MergeDelivery::new(
+                        d.data.clone(),
+                        d.redelivered,
+                        Box::new(AmqpAcker(d.acker.clone())),
+                    )
+                })
+                .map_err(|e| QueueError::Unavailable(e.to_string())),
+        )
+    }
+
+    async fn close(self: Box<Self>) {
+        let _ = self.channel.close(200, "shutting down".into()).await;
+        let _ = self.conn.close(200, "shutting down".into()).await;
     }
 }

@@ -10,7 +10,7 @@ mod amqp;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::amqp::{AmqpBroker, MergeDeliveries, MergeDelivery, Topology};
+pub use self::amqp::{AmqpBroker, AmqpDeliveries, Topology};
 use crate::id::UploadId;
 
 /// A message on the merge queue.
@@ -53,15 +53,76 @@ impl MergeJob {
     }
 }
 
-/// Where the API sends merge jobs. [`AmqpBroker`] is the RabbitMQ implementation.
+/// The merge work queue. [`AmqpBroker`] is the RabbitMQ implementation.
 #[async_trait::async_trait]
 pub trait MergeQueue: Send + Sync + 'static {
     /// Publishes `raw` (a [`MergeJob`] as stored in the outbox) durably: `Ok` only once the
-    /// broker confirmed it and it was routed to the work queue.
+    /// queue has stored it where a worker will take it.
     async fn enqueue_merge(&self, upload_id: &UploadId, raw: &str) -> Result<(), QueueError>;
 
-    /// Checks that the broker answers (readiness).
+    /// Publishes `job` to come back to the work queue after `delay` (one of the configured
+    /// retry delays).
+    async fn enqueue_retry(
+        &self,
+        job: &MergeJob,
+        delay: std::time::Duration,
+    ) -> Result<(), QueueError>;
+
+    /// Moves a message to the dead-letter queue, with the reason, for operators.
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError>;
+
+    /// Starts consuming merge jobs, at most `prefetch` unacknowledged at once.
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError>;
+
+    /// Checks that the queue answers (readiness).
     async fn ping(&self) -> Result<(), QueueError>;
+}
+
+/// A running consumer of merge jobs.
+#[async_trait::async_trait]
+pub trait MergeDeliveries: Send {
+    /// The next delivery; `None` when the consumer was closed or lost its connection.
+    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>>;
+
+    /// Stops consuming: every unacknowledged delivery goes back to the queue.
+    async fn close(self: Box<Self>);
+}
+
+/// Settles one delivery.
+#[async_trait::async_trait]
+pub trait Acknowledge: Send + Sync {
+    async fn ack(&self) -> Result<(), QueueError>;
+    async fn requeue(&self) -> Result<(), QueueError>;
+}
+
+/// One merge job delivered to this worker; it stays unacknowledged (and is redelivered if
+/// this process dies) until [`MergeDelivery::ack`].
+pub struct MergeDelivery {
+    /// The job, or why the payload is not one (a poison message).
+    pub job: Result<MergeJob, String>,
+    pub payload: Vec<u8>,
+    pub redelivered: bool,
+    acker: Box<dyn Acknowledge>,
+}
+
+impl MergeDelivery {
+    pub fn new(payload: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
+        Self {
+            job: MergeJob::from_json(&payload).map_err(|e| e.to_string()),
+            payload,
+            redelivered,
+            acker,
+        }
+    }
+
+    pub async fn ack(&self) -> Result<(), QueueError> {
+        self.acker.ack().await
+    }
+
+    /// Hands the job back to the queue now; counts toward the delivery limit.
+    pub async fn requeue(&self) -> Result<(), QueueError> {
+        self.acker.requeue().await
+    }
 }
 
 /// Where workers publish upload events.

@@ -1,13 +1,4 @@
-//! The per-upload merge lock: Redlock-style leases over one or more independent Redis
-//! nodes, used together with a fencing token (see `StateStore::begin_merge`).
-//!
-//! A lease is `SET key token NX PX ttl` on a majority of nodes, taken within its own
-//! validity; renewal and release are Lua compare-and-`PEXPIRE` / compare-and-`DEL`, so only
-//! the holder of the random token can extend or drop it. A lease can still lapse while its
-//! holder is paused (GC, SIGSTOP, a network partition): that is what the fencing token is
-//! for. The holder measures its lease on the monotonic clock ([`Lease::is_valid`]) and stops
-//! acting when it may have lapsed; the commit additionally checks the fence, so a holder
-//! that paused right after its last check still cannot overwrite a newer result.
+//! [`RedisLock`]: Redlock over one or more independent Redis nodes.
 
 use std::time::{Duration, Instant};
 
@@ -15,33 +6,8 @@ use deadpool_redis::Pool;
 use futures_util::future::join_all;
 use redis::Script;
 
+use super::{Lease, LockError, MergeLock};
 use crate::config::Settings;
-
-/// A lock failure that is not "someone else holds it".
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error("lock nodes unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// A held lease.
-#[derive(Debug)]
-pub struct Lease {
-    pub key: String,
-    token: String,
-    valid_until: Instant,
-}
-
-impl Lease {
-    /// Whether the lease certainly has not lapsed yet (monotonic clock, drift allowed for).
-    pub fn is_valid(&self) -> bool {
-        Instant::now() < self.valid_until
-    }
-
-    pub fn valid_until(&self) -> Instant {
-        self.valid_until
-    }
-}
 
 /// Redlock over `nodes` (a quorum of ⌊n/2⌋+1 must agree).
 #[derive(Clone)]
@@ -101,10 +67,6 @@ impl RedisLock {
         })
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     fn quorum(&self) -> usize {
         self.nodes.len() / 2 + 1
     }
@@ -134,10 +96,16 @@ impl RedisLock {
         let errors = results.into_iter().filter_map(Result::err).collect();
         (ok, errors)
     }
+}
 
-    /// Tries to take the lease on `key`; `None` when another holder has it.
-    pub async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError> {
-        let token = format!("{:032x}", rand::random::<u128>());
+#[async_trait::async_trait]
+impl MergeLock for RedisLock {
+    fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError> {
+        let token = Lease::new_token();
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (ok, errors) = self
@@ -159,11 +127,7 @@ impl RedisLock {
             })
             .await;
         let elapsed = started.elapsed();
-        let lease = Lease {
-            key: key.to_owned(),
-            token,
-            valid_until: started + self.ttl.saturating_sub(self.drift()),
-        };
+        let lease = Lease::new(key, token, started + self.ttl.saturating_sub(self.drift()));
         if ok >= self.quorum() && elapsed + self.drift() < self.ttl {
             return Ok(Some(lease));
         }
@@ -175,14 +139,12 @@ impl RedisLock {
         Ok(None)
     }
 
-    /// Extends the lease by a full TTL if this holder still has it on a quorum. Returns
-    /// `false` when the lease is lost (the caller must stop).
-    pub async fn renew(&self, lease: &mut Lease) -> Result<bool, LockError> {
+    async fn renew(&self, lease: &mut Lease) -> Result<bool, LockError> {
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (ok, errors) = self
             .on_all_nodes(|pool| {
-                let (key, token) = (lease.key.clone(), lease.token.clone());
+                let (key, token) = (lease.key.clone(), lease.token().to_owned());
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let n: i64 = renew_script()
@@ -197,7 +159,7 @@ impl RedisLock {
             })
             .await;
         if ok >= self.quorum() {
-            lease.valid_until = started + self.ttl.saturating_sub(self.drift());
+            lease.extend_to(started + self.ttl.saturating_sub(self.drift()));
             return Ok(true);
         }
         if errors.len() > self.nodes.len() - self.quorum() {
@@ -206,12 +168,10 @@ impl RedisLock {
         Ok(false)
     }
 
-    /// Releases the lease where this holder still has it. Returns whether a quorum released
-    /// it; a non-owner's release changes nothing and returns `false`.
-    pub async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+    async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
         let (ok, errors) = self
             .on_all_nodes(|pool| {
-                let (key, token) = (lease.key.clone(), lease.token.clone());
+                let (key, token) = (lease.key.clone(), lease.token().to_owned());
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let n: i64 = release_script()
@@ -230,8 +190,7 @@ impl RedisLock {
         Ok(ok >= self.quorum())
     }
 
-    /// Whether any node holds a lease on `key` (the sweeper leaves held uploads alone).
-    pub async fn is_held(&self, key: &str) -> Result<bool, LockError> {
+    async fn is_held(&self, key: &str) -> Result<bool, LockError> {
         let (held, errors) = self
             .on_all_nodes(|pool| {
                 let key = key.to_owned();
@@ -250,15 +209,5 @@ impl RedisLock {
             return Err(LockError::Unavailable(errors.join("; ")));
         }
         Ok(held > 0)
-    }
-
-    /// A lease forged with `token`, for tests of non-owner releases.
-    #[doc(hidden)]
-    pub fn lease_with_token(&self, key: &str, token: &str) -> Lease {
-        Lease {
-            key: key.to_owned(),
-            token: token.to_owned(),
-            valid_until: Instant::now(),
-        }
     }
 }

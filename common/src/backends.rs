@@ -1,0 +1,41 @@
+//! The set of backends a Stitch process runs on, behind their traits. The distributed set is
+//! Redis (state, lock) and RabbitMQ (merge queue, events); the single-node set is embedded.
+//! The API and the worker are built from a `Backends`, never from concrete types.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Settings;
+use crate::lock::{MergeLock, RedisLock};
+use crate::queue::{AmqpBroker, EventSink, MergeQueue};
+use crate::state::{RedisStateStore, StateStore};
+use crate::storage::FsChunkStore;
+
+#[derive(Clone)]
+pub struct Backends {
+    pub state: Arc<dyn StateStore>,
+    pub queue: Arc<dyn MergeQueue>,
+    pub lock: Arc<dyn MergeLock>,
+    pub events: Arc<dyn EventSink>,
+    pub storage: FsChunkStore,
+}
+
+impl Backends {
+    /// Redis and RabbitMQ from `settings`. Connects lazily: a service that is down makes
+    /// requests fail (and readiness report it) rather than stopping the process.
+    pub fn distributed(settings: &Settings) -> anyhow::Result<Self> {
+        let state = Arc::new(
+            RedisStateStore::new(&settings.redis, &settings.namespace)
+                .context("setting up the Redis state store")?,
+        );
+        let broker = Arc::new(AmqpBroker::new(settings));
+        Ok(Self {
+            state,
+            queue: broker.clone(),
+            lock: Arc::new(RedisLock::new(settings).context("setting up the merge lock")?),
+            events: broker,
+            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
+        })
+    }
+}
