@@ -15,6 +15,7 @@
 pub mod backends;
 pub mod config;
 pub mod digest;
+pub mod embedded;
 pub mod events;
 pub mod geometry;
 pub mod id;

@@ -1,17 +1,19 @@
-//! Contract tests of the backend boundaries, against the real Redis. Each check is written
-//! against the trait (`StateStore`) or the lock's public API, so that every implementation
-//! (the embedded single-node store too) can run the same suite.
+//! Contract tests of the backend boundaries. Each check is written against a trait
+//! (`StateStore`, `MergeLock`, `MergeQueue`) and runs against every implementation: Redis and
+//! RabbitMQ for the distributed mode, SQLite for the single-node mode.
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use stitch_common::backends::Backends;
 use stitch_common::config::Interval;
 use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock, RedisLock};
+use stitch_common::queue::{AmqpBroker, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue};
 use stitch_common::state::{
     Aborted, Committed, Conflict, Created, Failed, MergeStart, Recorded, RedisStateStore,
     StateError, StateStore, keys,
@@ -372,4 +374,218 @@ async fn the_redis_lock_keeps_the_lock_contract() {
         redis_lock(&env, Duration::from_millis(300)).as_ref(),
     )
     .await;
+}
+
+// ----- The same contracts over the embedded (single-node) backends -----
+
+fn sqlite_backends(
+    env: &TestEnv,
+    adjust: impl FnOnce(&mut stitch_common::config::Settings),
+) -> Backends {
+    let mut settings = env.settings();
+    adjust(&mut settings);
+    Backends::embedded(&settings, &env.storage_root.join("stitch.db")).unwrap()
+}
+
+#[tokio::test]
+async fn the_sqlite_state_store_keeps_the_state_store_contract() {
+    let env = TestEnv::new();
+    let store = sqlite_backends(&env, |_| {}).state;
+    chunks_are_counted_once_and_never_overwritten(store.as_ref()).await;
+    completion_is_reported_exactly_once(store.as_ref()).await;
+    creation_is_idempotent_for_the_same_declaration(store.as_ref()).await;
+    abort_is_idempotent_and_refuses_later_chunks(store.as_ref()).await;
+    the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
+    a_failed_merge_is_final(store.as_ref()).await;
+    the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn the_sqlite_lock_keeps_the_lock_contract() {
+    let env = TestEnv::new();
+    let lock = |ttl| sqlite_backends(&env, |s| s.lock.ttl = Interval(ttl)).lock;
+    only_the_lease_holder_can_renew_or_release_the_lock(
+        &env,
+        lock(Duration::from_secs(5)).as_ref(),
+    )
+    .await;
+    a_lapsed_lease_is_lost_to_the_next_holder(&env, lock(Duration::from_millis(300)).as_ref())
+        .await;
+}
+
+#[tokio::test]
+async fn the_sqlite_state_survives_reopening_the_database() {
+    let env = TestEnv::new();
+    let u = upload("p1", 25, 10);
+    {
+        let store = sqlite_backends(&env, |_| {}).state;
+        store
+            .record_chunk(&u, &chunk(&u, 2, 9), "j", TTL)
+            .await
+            .unwrap();
+    }
+    let store = sqlite_backends(&env, |_| {}).state;
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.uploaded_chunks, vec![2]);
+    assert_eq!(status.bytes_received, 5);
+}
+
+// ----- The merge queue contract -----
+
+const SOON: Duration = Duration::from_millis(400);
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn job(id: &str) -> MergeJob {
+    MergeJob::new(UploadId::parse(id).unwrap())
+}
+
+async fn next_job(d: &mut Box<dyn MergeDeliveries>, within: Duration) -> Option<MergeDelivery> {
+    match tokio::time::timeout(within, d.next()).await {
+        Ok(Some(Ok(delivery))) => Some(delivery),
+        Ok(Some(Err(e))) => panic!("consumer failed: {e}"),
+        Ok(None) | Err(_) => None,
+    }
+}
+
+async fn an_acked_job_is_gone_and_an_unacked_one_comes_back(queue: &dyn MergeQueue) {
+    queue
+        .enqueue_merge(&job("q1").upload_id, &job("q1").to_json())
+        .await
+        .unwrap();
+    queue
+        .enqueue_merge(&job("q2").upload_id, &job("q2").to_json())
+        .await
+        .unwrap();
+    let mut d = queue.consume(2).await.unwrap();
+    let first = next_job(&mut d, PATIENCE).await.expect("first job");
+    let second = next_job(&mut d, PATIENCE).await.expect("second job");
+    let (acked, kept) = if first.job.as_ref().unwrap().upload_id.as_str() == "q1" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert!(!acked.redelivered);
+    acked.ack().await.unwrap();
+    drop(kept);
+    d.close().await;
+    let mut d = queue.consume(2).await.unwrap();
+    let again = next_job(&mut d, PATIENCE)
+        .await
+        .expect("the unacked job is redelivered");
+    assert_eq!(again.job.as_ref().unwrap().upload_id.as_str(), "q2");
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+    assert!(
+        next_job(&mut d, SOON).await.is_none(),
+        "the acked job came back"
+    );
+    d.close().await;
+}
+
+async fn prefetch_bounds_unsettled_deliveries(queue: &dyn MergeQueue) {
+    for id in ["p1", "p2"] {
+        queue
+            .enqueue_merge(&job(id).upload_id, &job(id).to_json())
+            .await
+            .unwrap();
+    }
+    let mut d = queue.consume(1).await.unwrap();
+    let first = next_job(&mut d, PATIENCE).await.expect("a job");
+    assert!(
+        next_job(&mut d, SOON).await.is_none(),
+        "a second delivery beyond prefetch 1"
+    );
+    first.ack().await.unwrap();
+    let second = next_job(&mut d, PATIENCE)
+        .await
+        .expect("the next job once the first is settled");
+    second.ack().await.unwrap();
+    d.close().await;
+}
+
+async fn a_retry_waits_its_delay(queue: &dyn MergeQueue, delay: Duration) {
+    let mut d = queue.consume(1).await.unwrap();
+    let retried = MergeJob {
+        attempt: 1,
+        ..job("r1")
+    };
+    let sent = std::time::Instant::now();
+    queue.enqueue_retry(&retried, delay).await.unwrap();
+    assert!(
+        next_job(&mut d, delay / 2).await.is_none(),
+        "delivered before its delay"
+    );
+    let back = next_job(&mut d, PATIENCE)
+        .await
+        .expect("the retry comes back");
+    assert!(sent.elapsed() >= delay.mul_f32(0.9));
+    assert_eq!(back.job.as_ref().unwrap().attempt, 1);
+    back.ack().await.unwrap();
+    d.close().await;
+}
+
+async fn a_job_requeued_past_the_delivery_limit_is_dead_lettered(
+    queue: &dyn MergeQueue,
+    limit: u32,
+) {
+    queue
+        .enqueue_merge(&job("d1").upload_id, &job("d1").to_json())
+        .await
+        .unwrap();
+    let mut d = queue.consume(1).await.unwrap();
+    // The first delivery plus `limit` redeliveries.
+    for _ in 0..=limit {
+        let delivery = next_job(&mut d, PATIENCE)
+            .await
+            .expect("a delivery within the limit");
+        delivery.requeue().await.unwrap();
+    }
+    assert!(
+        next_job(&mut d, Duration::from_secs(1)).await.is_none(),
+        "delivered past the limit"
+    );
+    d.close().await;
+}
+
+async fn a_poison_message_is_delivered_as_such(queue: &dyn MergeQueue) {
+    queue
+        .enqueue_merge(&job("x").upload_id, "{not json")
+        .await
+        .unwrap();
+    let mut d = queue.consume(1).await.unwrap();
+    let poison = next_job(&mut d, PATIENCE).await.expect("the message");
+    assert!(poison.job.is_err());
+    assert_eq!(poison.payload, b"{not json");
+    queue
+        .dead_letter(&poison.payload, "not a job")
+        .await
+        .unwrap();
+    poison.ack().await.unwrap();
+    d.close().await;
+}
+
+async fn run_queue_contract(make: impl Fn() -> Arc<dyn MergeQueue>, limit: u32) {
+    an_acked_job_is_gone_and_an_unacked_one_comes_back(make().as_ref()).await;
+    prefetch_bounds_unsettled_deliveries(make().as_ref()).await;
+    a_poison_message_is_delivered_as_such(make().as_ref()).await;
+    a_job_requeued_past_the_delivery_limit_is_dead_lettered(make().as_ref(), limit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rabbitmq_queue_keeps_the_queue_contract() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.merge.delivery_limit = 3;
+    settings.merge.retry_delays = vec![Interval(Duration::from_millis(1500))];
+    let make = || -> Arc<dyn MergeQueue> { Arc::new(AmqpBroker::new(&settings)) };
+    run_queue_contract(make, 3).await;
+    a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_queue_keeps_the_queue_contract() {
+    let env = TestEnv::new();
+    let make = || sqlite_backends(&env, |s| s.merge.delivery_limit = 3).queue;
+    run_queue_contract(make, 3).await;
+    a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;
 }

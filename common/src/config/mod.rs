@@ -120,8 +120,9 @@ pub struct MergeSettings {
     /// comma-separated (`5s,30s,2m`).
     #[serde(deserialize_with = "units::list_or_csv")]
     pub retry_delays: Vec<Interval>,
-    /// Deliveries of one message before the broker dead-letters it (a worker that crashes on
-    /// it every time). RabbitMQ 3.10 has no default; 4.x defaults to 20.
+    /// Redeliveries of one message (after its first delivery) before the queue dead-letters
+    /// it: a worker that crashes on it every time. RabbitMQ 3.10 has no default; 4.x
+    /// defaults to 20.
     pub delivery_limit: u32,
     /// Read/hash block size. 64 KiB stays in cache; 1 MiB was measurably slower here.
     pub buffer_bytes: ByteSize,

@@ -1,0 +1,121 @@
+//! The single-node backends: state store, merge queue, lock and event log in one SQLite
+//! database on local disk, so that `stitch serve` needs no other service and a restart loses
+//! no upload and no pending merge.
+//!
+//! Why SQLite (bundled, via rusqlite) rather than a key-value store such as redb: each of the
+//! state store's operations is a multi-row read-check-write that must be atomic, which is one
+//! `BEGIN IMMEDIATE` transaction in SQL, the same guarantee the Redis Lua scripts give; WAL
+//! mode with `synchronous = FULL` makes every committed transaction durable; the database is
+//! one file an operator can open with `sqlite3`; and its crash safety is among the most
+//! tested there is. The queue and the lock live in the same file and the same transactions
+//! discipline. One connection serves the process (single-node means one writer anyway);
+//! operations run on blocking threads.
+
+mod events;
+mod lock;
+mod queue;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use rusqlite::Connection;
+
+pub use self::events::SqliteEventLog;
+pub use self::lock::SqliteLock;
+pub use self::queue::SqliteQueue;
+pub use self::state::SqliteStateStore;
+use crate::backends::Backends;
+use crate::config::Settings;
+use crate::storage::FsChunkStore;
+
+/// The schema version this code writes (SQLite `user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The shared database handle.
+#[derive(Clone)]
+pub struct Database {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+/// A database failure, as the backends report it.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded database: {0}")]
+pub struct DbError(pub String);
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl Database {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// Refuses a database written by a newer Stitch.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "{} was written by a newer Stitch (schema {version}, this one knows {SCHEMA_VERSION})",
+                path.display()
+            );
+        }
+        conn.execute_batch(include_str!("schema.sql"))?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `op` with the connection on a blocking thread.
+    pub async fn run<T, F>(&self, op: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| DbError("the database lock is poisoned".into()))?;
+            op(&mut guard)
+        })
+        .await
+        .map_err(|e| DbError(format!("database task failed: {e}")))?
+    }
+}
+
+/// Where the single-node database lives by default: beside the data it indexes.
+pub fn default_path(settings: &Settings) -> PathBuf {
+    settings.storage.root.join("stitch.db")
+}
+
+impl Backends {
+    /// The single-node set: everything in one SQLite database at `db_path`.
+    pub fn embedded(settings: &Settings, db_path: &Path) -> anyhow::Result<Self> {
+        let db = Database::open(db_path)?;
+        let queue = Arc::new(SqliteQueue::new(db.clone(), settings.merge.delivery_limit)?);
+        Ok(Self {
+            state: Arc::new(SqliteStateStore::new(db.clone())),
+            queue,
+            lock: Arc::new(SqliteLock::new(db.clone(), settings.lock.ttl.0)),
+            events: Arc::new(SqliteEventLog::new(db)),
+            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! [`MergeQueue`] over SQLite: a `jobs` table with availability times (delays) and claims.
+//!
+//! A delivery is a claimed row; ack deletes it, requeue releases it. Claims belong to the
+//! process, which is the only writer of a single-node database: on open, every claim left by
+//! a previous run (the process died with merges in flight) is released, which is the broker's
+//! "redeliver what was unacked" for this backend. A job claimed more than the delivery limit
+//! more often than the first delivery plus the delivery limit moves to `dead_jobs`, as
+//! RabbitMQ's `x-delivery-limit` does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::{Database, DbError};
+use crate::id::UploadId;
+use crate::now_ms;
+use crate::queue::{Acknowledge, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue, QueueError};
+
+/// How long an idle consumer sleeps before looking for delayed jobs that became due.
+const POLL: Duration = Duration::from_millis(250);
+
+pub struct SqliteQueue {
+    db: Database,
+    delivery_limit: u32,
+    wake: Arc<Notify>,
+}
+
+fn unavailable(e: DbError) -> QueueError {
+    QueueError::Unavailable(e.0)
+}
+
+impl SqliteQueue {
+    /// Opens the queue, releasing claims a previous run left behind.
+    pub fn new(db: Database, delivery_limit: u32) -> anyhow::Result<Self> {
+        {
+            let conn = db
+                .conn
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the database lock is poisoned"))?;
+            conn.execute(
+                "UPDATE jobs SET claimed_by = NULL WHERE claimed_by IS NOT NULL",
+                [],
+            )?;
+        }
+        Ok(Self {
+            db,
+            delivery_limit,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    async fn insert(&self, payload: Vec<u8>, delay: Duration) -> Result<(), QueueError> {
+        let available_at = now_ms() as i64 + delay.as_millis() as i64;
+        self.db
+            .run(move |conn| {
+                conn.execute(
+                    "INSERT INTO jobs (payload, available_at) VALUES (?1, ?2)",
+                    params![payload, available_at],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Jobs waiting or claimed, and dead ones (for tests and operators).
+    pub async fn counts(&self) -> Result<(u64, u64), QueueError> {
+        self.db
+            .run(|conn| {
+                let live: i64 = conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
+                let dead: i64 =
+                    conn.query_row("SELECT COUNT(*) FROM dead_jobs", [], |r| r.get(0))?;
+                Ok((live as u64, dead as u64))
+            })
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl MergeQueue for SqliteQueue {
+    async fn enqueue_merge(&self, _upload_id: &UploadId, raw: &str) -> Result<(), QueueError> {
+        self.insert(raw.as_bytes().to_vec(), Duration::ZERO).await
+    }
+
+    async fn enqueue_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
+        self.insert(job.to_json().into_bytes(), delay).await
+    }
+
+    async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
+        let (payload, reason) = (payload.to_vec(), reason.to_owned());
+        self.db
+            .run(move |conn| {
+                conn.execute(
+                    "INSERT INTO dead_jobs (payload, reason, dead_at) VALUES (?1, ?2, ?3)",
+                    params![payload, reason, now_ms() as i64],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError> {
+        Ok(Box::new(SqliteDeliveries {
+            db: self.db.clone(),
+            consumer: format!("consumer-{:016x}", rand::random::<u64>()),
+            delivery_limit: self.delivery_limit,
+            slots: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
+            wake: self.wake.clone(),
+        }))
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.db
+            .run(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+            .map_err(unavailable)
+    }
+}
+
+struct SqliteDeliveries {
+    db: Database,
+    consumer: String,
+    delivery_limit: u32,
+    /// At most `prefetch` unsettled deliveries, like a broker's prefetch.
+    slots: Arc<Semaphore>,
+    wake: Arc<Notify>,
+}
+
+/// What claiming found.
+enum Claim {
+    Job {
+        id: i64,
+        payload: Vec<u8>,
+        deliveries: i64,
+    },
+    Nothing,
+}
+
+impl SqliteDeliveries {
+    async fn claim(&self) -> Result<Claim, DbError> {
+        let (consumer, limit) = (self.consumer.clone(), self.delivery_limit as i64);
+        self.db
+            .run(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                loop {
+                    let row = tx
+                        .query_row(
+                            "SELECT id, payload, deliveries FROM jobs WHERE claimed_by IS NULL \
+                             AND available_at <= ?1 ORDER BY available_at, id LIMIT 1",
+                            [now_ms() as i64],
+                            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
+                        )
+                        .optional()?;
+                    let Some((id, payload, deliveries)) = row else {
+                        tx.commit()?;
+                        return Ok(Claim::Nothing);
+                    };
+                    // Like RabbitMQ's x-delivery-limit: the first delivery plus `limit`
+                    // redeliveries.
+                    if deliveries > limit {
+                        tx.execute(
+                            "INSERT INTO dead_jobs (payload, reason, dead_at) VALUES (?1, ?2, ?3)",
+                            params![payload, format!("delivered {deliveries} times without being settled"), now_ms() as i64],
+                        )?;
+                        tx.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+                        continue;
+                    }
+                    tx.execute(
+                        "UPDATE jobs SET claimed_by = ?2, deliveries = deliveries + 1 WHERE id = ?1",
+                        params![id, consumer],
+                    )?;
+                    tx.commit()?;
+                    return Ok(Claim::Job { id, payload, deliveries: deliveries + 1 });
+                }
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl MergeDeliveries for SqliteDeliveries {
+    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        loop {
+            let notified = self.wake.notified();
+            match self.claim().await {
+                Err(e) => return Some(Err(unavailable(e))),
+                Ok(Claim::Job {
+                    id,
+                    payload,
+                    deliveries,
+                }) => {
+                    let acker = SqliteAcker {
+                        db: self.db.clone(),
+                        job: id,
+                        wake: self.wake.clone(),
+                        slot: std::sync::Mutex::new(Some(permit)),
+                    };
+                    return Some(Ok(MergeDelivery::new(
+                        payload,
+                        deliveries > 1,
+                        Box::new(acker),
+                    )));
+                }
+                Ok(Claim::Nothing) => {
+                    let _ = tokio::time::timeout(POLL, notified).await;
+                }
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) {
+        let consumer = self.consumer.clone();
+        let _ = self
+            .db
+            .run(move |conn| {
+                conn.execute(
+                    "UPDATE jobs SET claimed_by = NULL WHERE claimed_by = ?1",
+                    [consumer],
+                )?;
+                Ok(())
+            })
+            .await;
+        self.wake.notify_waiters();
+    }
+}
+
+struct SqliteAcker {
+    db: Database,
+    job: i64,
+    wake: Arc<Notify>,
+    /// Held until the delivery is settled (or dropped), like an unacked broker delivery.
+    slot: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl SqliteAcker {
+    fn free_slot(&self) {
+        if let Ok(mut slot) = self.slot.lock() {
+            slot.take();
+        }
+    }
+}
+
+#[async_trait]
+impl Acknowledge for SqliteAcker {
+    async fn ack(&self) -> Result<(), QueueError> {
+        let job = self.job;
+        self.db
+            .run(move |conn| {
+                conn.execute("DELETE FROM jobs WHERE id = ?1", [job])?;
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)?;
+        self.free_slot();
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), QueueError> {
+        let job = self.job;
+        self.db
+            .run(move |conn| {
+                conn.execute("UPDATE jobs SET claimed_by = NULL WHERE id = ?1", [job])?;
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)?;
+        self.free_slot();
+        self.wake.notify_waiters();
+        Ok(())
+    }
+}

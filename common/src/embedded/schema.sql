@@ -1,0 +1,81 @@
+-- The single-node database. Version 1. Every table is keyed by upload or by job; the state
+-- machine's rules live in state.rs, one transaction per operation.
+
+CREATE TABLE IF NOT EXISTS uploads (
+  id TEXT PRIMARY KEY,
+  state TEXT NOT NULL,
+  total_size INTEGER NOT NULL,
+  chunk_size INTEGER NOT NULL,
+  total_chunks INTEGER NOT NULL,
+  filename TEXT NOT NULL DEFAULT '',
+  file_md5 TEXT NOT NULL DEFAULT '',
+  metadata TEXT NOT NULL DEFAULT '',
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL,
+  bytes_received INTEGER NOT NULL DEFAULT 0,
+  chunks_received INTEGER NOT NULL DEFAULT 0,
+  merging_at INTEGER,
+  requeued_at INTEGER,
+  requeues INTEGER NOT NULL DEFAULT 0,
+  fence INTEGER NOT NULL DEFAULT 0,
+  merge_bytes_done INTEGER,
+  size INTEGER,
+  md5 TEXT,
+  location TEXT,
+  completed_at INTEGER,
+  completed_event_id TEXT,
+  failure_reason TEXT,
+  failed_at INTEGER,
+  failed_event_id TEXT,
+  expires_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS parts (
+  upload_id TEXT NOT NULL,
+  idx INTEGER NOT NULL,
+  offset INTEGER NOT NULL,
+  len INTEGER NOT NULL,
+  crc32c INTEGER NOT NULL,
+  md5 TEXT NOT NULL DEFAULT '',
+  token TEXT NOT NULL,
+  PRIMARY KEY (upload_id, idx)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS outbox (
+  id INTEGER PRIMARY KEY,
+  upload_id TEXT NOT NULL,
+  raw TEXT NOT NULL,
+  enqueued_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_upload ON outbox (upload_id);
+
+CREATE TABLE IF NOT EXISTS jobs (
+  id INTEGER PRIMARY KEY,
+  payload BLOB NOT NULL,
+  available_at INTEGER NOT NULL,
+  -- The consumer holding it, or NULL when it waits for one.
+  claimed_by TEXT,
+  deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (claimed_by, available_at);
+
+CREATE TABLE IF NOT EXISTS dead_jobs (
+  id INTEGER PRIMARY KEY,
+  payload BLOB NOT NULL,
+  reason TEXT NOT NULL,
+  dead_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY,
+  event_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  body TEXT NOT NULL,
+  published_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS locks (
+  key TEXT PRIMARY KEY,
+  token TEXT NOT NULL,
+  expires_at INTEGER NOT NULL
+);

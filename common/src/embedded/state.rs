@@ -1,0 +1,731 @@
+//! [`StateStore`] over SQLite: each operation is one `BEGIN IMMEDIATE` transaction that makes
+//! the same checks, in the same order, as the Redis Lua scripts (see `state/lua/`). Upload
+//! expiry is a per-row `expires_at`: an expired upload reads as absent and is purged by the
+//! next operation that touches it.
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::{Database, DbError};
+use crate::digest::Md5;
+use crate::geometry::{ChunkIndex, Geometry};
+use crate::id::UploadId;
+use crate::now_ms;
+use crate::state::{
+    Aborted, Committed, Conflict, Created, Failed, MergePlan, MergeStart, MergingUpload,
+    OutboxEntry, Progress, Recorded, StateError, StateStore, UploadHeader,
+};
+use crate::upload::{ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus};
+
+pub struct SqliteStateStore {
+    db: Database,
+}
+
+impl SqliteStateStore {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    async fn run<T, F>(&self, op: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, StateError> + Send + 'static,
+    {
+        let result = self
+            .db
+            .run(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = op(&tx);
+                match out {
+                    Ok(value) => {
+                        tx.commit()?;
+                        Ok(Ok(value))
+                    }
+                    // Dropping the transaction rolls it back: a refusal writes nothing.
+                    Err(e) => Ok(Err(e)),
+                }
+            })
+            .await;
+        match result {
+            Ok(inner) => inner,
+            Err(DbError(detail)) => Err(StateError::Unavailable {
+                detail,
+                outcome_unknown: false,
+            }),
+        }
+    }
+}
+
+fn db_error(e: rusqlite::Error) -> StateError {
+    StateError::Corrupt(format!("embedded database: {e}"))
+}
+
+fn int(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+/// Drops the upload's rows if it expired, so that it reads as absent.
+fn purge_expired(tx: &Transaction<'_>, id: &str, now: i64) -> Result<(), StateError> {
+    let expired: bool = tx
+        .query_row(
+            "SELECT EXISTS(SELECT 1 FROM uploads WHERE id = ?1 AND expires_at <= ?2)",
+            params![id, now],
+            |r| r.get(0),
+        )
+        .map_err(db_error)?;
+    if expired {
+        tx.execute("DELETE FROM parts WHERE upload_id = ?1", [id])
+            .map_err(db_error)?;
+        tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [id])
+            .map_err(db_error)?;
+        tx.execute("DELETE FROM uploads WHERE id = ?1", [id])
+            .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// The columns every check needs.
+struct Head {
+    state: UploadState,
+    geometry: Geometry,
+    file_md5: String,
+    filename: String,
+}
+
+fn read_head(tx: &Transaction<'_>, id: &str) -> Result<Option<Head>, StateError> {
+    tx.query_row(
+        "SELECT state, total_size, chunk_size, total_chunks, file_md5, filename FROM uploads WHERE id = ?1",
+        [id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        },
+    )
+    .optional()
+    .map_err(db_error)?
+    .map(|(state, ts, cs, tc, file_md5, filename)| {
+        Ok(Head {
+            state: state.parse().map_err(StateError::Corrupt)?,
+            geometry: Geometry {
+                total_size: ts as u64,
+                chunk_size: cs as u64,
+                total_chunks: tc as u64,
+            },
+            file_md5,
+            filename,
+        })
+    })
+    .transpose()
+}
+
+fn md5_text(md5: Option<Md5>) -> String {
+    md5.map(|m| m.to_hex()).unwrap_or_default()
+}
+
+fn metadata_text(upload: &NewUpload) -> String {
+    upload
+        .metadata
+        .as_ref()
+        .map(|m| serde_json::Value::Object(m.clone()).to_string())
+        .unwrap_or_default()
+}
+
+fn insert_upload(
+    tx: &Transaction<'_>,
+    u: &NewUpload,
+    created_at: i64,
+    now: i64,
+    ttl: i64,
+) -> Result<(), StateError> {
+    let g = u.geometry;
+    tx.execute(
+        "INSERT INTO uploads (id, state, total_size, chunk_size, total_chunks, filename, file_md5, \
+         metadata, created_at, updated_at, expires_at) \
+         VALUES (?1, 'receiving', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            u.id.as_str(),
+            int(g.total_size),
+            int(g.chunk_size),
+            int(g.total_chunks),
+            u.filename.as_deref().unwrap_or(""),
+            md5_text(u.file_md5),
+            metadata_text(u),
+            created_at,
+            now,
+            now + ttl
+        ],
+    )
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn counts(tx: &Transaction<'_>, id: &str) -> Result<(u64, u64), StateError> {
+    tx.query_row(
+        "SELECT chunks_received, bytes_received FROM uploads WHERE id = ?1",
+        [id],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .map_err(db_error)
+}
+
+fn part_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, i64, i64, i64, String, String)> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn to_record(row: (i64, i64, i64, i64, String, String)) -> ChunkRecord {
+    let (idx, offset, len, crc, md5, token) = row;
+    ChunkRecord {
+        index: ChunkIndex(idx as u64),
+        offset: offset as u64,
+        len: len as u64,
+        crc32c: crc as u32,
+        md5: Md5::parse(&md5),
+        token,
+    }
+}
+
+#[async_trait]
+impl StateStore for SqliteStateStore {
+    async fn create_upload(&self, upload: &NewUpload, ttl_ms: u64) -> Result<Created, StateError> {
+        let u = upload.clone();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            purge_expired(tx, u.id.as_str(), now)?;
+            if let Some(head) = read_head(tx, u.id.as_str())? {
+                if head.geometry != u.geometry {
+                    return Err(Conflict::Geometry {
+                        existing: head.geometry,
+                    }
+                    .into());
+                }
+                let md5 = md5_text(u.file_md5);
+                if !md5.is_empty() && head.file_md5 != md5 {
+                    return Err(Conflict::FileMd5.into());
+                }
+                if matches!(head.state, UploadState::Aborted | UploadState::Failed) {
+                    return Err(Conflict::NotReceiving(head.state).into());
+                }
+                return Ok(Created::AlreadyExists);
+            }
+            insert_upload(tx, &u, u.created_at_ms as i64, now, int(ttl_ms))?;
+            Ok(Created::New)
+        })
+        .await
+    }
+
+    async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            purge_expired(tx, id.as_str(), now_ms() as i64)?;
+            Ok(read_head(tx, id.as_str())?.map(|h| UploadHeader {
+                state: h.state,
+                geometry: h.geometry,
+                file_md5: Md5::parse(&h.file_md5),
+            }))
+        })
+        .await
+    }
+
+    async fn record_chunk(
+        &self,
+        upload: &NewUpload,
+        chunk: &ChunkRecord,
+        merge_job: &str,
+        ttl_ms: u64,
+    ) -> Result<Recorded, StateError> {
+        let (u, c, job) = (upload.clone(), chunk.clone(), merge_job.to_owned());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let ttl = int(ttl_ms);
+            let id = u.id.as_str();
+            purge_expired(tx, id, now)?;
+            let mut set_md5 = None;
+            let mut set_name = None;
+            match read_head(tx, id)? {
+                None => insert_upload(tx, &u, now, now, ttl)?,
+                Some(head) => {
+                    if head.geometry != u.geometry {
+                        return Err(Conflict::Geometry { existing: head.geometry }.into());
+                    }
+                    let md5 = md5_text(u.file_md5);
+                    if !md5.is_empty() && !head.file_md5.is_empty() && head.file_md5 != md5 {
+                        return Err(Conflict::FileMd5.into());
+                    }
+                    if head.state != UploadState::Receiving {
+                        return Err(Conflict::NotReceiving(head.state).into());
+                    }
+                    if !md5.is_empty() && head.file_md5.is_empty() {
+                        set_md5 = Some(md5);
+                    }
+                    if head.filename.is_empty() {
+                        set_name = u.filename.clone().filter(|n| !n.is_empty());
+                    }
+                }
+            }
+            let touch = |tx: &Transaction<'_>| -> Result<(), StateError> {
+                tx.execute(
+                    "UPDATE uploads SET updated_at = ?2, expires_at = ?3, \
+                     file_md5 = COALESCE(?4, file_md5), filename = COALESCE(?5, filename) \
+                     WHERE id = ?1",
+                    params![id, now, now + ttl, set_md5, set_name],
+                )
+                .map_err(db_error)?;
+                Ok(())
+            };
+            let existing = tx
+                .query_row(
+                    "SELECT idx, offset, len, crc32c, md5, token FROM parts WHERE upload_id = ?1 AND idx = ?2",
+                    params![id, int(c.index.0)],
+                    part_from_row,
+                )
+                .optional()
+                .map_err(db_error)?
+                .map(to_record);
+            if let Some(existing) = existing {
+                if !existing.same_content(&c) {
+                    return Err(Conflict::ChunkContent(c.index).into());
+                }
+                touch(tx)?;
+                let (chunks_received, bytes_received) = counts(tx, id)?;
+                return Ok(Recorded::Duplicate {
+                    progress: Progress {
+                        state: UploadState::Receiving,
+                        chunks_received,
+                        bytes_received,
+                        completed_upload: false,
+                    },
+                    counted_token: existing.token,
+                });
+            }
+            tx.execute(
+                "INSERT INTO parts (upload_id, idx, offset, len, crc32c, md5, token) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![id, int(c.index.0), int(c.offset), int(c.len), c.crc32c as i64, md5_text(c.md5), c.token],
+            )
+            .map_err(db_error)?;
+            tx.execute(
+                "UPDATE uploads SET chunks_received = chunks_received + 1, \
+                 bytes_received = bytes_received + ?2 WHERE id = ?1",
+                params![id, int(c.len)],
+            )
+            .map_err(db_error)?;
+            touch(tx)?;
+            let (chunks_received, bytes_received) = counts(tx, id)?;
+            let completed = bytes_received == u.geometry.total_size;
+            if completed {
+                tx.execute(
+                    "UPDATE uploads SET state = 'merging', merging_at = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(db_error)?;
+                let enqueued_at = crate::queue::MergeJob::from_json(job.as_bytes())
+                    .map(|j| j.enqueued_at_ms as i64)
+                    .unwrap_or(now);
+                tx.execute(
+                    "INSERT INTO outbox (upload_id, raw, enqueued_at) VALUES (?1, ?2, ?3)",
+                    params![id, job, enqueued_at],
+                )
+                .map_err(db_error)?;
+            }
+            Ok(Recorded::New(Progress {
+                state: if completed { UploadState::Merging } else { UploadState::Receiving },
+                chunks_received,
+                bytes_received,
+                completed_upload: completed,
+            }))
+        })
+        .await
+    }
+
+    async fn upload_status(&self, id: &UploadId) -> Result<Option<UploadStatus>, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            purge_expired(tx, id.as_str(), now)?;
+            let row = tx
+                .query_row(
+                    "SELECT state, total_size, chunk_size, total_chunks, filename, file_md5, metadata, \
+                     created_at, updated_at, bytes_received, chunks_received, merge_bytes_done, \
+                     size, md5, location, completed_at, completed_event_id, \
+                     failure_reason, failed_at, failed_event_id FROM uploads WHERE id = ?1",
+                    [id.as_str()],
+                    |r| {
+                        Ok((
+                            (r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?),
+                            (r.get::<_, String>(4)?, r.get::<_, String>(5)?, r.get::<_, String>(6)?),
+                            (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, Option<i64>>(11)?),
+                            (r.get::<_, Option<i64>>(12)?, r.get::<_, Option<String>>(13)?, r.get::<_, Option<String>>(14)?, r.get::<_, Option<i64>>(15)?, r.get::<_, Option<String>>(16)?),
+                            (r.get::<_, Option<String>>(17)?, r.get::<_, Option<i64>>(18)?, r.get::<_, Option<String>>(19)?),
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(db_error)?;
+            let Some((head, names, times, done, failed)) = row else {
+                return Ok(None);
+            };
+            let geometry = Geometry {
+                total_size: head.1 as u64,
+                chunk_size: head.2 as u64,
+                total_chunks: head.3 as u64,
+            };
+            let metadata = match names.2.as_str() {
+                "" => None,
+                json => match serde_json::from_str(json) {
+                    Ok(serde_json::Value::Object(map)) => Some(map),
+                    _ => return Err(StateError::Corrupt("metadata is not a JSON object".into())),
+                },
+            };
+            let mut stmt = tx
+                .prepare_cached("SELECT idx FROM parts WHERE upload_id = ?1 ORDER BY idx")
+                .map_err(db_error)?;
+            let uploaded_chunks = stmt
+                .query_map([id.as_str()], |r| r.get::<_, i64>(0).map(|v| v as u64))
+                .map_err(db_error)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_error)?;
+            let completion = match (done.0, done.1.as_deref().and_then(Md5::parse)) {
+                (Some(size), Some(md5)) => Some(Completion {
+                    size: size as u64,
+                    md5,
+                    location: done.2.unwrap_or_default(),
+                    completed_at_ms: done.3.unwrap_or(0) as u64,
+                    event_id: done.4.unwrap_or_default(),
+                }),
+                _ => None,
+            };
+            let failure = failed.0.map(|reason| Failure {
+                reason,
+                failed_at_ms: failed.1.unwrap_or(0) as u64,
+                event_id: failed.2.unwrap_or_default(),
+            });
+            Ok(Some(UploadStatus {
+                id: id.clone(),
+                state: head.0.parse().map_err(StateError::Corrupt)?,
+                geometry,
+                filename: Some(names.0).filter(|s| !s.is_empty()),
+                file_md5: Md5::parse(&names.1),
+                metadata,
+                created_at_ms: times.0 as u64,
+                updated_at_ms: times.1 as u64,
+                bytes_received: times.2 as u64,
+                chunks_received: times.3 as u64,
+                uploaded_chunks,
+                merge_bytes_done: times.4.map(|v| v as u64),
+                completion,
+                failure,
+            }))
+        })
+        .await
+    }
+
+    async fn abort_upload(&self, id: &UploadId, ttl_ms: u64) -> Result<Aborted, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let id = id.as_str();
+            purge_expired(tx, id, now)?;
+            let Some(head) = read_head(tx, id)? else {
+                return Err(StateError::NotFound);
+            };
+            if head.state == UploadState::Aborted {
+                return Ok(Aborted::Already);
+            }
+            tx.execute(
+                "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
+                 bytes_received = 0, expires_at = ?3 WHERE id = ?1",
+                params![id, now, now + int(ttl_ms)],
+            )
+            .map_err(db_error)?;
+            tx.execute("DELETE FROM parts WHERE upload_id = ?1", [id])
+                .map_err(db_error)?;
+            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [id])
+                .map_err(db_error)?;
+            Ok(Aborted::Now {
+                previous: head.state,
+            })
+        })
+        .await
+    }
+
+    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError> {
+        let (id, raw) = (id.clone(), raw.to_owned());
+        self.run(move |tx| {
+            tx.execute(
+                "DELETE FROM outbox WHERE id = (SELECT id FROM outbox WHERE upload_id = ?1 AND raw = ?2 LIMIT 1)",
+                params![id.as_str(), raw],
+            )
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError> {
+        self.run(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT o.upload_id, o.raw, o.enqueued_at FROM outbox o JOIN uploads u ON u.id = o.upload_id \
+                     WHERE o.enqueued_at < ?1 AND u.expires_at > ?2 ORDER BY o.id",
+                )
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map(params![int(older_than_ms), now_ms() as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, raw, at) = row.map_err(db_error)?;
+                if let Ok(upload_id) = UploadId::parse(&id) {
+                    out.push(OutboxEntry { upload_id, raw, enqueued_at_ms: at as u64 });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn stuck_merges(&self, older_than_ms: u64) -> Result<Vec<MergingUpload>, StateError> {
+        self.run(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id, MAX(COALESCE(merging_at, 0), COALESCE(requeued_at, 0)) AS since, requeues \
+                     FROM uploads WHERE state = 'merging' AND expires_at > ?2 AND since < ?1",
+                )
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map(params![int(older_than_ms), now_ms() as i64], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, since, requeues) = row.map_err(db_error)?;
+                if let Ok(upload_id) = UploadId::parse(&id) {
+                    out.push(MergingUpload {
+                        upload_id,
+                        since_ms: since as u64,
+                        requeues: requeues.clamp(0, u32::MAX as i64) as u32,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn note_requeue(&self, id: &UploadId) -> Result<Option<u32>, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE uploads SET requeues = requeues + 1, requeued_at = ?2 \
+                     WHERE id = ?1 AND state = 'merging'",
+                    params![id.as_str(), now_ms() as i64],
+                )
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            let n: i64 = tx
+                .query_row(
+                    "SELECT requeues FROM uploads WHERE id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .map_err(db_error)?;
+            Ok(Some(n.clamp(0, u32::MAX as i64) as u32))
+        })
+        .await
+    }
+
+    async fn begin_merge(&self, id: &UploadId, ttl_ms: u64) -> Result<MergeStart, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            match head.state {
+                UploadState::Completed => return Ok(MergeStart::AlreadyCompleted),
+                UploadState::Merging => {}
+                other => return Ok(MergeStart::NotMerging(other)),
+            }
+            tx.execute(
+                "UPDATE uploads SET fence = fence + 1, merge_bytes_done = 0, expires_at = MAX(expires_at, ?2) WHERE id = ?1",
+                params![key, now + int(ttl_ms)],
+            )
+            .map_err(db_error)?;
+            let (fence, metadata, created_at): (i64, String, i64) = tx
+                .query_row(
+                    "SELECT fence, metadata, created_at FROM uploads WHERE id = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .map_err(db_error)?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT idx, offset, len, crc32c, md5, token FROM parts WHERE upload_id = ?1 ORDER BY idx",
+                )
+                .map_err(db_error)?;
+            let chunks = stmt
+                .query_map([key], part_from_row)
+                .map_err(db_error)?
+                .map(|r| r.map(to_record))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_error)?;
+            let metadata = match metadata.as_str() {
+                "" => None,
+                json => match serde_json::from_str(json) {
+                    Ok(serde_json::Value::Object(map)) => Some(map),
+                    _ => return Err(StateError::Corrupt("metadata is not a JSON object".into())),
+                },
+            };
+            Ok(MergeStart::Ready(MergePlan {
+                fence: fence as u64,
+                upload: NewUpload {
+                    id: id.clone(),
+                    geometry: head.geometry,
+                    filename: Some(head.filename).filter(|s| !s.is_empty()),
+                    file_md5: Md5::parse(&head.file_md5),
+                    metadata,
+                    created_at_ms: created_at as u64,
+                },
+                chunks,
+            }))
+        })
+        .await
+    }
+
+    async fn report_merge_progress(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        bytes_done: u64,
+    ) -> Result<(), StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            tx.execute(
+                "UPDATE uploads SET merge_bytes_done = ?3 WHERE id = ?1 AND fence = ?2 AND state = 'merging'",
+                params![id.as_str(), int(fence), int(bytes_done)],
+            )
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn commit_merge(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        result: &Completion,
+        ttl_ms: u64,
+    ) -> Result<Committed, StateError> {
+        let (id, result) = (id.clone(), result.clone());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            match head.state {
+                UploadState::Completed => {
+                    let event_id: Option<String> = tx
+                        .query_row("SELECT completed_event_id FROM uploads WHERE id = ?1", [key], |r| r.get(0))
+                        .map_err(db_error)?;
+                    return Ok(Committed::Already { event_id: event_id.unwrap_or_default() });
+                }
+                UploadState::Merging => {}
+                other => return Err(Conflict::NotMerging(other).into()),
+            }
+            let current: i64 = tx
+                .query_row("SELECT fence FROM uploads WHERE id = ?1", [key], |r| r.get(0))
+                .map_err(db_error)?;
+            if current != int(fence) {
+                return Err(Conflict::Fenced.into());
+            }
+            tx.execute(
+                "UPDATE uploads SET state = 'completed', size = ?2, md5 = ?3, location = ?4, \
+                 completed_event_id = ?5, completed_at = ?6, updated_at = ?6, merge_bytes_done = ?2, \
+                 expires_at = ?7 WHERE id = ?1",
+                params![
+                    key,
+                    int(result.size),
+                    result.md5.to_hex(),
+                    result.location,
+                    result.event_id,
+                    result.completed_at_ms as i64,
+                    now + int(ttl_ms)
+                ],
+            )
+            .map_err(db_error)?;
+            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key]).map_err(db_error)?;
+            Ok(Committed::Now)
+        })
+        .await
+    }
+
+    async fn fail_merge(
+        &self,
+        id: &UploadId,
+        fence: Option<u64>,
+        reason: &str,
+        event_id: &str,
+        ttl_ms: u64,
+    ) -> Result<Failed, StateError> {
+        let (id, reason, event_id) = (id.clone(), reason.to_owned(), event_id.to_owned());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            if head.state != UploadState::Merging {
+                return Ok(Failed::NotMerging(head.state));
+            }
+            if let Some(fence) = fence {
+                let current: i64 = tx
+                    .query_row("SELECT fence FROM uploads WHERE id = ?1", [key], |r| {
+                        r.get(0)
+                    })
+                    .map_err(db_error)?;
+                if current != int(fence) {
+                    return Err(Conflict::Fenced.into());
+                }
+            }
+            tx.execute(
+                "UPDATE uploads SET state = 'failed', failure_reason = ?2, failed_event_id = ?3, \
+                 failed_at = ?4, updated_at = ?4, expires_at = ?5 WHERE id = ?1",
+                params![key, reason, event_id, now, now + int(ttl_ms)],
+            )
+            .map_err(db_error)?;
+            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key])
+                .map_err(db_error)?;
+            Ok(Failed::Now)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        self.run(|tx| tx.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
+            .await
+    }
+}
