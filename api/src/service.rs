@@ -386,7 +386,7 @@ impl UploadService {
         };
         vec![
             ReadinessCheck {
-                name: "redis",
+                name: "state",
                 required: true,
                 result: state.map_err(|e| e.to_string()),
             },
@@ -396,7 +396,7 @@ impl UploadService {
                 result: storage.map_err(|e| e.to_string()),
             },
             ReadinessCheck {
-                name: "broker",
+                name: "queue",
                 required: false,
                 result: broker,
             },

@@ -169,6 +169,21 @@ pub fn storage_snapshot(root: &Path) -> BTreeMap<String, u64> {
     out
 }
 
+/// An HTTP client for tests. The workspace builds reqwest with rustls and no default crypto
+/// provider (the `stitch` CLI chooses ring), so every client in a test comes from here.
+pub fn http_client() -> reqwest::Client {
+    install_tls_provider();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// Chooses ring as rustls's crypto provider, once per process.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An HTTP client of one API base URL, speaking the chunk protocol.
 #[derive(Clone)]
 pub struct ApiClient {
@@ -180,10 +195,7 @@ impl ApiClient {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             base: format!("http://{addr}"),
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(64)
-                .build()
-                .expect("an HTTP client"),
+            client: http_client(),
         }
     }
 

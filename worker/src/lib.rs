@@ -36,7 +36,8 @@ pub const DEFAULT_BIND: &str = "127.0.0.1:8081";
 
 /// A bound, not yet running worker.
 pub struct Worker {
-    listener: TcpListener,
+    /// The probes' listener; `None` when another server answers the probes (single-node).
+    listener: Option<TcpListener>,
     settings: Settings,
     backends: Backends,
     merger: Arc<Merger>,
@@ -51,6 +52,17 @@ impl Worker {
 
     /// A worker on the given backends.
     pub async fn build_with(settings: &Settings, backends: Backends) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.http.bind)
+            .await
+            .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
+        let mut worker = Self::without_probes(settings, backends);
+        worker.listener = Some(listener);
+        Ok(worker)
+    }
+
+    /// A worker that serves no probes of its own: in the single-node mode the API's port
+    /// answers them for the whole process.
+    pub fn without_probes(settings: &Settings, backends: Backends) -> Self {
         let merger = Arc::new(Merger::new(
             settings,
             backends.state.clone(),
@@ -58,11 +70,8 @@ impl Worker {
             backends.lock.clone(),
             backends.events.clone(),
         ));
-        let listener = TcpListener::bind(settings.http.bind)
-            .await
-            .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
-        Ok(Self {
-            listener,
+        Self {
+            listener: None,
             settings: settings.clone(),
             backends,
             merger,
@@ -70,13 +79,12 @@ impl Worker {
                 header_read_timeout: settings.http.header_read_timeout.0,
                 shutdown_grace: settings.http.shutdown_grace.0,
             },
-        })
+        }
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound TCP listener has an address")
+    /// The probes' address, when it serves them.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Runs the configured roles until `shutdown` completes; then stops taking jobs, lets
@@ -86,7 +94,16 @@ impl Worker {
         shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let s = &self.settings;
-        tracing::info!(addr = %self.local_addr(), merge = s.worker.merge, sweeper = s.worker.sweeper, "stitch-worker listening");
+        match self.local_addr() {
+            Some(addr) => {
+                tracing::info!(%addr, merge = s.worker.merge, sweeper = s.worker.sweeper, "stitch-worker listening")
+            }
+            None => tracing::info!(
+                merge = s.worker.merge,
+                sweeper = s.worker.sweeper,
+                "stitch-worker running"
+            ),
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut roles = tokio::task::JoinSet::new();
         if s.worker.merge {
@@ -124,15 +141,19 @@ impl Worker {
             metrics: stitch_common::telemetry::metrics_handle(),
         });
         let (probes_stop_tx, probes_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let probe_server = tokio::spawn(server::serve(self.listener, probes, self.limits, async {
-            let _ = probes_stop_rx.await;
-        }));
+        let probe_server = self.listener.map(|listener| {
+            tokio::spawn(server::serve(listener, probes, self.limits, async {
+                let _ = probes_stop_rx.await;
+            }))
+        });
 
         shutdown.await;
         let _ = stop_tx.send(true);
         while roles.join_next().await.is_some() {}
         let _ = probes_stop_tx.send(());
-        let _ = probe_server.await;
+        if let Some(server) = probe_server {
+            let _ = server.await;
+        }
         tracing::info!("stitch-worker stopped");
         Ok(())
     }

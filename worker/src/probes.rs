@@ -36,21 +36,21 @@ async fn readyz(State(probes): State<Probes>) -> Response {
     let mut ready = true;
     match probes.state.ping().await {
         Ok(()) => {
-            checks.insert("redis".into(), "ok".into());
+            checks.insert("state".into(), "ok".into());
         }
         Err(e) => {
             ready = false;
-            checks.insert("redis".into(), e.to_string().into());
+            checks.insert("state".into(), e.to_string().into());
         }
     }
     if let Some(queue) = &probes.queue {
         match queue.ping().await {
             Ok(()) => {
-                checks.insert("broker".into(), "ok".into());
+                checks.insert("queue".into(), "ok".into());
             }
             Err(e) => {
                 ready = false;
-                checks.insert("broker".into(), e.to_string().into());
+                checks.insert("queue".into(), e.to_string().into());
             }
         }
     }

@@ -7,7 +7,7 @@ use stitch_testkit::TestEnv;
 
 async fn start(settings: Settings) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let worker = stitch_worker::Worker::build(&settings).await.unwrap();
-    let addr = worker.local_addr();
+    let addr = worker.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(worker.run_until_stopped(async {
         let _ = rx.await;
@@ -28,7 +28,11 @@ async fn the_worker_is_live_and_ready_when_redis_and_the_broker_answer() {
     let env = TestEnv::new();
     let (addr, _stop) = start(env.settings()).await;
     for path in ["/healthz", "/readyz", "/metrics"] {
-        let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        let response = stitch_testkit::http_client()
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
 }
@@ -45,13 +49,19 @@ async fn the_worker_is_not_ready_without_redis_or_without_the_broker() {
         closed_port()
     ));
     no_broker.amqp.timeout = Interval(std::time::Duration::from_secs(1));
-    for (name, settings) in [("redis", no_redis), ("broker", no_broker)] {
+    for (name, settings) in [("state", no_redis), ("queue", no_broker)] {
         let (addr, _stop) = start(settings).await;
-        let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+        let ready = stitch_testkit::http_client()
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(ready.status(), 503, "without {name}");
         let body: serde_json::Value = ready.json().await.unwrap();
         assert_ne!(body["checks"][name], "ok", "{body}");
-        let live = reqwest::get(format!("http://{addr}/healthz"))
+        let live = stitch_testkit::http_client()
+            .get(format!("http://{addr}/healthz"))
+            .send()
             .await
             .unwrap();
         assert_eq!(live.status(), 200);

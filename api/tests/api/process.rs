@@ -17,7 +17,7 @@ fn start_api(env: &TestEnv) -> ServiceProcess {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::new()
+    stitch_testkit::http_client()
 }
 
 async fn status_of(addr: SocketAddr, id: &str) -> (u16, serde_json::Value) {
