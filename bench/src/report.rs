@@ -1,0 +1,198 @@
+//! Report writing shared by every benchmark: Markdown tables, number formatting, and the
+//! section of `docs/benchmarks.md` that a benchmark owns. A section runs from its `## `
+//! heading to the next `## ` heading (or the end of the file); writing one replaces only
+//! that section, so benchmarks and hand-written text share the file.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, ensure};
+
+/// What `docs/benchmarks.md` starts with when a benchmark creates it.
+const NEW_DOC: &str = "# Benchmarks\n\nEach `## ` section below is written by a `stitch-bench` subcommand run with `--write-docs`;\nre-run it rather than editing the section by hand.\n";
+
+/// A Markdown table.
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    header: Vec<String>,
+    /// Per column: right-align (numbers) or not.
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Columns named `header`; a name starting with `>` is right-aligned (the `>` is dropped).
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header
+                .iter()
+                .map(|h| h.strip_prefix('>').unwrap_or(h).to_owned())
+                .collect(),
+            right: header.iter().map(|h| h.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) -> &mut Self {
+        self.rows.push(cells.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let cell = |s: &str| s.replace('|', "\\|");
+        let mut out = String::new();
+        let line = |cells: Vec<String>| format!("| {} |\n", cells.join(" | "));
+        out.push_str(&line(self.header.iter().map(|h| cell(h)).collect()));
+        out.push_str(&line(
+            self.right
+                .iter()
+                .map(|&r| if r { "---:".into() } else { "---".into() })
+                .collect(),
+        ));
+        for row in &self.rows {
+            let mut cells: Vec<String> = row.iter().map(|c| cell(c)).collect();
+            cells.resize(self.header.len(), String::new());
+            out.push_str(&line(cells));
+        }
+        out
+    }
+}
+
+/// A number with `decimals` digits after the point.
+pub fn fixed(value: f64, decimals: usize) -> String {
+    format!("{value:.decimals$}")
+}
+
+/// Bytes as MiB with one decimal.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / crate::MIB as f64)
+}
+
+/// A byte size in the largest binary unit that divides it (`1 GiB`, `8 MiB`, `1000 B`).
+pub fn size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// `doc` with the section that starts at the line `heading` replaced by `heading`, a blank
+/// line and `body`; appended at the end when `doc` has no such section.
+pub fn replace_section(doc: &str, heading: &str, body: &str) -> String {
+    let mut section = format!("{heading}\n\n{}", body.trim_end());
+    section.push('\n');
+    let lines: Vec<&str> = doc.split_inclusive('\n').collect();
+    let Some(start) = lines.iter().position(|l| l.trim_end() == heading) else {
+        let mut out = doc.trim_end().to_owned();
+        if !out.is_empty() {
+            out.push_str("\n\n");
+        }
+        out.push_str(&section);
+        return out;
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .map_or(lines.len(), |i| start + 1 + i);
+    let mut out: String = lines[..start].concat();
+    out.push_str(&section);
+    if end < lines.len() {
+        out.push('\n');
+        out.push_str(&lines[end..].concat());
+    }
+    out
+}
+
+/// Writes `body` as the section `heading` of the Markdown file `path`, creating the file
+/// (with a short preamble) when missing and keeping every other section as it is.
+pub fn write_section(path: &Path, heading: &str, body: &str) -> anyhow::Result<()> {
+    ensure!(
+        heading.starts_with("## ") && !body.lines().any(|l| l.starts_with("## ")),
+        "a section is one `## ` heading with no other `## ` heading inside"
+    );
+    let doc = match std::fs::read_to_string(path) {
+        Ok(doc) => doc,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => NEW_DOC.to_owned(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let updated = replace_section(&doc, heading, body);
+    std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Appends a bullet line to `out`.
+pub fn bullet(out: &mut String, text: impl AsRef<str>) {
+    let _ = writeln!(out, "- {}", text.as_ref());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_numbers_right_and_escape_pipes() {
+        let mut t = Table::new(&["name", ">MB/s"]);
+        t.row(["a|b", "12.5"]).row(["c"]);
+        assert_eq!(
+            t.render(),
+            "| name | MB/s |\n| --- | ---: |\n| a\\|b | 12.5 |\n| c |  |\n"
+        );
+    }
+
+    #[test]
+    fn sizes_use_the_largest_exact_unit() {
+        assert_eq!(size(1 << 30), "1 GiB");
+        assert_eq!(size(8 << 20), "8 MiB");
+        assert_eq!(size(1536), "1536 B");
+        assert_eq!(size(3 << 10), "3 KiB");
+        assert_eq!(mib(64 << 20), "64.0 MiB");
+    }
+
+    #[test]
+    fn a_section_is_replaced_up_to_the_next_section() {
+        let doc = "# B\n\nintro\n\n## Ingest\n\nold\n### sub\nold too\n\n## Merge\n\nkeep\n";
+        let out = replace_section(doc, "## Ingest", "new\n");
+        assert_eq!(
+            out,
+            "# B\n\nintro\n\n## Ingest\n\nnew\n\n## Merge\n\nkeep\n"
+        );
+    }
+
+    #[test]
+    fn the_last_section_is_replaced_to_the_end() {
+        let doc = "# B\n\n## Merge\n\nkeep\n\n## Ingest\n\nold\n";
+        let out = replace_section(doc, "## Ingest", "new");
+        assert_eq!(out, "# B\n\n## Merge\n\nkeep\n\n## Ingest\n\nnew\n");
+    }
+
+    #[test]
+    fn a_missing_section_is_appended() {
+        let out = replace_section("# B\n\nintro\n", "## Ingest", "new");
+        assert_eq!(out, "# B\n\nintro\n\n## Ingest\n\nnew\n");
+        assert_eq!(
+            replace_section("", "## Ingest", "new"),
+            "## Ingest\n\nnew\n"
+        );
+    }
+
+    #[test]
+    fn writing_a_section_creates_the_file_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs/benchmarks.md");
+        write_section(&path, "## Ingest", "one").unwrap();
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert!(first.starts_with("# Benchmarks\n") && first.ends_with("## Ingest\n\none\n"));
+        std::fs::write(&path, format!("{first}\n## Merge\n\nkeep\n")).unwrap();
+        write_section(&path, "## Ingest", "two").unwrap();
+        let second = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            second.contains("## Ingest\n\ntwo\n\n## Merge\n\nkeep\n"),
+            "{second}"
+        );
+        assert!(write_section(&path, "## Ingest", "## Sneaky\n").is_err());
+    }
+}
