@@ -11,7 +11,7 @@
 //! 3. (c) the payload uploaded through a fresh API process per configuration: 1, 4 and 16
 //!    parallel clients, each without and with `Content-MD5` on every chunk;
 //! 4. (d) the same payload in 64 MiB chunks, 16 at once, without and with `Content-MD5`,
-//!    for the API's peak RSS.
+//!    three times each, for the API's peak RSS.
 //!
 //! Every configuration has its own API process, storage directory, Redis namespace and
 //! upload id; each is checked (every answer, the final status, the stored files) and then
@@ -69,6 +69,10 @@ pub struct IngestArgs {
     /// Parallel clients of the memory runs: this many chunks stream in at once.
     #[arg(long, default_value_t = 16)]
     pub rss_clients: usize,
+    /// Memory runs per kind (without and with `Content-MD5`), each with a fresh API: a peak
+    /// varies from run to run, and the memory target is judged on the worst.
+    #[arg(long, default_value_t = 3)]
+    pub rss_repeats: usize,
     /// Work directory; a fresh `run-…` directory is made inside it and removed at the end.
     /// It must be on the disk to measure: the API's storage and the disk baseline go there.
     #[arg(long, default_value = crate::workdir::DEFAULT_PARENT)]
@@ -141,7 +145,7 @@ pub struct IngestResults {
     pub md5: Throughput,
     /// (c) the throughput runs, in the order run.
     pub runs: Vec<RunResult>,
-    /// (d) the memory runs (without, then with `Content-MD5`).
+    /// (d) the memory runs (without, then with `Content-MD5`; `--rss-repeats` of each).
     pub rss_runs: Vec<RunResult>,
     /// Peak RSS of an API process that has just started and served nothing.
     pub idle_rss: u64,
@@ -263,8 +267,8 @@ fn check_args(args: &IngestArgs) -> anyhow::Result<()> {
         !args.clients.is_empty(),
         "--clients needs at least one count"
     );
-    if args.clients.contains(&0) || args.rss_clients == 0 {
-        bail!("client counts must be at least 1");
+    if args.clients.contains(&0) || args.rss_clients == 0 || args.rss_repeats == 0 {
+        bail!("client counts and --rss-repeats must be at least 1");
     }
     Ok(())
 }
@@ -322,9 +326,12 @@ fn measure(args: &IngestArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resu
     }
     let mut rss_runs = Vec::new();
     for &content_md5 in args.md5.modes() {
-        let run = bench.run_undisturbed(&rss_chunks, args.rss_clients, content_md5, disk_before)?;
-        disk_before = run.disk_after;
-        rss_runs.push(run);
+        for _ in 0..args.rss_repeats {
+            let run =
+                bench.run_undisturbed(&rss_chunks, args.rss_clients, content_md5, disk_before)?;
+            disk_before = run.disk_after;
+            rss_runs.push(run);
+        }
     }
     Ok(IngestResults {
         args: args.clone(),

@@ -72,13 +72,14 @@ pub fn render(r: &IngestResults) -> String {
     let clients: Vec<String> = a.clients.iter().map(ToString::to_string).collect();
     let _ = writeln!(
         out,
-        "This run: `stitch-bench ingest --size {} --chunk-size {} --clients {} --md5 {} --rss-chunk-size {} --rss-clients {} --api-bin {}`.\n",
+        "This run: `stitch-bench ingest --size {} --chunk-size {} --clients {} --md5 {} --rss-chunk-size {} --rss-clients {} --rss-repeats {} --api-bin {}`.\n",
         size(a.size).replace(' ', ""),
         size(a.chunk_size).replace(' ', ""),
         clients.join(","),
         a.md5,
         size(a.rss_chunk_size).replace(' ', ""),
         a.rss_clients,
+        a.rss_repeats,
         a.api_bin.display()
     );
 
@@ -93,7 +94,7 @@ pub fn render(r: &IngestResults) -> String {
 
     let _ = writeln!(
         out,
-        "\n### Ingest through `stitch-api`\n\nOne {} upload per row, each with a fresh API process; the last rows are the memory runs.\n",
+        "\n### Ingest through `stitch-api`\n\nOne {} upload per row, each with a fresh API process; the last rows are the memory runs, repeated because a peak varies from run to run.\n",
         size(a.size)
     );
     out.push_str(&runs(r).render());
@@ -295,24 +296,25 @@ fn targets(r: &IngestResults) -> Table {
         } else {
             "— (not the issue's 16 × 64 MiB at once)"
         };
-        let peaks: Vec<String> = r
-            .rss_runs
-            .iter()
-            .map(|run| {
-                format!(
-                    "{} {}",
-                    mib(run.peak_rss),
-                    if run.content_md5 {
-                        "with MD5"
-                    } else {
-                        "without"
-                    }
-                )
-            })
-            .collect();
+        let peaks = |content_md5: bool| -> String {
+            let of_kind: Vec<String> = r
+                .rss_runs
+                .iter()
+                .filter(|run| run.content_md5 == content_md5)
+                .map(|run| format!("{:.1}", run.peak_rss as f64 / crate::MIB as f64))
+                .collect();
+            of_kind.join(", ")
+        };
+        let mut runs = Vec::new();
+        if r.rss_runs.iter().any(|run| !run.content_md5) {
+            runs.push(format!("{} MiB without MD5", peaks(false)));
+        }
+        if r.rss_runs.iter().any(|run| run.content_md5) {
+            runs.push(format!("{} MiB with MD5", peaks(true)));
+        }
         table.row([
             what,
-            format!("{} (worst of: {})", mib(worst.peak_rss), peaks.join(", ")),
+            format!("{} (worst of {})", mib(worst.peak_rss), runs.join("; ")),
             format!("< {}", mib(RSS_LIMIT)),
             result.to_owned(),
         ]);
@@ -390,11 +392,11 @@ fn observations(r: &IngestResults) -> Vec<String> {
             1e3 / r.md5.mb_per_s()
         ));
     }
-    let saturated: Vec<String> = all
-        .iter()
-        .filter(|run| run.machine.busy >= 0.9 * cpus)
-        .map(|run| describe(run))
-        .collect();
+    let saturated = counted(
+        all.iter()
+            .filter(|run| run.machine.busy >= 0.9 * cpus)
+            .map(|run| describe(run)),
+    );
     if !saturated.is_empty() {
         notes.push(format!(
             "The machine's {} cores were at least 90% busy during: {}. Those rates are CPU-bound here (client, API and Redis together).",
@@ -476,6 +478,26 @@ fn observations(r: &IngestResults) -> Vec<String> {
     notes
 }
 
+/// The distinct items in order, repeated ones marked with their count (`x (3 runs)`).
+fn counted(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for item in items {
+        match out.iter_mut().find(|(seen, _)| *seen == item) {
+            Some((_, n)) => *n += 1,
+            None => out.push((item, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(item, n)| {
+            if n == 1 {
+                item
+            } else {
+                format!("{item} ({n} runs)")
+            }
+        })
+        .collect()
+}
+
 fn describe(run: &RunResult) -> String {
     format!(
         "{} × {}{}",
@@ -483,4 +505,15 @@ fn describe(run: &RunResult) -> String {
         size(run.chunk_size),
         if run.content_md5 { " with MD5" } else { "" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_items_are_counted_once() {
+        let items = ["a", "b", "a", "a"].map(String::from);
+        assert_eq!(counted(items.into_iter()), vec!["a (3 runs)", "b"]);
+    }
 }
