@@ -6,6 +6,9 @@ use clap::Parser;
 use stitch_bench::cli::{Cli, Command};
 
 fn main() -> ExitCode {
+    // A workspace build gives reqwest rustls without a default provider (the `stitch`
+    // client picks ring); choose it before any client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ingest(args) => stitch_bench::ingest::run(&args),
