@@ -12,7 +12,7 @@ use stitch_common::id::UploadId;
 use stitch_common::now_ms;
 use stitch_common::queue::{MergeJob, MergeQueue};
 use stitch_common::state::{Conflict, Created, Progress, Recorded, StateError, StateStore};
-use stitch_common::storage::{Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
+use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -37,6 +37,9 @@ pub struct UploadService {
     always_md5: bool,
     /// Bounds the chunk bodies written at once by this process.
     write_permits: Arc<Semaphore>,
+    /// Body memory in flight, in KiB units (`limits.max_buffered_body_bytes`).
+    body_budget: Arc<Semaphore>,
+    body_budget_kib: u32,
 }
 
 /// `POST /upload`: an explicit create.
@@ -89,6 +92,8 @@ impl UploadService {
         storage: FsChunkStore,
         merges: Arc<dyn MergeQueue>,
     ) -> Self {
+        let budget_kib =
+            (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         Self {
             state,
             storage,
@@ -98,6 +103,8 @@ impl UploadService {
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
             always_md5: settings.uploads.chunk_md5,
             write_permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_chunk_writes)),
+            body_budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            body_budget_kib: budget_kib,
         }
     }
 
@@ -316,6 +323,7 @@ impl UploadService {
     ) -> Result<StagedChunk, ApiError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let writer = self.storage.stage_chunk(id, index, with_md5, rx);
+        let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
         let reader = async move {
             let mut received = 0u64;
             while let Some(bytes) = body.next().await? {
@@ -323,7 +331,16 @@ impl UploadService {
                 if received > len {
                     return Err(ApiError::BodyTooLong { expected: len });
                 }
-                if tx.send(Feed::Data(bytes)).await.is_err() {
+                // Wait for memory before holding more: the budget is shared by all chunks.
+                let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
+                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                    return Ok(());
+                };
+                if tx
+                    .send(Feed::Data(Block::new(bytes, Some(permit))))
+                    .await
+                    .is_err()
+                {
                     return Ok(()); // The writer failed; its error is the one to report.
                 }
             }

@@ -72,3 +72,27 @@ async fn chunk_writes_beyond_the_limit_get_503_until_one_finishes() {
     assert_eq!(body["upload_complete"], true);
     assert_eq!(reassemble_counted(&app.env, &id), source.bytes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tiny_body_budget_slows_concurrent_chunks_but_never_stalls_them() {
+    let app = spawn_app_with(|s| {
+        s.limits.max_buffered_body_bytes = stitch_common::config::ByteSize(64 << 10);
+        s.storage.fsync = false;
+    })
+    .await;
+    let id = new_id();
+    let source = Source::random(16 * (1 << 20), 1 << 20, 17);
+    let sends = (0..16).map(|i| app.put_chunk(&id, &source, i));
+    let results = futures_util::future::join_all(sends).await;
+    for (code, body) in &results {
+        assert_eq!(*code, 200, "{body}");
+    }
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(_, b)| b["upload_complete"] == true)
+            .count(),
+        1
+    );
+    assert_eq!(reassemble_counted(&app.env, &id), source.bytes);
+}

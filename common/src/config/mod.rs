@@ -159,6 +159,10 @@ pub struct Limits {
     pub max_chunks: u64,
     /// Chunk bodies being written at once by one API process; more get 503 + Retry-After.
     pub max_concurrent_chunk_writes: usize,
+    /// Body bytes one API process holds in memory at once, across all chunks in flight
+    /// (between the socket and the disk and hash). Past it, reading waits: memory stays
+    /// bounded however many clients send at once.
+    pub max_buffered_body_bytes: ByteSize,
     pub max_filename_bytes: usize,
     pub max_metadata_bytes: usize,
 }
@@ -324,6 +328,7 @@ impl Default for Limits {
             max_upload_bytes: ByteSize(16 << 40),
             max_chunks: 100_000,
             max_concurrent_chunk_writes: 64,
+            max_buffered_body_bytes: ByteSize(16 << 20),
             max_filename_bytes: 1024,
             max_metadata_bytes: 8 << 10,
         }
@@ -426,6 +431,12 @@ impl Settings {
             return invalid(
                 "STITCH__LIMITS__MAX_CONCURRENT_CHUNK_WRITES",
                 "must be at least 1",
+            );
+        }
+        if self.limits.max_buffered_body_bytes.0 < 64 << 10 {
+            return invalid(
+                "STITCH__LIMITS__MAX_BUFFERED_BODY_BYTES",
+                "must be at least 64KiB",
             );
         }
         if self.redis.pool_size == 0 {

@@ -19,10 +19,34 @@ use crate::upload::NewUpload;
 /// One message of a chunk body on its way to storage.
 #[derive(Debug)]
 pub enum Feed {
-    Data(Bytes),
+    Data(Block),
     /// The body is complete and valid as far as the sender can tell. Without it, a closed
     /// channel means the request failed, and the partial copy is deleted.
     End,
+}
+
+/// A block of body bytes, holding its share of the process's body-memory budget until it
+/// is written and hashed (then dropped).
+#[derive(Debug)]
+pub struct Block {
+    bytes: Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Block {
+    pub fn new(bytes: Bytes, budget: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        Self {
+            bytes,
+            _budget: budget,
+        }
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// A chunk copy under its final name: complete and durable, not yet counted.
@@ -203,27 +227,33 @@ fn write_copy(
     // stream's write and hash overlap instead of adding up; CRC32C is cheap enough to stay
     // beside the write.
     let result = std::thread::scope(|scope| {
-        let (md5_tx, md5_rx) = std::sync::mpsc::sync_channel::<Bytes>(2);
+        // The block goes on to the hash thread after it is written, so each block is
+        // buffered once, wherever it is.
+        let (md5_tx, md5_rx) = std::sync::mpsc::sync_channel::<Block>(1);
         let md5_thread = with_md5.then(|| {
             scope.spawn(move || {
                 let mut md5 = <md5::Md5 as md5::Digest>::new();
                 for block in md5_rx {
-                    md5::Digest::update(&mut md5, &block);
+                    md5::Digest::update(&mut md5, &*block);
                 }
                 Md5::from_bytes(md5::Digest::finalize(md5).into())
             })
         });
         let mut crc = ChunkHasher::new(false);
+        let mut writeback = Writeback::default();
         let written = (|| {
             loop {
                 match feed.blocking_recv() {
-                    Some(Feed::Data(bytes)) => {
-                        crc.update(&bytes);
-                        file.write_all(&bytes)
+                    Some(Feed::Data(block)) => {
+                        crc.update(&block);
+                        file.write_all(&block)
                             .map_err(|e| StorageError::from_io("writing chunk", e))?;
+                        if fsync {
+                            writeback.wrote(&file, block.len() as u64);
+                        }
                         if with_md5 {
                             // Only fails if the hash thread died, which join reports.
-                            let _ = md5_tx.send(bytes);
+                            let _ = md5_tx.send(block);
                         }
                     }
                     Some(Feed::End) => break,
@@ -257,6 +287,49 @@ fn write_copy(
     }
     result
 }
+
+/// Starts the disk writing a chunk's data while the rest of it still arrives, so that the
+/// fsync at its end finds little left to do (measured: one client without MD5 went from about
+/// 320 to 510 MB/s here, with less time in iowait). Linux only; elsewhere the final fsync does
+/// all the work.
+#[derive(Default)]
+struct Writeback {
+    written: u64,
+    started: u64,
+}
+
+/// Bytes written between two writeback kicks.
+const WRITEBACK_EVERY: u64 = 1 << 20;
+
+impl Writeback {
+    fn wrote(&mut self, file: &File, len: u64) {
+        self.written += len;
+        if self.written - self.started >= WRITEBACK_EVERY {
+            start_writeback(file, self.started, self.written - self.started);
+            self.started = self.written;
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) only reads its integer arguments; the descriptor is valid for
+    // the borrow of `file`. SYNC_FILE_RANGE_WRITE starts writeback without waiting for it.
+    // A failure is harmless: the fsync that follows makes the data durable either way.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
@@ -363,7 +436,7 @@ mod tests {
         let task = store.stage_chunk(id, ChunkIndex(3), true, rx);
         let feed = async {
             for p in parts {
-                tx.send(Feed::Data(Bytes::copy_from_slice(p)))
+                tx.send(Feed::Data(Block::new(Bytes::copy_from_slice(p), None)))
                     .await
                     .unwrap();
             }

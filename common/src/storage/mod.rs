@@ -14,7 +14,7 @@
 
 mod fs;
 
-pub use fs::{Feed, FsChunkStore, ManifestCheck, StagedChunk};
+pub use fs::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk};
 
 /// A storage failure. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]
