@@ -9,8 +9,14 @@
 //! - [`state::StateStore`] (Redis: [`state::RedisStateStore`]) records the chunk in one atomic
 //!   operation that also detects completion and moves the upload from `receiving` to
 //!   `merging` ([`upload::UploadState`]), leaving the merge trigger in the upload's outbox.
+//! - The completing chunk's merge job goes through a [`queue::MergeQueue`] to a worker, which
+//!   takes the upload's [`lock::MergeLock`] (fenced), merges, commits through the state store
+//!   and publishes [`events::Event`]s to an [`queue::EventSink`].
+//! - [`backends::Backends`] bundles one implementation of each trait: Redis + RabbitMQ
+//!   (`state::RedisStateStore`, `queue::AmqpBroker`, `lock::RedisLock`) for the distributed
+//!   mode, or the single-node set in one SQLite database ([`embedded`]).
 //! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`] and
-//!   [`shutdown`] are the process plumbing both binaries share.
+//!   [`shutdown`] are the process plumbing every binary shares.
 
 pub mod backends;
 pub mod config;
