@@ -62,7 +62,7 @@ impl Application {
         let (state, storage, merges) = (
             backends.state.clone(),
             backends.storage.clone(),
-            backends.queue.clone(),
+            backends.merges.clone(),
         );
         if let Err(e) = storage.probe().await {
             tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");

@@ -10,7 +10,7 @@ use stitch_common::digest::{ChunkDigests, Md5};
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::now_ms;
-use stitch_common::queue::{MergeJob, MergeQueue};
+use stitch_common::queue::{MergeJob, NOW, WorkQueue};
 use stitch_common::state::{Conflict, Created, Progress, Recorded, StateError, StateStore};
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
@@ -28,7 +28,7 @@ pub struct UploadService {
     state: Arc<dyn StateStore>,
     storage: FsChunkStore,
     /// Where the completing chunk sends the merge job (the outbox covers its failures).
-    merges: Arc<dyn MergeQueue>,
+    merges: Arc<dyn WorkQueue>,
     /// Bound on the merge job publish, so a slow broker does not hold the client's response.
     publish_timeout: std::time::Duration,
     limits: Limits,
@@ -90,7 +90,7 @@ impl UploadService {
         settings: &Settings,
         state: Arc<dyn StateStore>,
         storage: FsChunkStore,
-        merges: Arc<dyn MergeQueue>,
+        merges: Arc<dyn WorkQueue>,
     ) -> Self {
         let budget_kib =
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
@@ -292,7 +292,7 @@ impl UploadService {
     async fn trigger_merge(&self, id: &UploadId, merge_job: &str) {
         let published = tokio::time::timeout(
             self.publish_timeout,
-            self.merges.enqueue_merge(id, merge_job),
+            self.merges.enqueue(merge_job.as_bytes(), NOW),
         )
         .await;
         match published {

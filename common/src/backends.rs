@@ -8,14 +8,19 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::lock::{MergeLock, RedisLock};
-use crate::queue::{AmqpBroker, EventSink, MergeQueue};
+use crate::queue::{AmqpBroker, EventSink, Family, WorkQueue};
 use crate::state::{RedisStateStore, StateStore};
 use crate::storage::FsChunkStore;
 
 #[derive(Clone)]
 pub struct Backends {
     pub state: Arc<dyn StateStore>,
-    pub queue: Arc<dyn MergeQueue>,
+    /// Merge jobs.
+    pub merges: Arc<dyn WorkQueue>,
+    /// Every event, for the webhook dispatcher to fan out.
+    pub webhook_feed: Arc<dyn WorkQueue>,
+    /// One message per webhook delivery.
+    pub webhooks: Arc<dyn WorkQueue>,
     pub lock: Arc<dyn MergeLock>,
     pub events: Arc<dyn EventSink>,
     pub storage: FsChunkStore,
@@ -32,7 +37,9 @@ impl Backends {
         let broker = Arc::new(AmqpBroker::new(settings));
         Ok(Self {
             state,
-            queue: broker.clone(),
+            merges: Arc::new(broker.queue(Family::Merge)),
+            webhook_feed: Arc::new(broker.queue(Family::WebhookFeed)),
+            webhooks: Arc::new(broker.queue(Family::Webhooks)),
             lock: Arc::new(RedisLock::new(settings).context("setting up the merge lock")?),
             events: broker,
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),

@@ -9,7 +9,7 @@
 //! - [`state::StateStore`] (Redis: [`state::RedisStateStore`]) records the chunk in one atomic
 //!   operation that also detects completion and moves the upload from `receiving` to
 //!   `merging` ([`upload::UploadState`]), leaving the merge trigger in the upload's outbox.
-//! - The completing chunk's merge job goes through a [`queue::MergeQueue`] to a worker, which
+//! - The completing chunk's merge job goes through a [`queue::WorkQueue`] to a worker, which
 //!   takes the upload's [`lock::MergeLock`] (fenced), merges, commits through the state store
 //!   and publishes [`events::Event`]s to an [`queue::EventSink`].
 //! - [`backends::Backends`] bundles one implementation of each trait: Redis + RabbitMQ

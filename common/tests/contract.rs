@@ -13,7 +13,7 @@ use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock, RedisLock};
-use stitch_common::queue::{AmqpBroker, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue};
+use stitch_common::queue::{AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, WorkQueue};
 use stitch_common::state::{
     Aborted, Committed, Conflict, Created, Failed, MergeStart, Recorded, RedisStateStore,
     StateError, StateStore, keys,
@@ -439,7 +439,7 @@ fn job(id: &str) -> MergeJob {
     MergeJob::new(UploadId::parse(id).unwrap())
 }
 
-async fn next_job(d: &mut Box<dyn MergeDeliveries>, within: Duration) -> Option<MergeDelivery> {
+async fn next_job(d: &mut Box<dyn Deliveries>, within: Duration) -> Option<Delivery> {
     match tokio::time::timeout(within, d.next()).await {
         Ok(Some(Ok(delivery))) => Some(delivery),
         Ok(Some(Err(e))) => panic!("consumer failed: {e}"),
@@ -447,19 +447,24 @@ async fn next_job(d: &mut Box<dyn MergeDeliveries>, within: Duration) -> Option<
     }
 }
 
-async fn an_acked_job_is_gone_and_an_unacked_one_comes_back(queue: &dyn MergeQueue) {
+async fn an_acked_job_is_gone_and_an_unacked_one_comes_back(queue: &dyn WorkQueue) {
     queue
-        .enqueue_merge(&job("q1").upload_id, &job("q1").to_json())
+        .enqueue(job("q1").to_json().as_bytes(), NOW)
         .await
         .unwrap();
     queue
-        .enqueue_merge(&job("q2").upload_id, &job("q2").to_json())
+        .enqueue(job("q2").to_json().as_bytes(), NOW)
         .await
         .unwrap();
     let mut d = queue.consume(2).await.unwrap();
     let first = next_job(&mut d, PATIENCE).await.expect("first job");
     let second = next_job(&mut d, PATIENCE).await.expect("second job");
-    let (acked, kept) = if first.job.as_ref().unwrap().upload_id.as_str() == "q1" {
+    let (acked, kept) = if MergeJob::from_json(&first.payload)
+        .unwrap()
+        .upload_id
+        .as_str()
+        == "q1"
+    {
         (first, second)
     } else {
         (second, first)
@@ -472,7 +477,13 @@ async fn an_acked_job_is_gone_and_an_unacked_one_comes_back(queue: &dyn MergeQue
     let again = next_job(&mut d, PATIENCE)
         .await
         .expect("the unacked job is redelivered");
-    assert_eq!(again.job.as_ref().unwrap().upload_id.as_str(), "q2");
+    assert_eq!(
+        MergeJob::from_json(&again.payload)
+            .unwrap()
+            .upload_id
+            .as_str(),
+        "q2"
+    );
     assert!(again.redelivered);
     again.ack().await.unwrap();
     assert!(
@@ -482,10 +493,10 @@ async fn an_acked_job_is_gone_and_an_unacked_one_comes_back(queue: &dyn MergeQue
     d.close().await;
 }
 
-async fn prefetch_bounds_unsettled_deliveries(queue: &dyn MergeQueue) {
+async fn prefetch_bounds_unsettled_deliveries(queue: &dyn WorkQueue) {
     for id in ["p1", "p2"] {
         queue
-            .enqueue_merge(&job(id).upload_id, &job(id).to_json())
+            .enqueue(job(id).to_json().as_bytes(), NOW)
             .await
             .unwrap();
     }
@@ -503,14 +514,17 @@ async fn prefetch_bounds_unsettled_deliveries(queue: &dyn MergeQueue) {
     d.close().await;
 }
 
-async fn a_retry_waits_its_delay(queue: &dyn MergeQueue, delay: Duration) {
+async fn a_retry_waits_its_delay(queue: &dyn WorkQueue, delay: Duration) {
     let mut d = queue.consume(1).await.unwrap();
     let retried = MergeJob {
         attempt: 1,
         ..job("r1")
     };
     let sent = std::time::Instant::now();
-    queue.enqueue_retry(&retried, delay).await.unwrap();
+    queue
+        .enqueue(retried.to_json().as_bytes(), delay)
+        .await
+        .unwrap();
     assert!(
         next_job(&mut d, delay / 2).await.is_none(),
         "delivered before its delay"
@@ -519,17 +533,17 @@ async fn a_retry_waits_its_delay(queue: &dyn MergeQueue, delay: Duration) {
         .await
         .expect("the retry comes back");
     assert!(sent.elapsed() >= delay.mul_f32(0.9));
-    assert_eq!(back.job.as_ref().unwrap().attempt, 1);
+    assert_eq!(MergeJob::from_json(&back.payload).unwrap().attempt, 1);
     back.ack().await.unwrap();
     d.close().await;
 }
 
 async fn a_job_requeued_past_the_delivery_limit_is_dead_lettered(
-    queue: &dyn MergeQueue,
+    queue: &dyn WorkQueue,
     limit: u32,
 ) {
     queue
-        .enqueue_merge(&job("d1").upload_id, &job("d1").to_json())
+        .enqueue(job("d1").to_json().as_bytes(), NOW)
         .await
         .unwrap();
     let mut d = queue.consume(1).await.unwrap();
@@ -547,14 +561,11 @@ async fn a_job_requeued_past_the_delivery_limit_is_dead_lettered(
     d.close().await;
 }
 
-async fn a_poison_message_is_delivered_as_such(queue: &dyn MergeQueue) {
-    queue
-        .enqueue_merge(&job("x").upload_id, "{not json")
-        .await
-        .unwrap();
+async fn a_poison_message_is_delivered_as_such(queue: &dyn WorkQueue) {
+    queue.enqueue(b"{not json", NOW).await.unwrap();
     let mut d = queue.consume(1).await.unwrap();
     let poison = next_job(&mut d, PATIENCE).await.expect("the message");
-    assert!(poison.job.is_err());
+    assert!(MergeJob::from_json(&poison.payload).is_err());
     assert_eq!(poison.payload, b"{not json");
     queue
         .dead_letter(&poison.payload, "not a job")
@@ -564,7 +575,7 @@ async fn a_poison_message_is_delivered_as_such(queue: &dyn MergeQueue) {
     d.close().await;
 }
 
-async fn run_queue_contract(make: impl Fn() -> Arc<dyn MergeQueue>, limit: u32) {
+async fn run_queue_contract(make: impl Fn() -> Arc<dyn WorkQueue>, limit: u32) {
     an_acked_job_is_gone_and_an_unacked_one_comes_back(make().as_ref()).await;
     prefetch_bounds_unsettled_deliveries(make().as_ref()).await;
     a_poison_message_is_delivered_as_such(make().as_ref()).await;
@@ -577,7 +588,9 @@ async fn the_rabbitmq_queue_keeps_the_queue_contract() {
     let mut settings = env.settings();
     settings.merge.delivery_limit = 3;
     settings.merge.retry_delays = vec![Interval(Duration::from_millis(1500))];
-    let make = || -> Arc<dyn MergeQueue> { Arc::new(AmqpBroker::new(&settings)) };
+    let make = || -> Arc<dyn WorkQueue> {
+        Arc::new(Arc::new(AmqpBroker::new(&settings)).queue(Family::Merge))
+    };
     run_queue_contract(make, 3).await;
     a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;
 }
@@ -585,7 +598,7 @@ async fn the_rabbitmq_queue_keeps_the_queue_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_queue_keeps_the_queue_contract() {
     let env = TestEnv::new();
-    let make = || sqlite_backends(&env, |s| s.merge.delivery_limit = 3).queue;
+    let make = || sqlite_backends(&env, |s| s.merge.delivery_limit = 3).merges;
     run_queue_contract(make, 3).await;
     a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;
 }

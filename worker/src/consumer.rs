@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use stitch_common::queue::{MergeDelivery, MergeJob, MergeQueue};
+use stitch_common::queue::{Delivery, MergeJob, WorkQueue};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -33,7 +33,7 @@ pub struct ConsumerConfig {
 /// Consumes until `shutdown` turns true, reconnecting with backoff when the broker drops.
 pub async fn run(
     merger: Arc<Merger>,
-    queue: Arc<dyn MergeQueue>,
+    queue: Arc<dyn WorkQueue>,
     config: ConsumerConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -103,13 +103,13 @@ pub async fn run(
 
 async fn handle(
     merger: Arc<Merger>,
-    queue: Arc<dyn MergeQueue>,
+    queue: Arc<dyn WorkQueue>,
     config: Arc<ConsumerConfig>,
-    delivery: MergeDelivery,
+    delivery: Delivery,
     control: Arc<Control>,
 ) {
-    let job = match &delivery.job {
-        Ok(job) => job.clone(),
+    let job = match MergeJob::from_json(&delivery.payload) {
+        Ok(job) => job,
         Err(reason) => {
             tracing::error!(%reason, "not a merge job; dead-lettering it");
             let reason = format!("not a merge job: {reason}");
@@ -178,13 +178,8 @@ async fn handle(
 
 /// Sends `job` through the delay queue for `delay`, then acks the delivery. If the broker
 /// refuses, the delivery goes back to the queue as it is.
-async fn retry_later(
-    queue: &dyn MergeQueue,
-    delivery: &MergeDelivery,
-    job: &MergeJob,
-    delay: Duration,
-) {
-    match queue.enqueue_retry(job, delay).await {
+async fn retry_later(queue: &dyn WorkQueue, delivery: &Delivery, job: &MergeJob, delay: Duration) {
+    match queue.enqueue(job.to_json().as_bytes(), delay).await {
         Ok(()) => {
             let _ = delivery.ack().await;
         }

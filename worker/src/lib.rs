@@ -114,7 +114,7 @@ impl Worker {
             };
             roles.spawn(consumer::run(
                 self.merger.clone(),
-                self.backends.queue.clone(),
+                self.backends.merges.clone(),
                 config,
                 stop_rx.clone(),
             ));
@@ -122,7 +122,7 @@ impl Worker {
         if s.worker.sweeper {
             let sweeper = sweeper::Sweeper {
                 state: self.backends.state.clone(),
-                queue: self.backends.queue.clone(),
+                queue: self.backends.merges.clone(),
                 lock: self.backends.lock.clone(),
                 merger: self.merger.clone(),
                 config: sweeper::SweeperConfig {
@@ -137,7 +137,7 @@ impl Worker {
         }
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),
-            queue: s.worker.merge.then(|| self.backends.queue.clone()),
+            queue: s.worker.merge.then(|| self.backends.merges.clone()),
             metrics: stitch_common::telemetry::metrics_handle(),
         });
         let (probes_stop_tx, probes_stop_rx) = tokio::sync::oneshot::channel::<()>();

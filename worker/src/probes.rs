@@ -9,13 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use stitch_common::queue::MergeQueue;
+use stitch_common::queue::WorkQueue;
 use stitch_common::state::StateStore;
 
 #[derive(Clone)]
 pub struct Probes {
     pub state: Arc<dyn StateStore>,
-    pub queue: Option<Arc<dyn MergeQueue>>,
+    pub queue: Option<Arc<dyn WorkQueue>>,
     pub metrics: PrometheusHandle,
 }
 

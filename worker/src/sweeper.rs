@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stitch_common::lock::MergeLock;
-use stitch_common::queue::{MergeJob, MergeQueue};
+use stitch_common::queue::{MergeJob, NOW, WorkQueue};
 use stitch_common::state::{StateStore, keys};
 use tokio::sync::watch;
 
@@ -27,7 +27,7 @@ pub struct SweeperConfig {
 
 pub struct Sweeper {
     pub state: Arc<dyn StateStore>,
-    pub queue: Arc<dyn MergeQueue>,
+    pub queue: Arc<dyn WorkQueue>,
     pub lock: Arc<dyn MergeLock>,
     pub merger: Arc<Merger>,
     pub config: SweeperConfig,
@@ -52,7 +52,7 @@ impl Sweeper {
         let mut published = 0;
         let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
         for entry in self.state.pending_outbox(horizon).await? {
-            match self.queue.enqueue_merge(&entry.upload_id, &entry.raw).await {
+            match self.queue.enqueue(entry.raw.as_bytes(), NOW).await {
                 Ok(()) => {
                     self.state
                         .clear_outbox_entry(&entry.upload_id, &entry.raw)
@@ -86,7 +86,7 @@ impl Sweeper {
             }
             if self.state.note_requeue(id).await?.is_some() {
                 self.queue
-                    .enqueue_merge(id, &MergeJob::new(id.clone()).to_json())
+                    .enqueue(MergeJob::new(id.clone()).to_json().as_bytes(), NOW)
                     .await?;
                 tracing::warn!(upload_id = %id, requeues = stuck.requeues + 1, "re-enqueued a stuck merge");
                 published += 1;

@@ -43,6 +43,8 @@ pub struct Settings {
     #[serde(default)]
     pub worker: WorkerRoles,
     #[serde(default)]
+    pub webhooks: WebhookSettings,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub uploads: UploadSettings,
@@ -148,6 +150,59 @@ pub struct SweeperSettings {
 pub struct WorkerRoles {
     pub merge: bool,
     pub sweeper: bool,
+    /// The webhook dispatcher.
+    pub webhooks: bool,
+    /// The janitor: expires abandoned uploads' files and removes orphans.
+    pub janitor: bool,
+}
+
+/// Webhooks: signed POSTs of upload events.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookSettings {
+    /// Endpoints the operator trusts (`[[webhooks.endpoints]]` in the file).
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Delays before the 2nd, 3rd, … delivery attempt; past the last, the delivery is
+    /// dead-lettered. In the environment: comma-separated.
+    #[serde(deserialize_with = "units::list_or_csv")]
+    pub retry_delays: Vec<Interval>,
+    pub connect_timeout: Interval,
+    /// Bound on a whole delivery: connect, send, response headers and (at most 64 KiB of)
+    /// body.
+    pub timeout: Interval,
+    /// Deliveries one dispatcher makes at once.
+    pub concurrency: u16,
+    /// Let clients give a `callback_url` when they create an upload.
+    pub allow_client_callbacks: bool,
+    /// Host names client callbacks may use (`hooks.example.com`, `*.example.org`); empty:
+    /// any host whose addresses are public. In the environment: comma-separated.
+    #[serde(deserialize_with = "units::list_or_csv")]
+    pub callback_allowlist: Vec<String>,
+    /// Networks (CIDR) client callbacks may reach even though they are not public, e.g. an
+    /// internal partner network. Empty by default. In the environment: comma-separated.
+    #[serde(deserialize_with = "units::list_or_csv")]
+    pub callback_allow_networks: Vec<String>,
+    /// Bearer token of the worker's admin endpoints (delivery log, replay); none: disabled.
+    pub admin_token: Option<Secret>,
+}
+
+/// An operator-configured webhook endpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    /// A stable name for logs, the delivery log and enabling it again after a 410. Default:
+    /// derived from the URL.
+    pub id: Option<String>,
+    pub url: String,
+    /// `whsec_<base64>`, as Standard Webhooks writes secrets.
+    pub secret: Secret,
+    /// Secrets still accepted by receivers during a rotation: every delivery is signed with
+    /// the current secret and each of these.
+    #[serde(default)]
+    pub previous_secrets: Vec<Secret>,
+    /// Event types to send (`upload.completed`, …); empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 /// Limits on what clients may send. Every one is enforced before anything is stored.
@@ -228,6 +283,7 @@ impl Default for Settings {
             merge: MergeSettings::default(),
             sweeper: SweeperSettings::default(),
             worker: WorkerRoles::default(),
+            webhooks: WebhookSettings::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             log: LogSettings::default(),
@@ -317,6 +373,26 @@ impl Default for WorkerRoles {
         Self {
             merge: true,
             sweeper: true,
+            webhooks: true,
+            janitor: true,
+        }
+    }
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            retry_delays: [10, 60, 300, 1800, 7200, 21600]
+                .map(|s| Interval(Duration::from_secs(s)))
+                .to_vec(),
+            connect_timeout: Interval(Duration::from_secs(5)),
+            timeout: Interval(Duration::from_secs(15)),
+            concurrency: 8,
+            allow_client_callbacks: false,
+            callback_allowlist: Vec::new(),
+            callback_allow_networks: Vec::new(),
+            admin_token: None,
         }
     }
 }

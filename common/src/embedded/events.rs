@@ -1,11 +1,14 @@
-//! [`EventSink`] for the single-node mode: events are appended to the database's `events`
-//! table, durable like the broker's persistent messages, for the webhook dispatcher and for
-//! operators (`sqlite3 stitch.db 'SELECT body FROM events'`).
+//! [`EventSink`] for the single-node mode: each event is appended to the database's `events`
+//! table (for operators: `sqlite3 stitch.db 'SELECT body FROM events'`) and, in the same
+//! transaction, queued for the webhook dispatcher, as the events exchange feeds its queue in
+//! the distributed mode.
 
 use async_trait::async_trait;
 use rusqlite::params;
 
-use super::Database;
+use std::sync::Arc;
+
+use super::{Database, SqliteQueue};
 use crate::events::Event;
 use crate::now_ms;
 use crate::queue::{EventSink, QueueError};
@@ -15,11 +18,12 @@ const RETENTION_MS: i64 = 30 * 24 * 3600 * 1000;
 
 pub struct SqliteEventLog {
     db: Database,
+    feed: Arc<SqliteQueue>,
 }
 
 impl SqliteEventLog {
-    pub fn new(db: Database) -> Self {
-        Self { db }
+    pub fn new(db: Database, feed: Arc<SqliteQueue>) -> Self {
+        Self { db, feed }
     }
 
     /// Every stored event, oldest first (tests, operators).
@@ -44,17 +48,26 @@ impl EventSink for SqliteEventLog {
     async fn publish_event(&self, event: &Event) -> Result<(), QueueError> {
         let body = String::from_utf8_lossy(&event.to_json()).into_owned();
         let (id, kind) = (event.event_id.clone(), event.kind.routing_key().to_owned());
+        let family = self.feed.family();
         self.db
             .run(move |conn| {
                 let now = now_ms() as i64;
-                conn.execute(
+                let tx = conn.transaction()?;
+                tx.execute(
                     "INSERT INTO events (event_id, kind, body, published_at) VALUES (?1, ?2, ?3, ?4)",
                     params![id, kind, body, now],
                 )?;
-                conn.execute("DELETE FROM events WHERE published_at < ?1", [now - RETENTION_MS])?;
+                tx.execute(
+                    "INSERT INTO jobs (family, payload, available_at) VALUES (?1, ?2, ?3)",
+                    params![family, body.as_bytes(), now],
+                )?;
+                tx.execute("DELETE FROM events WHERE published_at < ?1", [now - RETENTION_MS])?;
+                tx.commit()?;
                 Ok(())
             })
             .await
-            .map_err(|e| QueueError::Unavailable(e.0))
+            .map_err(|e| QueueError::Unavailable(e.0))?;
+        self.feed.wake();
+        Ok(())
     }
 }

@@ -28,6 +28,7 @@ pub use self::queue::SqliteQueue;
 pub use self::state::SqliteStateStore;
 use crate::backends::Backends;
 use crate::config::Settings;
+use crate::queue::Family;
 use crate::storage::FsChunkStore;
 
 /// The schema version this code writes (SQLite `user_version`).
@@ -109,12 +110,16 @@ impl Backends {
     /// The single-node set: everything in one SQLite database at `db_path`.
     pub fn embedded(settings: &Settings, db_path: &Path) -> anyhow::Result<Self> {
         let db = Database::open(db_path)?;
-        let queue = Arc::new(SqliteQueue::new(db.clone(), settings.merge.delivery_limit)?);
+        let limit = settings.merge.delivery_limit;
+        let queue = |family| SqliteQueue::new(db.clone(), family, limit).map(Arc::new);
+        let webhook_feed = queue(Family::WebhookFeed)?;
         Ok(Self {
             state: Arc::new(SqliteStateStore::new(db.clone())),
-            queue,
-            lock: Arc::new(SqliteLock::new(db.clone(), settings.lock.ttl.0)),
-            events: Arc::new(SqliteEventLog::new(db)),
+            merges: queue(Family::Merge)?,
+            webhooks: queue(Family::Webhooks)?,
+            events: Arc::new(SqliteEventLog::new(db.clone(), webhook_feed.clone())),
+            webhook_feed,
+            lock: Arc::new(SqliteLock::new(db, settings.lock.ttl.0)),
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
         })
     }

@@ -1,4 +1,4 @@
-//! [`MergeQueue`] over SQLite: a `jobs` table with availability times (delays) and claims.
+//! [`WorkQueue`] over SQLite: a `jobs` table (one `family` column per queue) with availability times (delays) and claims.
 //!
 //! A delivery is a claimed row; ack deletes it, requeue releases it. Claims belong to the
 //! process, which is the only writer of a single-node database: on open, every claim left by
@@ -15,15 +15,15 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{Database, DbError};
-use crate::id::UploadId;
 use crate::now_ms;
-use crate::queue::{Acknowledge, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue, QueueError};
+use crate::queue::{Acknowledge, Deliveries, Delivery, Family, QueueError, WorkQueue};
 
 /// How long an idle consumer sleeps before looking for delayed jobs that became due.
 const POLL: Duration = Duration::from_millis(250);
 
 pub struct SqliteQueue {
     db: Database,
+    family: &'static str,
     delivery_limit: u32,
     wake: Arc<Notify>,
 }
@@ -33,32 +33,43 @@ fn unavailable(e: DbError) -> QueueError {
 }
 
 impl SqliteQueue {
-    /// Opens the queue, releasing claims a previous run left behind.
-    pub fn new(db: Database, delivery_limit: u32) -> anyhow::Result<Self> {
+    /// Opens `family`'s queue, releasing claims a previous run left behind.
+    pub fn new(db: Database, family: Family, delivery_limit: u32) -> anyhow::Result<Self> {
         {
             let conn = db
                 .conn
                 .lock()
                 .map_err(|_| anyhow::anyhow!("the database lock is poisoned"))?;
             conn.execute(
-                "UPDATE jobs SET claimed_by = NULL WHERE claimed_by IS NOT NULL",
-                [],
+                "UPDATE jobs SET claimed_by = NULL WHERE family = ?1 AND claimed_by IS NOT NULL",
+                [family.name()],
             )?;
         }
         Ok(Self {
             db,
+            family: family.name(),
             delivery_limit,
             wake: Arc::new(Notify::new()),
         })
     }
 
+    /// Wakes idle consumers (after a job was inserted by another table's transaction).
+    pub(super) fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    pub(super) fn family(&self) -> &'static str {
+        self.family
+    }
+
     async fn insert(&self, payload: Vec<u8>, delay: Duration) -> Result<(), QueueError> {
         let available_at = now_ms() as i64 + delay.as_millis() as i64;
+        let family = self.family;
         self.db
             .run(move |conn| {
                 conn.execute(
-                    "INSERT INTO jobs (payload, available_at) VALUES (?1, ?2)",
-                    params![payload, available_at],
+                    "INSERT INTO jobs (family, payload, available_at) VALUES (?1, ?2, ?3)",
+                    params![family, payload, available_at],
                 )?;
                 Ok(())
             })
@@ -83,22 +94,18 @@ impl SqliteQueue {
 }
 
 #[async_trait]
-impl MergeQueue for SqliteQueue {
-    async fn enqueue_merge(&self, _upload_id: &UploadId, raw: &str) -> Result<(), QueueError> {
-        self.insert(raw.as_bytes().to_vec(), Duration::ZERO).await
-    }
-
-    async fn enqueue_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
-        self.insert(job.to_json().into_bytes(), delay).await
+impl WorkQueue for SqliteQueue {
+    async fn enqueue(&self, payload: &[u8], delay: Duration) -> Result<(), QueueError> {
+        self.insert(payload.to_vec(), delay).await
     }
 
     async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
-        let (payload, reason) = (payload.to_vec(), reason.to_owned());
+        let (payload, reason, family) = (payload.to_vec(), reason.to_owned(), self.family);
         self.db
             .run(move |conn| {
                 conn.execute(
-                    "INSERT INTO dead_jobs (payload, reason, dead_at) VALUES (?1, ?2, ?3)",
-                    params![payload, reason, now_ms() as i64],
+                    "INSERT INTO dead_jobs (family, payload, reason, dead_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![family, payload, reason, now_ms() as i64],
                 )?;
                 Ok(())
             })
@@ -106,9 +113,10 @@ impl MergeQueue for SqliteQueue {
             .map_err(unavailable)
     }
 
-    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError> {
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn Deliveries>, QueueError> {
         Ok(Box::new(SqliteDeliveries {
             db: self.db.clone(),
+            family: self.family,
             consumer: format!("consumer-{:016x}", rand::random::<u64>()),
             delivery_limit: self.delivery_limit,
             slots: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
@@ -126,6 +134,7 @@ impl MergeQueue for SqliteQueue {
 
 struct SqliteDeliveries {
     db: Database,
+    family: &'static str,
     consumer: String,
     delivery_limit: u32,
     /// At most `prefetch` unsettled deliveries, like a broker's prefetch.
@@ -145,16 +154,21 @@ enum Claim {
 
 impl SqliteDeliveries {
     async fn claim(&self) -> Result<Claim, DbError> {
-        let (consumer, limit) = (self.consumer.clone(), self.delivery_limit as i64);
+        let (consumer, limit, family) = (
+            self.consumer.clone(),
+            self.delivery_limit as i64,
+            self.family,
+        );
         self.db
             .run(move |conn| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 loop {
                     let row = tx
                         .query_row(
-                            "SELECT id, payload, deliveries FROM jobs WHERE claimed_by IS NULL \
-                             AND available_at <= ?1 ORDER BY available_at, id LIMIT 1",
-                            [now_ms() as i64],
+                            "SELECT id, payload, deliveries FROM jobs WHERE family = ?2 \
+                             AND claimed_by IS NULL AND available_at <= ?1 \
+                             ORDER BY available_at, id LIMIT 1",
+                            params![now_ms() as i64, family],
                             |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
                         )
                         .optional()?;
@@ -166,8 +180,8 @@ impl SqliteDeliveries {
                     // redeliveries.
                     if deliveries > limit {
                         tx.execute(
-                            "INSERT INTO dead_jobs (payload, reason, dead_at) VALUES (?1, ?2, ?3)",
-                            params![payload, format!("delivered {deliveries} times without being settled"), now_ms() as i64],
+                            "INSERT INTO dead_jobs (family, payload, reason, dead_at) VALUES (?1, ?2, ?3, ?4)",
+                            params![family, payload, format!("delivered {deliveries} times without being settled"), now_ms() as i64],
                         )?;
                         tx.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
                         continue;
@@ -185,8 +199,8 @@ impl SqliteDeliveries {
 }
 
 #[async_trait]
-impl MergeDeliveries for SqliteDeliveries {
-    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
+impl Deliveries for SqliteDeliveries {
+    async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
         let permit = self.slots.clone().acquire_owned().await.ok()?;
         loop {
             let notified = self.wake.notified();
@@ -203,11 +217,7 @@ impl MergeDeliveries for SqliteDeliveries {
                         wake: self.wake.clone(),
                         slot: std::sync::Mutex::new(Some(permit)),
                     };
-                    return Some(Ok(MergeDelivery::new(
-                        payload,
-                        deliveries > 1,
-                        Box::new(acker),
-                    )));
+                    return Some(Ok(Delivery::new(payload, deliveries > 1, Box::new(acker))));
                 }
                 Ok(Claim::Nothing) => {
                     let _ = tokio::time::timeout(POLL, notified).await;

@@ -51,16 +51,18 @@ CREATE INDEX IF NOT EXISTS outbox_by_upload ON outbox (upload_id);
 
 CREATE TABLE IF NOT EXISTS jobs (
   id INTEGER PRIMARY KEY,
+  family TEXT NOT NULL,
   payload BLOB NOT NULL,
   available_at INTEGER NOT NULL,
   -- The consumer holding it, or NULL when it waits for one.
   claimed_by TEXT,
   deliveries INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (claimed_by, available_at);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (family, claimed_by, available_at);
 
 CREATE TABLE IF NOT EXISTS dead_jobs (
   id INTEGER PRIMARY KEY,
+  family TEXT NOT NULL,
   payload BLOB NOT NULL,
   reason TEXT NOT NULL,
   dead_at INTEGER NOT NULL

@@ -1,20 +1,26 @@
-//! RabbitMQ (lapin): topology, confirmed publishes, the merge consumer.
+//! RabbitMQ (lapin): topology, confirmed publishes, consumers.
 //!
-//! Topology under the namespace `<ns>` (declared idempotently on every new connection):
+//! Every [`Family`] of work gets the same shape under the namespace `<ns>`, declared
+//! idempotently on every new connection:
 //!
 //! | name | kind | role |
 //! |---|---|---|
-//! | `<ns>.merge` | direct exchange | merge jobs (`merge`) and retries (`wait.<ms>ms`) |
-//! | `<ns>.merge` | quorum queue | the work queue; explicit delivery limit; dead-letters to `<ns>.merge.dead` |
-//! | `<ns>.merge.wait.<ms>ms` | quorum queue | one per retry delay: messages wait out their TTL, then dead-letter back to `<ns>.merge` |
-//! | `<ns>.merge.dead` | fanout exchange + quorum queue | poison jobs, kept for operators |
-//! | `<ns>.events` | topic exchange | upload events (`upload.completed`, `upload.failed`, …) |
+//! | `<ns>.<family>` | direct exchange | new work (`work`) and retries (`wait.<ms>ms`) |
+//! | `<ns>.<family>` | quorum queue | the work queue; explicit delivery limit; dead-letters to `<ns>.<family>.dead` |
+//! | `<ns>.<family>.wait.<ms>ms` | quorum queue | one per retry delay: messages wait out their TTL, then dead-letter back to the work queue |
+//! | `<ns>.<family>.dead` | fanout exchange + quorum queue | poison messages, kept for operators |
+//!
+//! The families are `merge`, `webhooks` (one message per delivery of an event to an
+//! endpoint) and `webhooks.feed` (the webhook dispatcher's copy of every event: its work queue
+//! is also bound to the events exchange). `<ns>.events` is the topic exchange of upload
+//! events (`upload.completed`, `upload.failed`, …).
 //!
 //! Retries go through delay queues rather than `nack(requeue)`: a failing job waits its
 //! backoff without spinning on a worker. Quorum queues dead-letter `at-least-once`, which
 //! RabbitMQ allows only with `x-overflow: reject-publish` (a full queue then nacks publishes
 //! instead of dropping messages).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -28,40 +34,67 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acknowledge, MergeDeliveries, MergeDelivery, MergeJob, MergeQueue, QueueError};
+use super::{Acknowledge, Deliveries, Delivery, Family, MergeJob, NOW, QueueError, WorkQueue};
 use crate::config::Settings;
-use crate::id::UploadId;
+
+/// The shape of one family's queues.
+#[derive(Clone, Debug)]
+pub struct FamilyShape {
+    pub family: Family,
+    pub retry_delays: Vec<Duration>,
+    pub delivery_limit: u32,
+}
 
 /// Names and shape of the namespace's exchanges and queues.
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub namespace: String,
-    pub retry_delays: Vec<Duration>,
-    pub delivery_limit: u32,
+    pub families: Vec<FamilyShape>,
 }
 
-/// Routing key of merge jobs on the merge exchange.
-const MERGE_KEY: &str = "merge";
+/// Routing key of new work on a family's exchange.
+const WORK_KEY: &str = "work";
 
 impl Topology {
     pub fn from_settings(settings: &Settings) -> Self {
+        let delays = |d: &[crate::config::Interval]| d.iter().map(|d| d.0).collect::<Vec<_>>();
         Self {
             namespace: settings.namespace.clone(),
-            retry_delays: settings.merge.retry_delays.iter().map(|d| d.0).collect(),
-            delivery_limit: settings.merge.delivery_limit,
+            families: vec![
+                FamilyShape {
+                    family: Family::Merge,
+                    retry_delays: delays(&settings.merge.retry_delays),
+                    delivery_limit: settings.merge.delivery_limit,
+                },
+                FamilyShape {
+                    family: Family::WebhookFeed,
+                    retry_delays: delays(&settings.merge.retry_delays),
+                    delivery_limit: settings.merge.delivery_limit,
+                },
+                FamilyShape {
+                    family: Family::Webhooks,
+                    retry_delays: delays(&settings.webhooks.retry_delays),
+                    delivery_limit: settings.merge.delivery_limit,
+                },
+            ],
         }
     }
 
-    pub fn merge_exchange(&self) -> String {
-        format!("{}.merge", self.namespace)
+    fn shape(&self, family: Family) -> Option<&FamilyShape> {
+        self.families.iter().find(|f| f.family == family)
     }
 
-    pub fn merge_queue(&self) -> String {
-        format!("{}.merge", self.namespace)
+    /// A family's exchange (also its work queue's name).
+    pub fn exchange(&self, family: Family) -> String {
+        format!("{}.{}", self.namespace, family.name())
     }
 
-    pub fn dead_letters(&self) -> String {
-        format!("{}.merge.dead", self.namespace)
+    pub fn work_queue(&self, family: Family) -> String {
+        self.exchange(family)
+    }
+
+    pub fn dead_letters(&self, family: Family) -> String {
+        format!("{}.{}.dead", self.namespace, family.name())
     }
 
     pub fn events_exchange(&self) -> String {
@@ -72,28 +105,71 @@ impl Topology {
         format!("wait.{}ms", delay.as_millis())
     }
 
-    pub fn wait_queue(&self, delay: Duration) -> String {
-        format!("{}.merge.{}", self.namespace, Self::wait_key(delay))
+    pub fn wait_queue(&self, family: Family, delay: Duration) -> String {
+        format!("{}.{}", self.exchange(family), Self::wait_key(delay))
+    }
+
+    /// The merge work queue (tests and operators look at it).
+    pub fn merge_queue(&self) -> String {
+        self.work_queue(Family::Merge)
     }
 
     /// Every queue of the topology (for teardown and inspection).
     pub fn queues(&self) -> Vec<String> {
-        let mut out = vec![self.merge_queue(), self.dead_letters()];
-        out.extend(self.retry_delays.iter().map(|d| self.wait_queue(*d)));
+        let mut out = Vec::new();
+        for shape in &self.families {
+            out.push(self.work_queue(shape.family));
+            out.push(self.dead_letters(shape.family));
+            out.extend(
+                shape
+                    .retry_delays
+                    .iter()
+                    .map(|d| self.wait_queue(shape.family, *d)),
+            );
+        }
         out
     }
 
     /// Every exchange of the topology.
     pub fn exchanges(&self) -> Vec<String> {
-        vec![
-            self.merge_exchange(),
-            self.dead_letters(),
-            self.events_exchange(),
-        ]
+        let mut out = vec![self.events_exchange()];
+        for shape in &self.families {
+            out.push(self.exchange(shape.family));
+            out.push(self.dead_letters(shape.family));
+        }
+        out
     }
 
     /// Declares everything; safe to repeat (declarations are idempotent when unchanged).
     pub async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            self.events_exchange().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        for shape in &self.families {
+            self.declare_family(ch, shape).await?;
+        }
+        // The webhook dispatcher's feed receives every event.
+        ch.queue_bind(
+            self.work_queue(Family::WebhookFeed).into(),
+            self.events_exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn declare_family(&self, ch: &Channel, shape: &FamilyShape) -> lapin::Result<()> {
+        let family = shape.family;
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -103,59 +179,53 @@ impl Topology {
             ..Default::default()
         };
         ch.exchange_declare(
-            self.merge_exchange().into(),
+            self.exchange(family).into(),
             ExchangeKind::Direct,
             durable,
             FieldTable::default(),
         )
         .await?;
         ch.exchange_declare(
-            self.dead_letters().into(),
+            self.dead_letters(family).into(),
             ExchangeKind::Fanout,
             durable,
             FieldTable::default(),
         )
         .await?;
-        ch.exchange_declare(
-            self.events_exchange().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-
         let mut work = quorum_args();
         work.insert(
             "x-delivery-limit".into(),
-            AMQPValue::LongInt(self.delivery_limit.min(i32::MAX as u32) as i32),
+            AMQPValue::LongInt(shape.delivery_limit.min(i32::MAX as u32) as i32),
         );
         work.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_letters().into()),
+            AMQPValue::LongString(self.dead_letters(family).into()),
         );
-        ch.queue_declare(self.merge_queue().into(), durable_queue, work)
+        ch.queue_declare(self.work_queue(family).into(), durable_queue, work)
             .await?;
         ch.queue_bind(
-            self.merge_queue().into(),
-            self.merge_exchange().into(),
-            MERGE_KEY.into(),
+            self.work_queue(family).into(),
+            self.exchange(family).into(),
+            WORK_KEY.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-
-        ch.queue_declare(self.dead_letters().into(), durable_queue, quorum_args())
-            .await?;
+        ch.queue_declare(
+            self.dead_letters(family).into(),
+            durable_queue,
+            quorum_args(),
+        )
+        .await?;
         ch.queue_bind(
-            self.dead_letters().into(),
-            self.dead_letters().into(),
+            self.dead_letters(family).into(),
+            self.dead_letters(family).into(),
             "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
-
-        for delay in &self.retry_delays {
+        for delay in &shape.retry_delays {
             let mut wait = quorum_args();
             wait.insert(
                 "x-message-ttl".into(),
@@ -163,17 +233,17 @@ impl Topology {
             );
             wait.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.merge_exchange().into()),
+                AMQPValue::LongString(self.exchange(family).into()),
             );
             wait.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(MERGE_KEY.into()),
+                AMQPValue::LongString(WORK_KEY.into()),
             );
-            ch.queue_declare(self.wait_queue(*delay).into(), durable_queue, wait)
+            ch.queue_declare(self.wait_queue(family, *delay).into(), durable_queue, wait)
                 .await?;
             ch.queue_bind(
-                self.wait_queue(*delay).into(),
-                self.merge_exchange().into(),
+                self.wait_queue(family, *delay).into(),
+                self.exchange(family).into(),
                 Self::wait_key(*delay).into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -313,55 +383,59 @@ impl AmqpBroker {
         result
     }
 
-    /// Publishes a merge job to the work queue.
+    /// Publishes a merge job to the merge work queue.
     pub async fn publish_merge(&self, job: &MergeJob) -> Result<(), QueueError> {
-        self.publish_merge_raw(&job.upload_id, &job.to_json()).await
+        self.publish_work(Family::Merge, job.to_json().as_bytes(), NOW)
+            .await
     }
 
-    /// Publishes a merge job, given as the exact text stored in an outbox.
-    pub async fn publish_merge_raw(
+    /// Publishes to `family`'s work queue now, or through its delay queue for `delay`.
+    async fn publish_work(
         &self,
-        upload_id: &UploadId,
-        raw: &str,
+        family: Family,
+        payload: &[u8],
+        delay: Duration,
     ) -> Result<(), QueueError> {
-        let properties = BasicProperties::default()
-            .with_message_id(upload_id.as_str().into())
-            .with_type("merge".into());
+        let key = if delay.is_zero() {
+            WORK_KEY.to_owned()
+        } else {
+            let known = self
+                .topology
+                .shape(family)
+                .is_some_and(|s| s.retry_delays.contains(&delay));
+            if !known {
+                return Err(QueueError::Refused(format!(
+                    "{delay:?} is not a configured retry delay of {}",
+                    family.name()
+                )));
+            }
+            Topology::wait_key(delay)
+        };
+        let properties = BasicProperties::default().with_type(family.name().into());
         self.publish(
-            &self.topology.merge_exchange(),
-            MERGE_KEY,
-            raw.as_bytes(),
+            &self.topology.exchange(family),
+            &key,
+            payload,
             properties,
             true,
         )
         .await
     }
 
-    /// Publishes a merge job to wait `delay` (one of the configured retry delays) before it
-    /// returns to the work queue.
-    pub async fn publish_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
-        let properties = BasicProperties::default()
-            .with_message_id(job.upload_id.as_str().into())
-            .with_type("merge".into());
-        self.publish(
-            &self.topology.merge_exchange(),
-            &Topology::wait_key(delay),
-            job.to_json().as_bytes(),
-            properties,
-            true,
-        )
-        .await
-    }
-
-    /// Publishes a message to the dead-letter queue with the reason in a header.
-    pub async fn publish_dead(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
+    /// Publishes a message to `family`'s dead-letter queue with the reason in a header.
+    async fn publish_dead(
+        &self,
+        family: Family,
+        payload: &[u8],
+        reason: &str,
+    ) -> Result<(), QueueError> {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-stitch-reason".into(),
             AMQPValue::LongString(LongString::from(reason)),
         );
         self.publish(
-            &self.topology.dead_letters(),
+            &self.topology.dead_letters(family),
             "",
             payload,
             BasicProperties::default().with_headers(headers),
@@ -396,9 +470,13 @@ impl AmqpBroker {
         self.publish_channel().await.map(|_| ())
     }
 
-    /// Starts consuming merge jobs on a dedicated connection, at most `prefetch` unacked.
-    pub async fn consume_merges(&self, prefetch: u16) -> Result<AmqpDeliveries, QueueError> {
-        let (conn, channel) = self.connect("merge-consumer").await?;
+    /// Consumes `family`'s work queue on a dedicated connection, at most `prefetch` unacked.
+    async fn consume_family(
+        &self,
+        family: Family,
+        prefetch: u16,
+    ) -> Result<AmqpDeliveries, QueueError> {
+        let (conn, channel) = self.connect(&format!("{}-consumer", family.name())).await?;
         let unavailable = |e: lapin::Error| QueueError::Unavailable(e.to_string());
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
@@ -406,7 +484,7 @@ impl AmqpBroker {
             .map_err(unavailable)?;
         let consumer = channel
             .basic_consume(
-                self.topology.merge_queue().into(),
+                self.topology.work_queue(family).into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -438,26 +516,41 @@ impl AmqpBroker {
     }
 }
 
-#[async_trait::async_trait]
-impl MergeQueue for AmqpBroker {
-    async fn enqueue_merge(&self, upload_id: &UploadId, raw: &str) -> Result<(), QueueError> {
-        self.publish_merge_raw(upload_id, raw).await
-    }
+/// One family's queue on a shared broker connection.
+#[derive(Clone)]
+pub struct AmqpQueue {
+    broker: Arc<AmqpBroker>,
+    family: Family,
+}
 
-    async fn enqueue_retry(&self, job: &MergeJob, delay: Duration) -> Result<(), QueueError> {
-        self.publish_retry(job, delay).await
+impl AmqpBroker {
+    /// The work queue of `family`.
+    pub fn queue(self: &Arc<Self>, family: Family) -> AmqpQueue {
+        AmqpQueue {
+            broker: self.clone(),
+            family,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkQueue for AmqpQueue {
+    async fn enqueue(&self, payload: &[u8], delay: Duration) -> Result<(), QueueError> {
+        self.broker.publish_work(self.family, payload, delay).await
     }
 
     async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError> {
-        self.publish_dead(payload, reason).await
+        self.broker.publish_dead(self.family, payload, reason).await
     }
 
-    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError> {
-        Ok(Box::new(self.consume_merges(prefetch).await?))
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn Deliveries>, QueueError> {
+        Ok(Box::new(
+            self.broker.consume_family(self.family, prefetch).await?,
+        ))
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        AmqpBroker::ping(self).await
+        self.broker.ping().await
     }
 }
 
@@ -474,7 +567,7 @@ impl super::EventSink for AmqpBroker {
     }
 }
 
-/// A running merge consumer on its own connection.
+/// A running consumer on its own connection.
 pub struct AmqpDeliveries {
     conn: Connection,
     channel: Channel,
@@ -506,13 +599,13 @@ impl Acknowledge for AmqpAcker {
 }
 
 #[async_trait::async_trait]
-impl MergeDeliveries for AmqpDeliveries {
-    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>> {
+impl Deliveries for AmqpDeliveries {
+    async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
         let delivery = self.consumer.next().await?;
         Some(
             delivery
                 .map(|d| {
-                    MergeDelivery::new(
+                    Delivery::new(
                         d.data.clone(),
                         d.redelivered,
                         Box::new(AmqpAcker(d.acker.clone())),

@@ -1,5 +1,5 @@
-//! Work and events between processes: merge jobs (API → workers) and upload events
-//! (workers → whoever listens).
+//! Work and events between processes: merge jobs (API → workers), upload events (workers →
+//! whoever listens) and webhook deliveries.
 //!
 //! Messages are versioned, self-describing JSON (`"type"` tags the variant) so that old and
 //! new processes can share a queue during a rolling deploy. [`AmqpBroker`] is the RabbitMQ
@@ -10,8 +10,11 @@ mod amqp;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::amqp::{AmqpBroker, AmqpDeliveries, Topology};
+pub use self::amqp::{AmqpBroker, AmqpQueue, Topology};
 use crate::id::UploadId;
+
+/// Zero delay: deliver now.
+pub const NOW: std::time::Duration = std::time::Duration::ZERO;
 
 /// A message on the merge queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,36 +56,50 @@ impl MergeJob {
     }
 }
 
-/// The merge work queue. [`AmqpBroker`] is the RabbitMQ implementation.
-#[async_trait::async_trait]
-pub trait MergeQueue: Send + Sync + 'static {
-    /// Publishes `raw` (a [`MergeJob`] as stored in the outbox) durably: `Ok` only once the
-    /// queue has stored it where a worker will take it.
-    async fn enqueue_merge(&self, upload_id: &UploadId, raw: &str) -> Result<(), QueueError>;
+/// The queues Stitch uses, each a [`WorkQueue`] with its own retry delays and dead letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Merge jobs: API (and sweeper) → merge workers.
+    Merge,
+    /// Events to fan out to webhook endpoints (fed by the events exchange).
+    WebhookFeed,
+    /// One webhook delivery (an event to one endpoint) per message.
+    Webhooks,
+}
 
-    /// Publishes `job` to come back to the work queue after `delay` (one of the configured
-    /// retry delays).
-    async fn enqueue_retry(
-        &self,
-        job: &MergeJob,
-        delay: std::time::Duration,
-    ) -> Result<(), QueueError>;
+impl Family {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::WebhookFeed => "webhooks.feed",
+            Self::Webhooks => "webhooks",
+        }
+    }
+}
+
+/// A durable work queue with delayed retries and a dead-letter queue. [`AmqpBroker::queue`]
+/// is the RabbitMQ implementation, `embedded::SqliteQueue` the single-node one.
+#[async_trait::async_trait]
+pub trait WorkQueue: Send + Sync + 'static {
+    /// Stores `payload` durably, to be delivered after `delay` (zero, or one of the family's
+    /// configured retry delays). `Ok` only once it is stored where a consumer will take it.
+    async fn enqueue(&self, payload: &[u8], delay: std::time::Duration) -> Result<(), QueueError>;
 
     /// Moves a message to the dead-letter queue, with the reason, for operators.
     async fn dead_letter(&self, payload: &[u8], reason: &str) -> Result<(), QueueError>;
 
-    /// Starts consuming merge jobs, at most `prefetch` unacknowledged at once.
-    async fn consume(&self, prefetch: u16) -> Result<Box<dyn MergeDeliveries>, QueueError>;
+    /// Starts consuming, at most `prefetch` unacknowledged deliveries at once.
+    async fn consume(&self, prefetch: u16) -> Result<Box<dyn Deliveries>, QueueError>;
 
     /// Checks that the queue answers (readiness).
     async fn ping(&self) -> Result<(), QueueError>;
 }
 
-/// A running consumer of merge jobs.
+/// A running consumer.
 #[async_trait::async_trait]
-pub trait MergeDeliveries: Send {
+pub trait Deliveries: Send {
     /// The next delivery; `None` when the consumer was closed or lost its connection.
-    async fn next(&mut self) -> Option<Result<MergeDelivery, QueueError>>;
+    async fn next(&mut self) -> Option<Result<Delivery, QueueError>>;
 
     /// Stops consuming: every unacknowledged delivery goes back to the queue.
     async fn close(self: Box<Self>);
@@ -95,20 +112,17 @@ pub trait Acknowledge: Send + Sync {
     async fn requeue(&self) -> Result<(), QueueError>;
 }
 
-/// One merge job delivered to this worker; it stays unacknowledged (and is redelivered if
-/// this process dies) until [`MergeDelivery::ack`].
-pub struct MergeDelivery {
-    /// The job, or why the payload is not one (a poison message).
-    pub job: Result<MergeJob, String>,
+/// One message delivered to this process; it stays unacknowledged (and is redelivered if
+/// this process dies) until [`Delivery::ack`].
+pub struct Delivery {
     pub payload: Vec<u8>,
     pub redelivered: bool,
     acker: Box<dyn Acknowledge>,
 }
 
-impl MergeDelivery {
+impl Delivery {
     pub fn new(payload: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
         Self {
-            job: MergeJob::from_json(&payload).map_err(|e| e.to_string()),
             payload,
             redelivered,
             acker,
@@ -119,7 +133,7 @@ impl MergeDelivery {
         self.acker.ack().await
     }
 
-    /// Hands the job back to the queue now; counts toward the delivery limit.
+    /// Hands the message back to the queue now; counts toward the delivery limit.
     pub async fn requeue(&self) -> Result<(), QueueError> {
         self.acker.requeue().await
     }
