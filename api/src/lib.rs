@@ -59,11 +59,7 @@ impl Application {
 
     /// An API on the given backends (the single-node mode passes embedded ones).
     pub async fn build_with(settings: &Settings, backends: &Backends) -> anyhow::Result<Self> {
-        let (state, storage, merges) = (
-            backends.state.clone(),
-            backends.storage.clone(),
-            backends.merges.clone(),
-        );
+        let storage = &backends.storage;
         if let Err(e) = storage.probe().await {
             tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");
         }
@@ -73,7 +69,7 @@ impl Application {
         Ok(Self {
             listener,
             state: AppState {
-                uploads: Arc::new(UploadService::new(settings, state, storage, merges)),
+                uploads: Arc::new(UploadService::new(settings, backends)),
                 body_idle_timeout: settings.http.body_idle_timeout.0,
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),

@@ -5,13 +5,17 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
+use stitch_common::backends::Backends;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
+use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::now_ms;
-use stitch_common::queue::{MergeJob, NOW, WorkQueue};
-use stitch_common::state::{Conflict, Created, Progress, Recorded, StateError, StateStore};
+use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
+use stitch_common::state::{
+    Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore,
+};
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
 use tokio::sync::{Semaphore, mpsc};
@@ -29,6 +33,8 @@ pub struct UploadService {
     storage: FsChunkStore,
     /// Where the completing chunk sends the merge job (the outbox covers its failures).
     merges: Arc<dyn WorkQueue>,
+    /// Where `upload.created` and `upload.aborted` go (the outbox covers its failures).
+    events: Arc<dyn EventSink>,
     /// Bound on the merge job publish, so a slow broker does not hold the client's response.
     publish_timeout: std::time::Duration,
     limits: Limits,
@@ -86,18 +92,14 @@ pub struct ChunkAccepted {
 }
 
 impl UploadService {
-    pub fn new(
-        settings: &Settings,
-        state: Arc<dyn StateStore>,
-        storage: FsChunkStore,
-        merges: Arc<dyn WorkQueue>,
-    ) -> Self {
+    pub fn new(settings: &Settings, backends: &Backends) -> Self {
         let budget_kib =
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         Self {
-            state,
-            storage,
-            merges,
+            state: backends.state.clone(),
+            storage: backends.storage.clone(),
+            merges: backends.merges.clone(),
+            events: backends.events.clone(),
             publish_timeout: settings.amqp.timeout.0,
             limits: settings.limits.clone(),
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
@@ -139,7 +141,15 @@ impl UploadService {
         if let ManifestCheck::Conflicts(existing) = self.storage.ensure_manifest(&upload).await? {
             return Err(manifest_conflict(&existing, &upload));
         }
-        let created = self.state.create_upload(&upload, self.ttl_ms).await?;
+        let event = Event::created(&upload);
+        let outboxed = OutboxMessage::event_json(&event);
+        let created = self
+            .state
+            .create_upload(&upload, &outboxed, self.ttl_ms)
+            .await?;
+        if created == Created::New {
+            self.publish_event(&upload.id, &event, &outboxed).await;
+        }
         let status = self.upload_status(&upload.id).await?;
         Ok((created, status))
     }
@@ -255,12 +265,18 @@ impl UploadService {
             digests: staged.digests,
         };
         let merge_job = MergeJob::new(upload.id.clone()).to_json();
+        let created_event = Event::created(&upload);
+        let created_outboxed = OutboxMessage::event_json(&created_event);
         match self
             .state
-            .record_chunk(&upload, &record, &merge_job, self.ttl_ms)
+            .record_chunk(&upload, &record, &merge_job, &created_outboxed, self.ttl_ms)
             .await
         {
             Ok(Recorded::New(progress)) => {
+                if progress.created_upload {
+                    self.publish_event(&upload.id, &created_event, &created_outboxed)
+                        .await;
+                }
                 if progress.completed_upload {
                     self.trigger_merge(&upload.id, &merge_job).await;
                 }
@@ -307,6 +323,26 @@ impl UploadService {
             }
             Err(_) => {
                 tracing::warn!(upload_id = %id, "merge enqueue timed out; the sweeper will retry from the outbox");
+            }
+        }
+    }
+
+    /// Publishes an event its state change wrote to the outbox, and clears it from the outbox
+    /// once the broker confirmed it; on failure the sweeper publishes it later.
+    async fn publish_event(&self, id: &UploadId, event: &Event, outboxed: &str) {
+        let published =
+            tokio::time::timeout(self.publish_timeout, self.events.publish_event(event)).await;
+        match published {
+            Ok(Ok(())) => {
+                if let Err(e) = self.state.clear_outbox_entry(id, outboxed).await {
+                    tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(upload_id = %id, error = %e, kind = event.kind.routing_key(), "event not published; the sweeper will retry from the outbox");
+            }
+            Err(_) => {
+                tracing::warn!(upload_id = %id, kind = event.kind.routing_key(), "event publish timed out; the sweeper will retry from the outbox");
             }
         }
     }
@@ -384,7 +420,12 @@ impl UploadService {
     /// Aborts the upload and removes its chunks. Idempotent: aborting again retries the
     /// removal.
     pub async fn abort_upload(&self, id: &UploadId) -> Result<(), ApiError> {
-        self.state.abort_upload(id, self.ttl_ms).await?;
+        let status = self.upload_status(id).await?;
+        let event = Event::aborted(&status);
+        let outboxed = OutboxMessage::event_json(&event);
+        if let Aborted::Now { .. } = self.state.abort_upload(id, &outboxed, self.ttl_ms).await? {
+            self.publish_event(id, &event, &outboxed).await;
+        }
         self.storage.remove_upload(id).await?;
         Ok(())
     }

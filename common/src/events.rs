@@ -7,26 +7,48 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::upload::UploadStatus;
+use crate::upload::{NewUpload, UploadStatus};
 
 /// The schema version of event bodies. Additive changes keep it; others bump it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
+    #[serde(rename = "upload.created")]
+    Created,
     #[serde(rename = "upload.completed")]
     Completed,
     #[serde(rename = "upload.failed")]
     Failed,
+    #[serde(rename = "upload.aborted")]
+    Aborted,
+    #[serde(rename = "upload.expired")]
+    Expired,
 }
 
 impl EventKind {
     /// The routing key on the events exchange.
     pub fn routing_key(&self) -> &'static str {
         match self {
+            Self::Created => "upload.created",
             Self::Completed => "upload.completed",
             Self::Failed => "upload.failed",
+            Self::Aborted => "upload.aborted",
+            Self::Expired => "upload.expired",
         }
+    }
+
+    /// Every kind, for configuration checks and documentation.
+    pub const ALL: [EventKind; 5] = [
+        Self::Created,
+        Self::Completed,
+        Self::Failed,
+        Self::Aborted,
+        Self::Expired,
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.routing_key() == name)
     }
 }
 
@@ -110,6 +132,67 @@ impl Event {
                 failure_reason: Some(failure.reason.clone()),
             },
         })
+    }
+
+    /// `upload.created`, for an upload just created (explicitly or by its first chunk).
+    pub fn created(upload: &NewUpload) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: new_event_id(),
+            kind: EventKind::Created,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "receiving".into(),
+                filename: upload.filename.clone(),
+                size: upload.geometry.total_size,
+                md5: None,
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+            },
+        }
+    }
+
+    /// `upload.aborted`, from the upload's status just before the abort.
+    pub fn aborted(status: &UploadStatus) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: new_event_id(),
+            kind: EventKind::Aborted,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: status.id.to_string(),
+                state: "aborted".into(),
+                filename: status.filename.clone(),
+                size: status.geometry.total_size,
+                md5: None,
+                metadata: status.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+            },
+        }
+    }
+
+    /// `upload.expired`, for an upload whose state expired (from its manifest). The id is
+    /// derived from the upload, so the janitor re-publishing it gives the same id.
+    pub fn expired(upload: &NewUpload) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: format!("evt_expired_{}_{}", upload.id, upload.created_at_ms),
+            kind: EventKind::Expired,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "expired".into(),
+                filename: upload.filename.clone(),
+                size: upload.geometry.total_size,
+                md5: None,
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+            },
+        }
     }
 
     pub fn to_json(&self) -> Vec<u8> {

@@ -22,6 +22,9 @@ use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
 
 const TTL: u64 = 60_000;
+/// Outbox entries as the API writes them (any text works for the store).
+const CREATED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"created"}"#;
+const ABORTED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"aborted"}"#;
 
 fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
     NewUpload {
@@ -55,7 +58,7 @@ async fn record_all(store: &dyn StateStore, u: &NewUpload) -> usize {
     let mut completions = 0;
     for i in 0..u.geometry.total_chunks {
         match store
-            .record_chunk(u, &chunk(u, i, 7), "{\"job\":1}", TTL)
+            .record_chunk(u, &chunk(u, i, 7), "{\"job\":1}", CREATED, TTL)
             .await
             .unwrap()
         {
@@ -69,13 +72,17 @@ async fn record_all(store: &dyn StateStore, u: &NewUpload) -> usize {
 async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
     let u = upload("c1", 25, 10);
     let first = store
-        .record_chunk(&u, &chunk(&u, 1, 5), "j", TTL)
+        .record_chunk(&u, &chunk(&u, 1, 5), "j", CREATED, TTL)
         .await
         .unwrap();
     assert!(matches!(first, Recorded::New(p) if p.chunks_received == 1 && p.bytes_received == 10));
     let mut again = chunk(&u, 1, 5);
     again.token = "another-copy".into();
-    match store.record_chunk(&u, &again, "j", TTL).await.unwrap() {
+    match store
+        .record_chunk(&u, &again, "j", CREATED, TTL)
+        .await
+        .unwrap()
+    {
         Recorded::Duplicate {
             progress,
             counted_token,
@@ -85,14 +92,16 @@ async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
         }
         other => panic!("{other:?}"),
     }
-    let conflict = store.record_chunk(&u, &chunk(&u, 1, 6), "j", TTL).await;
+    let conflict = store
+        .record_chunk(&u, &chunk(&u, 1, 6), "j", CREATED, TTL)
+        .await;
     assert!(matches!(
         conflict,
         Err(StateError::Conflict(Conflict::ChunkContent(ChunkIndex(1))))
     ));
     let other_shape = upload("c1", 30, 10);
     let conflict = store
-        .record_chunk(&other_shape, &chunk(&other_shape, 0, 1), "j", TTL)
+        .record_chunk(&other_shape, &chunk(&other_shape, 0, 1), "j", CREATED, TTL)
         .await;
     assert!(matches!(
         conflict,
@@ -108,7 +117,9 @@ async fn completion_is_reported_exactly_once(store: &dyn StateStore) {
     let status = store.upload_status(&u.id).await.unwrap().unwrap();
     assert_eq!(status.state, UploadState::Merging);
     assert_eq!(status.uploaded_chunks, (0..10).collect::<Vec<_>>());
-    let late = store.record_chunk(&u, &chunk(&u, 0, 7), "j", TTL).await;
+    let late = store
+        .record_chunk(&u, &chunk(&u, 0, 7), "j", CREATED, TTL)
+        .await;
     assert!(matches!(
         late,
         Err(StateError::Conflict(Conflict::NotReceiving(
@@ -119,14 +130,17 @@ async fn completion_is_reported_exactly_once(store: &dyn StateStore) {
 
 async fn creation_is_idempotent_for_the_same_declaration(store: &dyn StateStore) {
     let u = upload("c3", 100, 10);
-    assert_eq!(store.create_upload(&u, TTL).await.unwrap(), Created::New);
     assert_eq!(
-        store.create_upload(&u, TTL).await.unwrap(),
+        store.create_upload(&u, CREATED, TTL).await.unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        store.create_upload(&u, CREATED, TTL).await.unwrap(),
         Created::AlreadyExists
     );
     let other = upload("c3", 100, 20);
     assert!(matches!(
-        store.create_upload(&other, TTL).await,
+        store.create_upload(&other, CREATED, TTL).await,
         Err(StateError::Conflict(Conflict::Geometry { .. }))
     ));
 }
@@ -134,20 +148,22 @@ async fn creation_is_idempotent_for_the_same_declaration(store: &dyn StateStore)
 async fn abort_is_idempotent_and_refuses_later_chunks(store: &dyn StateStore) {
     let u = upload("c4", 20, 10);
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), "j", TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), "j", CREATED, TTL)
         .await
         .unwrap();
     assert_eq!(
-        store.abort_upload(&u.id, TTL).await.unwrap(),
+        store.abort_upload(&u.id, ABORTED, TTL).await.unwrap(),
         Aborted::Now {
             previous: UploadState::Receiving
         }
     );
     assert_eq!(
-        store.abort_upload(&u.id, TTL).await.unwrap(),
+        store.abort_upload(&u.id, ABORTED, TTL).await.unwrap(),
         Aborted::Already
     );
-    let late = store.record_chunk(&u, &chunk(&u, 1, 1), "j", TTL).await;
+    let late = store
+        .record_chunk(&u, &chunk(&u, 1, 1), "j", CREATED, TTL)
+        .await;
     assert!(matches!(
         late,
         Err(StateError::Conflict(Conflict::NotReceiving(
@@ -156,7 +172,7 @@ async fn abort_is_idempotent_and_refuses_later_chunks(store: &dyn StateStore) {
     ));
     let missing = UploadId::parse("never").unwrap();
     assert!(matches!(
-        store.abort_upload(&missing, TTL).await,
+        store.abort_upload(&missing, ABORTED, TTL).await,
         Err(StateError::NotFound)
     ));
 }
@@ -265,13 +281,13 @@ async fn the_outbox_holds_the_trigger_until_cleared(store: &dyn StateStore) {
     let job = stitch_common::queue::MergeJob::new(u.id.clone());
     let raw = job.to_json();
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), &raw, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &raw, CREATED, TTL)
         .await
         .unwrap();
     let mine = |entries: Vec<stitch_common::state::OutboxEntry>| -> Vec<String> {
         entries
             .into_iter()
-            .filter(|e| e.upload_id == u.id)
+            .filter(|e| e.upload_id == u.id && e.raw != CREATED)
             .map(|e| e.raw)
             .collect()
     };
@@ -296,6 +312,68 @@ async fn the_outbox_holds_the_trigger_until_cleared(store: &dyn StateStore) {
     assert_eq!(store.note_requeue(&u.id).await.unwrap(), Some(1));
 }
 
+async fn outbox_of(store: &dyn StateStore, id: &UploadId) -> Vec<String> {
+    let mut entries: Vec<String> = store
+        .pending_outbox(u64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| &e.upload_id == id)
+        .map(|e| e.raw)
+        .collect();
+    entries.sort();
+    entries
+}
+
+async fn events_ride_the_outbox_with_their_state_changes(store: &dyn StateStore) {
+    let u = upload("c8", 20, 10);
+    let job = MergeJob::new(u.id.clone()).to_json();
+    let first = store
+        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert!(matches!(first, Recorded::New(p) if p.created_upload && !p.completed_upload));
+    let second = store
+        .record_chunk(&u, &chunk(&u, 1, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert!(matches!(second, Recorded::New(p) if !p.created_upload && p.completed_upload));
+    let mut expected = vec![job.clone(), CREATED.to_owned()];
+    expected.sort();
+    assert_eq!(
+        outbox_of(store, &u.id).await,
+        expected,
+        "one created event, one merge trigger"
+    );
+    // Aborting drops the merge trigger, keeps the unpublished event and adds its own.
+    store.abort_upload(&u.id, ABORTED, TTL).await.unwrap();
+    let mut expected = vec![ABORTED.to_owned(), CREATED.to_owned()];
+    expected.sort();
+    assert_eq!(outbox_of(store, &u.id).await, expected);
+
+    // A commit drops the merge trigger only.
+    let v = upload("c9", 10, 10);
+    let job = MergeJob::new(v.id.clone()).to_json();
+    store
+        .record_chunk(&v, &chunk(&v, 0, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    let MergeStart::Ready(plan) = store.begin_merge(&v.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    store
+        .commit_merge(&v.id, plan.fence, &completion("f"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(outbox_of(store, &v.id).await, vec![CREATED.to_owned()]);
+
+    // An explicit create writes its event; confirming it again does not.
+    let w = upload("c10", 10, 10);
+    store.create_upload(&w, CREATED, TTL).await.unwrap();
+    store.create_upload(&w, CREATED, TTL).await.unwrap();
+    assert_eq!(outbox_of(store, &w.id).await, vec![CREATED.to_owned()]);
+}
+
 #[tokio::test]
 async fn the_redis_state_store_keeps_the_state_store_contract() {
     let env = TestEnv::new();
@@ -307,6 +385,7 @@ async fn the_redis_state_store_keeps_the_state_store_contract() {
     the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
     a_failed_merge_is_final(store.as_ref()).await;
     the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
+    events_ride_the_outbox_with_their_state_changes(store.as_ref()).await;
 }
 
 fn redis_lock(env: &TestEnv, ttl: Duration) -> Arc<dyn MergeLock> {
@@ -398,6 +477,7 @@ async fn the_sqlite_state_store_keeps_the_state_store_contract() {
     the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
     a_failed_merge_is_final(store.as_ref()).await;
     the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
+    events_ride_the_outbox_with_their_state_changes(store.as_ref()).await;
 }
 
 #[tokio::test]
@@ -420,7 +500,7 @@ async fn the_sqlite_state_survives_reopening_the_database() {
     {
         let store = sqlite_backends(&env, |_| {}).state;
         store
-            .record_chunk(&u, &chunk(&u, 2, 9), "j", TTL)
+            .record_chunk(&u, &chunk(&u, 2, 9), "j", CREATED, TTL)
             .await
             .unwrap();
     }
@@ -587,12 +667,12 @@ async fn the_rabbitmq_queue_keeps_the_queue_contract() {
     let env = TestEnv::new();
     let mut settings = env.settings();
     settings.merge.delivery_limit = 3;
-    settings.merge.retry_delays = vec![Interval(Duration::from_millis(1500))];
     let make = || -> Arc<dyn WorkQueue> {
         Arc::new(Arc::new(AmqpBroker::new(&settings)).queue(Family::Merge))
     };
     run_queue_contract(make, 3).await;
-    a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;
+    // One of the delays the test environment configures.
+    a_retry_waits_its_delay(make().as_ref(), Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

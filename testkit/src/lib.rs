@@ -53,6 +53,15 @@ impl TestEnv {
         s.redis.url = stitch_common::config::Secret::new(REDIS_URL);
         s.amqp.url = stitch_common::config::Secret::new(AMQP_URL);
         s.limits.max_chunks = 10_000;
+        // Every delay is a quorum queue on the shared broker: tests keep them few.
+        s.merge.retry_delays = vec![
+            stitch_common::config::Interval(Duration::from_millis(500)),
+            stitch_common::config::Interval(Duration::from_secs(2)),
+        ];
+        s.webhooks.retry_delays = vec![
+            stitch_common::config::Interval(Duration::from_millis(300)),
+            stitch_common::config::Interval(Duration::from_secs(1)),
+        ];
         s
     }
 

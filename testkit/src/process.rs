@@ -25,6 +25,8 @@ pub fn stitch_command(binary: &Path, env: &TestEnv) -> Command {
         .env("STITCH__HTTP__BIND", "127.0.0.1:0")
         .env("STITCH__LOG__FORMAT", "json")
         .env("STITCH__LOG__LEVEL", "info")
+        .env("STITCH__MERGE__RETRY_DELAYS", "500ms,2s")
+        .env("STITCH__WEBHOOKS__RETRY_DELAYS", "300ms,1s")
         .env_remove("RUST_LOG");
     cmd
 }

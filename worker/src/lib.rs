@@ -4,8 +4,9 @@
 //! - **merge** ([`consumer`] → [`merge::Merger`] → [`concat`]): takes merge jobs from
 //!   RabbitMQ, locks the upload (Redlock-style, fenced), concatenates its chunks while
 //!   computing MD5, verifies, commits and publishes `upload.completed`.
-//! - **sweeper** ([`sweeper`]): republishes merge triggers left in outboxes and re-enqueues
-//!   merges that got stuck.
+//! - **sweeper** ([`sweeper`]): republishes merge triggers and events left in outboxes and
+//!   re-enqueues merges that got stuck.
+//! - **janitor** ([`janitor`]): removes files nothing needs and announces expired uploads.
 //!
 //! It always serves `/healthz`, `/readyz` and `/metrics` ([`probes`]) on its own bind. Like
 //! the API it is a library with a thin `main.rs`: [`Worker::build`], then
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod concat;
 pub mod consumer;
+pub mod janitor;
 pub mod merge;
 pub mod probes;
 pub mod sweeper;
@@ -123,6 +125,7 @@ impl Worker {
             let sweeper = sweeper::Sweeper {
                 state: self.backends.state.clone(),
                 queue: self.backends.merges.clone(),
+                events: self.backends.events.clone(),
                 lock: self.backends.lock.clone(),
                 merger: self.merger.clone(),
                 config: sweeper::SweeperConfig {
@@ -134,6 +137,16 @@ impl Worker {
                 },
             };
             roles.spawn(sweeper.run(stop_rx.clone()));
+        }
+        if s.worker.janitor {
+            let janitor = janitor::Janitor {
+                state: self.backends.state.clone(),
+                storage: self.backends.storage.clone(),
+                events: self.backends.events.clone(),
+                interval: s.janitor.interval.0,
+                grace: s.janitor.grace.0,
+            };
+            roles.spawn(janitor.run(stop_rx.clone()));
         }
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),

@@ -1,7 +1,7 @@
 //! The sweeper: no upload whose last chunk was accepted may stay unfinished.
 //!
-//! Every interval it (1) publishes merge triggers that are still in outboxes past the
-//! horizon (the API's publish failed or the API died between the commit and the publish) and
+//! Every interval it (1) publishes merge triggers and events that are still in outboxes past
+//! the horizon (the API's publish failed or the API died between the commit and the publish) and
 //! (2) re-enqueues uploads stuck in `merging` past the horizon with no lock holder (a job
 //! dead-lettered by the broker after repeated worker crashes, a lost message), up to a bound
 //! after which the upload is marked `failed`. Running several sweepers is safe: publishing a
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stitch_common::lock::MergeLock;
-use stitch_common::queue::{MergeJob, NOW, WorkQueue};
+use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
 use stitch_common::state::{StateStore, keys};
 use tokio::sync::watch;
 
@@ -28,6 +28,7 @@ pub struct SweeperConfig {
 pub struct Sweeper {
     pub state: Arc<dyn StateStore>,
     pub queue: Arc<dyn WorkQueue>,
+    pub events: Arc<dyn EventSink>,
     pub lock: Arc<dyn MergeLock>,
     pub merger: Arc<Merger>,
     pub config: SweeperConfig,
@@ -52,12 +53,21 @@ impl Sweeper {
         let mut published = 0;
         let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
         for entry in self.state.pending_outbox(horizon).await? {
-            match self.queue.enqueue(entry.raw.as_bytes(), NOW).await {
+            let sent = match OutboxMessage::from_json(&entry.raw) {
+                Ok(OutboxMessage::Merge(_)) => self.queue.enqueue(entry.raw.as_bytes(), NOW).await,
+                Ok(OutboxMessage::Event { event, .. }) => self.events.publish_event(&event).await,
+                Err(e) => {
+                    // Nothing can publish it; keep it visible rather than dropping it.
+                    tracing::error!(upload_id = %entry.upload_id, error = %e, "unreadable outbox entry");
+                    continue;
+                }
+            };
+            match sent {
                 Ok(()) => {
                     self.state
                         .clear_outbox_entry(&entry.upload_id, &entry.raw)
                         .await?;
-                    tracing::info!(upload_id = %entry.upload_id, "published a merge trigger left in the outbox");
+                    tracing::info!(upload_id = %entry.upload_id, "published an outbox entry left behind");
                     published += 1;
                 }
                 Err(e) => {

@@ -93,10 +93,23 @@ async fn with_the_broker_unreachable_the_race_leaves_exactly_one_trigger_in_the_
     let a = Arc::new(spawn_app_with(unreachable).await);
     let b = Arc::new(spawn_in(a.env.clone(), unreachable).await);
     for id in race(&a, &b, 10).await {
-        let entries = outbox(&a.env, &id);
-        assert_eq!(entries.len(), 1, "{id}: one merge trigger in the outbox");
-        let job: serde_json::Value = serde_json::from_str(&entries[0]).unwrap();
-        assert_eq!(job["upload_id"], id.as_str());
-        assert_eq!(job["type"], "merge");
+        let entries: Vec<serde_json::Value> = outbox(&a.env, &id)
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let jobs: Vec<_> = entries.iter().filter(|e| e["type"] == "merge").collect();
+        assert_eq!(jobs.len(), 1, "{id}: one merge trigger in the outbox");
+        assert_eq!(jobs[0]["upload_id"], id.as_str());
+        // The upload.created event waits there too, published by the sweeper later.
+        let created: Vec<_> = entries
+            .iter()
+            .filter(|e| e["type"] == "event" && e["event"]["type"] == "upload.created")
+            .collect();
+        assert_eq!(
+            created.len(),
+            1,
+            "{id}: one upload.created event in the outbox"
+        );
+        assert_eq!(entries.len(), 2);
     }
 }

@@ -45,6 +45,8 @@ pub struct Settings {
     #[serde(default)]
     pub webhooks: WebhookSettings,
     #[serde(default)]
+    pub janitor: JanitorSettings,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub uploads: UploadSettings,
@@ -154,6 +156,25 @@ pub struct WorkerRoles {
     pub webhooks: bool,
     /// The janitor: expires abandoned uploads' files and removes orphans.
     pub janitor: bool,
+}
+
+/// The janitor: storage that nothing needs any more.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JanitorSettings {
+    pub interval: Interval,
+    /// Files younger than this are never collected: a copy being written or between its
+    /// rename and its record is in use.
+    pub grace: Interval,
+}
+
+impl Default for JanitorSettings {
+    fn default() -> Self {
+        Self {
+            interval: Interval(Duration::from_secs(600)),
+            grace: Interval(Duration::from_secs(3600)),
+        }
+    }
 }
 
 /// Webhooks: signed POSTs of upload events.
@@ -284,6 +305,7 @@ impl Default for Settings {
             sweeper: SweeperSettings::default(),
             worker: WorkerRoles::default(),
             webhooks: WebhookSettings::default(),
+            janitor: JanitorSettings::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             log: LogSettings::default(),

@@ -165,6 +165,29 @@ fn insert_upload(
     Ok(())
 }
 
+/// Appends an entry (merge trigger or event) to the upload's outbox.
+fn push_outbox(tx: &Transaction<'_>, id: &str, raw: &str) -> Result<(), StateError> {
+    let enqueued_at = crate::queue::OutboxMessage::from_json(raw)
+        .map(|m| m.enqueued_at_ms() as i64)
+        .unwrap_or_else(|_| now_ms() as i64);
+    tx.execute(
+        "INSERT INTO outbox (upload_id, raw, enqueued_at) VALUES (?1, ?2, ?3)",
+        params![id, raw, enqueued_at],
+    )
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Removes the upload's pending merge triggers; its pending events stay to be published.
+fn drop_merge_triggers(tx: &Transaction<'_>, id: &str) -> Result<(), StateError> {
+    tx.execute(
+        "DELETE FROM outbox WHERE upload_id = ?1 AND raw LIKE '{\"type\":\"merge\"%'",
+        [id],
+    )
+    .map_err(db_error)?;
+    Ok(())
+}
+
 fn counts(tx: &Transaction<'_>, id: &str) -> Result<(u64, u64), StateError> {
     tx.query_row(
         "SELECT chunks_received, bytes_received FROM uploads WHERE id = ?1",
@@ -199,8 +222,13 @@ fn to_record(row: (i64, i64, i64, i64, String, String)) -> ChunkRecord {
 
 #[async_trait]
 impl StateStore for SqliteStateStore {
-    async fn create_upload(&self, upload: &NewUpload, ttl_ms: u64) -> Result<Created, StateError> {
-        let u = upload.clone();
+    async fn create_upload(
+        &self,
+        upload: &NewUpload,
+        created_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
+        let (u, created_event) = (upload.clone(), created_event.to_owned());
         self.run(move |tx| {
             let now = now_ms() as i64;
             purge_expired(tx, u.id.as_str(), now)?;
@@ -221,6 +249,7 @@ impl StateStore for SqliteStateStore {
                 return Ok(Created::AlreadyExists);
             }
             insert_upload(tx, &u, u.created_at_ms as i64, now, int(ttl_ms))?;
+            push_outbox(tx, u.id.as_str(), &created_event)?;
             Ok(Created::New)
         })
         .await
@@ -244,9 +273,11 @@ impl StateStore for SqliteStateStore {
         upload: &NewUpload,
         chunk: &ChunkRecord,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError> {
         let (u, c, job) = (upload.clone(), chunk.clone(), merge_job.to_owned());
+        let created_event = created_event.to_owned();
         self.run(move |tx| {
             let now = now_ms() as i64;
             let ttl = int(ttl_ms);
@@ -254,8 +285,12 @@ impl StateStore for SqliteStateStore {
             purge_expired(tx, id, now)?;
             let mut set_md5 = None;
             let mut set_name = None;
+            let mut created = false;
             match read_head(tx, id)? {
-                None => insert_upload(tx, &u, now, now, ttl)?,
+                None => {
+                    insert_upload(tx, &u, now, now, ttl)?;
+                    created = true;
+                }
                 Some(head) => {
                     if head.geometry != u.geometry {
                         return Err(Conflict::Geometry { existing: head.geometry }.into());
@@ -306,6 +341,7 @@ impl StateStore for SqliteStateStore {
                         chunks_received,
                         bytes_received,
                         completed_upload: false,
+                        created_upload: false,
                     },
                     counted_token: existing.token,
                 });
@@ -330,20 +366,17 @@ impl StateStore for SqliteStateStore {
                     params![id, now],
                 )
                 .map_err(db_error)?;
-                let enqueued_at = crate::queue::MergeJob::from_json(job.as_bytes())
-                    .map(|j| j.enqueued_at_ms as i64)
-                    .unwrap_or(now);
-                tx.execute(
-                    "INSERT INTO outbox (upload_id, raw, enqueued_at) VALUES (?1, ?2, ?3)",
-                    params![id, job, enqueued_at],
-                )
-                .map_err(db_error)?;
+                push_outbox(tx, id, &job)?;
+            }
+            if created {
+                push_outbox(tx, id, &created_event)?;
             }
             Ok(Recorded::New(Progress {
                 state: if completed { UploadState::Merging } else { UploadState::Receiving },
                 chunks_received,
                 bytes_received,
                 completed_upload: completed,
+                created_upload: created,
             }))
         })
         .await
@@ -431,8 +464,13 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
-    async fn abort_upload(&self, id: &UploadId, ttl_ms: u64) -> Result<Aborted, StateError> {
-        let id = id.clone();
+    async fn abort_upload(
+        &self,
+        id: &UploadId,
+        aborted_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Aborted, StateError> {
+        let (id, aborted_event) = (id.clone(), aborted_event.to_owned());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let id = id.as_str();
@@ -451,8 +489,8 @@ impl StateStore for SqliteStateStore {
             .map_err(db_error)?;
             tx.execute("DELETE FROM parts WHERE upload_id = ?1", [id])
                 .map_err(db_error)?;
-            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [id])
-                .map_err(db_error)?;
+            drop_merge_triggers(tx, id)?;
+            push_outbox(tx, id, &aborted_event)?;
             Ok(Aborted::Now {
                 previous: head.state,
             })
@@ -676,7 +714,7 @@ impl StateStore for SqliteStateStore {
                 ],
             )
             .map_err(db_error)?;
-            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key]).map_err(db_error)?;
+            drop_merge_triggers(tx, key)?;
             Ok(Committed::Now)
         })
         .await
@@ -717,9 +755,28 @@ impl StateStore for SqliteStateStore {
                 params![key, reason, event_id, now, now + int(ttl_ms)],
             )
             .map_err(db_error)?;
-            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key])
-                .map_err(db_error)?;
+            drop_merge_triggers(tx, key)?;
             Ok(Failed::Now)
+        })
+        .await
+    }
+
+    async fn counted_chunks(&self, id: &UploadId) -> Result<Vec<ChunkRecord>, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            purge_expired(tx, id.as_str(), now_ms() as i64)?;
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT idx, offset, len, crc32c, md5, token FROM parts WHERE upload_id = ?1 ORDER BY idx",
+                )
+                .map_err(db_error)?;
+            let rows = stmt
+                .query_map([id.as_str()], part_from_row)
+                .map_err(db_error)?
+                .map(|r| r.map(to_record))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_error);
+            rows
         })
         .await
     }

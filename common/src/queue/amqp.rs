@@ -67,8 +67,10 @@ impl Topology {
                     delivery_limit: settings.merge.delivery_limit,
                 },
                 FamilyShape {
+                    // Fanning an event out cannot fail for long (it only publishes): a
+                    // failure hands the event back to the queue, no delay queues needed.
                     family: Family::WebhookFeed,
-                    retry_delays: delays(&settings.merge.retry_delays),
+                    retry_delays: Vec::new(),
                     delivery_limit: settings.merge.delivery_limit,
                 },
                 FamilyShape {
@@ -297,12 +299,23 @@ impl AmqpBroker {
 
     /// A new connection with one channel, the topology declared on it.
     async fn connect(&self, role: &str) -> Result<(Connection, Channel), QueueError> {
+        self.connect_with(role, true).await
+    }
+
+    /// A new connection with one channel; the topology declared on it when `declare`.
+    async fn connect_with(
+        &self,
+        role: &str,
+        declare: bool,
+    ) -> Result<(Connection, Channel), QueueError> {
         let properties =
             ConnectionProperties::default().with_connection_name(format!("stitch-{role}").into());
         let setup = async {
             let conn = Connection::connect(self.url.expose(), properties).await?;
             let channel = conn.create_channel().await?;
-            self.topology.declare(&channel).await?;
+            if declare {
+                self.topology.declare(&channel).await?;
+            }
             Ok::<_, lapin::Error>((conn, channel))
         };
         match tokio::time::timeout(self.timeout, setup).await {
@@ -500,7 +513,7 @@ impl AmqpBroker {
 
     /// Deletes every exchange and queue of the namespace (tests, decommissioning).
     pub async fn delete_topology(&self) -> Result<(), QueueError> {
-        let (conn, channel) = self.connect("teardown").await?;
+        let (conn, channel) = self.connect_with("teardown", false).await?;
         for queue in self.topology.queues() {
             let _ = channel
                 .queue_delete(queue.into(), QueueDeleteOptions::default())

@@ -24,6 +24,43 @@ pub enum Job {
     Merge(MergeJob),
 }
 
+/// What an upload's outbox holds: merge triggers and events, written by a state-store
+/// operation atomically with the state change they come from, published afterwards (by the
+/// API at once, by the sweeper if that failed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum OutboxMessage {
+    #[serde(rename = "merge")]
+    Merge(MergeJob),
+    #[serde(rename = "event")]
+    Event {
+        enqueued_at_ms: u64,
+        event: crate::events::Event,
+    },
+}
+
+impl OutboxMessage {
+    /// An event as an outbox entry (the exact text stored and later cleared).
+    pub fn event_json(event: &crate::events::Event) -> String {
+        serde_json::to_string(&Self::Event {
+            enqueued_at_ms: crate::now_ms(),
+            event: event.clone(),
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn enqueued_at_ms(&self) -> u64 {
+        match self {
+            Self::Merge(job) => job.enqueued_at_ms,
+            Self::Event { enqueued_at_ms, .. } => *enqueued_at_ms,
+        }
+    }
+}
+
 /// "Merge this upload." Idempotent: any number of copies lead to one committed file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeJob {

@@ -59,6 +59,8 @@ pub struct Progress {
     /// True for exactly one call per upload: the one whose chunk completed the set. That
     /// call moved the upload to `merging` and put the merge trigger in the outbox.
     pub completed_upload: bool,
+    /// True when this call created the upload (and put `upload.created` in the outbox).
+    pub created_upload: bool,
 }
 
 /// Why the state store refused a change. The refusal changed nothing.
@@ -170,7 +172,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// Creates `upload` in state `receiving`, or confirms that an upload with the same id,
     /// geometry and whole-file MD5 exists (idempotent retries). A different one is a
     /// [`Conflict`].
-    async fn create_upload(&self, upload: &NewUpload, ttl_ms: u64) -> Result<Created, StateError>;
+    /// `created_event` (an outbox entry) is written to the upload's outbox when it is created.
+    async fn create_upload(
+        &self,
+        upload: &NewUpload,
+        created_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError>;
 
     /// The upload's geometry and state, or `None`. Read-only; used to refuse a chunk early.
     async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, StateError>;
@@ -181,12 +189,14 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`Recorded::Duplicate`], different content: [`Conflict::ChunkContent`]); and when this
     /// chunk completes the set, moves the upload to `merging` and writes the merge trigger
     /// to the upload's outbox. Refreshes the upload's TTL. A refusal changes nothing.
-    /// `merge_job` is what goes into the outbox when this chunk completes the upload.
+    /// `merge_job` goes into the outbox when this chunk completes the upload,
+    /// `created_event` when it creates it.
     async fn record_chunk(
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError>;
 
@@ -195,12 +205,20 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Moves the upload to `aborted` and forgets its chunks (their files are the caller's to
     /// remove). Idempotent.
-    async fn abort_upload(&self, id: &UploadId, ttl_ms: u64) -> Result<Aborted, StateError>;
+    /// `aborted_event` (an outbox entry) is written to the outbox when this call aborts it;
+    /// pending merge triggers are dropped from the outbox, pending events kept.
+    async fn abort_upload(
+        &self,
+        id: &UploadId,
+        aborted_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Aborted, StateError>;
 
-    /// Removes one merge trigger from the upload's outbox, once the broker confirmed it.
+    /// Removes one entry (a merge trigger or an event) from the upload's outbox, once the
+    /// broker confirmed it.
     async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError>;
 
-    /// Merge triggers still in outboxes, written before `older_than_ms`.
+    /// Outbox entries (merge triggers and events) written before `older_than_ms`.
     async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError>;
 
     /// Uploads in `merging` since before `older_than_ms`.
@@ -241,6 +259,10 @@ pub trait StateStore: Send + Sync + 'static {
         event_id: &str,
         ttl_ms: u64,
     ) -> Result<Failed, StateError>;
+
+    /// The counted chunks of an upload (index, length, digests, which copy), in index order;
+    /// empty when the upload is unknown or its chunks were dropped (abort).
+    async fn counted_chunks(&self, id: &UploadId) -> Result<Vec<ChunkRecord>, StateError>;
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StateError>;

@@ -288,13 +288,19 @@ fn optional(map: &std::collections::HashMap<String, String>, field: &str) -> Opt
 
 #[async_trait]
 impl StateStore for RedisStateStore {
-    async fn create_upload(&self, upload: &NewUpload, ttl_ms: u64) -> Result<Created, StateError> {
+    async fn create_upload(
+        &self,
+        upload: &NewUpload,
+        created_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
         let mut conn = self.connection().await?;
         let g = upload.geometry;
         let reply: Value = self
             .scripts
             .create_upload
             .key(keys::meta(&self.namespace, &upload.id))
+            .key(keys::outbox(&self.namespace, &upload.id))
             .arg(g.total_size)
             .arg(g.chunk_size)
             .arg(g.total_chunks)
@@ -303,6 +309,7 @@ impl StateStore for RedisStateStore {
             .arg(metadata_arg(upload))
             .arg(upload.created_at_ms)
             .arg(ttl_ms)
+            .arg(created_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -355,6 +362,7 @@ impl StateStore for RedisStateStore {
         upload: &NewUpload,
         chunk: &ChunkRecord,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError> {
         let mut conn = self.connection().await?;
@@ -384,6 +392,7 @@ impl StateStore for RedisStateStore {
             .arg(now_ms())
             .arg(ttl_ms)
             .arg(merge_job)
+            .arg(created_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -394,6 +403,7 @@ impl StateStore for RedisStateStore {
                 chunks_received: reply.u64(2)?,
                 bytes_received: reply.u64(3)?,
                 completed_upload: reply.u64(4)? == 1,
+                created_upload: reply.u64(5)? == 1,
             })),
             "duplicate" => Ok(Recorded::Duplicate {
                 progress: Progress {
@@ -401,6 +411,7 @@ impl StateStore for RedisStateStore {
                     chunks_received: reply.u64(2)?,
                     bytes_received: reply.u64(3)?,
                     completed_upload: false,
+                    created_upload: false,
                 },
                 counted_token: reply.str(4)?,
             }),
@@ -472,7 +483,12 @@ impl StateStore for RedisStateStore {
         }))
     }
 
-    async fn abort_upload(&self, id: &UploadId, ttl_ms: u64) -> Result<Aborted, StateError> {
+    async fn abort_upload(
+        &self,
+        id: &UploadId,
+        aborted_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Aborted, StateError> {
         let mut conn = self.connection().await?;
         let mut invocation = self.scripts.abort_upload.prepare_invoke();
         for key in self.all_keys(id) {
@@ -481,6 +497,7 @@ impl StateStore for RedisStateStore {
         let reply: Value = invocation
             .arg(now_ms())
             .arg(ttl_ms)
+            .arg(aborted_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -522,8 +539,8 @@ impl StateStore for RedisStateStore {
                 .await
                 .map_err(redis_error)?;
             for raw in entries {
-                let enqueued_at_ms = crate::queue::MergeJob::from_json(raw.as_bytes())
-                    .map(|j| j.enqueued_at_ms)
+                let enqueued_at_ms = crate::queue::OutboxMessage::from_json(&raw)
+                    .map(|m| m.enqueued_at_ms())
                     .unwrap_or(0);
                 if enqueued_at_ms < older_than_ms {
                     out.push(OutboxEntry {
@@ -736,6 +753,21 @@ impl StateStore for RedisStateStore {
             "fenced" => Err(Conflict::Fenced.into()),
             other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
         }
+    }
+
+    async fn counted_chunks(&self, id: &UploadId) -> Result<Vec<ChunkRecord>, StateError> {
+        let mut conn = self.connection().await?;
+        let parts: std::collections::HashMap<u64, String> = redis::cmd("HGETALL")
+            .arg(keys::parts(&self.namespace, id))
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut out = parts
+            .into_iter()
+            .map(|(index, entry)| parse_part(index, &entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|c| c.index);
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -18,7 +18,6 @@ pub fn worker_command(env: &TestEnv) -> Command {
     let mut cmd = stitch_command(Path::new(env!("CARGO_BIN_EXE_e2e-stitch-worker")), env);
     // Short leases and retries so that takeovers happen within a test's patience.
     cmd.env("STITCH__LOCK__TTL", "2s")
-        .env("STITCH__MERGE__RETRY_DELAYS", "500ms,1s,2s")
         .env("STITCH__SWEEPER__INTERVAL", "500ms")
         .env("STITCH__SWEEPER__OUTBOX_HORIZON", "1s");
     cmd

@@ -5,6 +5,15 @@
 -- ARGV: 1 fence, 2 size, 3 md5hex, 4 location, 5 event_id, 6 now_ms, 7 ttl_ms
 -- Returns {"missing"} | {"completed", event_id} | {"state", state} | {"fenced"} | {"committed"}
 
+-- Removes the merge triggers from the outbox; pending events stay to be published.
+local function drop_merge_triggers(outbox)
+  for _, entry in ipairs(redis.call('LRANGE', outbox, 0, -1)) do
+    if string.sub(entry, 1, 15) == '{"type":"merge"' then
+      redis.call('LREM', outbox, 0, entry)
+    end
+  end
+end
+
 local meta, fence = KEYS[1], KEYS[2]
 local state = redis.call('HGET', meta, 'state')
 if not state then return {'missing'} end
@@ -16,7 +25,8 @@ if redis.call('GET', fence) ~= ARGV[1] then return {'fenced'} end
 redis.call('HSET', meta, 'state', 'completed', 'size', ARGV[2], 'md5', ARGV[3],
   'location', ARGV[4], 'completed_event_id', ARGV[5], 'completed_at', ARGV[6],
   'updated_at', ARGV[6], 'merge_bytes_done', ARGV[2])
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3])
+drop_merge_triggers(KEYS[4])
 redis.call('PEXPIRE', meta, ARGV[7])
 redis.call('PEXPIRE', KEYS[5], ARGV[7])
 return {'committed'}

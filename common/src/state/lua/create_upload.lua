@@ -1,8 +1,8 @@
 -- Creates an upload, or confirms an identical one. See StateStore::create_upload.
 --
--- KEYS: 1 meta
+-- KEYS: 1 meta, 2 outbox
 -- ARGV: 1 total_size, 2 chunk_size, 3 total_chunks, 4 filename, 5 file_md5hex,
---       6 metadata json, 7 now_ms, 8 ttl_ms
+--       6 metadata json, 7 now_ms, 8 ttl_ms, 9 the upload.created event (outbox entry)
 -- Returns {"created"} | {"exists"} | {"conflict", "geometry", ts, cs, tc}
 --       | {"conflict", "file_md5"} | {"conflict", "state", state}
 
@@ -26,4 +26,6 @@ redis.call('HSET', meta, 'version', '1', 'state', 'receiving', 'total_size', ARG
   'metadata', ARGV[6], 'created_at', ARGV[7], 'updated_at', ARGV[7],
   'bytes_received', 0, 'chunks_received', 0)
 redis.call('PEXPIRE', meta, ARGV[8])
+redis.call('RPUSH', KEYS[2], ARGV[9])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
 return {'created'}

@@ -4,13 +4,14 @@
 -- ARGV: 1 index, 2 entry "offset:len:crc32c:md5hex:token", 3 offset, 4 len, 5 crc32c,
 --       6 md5hex ("" when none), 7 total_size, 8 chunk_size, 9 total_chunks,
 --       10 filename, 11 file_md5hex, 12 metadata json, 13 now_ms, 14 ttl_ms,
---       15 merge job (json, written to the outbox when this chunk completes the upload)
+--       15 merge job (json, written to the outbox when this chunk completes the upload),
+--       16 the upload.created event (json, written to the outbox when this chunk creates it)
 --
 -- Returns one of
 --   {"conflict", "geometry", total_size, chunk_size, total_chunks}
 --   {"conflict", "file_md5"} | {"conflict", "state", state} | {"conflict", "chunk"}
 --   {"duplicate", state, chunks_received, bytes_received, counted_token}
---   {"recorded", state, chunks_received, bytes_received, completed (0|1)}
+--   {"recorded", state, chunks_received, bytes_received, completed (0|1), created (0|1)}
 -- A conflict writes nothing.
 
 local meta, parts, bits, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -18,14 +19,16 @@ local index, entry = ARGV[1], ARGV[2]
 local offset, len, crc, md5 = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local total_size, chunk_size, total_chunks = ARGV[7], ARGV[8], ARGV[9]
 local filename, file_md5, metadata = ARGV[10], ARGV[11], ARGV[12]
-local now, ttl, job = ARGV[13], ARGV[14], ARGV[15]
+local now, ttl, job, created_event = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 
 local current = redis.call('HMGET', meta, 'state', 'total_size', 'chunk_size', 'total_chunks',
   'file_md5', 'filename')
 local state = current[1]
 local set_fields = {}
+local created = 0
 
 if not state then
+  created = 1
   state = 'receiving'
   redis.call('HSET', meta, 'version', '1', 'state', state, 'total_size', total_size,
     'chunk_size', chunk_size, 'total_chunks', total_chunks, 'filename', filename,
@@ -87,5 +90,8 @@ if bytes == tonumber(total_size) then
   redis.call('RPUSH', outbox, job)
 end
 redis.call('HSET', meta, unpack(set_fields))
+if created == 1 then
+  redis.call('RPUSH', outbox, created_event)
+end
 refresh_ttl()
-return {'recorded', state, tostring(chunks), tostring(bytes), completed}
+return {'recorded', state, tostring(chunks), tostring(bytes), completed, created}
