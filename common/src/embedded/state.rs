@@ -770,13 +770,11 @@ impl StateStore for SqliteStateStore {
                     "SELECT idx, offset, len, crc32c, md5, token FROM parts WHERE upload_id = ?1 ORDER BY idx",
                 )
                 .map_err(db_error)?;
-            let rows = stmt
-                .query_map([id.as_str()], part_from_row)
+            stmt.query_map([id.as_str()], part_from_row)
                 .map_err(db_error)?
                 .map(|r| r.map(to_record))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(db_error);
-            rows
+                .map_err(db_error)
         })
         .await
     }

@@ -35,7 +35,7 @@ pub enum OutboxMessage {
     #[serde(rename = "event")]
     Event {
         enqueued_at_ms: u64,
-        event: crate::events::Event,
+        event: Box<crate::events::Event>,
     },
 }
 
@@ -44,7 +44,7 @@ impl OutboxMessage {
     pub fn event_json(event: &crate::events::Event) -> String {
         serde_json::to_string(&Self::Event {
             enqueued_at_ms: crate::now_ms(),
-            event: event.clone(),
+            event: Box::new(event.clone()),
         })
         .unwrap_or_default()
     }
