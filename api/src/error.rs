@@ -49,6 +49,10 @@ pub enum ApiError {
     InvalidBody(String),
     #[error("the file name {0}")]
     InvalidFilename(String),
+    #[error("the callback URL {0}")]
+    InvalidCallback(String),
+    #[error("this server does not send webhooks to client callback URLs")]
+    CallbacksDisabled,
     #[error("the request body is not valid: {0}")]
     InvalidJson(String),
     #[error("the {what} does not match the data received")]
@@ -81,6 +85,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
+            InvalidCallback(_) | CallbacksDisabled => StatusCode::BAD_REQUEST,
             MissingHeader(_)
             | DuplicateHeader(_)
             | InvalidHeader { .. }
@@ -126,6 +131,8 @@ impl ApiError {
             InvalidBody(_) => "invalid_body",
             InvalidFilename(_) => "invalid_filename",
             InvalidJson(_) => "invalid_json",
+            InvalidCallback(_) => "invalid_callback",
+            CallbacksDisabled => "callbacks_disabled",
             ChecksumMismatch { .. } => "checksum_mismatch",
             BodyTimeout => "body_timeout",
             Conflict(c) => match c {

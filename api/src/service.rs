@@ -18,6 +18,7 @@ use stitch_common::state::{
 };
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
+use stitch_common::webhooks::callback::CallbackPolicy;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::body::ChunkBody;
@@ -35,6 +36,8 @@ pub struct UploadService {
     merges: Arc<dyn WorkQueue>,
     /// Where `upload.created` and `upload.aborted` go (the outbox covers its failures).
     events: Arc<dyn EventSink>,
+    /// The policy for client callback URLs; `None` when the operator does not allow them.
+    callbacks: Option<CallbackPolicy>,
     /// Bound on the merge job publish, so a slow broker does not hold the client's response.
     publish_timeout: std::time::Duration,
     limits: Limits,
@@ -60,6 +63,9 @@ pub struct CreateUpload {
     /// MD5 of the whole file (hex or base64); the merge verifies against it.
     pub md5: Option<Md5>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where to POST this upload's events (signed with a secret returned once, in the
+    /// response), when the operator allows client callbacks.
+    pub callback_url: Option<String>,
 }
 
 /// One readiness check's outcome.
@@ -100,6 +106,17 @@ impl UploadService {
             storage: backends.storage.clone(),
             merges: backends.merges.clone(),
             events: backends.events.clone(),
+            callbacks: settings
+                .webhooks
+                .allow_client_callbacks
+                .then(|| {
+                    CallbackPolicy::new(
+                        &settings.webhooks.callback_allowlist,
+                        &settings.webhooks.callback_allow_networks,
+                    )
+                    .ok()
+                })
+                .flatten(),
             publish_timeout: settings.amqp.timeout.0,
             limits: settings.limits.clone(),
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
@@ -130,6 +147,10 @@ impl UploadService {
                 )));
             }
         }
+        let callback_url = req
+            .callback_url
+            .map(|url| self.check_callback(&url).map(|()| url))
+            .transpose()?;
         let upload = NewUpload {
             id: req.upload_id.unwrap_or_else(UploadId::generate),
             geometry,
@@ -137,6 +158,8 @@ impl UploadService {
             file_md5: req.md5,
             metadata: req.metadata,
             created_at_ms: now_ms(),
+            callback_secret: callback_url.as_ref().map(|_| new_callback_secret()),
+            callback_url,
         };
         if let ManifestCheck::Conflicts(existing) = self.storage.ensure_manifest(&upload).await? {
             return Err(manifest_conflict(&existing, &upload));
@@ -193,6 +216,8 @@ impl UploadService {
             file_md5: chunk.file_md5,
             metadata: None,
             created_at_ms: now_ms(),
+            callback_url: None,
+            callback_secret: None,
         };
 
         // 2. What the state store knows, to refuse early without reading the body.
@@ -480,6 +505,18 @@ impl UploadService {
         })
     }
 
+    /// A client callback must be allowed at all, and pass the operator's policy as written
+    /// (its resolved addresses are checked again at every delivery).
+    fn check_callback(&self, url: &str) -> Result<(), ApiError> {
+        let Some(policy) = &self.callbacks else {
+            return Err(ApiError::CallbacksDisabled);
+        };
+        policy
+            .check_url(url)
+            .map(|_| ())
+            .map_err(|refusal| ApiError::InvalidCallback(refusal.to_string()))
+    }
+
     fn check_geometry(&self, g: &Geometry) -> Result<(), ApiError> {
         let l = &self.limits;
         if g.total_size > l.max_upload_bytes.0 {
@@ -517,6 +554,17 @@ impl UploadService {
         }
         Ok(name)
     }
+}
+
+/// A fresh signing secret for an upload's callbacks, written as Standard Webhooks writes
+/// secrets.
+fn new_callback_secret() -> String {
+    use base64::Engine as _;
+    let key: [u8; 24] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
 }
 
 fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ApiError {

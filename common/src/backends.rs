@@ -11,6 +11,7 @@ use crate::lock::{MergeLock, RedisLock};
 use crate::queue::{AmqpBroker, EventSink, Family, WorkQueue};
 use crate::state::{RedisStateStore, StateStore};
 use crate::storage::FsChunkStore;
+use crate::webhooks::{RedisWebhookStore, WebhookStore};
 
 #[derive(Clone)]
 pub struct Backends {
@@ -24,6 +25,8 @@ pub struct Backends {
     pub lock: Arc<dyn MergeLock>,
     pub events: Arc<dyn EventSink>,
     pub storage: FsChunkStore,
+    /// Events for replay, the delivery log, disabled endpoints.
+    pub webhook_store: Arc<dyn WebhookStore>,
 }
 
 impl Backends {
@@ -43,6 +46,9 @@ impl Backends {
             lock: Arc::new(RedisLock::new(settings).context("setting up the merge lock")?),
             events: broker,
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
+            webhook_store: Arc::new(
+                RedisWebhookStore::new(settings).context("setting up the webhook store")?,
+            ),
         })
     }
 }

@@ -33,6 +33,7 @@ pub mod state;
 pub mod storage;
 pub mod telemetry;
 pub mod upload;
+pub mod webhooks;
 
 /// Milliseconds since the Unix epoch, the time unit of stored timestamps.
 pub fn now_ms() -> u64 {

@@ -75,6 +75,14 @@ pub struct NewUpload {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// Where the client asked for this upload's webhooks (checked against the operator's
+    /// policy at creation and again, resolved, at every delivery).
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// The secret this upload's callbacks are signed with (`whsec_…`), made by the server
+    /// and given to the client once, when it creates the upload.
+    #[serde(default)]
+    pub callback_secret: Option<String>,
 }
 
 /// One received chunk, as the state store records it. Storage holds its bytes at the
@@ -116,6 +124,9 @@ pub struct UploadStatus {
     pub filename: Option<String>,
     pub file_md5: Option<Md5>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    pub callback_url: Option<String>,
+    /// Never shown in status views; the webhook dispatcher signs callbacks with it.
+    pub callback_secret: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
     pub bytes_received: u64,

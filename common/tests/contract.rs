@@ -34,6 +34,8 @@ fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        callback_url: None,
+        callback_secret: None,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod janitor;
 pub mod merge;
 pub mod probes;
 pub mod sweeper;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,6 +44,8 @@ pub struct Worker {
     settings: Settings,
     backends: Backends,
     merger: Arc<Merger>,
+    /// The webhook dispatcher, when that role runs.
+    dispatcher: Option<Arc<webhooks::Dispatcher>>,
     limits: ServerLimits,
 }
 
@@ -57,14 +60,14 @@ impl Worker {
         let listener = TcpListener::bind(settings.http.bind)
             .await
             .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
-        let mut worker = Self::without_probes(settings, backends);
+        let mut worker = Self::without_probes(settings, backends)?;
         worker.listener = Some(listener);
         Ok(worker)
     }
 
     /// A worker that serves no probes of its own: in the single-node mode the API's port
     /// answers them for the whole process.
-    pub fn without_probes(settings: &Settings, backends: Backends) -> Self {
+    pub fn without_probes(settings: &Settings, backends: Backends) -> anyhow::Result<Self> {
         let merger = Arc::new(Merger::new(
             settings,
             backends.state.clone(),
@@ -72,8 +75,16 @@ impl Worker {
             backends.lock.clone(),
             backends.events.clone(),
         ));
-        Self {
+        let dispatcher = if settings.worker.webhooks {
+            Some(Arc::new(
+                webhooks::Dispatcher::new(settings, &backends).context("setting up webhooks")?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
             listener: None,
+            dispatcher,
             settings: settings.clone(),
             backends,
             merger,
@@ -81,7 +92,7 @@ impl Worker {
                 header_read_timeout: settings.http.header_read_timeout.0,
                 shutdown_grace: settings.http.shutdown_grace.0,
             },
-        }
+        })
     }
 
     /// The probes' address, when it serves them.
@@ -148,11 +159,19 @@ impl Worker {
             };
             roles.spawn(janitor.run(stop_rx.clone()));
         }
+        if let Some(dispatcher) = &self.dispatcher {
+            roles.spawn(dispatcher.clone().run(stop_rx.clone()));
+        }
+        let admin = match &self.dispatcher {
+            Some(d) => webhooks::admin::router(d.clone(), s.webhooks.admin_token.clone()),
+            None => axum::Router::new(),
+        };
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),
             queue: s.worker.merge.then(|| self.backends.merges.clone()),
             metrics: stitch_common::telemetry::metrics_handle(),
-        });
+        })
+        .merge(admin);
         let (probes_stop_tx, probes_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let probe_server = self.listener.map(|listener| {
             tokio::spawn(server::serve(listener, probes, self.limits, async {

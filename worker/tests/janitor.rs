@@ -41,6 +41,8 @@ fn upload(id: &str) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1234,
+        callback_url: None,
+        callback_secret: None,
     }
 }
 

@@ -24,13 +24,19 @@ pub async fn create_upload(State(app): State<AppState>, body: Body) -> Result<Re
     let request: CreateUpload =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let (created, status) = app.uploads.create_upload(request).await?;
+    let secret = status.callback_secret.clone();
     let view = StatusView::new(status, app.public_url.as_deref());
     let code = match created {
         Created::New => StatusCode::CREATED,
         Created::AlreadyExists => StatusCode::OK,
     };
     let location = view.status_url.clone();
-    Ok((code, [(header::LOCATION, location)], Json(view)).into_response())
+    let mut body = serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(secret) = secret {
+        // The only place the callback secret ever appears: the create response.
+        body["callback_secret"] = secret.into();
+    }
+    Ok((code, [(header::LOCATION, location)], Json(body)).into_response())
 }
 
 pub async fn status_by_header(

@@ -596,6 +596,7 @@ impl Settings {
                 "must start with http:// or https://",
             );
         }
+        self.validate_webhooks()?;
         if self.storage.root.as_os_str().is_empty() {
             return invalid("STITCH__STORAGE__ROOT", "must not be empty");
         }
@@ -604,6 +605,82 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+impl Settings {
+    fn validate_webhooks(&self) -> Result<(), SettingsError> {
+        let w = &self.webhooks;
+        let invalid =
+            |key: &'static str, problem: String| Err(SettingsError::Invalid { key, problem });
+        let mut ids = std::collections::HashSet::new();
+        for (n, endpoint) in w.endpoints.iter().enumerate() {
+            if !(endpoint.url.starts_with("http://") || endpoint.url.starts_with("https://")) {
+                return invalid(
+                    "webhooks.endpoints.url",
+                    format!("endpoint {n}: must be an http:// or https:// URL"),
+                );
+            }
+            for secret in std::iter::once(&endpoint.secret).chain(&endpoint.previous_secrets) {
+                if !is_webhook_secret(secret.expose()) {
+                    return invalid(
+                        "webhooks.endpoints.secret",
+                        format!(
+                            "endpoint {n}: must be whsec_ followed by base64 (at least 24 bytes)"
+                        ),
+                    );
+                }
+            }
+            for event in &endpoint.events {
+                if crate::events::EventKind::parse(event).is_none() {
+                    return invalid(
+                        "webhooks.endpoints.events",
+                        format!("endpoint {n}: unknown event type {event:?}"),
+                    );
+                }
+            }
+            if !ids.insert(self.endpoint_id(endpoint)) {
+                return invalid(
+                    "webhooks.endpoints.id",
+                    format!("endpoint {n}: id used twice"),
+                );
+            }
+        }
+        if let Err(problem) = crate::webhooks::callback::CallbackPolicy::new(
+            &w.callback_allowlist,
+            &w.callback_allow_networks,
+        ) {
+            return invalid("STITCH__WEBHOOKS__CALLBACK_ALLOW_NETWORKS", problem);
+        }
+        if w.concurrency == 0 {
+            return invalid("STITCH__WEBHOOKS__CONCURRENCY", "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("STITCH__WEBHOOKS__TIMEOUT", w.timeout),
+            ("STITCH__WEBHOOKS__CONNECT_TIMEOUT", w.connect_timeout),
+        ] {
+            if value.0.is_zero() {
+                return invalid(key, "must be longer than zero".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// An endpoint's id: the configured one, or derived from its URL.
+    pub fn endpoint_id(&self, endpoint: &WebhookEndpoint) -> String {
+        endpoint.id.clone().unwrap_or_else(|| {
+            use md5::Digest as _;
+            let digest = md5::Md5::digest(endpoint.url.as_bytes());
+            format!("endpoint-{}", &hex::encode(digest)[..12])
+        })
+    }
+}
+
+/// `whsec_` followed by base64 of at least 24 bytes.
+fn is_webhook_secret(raw: &str) -> bool {
+    use base64::Engine as _;
+    raw.strip_prefix("whsec_")
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .is_some_and(|key| key.len() >= 24)
 }
 
 #[cfg(test)]

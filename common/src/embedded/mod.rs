@@ -15,6 +15,7 @@ mod events;
 mod lock;
 mod queue;
 mod state;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ pub use self::events::SqliteEventLog;
 pub use self::lock::SqliteLock;
 pub use self::queue::SqliteQueue;
 pub use self::state::SqliteStateStore;
+pub use self::webhooks::SqliteWebhookStore;
 use crate::backends::Backends;
 use crate::config::Settings;
 use crate::queue::Family;
@@ -119,7 +121,8 @@ impl Backends {
             webhooks: queue(Family::Webhooks)?,
             events: Arc::new(SqliteEventLog::new(db.clone(), webhook_feed.clone())),
             webhook_feed,
-            lock: Arc::new(SqliteLock::new(db, settings.lock.ttl.0)),
+            lock: Arc::new(SqliteLock::new(db.clone(), settings.lock.ttl.0)),
+            webhook_store: Arc::new(SqliteWebhookStore::new(db)),
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
         })
     }

@@ -10,6 +10,8 @@ CREATE TABLE IF NOT EXISTS uploads (
   filename TEXT NOT NULL DEFAULT '',
   file_md5 TEXT NOT NULL DEFAULT '',
   metadata TEXT NOT NULL DEFAULT '',
+  callback_url TEXT NOT NULL DEFAULT '',
+  callback_secret TEXT NOT NULL DEFAULT '',
   created_at INTEGER NOT NULL,
   updated_at INTEGER NOT NULL,
   bytes_received INTEGER NOT NULL DEFAULT 0,
@@ -80,4 +82,24 @@ CREATE TABLE IF NOT EXISTS locks (
   key TEXT PRIMARY KEY,
   token TEXT NOT NULL,
   expires_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS webhook_events (
+  event_id TEXT PRIMARY KEY,
+  body TEXT NOT NULL,
+  expires_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+  seq INTEGER PRIMARY KEY,
+  event_id TEXT NOT NULL,
+  entry TEXT NOT NULL,
+  logged_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_by_event ON webhook_deliveries (event_id);
+
+CREATE TABLE IF NOT EXISTS webhook_disabled (
+  endpoint TEXT PRIMARY KEY,
+  reason TEXT NOT NULL,
+  disabled_at INTEGER NOT NULL
 );

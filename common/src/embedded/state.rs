@@ -146,8 +146,8 @@ fn insert_upload(
     let g = u.geometry;
     tx.execute(
         "INSERT INTO uploads (id, state, total_size, chunk_size, total_chunks, filename, file_md5, \
-         metadata, created_at, updated_at, expires_at) \
-         VALUES (?1, 'receiving', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         metadata, created_at, updated_at, expires_at, callback_url, callback_secret) \
+         VALUES (?1, 'receiving', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             u.id.as_str(),
             int(g.total_size),
@@ -158,7 +158,9 @@ fn insert_upload(
             metadata_text(u),
             created_at,
             now,
-            now + ttl
+            now + ttl,
+            u.callback_url.as_deref().unwrap_or(""),
+            u.callback_secret.as_deref().unwrap_or("")
         ],
     )
     .map_err(db_error)?;
@@ -392,7 +394,8 @@ impl StateStore for SqliteStateStore {
                     "SELECT state, total_size, chunk_size, total_chunks, filename, file_md5, metadata, \
                      created_at, updated_at, bytes_received, chunks_received, merge_bytes_done, \
                      size, md5, location, completed_at, completed_event_id, \
-                     failure_reason, failed_at, failed_event_id FROM uploads WHERE id = ?1",
+                     failure_reason, failed_at, failed_event_id, callback_url, callback_secret \
+                     FROM uploads WHERE id = ?1",
                     [id.as_str()],
                     |r| {
                         Ok((
@@ -401,12 +404,13 @@ impl StateStore for SqliteStateStore {
                             (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, Option<i64>>(11)?),
                             (r.get::<_, Option<i64>>(12)?, r.get::<_, Option<String>>(13)?, r.get::<_, Option<String>>(14)?, r.get::<_, Option<i64>>(15)?, r.get::<_, Option<String>>(16)?),
                             (r.get::<_, Option<String>>(17)?, r.get::<_, Option<i64>>(18)?, r.get::<_, Option<String>>(19)?),
+                            (r.get::<_, String>(20)?, r.get::<_, String>(21)?),
                         ))
                     },
                 )
                 .optional()
                 .map_err(db_error)?;
-            let Some((head, names, times, done, failed)) = row else {
+            let Some((head, names, times, done, failed, callback_url)) = row else {
                 return Ok(None);
             };
             let geometry = Geometry {
@@ -451,6 +455,8 @@ impl StateStore for SqliteStateStore {
                 filename: Some(names.0).filter(|s| !s.is_empty()),
                 file_md5: Md5::parse(&names.1),
                 metadata,
+                callback_url: Some(callback_url.0).filter(|s| !s.is_empty()),
+                callback_secret: Some(callback_url.1).filter(|s| !s.is_empty()),
                 created_at_ms: times.0 as u64,
                 updated_at_ms: times.1 as u64,
                 bytes_received: times.2 as u64,
@@ -634,7 +640,7 @@ impl StateStore for SqliteStateStore {
                     _ => return Err(StateError::Corrupt("metadata is not a JSON object".into())),
                 },
             };
-            Ok(MergeStart::Ready(MergePlan {
+            Ok(MergeStart::Ready(Box::new(MergePlan {
                 fence: fence as u64,
                 upload: NewUpload {
                     id: id.clone(),
@@ -643,9 +649,11 @@ impl StateStore for SqliteStateStore {
                     file_md5: Md5::parse(&head.file_md5),
                     metadata,
                     created_at_ms: created_at as u64,
+                    callback_url: None,
+                    callback_secret: None,
                 },
                 chunks,
-            }))
+            })))
         })
         .await
     }

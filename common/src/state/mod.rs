@@ -123,7 +123,7 @@ pub struct MergePlan {
 /// Result of [`StateStore::begin_merge`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MergeStart {
-    Ready(MergePlan),
+    Ready(Box<MergePlan>),
     /// The upload was merged already (a redelivered job).
     AlreadyCompleted,
     /// The upload is in a state no merge applies to (aborted, failed, still receiving).

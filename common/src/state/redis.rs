@@ -310,6 +310,8 @@ impl StateStore for RedisStateStore {
             .arg(upload.created_at_ms)
             .arg(ttl_ms)
             .arg(created_event)
+            .arg(upload.callback_url.as_deref().unwrap_or(""))
+            .arg(upload.callback_secret.as_deref().unwrap_or(""))
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -455,6 +457,8 @@ impl StateStore for RedisStateStore {
             filename: optional(&meta, "filename"),
             file_md5: optional(&meta, "file_md5").as_deref().and_then(Md5::parse),
             metadata,
+            callback_url: optional(&meta, "callback_url"),
+            callback_secret: optional(&meta, "callback_secret"),
             created_at_ms: parse_u64_field(&meta, "created_at")?,
             updated_at_ms: parse_u64_field(&meta, "updated_at")?,
             bytes_received: parse_u64_field(&meta, "bytes_received")?,
@@ -646,6 +650,8 @@ impl StateStore for RedisStateStore {
             file_md5: Md5::parse(&reply.str(6)?),
             metadata,
             created_at_ms: reply.u64(8)?,
+            callback_url: None,
+            callback_secret: None,
         };
         let mut chunks = Vec::with_capacity((reply.0.len() - 9) / 2);
         let mut i = 9;
@@ -654,11 +660,11 @@ impl StateStore for RedisStateStore {
             i += 2;
         }
         chunks.sort_by_key(|c| c.index);
-        Ok(MergeStart::Ready(MergePlan {
+        Ok(MergeStart::Ready(Box::new(MergePlan {
             fence: reply.u64(1)?,
             upload,
             chunks,
-        }))
+        })))
     }
 
     async fn report_merge_progress(

@@ -423,6 +423,8 @@ mod tests {
             file_md5: None,
             metadata: None,
             created_at_ms: 1,
+            callback_url: None,
+            callback_secret: None,
         }
     }
 

@@ -2,7 +2,8 @@
 --
 -- KEYS: 1 meta, 2 outbox
 -- ARGV: 1 total_size, 2 chunk_size, 3 total_chunks, 4 filename, 5 file_md5hex,
---       6 metadata json, 7 now_ms, 8 ttl_ms, 9 the upload.created event (outbox entry)
+--       6 metadata json, 7 now_ms, 8 ttl_ms, 9 the upload.created event (outbox entry),
+--       10 callback url ("" when none), 11 callback secret ("" when none)
 -- Returns {"created"} | {"exists"} | {"conflict", "geometry", ts, cs, tc}
 --       | {"conflict", "file_md5"} | {"conflict", "state", state}
 
@@ -24,7 +25,8 @@ end
 redis.call('HSET', meta, 'version', '1', 'state', 'receiving', 'total_size', ARGV[1],
   'chunk_size', ARGV[2], 'total_chunks', ARGV[3], 'filename', ARGV[4], 'file_md5', ARGV[5],
   'metadata', ARGV[6], 'created_at', ARGV[7], 'updated_at', ARGV[7],
-  'bytes_received', 0, 'chunks_received', 0)
+  'bytes_received', 0, 'chunks_received', 0, 'callback_url', ARGV[10],
+  'callback_secret', ARGV[11])
 redis.call('PEXPIRE', meta, ARGV[8])
 redis.call('RPUSH', KEYS[2], ARGV[9])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
