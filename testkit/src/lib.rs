@@ -7,6 +7,7 @@
 pub mod events;
 pub mod process;
 pub mod proxy;
+pub mod sink;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

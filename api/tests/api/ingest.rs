@@ -267,6 +267,7 @@ async fn an_explicit_create_fixes_the_geometry_that_chunks_must_follow() {
 #[tokio::test]
 async fn abort_removes_the_chunks_and_refuses_later_ones() {
     let app = spawn_app().await;
+    let tap = stitch_testkit::events::EventTap::start(&app.env).await;
     let id = new_id();
     let source = Source::random(3000, 1000, 8);
     for i in 0..2 {
@@ -285,6 +286,19 @@ async fn abort_removes_the_chunks_and_refuses_later_ones() {
     assert_eq!(delete().await.unwrap().status(), 204);
     let (code, body) = json_response(app.client.delete(app.url("/files/nope")).send().await).await;
     assert_eq!((code, error_code(&body)), (404, "upload_not_found"));
+    // The first chunk announced the upload, the abort its end: once each.
+    let patience = std::time::Duration::from_secs(30);
+    let created = tap.wait_for(&id, "upload.created", patience).await;
+    assert_eq!(created["upload"]["size"], 3000);
+    let aborted = tap.wait_for(&id, "upload.aborted", patience).await;
+    assert_eq!(aborted["upload"]["state"], "aborted");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let kinds: Vec<String> = tap
+        .events_of(&id)
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, vec!["upload.created", "upload.aborted"]);
 }
 
 #[tokio::test]
@@ -345,4 +359,76 @@ async fn status_of_an_upload_with_thousands_of_chunks_is_exact_and_compact() {
     assert_eq!(status["total_chunks"], 12_000);
     // About six bytes per listed index and a fixed head: no per-chunk detail travels.
     assert!(raw.len() < sent.len() * 6 + 1024, "{} bytes", raw.len());
+}
+
+#[tokio::test]
+async fn client_callbacks_are_refused_unless_allowed_and_checked_when_allowed() {
+    let create = |callback: &str| serde_json::json!({"total_size": 10, "chunk_size": 10, "callback_url": callback});
+    let off = spawn_app().await;
+    let (code, body) = json_response(
+        off.client
+            .post(off.url("/upload"))
+            .json(&create("https://hooks.example.com/x"))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!((code, error_code(&body)), (400, "callbacks_disabled"));
+    assert!(off.env.redis_snapshot().is_empty());
+
+    let on = spawn_app_with(|s| s.webhooks.allow_client_callbacks = true).await;
+    for bad in [
+        "http://127.0.0.1/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]/",
+        "http://2130706433/",
+        "ftp://hooks.example.com/",
+        "http://user:pw@hooks.example.com/",
+    ] {
+        let (code, body) = json_response(
+            on.client
+                .post(on.url("/upload"))
+                .json(&create(bad))
+                .send()
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (code, error_code(&body)),
+            (400, "invalid_callback"),
+            "{bad}: {body}"
+        );
+    }
+    let mut request = create("https://hooks.example.com/stitch");
+    request["upload_id"] = "with-callback".into();
+    let (code, created) = json_response(
+        on.client
+            .post(on.url("/upload"))
+            .json(&request)
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let secret = created["callback_secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let (_, status) = on.status("with-callback").await;
+    assert!(
+        status.get("callback_secret").is_none(),
+        "the secret shows only at creation: {status}"
+    );
+    let (code, again) = json_response(
+        on.client
+            .post(on.url("/upload"))
+            .json(&request)
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        again["callback_secret"],
+        secret.as_str(),
+        "an idempotent create returns the same secret"
+    );
 }

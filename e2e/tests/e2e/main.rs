@@ -7,3 +7,4 @@ mod downloads;
 mod harness;
 mod merge;
 mod outages;
+mod webhooks;
