@@ -1,15 +1,26 @@
 //! The command line: one subcommand per benchmark, and the argument types they share.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 use stitch_common::config::ByteSize;
 
 use crate::ingest::IngestArgs;
+use crate::merge::MergeArgs;
+use crate::single_node::SingleNodeArgs;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "stitch-bench",
     version,
-    about = "Benchmarks of Stitch's release binaries on this machine"
+    about = "Benchmarks of Stitch's release binaries on this machine",
+    long_about = "Benchmarks of Stitch's release binaries on this machine.\n\n\
+        Each subcommand starts the real binaries (build them first with `cargo build --release \
+        -p stitch-api -p stitch-worker -p stitch-cli -p stitch-bench`), drives them over \
+        loopback, checks every result, measures the machine's own limits in the same run, and \
+        prints a Markdown report; with --write-docs it also rewrites its own section of \
+        docs/benchmarks.md. Run from the workspace root, with Redis on 127.0.0.1:6379 and \
+        RabbitMQ on 127.0.0.1:5672, on an otherwise idle machine."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -20,6 +31,49 @@ pub struct Cli {
 pub enum Command {
     /// Chunk ingest through `stitch-api` against the disk and MD5 limits, and its peak RSS.
     Ingest(IngestArgs),
+    /// The merge of an upload by `stitch-worker` against the MD5 of its chunk files alone,
+    /// and the delay to the `upload.completed` event.
+    #[command(long_about = crate::merge::LONG_ABOUT)]
+    Merge(MergeArgs),
+    /// The same upload through `stitch serve` (single-node, SQLite) and through
+    /// `stitch-api` + `stitch-worker` (Redis, RabbitMQ), alternating.
+    #[command(long_about = crate::single_node::LONG_ABOUT)]
+    SingleNode(SingleNodeArgs),
+}
+
+/// Options of the benchmarks that run Stitch over Redis and RabbitMQ: where to work, which
+/// services, how to keep other work out of the numbers, and where the report goes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Work directory; a fresh `run-…` directory is made inside it and removed at the end.
+    /// It must be on the disk to measure: the processes' storage and the disk baseline go
+    /// there.
+    #[arg(long, default_value = crate::workdir::DEFAULT_PARENT)]
+    pub dir: PathBuf,
+    /// Redis for the distributed processes (each run gets a random namespace `bench-<hex>`
+    /// whose keys are deleted afterwards).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// RabbitMQ for the distributed processes (the namespace's exchanges and queues are
+    /// deleted afterwards).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Before each measurement, wait up to this many seconds for the machine to be idle
+    /// (under 0.25 cores busy over a second), so that other work (a build, a test run) does
+    /// not end up in the numbers; 0 to not wait.
+    #[arg(long, default_value_t = 120)]
+    pub wait_idle: u64,
+    /// Repeat a measurement up to this many times when it was disturbed (other processes
+    /// used 0.35 cores or more while it ran); the report says how many were discarded, and
+    /// flags one that never ran undisturbed.
+    #[arg(long, default_value_t = 3)]
+    pub retries: usize,
+    /// Replace this benchmark's section of the docs file with this run's report.
+    #[arg(long)]
+    pub write_docs: bool,
+    /// The docs file that `--write-docs` updates.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    pub docs: PathBuf,
 }
 
 /// Parses a byte size the way Stitch's configuration does (`1GiB`, `8MiB`, `1048576`).
@@ -49,5 +103,18 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_subcommand_parses_with_its_defaults() {
+        for name in ["ingest", "merge", "single-node"] {
+            let cli = Cli::try_parse_from(["stitch-bench", name]).unwrap();
+            let parsed = match cli.command {
+                Command::Ingest(_) => "ingest",
+                Command::Merge(_) => "merge",
+                Command::SingleNode(_) => "single-node",
+            };
+            assert_eq!(parsed, name);
+        }
     }
 }

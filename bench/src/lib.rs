@@ -1,18 +1,26 @@
 //! Stitch's benchmarks: the real release binaries, driven over loopback, measured against
 //! what the machine itself can do.
 //!
-//! A benchmark here is a subcommand of `stitch-bench` (see [`cli`]); today there is
-//! [`ingest`], with merge and single-node benchmarks to come. Each one is built from the same
-//! parts, so that the next one only adds its own scenario:
+//! A benchmark here is a subcommand of `stitch-bench` (see [`cli`]): [`ingest`], [`merge`]
+//! and [`single_node`]. Each one is built from the same parts, so that the next one only adds
+//! its own scenario:
 //!
 //! - [`source`]: the bytes to send, pseudo-random, generated once, sliced without copying;
-//! - [`baseline`]: the machine's limits (sequential disk write, MD5 on one core);
-//! - [`api_process`]: a `stitch-api` process with its own storage directory and Redis
-//!   namespace, its address read from its log, stopped with SIGTERM;
-//! - [`namespace`]: Redis housekeeping (deleting a namespace's keys, Redis's CPU time);
-//! - [`upload`]: the chunk-protocol client that sends an upload with N parallel connections
-//!   and checks every answer, and [`verify`], which checks status and storage after it;
-//! - [`procfs`]: peak RSS and CPU time of a process, and the machine's CPU split, from `/proc`;
+//! - [`baseline`]: the machine's limits (sequential disk write, MD5 on one core in memory and
+//!   over files on storage);
+//! - [`process`]: a `stitch-api`, `stitch-worker` or `stitch serve` process with its own
+//!   storage directory and namespace, its address (and any log line asked for) read from its
+//!   JSON log, stopped with SIGTERM;
+//! - [`namespace`]: Redis and RabbitMQ housekeeping (deleting a namespace's keys and
+//!   topology, reading an upload's Redis hash, Redis's CPU time);
+//! - [`upload`]: the chunk-protocol client that sends an upload (or part of one) with N
+//!   parallel connections and checks every answer, and [`verify`], which checks status,
+//!   storage and the merged file after it;
+//! - [`events`]: a private queue on a namespace's events exchange, to time and check
+//!   `upload.completed`;
+//! - [`procfs`]: peak RSS and CPU time of a process, kernel threads' CPU, and the machine's
+//!   CPU split, from `/proc`; [`usage`]: who used the cores during a measurement, and
+//!   whether other work disturbed it;
 //! - [`machine`]: what the report says about the machine;
 //! - [`workdir`]: a fresh scratch directory on the disk under test;
 //! - [`report`]: Markdown tables and the section of `docs/benchmarks.md` a benchmark owns.
@@ -20,16 +28,20 @@
 //! A benchmark that does not check its results measures nothing: every scenario verifies
 //! what the server answered and what it stored before its numbers are reported.
 
-pub mod api_process;
 pub mod baseline;
 pub mod cli;
+pub mod events;
 pub mod ingest;
 pub mod machine;
+pub mod merge;
 pub mod namespace;
+pub mod process;
 pub mod procfs;
 pub mod report;
+pub mod single_node;
 pub mod source;
 pub mod upload;
+pub mod usage;
 pub mod verify;
 pub mod workdir;
 

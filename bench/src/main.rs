@@ -12,6 +12,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ingest(args) => stitch_bench::ingest::run(&args),
+        Command::Merge(args) => stitch_bench::merge::run(&args),
+        Command::SingleNode(args) => stitch_bench::single_node::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

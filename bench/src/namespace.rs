@@ -63,6 +63,19 @@ impl Redis {
         }
     }
 
+    /// The values of `fields` in the hash `key`, in order (`None` for a missing field).
+    pub fn hash_fields(
+        &mut self,
+        key: &str,
+        fields: &[&str],
+    ) -> anyhow::Result<Vec<Option<String>>> {
+        redis::cmd("HMGET")
+            .arg(key)
+            .arg(fields)
+            .query(&mut self.connection)
+            .with_context(|| format!("reading {key} from Redis"))
+    }
+
     /// The CPU time the Redis server has used since it started (`INFO cpu`: user + system of
     /// the main process).
     pub fn cpu_time(&mut self) -> anyhow::Result<Duration> {
@@ -87,6 +100,33 @@ pub async fn delete_broker_namespace(amqp_url: &str, namespace: &str) -> anyhow:
         .delete_topology()
         .await
         .with_context(|| format!("deleting the RabbitMQ exchanges and queues of {namespace}"))
+}
+
+/// Waits until RabbitMQ accepts a connection, trying every two seconds for at most `limit`,
+/// so that a broker another user of the machine is restarting delays a measurement instead
+/// of failing it halfway (a merge job published while the broker is down waits in the
+/// outbox for the sweeper, which would time the sweeper, not the merge).
+pub async fn wait_for_broker(amqp_url: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let attempt = tokio::time::timeout(
+            TIMEOUT,
+            lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()),
+        )
+        .await;
+        let error = match attempt {
+            Ok(Ok(connection)) => {
+                let _ = connection.close(200, "bye".into()).await;
+                return Ok(());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no connection within {TIMEOUT:?}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("RabbitMQ at {amqp_url} does not answer after {limit:?}: {error}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 fn parse_info_cpu(info: &str) -> Option<Duration> {

@@ -3,6 +3,8 @@
 //!
 //! CPU time is what shows who a loopback benchmark is really measuring: client, server and
 //! Redis share the same cores, so "the API used 1.6 cores of 2" says more than a rate alone.
+//! Kernel threads (disk writeback, among others) are counted apart from other processes, so
+//! that work the benchmark causes is not mistaken for work that disturbs it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,6 +20,13 @@ pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
 /// A process's resident memory now (`VmRSS`) in bytes.
 pub fn current_rss(pid: u32) -> anyhow::Result<u64> {
     status_kib(pid, "VmRSS:").map(|kib| kib * 1024)
+}
+
+/// Resets a process's `VmHWM` to its current RSS (`/proc/<pid>/clear_refs`, value 5), so
+/// that a later [`peak_rss`] is the peak since now.
+pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing {path}"))
 }
 
 fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
@@ -91,11 +100,84 @@ fn parse_stat_cpu(stat: &str, hz: u64) -> anyhow::Result<CpuTime> {
     })
 }
 
+/// The flag of a kernel thread in field 9 of `/proc/<pid>/stat` (`PF_KTHREAD`).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// CPU time used so far by all kernel threads together (writeback, kworkers, …), summed
+/// over those alive now: a kernel thread that exits between two readings takes its time
+/// with it, so a difference of two readings is a lower bound.
+pub fn kernel_threads_cpu() -> anyhow::Result<Duration> {
+    let hz = ticks_per_second();
+    let mut total = Duration::ZERO;
+    for (_, stat) in all_stats()? {
+        if parse_stat_flags(&stat).is_some_and(|f| f & PF_KTHREAD != 0)
+            && let Ok(cpu) = parse_stat_cpu(&stat, hz)
+        {
+            total += cpu.total();
+        }
+    }
+    Ok(total)
+}
+
+/// The pids of the processes whose command name (`/proc/<pid>/comm`, at most 15 bytes) is
+/// `name`, e.g. `redis-server` or `beam.smp`.
+pub fn find_processes(name: &str) -> anyhow::Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for pid in all_pids()? {
+        if let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            && comm.trim_end() == name
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// A process's command line (`/proc/<pid>/cmdline`), one string per argument.
+pub fn cmdline(pid: u32) -> anyhow::Result<Vec<String>> {
+    let path = format!("/proc/{pid}/cmdline");
+    let raw = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
+    Ok(raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect())
+}
+
+fn all_pids() -> anyhow::Result<Vec<u32>> {
+    let entries = std::fs::read_dir("/proc").context("listing /proc")?;
+    Ok(entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// `/proc/<pid>/stat` of every process that still exists when read.
+fn all_stats() -> anyhow::Result<Vec<(u32, String)>> {
+    Ok(all_pids()?
+        .into_iter()
+        .filter_map(|pid| {
+            Some((
+                pid,
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?,
+            ))
+        })
+        .collect())
+}
+
+/// Field 9 (`flags`) of a `/proc/<pid>/stat` line.
+fn parse_stat_flags(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(6)?.parse().ok()
+}
+
 /// The machine's CPU counters (all cores, in clock ticks) from the `cpu` line of `/proc/stat`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MachineCpu {
     /// user + nice + system + irq + softirq.
     pub busy: u64,
+    /// irq + softirq (part of `busy`): interrupt work that no process is charged for, such as
+    /// loopback TCP's receive path.
+    pub irq: u64,
     pub iowait: u64,
     /// Time the hypervisor gave to someone else.
     pub steal: u64,
@@ -130,6 +212,7 @@ impl MachineCpu {
             (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
         Ok(Self {
             busy: user + nice + system + irq + softirq,
+            irq: irq + softirq,
             iowait,
             steal,
             idle,
@@ -143,6 +226,7 @@ impl MachineCpu {
         let cores = |now: u64, then: u64| now.saturating_sub(then) as f64 / hz / secs;
         MachineCores {
             busy: cores(self.busy, earlier.busy),
+            irq: cores(self.irq, earlier.irq),
             iowait: cores(self.iowait, earlier.iowait),
             steal: cores(self.steal, earlier.steal),
         }
@@ -153,6 +237,8 @@ impl MachineCpu {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct MachineCores {
     pub busy: f64,
+    /// The part of `busy` spent in interrupt handlers.
+    pub irq: f64,
     pub iowait: f64,
     pub steal: f64,
 }
@@ -211,6 +297,31 @@ mod tests {
     }
 
     #[test]
+    fn stat_flags_are_counted_after_the_command_name() {
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 1 0 0 20 0 1 0 3";
+        assert_eq!(parse_stat_flags(kthread), Some(2_129_984));
+        assert_ne!(2_129_984 & PF_KTHREAD, 0);
+        let user = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1";
+        assert_eq!(parse_stat_flags(user).map(|f| f & PF_KTHREAD), Some(0));
+    }
+
+    #[test]
+    fn kernel_threads_and_processes_can_be_found() {
+        kernel_threads_cpu().unwrap();
+        let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let found = find_processes(me.trim_end()).unwrap();
+        assert!(found.contains(&std::process::id()), "{found:?}");
+        assert!(!cmdline(std::process::id()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_peak_rss_can_be_reset() {
+        let pid = std::process::id();
+        reset_peak_rss(pid).unwrap();
+        assert!(peak_rss(pid).unwrap() > 0);
+    }
+
+    #[test]
     fn the_machine_cpu_line_is_split_into_busy_iowait_steal_and_idle() {
         let stat = "cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 5 0 2 50 3 1 1 2 0 0\n";
         let m = MachineCpu::parse(stat).unwrap();
@@ -218,6 +329,7 @@ mod tests {
             m,
             MachineCpu {
                 busy: 21,
+                irq: 5,
                 iowait: 7,
                 steal: 4,
                 idle: 100

@@ -8,6 +8,8 @@ use std::path::Path;
 
 use anyhow::{Context, ensure};
 
+use crate::machine::Machine;
+
 /// What `docs/benchmarks.md` starts with when a benchmark creates it.
 const NEW_DOC: &str = "# Benchmarks\n\nEach `## ` section below is written by a `stitch-bench` subcommand run with `--write-docs`;\nre-run it rather than editing the section by hand.\n";
 
@@ -58,9 +60,97 @@ impl Table {
     }
 }
 
+/// The "Machine" table every report has; `sharing` says which processes share the cores.
+pub fn machine_table(m: &Machine, sharing: &str) -> Table {
+    let mut table = Table::new(&["", ""]);
+    table
+        .row([
+            "CPUs".to_owned(),
+            format!("{} (`nproc`), {}; {sharing}", m.cpus, m.cpu_model),
+        ])
+        .row(["Kernel".to_owned(), m.kernel.clone()])
+        .row(["Memory".to_owned(), format!("{:.1} GiB", m.memory_gib)])
+        .row([
+            "Work directory's file system".to_owned(),
+            format!(
+                "{} on {} (mounted at {})",
+                m.work_fs.fs_type,
+                m.work_fs.source,
+                m.work_fs.mount_point.display()
+            ),
+        ])
+        .row([
+            "Before the run".to_owned(),
+            format!(
+                "load average {:.2}; {:.2} cores busy over one second",
+                m.load_before, m.busy_before
+            ),
+        ])
+        .row(["Date (UTC)".to_owned(), m.date.clone()]);
+    table
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The smallest and largest of `values`; `None` if empty.
+pub fn range(values: impl IntoIterator<Item = f64>) -> Option<(f64, f64)> {
+    values.into_iter().fold(None, |acc, x| match acc {
+        None => Some((x, x)),
+        Some((lo, hi)) => Some((x.min(lo), x.max(hi))),
+    })
+}
+
+/// `median (lo–hi)` of `values` with `decimals` digits, or `—` when there are none.
+pub fn median_range(values: &[f64], decimals: usize) -> String {
+    match (
+        median(values.iter().copied()),
+        range(values.iter().copied()),
+    ) {
+        (Some(m), Some((lo, hi))) if values.len() > 1 => {
+            format!("{m:.decimals$} ({lo:.decimals$}–{hi:.decimals$})")
+        }
+        (Some(m), _) => format!("{m:.decimals$}"),
+        _ => "—".to_owned(),
+    }
+}
+
+/// `**PASS**` or `**FAIL**`.
+pub fn verdict(pass: bool) -> &'static str {
+    if pass { "**PASS**" } else { "**FAIL**" }
+}
+
 /// A number with `decimals` digits after the point.
 pub fn fixed(value: f64, decimals: usize) -> String {
     format!("{value:.decimals$}")
+}
+
+/// A signed number with `decimals` digits (`+12`, `-3`), and `0` for what rounds to zero
+/// (never `-0`).
+pub fn signed(value: f64, decimals: usize) -> String {
+    let text = format!("{value:+.decimals$}");
+    if text[1..].chars().all(|c| c == '0' || c == '.') {
+        text[1..].to_owned()
+    } else {
+        text
+    }
+}
+
+/// `n` and the noun, plural unless `n` is 1 (`1 merge`, `5 merges`).
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// Bytes as MiB with one decimal.
@@ -141,6 +231,27 @@ mod tests {
             t.render(),
             "| name | MB/s |\n| --- | ---: |\n| a\\|b | 12.5 |\n| c |  |\n"
         );
+    }
+
+    #[test]
+    fn medians_and_ranges() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median([]), None);
+        assert_eq!(range([3.0, 1.0, 2.0]), Some((1.0, 3.0)));
+        assert_eq!(median_range(&[1.0, 2.0, 4.0], 1), "2.0 (1.0–4.0)");
+        assert_eq!(median_range(&[1.0], 0), "1");
+        assert_eq!(median_range(&[], 0), "—");
+    }
+
+    #[test]
+    fn signed_numbers_never_show_minus_zero() {
+        assert_eq!(signed(12.4, 0), "+12");
+        assert_eq!(signed(-3.0, 0), "-3");
+        assert_eq!(signed(-0.3, 0), "0");
+        assert_eq!(signed(0.04, 1), "0.0");
+        assert_eq!(count(1, "merge"), "1 merge");
+        assert_eq!(count(5, "merge"), "5 merges");
     }
 
     #[test]

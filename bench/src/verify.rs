@@ -1,9 +1,13 @@
 //! What a benchmark checks after a run, beyond the answers to each chunk: the upload's
-//! status as the server reports it, and the chunk files on storage.
+//! status as the server reports it, the chunk files on storage, and, once merged, the file
+//! itself.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
+use md5::Digest as _;
 use serde::Deserialize;
 use stitch_common::id::UploadId;
 use stitch_common::storage::FsChunkStore;
@@ -11,30 +15,30 @@ use stitch_common::storage::FsChunkStore;
 use crate::source::Chunk;
 use crate::upload::REQUEST_TIMEOUT;
 
-/// The fields of `GET /upload/{id}/status` that the benchmark checks.
-#[derive(Debug, Deserialize)]
-struct StatusResponse {
-    state: String,
-    total_size: u64,
-    total_chunks: u64,
-    chunks_received: u64,
-    bytes_received: u64,
-    uploaded_chunks: Vec<u64>,
+/// The fields of `GET /upload/{id}/status` that the benchmarks check.
+#[derive(Clone, Debug, Deserialize)]
+pub struct StatusResponse {
+    pub state: String,
+    pub total_size: u64,
+    pub total_chunks: u64,
+    pub chunks_received: u64,
+    pub bytes_received: u64,
+    pub uploaded_chunks: Vec<u64>,
+    /// Once completed: the merged file's size and MD5 (hex).
+    pub size: Option<u64>,
+    pub md5: Option<String>,
+    /// Once failed: why.
+    pub failure_reason: Option<String>,
 }
 
-/// Checks that the upload is complete as the server sees it: state `merging` (no worker
-/// runs in a benchmark, so the merge stays pending), every chunk listed, every byte counted.
-pub async fn verify_status(
+/// `GET /upload/{id}/status`.
+pub async fn get_status(
+    client: &reqwest::Client,
     base_url: &str,
     upload_id: &str,
-    chunks: &[Chunk],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<StatusResponse> {
     let url = format!("{base_url}/upload/{upload_id}/status");
-    let response = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .context("building the HTTP client")?
+    let response = client
         .get(&url)
         .send()
         .await
@@ -49,15 +53,91 @@ pub async fn verify_status(
         "GET {url}: HTTP {status}: {}",
         String::from_utf8_lossy(&body)
     );
-    let s: StatusResponse =
-        serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))?;
-    let total: u64 = chunks.iter().map(Chunk::len).sum();
-    let count = chunks.len() as u64;
+    serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))
+}
+
+/// A client for status requests.
+pub fn status_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Asks for the status every `every` until the upload is `completed` (or `failed`, which is
+/// an error), for at most `limit`. Returns when the answer saying `completed` was read, and
+/// that answer.
+pub async fn wait_until_completed(
+    base_url: &str,
+    upload_id: &str,
+    every: Duration,
+    limit: Duration,
+) -> anyhow::Result<(Instant, StatusResponse)> {
+    let client = status_client()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        let status = get_status(&client, base_url, upload_id).await?;
+        let seen = Instant::now();
+        match status.state.as_str() {
+            "completed" => return Ok((seen, status)),
+            "failed" => bail!(
+                "the upload failed: {}",
+                status
+                    .failure_reason
+                    .as_deref()
+                    .unwrap_or("no reason given")
+            ),
+            _ if seen >= deadline => {
+                bail!("the upload is still {:?} after {limit:?}", status.state)
+            }
+            _ => tokio::time::sleep(every).await,
+        }
+    }
+}
+
+/// Checks that the upload is complete as the server sees it: state `merging` (no worker
+/// runs in a benchmark, so the merge stays pending), every chunk listed, every byte counted.
+pub async fn verify_status(
+    base_url: &str,
+    upload_id: &str,
+    chunks: &[Chunk],
+) -> anyhow::Result<()> {
+    let s = get_status(&status_client()?, base_url, upload_id).await?;
     ensure!(
         s.state == "merging",
         "upload state is {:?}, expected \"merging\"",
         s.state
     );
+    verify_counts(&s, chunks)
+}
+
+/// Checks that the upload is merged as the server sees it: state `completed`, every chunk
+/// and byte counted, and the file's size and MD5 those of the bytes sent.
+pub fn verify_completed(s: &StatusResponse, chunks: &[Chunk], md5_hex: &str) -> anyhow::Result<()> {
+    ensure!(
+        s.state == "completed",
+        "upload state is {:?}, expected \"completed\"",
+        s.state
+    );
+    verify_counts(s, chunks)?;
+    let total: u64 = chunks.iter().map(Chunk::len).sum();
+    ensure!(
+        s.size == Some(total),
+        "the merged file has {:?} bytes, the client sent {total}",
+        s.size
+    );
+    ensure!(
+        s.md5.as_deref() == Some(md5_hex),
+        "the server's MD5 of the merged file is {:?}, the client's {md5_hex}",
+        s.md5
+    );
+    Ok(())
+}
+
+fn verify_counts(s: &StatusResponse, chunks: &[Chunk]) -> anyhow::Result<()> {
+    let total: u64 = chunks.iter().map(Chunk::len).sum();
+    let count = chunks.len() as u64;
     ensure!(
         s.total_size == total && s.bytes_received == total,
         "the server counts {} of {} bytes; the client sent {total}",
@@ -80,9 +160,20 @@ pub async fn verify_status(
 /// Checks that storage holds exactly one complete file per chunk (no `.part` left over, no
 /// second copy) with the chunk's length. Layout from `stitch_common`'s own [`FsChunkStore`].
 pub fn verify_stored(storage_root: &Path, upload_id: &str, chunks: &[Chunk]) -> anyhow::Result<()> {
+    stored_chunk_files(storage_root, upload_id, chunks).map(|_| ())
+}
+
+/// The files of `chunks` on storage (`uploads/<id>/chunks/<index>.<token>`), in the order of
+/// `chunks`, after the checks of [`verify_stored`]. `chunks` must be the first chunks of the
+/// upload, in order (all of them, or those sent so far).
+pub fn stored_chunk_files(
+    storage_root: &Path,
+    upload_id: &str,
+    chunks: &[Chunk],
+) -> anyhow::Result<Vec<PathBuf>> {
     let id = UploadId::parse(upload_id).context("the benchmark's upload id is invalid")?;
     let dir = FsChunkStore::new(storage_root, true).chunks_dir(&id);
-    let mut sizes = vec![None; chunks.len()];
+    let mut files: Vec<Option<(PathBuf, u64)>> = vec![None; chunks.len()];
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -92,7 +183,7 @@ pub fn verify_stored(storage_root: &Path, upload_id: &str, chunks: &[Chunk]) -> 
             .and_then(|i| i.parse().ok())
             .filter(|_| !name.ends_with(".part"))
             .with_context(|| format!("unexpected file {name} in {}", dir.display()))?;
-        let slot = sizes
+        let slot = files
             .get_mut(index)
             .with_context(|| format!("file {name} is for a chunk the upload does not have"))?;
         ensure!(slot.is_none(), "chunk {index} is stored twice");
@@ -100,15 +191,74 @@ pub fn verify_stored(storage_root: &Path, upload_id: &str, chunks: &[Chunk]) -> 
             .metadata()
             .with_context(|| format!("stat {name}"))?
             .len();
-        *slot = Some(len);
+        *slot = Some((entry.path(), len));
     }
-    for (chunk, size) in chunks.iter().zip(&sizes) {
-        ensure!(
-            *size == Some(chunk.len()),
-            "chunk {} is stored with {size:?} bytes, expected {}",
-            chunk.index,
-            chunk.len()
+    chunks
+        .iter()
+        .zip(files)
+        .map(|(chunk, file)| {
+            let size = file.as_ref().map(|(_, len)| *len);
+            ensure!(
+                size == Some(chunk.len()),
+                "chunk {} is stored with {size:?} bytes, expected {}",
+                chunk.index,
+                chunk.len()
+            );
+            Ok(file.map(|(path, _)| path).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// Checks the merged file on storage: exactly one `uploads/<id>/file.<fence>`, `len` bytes
+/// long, with MD5 `md5_hex` (read back whole, so this takes about as long as the MD5 of
+/// `len` bytes).
+pub fn verify_merged_file(
+    storage_root: &Path,
+    upload_id: &str,
+    len: u64,
+    md5_hex: &str,
+) -> anyhow::Result<()> {
+    let id = UploadId::parse(upload_id).context("the benchmark's upload id is invalid")?;
+    let dir = FsChunkStore::new(storage_root, true).upload_dir(&id);
+    let mut merged = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_name().to_string_lossy().starts_with("file.") {
+            merged.push(entry.path());
+        }
+    }
+    let [path] = merged.as_slice() else {
+        bail!(
+            "{} holds {} merged files (file.*), expected one",
+            dir.display(),
+            merged.len()
         );
+    };
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut md5 = md5::Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        md5.update(&buf[..n]);
+        read += n as u64;
     }
+    ensure!(
+        read == len,
+        "{} holds {read} bytes, expected {len}",
+        path.display()
+    );
+    let digest = hex::encode(md5.finalize());
+    ensure!(
+        digest == md5_hex,
+        "{} has MD5 {digest}, expected {md5_hex}",
+        path.display()
+    );
     Ok(())
 }

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::api_process::{ApiConfig, ApiProcess};
 use crate::baseline::{self, Throughput};
 use crate::cli::parse_size;
 use crate::machine::Machine;
 use crate::namespace::{Redis, delete_broker_namespace, random_namespace};
+use crate::process::{ProcessConfig, Role, StitchProcess};
 use crate::procfs::{self, CpuTime, MachineCores, MachineCpu};
 use crate::source::{Chunk, Source};
 use crate::upload::{UploadJob, UploadOutcome, send_upload};
@@ -40,10 +40,9 @@ use crate::workdir::{WorkDir, remove_dir};
 
 pub use report::SECTION_HEADING;
 
-/// Cores busy below which the machine counts as idle for `--wait-idle`.
-const IDLE_CORES: f64 = 0.25;
 /// "Other CPU" (neither API, client nor Redis) from which a run counts as disturbed.
-pub const DISTURBED_CORES: f64 = 0.35;
+pub use crate::usage::DISTURBED_CORES;
+use crate::usage::IDLE_CORES;
 
 /// Seed of the payload: fixed, so that every run sends the same bytes.
 const SEED: u64 = 0x5717_c4e5_b3a1_0001;
@@ -388,8 +387,9 @@ impl Bench<'_> {
         Ok(t)
     }
 
-    fn api_config(&self, label: &str) -> ApiConfig {
-        ApiConfig {
+    fn api_config(&self, label: &str) -> ProcessConfig {
+        ProcessConfig {
+            role: Role::Api,
             binary: self.args.api_bin.clone(),
             storage_root: self.work.join(&format!("storage-{label}")),
             namespace: random_namespace("bench"),
@@ -403,13 +403,14 @@ impl Bench<'_> {
                 // Keys a crashed run leaves behind expire soon (the minimum TTL is 60 s).
                 ("STITCH__UPLOADS__TTL".into(), "1h".into()),
             ],
+            record: Vec::new(),
         }
     }
 
     /// Peak RSS of an API process that started and served nothing.
     fn idle_rss(&mut self) -> anyhow::Result<u64> {
         let config = self.api_config("idle");
-        let api = ApiProcess::spawn(&config)?;
+        let api = StitchProcess::spawn(&config)?;
         let rss = api.peak_rss();
         let stopped = api.stop();
         let cleaned = self.clean_up(&config);
@@ -462,14 +463,15 @@ impl Bench<'_> {
             if content_md5 { "on" } else { "off" }
         ));
         let config = self.api_config(&label);
-        let api = ApiProcess::spawn(&config)?;
+        let api = StitchProcess::spawn(&config)?;
         let job = UploadJob {
-            base_url: api.base_url(),
-            upload_id: format!("bench-{:016x}", rand::random::<u64>()),
-            total_size: self.source.len(),
-            chunks: chunks.clone(),
-            clients,
             content_md5,
+            ..UploadJob::all(
+                api.base_url(),
+                format!("bench-{:016x}", rand::random::<u64>()),
+                chunks.clone(),
+                clients,
+            )
         };
         let measured = self.upload_and_check(&api, &config, &job);
         let peak_rss = api.peak_rss();
@@ -509,8 +511,8 @@ impl Bench<'_> {
 
     fn upload_and_check(
         &mut self,
-        api: &ApiProcess,
-        config: &ApiConfig,
+        api: &StitchProcess,
+        config: &ProcessConfig,
         job: &UploadJob,
     ) -> anyhow::Result<(UploadOutcome, Usage)> {
         let before = Snapshot::take(api, self.redis)?;
@@ -526,7 +528,7 @@ impl Bench<'_> {
     /// Deletes the namespace's Redis keys, its RabbitMQ exchanges and queues, and the
     /// storage directory. A broker that cannot be reached only warns: then the API could not
     /// have declared anything there either.
-    fn clean_up(&mut self, config: &ApiConfig) -> anyhow::Result<()> {
+    fn clean_up(&mut self, config: &ProcessConfig) -> anyhow::Result<()> {
         let deleted = self.redis.delete_namespace(&config.namespace);
         let broker = self.runtime.block_on(delete_broker_namespace(
             &self.args.amqp_url,
@@ -560,7 +562,7 @@ struct Usage {
 }
 
 impl Snapshot {
-    fn take(api: &ApiProcess, redis: &mut Redis) -> anyhow::Result<Self> {
+    fn take(api: &StitchProcess, redis: &mut Redis) -> anyhow::Result<Self> {
         Ok(Self {
             at: Instant::now(),
             api: api.cpu_time()?,

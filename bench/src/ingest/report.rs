@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::{DISTURBED_CORES, IngestResults, RunResult};
-use crate::report::{Table, bullet, fixed, mib, size};
+use crate::report::{Table, bullet, fixed, machine_table, mib, size, verdict};
 
 /// The heading of the section this benchmark owns in `docs/benchmarks.md`.
 pub const SECTION_HEADING: &str = "## Ingest (issue: core ingest)";
@@ -128,36 +128,7 @@ const HOW_TO_READ: &[&str] = &[
 ];
 
 fn machine(r: &IngestResults) -> Table {
-    let m = &r.machine;
-    let mut table = Table::new(&["", ""]);
-    table
-        .row([
-            "CPUs".to_owned(),
-            format!(
-                "{} (`nproc`), {}; client, API and Redis share them",
-                m.cpus, m.cpu_model
-            ),
-        ])
-        .row(["Kernel".to_owned(), m.kernel.clone()])
-        .row(["Memory".to_owned(), format!("{:.1} GiB", m.memory_gib)])
-        .row([
-            "Work directory's file system".to_owned(),
-            format!(
-                "{} on {} (mounted at {})",
-                m.work_fs.fs_type,
-                m.work_fs.source,
-                m.work_fs.mount_point.display()
-            ),
-        ])
-        .row([
-            "Before the run".to_owned(),
-            format!(
-                "load average {:.2}; {:.2} cores busy over one second",
-                m.load_before, m.busy_before
-            ),
-        ])
-        .row(["Date (UTC)".to_owned(), m.date.clone()]);
-    table
+    machine_table(&r.machine, "client, API and Redis share them")
 }
 
 fn baselines(r: &IngestResults) -> Table {
@@ -247,10 +218,6 @@ fn find(r: &IngestResults, clients: usize, content_md5: bool) -> Option<&RunResu
     r.runs
         .iter()
         .find(|run| run.clients == clients && run.content_md5 == content_md5)
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass { "**PASS**" } else { "**FAIL**" }
 }
 
 fn targets(r: &IngestResults) -> Table {
