@@ -25,7 +25,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    stitch_common::telemetry::init(&settings.log);
+    let _telemetry = stitch_common::telemetry::init(&settings.log, &settings.tracing, "stitch-api");
     let run = async {
         let app = crate::Application::build(&settings).await?;
         app.run_until_stopped(stitch_common::shutdown::signal())

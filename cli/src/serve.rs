@@ -23,7 +23,7 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     let settings = Settings::load(args.config.as_deref(), &[])
         .map_err(|e| Failure::Usage(format!("invalid configuration: {e}")))?;
-    stitch_common::telemetry::init(&settings.log);
+    let _telemetry = stitch_common::telemetry::init(&settings.log, &settings.tracing, "stitch");
     let db = args
         .db
         .unwrap_or_else(|| stitch_common::embedded::default_path(&settings));

@@ -1,24 +1,117 @@
-//! Logging: readable lines in development, one JSON object per line in production.
+//! Logs, traces and metrics.
+//!
+//! - Logs: readable lines in development, one JSON object per line in production
+//!   (`log.format`), level from `log.level` or `RUST_LOG`.
+//! - Traces: `tracing` spans exported over OTLP/HTTP when `tracing.otlp_endpoint` is set (off
+//!   by default). The W3C trace context travels in message headers across the queues
+//!   ([`inject_current`] when publishing, [`extract`] when consuming), so one trace follows an
+//!   upload from the chunk that completed it through its merge to its events and webhooks.
+//! - Metrics: one Prometheus recorder per process ([`metrics_handle`]); the names are listed
+//!   in [`crate::metrics`].
 
-use tracing_subscriber::EnvFilter;
+use std::collections::HashMap;
 
-use crate::config::{LogFormat, LogSettings};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
-pub fn init(settings: &LogSettings) {
+use crate::config::{LogFormat, LogSettings, TracingSettings};
+
+/// Keeps the trace exporter alive; dropping it flushes the spans not yet exported.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber: logs, and traces when configured. `RUST_LOG`, when set,
+/// overrides the configured level. A second call (tests running several apps in one
+/// process) keeps the first subscriber.
+pub fn init(log: &LogSettings, tracing: &TracingSettings, service: &str) -> Telemetry {
+    let provider = tracing.otlp_endpoint.as_deref().and_then(|endpoint| {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .build();
+        match exporter {
+            Ok(exporter) => Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(service.to_owned())
+                            .build(),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                eprintln!("tracing disabled: cannot export to {endpoint}: {e}");
+                None
+            }
+        }
+    });
+    init_with_provider(log, provider)
+}
+
+/// [`init`] with a ready trace provider (tests capture spans in memory this way).
+pub fn init_with_provider(log: &LogSettings, provider: Option<SdkTracerProvider>) -> Telemetry {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(&settings.level));
+        .unwrap_or_else(|| EnvFilter::new(&log.level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    // A second init (tests running several apps in one process) keeps the first subscriber.
-    let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+    let fmt = match log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
     };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("stitch")));
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Telemetry { provider }
+}
+
+/// The current span's trace context as W3C headers (`traceparent`, `tracestate`), to
+/// publish with a message. Empty when no trace is recorded.
+pub fn inject_current() -> Vec<(String, String)> {
+    let context = tracing::Span::current().context();
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    let mut headers: Vec<(String, String)> = carrier.into_iter().collect();
+    headers.sort();
+    headers
+}
+
+/// A consumed message's trace context, to parent the span that handles it.
+pub fn extract(headers: &[(String, String)]) -> opentelemetry::Context {
+    let carrier: HashMap<String, String> = headers.iter().cloned().collect();
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// Makes `span` a child of the trace a consumed message carries.
+pub fn continue_trace(span: &tracing::Span, headers: &[(String, String)]) {
+    if !headers.is_empty() {
+        let _ = span.set_parent(extract(headers));
+    }
 }
 
 /// The process's Prometheus recorder, installed on first use. Several apps in one process

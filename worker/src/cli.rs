@@ -26,7 +26,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    stitch_common::telemetry::init(&settings.log);
+    let _telemetry =
+        stitch_common::telemetry::init(&settings.log, &settings.tracing, "stitch-worker");
     let run = async {
         let worker = crate::Worker::build(&settings).await?;
         worker

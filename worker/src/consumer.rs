@@ -19,6 +19,7 @@ use std::time::Duration;
 use stitch_common::queue::{Delivery, MergeJob, WorkQueue};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::concat::Control;
 use crate::merge::{MergeError, MergeOutcome, Merger};
@@ -101,12 +102,32 @@ pub async fn run(
     }
 }
 
+/// Handles one delivery inside a `merge` span that continues the publisher's trace.
 async fn handle(
     merger: Arc<Merger>,
     queue: Arc<dyn WorkQueue>,
     config: Arc<ConsumerConfig>,
     delivery: Delivery,
     control: Arc<Control>,
+) {
+    let span = tracing::info_span!(
+        "merge",
+        upload_id = tracing::field::Empty,
+        attempt = tracing::field::Empty
+    );
+    stitch_common::telemetry::continue_trace(&span, &delivery.trace);
+    handle_in_span(merger, queue, config, delivery, control, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn handle_in_span(
+    merger: Arc<Merger>,
+    queue: Arc<dyn WorkQueue>,
+    config: Arc<ConsumerConfig>,
+    delivery: Delivery,
+    control: Arc<Control>,
+    span: tracing::Span,
 ) {
     let job = match MergeJob::from_json(&delivery.payload) {
         Ok(job) => job,
@@ -120,6 +141,8 @@ async fn handle(
         }
     };
     let id = job.upload_id.clone();
+    span.record("upload_id", tracing::field::display(&id));
+    span.record("attempt", job.attempt);
     let first_delay = config
         .retry_delays
         .first()

@@ -52,6 +52,17 @@ pub struct Settings {
     pub uploads: UploadSettings,
     #[serde(default)]
     pub log: LogSettings,
+    #[serde(default)]
+    pub tracing: TracingSettings,
+}
+
+/// Distributed tracing.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// OTLP/HTTP traces endpoint, e.g. `http://otel-collector:4318/v1/traces`. None: traces
+    /// are not exported (the default).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -309,6 +320,7 @@ impl Default for Settings {
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             log: LogSettings::default(),
+            tracing: TracingSettings::default(),
         }
     }
 }

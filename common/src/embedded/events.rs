@@ -49,6 +49,7 @@ impl EventSink for SqliteEventLog {
         let body = String::from_utf8_lossy(&event.to_json()).into_owned();
         let (id, kind) = (event.event_id.clone(), event.kind.routing_key().to_owned());
         let family = self.feed.family();
+        let trace = super::queue::trace_json();
         self.db
             .run(move |conn| {
                 let now = now_ms() as i64;
@@ -58,8 +59,8 @@ impl EventSink for SqliteEventLog {
                     params![id, kind, body, now],
                 )?;
                 tx.execute(
-                    "INSERT INTO jobs (family, payload, available_at) VALUES (?1, ?2, ?3)",
-                    params![family, body.as_bytes(), now],
+                    "INSERT INTO jobs (family, payload, available_at, trace) VALUES (?1, ?2, ?3, ?4)",
+                    params![family, body.as_bytes(), now, trace],
                 )?;
                 tx.execute("DELETE FROM events WHERE published_at < ?1", [now - RETENTION_MS])?;
                 tx.commit()?;

@@ -18,6 +18,11 @@ use super::{Database, DbError};
 use crate::now_ms;
 use crate::queue::{Acknowledge, Deliveries, Delivery, Family, QueueError, WorkQueue};
 
+/// The current span's trace context, as stored with a job.
+pub(super) fn trace_json() -> String {
+    serde_json::to_string(&crate::telemetry::inject_current()).unwrap_or_else(|_| "[]".into())
+}
+
 /// How long an idle consumer sleeps before looking for delayed jobs that became due.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -65,11 +70,12 @@ impl SqliteQueue {
     async fn insert(&self, payload: Vec<u8>, delay: Duration) -> Result<(), QueueError> {
         let available_at = now_ms() as i64 + delay.as_millis() as i64;
         let family = self.family;
+        let trace = trace_json();
         self.db
             .run(move |conn| {
                 conn.execute(
-                    "INSERT INTO jobs (family, payload, available_at) VALUES (?1, ?2, ?3)",
-                    params![family, payload, available_at],
+                    "INSERT INTO jobs (family, payload, available_at, trace) VALUES (?1, ?2, ?3, ?4)",
+                    params![family, payload, available_at, trace],
                 )?;
                 Ok(())
             })
@@ -148,6 +154,7 @@ enum Claim {
         id: i64,
         payload: Vec<u8>,
         deliveries: i64,
+        trace: Vec<(String, String)>,
     },
     Nothing,
 }
@@ -165,14 +172,21 @@ impl SqliteDeliveries {
                 loop {
                     let row = tx
                         .query_row(
-                            "SELECT id, payload, deliveries FROM jobs WHERE family = ?2 \
+                            "SELECT id, payload, deliveries, trace FROM jobs WHERE family = ?2 \
                              AND claimed_by IS NULL AND available_at <= ?1 \
                              ORDER BY available_at, id LIMIT 1",
                             params![now_ms() as i64, family],
-                            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?)),
+                            |r| {
+                                Ok((
+                                    r.get::<_, i64>(0)?,
+                                    r.get::<_, Vec<u8>>(1)?,
+                                    r.get::<_, i64>(2)?,
+                                    r.get::<_, String>(3)?,
+                                ))
+                            },
                         )
                         .optional()?;
-                    let Some((id, payload, deliveries)) = row else {
+                    let Some((id, payload, deliveries, trace)) = row else {
                         tx.commit()?;
                         return Ok(Claim::Nothing);
                     };
@@ -191,7 +205,8 @@ impl SqliteDeliveries {
                         params![id, consumer],
                     )?;
                     tx.commit()?;
-                    return Ok(Claim::Job { id, payload, deliveries: deliveries + 1 });
+                    let trace = serde_json::from_str(&trace).unwrap_or_default();
+                    return Ok(Claim::Job { id, payload, deliveries: deliveries + 1, trace });
                 }
             })
             .await
@@ -210,6 +225,7 @@ impl Deliveries for SqliteDeliveries {
                     id,
                     payload,
                     deliveries,
+                    trace,
                 }) => {
                     let acker = SqliteAcker {
                         db: self.db.clone(),
@@ -217,7 +233,9 @@ impl Deliveries for SqliteDeliveries {
                         wake: self.wake.clone(),
                         slot: std::sync::Mutex::new(Some(permit)),
                     };
-                    return Some(Ok(Delivery::new(payload, deliveries > 1, Box::new(acker))));
+                    return Some(Ok(
+                        Delivery::new(payload, deliveries > 1, Box::new(acker)).with_trace(trace)
+                    ));
                 }
                 Ok(Claim::Nothing) => {
                     let _ = tokio::time::timeout(POLL, notified).await;

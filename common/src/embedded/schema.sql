@@ -58,7 +58,9 @@ CREATE TABLE IF NOT EXISTS jobs (
   available_at INTEGER NOT NULL,
   -- The consumer holding it, or NULL when it waits for one.
   claimed_by TEXT,
-  deliveries INTEGER NOT NULL DEFAULT 0
+  deliveries INTEGER NOT NULL DEFAULT 0,
+  -- W3C trace context of the publisher, JSON [[name, value], ...].
+  trace TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (family, claimed_by, available_at);
 

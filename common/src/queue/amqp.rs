@@ -256,6 +256,22 @@ impl Topology {
     }
 }
 
+/// The W3C trace headers of a received message.
+fn trace_headers(properties: &BasicProperties) -> Vec<(String, String)> {
+    let Some(headers) = properties.headers() else {
+        return Vec::new();
+    };
+    headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() == "traceparent" || k.as_str() == "tracestate")
+        .filter_map(|(k, v)| match v {
+            AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
@@ -357,7 +373,13 @@ impl AmqpBroker {
     ) -> Result<(), QueueError> {
         let result = async {
             let channel = self.publish_channel().await?;
+            // The trace context of whoever publishes travels in the message's headers.
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            for (name, value) in crate::telemetry::inject_current() {
+                headers.insert(name.into(), AMQPValue::LongString(value.into()));
+            }
             let properties = properties
+                .with_headers(headers)
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into());
             let confirm = channel
@@ -618,11 +640,13 @@ impl Deliveries for AmqpDeliveries {
         Some(
             delivery
                 .map(|d| {
+                    let trace = trace_headers(&d.properties);
                     Delivery::new(
                         d.data.clone(),
                         d.redelivered,
                         Box::new(AmqpAcker(d.acker.clone())),
                     )
+                    .with_trace(trace)
                 })
                 .map_err(|e| QueueError::Unavailable(e.to_string())),
         )

@@ -120,6 +120,7 @@ impl Family {
 pub trait WorkQueue: Send + Sync + 'static {
     /// Stores `payload` durably, to be delivered after `delay` (zero, or one of the family's
     /// configured retry delays). `Ok` only once it is stored where a consumer will take it.
+    /// The current span's trace context travels with it.
     async fn enqueue(&self, payload: &[u8], delay: std::time::Duration) -> Result<(), QueueError>;
 
     /// Moves a message to the dead-letter queue, with the reason, for operators.
@@ -154,6 +155,8 @@ pub trait Acknowledge: Send + Sync {
 pub struct Delivery {
     pub payload: Vec<u8>,
     pub redelivered: bool,
+    /// The W3C trace context the message was published with (`traceparent`, `tracestate`).
+    pub trace: Vec<(String, String)>,
     acker: Box<dyn Acknowledge>,
 }
 
@@ -162,8 +165,14 @@ impl Delivery {
         Self {
             payload,
             redelivered,
+            trace: Vec::new(),
             acker,
         }
+    }
+
+    pub fn with_trace(mut self, trace: Vec<(String, String)>) -> Self {
+        self.trace = trace;
+        self
     }
 
     pub async fn ack(&self) -> Result<(), QueueError> {

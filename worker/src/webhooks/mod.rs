@@ -39,6 +39,7 @@ use stitch_common::webhooks::callback::{CallbackPolicy, Resolve, SystemResolver}
 use stitch_common::webhooks::{DeliveryAttempt, Target, WebhookJob, WebhookStore};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 use url::Url;
 
 use self::deliver::Sender;
@@ -148,7 +149,9 @@ impl Dispatcher {
                 shutdown.clone(),
                 move |d| {
                     let me = me.clone();
-                    async move { me.fan_out(d).await }
+                    let span = tracing::info_span!("webhook.fan_out");
+                    stitch_common::telemetry::continue_trace(&span, &d.trace);
+                    async move { me.fan_out(d).await }.instrument(span)
                 },
             )
         };
@@ -161,7 +164,9 @@ impl Dispatcher {
                 shutdown,
                 move |d| {
                     let me = me.clone();
-                    async move { me.deliver(d).await }
+                    let span = tracing::info_span!("webhook.deliver");
+                    stitch_common::telemetry::continue_trace(&span, &d.trace);
+                    async move { me.deliver(d).await }.instrument(span)
                 },
             )
         };
