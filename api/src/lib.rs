@@ -59,6 +59,7 @@ impl Application {
 
     /// An API on the given backends (the single-node mode passes embedded ones).
     pub async fn build_with(settings: &Settings, backends: &Backends) -> anyhow::Result<Self> {
+        stitch_common::metrics::register(stitch_common::metrics::Role::Api);
         let storage = &backends.storage;
         if let Err(e) = storage.probe().await {
             tracing::warn!(error = %e, root = %settings.storage.root.display(), "storage is not writable yet");

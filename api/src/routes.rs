@@ -51,8 +51,8 @@ async fn track_requests(request: Request, next: Next) -> Response {
         ("method", method),
         ("status", response.status().as_u16().to_string()),
     ];
-    metrics::counter!("stitch_http_requests_total", &labels).increment(1);
-    metrics::histogram!("stitch_http_request_duration_seconds", &labels)
+    metrics::counter!(stitch_common::metrics::HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(stitch_common::metrics::HTTP_DURATION, &labels)
         .record(started.elapsed().as_secs_f64());
     response
 }

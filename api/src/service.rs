@@ -11,6 +11,7 @@ use stitch_common::digest::{ChunkDigests, Md5};
 use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
+use stitch_common::metrics as m;
 use stitch_common::now_ms;
 use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
 use stitch_common::state::{
@@ -171,6 +172,7 @@ impl UploadService {
             .create_upload(&upload, &outboxed, self.ttl_ms)
             .await?;
         if created == Created::New {
+            m::transition("created");
             self.publish_event(&upload.id, &event, &outboxed).await;
         }
         let status = self.upload_status(&upload.id).await?;
@@ -245,6 +247,7 @@ impl UploadService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Busy)?;
+        let _in_flight = InFlight::start();
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
         let staged = self
             .receive_body(&upload.id, chunk.index, with_md5, len, &mut body)
@@ -298,7 +301,10 @@ impl UploadService {
             .await
         {
             Ok(Recorded::New(progress)) => {
+                metrics::counter!(m::CHUNKS_RECEIVED, "result" => "new").increment(1);
+                metrics::counter!(m::CHUNK_BYTES_RECEIVED).increment(len);
                 if progress.created_upload {
+                    m::transition("created");
                     self.publish_event(&upload.id, &created_event, &created_outboxed)
                         .await;
                 }
@@ -308,6 +314,7 @@ impl UploadService {
                 Ok(accepted(false, progress))
             }
             Ok(Recorded::Duplicate { progress, .. }) => {
+                metrics::counter!(m::CHUNKS_RECEIVED, "result" => "duplicate").increment(1);
                 self.storage.discard(&staged).await;
                 Ok(accepted(true, progress))
             }
@@ -449,6 +456,7 @@ impl UploadService {
         let event = Event::aborted(&status);
         let outboxed = OutboxMessage::event_json(&event);
         if let Aborted::Now { .. } = self.state.abort_upload(id, &outboxed, self.ttl_ms).await? {
+            m::transition("aborted");
             self.publish_event(id, &event, &outboxed).await;
         }
         self.storage.remove_upload(id).await?;
@@ -565,6 +573,22 @@ fn new_callback_secret() -> String {
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(key)
     )
+}
+
+/// Counts a chunk body being written, for as long as it lives.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!(m::CHUNK_WRITES_IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(m::CHUNK_WRITES_IN_FLIGHT).decrement(1.0);
+    }
 }
 
 fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ApiError {

@@ -26,6 +26,7 @@ pub mod events;
 pub mod geometry;
 pub mod id;
 pub mod lock;
+pub mod metrics;
 pub mod queue;
 pub mod server;
 pub mod shutdown;

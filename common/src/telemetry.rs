@@ -127,8 +127,15 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 300.0, 900.0, 3600.0,
             ];
+            // Sizes: 1 MiB to 4 TiB, by fours.
+            let sizes: Vec<f64> = (0..12).map(|i| (1u64 << (20 + 2 * i)) as f64).collect();
             let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
                 .set_buckets(&buckets)
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_bytes".into()),
+                    &sizes,
+                )
                 .expect("the bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();

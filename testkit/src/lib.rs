@@ -6,6 +6,7 @@
 
 pub mod events;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod sink;
 

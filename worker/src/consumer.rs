@@ -148,7 +148,18 @@ async fn handle_in_span(
         .first()
         .copied()
         .unwrap_or(Duration::from_secs(5));
-    match merger.merge_upload(&id, control).await {
+    let outcome = merger.merge_upload(&id, control).await;
+    let label = match &outcome {
+        Ok(MergeOutcome::Committed(_)) => "committed",
+        Ok(MergeOutcome::AlreadyCompleted(_)) => "already_completed",
+        Ok(MergeOutcome::Skipped(_)) => "skipped",
+        Ok(MergeOutcome::Failed(_)) => "failed",
+        Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => "lock_busy",
+        Err(MergeError::Cancelled) => "cancelled",
+        Err(MergeError::Transient(_)) => "retried",
+    };
+    metrics::counter!(stitch_common::metrics::MERGES, "outcome" => label).increment(1);
+    match outcome {
         Ok(MergeOutcome::Committed(finish)) | Ok(MergeOutcome::AlreadyCompleted(finish)) => {
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(upload_id = %id, error = %e, "ack failed after commit; the job will be redelivered and find the upload completed");

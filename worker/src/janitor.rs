@@ -96,9 +96,11 @@ impl Janitor {
                     .publish_event(&Event::expired(&manifest))
                     .await?;
                 swept.expired.push(id.to_string());
+                stitch_common::metrics::transition("expired");
             }
             self.storage.remove_upload(id).await?;
             swept.files_removed += 1;
+            metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(1);
             return Ok(());
         };
         let dir = dir.to_owned();
@@ -142,6 +144,7 @@ impl Janitor {
             UploadState::Failed => 0,
         };
         swept.files_removed += removed;
+        metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(removed as u64);
         Ok(())
     }
 }

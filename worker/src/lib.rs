@@ -8,6 +8,8 @@
 //!   re-enqueues merges that got stuck.
 //! - **janitor** ([`janitor`]): removes files nothing needs and announces expired uploads.
 //!
+//! Every worker also reads the queues' depth into the metrics ([`queue_metrics`]).
+//!
 //! It always serves `/healthz`, `/readyz` and `/metrics` ([`probes`]) on its own bind. Like
 //! the API it is a library with a thin `main.rs`: [`Worker::build`], then
 //! [`Worker::run_until_stopped`], so tests and the single-node mode run it in-process.
@@ -18,6 +20,7 @@ pub mod consumer;
 pub mod janitor;
 pub mod merge;
 pub mod probes;
+pub mod queue_metrics;
 pub mod sweeper;
 pub mod webhooks;
 
@@ -68,6 +71,7 @@ impl Worker {
     /// A worker that serves no probes of its own: in the single-node mode the API's port
     /// answers them for the whole process.
     pub fn without_probes(settings: &Settings, backends: Backends) -> anyhow::Result<Self> {
+        stitch_common::metrics::register(stitch_common::metrics::Role::Worker);
         let merger = Arc::new(Merger::new(
             settings,
             backends.state.clone(),
@@ -162,6 +166,15 @@ impl Worker {
         if let Some(dispatcher) = &self.dispatcher {
             roles.spawn(dispatcher.clone().run(stop_rx.clone()));
         }
+        let gauges = queue_metrics::QueueGauges {
+            queues: vec![
+                ("merge", self.backends.merges.clone()),
+                ("webhooks", self.backends.webhooks.clone()),
+                ("webhooks.feed", self.backends.webhook_feed.clone()),
+            ],
+            interval: s.metrics.queue_poll_interval.0,
+        };
+        roles.spawn(gauges.run(stop_rx.clone()));
         let admin = match &self.dispatcher {
             Some(d) => webhooks::admin::router(d.clone(), s.webhooks.admin_token.clone()),
             None => axum::Router::new(),

@@ -17,6 +17,7 @@ use stitch_common::config::Settings;
 use stitch_common::events::{Event, new_event_id};
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock};
+use stitch_common::metrics as m;
 use stitch_common::queue::EventSink;
 use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, StateError, StateStore, keys,
@@ -112,8 +113,19 @@ impl Merger {
         control: Arc<Control>,
     ) -> Result<MergeOutcome, MergeError> {
         let key = keys::lock(&self.namespace, id);
-        let Some(lease) = self.lock.try_acquire(&key).await.map_err(transient)? else {
-            return Ok(MergeOutcome::LockBusy);
+        let lease = match self.lock.try_acquire(&key).await {
+            Ok(Some(lease)) => {
+                metrics::counter!(m::LOCK_ACQUISITIONS, "result" => "acquired").increment(1);
+                lease
+            }
+            Ok(None) => {
+                metrics::counter!(m::LOCK_ACQUISITIONS, "result" => "busy").increment(1);
+                return Ok(MergeOutcome::LockBusy);
+            }
+            Err(e) => {
+                metrics::counter!(m::LOCK_ACQUISITIONS, "result" => "error").increment(1);
+                return Err(transient(e));
+            }
         };
         let lease = Arc::new(Mutex::new(lease));
         let lost = Arc::new(AtomicBool::new(false));
@@ -154,6 +166,7 @@ impl Merger {
         control: &Arc<Control>,
         lost: &AtomicBool,
     ) -> Result<MergeOutcome, MergeError> {
+        let started = std::time::Instant::now();
         let plan = match self.state.begin_merge(id, self.ttl_ms).await {
             Ok(MergeStart::Ready(plan)) => plan,
             Ok(MergeStart::AlreadyCompleted) => {
@@ -295,6 +308,9 @@ impl Merger {
         {
             Ok(Committed::Now) => {
                 tracing::info!(upload_id = %id, size = done.size, md5 = %done.md5, "merge committed");
+                metrics::histogram!(m::MERGE_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
+                m::transition("completed");
                 self.publish_completed(id).await?;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
@@ -362,6 +378,7 @@ impl Merger {
             .await
         {
             Ok(Failed::Now) => {
+                m::transition("failed");
                 let status = self.state.upload_status(id).await.map_err(transient)?;
                 if let Some(event) = status.as_ref().and_then(Event::failed) {
                     self.events.publish_event(&event).await.map_err(transient)?;
@@ -469,6 +486,7 @@ async fn watch_lease(
         };
         if !renewed {
             tracing::warn!(key = %held.key, "merge lease lost; stopping the merge");
+            metrics::counter!(m::LOCK_LEASES_LOST).increment(1);
             lost.store(true, Ordering::SeqCst);
             control.cancel.store(true, Ordering::SeqCst);
             return;

@@ -51,8 +51,13 @@ impl Sweeper {
     pub async fn sweep_once(&self) -> anyhow::Result<usize> {
         let now = stitch_common::now_ms();
         let mut published = 0;
+        let everything = self.state.pending_outbox(u64::MAX).await?;
+        metrics::gauge!(stitch_common::metrics::OUTBOX_ENTRIES).set(everything.len() as f64);
         let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
-        for entry in self.state.pending_outbox(horizon).await? {
+        for entry in everything
+            .into_iter()
+            .filter(|e| e.enqueued_at_ms < horizon)
+        {
             let sent = match OutboxMessage::from_json(&entry.raw) {
                 Ok(OutboxMessage::Merge(_)) => self.queue.enqueue(entry.raw.as_bytes(), NOW).await,
                 Ok(OutboxMessage::Event { event, .. }) => self.events.publish_event(&event).await,
@@ -77,7 +82,9 @@ impl Sweeper {
         }
 
         let horizon = now.saturating_sub(self.config.stuck_merge_horizon.as_millis() as u64);
-        for stuck in self.state.stuck_merges(horizon).await? {
+        let stuck_merges = self.state.stuck_merges(horizon).await?;
+        metrics::gauge!(stitch_common::metrics::STUCK_MERGES).set(stuck_merges.len() as f64);
+        for stuck in stuck_merges {
             let id = &stuck.upload_id;
             if self
                 .lock

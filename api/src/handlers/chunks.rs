@@ -38,7 +38,19 @@ pub async fn put_chunk(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let body = ChunkBody::new(content_type, body, chunk.range.len(), app.body_idle_timeout)?;
-    let a = app.uploads.accept_chunk(chunk, body).await?;
+    let a = app
+        .uploads
+        .accept_chunk(chunk, body)
+        .await
+        .inspect_err(|e| {
+            let class = if e.status().is_server_error() {
+                "5xx"
+            } else {
+                "4xx"
+            };
+            metrics::counter!(stitch_common::metrics::CHUNKS_REFUSED, "class" => class)
+                .increment(1);
+        })?;
     Ok(Json(ChunkView {
         upload_id: a.id.to_string(),
         chunk_index: a.index.0,

@@ -54,6 +54,24 @@ pub struct Settings {
     pub log: LogSettings,
     #[serde(default)]
     pub tracing: TracingSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+}
+
+/// Prometheus metrics (served on `/metrics` of every process).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// How often each worker reads the queues' depth and consumer counts from the broker.
+    pub queue_poll_interval: Interval,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            queue_poll_interval: Interval(Duration::from_secs(15)),
+        }
+    }
 }
 
 /// Distributed tracing.
@@ -321,6 +339,7 @@ impl Default for Settings {
             uploads: UploadSettings::default(),
             log: LogSettings::default(),
             tracing: TracingSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -566,6 +585,10 @@ impl Settings {
             ("STITCH__AMQP__TIMEOUT", self.amqp.timeout),
             ("STITCH__LOCK__TTL", self.lock.ttl),
             ("STITCH__SWEEPER__INTERVAL", self.sweeper.interval),
+            (
+                "STITCH__METRICS__QUEUE_POLL_INTERVAL",
+                self.metrics.queue_poll_interval,
+            ),
         ] {
             if value.0.is_zero() {
                 return invalid(key, "must be longer than zero");

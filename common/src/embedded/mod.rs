@@ -50,6 +50,7 @@ pub struct DbError(pub String);
 
 impl From<rusqlite::Error> for DbError {
     fn from(e: rusqlite::Error) -> Self {
+        crate::metrics::backend_error("sqlite");
         Self(e.to_string())
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{Database, DbError};
 use crate::now_ms;
-use crate::queue::{Acknowledge, Deliveries, Delivery, Family, QueueError, WorkQueue};
+use crate::queue::{Acknowledge, Deliveries, Delivery, Family, QueueError, QueueStats, WorkQueue};
 
 /// The current span's trace context, as stored with a job.
 pub(super) fn trace_json() -> String {
@@ -128,6 +128,35 @@ impl WorkQueue for SqliteQueue {
             slots: Arc::new(Semaphore::new(prefetch.max(1) as usize)),
             wake: self.wake.clone(),
         }))
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let family = self.family;
+        self.db
+            .run(move |conn| {
+                let ready: i64 = conn.query_row(
+                    "SELECT COUNT(*) FROM jobs WHERE family = ?1 AND claimed_by IS NULL",
+                    [family],
+                    |r| r.get(0),
+                )?;
+                let consumers: i64 = conn.query_row(
+                    "SELECT COUNT(DISTINCT claimed_by) FROM jobs WHERE family = ?1",
+                    [family],
+                    |r| r.get(0),
+                )?;
+                let dead: i64 = conn.query_row(
+                    "SELECT COUNT(*) FROM dead_jobs WHERE family = ?1",
+                    [family],
+                    |r| r.get(0),
+                )?;
+                Ok(QueueStats {
+                    ready: ready as u64,
+                    consumers: consumers as u64,
+                    dead: dead as u64,
+                })
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -34,7 +34,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acknowledge, Deliveries, Delivery, Family, MergeJob, NOW, QueueError, WorkQueue};
+use super::{
+    Acknowledge, Deliveries, Delivery, Family, MergeJob, NOW, QueueError, QueueStats, WorkQueue,
+};
 use crate::config::Settings;
 
 /// The shape of one family's queues.
@@ -412,6 +414,7 @@ impl AmqpBroker {
         }
         .await;
         if let Err(QueueError::Unavailable(_)) = &result {
+            crate::metrics::backend_error("rabbitmq");
             // Start from a fresh connection next time.
             *self.publisher.lock().await = None;
         }
@@ -586,6 +589,48 @@ impl WorkQueue for AmqpQueue {
 
     async fn ping(&self) -> Result<(), QueueError> {
         self.broker.ping().await
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        // A channel of its own: a passive declare of a missing queue closes its channel,
+        // which must not be the publishers'.
+        self.broker.publish_channel().await?;
+        let unavailable = |e: lapin::Error| QueueError::Unavailable(e.to_string());
+        let channel = {
+            let guard = self.broker.publisher.lock().await;
+            let (connection, _) = guard
+                .as_ref()
+                .ok_or_else(|| QueueError::Unavailable("no broker connection".into()))?;
+            connection.create_channel().await.map_err(unavailable)?
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let topology = &self.broker.topology;
+        let work = channel
+            .queue_declare(
+                topology.work_queue(self.family).into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let dead = channel
+            .queue_declare(
+                topology.dead_letters(self.family).into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(unavailable)?;
+        let stats = QueueStats {
+            ready: u64::from(work.message_count()),
+            consumers: u64::from(work.consumer_count()),
+            dead: u64::from(dead.message_count()),
+        };
+        let _ = channel.close(200, "stats read".into()).await;
+        Ok(stats)
     }
 }
 

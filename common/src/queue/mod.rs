@@ -131,6 +131,19 @@ pub trait WorkQueue: Send + Sync + 'static {
 
     /// Checks that the queue answers (readiness).
     async fn ping(&self) -> Result<(), QueueError>;
+
+    /// How full the queue is (for metrics and autoscaling).
+    async fn stats(&self) -> Result<QueueStats, QueueError>;
+}
+
+/// A queue's load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages waiting for a consumer.
+    pub ready: u64,
+    pub consumers: u64,
+    /// Messages in the dead-letter queue.
+    pub dead: u64,
 }
 
 /// A running consumer.

@@ -115,9 +115,12 @@ impl RedisStateStore {
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, StateError> {
-        self.pool.get().await.map_err(|e| StateError::Unavailable {
-            detail: format!("no Redis connection: {e}"),
-            outcome_unknown: false,
+        self.pool.get().await.map_err(|e| {
+            crate::metrics::backend_error("redis");
+            StateError::Unavailable {
+                detail: format!("no Redis connection: {e}"),
+                outcome_unknown: false,
+            }
         })
     }
 
@@ -178,6 +181,7 @@ pub(crate) fn pool(url: &str, size: usize, timeout: Duration, key: &str) -> anyh
 }
 
 fn redis_error(e: RedisError) -> StateError {
+    crate::metrics::backend_error("redis");
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         StateError::Unavailable {
             outcome_unknown: !e.is_connection_refusal(),

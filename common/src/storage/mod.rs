@@ -36,6 +36,7 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn from_io(context: &str, e: std::io::Error) -> Self {
+        crate::metrics::backend_error("storage");
         match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => Self::Full(format!("{context}: {e}")),
             _ => Self::Unavailable(format!("{context}: {e}")),

@@ -6,5 +6,6 @@
 mod downloads;
 mod harness;
 mod merge;
+mod metrics;
 mod outages;
 mod webhooks;

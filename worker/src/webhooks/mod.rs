@@ -425,6 +425,16 @@ impl Dispatcher {
                 }
             }
         }
+        let outcome = stitch_common::metrics::WEBHOOK_OUTCOMES
+            .into_iter()
+            .find(|o| *o == attempt.outcome)
+            .unwrap_or("failed");
+        metrics::counter!(stitch_common::metrics::WEBHOOK_DELIVERIES, "outcome" => outcome)
+            .increment(1);
+        if attempt.status.is_some() || attempt.latency_ms > 0 {
+            metrics::histogram!(stitch_common::metrics::WEBHOOK_DURATION)
+                .record(attempt.latency_ms as f64 / 1000.0);
+        }
         tracing::info!(
             event_id = %job.event_id,
             target = %attempt.target,

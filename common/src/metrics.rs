@@ -1,0 +1,189 @@
+//! Every Prometheus metric Stitch exports, in one place: names (prefixed `stitch_`, unit in
+//! the name), help, and labels (always low-cardinality: never an upload id). The dashboard
+//! and the alert rules under `deploy/` use these names; a test checks that each one they use
+//! is exported by the binaries.
+//!
+//! [`register`] describes them and creates every labelled series at zero, so that a metric
+//! exists (and `increase()` works) before its first event.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+// API
+pub const HTTP_REQUESTS: &str = "stitch_http_requests_total";
+pub const HTTP_DURATION: &str = "stitch_http_request_duration_seconds";
+pub const CHUNKS_RECEIVED: &str = "stitch_chunks_received_total";
+pub const CHUNK_BYTES_RECEIVED: &str = "stitch_chunk_bytes_received_total";
+pub const CHUNK_WRITES_IN_FLIGHT: &str = "stitch_chunk_writes_in_flight";
+pub const CHUNKS_REFUSED: &str = "stitch_chunks_refused_total";
+// Upload lifecycle (API and worker)
+pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
+// Worker
+pub const MERGES: &str = "stitch_merges_total";
+pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
+pub const MERGE_SIZE: &str = "stitch_merge_size_bytes";
+pub const QUEUE_MESSAGES: &str = "stitch_queue_messages";
+pub const QUEUE_CONSUMERS: &str = "stitch_queue_consumers";
+pub const DEAD_LETTERS: &str = "stitch_dead_letter_messages";
+pub const LOCK_ACQUISITIONS: &str = "stitch_lock_acquisitions_total";
+pub const LOCK_LEASES_LOST: &str = "stitch_lock_leases_lost_total";
+pub const OUTBOX_ENTRIES: &str = "stitch_outbox_entries";
+pub const STUCK_MERGES: &str = "stitch_stuck_merges";
+pub const WEBHOOK_DELIVERIES: &str = "stitch_webhook_deliveries_total";
+pub const WEBHOOK_DURATION: &str = "stitch_webhook_delivery_duration_seconds";
+pub const JANITOR_FILES_REMOVED: &str = "stitch_janitor_files_removed_total";
+// Everywhere
+pub const BACKEND_ERRORS: &str = "stitch_backend_errors_total";
+
+/// Label values, fixed sets.
+pub const TRANSITIONS: [&str; 5] = ["created", "completed", "failed", "aborted", "expired"];
+pub const MERGE_OUTCOMES: [&str; 7] = [
+    "committed",
+    "already_completed",
+    "skipped",
+    "failed",
+    "retried",
+    "lock_busy",
+    "cancelled",
+];
+pub const LOCK_RESULTS: [&str; 3] = ["acquired", "busy", "error"];
+pub const WEBHOOK_OUTCOMES: [&str; 7] = [
+    "delivered",
+    "failed",
+    "dead",
+    "gone",
+    "disabled",
+    "refused",
+    "unknown_endpoint",
+];
+pub const BACKENDS: [&str; 4] = ["redis", "rabbitmq", "sqlite", "storage"];
+pub const QUEUE_FAMILIES: [&str; 3] = ["merge", "webhooks", "webhooks.feed"];
+
+/// Which process registers which metrics.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Api,
+    Worker,
+}
+
+/// Describes the role's metrics and creates their series at zero, once per process and role
+/// (several apps in one process share one recorder).
+pub fn register(role: Role) {
+    static API: std::sync::Once = std::sync::Once::new();
+    static WORKER: std::sync::Once = std::sync::Once::new();
+    let once = match role {
+        Role::Api => &API,
+        Role::Worker => &WORKER,
+    };
+    once.call_once(|| register_now(role));
+}
+
+fn register_now(role: Role) {
+    // The recorder first: series created before it exists would go nowhere.
+    crate::telemetry::metrics_handle();
+    describe_counter!(
+        BACKEND_ERRORS,
+        "Failed calls to a backend (Redis, RabbitMQ, SQLite, storage)"
+    );
+    for backend in BACKENDS {
+        metrics::counter!(BACKEND_ERRORS, "backend" => backend).absolute(0);
+    }
+    describe_counter!(
+        UPLOAD_TRANSITIONS,
+        "Uploads entering a state: created, completed, failed, aborted, expired"
+    );
+    for t in TRANSITIONS {
+        metrics::counter!(UPLOAD_TRANSITIONS, "transition" => t).absolute(0);
+    }
+    if role == Role::Api {
+        describe_counter!(
+            HTTP_REQUESTS,
+            "HTTP requests by route template, method and status"
+        );
+        describe_histogram!(
+            HTTP_DURATION,
+            Unit::Seconds,
+            "HTTP request latency by route template, method and status"
+        );
+        describe_counter!(
+            CHUNKS_RECEIVED,
+            "Chunks accepted, new or duplicate (an idempotent re-send)"
+        );
+        describe_counter!(
+            CHUNK_BYTES_RECEIVED,
+            Unit::Bytes,
+            "Bytes of chunks newly counted"
+        );
+        describe_gauge!(CHUNK_WRITES_IN_FLIGHT, "Chunk bodies being written now");
+        describe_counter!(
+            CHUNKS_REFUSED,
+            "Chunk requests refused, by HTTP status class"
+        );
+        for result in ["new", "duplicate"] {
+            metrics::counter!(CHUNKS_RECEIVED, "result" => result).absolute(0);
+        }
+        metrics::counter!(CHUNK_BYTES_RECEIVED).absolute(0);
+        metrics::gauge!(CHUNK_WRITES_IN_FLIGHT).set(0.0);
+        for class in ["4xx", "5xx"] {
+            metrics::counter!(CHUNKS_REFUSED, "class" => class).absolute(0);
+        }
+    }
+    if role == Role::Worker {
+        describe_counter!(MERGES, "Merge attempts by outcome");
+        describe_histogram!(
+            MERGE_DURATION,
+            Unit::Seconds,
+            "Duration of committed merges (copy, MD5, fsync, commit)"
+        );
+        describe_histogram!(MERGE_SIZE, Unit::Bytes, "Size of merged files");
+        describe_gauge!(QUEUE_MESSAGES, "Messages ready in a work queue, by family");
+        describe_gauge!(QUEUE_CONSUMERS, "Consumers of a work queue, by family");
+        describe_gauge!(DEAD_LETTERS, "Messages in a dead-letter queue, by family");
+        describe_counter!(
+            LOCK_ACQUISITIONS,
+            "Merge lock acquisitions: acquired, busy (contention), error"
+        );
+        describe_counter!(
+            LOCK_LEASES_LOST,
+            "Merge leases lost while merging (renewal failed or lapsed)"
+        );
+        describe_gauge!(
+            OUTBOX_ENTRIES,
+            "Outbox entries (merge triggers, events) not yet published"
+        );
+        describe_gauge!(STUCK_MERGES, "Uploads merging past the stuck-merge horizon");
+        describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts by outcome");
+        describe_histogram!(WEBHOOK_DURATION, Unit::Seconds, "Webhook delivery latency");
+        describe_counter!(
+            JANITOR_FILES_REMOVED,
+            "Files and directories the janitor removed"
+        );
+        for outcome in MERGE_OUTCOMES {
+            metrics::counter!(MERGES, "outcome" => outcome).absolute(0);
+        }
+        for result in LOCK_RESULTS {
+            metrics::counter!(LOCK_ACQUISITIONS, "result" => result).absolute(0);
+        }
+        metrics::counter!(LOCK_LEASES_LOST).absolute(0);
+        for family in QUEUE_FAMILIES {
+            metrics::gauge!(QUEUE_MESSAGES, "family" => family).set(0.0);
+            metrics::gauge!(QUEUE_CONSUMERS, "family" => family).set(0.0);
+            metrics::gauge!(DEAD_LETTERS, "family" => family).set(0.0);
+        }
+        metrics::gauge!(OUTBOX_ENTRIES).set(0.0);
+        metrics::gauge!(STUCK_MERGES).set(0.0);
+        for outcome in WEBHOOK_OUTCOMES {
+            metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).absolute(0);
+        }
+        metrics::counter!(JANITOR_FILES_REMOVED).absolute(0);
+    }
+}
+
+/// Counts a failed backend call.
+pub fn backend_error(backend: &'static str) {
+    metrics::counter!(BACKEND_ERRORS, "backend" => backend).increment(1);
+}
+
+/// Counts an upload entering a state.
+pub fn transition(name: &'static str) {
+    metrics::counter!(UPLOAD_TRANSITIONS, "transition" => name).increment(1);
+}
