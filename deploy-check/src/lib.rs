@@ -226,9 +226,7 @@ pub fn stitch_size(text: &str) -> u64 {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .unwrap_or_else(|_| panic!("size {text:?}"));
+    let number: u64 = number.parse().unwrap_or_else(|_| panic!("size {text:?}"));
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,

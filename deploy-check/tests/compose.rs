@@ -355,7 +355,10 @@ fn grafana_provisions_the_prometheus_data_source_and_the_dashboard() {
     );
     let dashboard = read("deploy/grafana/dashboards/stitch.json");
     let dashboard: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
-    assert!(dashboard["panels"].is_array(), "the dashboard has no panels");
+    assert!(
+        dashboard["panels"].is_array(),
+        "the dashboard has no panels"
+    );
 }
 
 #[test]

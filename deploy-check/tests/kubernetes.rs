@@ -1,0 +1,659 @@
+//! k8s/: every base resource and the rendered example overlay through `kubernetes-validate
+//! --strict`; the custom resources (KEDA, prometheus-operator), which it only warns about,
+//! checked field by field here; every container's environment through Stitch's own
+//! configuration loader; and the numbers that must agree across resources.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use stitch_deploy_check::{
+    MULTIPART_OVERHEAD, Validator, Yaml, check_config, nginx_size, read, repo_path, run,
+    stitch_seconds, stitch_size, temp_dir, yaml_docs, yaml_file, yaml_str,
+};
+
+const CHECKER: &str = env!("CARGO_BIN_EXE_stitch-config-check");
+
+/// Custom resources: kubernetes-validate has no schema for them and only warns.
+const CUSTOM: [(&str, &str); 3] = [
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+];
+
+/// The Kubernetes versions the manifests are checked against: the oldest supported and
+/// kubernetes-validate's newest.
+const VERSIONS: [&str; 2] = ["1.28.0", "1.37.0"];
+
+fn is_custom(doc: &Yaml) -> bool {
+    let api = doc["apiVersion"].as_str().unwrap_or_default();
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    CUSTOM.contains(&(api, kind))
+}
+
+fn base_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(repo_path("k8s/base"))
+        .expect("k8s/base")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    files.sort();
+    files
+}
+
+fn kubernetes_validate(files: &[&Path], version: &str) -> stitch_deploy_check::Run {
+    let mut command = Validator::KubernetesValidate.command();
+    command.args(["--strict", "-k", version]).args(files);
+    run(&mut command)
+}
+
+/// `kubectl kustomize DIR`, the rendered documents and their text.
+fn render(dir: &str) -> (String, Vec<Yaml>) {
+    let mut command = Validator::Kubectl.command();
+    command.arg("kustomize").arg(repo_path(dir));
+    let result = run(&mut command);
+    assert!(result.succeeded(), "kustomize {dir}: {}", result.output());
+    let docs = yaml_docs(&result.stdout, dir);
+    (result.stdout, docs)
+}
+
+fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+/// What `kubernetes-validate` must have said of each built-in resource and each custom one.
+fn assert_validated(result: &stitch_deploy_check::Run, docs: &[Yaml], what: &str) {
+    assert!(result.succeeded(), "{what}: {}", result.output());
+    let text = format!("{}{}", result.stdout, result.stderr);
+    assert!(!text.contains("ERROR"), "{what}: {}", result.output());
+    for doc in docs {
+        let kind = yaml_str(&doc["kind"], "kind");
+        let name = yaml_str(&doc["metadata"]["name"], "metadata.name");
+        if is_custom(doc) {
+            assert!(
+                text.contains(&format!("Couldn't find schema for kind {kind}")),
+                "{what}: expected only a warning for the custom resource {kind}: {}",
+                result.output()
+            );
+        } else {
+            let passed = format!("passed for resource {}/{name}", kind.to_lowercase());
+            assert!(
+                text.contains(&passed),
+                "{what}: no '{passed}' in {}",
+                result.output()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_base_resource_validates_strictly_on_its_own() {
+    let files = base_files();
+    let paths: Vec<_> = files
+        .iter()
+        .map(|f| repo_path(&format!("k8s/base/{f}")))
+        .collect();
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let docs: Vec<Yaml> = files
+        .iter()
+        .flat_map(|f| yaml_file(&format!("k8s/base/{f}")))
+        .collect();
+    for file in &files {
+        let in_file = yaml_file(&format!("k8s/base/{file}"));
+        assert_eq!(in_file.len(), 1, "k8s/base/{file}: one resource per file");
+    }
+    for version in VERSIONS {
+        let result = kubernetes_validate(&refs, version);
+        assert_validated(&result, &docs, &format!("k8s/base against {version}"));
+    }
+}
+
+#[test]
+fn the_base_kustomization_lists_every_resource_file() {
+    let kustomization = &yaml_file("k8s/base/kustomization.yaml")[0];
+    let mut listed: Vec<String> = kustomization["resources"]
+        .as_vec()
+        .expect("resources")
+        .iter()
+        .map(|r| yaml_str(r, "resources[]").to_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, base_files());
+}
+
+#[test]
+fn the_example_overlay_renders_and_validates_strictly() {
+    let (text, docs) = render("k8s/overlays/example");
+    let dir = temp_dir();
+    let rendered = dir.path().join("example.yaml");
+    std::fs::write(&rendered, &text).unwrap();
+    for version in VERSIONS {
+        let result = kubernetes_validate(&[rendered.as_path()], version);
+        assert_validated(
+            &result,
+            &docs,
+            &format!("overlay example against {version}"),
+        );
+    }
+    // The overlay's patches took effect.
+    let api = find(&docs, "Deployment", "stitch-api");
+    assert_eq!(api["spec"]["replicas"].as_i64(), Some(4));
+    let image = yaml_str(
+        &api["spec"]["template"]["spec"]["containers"][0]["image"],
+        "image",
+    );
+    assert_eq!(image, "registry.example.com/stitch:0.1.0");
+    let pvc = find(&docs, "PersistentVolumeClaim", "stitch-data");
+    assert_eq!(pvc["spec"]["storageClassName"].as_str(), Some("nfs-client"));
+    let ingress = find(&docs, "Ingress", "stitch-api");
+    assert_eq!(
+        ingress["spec"]["rules"][0]["host"].as_str(),
+        Some("uploads.example.org")
+    );
+    for doc in &docs {
+        assert_eq!(
+            doc["metadata"]["namespace"].as_str().unwrap_or("stitch"),
+            "stitch",
+            "{:?}",
+            doc["metadata"]["name"]
+        );
+    }
+}
+
+#[test]
+fn every_overlay_file_is_used_by_its_kustomization() {
+    let kustomization = &yaml_file("k8s/overlays/example/kustomization.yaml")[0];
+    let mut used: Vec<String> = kustomization["patches"]
+        .as_vec()
+        .expect("patches")
+        .iter()
+        .map(|p| yaml_str(&p["path"], "patches[].path").to_owned())
+        .collect();
+    used.push("kustomization.yaml".to_owned());
+    used.sort();
+    let mut present: Vec<String> = std::fs::read_dir(repo_path("k8s/overlays/example"))
+        .expect("overlay directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    present.sort();
+    assert_eq!(used, present);
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_deployment_with_an_unknown_field_or_a_wrong_type() {
+    let original = read("k8s/base/api-deployment.yaml");
+    let dir = temp_dir();
+
+    // A misspelt field: fine for a lax check, refused by --strict.
+    let typo = original.replacen("  replicas: 3\n", "  replica: 3\n", 1);
+    assert_ne!(typo, original, "no `  replicas: 3` to break");
+    let file = dir.path().join("typo.yaml");
+    std::fs::write(&file, typo).unwrap();
+    let lax = run(Validator::KubernetesValidate.command().arg(&file));
+    assert!(lax.succeeded(), "without --strict: {}", lax.output());
+    let strict = kubernetes_validate(&[file.as_path()], VERSIONS[1]);
+    assert!(!strict.succeeded(), "accepted: {}", strict.output());
+    assert!(
+        format!("{}{}", strict.stdout, strict.stderr).contains("replica"),
+        "{}",
+        strict.output()
+    );
+
+    // A string where an integer belongs.
+    let wrong = original.replacen(
+        "terminationGracePeriodSeconds: 80",
+        "terminationGracePeriodSeconds: eighty",
+        1,
+    );
+    assert_ne!(wrong, original);
+    let file = dir.path().join("wrong-type.yaml");
+    std::fs::write(&file, wrong).unwrap();
+    let strict = kubernetes_validate(&[file.as_path()], VERSIONS[1]);
+    assert!(!strict.succeeded(), "accepted: {}", strict.output());
+    assert!(
+        format!("{}{}", strict.stdout, strict.stderr).contains("eighty"),
+        "{}",
+        strict.output()
+    );
+}
+
+/// The environment a container sees: its envFrom ConfigMaps, then its env (values and
+/// Secret references resolved from the rendered Secret).
+fn container_env(container: &Yaml, docs: &[Yaml]) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for source in container["envFrom"].as_vec().into_iter().flatten() {
+        let name = yaml_str(&source["configMapRef"]["name"], "envFrom configMapRef");
+        let map = find(docs, "ConfigMap", name);
+        for (k, v) in map["data"].as_hash().expect("ConfigMap data") {
+            env.insert(
+                yaml_str(k, "data key").to_owned(),
+                yaml_str(v, "data value").to_owned(),
+            );
+        }
+    }
+    for var in container["env"].as_vec().into_iter().flatten() {
+        let name = yaml_str(&var["name"], "env name").to_owned();
+        let value = if let Some(value) = var["value"].as_str() {
+            value.to_owned()
+        } else {
+            let key_ref = &var["valueFrom"]["secretKeyRef"];
+            let secret = find(
+                docs,
+                "Secret",
+                yaml_str(&key_ref["name"], "secretKeyRef.name"),
+            );
+            let key = yaml_str(&key_ref["key"], "secretKeyRef.key");
+            yaml_str(&secret["stringData"][key], &format!("Secret key {key}")).to_owned()
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// Every container and init container of the Deployments and Jobs.
+fn containers(docs: &[Yaml]) -> Vec<(String, &Yaml)> {
+    let mut all = Vec::new();
+    for doc in docs {
+        if !matches!(doc["kind"].as_str(), Some("Deployment" | "Job")) {
+            continue;
+        }
+        let owner = yaml_str(&doc["metadata"]["name"], "name");
+        let spec = &doc["spec"]["template"]["spec"];
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_vec().into_iter().flatten() {
+                all.push((format!("{owner}/{}", yaml_str(&c["name"], "name")), c));
+            }
+        }
+    }
+    all
+}
+
+#[test]
+fn every_container_gets_a_configuration_that_stitch_accepts() {
+    for dir in ["k8s/base", "k8s/overlays/example"] {
+        let (_, docs) = render(dir);
+        let all = containers(&docs);
+        assert!(all.len() >= 5, "{dir}: {} containers", all.len());
+        for (name, container) in all {
+            let env = container_env(container, &docs);
+            for key in [
+                "STITCH__REDIS__URL",
+                "STITCH__AMQP__URL",
+                "STITCH__NAMESPACE",
+            ] {
+                assert!(env.contains_key(key), "{dir} {name}: no {key}");
+            }
+            if let Err(e) = check_config(Path::new(CHECKER), &env) {
+                panic!("{dir} {name}: not a valid configuration:\n{e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_container_runs_unprivileged_on_a_read_only_root() {
+    let (_, docs) = render("k8s/base");
+    for doc in &docs {
+        if !matches!(doc["kind"].as_str(), Some("Deployment" | "Job")) {
+            continue;
+        }
+        let pod = &doc["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+        assert_eq!(pod["securityContext"]["runAsUser"].as_i64(), Some(10001));
+    }
+    for (name, c) in containers(&docs) {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true), "{name}");
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{name}"
+        );
+        assert_eq!(
+            sc["capabilities"]["drop"][0].as_str(),
+            Some("ALL"),
+            "{name}"
+        );
+        assert!(
+            c["resources"]["requests"]["memory"].as_str().is_some(),
+            "{name} requests no memory"
+        );
+    }
+}
+
+fn command_of(container: &Yaml) -> Vec<&str> {
+    container["command"]
+        .as_vec()
+        .expect("command")
+        .iter()
+        .map(|a| yaml_str(a, "command[]"))
+        .collect()
+}
+
+#[test]
+fn migrations_run_in_a_job_and_every_server_waits_for_them() {
+    let (_, docs) = render("k8s/base");
+    let job = find(&docs, "Job", "stitch-migrate");
+    let migrate = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(command_of(migrate), ["stitch-worker", "migrate"]);
+    for name in ["stitch-api", "stitch-worker"] {
+        let deployment = find(&docs, "Deployment", name);
+        let init = &deployment["spec"]["template"]["spec"]["initContainers"][0];
+        assert_eq!(
+            command_of(init),
+            ["stitch-worker", "migrate", "--check", "--wait", "600"],
+            "{name}"
+        );
+    }
+    let api = &find(&docs, "Deployment", "stitch-api")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(command_of(api), ["stitch-api"]);
+    let worker =
+        &find(&docs, "Deployment", "stitch-worker")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(command_of(worker), ["stitch-worker"]);
+}
+
+fn env_value<'a>(container: &'a Yaml, key: &str) -> &'a str {
+    container["env"]
+        .as_vec()
+        .expect("env")
+        .iter()
+        .find(|v| v["name"].as_str() == Some(key))
+        .and_then(|v| v["value"].as_str())
+        .unwrap_or_else(|| panic!("no {key} value"))
+}
+
+#[test]
+fn grace_periods_cover_each_process_s_drain() {
+    let (_, docs) = render("k8s/base");
+    // API: the preStop sleep and the drain both count against the grace period.
+    let api = &find(&docs, "Deployment", "stitch-api")["spec"]["template"]["spec"];
+    let container = &api["containers"][0];
+    let pre_stop = command_of(&container["lifecycle"]["preStop"]["exec"]);
+    assert_eq!(pre_stop[0], "sleep");
+    let sleep: u64 = pre_stop[1].parse().expect("preStop seconds");
+    let drain = stitch_seconds(env_value(container, "STITCH__HTTP__SHUTDOWN_GRACE"));
+    let grace = api["terminationGracePeriodSeconds"]
+        .as_i64()
+        .expect("grace") as u64;
+    assert!(
+        grace >= sleep + drain + 5,
+        "API: {grace}s < preStop {sleep}s + drain {drain}s + margin"
+    );
+    assert!(
+        sleep >= 5,
+        "API: a preStop of {sleep}s leaves endpoints no time to update"
+    );
+
+    // Worker: running merges may finish within the drain; then they are cancelled.
+    let worker = &find(&docs, "Deployment", "stitch-worker")["spec"]["template"]["spec"];
+    let drain = stitch_seconds(env_value(
+        &worker["containers"][0],
+        "STITCH__HTTP__SHUTDOWN_GRACE",
+    ));
+    let grace = worker["terminationGracePeriodSeconds"]
+        .as_i64()
+        .expect("grace") as u64;
+    assert!(
+        grace >= drain + 15,
+        "worker: {grace}s < drain {drain}s + margin"
+    );
+}
+
+#[test]
+fn probes_ask_the_port_each_process_binds() {
+    let (_, docs) = render("k8s/base");
+    for (name, port) in [("stitch-api", 8080), ("stitch-worker", 8081)] {
+        let c = &find(&docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            env_value(c, "STITCH__HTTP__BIND"),
+            format!("0.0.0.0:{port}"),
+            "{name}"
+        );
+        assert_eq!(
+            c["ports"][0]["containerPort"].as_i64(),
+            Some(port),
+            "{name}"
+        );
+        let port_name = yaml_str(&c["ports"][0]["name"], "port name");
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+            assert_eq!(c[probe]["httpGet"]["path"].as_str(), Some(path), "{name}");
+            assert_eq!(
+                c[probe]["httpGet"]["port"].as_str(),
+                Some(port_name),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_ingress_admits_the_largest_chunk_and_streams_it() {
+    let (_, docs) = render("k8s/base");
+    let config = find(&docs, "ConfigMap", "stitch-config");
+    let max_chunk = stitch_size(yaml_str(
+        &config["data"]["STITCH__LIMITS__MAX_CHUNK_BYTES"],
+        "STITCH__LIMITS__MAX_CHUNK_BYTES",
+    ));
+    assert_eq!(
+        api_multipart_overhead(),
+        MULTIPART_OVERHEAD,
+        "api/src/body.rs changed its multipart allowance"
+    );
+    let ingress = find(&docs, "Ingress", "stitch-api");
+    let annotations = &ingress["metadata"]["annotations"];
+    let annotation = |key: &str| {
+        yaml_str(
+            &annotations[format!("nginx.ingress.kubernetes.io/{key}").as_str()],
+            key,
+        )
+    };
+    let body = nginx_size(annotation("proxy-body-size"));
+    assert!(
+        body >= max_chunk + MULTIPART_OVERHEAD,
+        "proxy-body-size {body} < largest chunk {max_chunk} + multipart {MULTIPART_OVERHEAD}"
+    );
+    assert_eq!(annotation("proxy-request-buffering"), "off");
+    let read_timeout: u64 = annotation("proxy-read-timeout").parse().expect("seconds");
+    assert!(read_timeout >= 60, "proxy-read-timeout {read_timeout}");
+    // Probes and metrics stay inside the cluster.
+    for path in ingress["spec"]["rules"][0]["http"]["paths"]
+        .as_vec()
+        .expect("paths")
+    {
+        let path = yaml_str(&path["path"], "path");
+        assert!(
+            ["/upload", "/files"].contains(&path),
+            "the ingress exposes {path}"
+        );
+    }
+}
+
+/// `MULTIPART_OVERHEAD` as api/src/body.rs defines it (read, so a change there fails here).
+fn api_multipart_overhead() -> u64 {
+    let source = read("api/src/body.rs");
+    let line = source
+        .lines()
+        .find(|l| l.contains("const MULTIPART_OVERHEAD: u64 ="))
+        .expect("MULTIPART_OVERHEAD in api/src/body.rs");
+    let expr = line
+        .split('=')
+        .nth(1)
+        .expect("a value")
+        .trim()
+        .trim_end_matches(';');
+    match expr.split_once("<<") {
+        Some((a, b)) => {
+            a.trim().parse::<u64>().expect("number") << b.trim().parse::<u32>().expect("shift")
+        }
+        None => expr.parse().expect("number"),
+    }
+}
+
+#[test]
+fn the_worker_scaler_watches_the_merge_queue_of_the_configured_namespace() {
+    let (_, docs) = render("k8s/base");
+    let scaled = find(&docs, "ScaledObject", "stitch-worker");
+    assert_eq!(scaled["apiVersion"].as_str(), Some("keda.sh/v1alpha1"));
+    assert_eq!(
+        scaled["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("stitch-worker")
+    );
+    find(&docs, "Deployment", "stitch-worker");
+    let min = scaled["spec"]["minReplicaCount"]
+        .as_i64()
+        .expect("minReplicaCount");
+    let max = scaled["spec"]["maxReplicaCount"]
+        .as_i64()
+        .expect("maxReplicaCount");
+    assert!(
+        min >= 1 && max > min,
+        "min {min}, max {max}: the sweeper and janitor need a worker"
+    );
+
+    let trigger = &scaled["spec"]["triggers"][0];
+    assert_eq!(trigger["type"].as_str(), Some("rabbitmq"));
+    let namespace = yaml_str(
+        &find(&docs, "ConfigMap", "stitch-config")["data"]["STITCH__NAMESPACE"],
+        "STITCH__NAMESPACE",
+    );
+    assert_eq!(
+        trigger["metadata"]["queueName"].as_str(),
+        Some(format!("{namespace}.merge").as_str())
+    );
+    assert_eq!(trigger["metadata"]["mode"].as_str(), Some("QueueLength"));
+    // Over http KEDA counts unacknowledged (running) merges too.
+    assert_eq!(trigger["metadata"]["protocol"].as_str(), Some("http"));
+    let worker =
+        &find(&docs, "Deployment", "stitch-worker")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        trigger["metadata"]["value"].as_str(),
+        Some(env_value(worker, "STITCH__MERGE__CONCURRENCY")),
+        "jobs per worker = its merge slots"
+    );
+
+    let auth_name = yaml_str(&trigger["authenticationRef"]["name"], "authenticationRef");
+    let auth = find(&docs, "TriggerAuthentication", auth_name);
+    assert_eq!(auth["apiVersion"].as_str(), Some("keda.sh/v1alpha1"));
+    let target = &auth["spec"]["secretTargetRef"][0];
+    assert_eq!(target["parameter"].as_str(), Some("host"));
+    let secret = find(&docs, "Secret", yaml_str(&target["name"], "secret name"));
+    let host = yaml_str(
+        &secret["stringData"][yaml_str(&target["key"], "secret key")],
+        "management URL",
+    );
+    assert!(host.starts_with("http"), "{host}");
+}
+
+#[test]
+fn the_service_monitor_scrapes_api_and_worker_metrics() {
+    let (_, docs) = render("k8s/base");
+    let monitor = find(&docs, "ServiceMonitor", "stitch");
+    assert_eq!(
+        monitor["apiVersion"].as_str(),
+        Some("monitoring.coreos.com/v1")
+    );
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+    let port = yaml_str(&endpoint["port"], "endpoint port");
+    let labels = monitor["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .expect("matchLabels");
+    let components: Vec<&str> = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+        .as_vec()
+        .expect("values")
+        .iter()
+        .map(|v| yaml_str(v, "value"))
+        .collect();
+    for name in ["stitch-api", "stitch-worker"] {
+        let service = find(&docs, "Service", name);
+        let service_labels = service["metadata"]["labels"].as_hash().expect("labels");
+        for (k, v) in labels {
+            assert_eq!(service_labels.get(k), Some(v), "{name} lacks label {k:?}");
+        }
+        let component = yaml_str(
+            &service["metadata"]["labels"]["app.kubernetes.io/component"],
+            "component",
+        );
+        assert!(components.contains(&component), "{name} not selected");
+        assert!(
+            service["spec"]["ports"]
+                .as_vec()
+                .expect("ports")
+                .iter()
+                .any(|p| p["name"].as_str() == Some(port)),
+            "{name} has no port named {port}"
+        );
+    }
+}
+
+#[test]
+fn storage_is_one_read_write_many_claim_mounted_at_the_storage_root() {
+    let (_, docs) = render("k8s/base");
+    let pvc = find(&docs, "PersistentVolumeClaim", "stitch-data");
+    assert_eq!(
+        pvc["spec"]["accessModes"][0].as_str(),
+        Some("ReadWriteMany")
+    );
+    let root = yaml_str(
+        &find(&docs, "ConfigMap", "stitch-config")["data"]["STITCH__STORAGE__ROOT"],
+        "STITCH__STORAGE__ROOT",
+    );
+    for (kind, name) in [
+        ("Deployment", "stitch-api"),
+        ("Deployment", "stitch-worker"),
+        ("Job", "stitch-migrate"),
+    ] {
+        let pod = &find(&docs, kind, name)["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_vec()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some("stitch-data"))
+            .unwrap_or_else(|| panic!("{name} does not use the claim"));
+        let volume_name = yaml_str(&volume["name"], "volume name");
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_vec()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| m["name"].as_str() == Some(volume_name))
+            .unwrap_or_else(|| panic!("{name} does not mount it"));
+        assert_eq!(mount["mountPath"].as_str(), Some(root), "{name}");
+    }
+}
+
+#[test]
+fn disruption_budgets_and_network_policies_select_existing_pods() {
+    let (_, docs) = render("k8s/base");
+    let pod_labels: Vec<&Yaml> = ["stitch-api", "stitch-worker"]
+        .iter()
+        .map(|n| &find(&docs, "Deployment", n)["spec"]["template"]["metadata"]["labels"])
+        .collect();
+    let selects_a_pod = |selector: &Yaml| {
+        let wanted = selector.as_hash().expect("matchLabels");
+        pod_labels.iter().any(|labels| {
+            let labels = labels.as_hash().expect("labels");
+            wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+    };
+    for name in ["stitch-api", "stitch-worker"] {
+        let pdb = find(&docs, "PodDisruptionBudget", name);
+        assert!(
+            selects_a_pod(&pdb["spec"]["selector"]["matchLabels"]),
+            "pdb {name}"
+        );
+        let policy = find(&docs, "NetworkPolicy", name);
+        assert!(
+            selects_a_pod(&policy["spec"]["podSelector"]["matchLabels"]),
+            "policy {name}"
+        );
+    }
+    find(&docs, "NetworkPolicy", "default-deny-ingress");
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "stitch-api");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"].as_str(),
+        Some("stitch-api")
+    );
+    let api = find(&docs, "Deployment", "stitch-api");
+    assert!(api["spec"]["replicas"].as_i64().expect("replicas") >= 3);
+}
