@@ -53,7 +53,10 @@ pub struct Application {
 impl Application {
     /// Binds the listener and connects the backends (lazily: a backend that is down makes
     /// requests fail with 503 and `/readyz` report it, it does not stop the process).
+    /// Refuses to build against a schema that does not fit this build (see
+    /// `stitch_common::migrate`).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        stitch_common::migrate::ensure_compatible(settings).await?;
         Self::build_with(settings, &Backends::distributed(settings)?).await
     }
 

@@ -103,6 +103,9 @@ impl StitchProcess {
     /// Starts the binary and waits until it listens. Inherited `STITCH_*` and `RUST_LOG`
     /// variables are removed, so the caller's shell cannot change what is measured.
     pub fn spawn(config: &ProcessConfig) -> anyhow::Result<Self> {
+        if config.role != Role::Serve {
+            migrate(config)?;
+        }
         let mut command = Command::new(&config.binary);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("STITCH") {
@@ -327,6 +330,31 @@ fn log_fields(value: &serde_json::Value) -> Option<&serde_json::Value> {
 /// The `timestamp` of a JSON log line (RFC 3339, as `tracing-subscriber` writes it).
 fn log_timestamp(value: &serde_json::Value) -> Option<SystemTime> {
     humantime::parse_rfc3339(value.get("timestamp")?.as_str()?).ok()
+}
+
+/// Applies the migrations to the namespace (what a deploy's migration job does before the
+/// distributed processes start; idempotent, so every process of a run may ask).
+fn migrate(config: &ProcessConfig) -> anyhow::Result<()> {
+    let mut settings = stitch_common::config::Settings {
+        namespace: config.namespace.clone(),
+        ..Default::default()
+    };
+    settings.redis.url = stitch_common::config::Secret::new(&config.redis_url);
+    settings.amqp.url = stitch_common::config::Secret::new(&config.amqp_url);
+    // On a thread of its own: the caller may be inside a runtime already.
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(stitch_common::migrate::apply(
+            &settings,
+            Duration::from_secs(60),
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the migration thread panicked"))?
+    .with_context(|| format!("migrating namespace {}", config.namespace))?;
+    Ok(())
 }
 
 #[cfg(test)]

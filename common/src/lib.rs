@@ -27,6 +27,7 @@ pub mod geometry;
 pub mod id;
 pub mod lock;
 pub mod metrics;
+pub mod migrate;
 pub mod queue;
 pub mod server;
 pub mod shutdown;

@@ -142,3 +142,25 @@ pub async fn take_merge_jobs(env: &TestEnv) -> Vec<serde_json::Value> {
     let _ = connection.close(200, "done".into()).await;
     jobs
 }
+
+/// Whether the broker has a queue of this name (a passive declare on a connection of its own,
+/// so that asking cannot create it).
+pub async fn queue_exists(name: &str) -> bool {
+    let connection = Connection::connect(crate::AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+    let channel = connection.create_channel().await.expect("a channel");
+    let found = channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = connection.close(200, "bye".into()).await;
+    found
+}

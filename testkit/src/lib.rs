@@ -31,7 +31,25 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// A fresh namespace whose schema record says it is migrated (what `stitch-worker
+    /// migrate` leaves; the broker topology is declared by the processes as they connect).
     pub fn new() -> Arc<Self> {
+        let env = Self::unmigrated();
+        let mut conn = redis_connection().expect("Redis must run on 127.0.0.1:6379 for the tests");
+        let version = stitch_common::migrate::SCHEMA_VERSION;
+        let () = redis::cmd("HSET")
+            .arg(stitch_common::migrate::schema_key(&env.namespace))
+            .arg("version")
+            .arg(version)
+            .arg("compatible_from")
+            .arg(version)
+            .query(&mut conn)
+            .expect("recording the test namespace's schema version");
+        env
+    }
+
+    /// A fresh namespace that no migration has touched.
+    pub fn unmigrated() -> Arc<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stitch-test-")
             .tempdir_in(std::env::temp_dir())
@@ -126,7 +144,12 @@ fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
 pub fn redis_snapshot(namespace: &str) -> BTreeMap<String, String> {
     let mut conn = redis_connection().expect("Redis must be running on 127.0.0.1:6379");
     let mut out = BTreeMap::new();
+    // The schema record is the deployment's, not state an operation may change.
+    let schema = stitch_common::migrate::schema_key(namespace);
     for key in scan_keys(&mut conn, namespace) {
+        if key == schema {
+            continue;
+        }
         let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).expect("TYPE");
         let value = match kind.as_str() {
             "hash" => {

@@ -54,7 +54,10 @@ pub struct Worker {
 
 impl Worker {
     /// A worker on Redis and RabbitMQ.
+    /// Refuses to build against a schema that does not fit this build (see
+    /// `stitch_common::migrate`).
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        stitch_common::migrate::ensure_compatible(settings).await?;
         Self::build_with(settings, Backends::distributed(settings)?).await
     }
 

@@ -536,6 +536,13 @@ impl AmqpBroker {
         })
     }
 
+    /// Declares the namespace's topology (idempotent; the broker migration step).
+    pub async fn declare_topology(&self) -> Result<(), QueueError> {
+        let (conn, _channel) = self.connect_with("migrate", true).await?;
+        let _ = conn.close(200, "declared".into()).await;
+        Ok(())
+    }
+
     /// Deletes every exchange and queue of the namespace (tests, decommissioning).
     pub async fn delete_topology(&self) -> Result<(), QueueError> {
         let (conn, channel) = self.connect_with("teardown", false).await?;

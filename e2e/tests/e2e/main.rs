@@ -7,5 +7,6 @@ mod downloads;
 mod harness;
 mod merge;
 mod metrics;
+mod migrations;
 mod outages;
 mod webhooks;
