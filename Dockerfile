@@ -39,13 +39,14 @@ RUN set -eu; \
     ; do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p stitch-api -p stitch-worker -p stitch-cli
 
-# 2. Stitch itself. COPY keeps the files' own modification times, which may be older than
+# 2. Stitch itself, and the migration steps common embeds (include_str!). COPY keeps the files' own modification times, which may be older than
 #    the stubs' build: cleaning the workspace crates makes cargo rebuild them from the real
 #    sources instead of trusting the stubs' fingerprints.
 COPY common common
 COPY api api
 COPY worker worker
 COPY cli cli
+COPY migrations migrations
 RUN cargo clean --release -p stitch-common -p stitch-api -p stitch-worker -p stitch-cli \
     && cargo build --release --locked -p stitch-api -p stitch-worker -p stitch-cli
 

@@ -355,12 +355,80 @@ fn the_real_sources_of_every_crate_in_the_programs_are_copied_and_rebuilt() {
             "{name}'s stub build is not cleaned: cargo could keep the stub"
         );
     }
+    // Files the sources embed at compile time (include_str!/include_bytes!) must be copied
+    // too, wherever they live.
+    let copied: Vec<String> = later.iter().flat_map(|c| c.sources.clone()).collect();
+    for name in &closure {
+        for embedded in embedded_files(&repo_path(&members[name].0)) {
+            assert!(
+                copied
+                    .iter()
+                    .any(|c| embedded == *c || embedded.starts_with(&format!("{c}/"))),
+                "{name} embeds {embedded}, which the image never copies"
+            );
+        }
+    }
+
     // After the clean, the same packages are built again, now from the real sources.
     let second = later_commands[clean..]
         .iter()
         .find(|c| c.starts_with("cargo build"))
         .expect("a cargo build after the clean");
     assert_eq!(packages_after_p(second), built);
+}
+
+/// Every file that the Rust sources under `dir` embed with `include_str!`/`include_bytes!`,
+/// relative to the repository root.
+fn embedded_files(dir: &Path) -> Vec<String> {
+    let root = repo_root();
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).expect("source directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                if path.file_name().is_some_and(|n| n != "target") {
+                    todo.push(path);
+                }
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("source file");
+            for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for rest in text.split(macro_name).skip(1) {
+                    let relative = rest.split('"').next().expect("a path");
+                    let target = path.parent().expect("parent").join(relative);
+                    let target = normalize(&target);
+                    let target = target
+                        .strip_prefix(&root)
+                        .unwrap_or_else(|_| {
+                            panic!("{} embeds a file outside the repository", path.display())
+                        })
+                        .to_string_lossy()
+                        .into_owned();
+                    found.push(target);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// `a/b/../c` → `a/c`, without touching the file system.
+fn normalize(path: &Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 #[test]

@@ -602,7 +602,6 @@ fn storage_is_one_read_write_many_claim_mounted_at_the_storage_root() {
     for (kind, name) in [
         ("Deployment", "stitch-api"),
         ("Deployment", "stitch-worker"),
-        ("Job", "stitch-migrate"),
     ] {
         let pod = &find(&docs, kind, name)["spec"]["template"]["spec"];
         let volume = pod["volumes"]
