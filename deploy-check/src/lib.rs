@@ -56,6 +56,8 @@ pub enum Validator {
     /// kubectl, for its built-in kustomize.
     Kubectl,
     Yamllint,
+    /// Prometheus's promtool: alert rules, their unit tests, the scrape config.
+    Promtool,
 }
 
 impl Validator {
@@ -79,6 +81,10 @@ impl Validator {
             Validator::Yamllint => {
                 "install it with `python3 -m pip install yamllint` (.ci/run does)"
             }
+            Validator::Promtool => {
+                "install it with `apt-get install --no-install-recommends prometheus` (Debian's \
+                 package ships promtool; .ci/run does)"
+            }
         }
     }
 
@@ -93,6 +99,7 @@ impl Validator {
             }),
             Validator::Kubectl => on_path("kubectl", &["version", "--client"]),
             Validator::Yamllint => on_path("yamllint", &["--version"]),
+            Validator::Promtool => on_path("promtool", &["--version"]),
         };
         found.unwrap_or_else(|| {
             panic!(
