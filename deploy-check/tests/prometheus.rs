@@ -10,8 +10,8 @@ use stitch_deploy_check::{Validator, read, run, temp_dir};
 /// A copy of deploy/prometheus with `alerts.yml` (and optionally the test file) replaced.
 fn prometheus_dir(alerts: &str, tests: &str) -> tempfile::TempDir {
     let dir = temp_dir();
-    std::fs::write(dir.path().join("alerts.yml"), alerts).unwrap();
-    std::fs::write(dir.path().join("alerts.test.yml"), tests).unwrap();
+    std::fs::write(dir.path().join("alerts.yml"), alerts).expect("writing a file of the copy");
+    std::fs::write(dir.path().join("alerts.test.yml"), tests).expect("writing a file of the copy");
     dir
 }
 
@@ -85,7 +85,7 @@ fn the_compose_scrape_config_loads_with_its_rules() {
         "/etc/prometheus/alerts.yml",
         &dir.path().join("alerts.yml").display().to_string(),
     );
-    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    std::fs::write(dir.path().join("prometheus.yml"), config).expect("writing a file of the copy");
     let checked = promtool(dir.path(), &["check", "config", "prometheus.yml"]);
     assert!(checked.succeeded(), "{}", checked.output());
     assert!(
