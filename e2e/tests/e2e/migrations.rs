@@ -139,7 +139,13 @@ async fn binaries_refuse_an_unmigrated_namespace_until_concurrent_migrations_app
     let client = ApiClient::new(api.addr);
     let source = Source::random(3000, 1000, 71);
     let id = new_id();
-    upload(std::slice::from_ref(&client), &id, &source, &md5_hex(&source.bytes)).await;
+    upload(
+        std::slice::from_ref(&client),
+        &id,
+        &source,
+        &md5_hex(&source.bytes),
+    )
+    .await;
     let status = client
         .wait_for_state(&id, "completed", Duration::from_secs(60))
         .await;
