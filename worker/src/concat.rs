@@ -8,10 +8,22 @@
 //! (`fdatasync` every [`SYNC_EVERY`] bytes) so the final fsync finds little left to do. The
 //! merge then costs about what the MD5 alone costs. Small blocks (64 KiB) stay in cache
 //! between the read, the copy and the hash; 1 MiB blocks measured slower.
+//!
+//! With direct I/O (the default, `merge.direct_io`) the output skips the page cache: the copy
+//! thread fills 1 MiB aligned blocks from the chunk files (checking each chunk as it goes),
+//! the hashing thread hashes each block and passes it on, and a writer thread writes it with
+//! `O_DIRECT` at its offset. No page-cache memory has to be found for the output and no
+//! writeback has to be waited for (both cost the buffered merge 10–30% on this VM), and
+//! the disk takes 1 MiB direct writes at about twice the MD5's rate, so the writes hide
+//! behind the hash. The unaligned tail of the last block goes through an ordinary handle.
+//! Where the file system refuses `O_DIRECT` (some FUSE and network file systems; tmpfs
+//! before Linux 6.6) the merge falls back to buffered writes (every local file system of the
+//! test machine accepts it, so that fallback is not exercised by the tests).
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::path::PathBuf;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -22,6 +34,12 @@ use stitch_common::digest::Md5;
 const DEPTH: usize = 16;
 /// Bytes written between two early writeback requests.
 const SYNC_EVERY: u64 = 64 << 20;
+/// Direct I/O: the size of a write, and of the blocks the threads pass along.
+const DIRECT_BLOCK: usize = 1 << 20;
+/// Direct I/O: alignment of buffers, offsets and lengths (the largest logical block size).
+const DIRECT_ALIGN: usize = 4096;
+/// Direct I/O: blocks in the pool (copy → hash → write → copy).
+const DIRECT_DEPTH: usize = 8;
 
 /// One chunk file to append.
 #[derive(Clone, Debug)]
@@ -41,12 +59,16 @@ pub struct Concat {
     pub output: PathBuf,
     pub block_bytes: usize,
     pub fsync: bool,
+    /// Write the output with `O_DIRECT` where the file system allows it.
+    pub direct_io: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Concatenated {
     pub size: u64,
     pub md5: Md5,
+    /// Whether the output was written with direct I/O.
+    pub direct_io: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +112,24 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
                     detail: e.to_string(),
                 });
             }
+        }
+    }
+    if job.direct_io {
+        match open_direct(&job.output) {
+            Ok((direct, tail)) => {
+                let result = run_direct(job, control, direct, tail);
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&job.output);
+                }
+                return result;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The file system refuses O_DIRECT (the file may exist by now: the name is
+                // this attempt's own, so it can go).
+                let _ = std::fs::remove_file(&job.output);
+                tracing::debug!(output = %job.output.display(), "no direct I/O here; buffered merge");
+            }
+            Err(e) => return Err(storage_error("creating the merged file", e)),
         }
     }
     let out = OpenOptions::new()
@@ -141,7 +181,11 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
             out.sync_data()
                 .map_err(|e| storage_error("syncing the merged file", e))?;
         }
-        Ok(Concatenated { size, md5 })
+        Ok(Concatenated {
+            size,
+            md5,
+            direct_io: false,
+        })
     })
 }
 
@@ -219,29 +263,210 @@ fn copy_chunks(
                 control.bytes_done.store(written, Ordering::Relaxed);
             }
         }
-        if chunk_bytes != chunk.len {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: format!("read {chunk_bytes} bytes, {} recorded", chunk.len),
-            });
-        }
-        if crc != chunk.crc32c {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: "CRC32C differs from the one recorded at upload".into(),
-            });
-        }
-        if let (Some(expected), Some(m)) = (chunk.md5, chunk_md5)
-            && Md5::from_bytes(m.finalize().into()) != expected
-        {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: "MD5 differs from the one recorded at upload".into(),
-            });
-        }
+        check_chunk(chunk, chunk_bytes, crc, chunk_md5)?;
     }
     control.bytes_done.store(written, Ordering::Relaxed);
     Ok(written)
+}
+
+/// Whether what was read of a chunk is what was recorded for it.
+fn check_chunk(
+    chunk: &ChunkSource,
+    read: u64,
+    crc: u32,
+    md5: Option<md5::Md5>,
+) -> Result<(), ConcatError> {
+    if read != chunk.len {
+        return Err(ConcatError::CorruptChunk {
+            index: chunk.index,
+            what: format!("read {read} bytes, {} recorded", chunk.len),
+        });
+    }
+    if crc != chunk.crc32c {
+        return Err(ConcatError::CorruptChunk {
+            index: chunk.index,
+            what: "CRC32C differs from the one recorded at upload".into(),
+        });
+    }
+    if let (Some(expected), Some(m)) = (chunk.md5, md5)
+        && Md5::from_bytes(m.finalize().into()) != expected
+    {
+        return Err(ConcatError::CorruptChunk {
+            index: chunk.index,
+            what: "MD5 differs from the one recorded at upload".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates the output for direct I/O: an `O_DIRECT` handle for the aligned blocks and an
+/// ordinary one for the unaligned tail (and the final fsync).
+fn open_direct(path: &Path) -> std::io::Result<(File, File)> {
+    let direct = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let tail = OpenOptions::new().write(true).open(path)?;
+    Ok((direct, tail))
+}
+
+/// A buffer whose usable part starts at a [`DIRECT_ALIGN`] boundary (the heap allocation
+/// does not move when the block is passed between threads).
+struct AlignedBlock {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBlock {
+    fn new() -> Self {
+        let buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { buf, start }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + DIRECT_BLOCK]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + DIRECT_BLOCK]
+    }
+}
+
+/// The direct-I/O merge: copy (this thread) → hash → write, over a pool of aligned blocks.
+fn run_direct(
+    job: &Concat,
+    control: &Control,
+    direct: File,
+    tail: File,
+) -> Result<Concatenated, ConcatError> {
+    let tail = &tail;
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = sync_channel::<(AlignedBlock, usize)>(DIRECT_DEPTH);
+        let (write_tx, write_rx) = sync_channel::<(AlignedBlock, usize)>(DIRECT_DEPTH);
+        let (empty_tx, empty_rx) = sync_channel::<AlignedBlock>(DIRECT_DEPTH);
+        for _ in 0..DIRECT_DEPTH {
+            let _ = empty_tx.send(AlignedBlock::new());
+        }
+        let hasher = scope.spawn(move || {
+            let mut md5 = md5::Md5::new();
+            for (block, len) in full_rx {
+                md5.update(&block.bytes()[..len]);
+                if write_tx.send((block, len)).is_err() {
+                    break;
+                }
+            }
+            Md5::from_bytes(md5.finalize().into())
+        });
+        let writer = scope.spawn(move || write_blocks(&direct, tail, write_rx, empty_tx));
+        let copied = fill_blocks(job, control, &full_tx, &empty_rx);
+        drop(full_tx);
+        let md5 = hasher
+            .join()
+            .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
+        writer
+            .join()
+            .map_err(|_| ConcatError::Storage("write thread panicked".into()))??;
+        let size = copied?;
+        if job.fsync {
+            tail.sync_data()
+                .map_err(|e| storage_error("syncing the merged file", e))?;
+        }
+        Ok(Concatenated {
+            size,
+            md5,
+            direct_io: true,
+        })
+    })
+}
+
+/// Fills aligned blocks from the chunk files in order, checking each chunk; a block goes on
+/// only when full, except the last.
+fn fill_blocks(
+    job: &Concat,
+    control: &Control,
+    full: &SyncSender<(AlignedBlock, usize)>,
+    empty: &Receiver<AlignedBlock>,
+) -> Result<u64, ConcatError> {
+    let stopped = || ConcatError::Storage("the hash or write thread stopped".into());
+    let mut written = 0u64;
+    let mut block = empty.recv().map_err(|_| stopped())?;
+    let mut filled = 0usize;
+    for chunk in &job.chunks {
+        let mut file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
+            index: chunk.index,
+            detail: e.to_string(),
+        })?;
+        let mut crc = 0u32;
+        let mut chunk_md5 = chunk.md5.map(|_| md5::Md5::new());
+        let mut chunk_bytes = 0u64;
+        loop {
+            if control.cancel.load(Ordering::Relaxed) {
+                return Err(ConcatError::Cancelled);
+            }
+            if filled == DIRECT_BLOCK {
+                full.send((block, filled)).map_err(|_| stopped())?;
+                block = empty.recv().map_err(|_| stopped())?;
+                filled = 0;
+                control.bytes_done.store(written, Ordering::Relaxed);
+            }
+            let n = match file.read(&mut block.bytes_mut()[filled..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(ConcatError::MissingChunk {
+                        index: chunk.index,
+                        detail: e.to_string(),
+                    });
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            let data = &block.bytes()[filled..filled + n];
+            crc = crc32c::crc32c_append(crc, data);
+            if let Some(m) = &mut chunk_md5 {
+                m.update(data);
+            }
+            filled += n;
+            chunk_bytes += n as u64;
+            written += n as u64;
+        }
+        check_chunk(chunk, chunk_bytes, crc, chunk_md5)?;
+    }
+    if filled > 0 {
+        full.send((block, filled)).map_err(|_| stopped())?;
+    }
+    control.bytes_done.store(written, Ordering::Relaxed);
+    Ok(written)
+}
+
+/// Writes each block at its offset: whole blocks with `O_DIRECT`; of the last, partial one,
+/// the aligned part with `O_DIRECT` and the rest through the ordinary handle.
+fn write_blocks(
+    direct: &File,
+    tail: &File,
+    blocks: Receiver<(AlignedBlock, usize)>,
+    empty: SyncSender<AlignedBlock>,
+) -> Result<(), ConcatError> {
+    let mut offset = 0u64;
+    for (block, len) in blocks {
+        let aligned = len & !(DIRECT_ALIGN - 1);
+        if aligned > 0 {
+            direct
+                .write_all_at(&block.bytes()[..aligned], offset)
+                .map_err(|e| storage_error("writing the merged file", e))?;
+        }
+        if aligned < len {
+            tail.write_all_at(&block.bytes()[aligned..len], offset + aligned as u64)
+                .map_err(|e| storage_error("writing the merged file", e))?;
+        }
+        offset += len as u64;
+        // The copier may have stopped early; a closed return path is fine.
+        let _ = empty.send(block);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -274,27 +499,53 @@ mod tests {
         (0..len).map(|i| (i * 7 % 251) as u8).collect()
     }
 
+    fn job(chunks: Vec<ChunkSource>, output: PathBuf, fsync: bool, direct_io: bool) -> Concat {
+        Concat {
+            chunks,
+            output,
+            block_bytes: 4096,
+            fsync,
+            direct_io,
+        }
+    }
+
+    /// Both ways of writing, each into its own output.
+    const MODES: [bool; 2] = [false, true];
+
     #[test]
     fn the_output_is_the_chunks_in_order_with_their_md5() {
-        let dir = tempfile::tempdir().unwrap();
-        let bytes = data(1_000_003);
-        let mut chunks = write_chunks(dir.path(), &bytes, 100_000, true);
-        chunks.sort_by_key(|c| c.index);
-        let job = Concat {
-            chunks,
-            output: dir.path().join("out"),
-            block_bytes: 4096,
-            fsync: true,
-        };
-        let control = Control::default();
-        let done = concatenate(&job, &control).unwrap();
-        assert_eq!(std::fs::read(&job.output).unwrap(), bytes);
-        assert_eq!(done.size, bytes.len() as u64);
-        assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
-        assert_eq!(
-            control.bytes_done.load(Ordering::Relaxed),
-            bytes.len() as u64
-        );
+        // Smaller than one direct block, and several blocks whose edges fall inside chunks
+        // (700,001-byte chunks against 1 MiB blocks), with an unaligned tail.
+        for len in [1_000_003, 9 * DIRECT_BLOCK + 12_345] {
+            let dir = tempfile::tempdir().unwrap();
+            let bytes = data(len);
+            let mut chunks = write_chunks(dir.path(), &bytes, 700_001, true);
+            chunks.sort_by_key(|c| c.index);
+            for direct_io in MODES {
+                let job = job(
+                    chunks.clone(),
+                    dir.path().join(format!("out-{direct_io}")),
+                    true,
+                    direct_io,
+                );
+                let control = Control::default();
+                let done = concatenate(&job, &control).unwrap();
+                assert_eq!(
+                    done.direct_io, direct_io,
+                    "the temp dir is on a disk file system"
+                );
+                assert!(
+                    std::fs::read(&job.output).unwrap() == bytes,
+                    "{len} {direct_io}"
+                );
+                assert_eq!(done.size, bytes.len() as u64);
+                assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+                assert_eq!(
+                    control.bytes_done.load(Ordering::Relaxed),
+                    bytes.len() as u64
+                );
+            }
+        }
     }
 
     #[test]
@@ -303,78 +554,83 @@ mod tests {
         let bytes = data(DEPTH * 5 * 1000 + 1);
         let chunks = write_chunks(dir.path(), &bytes, 1000, false);
         assert!(chunks.len() > 4 * (DEPTH + 2));
-        let job = Concat {
-            chunks,
-            output: dir.path().join("out"),
-            block_bytes: 4096,
-            fsync: false,
-        };
+        for direct_io in MODES {
+            let job = job(
+                chunks.clone(),
+                dir.path().join(format!("out-{direct_io}")),
+                false,
+                direct_io,
+            );
+            let done = concatenate(&job, &Control::default()).unwrap();
+            assert_eq!(done.size, bytes.len() as u64);
+            assert!(std::fs::read(&job.output).unwrap() == bytes);
+        }
+        // Direct I/O: more blocks than its pool holds.
+        let bytes = data(3 * DIRECT_DEPTH * DIRECT_BLOCK + 77);
+        let chunks = write_chunks(dir.path(), &bytes, 3 << 20, false);
+        let job = job(chunks, dir.path().join("out-big"), false, true);
         let done = concatenate(&job, &Control::default()).unwrap();
-        assert_eq!(done.size, bytes.len() as u64);
-        assert_eq!(std::fs::read(&job.output).unwrap(), bytes);
+        assert!(done.direct_io);
+        assert!(std::fs::read(&job.output).unwrap() == bytes);
     }
 
     #[test]
     fn a_chunk_that_changed_on_storage_fails_the_merge_and_leaves_no_output() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes = data(50_000);
-        let chunks = write_chunks(dir.path(), &bytes, 10_000, false);
+        let bytes = data(5_000_000);
+        let chunks = write_chunks(dir.path(), &bytes, 1_000_000, false);
         let mut flipped = std::fs::read(&chunks[3].path).unwrap();
         flipped[17] ^= 1;
         std::fs::write(&chunks[3].path, flipped).unwrap();
-        let job = Concat {
-            chunks,
-            output: dir.path().join("out"),
-            block_bytes: 4096,
-            fsync: false,
-        };
-        let err = concatenate(&job, &Control::default()).unwrap_err();
-        assert!(
-            matches!(err, ConcatError::CorruptChunk { index: 3, .. }),
-            "{err}"
-        );
-        assert!(!job.output.exists());
+        for direct_io in MODES {
+            let job = job(
+                chunks.clone(),
+                dir.path().join(format!("out-{direct_io}")),
+                false,
+                direct_io,
+            );
+            let err = concatenate(&job, &Control::default()).unwrap_err();
+            assert!(
+                matches!(err, ConcatError::CorruptChunk { index: 3, .. }),
+                "{err}"
+            );
+            assert!(!job.output.exists());
+        }
     }
 
     #[test]
     fn a_missing_or_short_chunk_is_found_before_writing() {
         let dir = tempfile::tempdir().unwrap();
         let chunks = write_chunks(dir.path(), &data(30_000), 10_000, false);
-        std::fs::remove_file(&chunks[1].path).unwrap();
-        let job = Concat {
-            chunks: chunks.clone(),
-            output: dir.path().join("out"),
-            block_bytes: 4096,
-            fsync: false,
-        };
-        assert!(matches!(
-            concatenate(&job, &Control::default()),
-            Err(ConcatError::MissingChunk { index: 1, .. })
-        ));
-        std::fs::write(&chunks[1].path, b"short").unwrap();
-        assert!(matches!(
-            concatenate(&job, &Control::default()),
-            Err(ConcatError::CorruptChunk { index: 1, .. })
-        ));
-        assert!(!job.output.exists());
+        for direct_io in MODES {
+            std::fs::remove_file(&chunks[1].path).unwrap();
+            let job = job(chunks.clone(), dir.path().join("out"), false, direct_io);
+            assert!(matches!(
+                concatenate(&job, &Control::default()),
+                Err(ConcatError::MissingChunk { index: 1, .. })
+            ));
+            std::fs::write(&chunks[1].path, b"short").unwrap();
+            assert!(matches!(
+                concatenate(&job, &Control::default()),
+                Err(ConcatError::CorruptChunk { index: 1, .. })
+            ));
+            assert!(!job.output.exists());
+        }
     }
 
     #[test]
     fn cancelling_stops_the_merge_and_removes_the_output() {
         let dir = tempfile::tempdir().unwrap();
         let chunks = write_chunks(dir.path(), &data(100_000), 10_000, false);
-        let job = Concat {
-            chunks,
-            output: dir.path().join("out"),
-            block_bytes: 4096,
-            fsync: false,
-        };
-        let control = Control::default();
-        control.cancel.store(true, Ordering::Relaxed);
-        assert!(matches!(
-            concatenate(&job, &control),
-            Err(ConcatError::Cancelled)
-        ));
-        assert!(!job.output.exists());
+        for direct_io in MODES {
+            let job = job(chunks.clone(), dir.path().join("out"), false, direct_io);
+            let control = Control::default();
+            control.cancel.store(true, Ordering::Relaxed);
+            assert!(matches!(
+                concatenate(&job, &control),
+                Err(ConcatError::Cancelled)
+            ));
+            assert!(!job.output.exists());
+        }
     }
 }

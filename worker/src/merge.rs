@@ -81,6 +81,7 @@ pub struct Merger {
     ttl_ms: u64,
     block_bytes: usize,
     fsync: bool,
+    direct_io: bool,
     public_url: Option<String>,
 }
 
@@ -101,6 +102,7 @@ impl Merger {
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
             block_bytes: settings.merge.buffer_bytes.0 as usize,
             fsync: settings.storage.fsync,
+            direct_io: settings.merge.direct_io,
             public_url: settings.http.public_url.clone(),
         }
     }
@@ -238,6 +240,7 @@ impl Merger {
             output: temp.clone(),
             block_bytes: self.block_bytes,
             fsync: self.fsync,
+            direct_io: self.direct_io,
         };
         let reporter = tokio::spawn(report_progress(
             self.state.clone(),
@@ -261,6 +264,7 @@ impl Merger {
                 return self.fail(id, Some(plan.fence), &e.to_string()).await;
             }
         };
+        tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, "chunks concatenated");
 
         if let Some(expected) = plan.upload.file_md5
             && expected != done.md5
