@@ -213,13 +213,7 @@ fn copy_chunks(
     // read, so that the pool never shrinks.
     let mut spare: Option<Vec<u8>> = None;
     for chunk in &job.chunks {
-        let mut file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
-            index: chunk.index,
-            detail: e.to_string(),
-        })?;
-        let mut crc = 0u32;
-        let mut chunk_md5 = chunk.md5.map(|_| md5::Md5::new());
-        let mut chunk_bytes = 0u64;
+        let mut reader = ChunkReader::open(chunk)?;
         loop {
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(ConcatError::Cancelled);
@@ -230,30 +224,13 @@ fn copy_chunks(
                     .recv()
                     .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?,
             };
-            let n = match file.read(&mut block) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {
-                    spare = Some(block);
-                    continue;
-                }
-                Err(e) => {
-                    return Err(ConcatError::MissingChunk {
-                        index: chunk.index,
-                        detail: e.to_string(),
-                    });
-                }
-            };
+            let n = reader.read(&mut block)?;
             if n == 0 {
                 spare = Some(block);
                 break;
             }
-            crc = crc32c::crc32c_append(crc, &block[..n]);
-            if let Some(m) = &mut chunk_md5 {
-                m.update(&block[..n]);
-            }
             out.write_all(&block[..n])
                 .map_err(|e| storage_error("writing the merged file", e))?;
-            chunk_bytes += n as u64;
             written += n as u64;
             full.send((block, n))
                 .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?;
@@ -263,40 +240,83 @@ fn copy_chunks(
                 control.bytes_done.store(written, Ordering::Relaxed);
             }
         }
-        check_chunk(chunk, chunk_bytes, crc, chunk_md5)?;
+        reader.finish()?;
     }
     control.bytes_done.store(written, Ordering::Relaxed);
     Ok(written)
 }
 
-/// Whether what was read of a chunk is what was recorded for it.
-fn check_chunk(
-    chunk: &ChunkSource,
-    read: u64,
+/// Reads one chunk file, checking as it goes that it holds what was recorded for it.
+struct ChunkReader<'a> {
+    chunk: &'a ChunkSource,
+    file: File,
     crc: u32,
     md5: Option<md5::Md5>,
-) -> Result<(), ConcatError> {
-    if read != chunk.len {
-        return Err(ConcatError::CorruptChunk {
+    read: u64,
+}
+
+impl<'a> ChunkReader<'a> {
+    fn open(chunk: &'a ChunkSource) -> Result<Self, ConcatError> {
+        let file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
             index: chunk.index,
-            what: format!("read {read} bytes, {} recorded", chunk.len),
-        });
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            chunk,
+            file,
+            crc: 0,
+            md5: chunk.md5.map(|_| md5::Md5::new()),
+            read: 0,
+        })
     }
-    if crc != chunk.crc32c {
-        return Err(ConcatError::CorruptChunk {
-            index: chunk.index,
-            what: "CRC32C differs from the one recorded at upload".into(),
-        });
+
+    /// Reads into `buf` (0 at the end of the file), folding the bytes into the checks.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ConcatError> {
+        let n = loop {
+            match self.file.read(buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(ConcatError::MissingChunk {
+                        index: self.chunk.index,
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        };
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        if let Some(m) = &mut self.md5 {
+            m.update(&buf[..n]);
+        }
+        self.read += n as u64;
+        Ok(n)
     }
-    if let (Some(expected), Some(m)) = (chunk.md5, md5)
-        && Md5::from_bytes(m.finalize().into()) != expected
-    {
-        return Err(ConcatError::CorruptChunk {
-            index: chunk.index,
-            what: "MD5 differs from the one recorded at upload".into(),
-        });
+
+    /// Whether what was read is what was recorded: its length, CRC32C and MD5 (if any).
+    fn finish(self) -> Result<(), ConcatError> {
+        let chunk = self.chunk;
+        if self.read != chunk.len {
+            return Err(ConcatError::CorruptChunk {
+                index: chunk.index,
+                what: format!("read {} bytes, {} recorded", self.read, chunk.len),
+            });
+        }
+        if self.crc != chunk.crc32c {
+            return Err(ConcatError::CorruptChunk {
+                index: chunk.index,
+                what: "CRC32C differs from the one recorded at upload".into(),
+            });
+        }
+        if let (Some(expected), Some(m)) = (chunk.md5, self.md5)
+            && Md5::from_bytes(m.finalize().into()) != expected
+        {
+            return Err(ConcatError::CorruptChunk {
+                index: chunk.index,
+                what: "MD5 differs from the one recorded at upload".into(),
+            });
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Creates the output for direct I/O: an `O_DIRECT` handle for the aligned blocks and an
@@ -394,13 +414,7 @@ fn fill_blocks(
     let mut block = empty.recv().map_err(|_| stopped())?;
     let mut filled = 0usize;
     for chunk in &job.chunks {
-        let mut file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
-            index: chunk.index,
-            detail: e.to_string(),
-        })?;
-        let mut crc = 0u32;
-        let mut chunk_md5 = chunk.md5.map(|_| md5::Md5::new());
-        let mut chunk_bytes = 0u64;
+        let mut reader = ChunkReader::open(chunk)?;
         loop {
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(ConcatError::Cancelled);
@@ -411,29 +425,14 @@ fn fill_blocks(
                 filled = 0;
                 control.bytes_done.store(written, Ordering::Relaxed);
             }
-            let n = match file.read(&mut block.bytes_mut()[filled..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(ConcatError::MissingChunk {
-                        index: chunk.index,
-                        detail: e.to_string(),
-                    });
-                }
-            };
+            let n = reader.read(&mut block.bytes_mut()[filled..])?;
             if n == 0 {
                 break;
             }
-            let data = &block.bytes()[filled..filled + n];
-            crc = crc32c::crc32c_append(crc, data);
-            if let Some(m) = &mut chunk_md5 {
-                m.update(data);
-            }
             filled += n;
-            chunk_bytes += n as u64;
             written += n as u64;
         }
-        check_chunk(chunk, chunk_bytes, crc, chunk_md5)?;
+        reader.finish()?;
     }
     if filled > 0 {
         full.send((block, filled)).map_err(|_| stopped())?;
