@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
+use stitch_common::lock::MergeLock;
 use stitch_common::queue::EventSink;
 use stitch_common::state::StateStore;
 use stitch_common::storage::FsChunkStore;
@@ -31,6 +32,9 @@ pub struct Janitor {
     pub state: Arc<dyn StateStore>,
     pub storage: FsChunkStore,
     pub events: Arc<dyn EventSink>,
+    /// Taken for each pass, so that one janitor of the fleet walks the storage at a time.
+    pub lock: Arc<dyn MergeLock>,
+    pub namespace: String,
     pub interval: Duration,
     pub grace: Duration,
 }
@@ -45,15 +49,16 @@ pub struct Swept {
 impl Janitor {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         loop {
-            match self.sweep_once().await {
-                Ok(swept) if swept != Swept::default() => {
+            match self.pass().await {
+                Ok(None) => tracing::debug!("another janitor is sweeping"),
+                Ok(Some(swept)) if swept != Swept::default() => {
                     tracing::info!(
                         expired = swept.expired.len(),
                         files = swept.files_removed,
                         "janitor pass"
                     );
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
                 Err(e) => tracing::warn!(error = %e, "janitor pass incomplete"),
             }
             tokio::select! {
@@ -61,6 +66,21 @@ impl Janitor {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// One pass under the janitor lock (`<namespace>:janitor:lock`); `None` when another
+    /// janitor holds it. The lease is not renewed: a pass that outlives it may overlap the
+    /// next holder's, which only repeats idempotent work.
+    pub async fn pass(&self) -> anyhow::Result<Option<Swept>> {
+        let key = format!("{}:janitor:lock", self.namespace);
+        let Some(lease) = self.lock.try_acquire(&key).await? else {
+            return Ok(None);
+        };
+        let swept = self.sweep_once().await;
+        if let Err(e) = self.lock.release(&lease).await {
+            tracing::debug!(error = %e, "janitor lock not released; it expires");
+        }
+        swept.map(Some)
     }
 
     pub async fn sweep_once(&self) -> anyhow::Result<Swept> {

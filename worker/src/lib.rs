@@ -161,6 +161,8 @@ impl Worker {
                 state: self.backends.state.clone(),
                 storage: self.backends.storage.clone(),
                 events: self.backends.events.clone(),
+                lock: self.backends.lock.clone(),
+                namespace: s.namespace.clone(),
                 interval: s.janitor.interval.0,
                 grace: s.janitor.grace.0,
             };

@@ -68,6 +68,8 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
         state: backends.state.clone(),
         storage: storage.clone(),
         events: backends.events.clone(),
+        lock: backends.lock.clone(),
+        namespace: env.namespace.clone(),
         interval: HOUR,
         grace: HOUR,
     };
@@ -107,8 +109,19 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     write(&chunks.join("2.dead.part"), b"01234", true);
     write(&chunks.join("3.writing.part"), b"01", false);
 
-    let swept = janitor.sweep_once().await.unwrap();
+    // While another janitor of the fleet holds the janitor lock, this one does nothing.
+    let key = format!("{}:janitor:lock", env.namespace);
+    let other = backends.lock.try_acquire(&key).await.unwrap().unwrap();
+    assert_eq!(janitor.pass().await.unwrap(), None);
+    assert!(gone_dir.exists(), "a janitor swept without the lock");
+    assert!(backends.lock.release(&other).await.unwrap());
+
+    let swept = janitor.pass().await.unwrap().expect("the lock was free");
     assert_eq!(swept.expired, vec!["gone".to_owned()]);
+    assert!(
+        !backends.lock.is_held(&key).await.unwrap(),
+        "the pass released the janitor lock"
+    );
     assert!(
         !gone_dir.exists(),
         "the expired upload's files were removed"
