@@ -48,6 +48,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     limits: ServerLimits,
+    /// Routes of other roles served on this port (the single-node mode's webhook admin).
+    extra: axum::Router,
 }
 
 impl Application {
@@ -83,7 +85,14 @@ impl Application {
                 header_read_timeout: settings.http.header_read_timeout.0,
                 shutdown_grace: settings.http.shutdown_grace.0,
             },
+            extra: axum::Router::new(),
         })
+    }
+
+    /// Serves `routes` beside the API's (paths must not overlap).
+    pub fn with_routes(mut self, routes: axum::Router) -> Self {
+        self.extra = self.extra.merge(routes);
+        self
     }
 
     /// The address actually bound (port 0 becomes a real port).
@@ -101,7 +110,7 @@ impl Application {
         tracing::info!(addr = %self.local_addr(), "stitch-api listening");
         server::serve(
             self.listener,
-            routes::router(self.state),
+            routes::router(self.state).merge(self.extra),
             self.limits,
             shutdown,
         )

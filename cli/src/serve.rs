@@ -30,8 +30,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     let backends = Backends::embedded(&settings, &db)
         .with_context(|| format!("opening the embedded database {}", db.display()))?;
     tracing::info!(db = %db.display(), storage = %settings.storage.root.display(), "single-node mode");
-    let api = stitch_api::Application::build_with(&settings, &backends).await?;
-    let worker = stitch_worker::Worker::without_probes(&settings, backends)?;
+    let worker = stitch_worker::Worker::without_probes(&settings, backends.clone())?;
+    let api = stitch_api::Application::build_with(&settings, &backends)
+        .await?
+        .with_routes(worker.admin_routes());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

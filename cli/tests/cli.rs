@@ -283,3 +283,67 @@ fn exit_codes_say_what_went_wrong() {
     assert_eq!(code, 1, "an unreachable server, after retries: {stderr}");
     assert!(stderr.contains("gave up after 2 attempts"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8G";
+    let env = TestEnv::new();
+    let sink = stitch_testkit::sink::WebhookSink::start(&[SECRET], "200", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stitch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[webhooks.endpoints]]\nid = \"single\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"upload.completed\"]\n",
+            sink.url("/hooks")
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let server = serve(
+        &env,
+        &[
+            ("STITCH_CONFIG", config.as_str()),
+            ("STITCH__WEBHOOKS__ADMIN_TOKEN", "single-node-admin"),
+        ],
+    );
+    let api = ApiClient::new(server.addr);
+    let source = Source::random(1000, 1000, 91);
+    let id = stitch_testkit::new_id();
+    let (code, body) = api.put_chunk(&id, &source, 0).await;
+    assert_eq!(code, 200, "{body}");
+    let delivered = sink.wait_for(1, Duration::from_secs(60)).await;
+    let event_id = delivered[0]["headers"]["webhook-id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let http = stitch_testkit::http_client();
+    let url = format!("http://{}/admin/events/{event_id}", server.addr);
+    let refused = http.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    // The delivery is logged once the dispatcher has recorded the attempt.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let shown: serde_json::Value = http
+            .get(&url)
+            .header("authorization", "Bearer single-node-admin")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(shown["event"]["type"], "upload.completed", "{shown}");
+        if shown["deliveries"][0]["outcome"] == "delivered" {
+            assert_eq!(shown["deliveries"][0]["status"], 200, "{shown}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The API's own routes are unchanged beside them.
+    let (code, status) = api.status(&id).await;
+    assert_eq!(code, 200);
+    assert_eq!(status["state"], "completed");
+}

@@ -102,6 +102,18 @@ impl Worker {
         })
     }
 
+    /// The webhook admin endpoints (`/admin/...`), when the dispatcher runs and an admin
+    /// token is configured; empty otherwise. The worker serves them on its probes' port; the
+    /// single-node mode on the API's.
+    pub fn admin_routes(&self) -> axum::Router {
+        match &self.dispatcher {
+            Some(d) => {
+                webhooks::admin::router(d.clone(), self.settings.webhooks.admin_token.clone())
+            }
+            None => axum::Router::new(),
+        }
+    }
+
     /// The probes' address, when it serves them.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
@@ -180,10 +192,7 @@ impl Worker {
             interval: s.metrics.queue_poll_interval.0,
         };
         roles.spawn(gauges.run(stop_rx.clone()));
-        let admin = match &self.dispatcher {
-            Some(d) => webhooks::admin::router(d.clone(), s.webhooks.admin_token.clone()),
-            None => axum::Router::new(),
-        };
+        let admin = self.admin_routes();
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),
             queue: s.worker.merge.then(|| self.backends.merges.clone()),
