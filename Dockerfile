@@ -14,6 +14,11 @@
 
 FROM rust:1-bookworm AS builder
 WORKDIR /src
+# The release profile keeps line tables for profiling on a developer's machine (stitch-api:
+# 84 MB); the image's programs go without debug info (14 MB; the same settings for both
+# builds below, so the dependency layer stays valid).
+ENV CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_STRIP=debuginfo
 
 # 1. Dependencies. Cargo loads every workspace member's manifest, so all of them are copied
 #    and each declared target gets a stub; only the three programs are built.
