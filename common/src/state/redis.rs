@@ -780,13 +780,29 @@ impl StateStore for RedisStateStore {
         Ok(out)
     }
 
+    /// Redis answers, and the namespace's schema still fits this build: a pod whose schema a
+    /// breaking migration has moved past stops being ready (and gets no traffic) instead of
+    /// touching data it no longer understands.
     async fn ping(&self) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
-        let _: String = redis::cmd("PING")
+        let (version, compatible_from): (Option<u32>, Option<u32>) = redis::cmd("HMGET")
+            .arg(crate::migrate::schema_key(&self.namespace))
+            .arg("version")
+            .arg("compatible_from")
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        Ok(())
+        let schema = crate::migrate::SchemaState {
+            version: version.unwrap_or(0),
+            compatible_from: compatible_from.unwrap_or(0),
+        };
+        match schema.incompatibility() {
+            None => Ok(()),
+            Some(why) => Err(StateError::Unavailable {
+                detail: format!("incompatible schema: {why}"),
+                outcome_unknown: false,
+            }),
+        }
     }
 }
 

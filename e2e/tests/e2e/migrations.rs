@@ -206,3 +206,44 @@ async fn check_with_wait_succeeds_once_another_process_migrates() {
     assert!(waited.status.success(), "{}", text(&waited.stderr));
     assert!(text(&waited.stdout).contains("fits this build"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaking_migration_makes_running_processes_unready() {
+    let env = TestEnv::new();
+    let api = start_api(&env);
+    let worker = start_worker(&env);
+    let http = http_client();
+    let readyz = |addr: std::net::SocketAddr| {
+        let http = http.clone();
+        async move {
+            let response = http
+                .get(format!("http://{addr}/readyz"))
+                .send()
+                .await
+                .unwrap();
+            let code = response.status().as_u16();
+            (code, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for addr in [api.addr, worker.addr] {
+        let (code, body) = readyz(addr).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    // A newer build's breaking step lands while these processes run.
+    let newer = SCHEMA_VERSION + 1;
+    let () = redis::cmd("HSET")
+        .arg(schema_key(&env.namespace))
+        .arg("version")
+        .arg(newer)
+        .arg("compatible_from")
+        .arg(newer)
+        .query(&mut redis_connection().unwrap())
+        .unwrap();
+    for addr in [api.addr, worker.addr] {
+        let (code, body) = readyz(addr).await;
+        assert_eq!(code, 503, "{body}");
+        let state = body["checks"]["state"].as_str().unwrap_or_default();
+        assert!(state.contains("incompatible schema"), "{body}");
+        assert!(state.contains("deploy a newer build"), "{body}");
+    }
+}
