@@ -31,6 +31,7 @@ COPY testkit/Cargo.toml testkit/Cargo.toml
 COPY e2e/Cargo.toml e2e/Cargo.toml
 COPY bench/Cargo.toml bench/Cargo.toml
 COPY deploy-check/Cargo.toml deploy-check/Cargo.toml
+COPY xtask/Cargo.toml xtask/Cargo.toml
 RUN set -eu; \
     for f in \
         common/src/lib.rs \
@@ -41,6 +42,7 @@ RUN set -eu; \
         e2e/src/lib.rs e2e/src/bin/api.rs e2e/src/bin/worker.rs \
         bench/src/lib.rs bench/src/main.rs \
         deploy-check/src/lib.rs deploy-check/src/bin/config-check.rs \
+        xtask/src/main.rs \
     ; do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p stitch-api -p stitch-worker -p stitch-cli
 

@@ -58,7 +58,7 @@ fn md5_hex(bytes: &[u8]) -> String {
 
 #[test]
 fn a_file_uploaded_and_downloaded_with_the_cli_comes_back_identical() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let server = serve(&env, &[]);
     let work = tempfile::tempdir().unwrap();
     let source = Source::random(20 << 20, 1 << 20, 31);
@@ -104,7 +104,7 @@ fn a_file_uploaded_and_downloaded_with_the_cli_comes_back_identical() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_upload_resumes_by_sending_only_the_missing_chunks() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let server = serve(&env, &[("STITCH__STORAGE__FSYNC", "false")]);
     let api = ApiClient::new(server.addr);
     let work = tempfile::tempdir().unwrap();
@@ -177,7 +177,7 @@ async fn a_killed_upload_resumes_by_sending_only_the_missing_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_serve_mid_upload_and_mid_merge_loses_nothing() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let work = tempfile::tempdir().unwrap();
     let source = Source::random(96 << 20, 4 << 20, 33);
     let md5 = md5_hex(&source.bytes);
@@ -246,7 +246,7 @@ async fn restarting_serve_mid_upload_and_mid_merge_loses_nothing() {
 
 #[test]
 fn exit_codes_say_what_went_wrong() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let server = serve(&env, &[]);
     let work = tempfile::tempdir().unwrap();
     let empty = work.path().join("empty");
@@ -287,7 +287,7 @@ fn exit_codes_say_what_went_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8G";
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let sink = stitch_testkit::sink::WebhookSink::start(&[SECRET], "200", &[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("stitch.toml");

@@ -470,7 +470,7 @@ fn sqlite_backends(
 
 #[tokio::test]
 async fn the_sqlite_state_store_keeps_the_state_store_contract() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let store = sqlite_backends(&env, |_| {}).state;
     chunks_are_counted_once_and_never_overwritten(store.as_ref()).await;
     completion_is_reported_exactly_once(store.as_ref()).await;
@@ -484,7 +484,7 @@ async fn the_sqlite_state_store_keeps_the_state_store_contract() {
 
 #[tokio::test]
 async fn the_sqlite_lock_keeps_the_lock_contract() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let lock = |ttl| sqlite_backends(&env, |s| s.lock.ttl = Interval(ttl)).lock;
     only_the_lease_holder_can_renew_or_release_the_lock(
         &env,
@@ -497,7 +497,7 @@ async fn the_sqlite_lock_keeps_the_lock_contract() {
 
 #[tokio::test]
 async fn the_sqlite_state_survives_reopening_the_database() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let u = upload("p1", 25, 10);
     {
         let store = sqlite_backends(&env, |_| {}).state;
@@ -679,7 +679,7 @@ async fn the_rabbitmq_queue_keeps_the_queue_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_queue_keeps_the_queue_contract() {
-    let env = TestEnv::new();
+    let env = TestEnv::local();
     let make = || sqlite_backends(&env, |s| s.merge.delivery_limit = 3).merges;
     run_queue_contract(make, 3).await;
     a_retry_waits_its_delay(make().as_ref(), Duration::from_millis(1500)).await;

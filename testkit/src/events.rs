@@ -24,8 +24,8 @@ impl EventTap {
         broker
             .ping()
             .await
-            .expect("RabbitMQ must be running on 127.0.0.1:5672");
-        let connection = Connection::connect(crate::AMQP_URL, ConnectionProperties::default())
+            .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
+        let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
             .await
             .expect("connecting to RabbitMQ");
         let channel = connection.create_channel().await.expect("a channel");
@@ -122,8 +122,8 @@ pub async fn take_merge_jobs(env: &TestEnv) -> Vec<serde_json::Value> {
     broker
         .ping()
         .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
-    let connection = Connection::connect(crate::AMQP_URL, ConnectionProperties::default())
+        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
+    let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
         .await
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");
@@ -146,9 +146,9 @@ pub async fn take_merge_jobs(env: &TestEnv) -> Vec<serde_json::Value> {
 /// Whether the broker has a queue of this name (a passive declare on a connection of its own,
 /// so that asking cannot create it).
 pub async fn queue_exists(name: &str) -> bool {
-    let connection = Connection::connect(crate::AMQP_URL, ConnectionProperties::default())
+    let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
         .await
-        .expect("RabbitMQ must be running on 127.0.0.1:5672");
+        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
     let channel = connection.create_channel().await.expect("a channel");
     let found = channel
         .queue_declare(

@@ -1,8 +1,11 @@
 //! Stitch's test kit: what the API, worker and end-to-end tests share.
 //!
 //! Every test gets a [`TestEnv`]: a random namespace (Redis keys, RabbitMQ exchanges and
-//! queues) and its own storage directory, all removed when it drops. The kit talks to the
-//! real Redis and RabbitMQ of the machine; there are no mocks here.
+//! queues) and its own storage directory, all removed when it drops. The kit talks to real
+//! Redis and RabbitMQ servers, there are no mocks here: the ones named by
+//! `STITCH_TEST_REDIS_URL` and `STITCH_TEST_AMQP_URL` (what `cargo xtask test` starts), or the
+//! machine's own on their standard loopback ports. Tests that need only files use
+//! [`TestEnv::local`], which touches neither.
 
 pub mod events;
 pub mod process;
@@ -20,13 +23,56 @@ use stitch_common::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The Redis the tests use: `STITCH_TEST_REDIS_URL`, or the machine's on its standard port.
+pub fn redis_url() -> String {
+    std::env::var("STITCH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The RabbitMQ the tests use: `STITCH_TEST_AMQP_URL`, or the machine's on its standard port.
+pub fn amqp_url() -> String {
+    std::env::var("STITCH_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The host and port of [`amqp_url`], for tests that put a proxy in front of the broker.
+pub fn amqp_addr() -> SocketAddr {
+    let url = amqp_url();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let after_user = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, rest)| rest);
+    let host_port = after_user.split('/').next().unwrap_or(after_user);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("the RabbitMQ address {host_port:?} does not resolve"))
+}
+
+/// The URL with the rest of an AMQP URL of [`amqp_url`] kept and the address replaced.
+pub fn amqp_url_via(addr: SocketAddr) -> String {
+    let url = amqp_url();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url.as_str()));
+    let (user, rest) = rest.rsplit_once('@').map_or(("", rest), |(u, r)| (u, r));
+    let vhost = rest.split_once('/').map_or("", |(_, v)| v);
+    let user = if user.is_empty() {
+        String::new()
+    } else {
+        format!("{user}@")
+    };
+    format!("{scheme}://{user}{addr}/{vhost}")
+}
 
 /// A namespace and a storage directory shared by the API instances of one test.
 pub struct TestEnv {
     pub namespace: String,
     pub storage_root: PathBuf,
+    /// Whether the test uses Redis and RabbitMQ (and the drop cleans its namespace there).
+    services: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -35,7 +81,8 @@ impl TestEnv {
     /// migrate` leaves; the broker topology is declared by the processes as they connect).
     pub fn new() -> Arc<Self> {
         let env = Self::unmigrated();
-        let mut conn = redis_connection().expect("Redis must run on 127.0.0.1:6379 for the tests");
+        let mut conn = redis_connection()
+            .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
         let version = stitch_common::migrate::SCHEMA_VERSION;
         let () = redis::cmd("HSET")
             .arg(stitch_common::migrate::schema_key(&env.namespace))
@@ -50,6 +97,16 @@ impl TestEnv {
 
     /// A fresh namespace that no migration has touched.
     pub fn unmigrated() -> Arc<Self> {
+        Self::create(true)
+    }
+
+    /// A namespace and storage directory for a test that needs only files (the single-node
+    /// mode, SQLite backends): nothing of it reaches Redis or RabbitMQ, not even the cleanup.
+    pub fn local() -> Arc<Self> {
+        Self::create(false)
+    }
+
+    fn create(services: bool) -> Arc<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stitch-test-")
             .tempdir_in(std::env::temp_dir())
@@ -59,6 +116,7 @@ impl TestEnv {
         Arc::new(Self {
             namespace: format!("test-{:016x}", rand::random::<u64>()),
             storage_root,
+            services,
             _dir: dir,
         })
     }
@@ -70,8 +128,8 @@ impl TestEnv {
         };
         s.http.bind = "127.0.0.1:0".parse().expect("a socket address");
         s.storage.root = self.storage_root.clone();
-        s.redis.url = stitch_common::config::Secret::new(REDIS_URL);
-        s.amqp.url = stitch_common::config::Secret::new(AMQP_URL);
+        s.redis.url = stitch_common::config::Secret::new(redis_url());
+        s.amqp.url = stitch_common::config::Secret::new(amqp_url());
         s.limits.max_chunks = 10_000;
         // Every delay is a quorum queue on the shared broker: tests keep them few.
         s.merge.retry_delays = vec![
@@ -98,6 +156,9 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if !self.services {
+            return;
+        }
         if let Ok(mut conn) = redis_connection() {
             let keys = scan_keys(&mut conn, &self.namespace);
             if !keys.is_empty() {
@@ -123,7 +184,7 @@ impl Drop for TestEnv {
 }
 
 pub fn redis_connection() -> redis::RedisResult<redis::Connection> {
-    redis::Client::open(REDIS_URL)?.get_connection()
+    redis::Client::open(redis_url())?.get_connection()
 }
 
 fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
@@ -135,14 +196,15 @@ fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
         .arg(1000)
         .clone()
         .iter(conn)
-        .expect("Redis must be running on 127.0.0.1:6379 for these tests");
+        .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
     let mut keys: Vec<String> = iter.filter_map(Result::ok).collect();
     keys.sort();
     keys
 }
 
 pub fn redis_snapshot(namespace: &str) -> BTreeMap<String, String> {
-    let mut conn = redis_connection().expect("Redis must be running on 127.0.0.1:6379");
+    let mut conn = redis_connection()
+        .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
     let mut out = BTreeMap::new();
     // The schema record is the deployment's, not state an operation may change.
     let schema = stitch_common::migrate::schema_key(namespace);

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{REDIS_URL, TestEnv};
+use crate::TestEnv;
 
 /// A command for a Stitch binary configured for `env` through `STITCH__*` variables, with
 /// JSON logs on stdout and any inherited configuration removed.
@@ -20,8 +20,8 @@ pub fn stitch_command(binary: &Path, env: &TestEnv) -> Command {
     }
     cmd.env("STITCH__NAMESPACE", &env.namespace)
         .env("STITCH__STORAGE__ROOT", &env.storage_root)
-        .env("STITCH__REDIS__URL", REDIS_URL)
-        .env("STITCH__AMQP__URL", crate::AMQP_URL)
+        .env("STITCH__REDIS__URL", crate::redis_url())
+        .env("STITCH__AMQP__URL", crate::amqp_url())
         .env("STITCH__HTTP__BIND", "127.0.0.1:0")
         .env("STITCH__LOG__FORMAT", "json")
         .env("STITCH__LOG__LEVEL", "info")

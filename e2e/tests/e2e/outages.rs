@@ -1,6 +1,5 @@
 //! Broker outages: the completing chunk arrives while RabbitMQ is unreachable.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use stitch_testkit::proxy::TcpProxy;
@@ -14,9 +13,8 @@ async fn an_upload_completed_during_a_broker_outage_is_merged_once_the_broker_is
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
     // The API and the worker reach RabbitMQ only through a proxy the test can cut.
-    let rabbit: SocketAddr = "127.0.0.1:5672".parse().unwrap();
-    let proxy = TcpProxy::start(rabbit).await;
-    let via_proxy = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let proxy = TcpProxy::start(stitch_testkit::amqp_addr()).await;
+    let via_proxy = stitch_testkit::amqp_url_via(proxy.addr);
     let mut api_cmd = api_command(&env);
     api_cmd
         .env("STITCH__AMQP__URL", &via_proxy)

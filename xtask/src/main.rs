@@ -1,0 +1,133 @@
+//! `cargo xtask`: the project's own tasks, in Rust so they run wherever cargo does.
+//!
+//! `cargo xtask test` is the one command that runs the whole test suite on a fresh machine:
+//! 1. [`tools`]: installs what the tests run and the registries can give — Debian packages
+//!    (Redis, RabbitMQ, nginx, promtool) when root, Python packages into a virtual environment
+//!    under `target/xtask/venv` (never the system's Python);
+//! 2. [`services`]: uses the Redis and RabbitMQ named by `STITCH_TEST_REDIS_URL` and
+//!    `STITCH_TEST_AMQP_URL`, or starts its own as child processes on free loopback ports,
+//!    each with its own data, logs and configuration under `target/xtask/` (never the
+//!    system's node, directories or services);
+//! 3. runs the suite (nextest where installed, `cargo test` otherwise) with those URLs in the
+//!    environment, prints the runner's summary, and stops the services it started — at the
+//!    end, on failure and on Ctrl-C — exiting with the runner's status.
+
+mod services;
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Stitch's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the tests need, start Redis and RabbitMQ unless given, run every test.
+    Test {
+        /// Never install anything: fail with the missing tool's name instead.
+        #[arg(long)]
+        no_install: bool,
+        /// Run with `cargo test` even where cargo-nextest is installed.
+        #[arg(long)]
+        cargo_test: bool,
+        /// Passed on to the test runner (a filter, `--no-fail-fast`, `-p CRATE`...).
+        #[arg(last = true)]
+        runner_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.task {
+        Task::Test {
+            no_install,
+            cargo_test,
+            runner_args,
+        } => test(no_install, cargo_test, &runner_args),
+    }
+}
+
+/// The workspace root (this crate lives in `xtask/` beneath it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Where the tasks keep their files: `target/xtask` (or under `CARGO_TARGET_DIR`).
+fn work_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("xtask")
+}
+
+fn test(
+    no_install: bool,
+    force_cargo_test: bool,
+    runner_args: &[String],
+) -> anyhow::Result<ExitCode> {
+    let work = work_dir();
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let started = std::time::Instant::now();
+
+    let tools = tools::prepare(&work, !no_install)?;
+    // Started after the tools, which may have installed their programs. Dropping them (at
+    // the end, on an error, or from the Ctrl-C handler) stops them.
+    let services = services::Services::provide(&work)?;
+
+    let nextest = !force_cargo_test && tools::has_nextest();
+    let mut runner = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // The whole suite, every failure reported, not only the first.
+    if nextest {
+        runner.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        runner.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    runner
+        .args(runner_args)
+        .current_dir(workspace_root())
+        .env("STITCH_TEST_REDIS_URL", services.redis_url())
+        .env("STITCH_TEST_AMQP_URL", services.amqp_url())
+        .env("PATH", tools.path_with_tools()?);
+    println!(
+        "xtask: running the suite with {} (Redis {}, RabbitMQ {})",
+        if nextest {
+            "cargo nextest"
+        } else {
+            "cargo test"
+        },
+        services.redis_url(),
+        services.amqp_url_redacted(),
+    );
+    let status = runner.status().context("starting the test runner")?;
+    drop(services);
+    println!(
+        "xtask: the suite {} in {:.0?}",
+        if status.success() { "passed" } else { "FAILED" },
+        started.elapsed()
+    );
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
