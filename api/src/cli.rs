@@ -17,6 +17,8 @@ struct Args {
 
 /// The whole `stitch-api` program.
 pub fn main() -> ExitCode {
+    // Before any client exists: the OTLP exporter and the webhook clients need it.
+    stitch_common::tls::install_crypto_provider();
     let args = Args::parse();
     let settings = match Settings::load(args.config.as_deref(), &[]) {
         Ok(s) => s,

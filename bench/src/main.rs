@@ -6,9 +6,8 @@ use clap::Parser;
 use stitch_bench::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    // A workspace build gives reqwest rustls without a default provider (the `stitch`
-    // client picks ring); choose it before any client exists.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any client exists.
+    stitch_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Ingest(args) => stitch_bench::ingest::run(&args),

@@ -68,8 +68,8 @@ enum Command {
 
 /// The whole `stitch` program.
 pub fn main() -> ExitCode {
-    // The TLS provider must be chosen before any client exists.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any client exists (downloads, uploads, the OTLP exporter of `serve`).
+    stitch_common::tls::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -15,8 +15,8 @@
 //! - [`backends::Backends`] bundles one implementation of each trait: Redis + RabbitMQ
 //!   (`state::RedisStateStore`, `queue::AmqpBroker`, `lock::RedisLock`) for the distributed
 //!   mode, or the single-node set in one SQLite database ([`embedded`]).
-//! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`] and
-//!   [`shutdown`] are the process plumbing every binary shares.
+//! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`], [`tls`]
+//!   and [`shutdown`] are the process plumbing every binary shares.
 
 pub mod backends;
 pub mod config;
@@ -34,6 +34,7 @@ pub mod shutdown;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod upload;
 pub mod webhooks;
 

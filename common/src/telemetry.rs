@@ -39,23 +39,43 @@ impl Drop for Telemetry {
 /// Installs the global subscriber: logs, and traces when configured. `RUST_LOG`, when set,
 /// overrides the configured level. A second call (tests running several apps in one
 /// process) keeps the first subscriber.
+///
+/// Traces are exported when `tracing.otlp_endpoint` is set (the full traces URL), or when one
+/// of OpenTelemetry's standard variables names a receiver: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+/// (the full URL) or `OTEL_EXPORTER_OTLP_ENDPOINT` (the base URL; `/v1/traces` is added).
+/// `OTEL_SERVICE_NAME` replaces `service` as the service name; the other `OTEL_*` variables
+/// (headers, timeout, batch delays, resource attributes) work as the SDK defines them.
 pub fn init(log: &LogSettings, tracing: &TracingSettings, service: &str) -> Telemetry {
-    let provider = tracing.otlp_endpoint.as_deref().and_then(|endpoint| {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(endpoint)
-            .build();
-        match exporter {
-            Ok(exporter) => Some(
-                SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
-                    .with_resource(
-                        opentelemetry_sdk::Resource::builder()
-                            .with_service_name(service.to_owned())
-                            .build(),
-                    )
-                    .build(),
-            ),
+    let from_env = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+    let configured = tracing.otlp_endpoint.as_deref();
+    let endpoint = configured.map(str::to_owned).or(from_env);
+    let provider = endpoint.and_then(|endpoint| {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+        // The configured URL is used as it is; without one, the SDK reads the standard
+        // variables itself (and adds `/v1/traces` to a base URL).
+        if let Some(configured) = configured {
+            exporter = exporter.with_endpoint(configured);
+        }
+        match exporter.build() {
+            Ok(exporter) => {
+                let mut resource = opentelemetry_sdk::Resource::builder();
+                // The builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the
+                // program's own name applies only when the operator named none.
+                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                    resource = resource.with_service_name(service.to_owned());
+                }
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource.build())
+                        .build(),
+                )
+            }
             Err(e) => {
                 eprintln!("tracing disabled: cannot export to {endpoint}: {e}");
                 None

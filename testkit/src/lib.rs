@@ -8,6 +8,7 @@
 //! [`TestEnv::local`], which touches neither.
 
 pub mod events;
+pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;

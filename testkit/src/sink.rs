@@ -14,6 +14,32 @@ pub struct WebhookSink {
     _dir: tempfile::TempDir,
 }
 
+/// The Python with the tests' packages: `STITCH_TEST_PYTHON`, else the venv that `cargo
+/// xtask test` makes under `target/xtask/venv` (so a plain `cargo test` after one xtask run
+/// finds the packages too), else `python3` from `PATH`.
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("STITCH_TEST_PYTHON") {
+        return python.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join("target")
+        });
+    let venv = target
+        .join("xtask")
+        .join("venv")
+        .join("bin")
+        .join("python3");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
 impl WebhookSink {
     /// Starts a sink that verifies with `secrets` and answers `responses` in turn (see the
     /// script: a status, `hang` or `redirect`).
@@ -21,7 +47,7 @@ impl WebhookSink {
         let dir = tempfile::tempdir().expect("a directory for the sink's log");
         let log = dir.path().join("requests.jsonl");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/webhook_sink.py");
-        let mut child = Command::new("python3")
+        let mut child = Command::new(python())
             .arg(script)
             .arg("--log")
             .arg(&log)
@@ -33,7 +59,7 @@ impl WebhookSink {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("python3 must be installed");
+            .expect("python3 must be installed (cargo xtask test makes a venv with the packages)");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         BufReader::new(stdout)

@@ -39,6 +39,8 @@ const NOT_MIGRATED: u8 = 3;
 
 /// The whole `stitch-worker` program.
 pub fn main() -> ExitCode {
+    // Before any client exists: the OTLP exporter and the webhook clients need it.
+    stitch_common::tls::install_crypto_provider();
     let args = Args::parse();
     let defaults = [("http.bind", crate::DEFAULT_BIND)];
     let settings = match Settings::load(args.config.as_deref(), &defaults) {

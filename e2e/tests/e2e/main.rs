@@ -9,4 +9,5 @@ mod merge;
 mod metrics;
 mod migrations;
 mod outages;
+mod traces;
 mod webhooks;
