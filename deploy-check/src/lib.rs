@@ -18,6 +18,8 @@ use std::process::{Command, ExitStatus, Stdio};
 
 pub use yaml_rust2::Yaml;
 
+pub mod kustomize;
+
 /// The repository's root (the workspace root).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
