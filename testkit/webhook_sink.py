@@ -3,13 +3,15 @@
 request with the Standard Webhooks reference library (PyPI `standardwebhooks`).
 
 Usage: webhook_sink.py --log FILE --secrets whsec_a,whsec_b --responses 500,500,200
-       [--redirect-to URL] [--hang-seconds N]
+       [--redirect-to URL] [--hang-seconds N] [--keep-alive]
 
 Prints {"port": N} on its first line once it listens on 127.0.0.1. For each request it
 appends one JSON line to FILE: the path, the headers, the body, which secrets verified it,
-and what it answered. --responses is consumed one per request (the last repeats): a number
-is a status, `hang` waits --hang-seconds before answering 200, `redirect` answers 302 to
---redirect-to.
+what it answered, and the sender's port (the same port: the same connection). --responses
+is consumed one per request (the last repeats): a number is a status, `hang` waits
+--hang-seconds before answering 200, `redirect` answers 302 to --redirect-to. It speaks
+HTTP/1.0, closing each connection after one answer; with --keep-alive, HTTP/1.1, keeping
+connections open for more requests.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def main():
     parser.add_argument("--responses", default="200")
     parser.add_argument("--redirect-to", default="http://127.0.0.1:9/")
     parser.add_argument("--hang-seconds", type=float, default=600)
+    parser.add_argument("--keep-alive", action="store_true")
     args = parser.parse_args()
     secrets = [s for s in args.secrets.split(",") if s]
     responses = args.responses.split(",")
@@ -40,6 +43,8 @@ def main():
     served = {"n": 0}
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if args.keep_alive else "HTTP/1.0"
+
         def log_message(self, *a):
             pass
 
@@ -65,6 +70,7 @@ def main():
                 "verified_with": verified,
                 "received_at": time.time(),
                 "answer": plan,
+                "peer_port": self.client_address[1],
             }
             with lock:
                 with open(args.log, "a") as f:

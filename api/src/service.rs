@@ -514,7 +514,7 @@ impl UploadService {
     }
 
     /// A client callback must be allowed at all, and pass the operator's policy as written
-    /// (its resolved addresses are checked again at every delivery).
+    /// (the addresses it resolves to are checked whenever a delivery connects to it).
     fn check_callback(&self, url: &str) -> Result<(), ApiError> {
         let Some(policy) = &self.callbacks else {
             return Err(ApiError::CallbacksDisabled);

@@ -260,25 +260,13 @@ pub fn nginx_size(text: &str) -> u64 {
         * factor
 }
 
-/// Seconds of a duration written the way Stitch's configuration writes them (`60s`, `15m`,
-/// `500ms` rounds up, `2h`, `30`).
+/// Seconds of a duration as Stitch's configuration reads it (`60s`, `15m`, `1h 30m`, `30`;
+/// `500ms` rounds up), with Stitch's own parser.
 pub fn stitch_seconds(text: &str) -> u64 {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .unwrap_or_else(|_| panic!("duration {text:?}"));
-    match unit {
-        "" | "s" => number,
-        "ms" => number.div_ceil(1000),
-        "m" => number * 60,
-        "h" => number * 3600,
-        "d" => number * 86_400,
-        other => panic!("duration {text:?}: unit {other:?}"),
-    }
+    let duration = stitch_common::config::Interval::parse(text)
+        .unwrap_or_else(|why| panic!("duration {text:?}: {why}"))
+        .0;
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
 /// The multipart framing the API accepts around a chunk (`MULTIPART_OVERHEAD` in
@@ -298,5 +286,7 @@ mod tests {
         assert_eq!(stitch_seconds("15m"), 900);
         assert_eq!(stitch_seconds("60s"), 60);
         assert_eq!(stitch_seconds("1500ms"), 2);
+        assert_eq!(stitch_seconds("1h 30m"), 5400);
+        assert_eq!(stitch_seconds("30"), 30);
     }
 }

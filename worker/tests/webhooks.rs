@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stitch_common::backends::Backends;
@@ -43,11 +44,11 @@ struct Running {
 async fn start(settings: &Settings, resolver: Option<Arc<dyn Resolve>>) -> Running {
     settings.validate().unwrap();
     let backends = Backends::distributed(settings).unwrap();
-    let mut dispatcher = Dispatcher::new(settings, &backends).unwrap();
-    if let Some(r) = resolver {
-        dispatcher = dispatcher.with_resolver(r);
-    }
-    let dispatcher = Arc::new(dispatcher);
+    let dispatcher = match resolver {
+        Some(r) => Dispatcher::with_resolver(settings, &backends, r),
+        None => Dispatcher::new(settings, &backends),
+    };
+    let dispatcher = Arc::new(dispatcher.unwrap());
     let (stop, rx) = watch::channel(false);
     tokio::spawn(dispatcher.clone().run(rx));
     Running {
@@ -291,17 +292,64 @@ async fn a_receiver_that_never_answers_is_cut_off_by_the_timeout() {
     assert!(log[0].latency_ms < 10_000, "{log:?}");
 }
 
-/// Resolves from a table: nothing leaves the machine.
-struct Table(HashMap<String, IpAddr>);
+/// Resolves from a table, which a test may change (nothing leaves the machine), and counts
+/// the lookups.
+struct Table {
+    answers: Mutex<HashMap<String, IpAddr>>,
+    lookups: AtomicUsize,
+}
+
+impl Table {
+    fn new(entries: &[(&str, &str)]) -> Arc<Self> {
+        let answers = entries
+            .iter()
+            .map(|(host, ip)| (host.to_string(), ip.parse().unwrap()))
+            .collect();
+        Arc::new(Self {
+            answers: Mutex::new(answers),
+            lookups: AtomicUsize::new(0),
+        })
+    }
+
+    fn answer(&self, host: &str, ip: &str) {
+        let mut answers = self.answers.lock().unwrap();
+        answers.insert(host.to_owned(), ip.parse().unwrap());
+    }
+
+    fn lookups(&self) -> usize {
+        self.lookups.load(Ordering::SeqCst)
+    }
+}
 
 #[async_trait::async_trait]
 impl Resolve for Table {
     async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-        self.0
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let answers = self.answers.lock().unwrap();
+        answers
             .get(host)
             .map(|ip| vec![SocketAddr::new(*ip, port)])
             .ok_or_else(|| std::io::Error::other("unknown host"))
     }
+}
+
+/// An upload with a client callback to `url`, signed with `secret`.
+async fn upload_with_callback(run: &Running, id: &str, url: String, secret: &str) {
+    let upload = NewUpload {
+        id: UploadId::parse(id).unwrap(),
+        geometry: Geometry::new(10, 10).unwrap(),
+        filename: None,
+        file_md5: None,
+        metadata: None,
+        created_at_ms: 1,
+        callback_url: Some(url),
+        callback_secret: Some(secret.into()),
+    };
+    run.backends
+        .state
+        .create_upload(&upload, "{}", 60_000)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,30 +358,15 @@ async fn client_callbacks_are_checked_resolved_and_pinned() {
     let canary = Canary::start().await;
     let secret = "whsec_Y2FsbGJhY2sgc2VjcmV0IG9mIHRoaXMgdXBsb2Fk";
     let sink = WebhookSink::start(&[secret], "200", &[]);
-    let resolver: Arc<dyn Resolve> = Arc::new(Table(HashMap::from([
-        ("canary.test".to_owned(), "127.0.0.1".parse().unwrap()),
-        ("partner.test".to_owned(), "127.0.0.1".parse().unwrap()),
-    ])));
+    let resolver: Arc<dyn Resolve> =
+        Table::new(&[("canary.test", "127.0.0.1"), ("partner.test", "127.0.0.1")]);
     let mut settings = env.settings();
     settings.webhooks.allow_client_callbacks = true;
     let run = start(&settings, Some(resolver.clone())).await;
 
     // An upload whose callback resolves to loopback: refused, and the canary never sees it.
-    let mut upload = NewUpload {
-        id: UploadId::parse("cb1").unwrap(),
-        geometry: Geometry::new(10, 10).unwrap(),
-        filename: None,
-        file_md5: None,
-        metadata: None,
-        created_at_ms: 1,
-        callback_url: Some(format!("http://canary.test:{}/hook", canary.port)),
-        callback_secret: Some(secret.into()),
-    };
-    run.backends
-        .state
-        .create_upload(&upload, "{}", 60_000)
-        .await
-        .unwrap();
+    let url = format!("http://canary.test:{}/hook", canary.port);
+    upload_with_callback(&run, "cb1", url, secret).await;
     let e = event("cb1", EventKind::Completed);
     run.backends.events.publish_event(&e).await.unwrap();
     let log = attempts(&run, &e.event_id, 1).await;
@@ -349,13 +382,8 @@ async fn client_callbacks_are_checked_resolved_and_pinned() {
     drop(run);
     settings.webhooks.callback_allow_networks = vec!["127.0.0.1/32".into()];
     let run = start(&settings, Some(resolver)).await;
-    upload.id = UploadId::parse("cb2").unwrap();
-    upload.callback_url = Some(format!("http://partner.test:{}/hook", sink.port));
-    run.backends
-        .state
-        .create_upload(&upload, "{}", 60_000)
-        .await
-        .unwrap();
+    let url = format!("http://partner.test:{}/hook", sink.port);
+    upload_with_callback(&run, "cb2", url, secret).await;
     let e = event("cb2", EventKind::Completed);
     run.backends.events.publish_event(&e).await.unwrap();
     let got = sink.wait_for(1, PATIENCE).await;
@@ -365,4 +393,73 @@ async fn client_callbacks_are_checked_resolved_and_pinned() {
         format!("partner.test:{}", sink.port)
     );
     assert_eq!(got[0]["path"], "/hook");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_to_one_host_share_one_connection_and_one_lookup() {
+    let env = TestEnv::new();
+    let secret = "whsec_Y2FsbGJhY2sgc2VjcmV0IG9mIHRoaXMgdXBsb2Fk";
+    let sink = WebhookSink::start(&[secret], "200", &["--keep-alive"]);
+    let table = Table::new(&[("partner.test", "127.0.0.1")]);
+    let mut settings = env.settings();
+    settings.webhooks.allow_client_callbacks = true;
+    settings.webhooks.callback_allow_networks = vec!["127.0.0.1/32".into()];
+    let run = start(&settings, Some(table.clone())).await;
+    let url = format!("http://partner.test:{}/hook", sink.port);
+    upload_with_callback(&run, "cb3", url, secret).await;
+
+    for _ in 0..2 {
+        let e = event("cb3", EventKind::Completed);
+        run.backends.events.publish_event(&e).await.unwrap();
+        assert_eq!(attempts(&run, &e.event_id, 1).await[0].outcome, "delivered");
+    }
+    let got = sink.wait_for(2, PATIENCE).await;
+    assert_eq!(
+        got[0]["peer_port"], got[1]["peer_port"],
+        "the second delivery came over the first one's connection"
+    );
+    assert_eq!(table.lookups(), 1, "one connection, one lookup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_host_that_rebinds_to_a_refused_address_is_refused_when_connecting() {
+    let env = TestEnv::new();
+    let secret = "whsec_Y2FsbGJhY2sgc2VjcmV0IG9mIHRoaXMgdXBsb2Fk";
+    // HTTP/1.0: the sink closes each connection, so each delivery connects (and resolves)
+    // anew.
+    let sink = WebhookSink::start(&[secret], "200", &[]);
+    let table = Table::new(&[("rebind.test", "127.0.0.1")]);
+    let mut settings = env.settings();
+    settings.webhooks.allow_client_callbacks = true;
+    settings.webhooks.callback_allow_networks = vec!["127.0.0.1/32".into()];
+    let run = start(&settings, Some(table.clone())).await;
+    let url = format!("http://rebind.test:{}/hook", sink.port);
+    let policy = stitch_common::webhooks::callback::CallbackPolicy::new(
+        &settings.webhooks.callback_allowlist,
+        &settings.webhooks.callback_allow_networks,
+    )
+    .unwrap();
+    assert!(policy.check_url(&url).is_ok(), "the URL passes at creation");
+    upload_with_callback(&run, "cb4", url, secret).await;
+
+    let first = event("cb4", EventKind::Completed);
+    run.backends.events.publish_event(&first).await.unwrap();
+    assert_eq!(
+        attempts(&run, &first.event_id, 1).await[0].outcome,
+        "delivered"
+    );
+
+    // The name now points at a loopback address the operator did not allow.
+    table.answer("rebind.test", "127.0.0.2");
+    let second = event("cb4", EventKind::Completed);
+    run.backends.events.publish_event(&second).await.unwrap();
+    let log = attempts(&run, &second.event_id, 1).await;
+    assert_eq!(log[0].outcome, "refused", "{log:?}");
+    assert_eq!(
+        log[0].error.as_deref(),
+        Some("address 127.0.0.2 is loopback"),
+        "{log:?}"
+    );
+    assert_eq!(table.lookups(), 2, "each delivery looked the name up");
+    assert_eq!(sink.requests().len(), 1);
 }

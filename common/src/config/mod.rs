@@ -779,6 +779,27 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_duration_names_its_key() {
+        let err = load_toml("[http]\nbody_idle_timeout = \"soon\"\n").unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("http.body_idle_timeout"), "{err}");
+        assert!(err.contains("not a duration"), "{err}");
+        let err = load_toml("[merge]\nretry_delays = \"1s,soon\"\n").unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("merge.retry_delays"), "{err}");
+        assert!(err.contains("\"soon\""), "{err}");
+    }
+
+    #[test]
+    fn durations_take_several_units() {
+        let s = load_toml("[uploads]\nttl = \"1h 30m\"\n[janitor]\ngrace = \"2w\"\n").unwrap();
+        assert_eq!(s.uploads.ttl, Interval(Duration::from_secs(5400)));
+        assert_eq!(s.janitor.grace, Interval(Duration::from_secs(14 * 86_400)));
+        let s = load_toml("[uploads]\nttl = 90\n").unwrap();
+        assert_eq!(s.uploads.ttl, Interval(Duration::from_secs(90)));
+    }
+
+    #[test]
     fn lists_come_as_arrays_or_comma_separated_text() {
         let s = load_toml("[merge]\nretry_delays = [\"1s\", \"2m\"]\n").unwrap();
         assert_eq!(
@@ -793,6 +814,15 @@ mod tests {
         assert_eq!(
             s.merge.retry_delays[0],
             Interval(Duration::from_millis(500))
+        );
+        let s = load_toml("[webhooks]\nretry_delays = \"500ms,2s, 1m 30s\"\n").unwrap();
+        assert_eq!(
+            s.webhooks.retry_delays,
+            vec![
+                Interval(Duration::from_millis(500)),
+                Interval(Duration::from_secs(2)),
+                Interval(Duration::from_secs(90))
+            ]
         );
         let s = load_toml("[lock]\nredis_urls = \"redis://a,redis://b,redis://c\"\n").unwrap();
         assert_eq!(s.lock.redis_urls.len(), 3);

@@ -1,5 +1,5 @@
-//! Human-friendly durations (`"30s"`, `"7d"`) and byte sizes (`"64MiB"`) in configuration.
-//! Plain integers are accepted too: seconds for durations, bytes for sizes.
+//! Human-friendly durations (`"30s"`, `"1h 30m"`, `"7d"`) and byte sizes (`"64MiB"`) in
+//! configuration. Plain integers are accepted too: seconds for durations, bytes for sizes.
 
 use std::fmt;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 #[serde(transparent)]
 pub struct ByteSize(pub u64);
 
-/// A duration written as integer seconds or with a unit (`ms`, `s`, `m`, `h`, `d`).
+/// A duration written as integer seconds or in `humantime`'s notation: one or more numbers
+/// with a unit (`ms`, `s`, `m`, `h`, `d`, `w`, their long forms such as `min` and `hours`,
+/// `M` for months and `y` for years), e.g. `500ms`, `1h 30m`, `2w`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Interval(pub Duration);
 
@@ -35,17 +37,17 @@ impl ByteSize {
 }
 
 impl Interval {
-    pub fn parse(raw: &str) -> Option<Self> {
-        let (number, unit) = split_number(raw)?;
-        let duration = match unit {
-            "ms" => Duration::from_millis(number),
-            "" | "s" => Duration::from_secs(number),
-            "m" => Duration::from_secs(number.checked_mul(60)?),
-            "h" => Duration::from_secs(number.checked_mul(3600)?),
-            "d" => Duration::from_secs(number.checked_mul(86_400)?),
-            _ => return None,
-        };
-        Some(Self(duration))
+    /// Parses `90` (seconds) or a duration with units (`1h 30m`); the error says why not.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        // humantime wants a unit on every number; a bare integer is seconds here, as it
+        // always was in Stitch's configuration.
+        if let Ok(secs) = raw.parse::<u64>() {
+            return Ok(Self(Duration::from_secs(secs)));
+        }
+        humantime::parse_duration(raw)
+            .map(Self)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -84,9 +86,9 @@ impl<'de> Deserialize<'de> for Interval {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         match IntOrString::deserialize(d)? {
             IntOrString::Int(n) => Ok(Self(Duration::from_secs(n))),
-            IntOrString::Str(s) => Self::parse(&s).ok_or_else(|| {
+            IntOrString::Str(s) => Self::parse(&s).map_err(|why| {
                 serde::de::Error::custom(format!(
-                    "{s:?} is not a duration (e.g. 30, \"30s\", \"500ms\", \"7d\")"
+                    "{s:?} is not a duration ({why}; e.g. 30, \"500ms\", \"1h 30m\", \"7d\")"
                 ))
             }),
         }
@@ -122,8 +124,9 @@ where
 }
 
 impl Serialize for Interval {
+    /// In the notation `parse` reads back exactly (`1h 30m`, `1s 500ms`).
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+        s.collect_str(&humantime::format_duration(self.0))
     }
 }
 
@@ -156,19 +159,53 @@ mod tests {
     }
 
     #[test]
-    fn durations_take_units() {
+    fn durations_take_humantime_units() {
+        let secs = |s| Ok(Interval(Duration::from_secs(s)));
+        assert_eq!(Interval::parse("1h 30m"), secs(5400));
+        assert_eq!(Interval::parse("2w"), secs(14 * 86_400));
+        assert_eq!(Interval::parse("7d"), secs(604_800));
+        assert_eq!(Interval::parse("2min"), secs(120));
         assert_eq!(
             Interval::parse("500ms"),
-            Some(Interval(Duration::from_millis(500)))
+            Ok(Interval(Duration::from_millis(500)))
         );
+    }
+
+    #[test]
+    fn a_bare_integer_is_seconds() {
+        assert_eq!(Interval::parse("90"), Ok(Interval(Duration::from_secs(90))));
         assert_eq!(
-            Interval::parse("30"),
-            Some(Interval(Duration::from_secs(30)))
+            Interval::parse(" 30 "),
+            Ok(Interval(Duration::from_secs(30)))
         );
-        assert_eq!(
-            Interval::parse("7d"),
-            Some(Interval(Duration::from_secs(604_800)))
-        );
-        assert_eq!(Interval::parse("1w"), None);
+        assert_eq!(Interval::parse("0"), Ok(Interval(Duration::ZERO)));
+    }
+
+    #[test]
+    fn garbage_is_not_a_duration() {
+        for bad in [
+            "",
+            "soon",
+            "-1",
+            "1 parsec",
+            "5 s m",
+            "99999999999999999999w",
+        ] {
+            assert!(Interval::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_serialize_to_what_parse_reads_back() {
+        for text in ["1h 30m", "1500ms", "2w", "0"] {
+            let interval = Interval::parse(text).unwrap();
+            let written = serde_json::to_value(interval).unwrap();
+            let written = written.as_str().unwrap();
+            assert_eq!(
+                Interval::parse(written),
+                Ok(interval),
+                "{text:?} -> {written:?}"
+            );
+        }
     }
 }

@@ -8,10 +8,13 @@
 //! (`2130706433`, `0x7f.1`, `0177.0.0.1`) are normalised by the URL parser to the address
 //! they mean before the check. Only http and https, no credentials in the URL.
 //!
-//! The check runs twice: on the URL when the upload is created ([`CallbackPolicy::check_url`],
-//! literal addresses and the allowlist), and at every delivery on the resolved addresses
-//! ([`CallbackPolicy::resolve`]), whose result is the one address the delivery then connects
-//! to, so that DNS cannot answer differently between the check and the connection.
+//! The URL is checked when the upload is created and again at every delivery
+//! ([`CallbackPolicy::check_url`]: scheme, credentials, allowlist, literal addresses). The
+//! addresses a host name resolves to are checked each time the delivery client opens a
+//! connection ([`CallbackPolicy::resolve_host`] is its DNS resolver), so the addresses checked
+//! are the ones connected to: DNS cannot answer differently between the check and the
+//! connection, and a name that later resolves somewhere refused (DNS rebinding) is refused
+//! then.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -60,15 +63,6 @@ impl Resolve for SystemResolver {
     }
 }
 
-/// A checked callback: where to connect, and the URL to send (its host kept for TLS and
-/// the `Host` header).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CheckedCallback {
-    pub url: Url,
-    pub host: String,
-    pub addr: SocketAddr,
-}
-
 impl CallbackPolicy {
     /// From configuration; a malformed network is an error naming it.
     pub fn new(allowlist: &[String], allow_networks: &[String]) -> Result<Self, String> {
@@ -113,48 +107,28 @@ impl CallbackPolicy {
         Ok(url)
     }
 
-    /// Checks the URL, resolves its host and checks every address it resolves to; returns
-    /// the address to connect to. All addresses must pass: a name that resolves to one
-    /// public and one private address is refused.
-    pub async fn resolve(
+    /// Resolves a callback's host name and checks every address it resolves to; returns
+    /// them all, the only ones a connection may then go to. All must pass: a name that
+    /// resolves to one public and one private address is refused. A name that does not
+    /// resolve is refused too. Literal addresses are not resolved: [`Self::check_url`]
+    /// checks those.
+    pub async fn resolve_host(
         &self,
-        raw: &str,
+        host: &str,
+        port: u16,
         resolver: &dyn Resolve,
-    ) -> Result<CheckedCallback, Refusal> {
-        let url = self.check_url(raw)?;
-        let port = url.port_or_known_default().ok_or(Refusal::Invalid)?;
-        let host = match url.host().ok_or(Refusal::Invalid)? {
-            Host::Domain(d) => d.to_owned(),
-            Host::Ipv4(ip) => {
-                return Ok(CheckedCallback {
-                    host: ip.to_string(),
-                    addr: SocketAddr::new(IpAddr::V4(ip), port),
-                    url,
-                });
-            }
-            Host::Ipv6(ip) => {
-                return Ok(CheckedCallback {
-                    host: format!("[{ip}]"),
-                    addr: SocketAddr::new(IpAddr::V6(ip), port),
-                    url,
-                });
-            }
-        };
+    ) -> Result<Vec<SocketAddr>, Refusal> {
         let addrs = resolver
-            .resolve(&host, port)
+            .resolve(host, port)
             .await
-            .map_err(|_| Refusal::Unresolvable(host.clone()))?;
-        let first = *addrs
-            .first()
-            .ok_or_else(|| Refusal::Unresolvable(host.clone()))?;
+            .map_err(|_| Refusal::Unresolvable(host.to_owned()))?;
+        if addrs.is_empty() {
+            return Err(Refusal::Unresolvable(host.to_owned()));
+        }
         for addr in &addrs {
             self.check_addr(addr.ip())?;
         }
-        Ok(CheckedCallback {
-            url,
-            host,
-            addr: first,
-        })
+        Ok(addrs)
     }
 
     /// Refuses an address that is not public, unless the operator allowed its network.
@@ -281,7 +255,24 @@ mod tests {
             ("mapped.example", vec![ip("::ffff:127.0.0.1")]),
             ("ula.example", vec![ip("fd00::1")]),
             ("partner.example", vec![ip("10.20.0.5")]),
+            ("empty.example", vec![]),
         ]))
+    }
+
+    /// What a delivery checks: the URL, then, for a host name, every address it resolves to
+    /// (the delivery client's resolver); the addresses a connection may go to.
+    async fn admit(
+        policy: &CallbackPolicy,
+        raw: &str,
+        resolver: &dyn Resolve,
+    ) -> Result<Vec<SocketAddr>, Refusal> {
+        let url = policy.check_url(raw)?;
+        let port = url.port_or_known_default().ok_or(Refusal::Invalid)?;
+        match url.host().ok_or(Refusal::Invalid)? {
+            Host::Domain(name) => policy.resolve_host(name, port, resolver).await,
+            Host::Ipv4(ip) => Ok(vec![SocketAddr::new(ip.into(), port)]),
+            Host::Ipv6(ip) => Ok(vec![SocketAddr::new(ip.into(), port)]),
+        }
     }
 
     #[tokio::test]
@@ -326,31 +317,72 @@ mod tests {
             "http://ula.example/",
             "http://partner.example/",
             "http://nowhere.example/",
+            "http://empty.example/",
         ];
         for raw in refused {
             assert!(
-                policy.resolve(raw, &resolver).await.is_err(),
+                admit(&policy, raw, &resolver).await.is_err(),
                 "{raw} was allowed"
             );
         }
-        let ok = policy
-            .resolve("https://public.example/hook?x=1", &resolver)
+        let ok = admit(&policy, "https://public.example/hook?x=1", &resolver)
             .await
             .unwrap();
-        assert_eq!(ok.addr, "93.184.216.34:443".parse().unwrap());
-        assert_eq!(ok.host, "public.example");
+        assert_eq!(ok, vec!["93.184.216.34:443".parse().unwrap()]);
         assert!(
-            policy
-                .resolve("http://public6.example:8080/", &resolver)
+            admit(&policy, "http://public6.example:8080/", &resolver)
                 .await
                 .is_ok()
         );
         assert!(
-            policy
-                .resolve("http://93.184.216.34/", &resolver)
+            admit(&policy, "http://93.184.216.34/", &resolver)
                 .await
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn a_name_with_one_refused_address_among_public_ones_is_refused_for_that_address() {
+        let refusal = CallbackPolicy::default()
+            .resolve_host("mixed.example", 80, &table())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::Address("10.0.0.1".parse().unwrap(), "private")
+        );
+    }
+
+    /// Answers a public address first and loopback afterwards, as a rebinding name does.
+    struct Rebinding(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Resolve for Rebinding {
+        async fn resolve(&self, _host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let ip: IpAddr = if n == 0 {
+                "93.184.216.34".parse().unwrap()
+            } else {
+                "127.0.0.1".parse().unwrap()
+            };
+            Ok(vec![SocketAddr::new(ip, port)])
+        }
+    }
+
+    #[tokio::test]
+    async fn every_resolution_is_checked_anew() {
+        let policy = CallbackPolicy::default();
+        let resolver = Rebinding(Default::default());
+        assert!(
+            policy
+                .resolve_host("rebind.example", 80, &resolver)
+                .await
+                .is_ok()
+        );
+        assert!(matches!(
+            policy.resolve_host("rebind.example", 80, &resolver).await,
+            Err(Refusal::Address(_, "loopback"))
+        ));
     }
 
     #[tokio::test]
@@ -358,14 +390,12 @@ mod tests {
         let resolver = table();
         let policy = CallbackPolicy::new(&["*.example".into()], &["10.20.0.0/16".into()]).unwrap();
         assert!(
-            policy
-                .resolve("http://partner.example/", &resolver)
+            admit(&policy, "http://partner.example/", &resolver)
                 .await
                 .is_ok()
         );
         assert!(
-            policy
-                .resolve("http://loop.example/", &resolver)
+            admit(&policy, "http://loop.example/", &resolver)
                 .await
                 .is_err(),
             "other private ranges stay refused"

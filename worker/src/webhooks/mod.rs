@@ -11,8 +11,9 @@
 //!   followed — is a failure, retried through the delay queues (`webhooks.retry_delays`,
 //!   backoff with jitter from the queue's own spacing) and dead-lettered after the last.
 //!   410 Gone disables an operator endpoint (until enabled again through the admin API) and
-//!   stops a callback. A callback is checked against the SSRF policy, resolved, and sent to
-//!   exactly the address that passed, at every attempt.
+//!   stops a callback. A callback's URL is checked against the SSRF policy at every attempt,
+//!   and the callback client connects only to addresses that passed it when the connection
+//!   was opened (its DNS resolver is the policy, see [`deliver`]); connections are reused.
 //!
 //! Every attempt is written to the delivery log. A delivery is acked only after its outcome
 //! is recorded and any retry is queued, so a dispatcher killed mid-delivery leaves the
@@ -35,14 +36,14 @@ use stitch_common::id::UploadId;
 use stitch_common::queue::{Delivery, NOW, WorkQueue};
 use stitch_common::state::StateStore;
 use stitch_common::storage::FsChunkStore;
-use stitch_common::webhooks::callback::{CallbackPolicy, Resolve, SystemResolver};
+use stitch_common::webhooks::callback::{CallbackPolicy, Refusal, Resolve, SystemResolver};
 use stitch_common::webhooks::{DeliveryAttempt, Target, WebhookJob, WebhookStore};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use url::Url;
 
-use self::deliver::Sender;
+use self::deliver::{Receiver, Sender};
 use self::signing::{SigningKey, signature_header};
 
 /// An operator endpoint, ready to sign for.
@@ -64,7 +65,7 @@ pub struct Dispatcher {
     endpoints: Vec<Endpoint>,
     /// `None` when client callbacks are not allowed.
     callbacks: Option<CallbackPolicy>,
-    resolver: Arc<dyn Resolve>,
+    /// Long-lived clients (connections are reused across deliveries).
     sender: Sender,
     retry_delays: Vec<Duration>,
     concurrency: u16,
@@ -72,7 +73,17 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Callback hosts are resolved by the system's resolver.
     pub fn new(settings: &Settings, backends: &Backends) -> anyhow::Result<Self> {
+        Self::with_resolver(settings, backends, Arc::new(SystemResolver))
+    }
+
+    /// Callback hosts are resolved by `resolver` (tests resolve from a table).
+    pub fn with_resolver(
+        settings: &Settings,
+        backends: &Backends,
+        resolver: Arc<dyn Resolve>,
+    ) -> anyhow::Result<Self> {
         // reqwest is built with rustls and no default provider across the workspace.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let w = &settings.webhooks;
@@ -110,19 +121,16 @@ impl Dispatcher {
             state: backends.state.clone(),
             storage: backends.storage.clone(),
             endpoints,
+            sender: Sender::new(
+                w.connect_timeout.0,
+                w.timeout.0,
+                callbacks.clone().map(|policy| (policy, resolver)),
+            )?,
             callbacks,
-            resolver: Arc::new(SystemResolver),
-            sender: Sender::new(w.connect_timeout.0, w.timeout.0)?,
             retry_delays: w.retry_delays.iter().map(|d| d.0).collect(),
             concurrency: w.concurrency,
             shutdown_grace: settings.http.shutdown_grace.0,
         })
-    }
-
-    /// Replaces the resolver for callback hosts (tests resolve from a table).
-    pub fn with_resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
-        self.resolver = resolver;
-        self
     }
 
     pub fn store(&self) -> &Arc<dyn WebhookStore> {
@@ -280,9 +288,8 @@ impl Dispatcher {
                 return;
             }
         };
-        let label = job.target.label();
         let mut attempt = DeliveryAttempt {
-            target: label.clone(),
+            target: job.target.label(),
             attempt: job.attempt + 1,
             outcome: String::new(),
             status: None,
@@ -291,7 +298,7 @@ impl Dispatcher {
             at_ms: stitch_common::now_ms(),
         };
         // Where, and with which keys.
-        let (url, keys, pinned) = match &job.target {
+        let (url, keys, receiver) = match &job.target {
             Target::Endpoint { id } => {
                 let Some(endpoint) = self.endpoints.iter().find(|e| &e.id == id) else {
                     attempt.outcome = "unknown_endpoint".into();
@@ -311,7 +318,11 @@ impl Dispatcher {
                         return;
                     }
                 }
-                (endpoint.url.clone(), endpoint.keys.clone(), None)
+                (
+                    endpoint.url.clone(),
+                    endpoint.keys.clone(),
+                    Receiver::Endpoint,
+                )
             }
             Target::Callback { url } => {
                 let Some(policy) = &self.callbacks else {
@@ -337,13 +348,13 @@ impl Dispatcher {
                     self.settle(&delivery, &job, attempt).await;
                     return;
                 };
-                match policy.resolve(url, self.resolver.as_ref()).await {
-                    Ok(checked) => (checked.url, vec![key], Some((checked.host, checked.addr))),
+                // The URL is checked here, literal addresses included (reqwest connects to
+                // those without resolving); a host name's addresses are checked by the
+                // callback client's resolver when it connects.
+                match policy.check_url(url) {
+                    Ok(url) => (url, vec![key], Receiver::Callback),
                     Err(refusal) => {
-                        tracing::warn!(target = %label, %refusal, "callback refused");
-                        attempt.outcome = "refused".into();
-                        attempt.error = Some(refusal.to_string());
-                        self.settle(&delivery, &job, attempt).await;
+                        self.refuse(&delivery, &job, attempt, refusal).await;
                         return;
                     }
                 }
@@ -363,13 +374,12 @@ impl Dispatcher {
         ];
         let response = self
             .sender
-            .post(
-                &url,
-                pinned.as_ref().map(|(h, a)| (h.as_str(), *a)),
-                headers,
-                job.body.clone().into_bytes(),
-            )
+            .post(receiver, &url, headers, job.body.clone().into_bytes())
             .await;
+        if let Some(refusal) = response.refusal {
+            self.refuse(&delivery, &job, attempt, refusal).await;
+            return;
+        }
         attempt.status = response.status;
         attempt.latency_ms = response.latency.as_millis() as u64;
         attempt.error = response.error;
@@ -386,6 +396,20 @@ impl Dispatcher {
             tracing::warn!(error = %e, "could not disable the endpoint");
         }
         self.settle(&delivery, &job, attempt).await;
+    }
+
+    /// A callback the policy refused: logged with the reason, never retried.
+    async fn refuse(
+        &self,
+        delivery: &Delivery,
+        job: &WebhookJob,
+        mut attempt: DeliveryAttempt,
+        refusal: Refusal,
+    ) {
+        tracing::warn!(target = %attempt.target, %refusal, "callback refused");
+        attempt.outcome = "refused".into();
+        attempt.error = Some(refusal.to_string());
+        self.settle(delivery, job, attempt).await;
     }
 
     /// Logs the attempt, queues a retry if there is one to make, then acks.
