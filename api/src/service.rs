@@ -14,8 +14,9 @@ use stitch_common::id::UploadId;
 use stitch_common::metrics as m;
 use stitch_common::now_ms;
 use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
+use stitch_common::recovery::{Recovery, RecoveryError};
 use stitch_common::state::{
-    Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore,
+    Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore, UploadHeader,
 };
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
@@ -43,6 +44,8 @@ pub struct UploadService {
     publish_timeout: std::time::Duration,
     limits: Limits,
     ttl_ms: u64,
+    /// Rebuilds an upload the state store lost, from storage.
+    recovery: Recovery,
     /// Compute MD5 of every chunk even without a client digest (operator's choice).
     always_md5: bool,
     /// Bounds the chunk bodies written at once by this process.
@@ -102,7 +105,9 @@ impl UploadService {
     pub fn new(settings: &Settings, backends: &Backends) -> Self {
         let budget_kib =
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
+        let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
         Self {
+            recovery: Recovery::new(backends.state.clone(), backends.storage.clone(), ttl_ms),
             state: backends.state.clone(),
             storage: backends.storage.clone(),
             merges: backends.merges.clone(),
@@ -222,8 +227,10 @@ impl UploadService {
             callback_secret: None,
         };
 
-        // 2. What the state store knows, to refuse early without reading the body.
-        let known = self.state.upload_header(&upload.id).await?;
+        // 2. What the state store knows, to refuse early without reading the body. An upload
+        //    it lost but storage knows is rebuilt first: counting this chunk into a fresh
+        //    record would forget every chunk stored before.
+        let known = self.upload_header(&upload.id).await?;
         if let Some(header) = &known {
             if header.geometry != geometry {
                 return Err(Conflict::Geometry {
@@ -441,12 +448,37 @@ impl UploadService {
         }
     }
 
-    /// A snapshot of the upload.
+    /// A snapshot of the upload, rebuilt from storage if the state store lost it.
     pub async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
+        if let Some(status) = self.state.upload_status(id).await? {
+            return Ok(status);
+        }
+        if !self.rebuild(id).await? {
+            return Err(ApiError::NotFound);
+        }
         self.state
             .upload_status(id)
             .await?
             .ok_or(ApiError::NotFound)
+    }
+
+    /// The upload's header, rebuilt from storage if the state store lost it.
+    async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, ApiError> {
+        if let Some(header) = self.state.upload_header(id).await? {
+            return Ok(Some(header));
+        }
+        if !self.rebuild(id).await? {
+            return Ok(None);
+        }
+        Ok(self.state.upload_header(id).await?)
+    }
+
+    async fn rebuild(&self, id: &UploadId) -> Result<bool, ApiError> {
+        match self.recovery.rebuild(id).await {
+            Ok(known) => Ok(known),
+            Err(RecoveryError::State(e)) => Err(e.into()),
+            Err(RecoveryError::Storage(e)) => Err(e.into()),
+        }
     }
 
     /// Aborts the upload and removes its chunks. Idempotent: aborting again retries the

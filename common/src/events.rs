@@ -24,6 +24,10 @@ pub enum EventKind {
     Aborted,
     #[serde(rename = "upload.expired")]
     Expired,
+    /// A completed upload removed because its retention (`uploads.completed_retention`)
+    /// passed.
+    #[serde(rename = "upload.deleted")]
+    Deleted,
 }
 
 impl EventKind {
@@ -35,16 +39,18 @@ impl EventKind {
             Self::Failed => "upload.failed",
             Self::Aborted => "upload.aborted",
             Self::Expired => "upload.expired",
+            Self::Deleted => "upload.deleted",
         }
     }
 
     /// Every kind, for configuration checks and documentation.
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         Self::Created,
         Self::Completed,
         Self::Failed,
         Self::Aborted,
         Self::Expired,
+        Self::Deleted,
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -111,6 +117,52 @@ impl Event {
                 failure_reason: None,
             },
         })
+    }
+
+    /// The `upload.completed` event of a merge about to commit (it goes into the commit's
+    /// outbox, so it is published even if the worker dies right after the commit).
+    pub fn completed_from(
+        upload: &NewUpload,
+        done: &crate::upload::Completion,
+        public_url: Option<&str>,
+    ) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: done.event_id.clone(),
+            kind: EventKind::Completed,
+            occurred_at: rfc3339(done.completed_at_ms),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "completed".into(),
+                filename: upload.filename.clone(),
+                size: done.size,
+                md5: Some(done.md5.to_hex()),
+                metadata: upload.metadata.clone(),
+                download_url: Some(download_url(public_url, upload.id.as_str())),
+                failure_reason: None,
+            },
+        }
+    }
+
+    /// `upload.deleted`, for a completed upload removed when its retention passed. The id
+    /// is derived from the upload, so a janitor repeating the removal gives the same id.
+    pub fn deleted(upload: &NewUpload, size: u64, md5: &crate::digest::Md5) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: format!("evt_deleted_{}_{}", upload.id, upload.created_at_ms),
+            kind: EventKind::Deleted,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "deleted".into(),
+                filename: upload.filename.clone(),
+                size,
+                md5: Some(md5.to_hex()),
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+            },
+        }
     }
 
     /// The `upload.failed` event of a failed upload; `None` if it did not fail.

@@ -12,6 +12,8 @@
 //! - The completing chunk's merge job goes through a [`queue::WorkQueue`] to a worker, which
 //!   takes the upload's [`lock::MergeLock`] (fenced), merges, commits through the state store
 //!   and publishes [`events::Event`]s to an [`queue::EventSink`].
+//! - [`recovery::Recovery`] rebuilds an upload's state from storage when the state store
+//!   lost it (storage is the truth, the state store the index).
 //! - [`backends::Backends`] bundles one implementation of each trait: Redis + RabbitMQ
 //!   (`state::RedisStateStore`, `queue::AmqpBroker`, `lock::RedisLock`) for the distributed
 //!   mode, or the single-node set in one SQLite database ([`embedded`]).
@@ -29,6 +31,7 @@ pub mod lock;
 pub mod metrics;
 pub mod migrate;
 pub mod queue;
+pub mod recovery;
 pub mod server;
 pub mod shutdown;
 pub mod state;

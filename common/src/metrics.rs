@@ -33,9 +33,20 @@ pub const WEBHOOK_DURATION: &str = "stitch_webhook_delivery_duration_seconds";
 pub const JANITOR_FILES_REMOVED: &str = "stitch_janitor_files_removed_total";
 // Everywhere
 pub const BACKEND_ERRORS: &str = "stitch_backend_errors_total";
+/// Uploads whose state was rebuilt from storage after the state store lost it.
+pub const STATE_REBUILDS: &str = "stitch_state_rebuilds_total";
 
 /// Label values, fixed sets.
-pub const TRANSITIONS: [&str; 5] = ["created", "completed", "failed", "aborted", "expired"];
+pub const TRANSITIONS: [&str; 6] = [
+    "created",
+    "completed",
+    "failed",
+    "aborted",
+    "expired",
+    "deleted",
+];
+/// `restored`: this process rebuilt it; `already_known`: another had, or it was never lost.
+pub const REBUILD_OUTCOMES: [&str; 2] = ["restored", "already_known"];
 pub const MERGE_OUTCOMES: [&str; 7] = [
     "committed",
     "already_completed",
@@ -89,10 +100,17 @@ fn register_now(role: Role) {
     }
     describe_counter!(
         UPLOAD_TRANSITIONS,
-        "Uploads entering a state: created, completed, failed, aborted, expired"
+        "Uploads entering a state: created, completed, failed, aborted, expired, deleted"
     );
     for t in TRANSITIONS {
         metrics::counter!(UPLOAD_TRANSITIONS, "transition" => t).absolute(0);
+    }
+    describe_counter!(
+        STATE_REBUILDS,
+        "Uploads the state store did not know and storage did, rebuilt from storage"
+    );
+    for outcome in REBUILD_OUTCOMES {
+        metrics::counter!(STATE_REBUILDS, "outcome" => outcome).absolute(0);
     }
     if role == Role::Api {
         describe_counter!(

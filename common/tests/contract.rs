@@ -15,8 +15,8 @@ use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock, RedisLock};
 use stitch_common::queue::{AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, WorkQueue};
 use stitch_common::state::{
-    Aborted, Committed, Conflict, Created, Failed, MergeStart, Recorded, RedisStateStore,
-    StateError, StateStore, keys,
+    Aborted, Committed, Conflict, Created, Expired, Failed, MergeStart, Recorded, RedisStateStore,
+    Restoration, Restored, StateError, StateStore, keys,
 };
 use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
@@ -25,6 +25,7 @@ const TTL: u64 = 60_000;
 /// Outbox entries as the API writes them (any text works for the store).
 const CREATED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"created"}"#;
 const ABORTED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"aborted"}"#;
+const COMPLETED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"completed"}"#;
 
 fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
     NewUpload {
@@ -202,7 +203,7 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     };
     assert!(second.fence > first.fence);
     let stale = store
-        .commit_merge(&u.id, first.fence, &completion("old"), TTL)
+        .commit_merge(&u.id, first.fence, &completion("old"), COMPLETED)
         .await;
     assert!(
         matches!(stale, Err(StateError::Conflict(Conflict::Fenced))),
@@ -217,14 +218,14 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     ));
     assert_eq!(
         store
-            .commit_merge(&u.id, second.fence, &completion("new"), TTL)
+            .commit_merge(&u.id, second.fence, &completion("new"), COMPLETED)
             .await
             .unwrap(),
         Committed::Now
     );
     assert_eq!(
         store
-            .commit_merge(&u.id, second.fence, &completion("again"), TTL)
+            .commit_merge(&u.id, second.fence, &completion("again"), COMPLETED)
             .await
             .unwrap(),
         Committed::Already {
@@ -264,7 +265,7 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
     assert_eq!(status.state, UploadState::Failed);
     assert_eq!(status.failure.unwrap().event_id, "evt-f");
     let late = store
-        .commit_merge(&u.id, plan.fence, &completion("x"), TTL)
+        .commit_merge(&u.id, plan.fence, &completion("x"), COMPLETED)
         .await;
     assert!(matches!(
         late,
@@ -353,7 +354,7 @@ async fn events_ride_the_outbox_with_their_state_changes(store: &dyn StateStore)
     expected.sort();
     assert_eq!(outbox_of(store, &u.id).await, expected);
 
-    // A commit drops the merge trigger only.
+    // A commit drops the merge trigger and writes its completion event.
     let v = upload("c9", 10, 10);
     let job = MergeJob::new(v.id.clone()).to_json();
     store
@@ -364,10 +365,12 @@ async fn events_ride_the_outbox_with_their_state_changes(store: &dyn StateStore)
         panic!("not ready");
     };
     store
-        .commit_merge(&v.id, plan.fence, &completion("f"), TTL)
+        .commit_merge(&v.id, plan.fence, &completion("f"), COMPLETED)
         .await
         .unwrap();
-    assert_eq!(outbox_of(store, &v.id).await, vec![CREATED.to_owned()]);
+    let mut expected = vec![COMPLETED.to_owned(), CREATED.to_owned()];
+    expected.sort();
+    assert_eq!(outbox_of(store, &v.id).await, expected);
 
     // An explicit create writes its event; confirming it again does not.
     let w = upload("c10", 10, 10);
@@ -376,18 +379,142 @@ async fn events_ride_the_outbox_with_their_state_changes(store: &dyn StateStore)
     assert_eq!(outbox_of(store, &w.id).await, vec![CREATED.to_owned()]);
 }
 
+fn restoration(u: &NewUpload, indices: &[u64], fence: u64) -> Restoration {
+    Restoration {
+        upload: u.clone(),
+        chunks: indices.iter().map(|i| chunk(u, *i, 7)).collect(),
+        completion: None,
+        fence,
+        last_activity_ms: stitch_common::now_ms(),
+    }
+}
+
+async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
+    let u = upload("r1", 30, 10);
+    let job = MergeJob::new(u.id.clone()).to_json();
+    let r = restoration(&u, &[0, 2], 7);
+    assert_eq!(
+        store.restore_upload(&r, &job, TTL).await.unwrap(),
+        Restored::Now(UploadState::Receiving)
+    );
+    assert_eq!(
+        store.restore_upload(&r, &job, TTL).await.unwrap(),
+        Restored::AlreadyKnown,
+        "a second rebuild changes nothing"
+    );
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.uploaded_chunks, vec![0, 2]);
+    assert_eq!(status.bytes_received, 20);
+    // The upload goes on: the missing chunk completes it, and the fence is past storage's.
+    let done = store
+        .record_chunk(&u, &chunk(&u, 1, 7), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert!(matches!(done, Recorded::New(p) if p.completed_upload));
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert!(plan.fence > 7, "fence {} went backwards", plan.fence);
+    assert_eq!(plan.chunks.len(), 3);
+
+    // Every chunk on storage: it merges (the trigger is in the outbox).
+    let v = upload("r2", 20, 10);
+    let job = MergeJob::new(v.id.clone()).to_json();
+    assert_eq!(
+        store
+            .restore_upload(&restoration(&v, &[0, 1], 0), &job, TTL)
+            .await
+            .unwrap(),
+        Restored::Now(UploadState::Merging)
+    );
+    assert_eq!(outbox_of(store, &v.id).await, vec![job]);
+
+    // A completion on storage: completed, with its result.
+    let w = upload("r3", 95, 50);
+    let mut r = restoration(&w, &[], 3);
+    r.completion = Some(completion("uploads/r3/file.3"));
+    assert_eq!(
+        store.restore_upload(&r, "", TTL).await.unwrap(),
+        Restored::Now(UploadState::Completed)
+    );
+    let status = store.upload_status(&w.id).await.unwrap().unwrap();
+    assert_eq!(status.completion, Some(completion("uploads/r3/file.3")));
+    assert_eq!(status.uploaded_chunks, vec![0, 1]);
+}
+
+async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateStore) {
+    let u = upload("x1", 20, 10);
+    let job = MergeJob::new(u.id.clone()).to_json();
+    store
+        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    let now = stitch_common::now_ms();
+    assert_eq!(
+        store.expire_upload(&u.id, now - 60_000, TTL).await.unwrap(),
+        Expired::Kept(UploadState::Receiving),
+        "active since the cut-off"
+    );
+    assert_eq!(
+        store.expire_upload(&u.id, now + 60_000, TTL).await.unwrap(),
+        Expired::Now
+    );
+    let late = store
+        .record_chunk(&u, &chunk(&u, 1, 1), &job, CREATED, TTL)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            late,
+            StateError::Conflict(Conflict::NotReceiving(UploadState::Aborted))
+        ),
+        "a chunk after the expiry is refused: {late:?}"
+    );
+    // An id the store does not know gets a tombstone too.
+    let v = upload("x2", 20, 10);
+    assert_eq!(
+        store.expire_upload(&v.id, now, TTL).await.unwrap(),
+        Expired::Now
+    );
+    assert!(
+        store
+            .record_chunk(&v, &chunk(&v, 0, 1), &job, CREATED, TTL)
+            .await
+            .is_err()
+    );
+    // Merging uploads are never expired.
+    let w = upload("x3", 10, 10);
+    store
+        .record_chunk(&w, &chunk(&w, 0, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.expire_upload(&w.id, now + 60_000, TTL).await.unwrap(),
+        Expired::Kept(UploadState::Merging)
+    );
+    store.forget_upload(&w.id).await.unwrap();
+    assert_eq!(store.upload_status(&w.id).await.unwrap(), None);
+}
+
+/// Every state store check, run against one implementation.
+async fn run_state_contract(store: &dyn StateStore) {
+    chunks_are_counted_once_and_never_overwritten(store).await;
+    completion_is_reported_exactly_once(store).await;
+    creation_is_idempotent_for_the_same_declaration(store).await;
+    abort_is_idempotent_and_refuses_later_chunks(store).await;
+    the_commit_accepts_only_the_newest_fencing_token(store).await;
+    a_failed_merge_is_final(store).await;
+    the_outbox_holds_the_trigger_until_cleared(store).await;
+    events_ride_the_outbox_with_their_state_changes(store).await;
+    a_lost_upload_is_restored_once_from_storage(store).await;
+    expiring_excludes_recording_and_spares_live_uploads(store).await;
+}
+
 #[tokio::test]
 async fn the_redis_state_store_keeps_the_state_store_contract() {
     let env = TestEnv::new();
     let store = redis_store(&env);
-    chunks_are_counted_once_and_never_overwritten(store.as_ref()).await;
-    completion_is_reported_exactly_once(store.as_ref()).await;
-    creation_is_idempotent_for_the_same_declaration(store.as_ref()).await;
-    abort_is_idempotent_and_refuses_later_chunks(store.as_ref()).await;
-    the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
-    a_failed_merge_is_final(store.as_ref()).await;
-    the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
-    events_ride_the_outbox_with_their_state_changes(store.as_ref()).await;
+    run_state_contract(store.as_ref()).await;
 }
 
 fn redis_lock(env: &TestEnv, ttl: Duration) -> Arc<dyn MergeLock> {
@@ -472,14 +599,7 @@ fn sqlite_backends(
 async fn the_sqlite_state_store_keeps_the_state_store_contract() {
     let env = TestEnv::local();
     let store = sqlite_backends(&env, |_| {}).state;
-    chunks_are_counted_once_and_never_overwritten(store.as_ref()).await;
-    completion_is_reported_exactly_once(store.as_ref()).await;
-    creation_is_idempotent_for_the_same_declaration(store.as_ref()).await;
-    abort_is_idempotent_and_refuses_later_chunks(store.as_ref()).await;
-    the_commit_accepts_only_the_newest_fencing_token(store.as_ref()).await;
-    a_failed_merge_is_final(store.as_ref()).await;
-    the_outbox_holds_the_trigger_until_cleared(store.as_ref()).await;
-    events_ride_the_outbox_with_their_state_changes(store.as_ref()).await;
+    run_state_contract(store.as_ref()).await;
 }
 
 #[tokio::test]

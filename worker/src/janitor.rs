@@ -1,16 +1,18 @@
-//! The janitor: removes what no upload needs any more, and announces uploads that expired.
+//! The janitor: removes what no upload needs any more, deciding from storage only.
 //!
-//! Each pass walks `uploads/` on shared storage and, for every upload directory, asks the
-//! state store what it knows (storage is the truth for what was received, the state store the
-//! index of what counts):
+//! Storage is the truth for what was received, the state store the index (invariant 9), so
+//! nothing is ever deleted because the state store does not know an id: an upload the state
+//! store lost is rebuilt from storage first (see `stitch_common::recovery`). Each pass walks
+//! `uploads/` on shared storage:
 //!
-//! | the state store says | the janitor |
+//! | storage shows | the janitor |
 //! |---|---|
-//! | nothing (the upload's keys expired, or it was never recorded) | publishes `upload.expired` (an id derived from the manifest, stable across passes), then removes the directory |
-//! | receiving or merging | removes chunk copies nothing counts: `.part` files of writes that died, surplus copies |
-//! | completed | removes the chunks and every attempt file but the committed one |
-//! | aborted | removes the directory (the abort could not) |
-//! | failed | keeps everything until the upload expires, for diagnosis |
+//! | a completion record, retention not passed (or none configured) | keeps the file and its status; removes chunk copies and other attempts' files |
+//! | a completion record past `uploads.completed_retention` | publishes `upload.deleted`, removes the manifest (no rebuild can bring it back), forgets the state, removes the directory |
+//! | no completion, not every chunk, no activity on storage for `uploads.ttl` | expires it in the state store (a tombstone that refuses later chunks, atomically with any chunk being recorded), publishes `upload.expired`, removes the directory |
+//! | active, or every chunk there (it merges) | removes copies nothing counts and temporary files |
+//! | aborted in the state store | removes the directory (the abort could not) |
+//! | failed in the state store | keeps everything until it was idle for `uploads.ttl`, for diagnosis |
 //!
 //! Nothing younger than `janitor.grace` is touched: a copy being written, or between its
 //! rename and its record, is in use. Several janitors may run; each removal is idempotent.
@@ -23,8 +25,9 @@ use stitch_common::events::Event;
 use stitch_common::id::UploadId;
 use stitch_common::lock::MergeLock;
 use stitch_common::queue::EventSink;
-use stitch_common::state::StateStore;
-use stitch_common::storage::FsChunkStore;
+use stitch_common::recovery::Recovery;
+use stitch_common::state::{Expired, StateStore};
+use stitch_common::storage::{FsChunkStore, Inventory};
 use stitch_common::upload::UploadState;
 use tokio::sync::watch;
 
@@ -34,15 +37,23 @@ pub struct Janitor {
     pub events: Arc<dyn EventSink>,
     /// Taken for each pass, so that one janitor of the fleet walks the storage at a time.
     pub lock: Arc<dyn MergeLock>,
+    /// Rebuilds the state of uploads the state store lost, before anything is decided.
+    pub recovery: Recovery,
     pub namespace: String,
     pub interval: Duration,
     pub grace: Duration,
+    /// `uploads.ttl`: an upload idle on storage this long, not completed, is abandoned.
+    pub ttl: Duration,
+    /// `uploads.completed_retention`; `None`: completed files are kept until deleted.
+    pub completed_retention: Option<Duration>,
 }
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     pub expired: Vec<String>,
+    /// Completed uploads removed because their retention passed.
+    pub deleted: Vec<String>,
     pub files_removed: usize,
 }
 
@@ -54,6 +65,7 @@ impl Janitor {
                 Ok(Some(swept)) if swept != Swept::default() => {
                     tracing::info!(
                         expired = swept.expired.len(),
+                        deleted = swept.deleted.len(),
                         files = swept.files_removed,
                         "janitor pass"
                     );
@@ -104,68 +116,131 @@ impl Janitor {
 
     async fn tend(&self, id: &UploadId, dir: &Path, swept: &mut Swept) -> anyhow::Result<()> {
         let grace = self.grace;
-        let Some(header) = self.state.upload_header(id).await? else {
-            // Unknown to the state store: expired, or its first record never happened.
-            let manifest = self.storage.read_manifest(id).await?;
+        let Some(inventory) = self.storage.inventory(id).await? else {
+            // No manifest: a first chunk whose upload was never created (the manifest comes
+            // before the state store's record), or the leftovers of a removal.
             let dir_owned = dir.to_owned();
-            if !blocking(move || all_older_than(&dir_owned, grace)).await? {
-                return Ok(());
+            if blocking(move || all_older_than(&dir_owned, grace)).await? {
+                self.storage.remove_upload(id).await?;
+                self.removed(swept, 1);
             }
-            if let Some(manifest) = manifest {
-                self.events
-                    .publish_event(&Event::expired(&manifest))
-                    .await?;
-                swept.expired.push(id.to_string());
-                stitch_common::metrics::transition("expired");
-            }
-            self.storage.remove_upload(id).await?;
-            swept.files_removed += 1;
-            metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(1);
             return Ok(());
         };
-        let dir = dir.to_owned();
-        let removed = match header.state {
-            UploadState::Receiving | UploadState::Merging => {
-                let counted: Vec<String> = self
-                    .state
-                    .counted_chunks(id)
-                    .await?
-                    .into_iter()
-                    .map(|c| format!("{}.{}", c.index, c.token))
-                    .collect();
-                blocking(move || {
-                    remove_old_files(&dir.join("chunks"), grace, |name| {
-                        !counted.iter().any(|c| c == name)
-                    })
-                })
-                .await?
-            }
-            UploadState::Completed => {
-                let keep = self
-                    .state
-                    .upload_status(id)
-                    .await?
-                    .and_then(|s| s.completion)
-                    .and_then(|c| c.location.rsplit('/').next().map(str::to_owned));
-                blocking(move || {
-                    let mut n = remove_old_files(&dir.join("chunks"), grace, |_| true)?;
-                    n += remove_old_files(&dir, grace, |name| {
-                        let attempt = name.starts_with("file.") || name.starts_with(".file.");
-                        attempt && Some(name) != keep.as_deref()
-                    })?;
-                    Ok(n)
-                })
-                .await?
-            }
+        if inventory.completion.is_some() {
+            return self.tend_completed(id, dir, &inventory, swept).await;
+        }
+        // Not completed on storage. The state store must know it before anything is decided
+        // (it is rebuilt from storage if it was lost).
+        self.recovery.rebuild(id).await?;
+        let Some(header) = self.state.upload_header(id).await? else {
+            anyhow::bail!("the state store does not know the upload even after a rebuild");
+        };
+        let now = stitch_common::now_ms();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let idle = now.saturating_sub(inventory.last_activity_ms) >= ttl_ms;
+        let stored: u64 = inventory.chunks.iter().map(|c| c.len).sum();
+        let every_chunk = stored == inventory.upload.geometry.total_size;
+        let abandoned = match header.state {
+            UploadState::Receiving => idle && !every_chunk,
+            UploadState::Failed => idle,
             UploadState::Aborted => {
                 self.storage.remove_upload(id).await?;
-                1
+                self.removed(swept, 1);
+                return Ok(());
             }
-            UploadState::Failed => 0,
+            UploadState::Merging | UploadState::Completed => false,
         };
-        swept.files_removed += removed;
-        metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(removed as u64);
+        if abandoned {
+            let idle_before = now.saturating_sub(ttl_ms);
+            if let Expired::Now = self.state.expire_upload(id, idle_before, ttl_ms).await? {
+                self.events
+                    .publish_event(&Event::expired(&inventory.upload))
+                    .await?;
+                self.storage.remove_upload(id).await?;
+                swept.expired.push(id.to_string());
+                stitch_common::metrics::transition("expired");
+                self.removed(swept, 1);
+            }
+            return Ok(());
+        }
+        // In use: only copies nothing counts, once past the grace.
+        let counted: Vec<String> = self
+            .state
+            .counted_chunks(id)
+            .await?
+            .into_iter()
+            .map(|c| format!("{}.{}", c.index, c.token))
+            .collect();
+        let dir = dir.to_owned();
+        let removed = blocking(move || {
+            remove_old_files(&dir.join("chunks"), grace, |name| {
+                !counted.iter().any(|c| c == name)
+            })
+        })
+        .await?;
+        self.removed(swept, removed);
         Ok(())
+    }
+
+    /// A completed upload: kept until its retention passes; its chunks and the files of
+    /// other attempts go.
+    async fn tend_completed(
+        &self,
+        id: &UploadId,
+        dir: &Path,
+        inventory: &Inventory,
+        swept: &mut Swept,
+    ) -> anyhow::Result<()> {
+        let Some(done) = &inventory.completion else {
+            return Ok(());
+        };
+        let now = stitch_common::now_ms();
+        if let Some(retention) = self.completed_retention
+            && done
+                .completed_at_ms
+                .saturating_add(retention.as_millis() as u64)
+                <= now
+        {
+            self.events
+                .publish_event(&Event::deleted(&inventory.upload, done.size, &done.md5))
+                .await?;
+            // The manifest first, so that nothing can rebuild the upload; then its state;
+            // then its files.
+            let manifest = self.storage.manifest_path(id);
+            blocking(move || match std::fs::remove_file(&manifest) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            })
+            .await?;
+            self.state.forget_upload(id).await?;
+            self.storage.remove_upload(id).await?;
+            swept.deleted.push(id.to_string());
+            stitch_common::metrics::transition("deleted");
+            self.removed(swept, 1);
+            return Ok(());
+        }
+        let keep = done.location.rsplit('/').next().map(str::to_owned);
+        let keep_record = format!("completion.{}.json", done.fence);
+        let (dir, grace) = (dir.to_owned(), self.grace);
+        let removed = blocking(move || {
+            let mut n = remove_old_files(&dir.join("chunks"), grace, |_| true)?;
+            n += remove_old_files(&dir, grace, |name| {
+                let attempt = name.starts_with("file.")
+                    || name.starts_with(".file.")
+                    || name.starts_with("completion.")
+                    || name.starts_with(".completion.");
+                attempt && Some(name) != keep.as_deref() && name != keep_record
+            })?;
+            Ok(n)
+        })
+        .await?;
+        self.removed(swept, removed);
+        Ok(())
+    }
+
+    fn removed(&self, swept: &mut Swept, n: usize) {
+        swept.files_removed += n;
+        metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(n as u64);
     }
 }
 

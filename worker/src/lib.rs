@@ -157,13 +157,11 @@ impl Worker {
                 queue: self.backends.merges.clone(),
                 events: self.backends.events.clone(),
                 lock: self.backends.lock.clone(),
-                merger: self.merger.clone(),
                 config: sweeper::SweeperConfig {
                     namespace: s.namespace.clone(),
                     interval: s.sweeper.interval.0,
                     outbox_horizon: s.sweeper.outbox_horizon.0,
                     stuck_merge_horizon: s.sweeper.stuck_merge_horizon.0,
-                    max_requeues: s.sweeper.max_requeues,
                 },
             };
             roles.spawn(sweeper.run(stop_rx.clone()));
@@ -174,9 +172,16 @@ impl Worker {
                 storage: self.backends.storage.clone(),
                 events: self.backends.events.clone(),
                 lock: self.backends.lock.clone(),
+                recovery: stitch_common::recovery::Recovery::new(
+                    self.backends.state.clone(),
+                    self.backends.storage.clone(),
+                    s.uploads.ttl.0.as_millis() as u64,
+                ),
                 namespace: s.namespace.clone(),
                 interval: s.janitor.interval.0,
                 grace: s.janitor.grace.0,
+                ttl: s.uploads.ttl.0,
+                completed_retention: s.uploads.completed_retention.map(|r| r.0),
             };
             roles.spawn(janitor.run(stop_rx.clone()));
         }

@@ -18,11 +18,12 @@ use stitch_common::events::{Event, new_event_id};
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock};
 use stitch_common::metrics as m;
-use stitch_common::queue::EventSink;
+use stitch_common::queue::{EventSink, OutboxMessage};
+use stitch_common::recovery::Recovery;
 use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, StateError, StateStore, keys,
 };
-use stitch_common::storage::FsChunkStore;
+use stitch_common::storage::{CompletionRecord, FsChunkStore};
 use stitch_common::upload::{Completion, UploadState};
 use tokio::sync::Mutex;
 
@@ -77,6 +78,8 @@ pub struct Merger {
     storage: FsChunkStore,
     lock: Arc<dyn MergeLock>,
     events: Arc<dyn EventSink>,
+    /// Rebuilds an upload the state store lost, from storage.
+    recovery: Recovery,
     namespace: String,
     ttl_ms: u64,
     block_bytes: usize,
@@ -93,7 +96,9 @@ impl Merger {
         lock: Arc<dyn MergeLock>,
         events: Arc<dyn EventSink>,
     ) -> Self {
+        let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
         Self {
+            recovery: Recovery::new(state.clone(), storage.clone(), ttl_ms),
             state,
             storage,
             lock,
@@ -207,7 +212,14 @@ impl Merger {
                 return Ok(MergeOutcome::Skipped(format!("the upload is {state}")));
             }
             Err(StateError::NotFound) => {
-                return Ok(MergeOutcome::Skipped("no such upload (expired?)".into()));
+                // Lost by the state store? Storage decides: rebuild, then try again.
+                return match self.recovery.rebuild(id).await {
+                    Ok(true) => Err(MergeError::Transient(
+                        "the upload's state was rebuilt from storage; merging again".into(),
+                    )),
+                    Ok(false) => Ok(MergeOutcome::Skipped("no such upload (expired?)".into())),
+                    Err(e) => Err(transient(e)),
+                };
             }
             Err(e) => return Err(transient(e)),
         };
@@ -217,14 +229,8 @@ impl Merger {
         tracing::info!(upload_id = %id, fence = plan.fence, chunks = plan.chunks.len(), "merging");
 
         let dir = self.storage.upload_dir(id);
-        let temp = dir.join(format!(
-            ".file.{}.{:016x}.tmp",
-            plan.fence,
-            rand::random::<u64>()
-        ));
-        let final_name = format!("file.{}", plan.fence);
-        let final_path = dir.join(&final_name);
-        let location = format!("uploads/{id}/{final_name}");
+        let temp = self.storage.merge_temp_path(id, plan.fence);
+        let (final_path, location) = self.storage.merged_file(id, plan.fence);
         let job = Concat {
             chunks: plan
                 .chunks
@@ -305,9 +311,25 @@ impl Merger {
             completed_at_ms: stitch_common::now_ms(),
             event_id: new_event_id(),
         };
+        // On storage before the commit: with the manifest, the record makes the completion
+        // survive a state store that loses it (rebuilds read it).
+        let record = CompletionRecord {
+            fence: plan.fence,
+            size: completion.size,
+            md5: completion.md5,
+            location: completion.location.clone(),
+            completed_at_ms: completion.completed_at_ms,
+            event_id: completion.event_id.clone(),
+        };
+        if let Err(e) = self.storage.write_completion(id, &record).await {
+            self.storage.discard_attempt(id, plan.fence).await;
+            return Err(transient(e));
+        }
+        let event = Event::completed_from(&plan.upload, &completion, self.public_url.as_deref());
+        let outboxed = OutboxMessage::event_json(&event);
         match self
             .state
-            .commit_merge(id, plan.fence, &completion, self.ttl_ms)
+            .commit_merge(id, plan.fence, &completion, &outboxed)
             .await
         {
             Ok(Committed::Now) => {
@@ -315,7 +337,7 @@ impl Merger {
                 metrics::histogram!(m::MERGE_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
                 m::transition("completed");
-                self.publish_completed(id).await?;
+                self.publish_outboxed(id, &event, &outboxed).await;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
                     lease: None,
@@ -323,7 +345,7 @@ impl Merger {
                 }))
             }
             Ok(Committed::Already { .. }) => {
-                remove(&final_path).await;
+                self.storage.discard_attempt(id, plan.fence).await;
                 self.publish_completed(id).await?;
                 let keep = self
                     .state
@@ -340,7 +362,7 @@ impl Merger {
             Err(StateError::Conflict(Conflict::Fenced | Conflict::NotMerging(_)))
             | Err(StateError::NotFound) => {
                 tracing::warn!(upload_id = %id, fence = plan.fence, "fenced out: a newer attempt owns the upload");
-                remove(&final_path).await;
+                self.storage.discard_attempt(id, plan.fence).await;
                 Ok(MergeOutcome::Skipped(
                     "fenced out by a newer attempt".into(),
                 ))
@@ -351,8 +373,23 @@ impl Merger {
                 Err(transient(e))
             }
             Err(e) => {
-                remove(&final_path).await;
+                self.storage.discard_attempt(id, plan.fence).await;
                 Err(transient(e))
+            }
+        }
+    }
+
+    /// Publishes an event its commit wrote to the outbox and clears it once confirmed; if the
+    /// broker fails, the entry stays for the sweeper (the commit stands either way).
+    async fn publish_outboxed(&self, id: &UploadId, event: &Event, outboxed: &str) {
+        match self.events.publish_event(event).await {
+            Ok(()) => {
+                if let Err(e) = self.state.clear_outbox_entry(id, outboxed).await {
+                    tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upload_id = %id, error = %e, "completion event not published; the sweeper will publish it from the outbox");
             }
         }
     }

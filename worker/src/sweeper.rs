@@ -2,10 +2,12 @@
 //!
 //! Every interval it (1) publishes merge triggers and events that are still in outboxes past
 //! the horizon (the API's publish failed or the API died between the commit and the publish) and
-//! (2) re-enqueues uploads stuck in `merging` past the horizon with no lock holder (a job
-//! dead-lettered by the broker after repeated worker crashes, a lost message), up to a bound
-//! after which the upload is marked `failed`. Running several sweepers is safe: publishing a
-//! merge job twice only costs a duplicate that the lock and the fence absorb.
+//! (2) re-enqueues uploads whose merge attempt has not moved for the horizon and whose lock
+//! nobody holds (a lost message, a job dead-lettered by the broker): "stuck" is judged from
+//! the last merge attempt (`merge_started_at`, or entering `merging` when no attempt began),
+//! never from time spent waiting in the queue. The sweeper never fails an upload: a backlog
+//! only waits, and a re-enqueue only costs a duplicate job that the lock and the fencing
+//! token absorb. Running several sweepers is safe for the same reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +17,11 @@ use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
 use stitch_common::state::{StateStore, keys};
 use tokio::sync::watch;
 
-use crate::merge::Merger;
-
 pub struct SweeperConfig {
     pub namespace: String,
     pub interval: Duration,
     pub outbox_horizon: Duration,
     pub stuck_merge_horizon: Duration,
-    pub max_requeues: u32,
 }
 
 pub struct Sweeper {
@@ -30,7 +29,6 @@ pub struct Sweeper {
     pub queue: Arc<dyn WorkQueue>,
     pub events: Arc<dyn EventSink>,
     pub lock: Arc<dyn MergeLock>,
-    pub merger: Arc<Merger>,
     pub config: SweeperConfig,
 }
 
@@ -92,14 +90,6 @@ impl Sweeper {
                 .await?
             {
                 continue; // A merge is running.
-            }
-            if stuck.requeues >= self.config.max_requeues {
-                let reason = format!(
-                    "the merge did not complete after {} re-enqueues",
-                    stuck.requeues
-                );
-                self.merger.fail(id, None, &reason).await?;
-                continue;
             }
             if self.state.note_requeue(id).await?.is_some() {
                 self.queue

@@ -69,9 +69,16 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
         storage: storage.clone(),
         events: backends.events.clone(),
         lock: backends.lock.clone(),
+        recovery: stitch_common::recovery::Recovery::new(
+            backends.state.clone(),
+            storage.clone(),
+            60_000,
+        ),
         namespace: env.namespace.clone(),
         interval: HOUR,
         grace: HOUR,
+        ttl: HOUR,
+        completed_retention: None,
     };
 
     // An upload the state store no longer knows (its keys expired), untouched for two hours.

@@ -173,10 +173,8 @@ pub struct SweeperSettings {
     /// A merge trigger still in an outbox this long after it was written is published again.
     pub outbox_horizon: Interval,
     /// An upload `merging` this long without a commit (and without a lock holder) is
-    /// enqueued again.
+    /// enqueued again. The sweeper never fails an upload: a backlog only waits.
     pub stuck_merge_horizon: Interval,
-    /// Re-enqueues of one stuck upload before it is marked `failed`.
-    pub max_requeues: u32,
 }
 
 /// Which roles a `stitch-worker` process runs.
@@ -279,8 +277,13 @@ pub struct Limits {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UploadSettings {
-    /// An upload untouched for this long expires (its Redis keys' TTL, refreshed on activity).
+    /// An upload that is not completed and saw no activity on storage for this long is
+    /// abandoned: the janitor removes it (its Redis keys carry the same TTL, refreshed on
+    /// activity). Completed uploads never expire by it.
     pub ttl: Interval,
+    /// How long a completed file and its status are kept after completion. `None` (the
+    /// default): until it is deleted (`DELETE /files/{id}`).
+    pub completed_retention: Option<Interval>,
     /// Compute MD5 of every chunk even when the client sends no `Content-MD5` (costs about
     /// one core per 600 MB/s).
     pub chunk_md5: bool,
@@ -421,7 +424,6 @@ impl Default for SweeperSettings {
             interval: Interval(Duration::from_secs(15)),
             outbox_horizon: Interval(Duration::from_secs(30)),
             stuck_merge_horizon: Interval(Duration::from_secs(900)),
-            max_requeues: 5,
         }
     }
 }
@@ -473,6 +475,7 @@ impl Default for UploadSettings {
     fn default() -> Self {
         Self {
             ttl: Interval(Duration::from_secs(7 * 86_400)),
+            completed_retention: None,
             chunk_md5: false,
         }
     }

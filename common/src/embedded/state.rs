@@ -12,8 +12,8 @@ use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
 use crate::state::{
-    Aborted, Committed, Conflict, Created, Failed, MergePlan, MergeStart, MergingUpload,
-    OutboxEntry, Progress, Recorded, StateError, StateStore, UploadHeader,
+    Aborted, Committed, Conflict, Created, Expired, Failed, MergePlan, MergeStart, MergingUpload,
+    OutboxEntry, Progress, Recorded, Restoration, Restored, StateError, StateStore, UploadHeader,
 };
 use crate::upload::{ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus};
 
@@ -190,6 +190,24 @@ fn drop_merge_triggers(tx: &Transaction<'_>, id: &str) -> Result<(), StateError>
     Ok(())
 }
 
+fn insert_part(tx: &Transaction<'_>, id: &str, c: &ChunkRecord) -> Result<(), StateError> {
+    tx.execute(
+        "INSERT INTO parts (upload_id, idx, offset, len, crc32c, md5, token) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            int(c.index.0),
+            int(c.offset),
+            int(c.len),
+            c.crc32c as i64,
+            md5_text(c.md5),
+            c.token
+        ],
+    )
+    .map_err(db_error)?;
+    Ok(())
+}
+
 fn counts(tx: &Transaction<'_>, id: &str) -> Result<(u64, u64), StateError> {
     tx.query_row(
         "SELECT chunks_received, bytes_received FROM uploads WHERE id = ?1",
@@ -348,11 +366,7 @@ impl StateStore for SqliteStateStore {
                     counted_token: existing.token,
                 });
             }
-            tx.execute(
-                "INSERT INTO parts (upload_id, idx, offset, len, crc32c, md5, token) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![id, int(c.index.0), int(c.offset), int(c.len), c.crc32c as i64, md5_text(c.md5), c.token],
-            )
-            .map_err(db_error)?;
+            insert_part(tx, id, &c)?;
             tx.execute(
                 "UPDATE uploads SET chunks_received = chunks_received + 1, \
                  bytes_received = bytes_received + ?2 WHERE id = ?1",
@@ -461,7 +475,13 @@ impl StateStore for SqliteStateStore {
                 updated_at_ms: times.1 as u64,
                 bytes_received: times.2 as u64,
                 chunks_received: times.3 as u64,
-                uploaded_chunks,
+                // A completed upload has every chunk, whether or not their rows remain (a
+                // rebuild from storage has none).
+                uploaded_chunks: if completion.is_some() {
+                    (0..geometry.total_chunks).collect()
+                } else {
+                    uploaded_chunks
+                },
                 merge_bytes_done: times.4.map(|v| v as u64),
                 completion,
                 failure,
@@ -681,9 +701,10 @@ impl StateStore for SqliteStateStore {
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        ttl_ms: u64,
+        completed_event: &str,
     ) -> Result<Committed, StateError> {
-        let (id, result) = (id.clone(), result.clone());
+        let (id, result, completed_event) =
+            (id.clone(), result.clone(), completed_event.to_owned());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();
@@ -718,11 +739,13 @@ impl StateStore for SqliteStateStore {
                     result.location,
                     result.event_id,
                     result.completed_at_ms as i64,
-                    now + int(ttl_ms)
+                    // Kept until deleted or past its retention (the janitor's call).
+                    i64::MAX
                 ],
             )
             .map_err(db_error)?;
             drop_merge_triggers(tx, key)?;
+            push_outbox(tx, key, &completed_event)?;
             Ok(Committed::Now)
         })
         .await
@@ -790,5 +813,153 @@ impl StateStore for SqliteStateStore {
     async fn ping(&self) -> Result<(), StateError> {
         self.run(|tx| tx.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
             .await
+    }
+
+    async fn restore_upload(
+        &self,
+        r: &Restoration,
+        merge_job: &str,
+        ttl_ms: u64,
+    ) -> Result<Restored, StateError> {
+        let (r, merge_job) = (r.clone(), merge_job.to_owned());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = r.upload.id.as_str();
+            purge_expired(tx, key, now)?;
+            if read_head(tx, key)?.is_some() {
+                return Ok(Restored::AlreadyKnown);
+            }
+            let g = r.upload.geometry;
+            insert_upload(
+                tx,
+                &r.upload,
+                r.upload.created_at_ms as i64,
+                r.last_activity_ms as i64,
+                int(ttl_ms).saturating_add(now - r.last_activity_ms as i64),
+            )?;
+            tx.execute(
+                "UPDATE uploads SET fence = ?2 WHERE id = ?1",
+                params![key, int(r.fence)],
+            )
+            .map_err(db_error)?;
+            if let Some(c) = &r.completion {
+                tx.execute(
+                    "UPDATE uploads SET state = 'completed', size = ?2, md5 = ?3, location = ?4, \
+                     completed_event_id = ?5, completed_at = ?6, merge_bytes_done = ?2, \
+                     chunks_received = ?7, bytes_received = ?8, expires_at = ?9 WHERE id = ?1",
+                    params![
+                        key,
+                        int(c.size),
+                        c.md5.to_hex(),
+                        c.location,
+                        c.event_id,
+                        c.completed_at_ms as i64,
+                        int(g.total_chunks),
+                        int(g.total_size),
+                        i64::MAX
+                    ],
+                )
+                .map_err(db_error)?;
+                return Ok(Restored::Now(UploadState::Completed));
+            }
+            let mut bytes = 0u64;
+            for chunk in &r.chunks {
+                insert_part(tx, key, chunk)?;
+                bytes += chunk.len;
+            }
+            let state = if bytes == g.total_size {
+                UploadState::Merging
+            } else {
+                UploadState::Receiving
+            };
+            tx.execute(
+                "UPDATE uploads SET state = ?2, chunks_received = ?3, bytes_received = ?4, \
+                 merging_at = CASE WHEN ?2 = 'merging' THEN ?5 END, expires_at = ?6 WHERE id = ?1",
+                params![
+                    key,
+                    state.as_str(),
+                    r.chunks.len() as i64,
+                    int(bytes),
+                    now,
+                    now + int(ttl_ms)
+                ],
+            )
+            .map_err(db_error)?;
+            if state == UploadState::Merging {
+                push_outbox(tx, key, &merge_job)?;
+            }
+            Ok(Restored::Now(state))
+        })
+        .await
+    }
+
+    async fn expire_upload(
+        &self,
+        id: &UploadId,
+        idle_before_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Expired, StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let row: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT state, updated_at FROM uploads WHERE id = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(db_error)?;
+            match &row {
+                Some((state, updated)) => {
+                    let state: UploadState = state.parse().map_err(StateError::Corrupt)?;
+                    let active = *updated >= int(idle_before_ms);
+                    if matches!(state, UploadState::Merging | UploadState::Completed)
+                        || (state != UploadState::Aborted && active)
+                    {
+                        return Ok(Expired::Kept(state));
+                    }
+                }
+                None => {
+                    // A tombstone of its own, with a geometry no chunk matches.
+                    tx.execute(
+                        "INSERT INTO uploads (id, state, total_size, chunk_size, total_chunks, \
+                         created_at, updated_at, expires_at) VALUES (?1, 'aborted', 0, 0, 0, ?2, ?2, ?3)",
+                        params![key, now, now + int(ttl_ms)],
+                    )
+                    .map_err(db_error)?;
+                }
+            }
+            tx.execute(
+                "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
+                 bytes_received = 0, expires_at = ?3 WHERE id = ?1",
+                params![key, now, now + int(ttl_ms)],
+            )
+            .map_err(db_error)?;
+            tx.execute("DELETE FROM parts WHERE upload_id = ?1", [key])
+                .map_err(db_error)?;
+            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key])
+                .map_err(db_error)?;
+            Ok(Expired::Now)
+        })
+        .await
+    }
+
+    async fn forget_upload(&self, id: &UploadId) -> Result<(), StateError> {
+        let id = id.clone();
+        self.run(move |tx| {
+            let key = id.as_str();
+            for sql in [
+                "DELETE FROM parts WHERE upload_id = ?1",
+                "DELETE FROM outbox WHERE upload_id = ?1",
+                "DELETE FROM uploads WHERE id = ?1",
+            ] {
+                tx.execute(sql, [key]).map_err(db_error)?;
+            }
+            Ok(())
+        })
+        .await
     }
 }

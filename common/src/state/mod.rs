@@ -147,6 +147,41 @@ pub enum Failed {
     NotMerging(UploadState),
 }
 
+/// An upload as storage knows it, for [`StateStore::restore_upload`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restoration {
+    pub upload: NewUpload,
+    /// The complete copies on storage, one per index, ascending.
+    pub chunks: Vec<ChunkRecord>,
+    /// The completion storage recorded, if a merge got that far.
+    pub completion: Option<Completion>,
+    /// The highest fencing token any attempt left on storage: the restored counter starts
+    /// past it, so tokens never go backwards across a rebuild.
+    pub fence: u64,
+    /// The upload's last activity on storage (ms since the epoch).
+    pub last_activity_ms: u64,
+}
+
+/// Result of [`StateStore::restore_upload`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// The state store did not know the upload; it does now, in this state.
+    Now(UploadState),
+    /// It knew the upload (another process restored it first, or it was never lost);
+    /// nothing changed.
+    AlreadyKnown,
+}
+
+/// Result of [`StateStore::expire_upload`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expired {
+    /// The upload is expired: its record is a tombstone that refuses every later chunk, so
+    /// its files may go.
+    Now,
+    /// It was active after the cut-off, or is merging or completed: keep it.
+    Kept(UploadState),
+}
+
 /// A merge trigger found in an outbox by the sweeper.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutboxEntry {
@@ -240,14 +275,16 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), StateError>;
 
     /// Commits a merge: only if the upload is `merging` and `fence` is the newest token
-    /// ([`Conflict::Fenced`] otherwise), atomically moves it to `completed` with `result`.
-    /// Idempotent for an upload that is already completed.
+    /// ([`Conflict::Fenced`] otherwise), atomically moves it to `completed` with `result` and
+    /// writes `completed_event` (an outbox entry) to its outbox. A completed upload has no
+    /// TTL: it is kept until it is deleted or its retention passes (the janitor decides that
+    /// from storage). Idempotent for an upload that is already completed.
     async fn commit_merge(
         &self,
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        ttl_ms: u64,
+        completed_event: &str,
     ) -> Result<Committed, StateError>;
 
     /// Marks a merging upload `failed` for `reason`; fenced when `fence` is given.
@@ -266,4 +303,33 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// Rebuilds an upload the store has lost from what storage holds, atomically and only if
+    /// the store does not know it (concurrent rebuilds agree: the first wins, the others get
+    /// [`Restored::AlreadyKnown`]). The state follows from storage: `completed` with a
+    /// completion, `merging` (with a merge trigger in the outbox, `merge_job`) when every
+    /// chunk is there, `receiving` otherwise. The fencing counter is raised past
+    /// `restoration.fence`, never lowered.
+    async fn restore_upload(
+        &self,
+        restoration: &Restoration,
+        merge_job: &str,
+        ttl_ms: u64,
+    ) -> Result<Restored, StateError>;
+
+    /// Expires an abandoned upload, atomically with respect to [`StateStore::record_chunk`]:
+    /// unless it was active since `idle_before_ms` or is merging or completed, its record
+    /// becomes a tombstone (`aborted`, chunks forgotten, kept for `ttl_ms`) that refuses every
+    /// later chunk, so its files can be removed without a chunk being counted in between. An
+    /// unknown upload gets the tombstone too.
+    async fn expire_upload(
+        &self,
+        id: &UploadId,
+        idle_before_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Expired, StateError>;
+
+    /// Forgets an upload entirely (a completed upload whose retention passed, after its
+    /// files are gone). Idempotent.
+    async fn forget_upload(&self, id: &UploadId) -> Result<(), StateError>;
 }

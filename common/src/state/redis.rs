@@ -19,8 +19,8 @@ use deadpool_redis::{Manager, Pool, Runtime};
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 
 use super::{
-    Aborted, Committed, Conflict, Created, Failed, MergePlan, MergeStart, MergingUpload,
-    OutboxEntry, Progress, Recorded, StateError, StateStore, UploadHeader,
+    Aborted, Committed, Conflict, Created, Expired, Failed, MergePlan, MergeStart, MergingUpload,
+    OutboxEntry, Progress, Recorded, Restoration, Restored, StateError, StateStore, UploadHeader,
 };
 use crate::config::RedisSettings;
 use crate::digest::Md5;
@@ -81,6 +81,8 @@ struct Scripts {
     fail_merge: Script,
     merge_progress: Script,
     note_requeue: Script,
+    restore_upload: Script,
+    expire_upload: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -94,6 +96,8 @@ fn scripts() -> &'static Scripts {
         fail_merge: Script::new(include_str!("lua/fail_merge.lua")),
         merge_progress: Script::new(include_str!("lua/merge_progress.lua")),
         note_requeue: Script::new(include_str!("lua/note_requeue.lua")),
+        restore_upload: Script::new(include_str!("lua/restore_upload.lua")),
+        expire_upload: Script::new(include_str!("lua/expire_upload.lua")),
     })
 }
 
@@ -254,6 +258,18 @@ impl Reply {
     }
 }
 
+/// Encodes a parts entry `offset:len:crc32c:md5hex:token`.
+fn part_entry(chunk: &ChunkRecord) -> String {
+    format!(
+        "{}:{}:{}:{}:{}",
+        chunk.offset,
+        chunk.len,
+        chunk.crc32c,
+        md5_arg(chunk.md5),
+        chunk.token
+    )
+}
+
 /// Decodes a parts entry `offset:len:crc32c:md5hex:token`.
 fn parse_part(index: u64, entry: &str) -> Result<ChunkRecord, StateError> {
     let corrupt = || StateError::Corrupt(format!("chunk entry {index} is malformed: {entry:?}"));
@@ -374,10 +390,7 @@ impl StateStore for RedisStateStore {
         let mut conn = self.connection().await?;
         let g = upload.geometry;
         let md5 = md5_arg(chunk.md5);
-        let entry = format!(
-            "{}:{}:{}:{}:{}",
-            chunk.offset, chunk.len, chunk.crc32c, md5, chunk.token
-        );
+        let entry = part_entry(chunk);
         let mut invocation = self.scripts.record_chunk.prepare_invoke();
         for key in self.all_keys(&upload.id) {
             invocation.key(key);
@@ -569,9 +582,13 @@ impl StateStore for RedisStateStore {
         for batch in metas.chunks(500) {
             let mut pipe = redis::pipe();
             for key in batch {
-                pipe.cmd("HMGET")
-                    .arg(key)
-                    .arg(&["state", "merging_at", "requeued_at", "requeues"]);
+                pipe.cmd("HMGET").arg(key).arg(&[
+                    "state",
+                    "merging_at",
+                    "requeued_at",
+                    "requeues",
+                    "merge_started_at",
+                ]);
             }
             let rows: Vec<Vec<Option<String>>> =
                 pipe.query_async(&mut conn).await.map_err(redis_error)?;
@@ -585,7 +602,8 @@ impl StateStore for RedisStateStore {
                         .and_then(|v| v.parse::<u64>().ok())
                         .unwrap_or(0)
                 };
-                let since_ms = number(1).max(number(2));
+                // The last sign of life: entering merging, the last attempt, the last requeue.
+                let since_ms = number(1).max(number(2)).max(number(4));
                 if since_ms < older_than_ms
                     && let Some(upload_id) = keys::id_of(&self.namespace, key)
                 {
@@ -696,7 +714,7 @@ impl StateStore for RedisStateStore {
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        ttl_ms: u64,
+        completed_event: &str,
     ) -> Result<Committed, StateError> {
         let mut conn = self.connection().await?;
         let ns = &self.namespace;
@@ -714,7 +732,7 @@ impl StateStore for RedisStateStore {
             .arg(&result.location)
             .arg(&result.event_id)
             .arg(result.completed_at_ms)
-            .arg(ttl_ms)
+            .arg(completed_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -803,6 +821,100 @@ impl StateStore for RedisStateStore {
                 outcome_unknown: false,
             }),
         }
+    }
+
+    async fn restore_upload(
+        &self,
+        r: &Restoration,
+        merge_job: &str,
+        ttl_ms: u64,
+    ) -> Result<Restored, StateError> {
+        let mut conn = self.connection().await?;
+        let (u, g) = (&r.upload, r.upload.geometry);
+        let mut invocation = self.scripts.restore_upload.prepare_invoke();
+        for key in self.all_keys(&u.id) {
+            invocation.key(key);
+        }
+        invocation
+            .key(keys::fence(&self.namespace, &u.id))
+            .arg(g.total_size)
+            .arg(g.chunk_size)
+            .arg(g.total_chunks)
+            .arg(u.filename.as_deref().unwrap_or(""))
+            .arg(md5_arg(u.file_md5))
+            .arg(metadata_arg(u))
+            .arg(u.created_at_ms)
+            .arg(u.callback_url.as_deref().unwrap_or(""))
+            .arg(u.callback_secret.as_deref().unwrap_or(""))
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .arg(r.fence)
+            .arg(r.last_activity_ms)
+            .arg(merge_job);
+        match &r.completion {
+            Some(c) => invocation
+                .arg(1)
+                .arg(c.size)
+                .arg(c.md5.to_hex())
+                .arg(&c.location)
+                .arg(c.completed_at_ms)
+                .arg(&c.event_id),
+            None => invocation.arg(0).arg(0).arg("").arg("").arg(0).arg(""),
+        };
+        for chunk in &r.chunks {
+            invocation
+                .arg(chunk.index.0)
+                .arg(part_entry(chunk))
+                .arg(chunk.len);
+        }
+        let reply: Value = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "restored" => Ok(Restored::Now(reply.state(1)?)),
+            "exists" => Ok(Restored::AlreadyKnown),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
+    async fn expire_upload(
+        &self,
+        id: &UploadId,
+        idle_before_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<Expired, StateError> {
+        let mut conn = self.connection().await?;
+        let mut invocation = self.scripts.expire_upload.prepare_invoke();
+        for key in self.all_keys(id) {
+            invocation.key(key);
+        }
+        let reply: Value = invocation
+            .arg(idle_before_ms)
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "expired" => Ok(Expired::Now),
+            "kept" => Ok(Expired::Kept(reply.state(1)?)),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
+    async fn forget_upload(&self, id: &UploadId) -> Result<(), StateError> {
+        let mut conn = self.connection().await?;
+        let mut keys = self.all_keys(id).to_vec();
+        keys.push(keys::fence(&self.namespace, id));
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        Ok(())
     }
 }
 

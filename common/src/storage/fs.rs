@@ -14,7 +14,7 @@ use super::StorageError;
 use crate::digest::{ChunkDigests, ChunkHasher, Md5};
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
-use crate::upload::NewUpload;
+use crate::upload::{ChunkRecord, NewUpload};
 
 /// One message of a chunk body on its way to storage.
 #[derive(Debug)]
@@ -119,6 +119,10 @@ impl FsChunkStore {
     /// (CRC32C always, MD5 when `with_md5`), then fsyncs it and renames it to its final,
     /// unique name. If the feed closes without [`Feed::End`], or anything fails, the partial
     /// file is removed.
+    ///
+    /// The copy's token is a random part followed by the chunk's CRC32C (8 hex digits), so
+    /// that storage alone tells what each complete copy holds when the state store must be
+    /// rebuilt ([`FsChunkStore::inventory`]).
     pub async fn stage_chunk(
         &self,
         id: &UploadId,
@@ -126,14 +130,18 @@ impl FsChunkStore {
         with_md5: bool,
         feed: mpsc::Receiver<Feed>,
     ) -> Result<StagedChunk, StorageError> {
-        let token = new_token();
+        let random = new_token();
         let dir = self.chunks_dir(id);
-        let path = self.chunk_path(id, index, &token);
-        let fsync = self.fsync;
+        let part = self.chunks_dir(id).join(format!("{index}.{random}.part"));
+        let store = self.clone();
+        let id = id.clone();
         tokio::task::spawn_blocking(move || {
-            let digests = write_copy(&dir, &path, with_md5, fsync, feed)?;
+            let digests = write_copy(&dir, &part, with_md5, store.fsync, feed, |crc| {
+                store.chunk_path(&id, index, &format!("{random}{crc:08x}"))
+            })?;
+            let token = format!("{random}{:08x}", digests.crc32c);
             Ok(StagedChunk {
-                path,
+                path: store.chunk_path(&id, index, &token),
                 token,
                 digests,
             })
@@ -199,6 +207,289 @@ impl FsChunkStore {
         .await
         .map_err(|e| StorageError::Unavailable(format!("probe failed: {e}")))?
     }
+    /// The name of a merge attempt's file (`file.<fence>`), relative to the upload's directory.
+    pub fn merged_file_name(fence: u64) -> String {
+        format!("file.{fence}")
+    }
+
+    /// Where a merge attempt writes its file: its final path and, relative to the root, the
+    /// location stored with the completion.
+    pub fn merged_file(&self, id: &UploadId, fence: u64) -> (PathBuf, String) {
+        let name = Self::merged_file_name(fence);
+        (
+            self.upload_dir(id).join(&name),
+            format!("uploads/{id}/{name}"),
+        )
+    }
+
+    /// A fresh temporary path for a merge attempt's file (`.file.<fence>.<random>.tmp`).
+    pub fn merge_temp_path(&self, id: &UploadId, fence: u64) -> PathBuf {
+        self.upload_dir(id)
+            .join(format!(".file.{fence}.{}.tmp", new_token()))
+    }
+
+    /// Writes a merge attempt's completion record (`completion.<fence>.json`) durably: the
+    /// merged file is renamed into place first, this is written second, the state store's
+    /// commit comes third. With the manifest, it is what a rebuild of a completed upload's
+    /// state reads ([`FsChunkStore::inventory`]).
+    pub async fn write_completion(
+        &self,
+        id: &UploadId,
+        record: &CompletionRecord,
+    ) -> Result<(), StorageError> {
+        let dir = self.upload_dir(id);
+        let record = record.clone();
+        let fsync = self.fsync;
+        blocking(move || {
+            let body = serde_json::to_vec_pretty(&CompletionFile::V1(record.clone()))
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            let tmp = dir.join(format!(".completion.{}.{}.tmp", record.fence, new_token()));
+            let path = dir.join(completion_name(record.fence));
+            let result = (|| {
+                let mut file = File::create(&tmp)
+                    .map_err(|e| StorageError::from_io("creating completion record", e))?;
+                file.write_all(&body)
+                    .map_err(|e| StorageError::from_io("writing completion record", e))?;
+                if fsync {
+                    file.sync_all()
+                        .map_err(|e| StorageError::from_io("syncing completion record", e))?;
+                }
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| StorageError::from_io("publishing completion record", e))?;
+                if fsync {
+                    sync_dir(&dir)?;
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&tmp);
+            result
+        })
+        .await
+    }
+
+    /// Removes a merge attempt's completion record and file (an attempt that was fenced out
+    /// or found the upload completed by another). Missing is fine.
+    pub async fn discard_attempt(&self, id: &UploadId, fence: u64) {
+        let dir = self.upload_dir(id);
+        let _ = blocking(move || {
+            let _ = std::fs::remove_file(dir.join(completion_name(fence)));
+            let _ = std::fs::remove_file(dir.join(Self::merged_file_name(fence)));
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Everything storage knows of an upload, enough to rebuild its state (invariant 9):
+    /// the manifest; one complete copy per chunk index (the oldest, when several exist) with
+    /// the CRC32C its name carries; the newest completion record whose merged file is there
+    /// with its size; the highest fencing token any attempt left; and the newest modification
+    /// time in its directory (its last activity). `None` when there is no manifest.
+    pub async fn inventory(&self, id: &UploadId) -> Result<Option<Inventory>, StorageError> {
+        let store = self.clone();
+        let id = id.clone();
+        blocking(move || store.inventory_blocking(&id)).await
+    }
+
+    fn inventory_blocking(&self, id: &UploadId) -> Result<Option<Inventory>, StorageError> {
+        let Some(upload) = read_manifest(&self.manifest_path(id))? else {
+            return Ok(None);
+        };
+        let dir = self.upload_dir(id);
+        let mut inventory = Inventory {
+            upload,
+            chunks: Vec::new(),
+            completion: None,
+            highest_fence: 0,
+            last_activity_ms: modified_ms(&dir).unwrap_or(0),
+        };
+        let mut completions = Vec::new();
+        for entry in read_dir_or_empty(&dir)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ms) = entry
+                .metadata()
+                .ok()
+                .and_then(|m| system_ms(m.modified().ok()?))
+            {
+                inventory.last_activity_ms = inventory.last_activity_ms.max(ms);
+            }
+            if let Some(fence) = attempt_fence(&name) {
+                inventory.highest_fence = inventory.highest_fence.max(fence);
+            }
+            if let Some(fence) = name
+                .strip_prefix("completion.")
+                .and_then(|rest| rest.strip_suffix(".json"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                completions.push(fence);
+            }
+        }
+        completions.sort_unstable_by(|a, b| b.cmp(a));
+        for fence in completions {
+            let record = match std::fs::read(dir.join(completion_name(fence))) {
+                Ok(bytes) => match serde_json::from_slice(&bytes) {
+                    Ok(CompletionFile::V1(record)) => record,
+                    Err(_) => continue,
+                },
+                Err(_) => continue,
+            };
+            let merged = self
+                .resolve(&record.location)
+                .and_then(|p| std::fs::metadata(p).ok());
+            if merged.is_some_and(|m| m.len() == record.size) {
+                inventory.completion = Some(record);
+                break;
+            }
+        }
+        let geometry = inventory.upload.geometry;
+        let mut oldest: std::collections::BTreeMap<u64, (u64, String, u32)> = Default::default();
+        for entry in read_dir_or_empty(&self.chunks_dir(id))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(meta) = entry.metadata() else { continue };
+            let ms = meta.modified().ok().and_then(system_ms).unwrap_or(0);
+            inventory.last_activity_ms = inventory.last_activity_ms.max(ms);
+            let Some((index, token)) = name.split_once('.') else {
+                continue;
+            };
+            let Ok(index) = index.parse::<u64>() else {
+                continue;
+            };
+            if index >= geometry.total_chunks
+                || token.contains('.')
+                || meta.len() != geometry.chunk_len(ChunkIndex(index))
+            {
+                continue; // A `.part` file, or nothing of ours.
+            }
+            let crc = match token_crc(token) {
+                Some(crc) => crc,
+                None => crc_of_file(&entry.path())?,
+            };
+            let older = oldest.get(&index).is_none_or(|(t, _, _)| ms < *t);
+            if older {
+                oldest.insert(index, (ms, token.to_owned(), crc));
+            }
+        }
+        inventory.chunks = oldest
+            .into_iter()
+            .map(|(index, (_, token, crc32c))| ChunkRecord {
+                index: ChunkIndex(index),
+                offset: geometry.chunk_start(ChunkIndex(index)),
+                len: geometry.chunk_len(ChunkIndex(index)),
+                crc32c,
+                md5: None,
+                token,
+            })
+            .collect();
+        Ok(Some(inventory))
+    }
+
+    /// The ids of every upload directory under the root (anything else is not ours).
+    pub async fn upload_ids(&self) -> Result<Vec<UploadId>, StorageError> {
+        let uploads = self.root.join("uploads");
+        blocking(move || {
+            Ok(read_dir_or_empty(&uploads)?
+                .into_iter()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| UploadId::parse(&e.file_name().to_string_lossy()).ok())
+                .collect())
+        })
+        .await
+    }
+}
+
+/// What a merge attempt left on storage before its commit: the completion as the state store
+/// records it, and the attempt's fencing token.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CompletionRecord {
+    pub fence: u64,
+    pub size: u64,
+    pub md5: Md5,
+    /// The merged file, relative to the storage root.
+    pub location: String,
+    pub completed_at_ms: u64,
+    /// The `upload.completed` event's id.
+    pub event_id: String,
+}
+
+/// The record's on-disk form, versioned like the manifest.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "completion_version")]
+enum CompletionFile {
+    #[serde(rename = "1")]
+    V1(CompletionRecord),
+}
+
+/// An upload as storage knows it ([`FsChunkStore::inventory`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inventory {
+    pub upload: NewUpload,
+    /// One complete copy per stored index, ascending.
+    pub chunks: Vec<ChunkRecord>,
+    pub completion: Option<CompletionRecord>,
+    /// The highest fencing token of any attempt's file or record (0: none).
+    pub highest_fence: u64,
+    /// The newest modification time under the upload's directory (ms since the epoch).
+    pub last_activity_ms: u64,
+}
+
+fn completion_name(fence: u64) -> String {
+    format!("completion.{fence}.json")
+}
+
+/// The fence of a merge attempt's file, temp file or completion record.
+fn attempt_fence(name: &str) -> Option<u64> {
+    let rest = name
+        .strip_prefix("file.")
+        .or_else(|| name.strip_prefix(".file."))
+        .or_else(|| name.strip_prefix("completion."))
+        .or_else(|| name.strip_prefix(".completion."))?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// The CRC32C a token of the current form carries (16 random + 8 CRC hex digits).
+fn token_crc(token: &str) -> Option<u32> {
+    (token.len() == 24)
+        .then(|| u32::from_str_radix(&token[16..], 16).ok())
+        .flatten()
+}
+
+fn crc_of_file(path: &Path) -> Result<u32, StorageError> {
+    let mut file = File::open(path).map_err(|e| StorageError::from_io("reading a chunk", e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut crc = 0u32;
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)
+            .map_err(|e| StorageError::from_io("reading a chunk", e))?;
+        if n == 0 {
+            return Ok(crc);
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+    }
+}
+
+fn read_dir_or_empty(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StorageError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.flatten().collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StorageError::from_io("listing a directory", e)),
+    }
+}
+
+fn system_ms(time: std::time::SystemTime) -> Option<u64> {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
+}
+
+fn modified_ms(path: &Path) -> Option<u64> {
+    system_ms(std::fs::metadata(path).ok()?.modified().ok()?)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Unavailable(format!("storage thread failed: {e}")))?
 }
 
 /// A random 64-bit token in hex: unique per copy, short enough to store per chunk.
@@ -206,18 +497,18 @@ fn new_token() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
+/// Writes the feed to `part`, then renames it to `final_path(crc32c)`.
 fn write_copy(
     dir: &Path,
-    path: &Path,
+    part: &Path,
     with_md5: bool,
     fsync: bool,
     mut feed: mpsc::Receiver<Feed>,
+    final_path: impl FnOnce(u32) -> PathBuf,
 ) -> Result<ChunkDigests, StorageError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StorageError::from_io("creating chunk directory", e))?;
-    let mut part = path.as_os_str().to_owned();
-    part.push(".part");
-    let part = PathBuf::from(part);
+    let part = part.to_owned();
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -273,14 +564,16 @@ fn write_copy(
             None => None,
         };
         written?;
-        std::fs::rename(&part, path).map_err(|e| StorageError::from_io("renaming chunk", e))?;
+        let digests = ChunkDigests {
+            md5,
+            ..crc.finish()
+        };
+        std::fs::rename(&part, final_path(digests.crc32c))
+            .map_err(|e| StorageError::from_io("renaming chunk", e))?;
         if fsync {
             sync_dir(dir)?;
         }
-        Ok(ChunkDigests {
-            md5,
-            ..crc.finish()
-        })
+        Ok(digests)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&part);

@@ -5,8 +5,14 @@
 //! ```text
 //! uploads/<id>/manifest.json             immutable, written once at creation
 //! uploads/<id>/chunks/<index>.<token>    a complete, fsynced copy of one chunk
-//! uploads/<id>/chunks/<index>.<token>.part   a copy being written (never counted)
+//! uploads/<id>/chunks/<index>.<random>.part  a copy being written (never counted)
+//! uploads/<id>/.file.<fence>.<random>.tmp    a merge attempt's file being written
+//! uploads/<id>/file.<fence>                  a merge attempt's verified file
+//! uploads/<id>/completion.<fence>.json       that attempt's completion record, written
+//!                                            after the file, before the state store commit
 //! ```
+//! A copy's token is 16 random hex digits and the copy's CRC32C (8 more), so storage alone,
+//! with the manifest and the completion records, is enough to rebuild an upload's state.
 //! Every copy of a chunk gets a unique `token`, so two pods receiving the same chunk at once
 //! never write the same file; the state store decides which copy counts and the other is
 //! removed. A copy reaches its final name only after all its bytes are fsynced (invariant 1),
@@ -14,7 +20,7 @@
 
 mod fs;
 
-pub use fs::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk};
+pub use fs::{Block, CompletionRecord, Feed, FsChunkStore, Inventory, ManifestCheck, StagedChunk};
 
 /// A storage failure. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]

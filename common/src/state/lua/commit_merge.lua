@@ -2,7 +2,9 @@
 -- See StateStore::commit_merge.
 --
 -- KEYS: 1 meta, 2 fence, 3 parts, 4 outbox, 5 bits
--- ARGV: 1 fence, 2 size, 3 md5hex, 4 location, 5 event_id, 6 now_ms, 7 ttl_ms
+-- ARGV: 1 fence, 2 size, 3 md5hex, 4 location, 5 event_id, 6 now_ms,
+--       7 the upload.completed event (outbox entry)
+-- A completed upload has no TTL: it is kept until deleted or past its retention.
 -- Returns {"missing"} | {"completed", event_id} | {"state", state} | {"fenced"} | {"committed"}
 
 -- Removes the merge triggers from the outbox; pending events stay to be published.
@@ -27,6 +29,8 @@ redis.call('HSET', meta, 'state', 'completed', 'size', ARGV[2], 'md5', ARGV[3],
   'updated_at', ARGV[6], 'merge_bytes_done', ARGV[2])
 redis.call('DEL', KEYS[3])
 drop_merge_triggers(KEYS[4])
-redis.call('PEXPIRE', meta, ARGV[7])
-redis.call('PEXPIRE', KEYS[5], ARGV[7])
+redis.call('RPUSH', KEYS[4], ARGV[7])
+redis.call('PERSIST', meta)
+redis.call('PERSIST', KEYS[5])
+redis.call('PERSIST', KEYS[4])
 return {'committed'}

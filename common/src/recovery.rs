@@ -1,0 +1,89 @@
+//! Rebuilding an upload's state from storage (invariant 9: storage is the truth, the state
+//! store is the index).
+//!
+//! When the state store does not know an id that storage does — Redis restarted without
+//! persistence, a failover to an empty replica, keys deleted by hand — the API, the worker
+//! and the janitor rebuild the record from the upload's manifest, its complete chunk copies
+//! and its completion record, in one atomic state-store operation, and go on: status lists
+//! exactly the chunks on storage, a half-sent upload resumes, a complete one merges, a
+//! completed file downloads. Concurrent rebuilds agree (the first wins), and the fencing
+//! counter starts past every attempt storage knows of.
+
+use std::sync::Arc;
+
+use crate::id::UploadId;
+use crate::metrics as m;
+use crate::queue::MergeJob;
+use crate::state::{Restoration, Restored, StateError, StateStore};
+use crate::storage::{FsChunkStore, StorageError};
+use crate::upload::Completion;
+
+/// Why a rebuild could not be done (nothing was changed).
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Rebuilds lost upload records from storage. Cheap to clone.
+#[derive(Clone)]
+pub struct Recovery {
+    state: Arc<dyn StateStore>,
+    storage: FsChunkStore,
+    /// The TTL of a rebuilt upload that is not completed (`uploads.ttl`).
+    ttl_ms: u64,
+}
+
+impl Recovery {
+    pub fn new(state: Arc<dyn StateStore>, storage: FsChunkStore, ttl_ms: u64) -> Self {
+        Self {
+            state,
+            storage,
+            ttl_ms,
+        }
+    }
+
+    /// Makes sure the state store knows `id` if storage does: rebuilds its record when it is
+    /// missing. Returns whether storage knows the upload (false: there is nothing to rebuild,
+    /// the id is unknown everywhere).
+    pub async fn rebuild(&self, id: &UploadId) -> Result<bool, RecoveryError> {
+        let Some(inventory) = self.storage.inventory(id).await? else {
+            return Ok(false);
+        };
+        let restoration = Restoration {
+            completion: inventory.completion.map(|c| Completion {
+                size: c.size,
+                md5: c.md5,
+                location: c.location,
+                completed_at_ms: c.completed_at_ms,
+                event_id: c.event_id,
+            }),
+            upload: inventory.upload,
+            chunks: inventory.chunks,
+            fence: inventory.highest_fence,
+            last_activity_ms: inventory.last_activity_ms,
+        };
+        let job = MergeJob::new(id.clone()).to_json();
+        match self
+            .state
+            .restore_upload(&restoration, &job, self.ttl_ms)
+            .await?
+        {
+            Restored::Now(state) => {
+                metrics::counter!(m::STATE_REBUILDS, "outcome" => "restored").increment(1);
+                tracing::warn!(
+                    upload_id = %id,
+                    %state,
+                    chunks = restoration.chunks.len(),
+                    "the state store had lost this upload; rebuilt it from storage"
+                );
+            }
+            Restored::AlreadyKnown => {
+                metrics::counter!(m::STATE_REBUILDS, "outcome" => "already_known").increment(1);
+            }
+        }
+        Ok(true)
+    }
+}
