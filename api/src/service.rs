@@ -320,9 +320,16 @@ impl UploadService {
                 }
                 Ok(accepted(false, progress))
             }
-            Ok(Recorded::Duplicate { progress, .. }) => {
+            Ok(Recorded::Duplicate {
+                progress,
+                counted_token,
+            }) => {
                 metrics::counter!(m::CHUNKS_RECEIVED, "result" => "duplicate").increment(1);
-                self.storage.discard(&staged).await;
+                // The counted copy may be this very one: a rebuild from storage (by another
+                // pod or the janitor) can count a copy between its rename and its record.
+                if counted_token != staged.token {
+                    self.storage.discard(&staged).await;
+                }
                 Ok(accepted(true, progress))
             }
             Err(StateError::Unavailable {

@@ -149,6 +149,20 @@ impl TestEnv {
         redis_snapshot(&self.namespace)
     }
 
+    /// Deletes every Redis key of the namespace, the schema record included: what a Redis
+    /// restarted without persistence, or a failover to an empty replica, leaves.
+    pub fn lose_redis_keys(&self) {
+        let mut conn = redis_connection()
+            .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
+        let keys = scan_keys(&mut conn, &self.namespace);
+        if !keys.is_empty() {
+            let () = redis::cmd("DEL")
+                .arg(&keys)
+                .query(&mut conn)
+                .expect("deleting the namespace's keys");
+        }
+    }
+
     /// Every file under the storage root (relative path → size).
     pub fn storage_snapshot(&self) -> BTreeMap<String, u64> {
         storage_snapshot(&self.storage_root)
