@@ -5,6 +5,7 @@
 
 mod downloads;
 mod harness;
+mod lock_quorum;
 mod merge;
 mod metrics;
 mod migrations;
