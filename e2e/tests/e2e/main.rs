@@ -11,4 +11,5 @@ mod metrics;
 mod migrations;
 mod outages;
 mod traces;
+mod unroutable;
 mod webhooks;
