@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -134,4 +135,50 @@ async fn a_job_no_queue_is_bound_for_is_not_delivered_until_one_is() {
 
     bind(&queue, &exchange, "work").await;
     merges.enqueue(job.as_bytes(), NOW).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_each_learn_whether_a_queue_took_them() {
+    let env = TestEnv::new();
+    let broker = connected_broker(&env).await;
+    let topology = broker.topology();
+    unbind(
+        &topology.work_queue(Family::WebhookFeed),
+        &topology.events_exchange(),
+        "#",
+    )
+    .await;
+    let (_connection, channel, queue) = private_queue(&broker, "upload.completed").await;
+
+    // Half of them routable, half not, all at once through one broker (one publisher channel).
+    let publishes = (0..200).map(|i| {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let kind = if i % 2 == 0 {
+                "upload.completed"
+            } else {
+                "upload.failed"
+            };
+            let id = format!("evt_{i:03}");
+            let result = broker.publish_event(kind, &id, b"{}").await;
+            (kind, id, result)
+        })
+    });
+    let mut delivered = Vec::new();
+    let mut wrong = Vec::new();
+    for outcome in join_all(publishes).await {
+        let (kind, id, result) = outcome.unwrap();
+        match (kind, &result) {
+            ("upload.completed", Ok(())) => delivered.push(id),
+            ("upload.failed", Err(QueueError::Refused(_))) => {}
+            _ => wrong.push(format!("{id} ({kind}): {result:?}")),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} publishes were told the wrong outcome: {wrong:?}",
+        wrong.len()
+    );
+    delivered.sort();
+    assert_eq!(take_ids(&channel, &queue).await, delivered);
 }

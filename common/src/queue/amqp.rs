@@ -307,6 +307,13 @@ pub struct AmqpBroker {
     timeout: Duration,
     topology: Topology,
     publisher: Mutex<Option<(Connection, Channel)>>,
+    /// Held from a publish until its confirm is settled: one message in flight on the
+    /// publisher channel. lapin hands a `basic.return` to whichever confirm it resolves next,
+    /// and RabbitMQ acks several publishes at once (`multiple`), so with two in flight a
+    /// returned message can be pinned on the other publish and the unroutable one be
+    /// reported delivered. A process's publishes are thus one confirm apart (a few ms): at a
+    /// job and a few events per upload and one message per webhook delivery, not a limit.
+    in_flight: Mutex<()>,
 }
 
 impl AmqpBroker {
@@ -316,6 +323,7 @@ impl AmqpBroker {
             timeout: settings.amqp.timeout.0,
             topology: Topology::from_settings(settings),
             publisher: Mutex::new(None),
+            in_flight: Mutex::new(()),
         }
     }
 
@@ -380,6 +388,9 @@ impl AmqpBroker {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), QueueError> {
+        // Until the confirm is settled or the channel dropped: a return that arrives after a
+        // timed-out confirm must not reach the next publish.
+        let _in_flight = self.in_flight.lock().await;
         let result = async {
             let channel = self.publish_channel().await?;
             // The trace context of whoever publishes travels in the message's headers.
