@@ -20,6 +20,7 @@ use stitch_common::state::{
 };
 use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
+use stitch_testkit::redis_server::RedisServer;
 
 const TTL: u64 = 60_000;
 /// Outbox entries as the API writes them (any text works for the store).
@@ -582,6 +583,38 @@ async fn the_redis_lock_keeps_the_lock_contract() {
         redis_lock(&env, Duration::from_millis(300)).as_ref(),
     )
     .await;
+}
+
+/// A Redlock over `nodes` (`lock.redis_urls`).
+fn redlock(env: &TestEnv, nodes: &[RedisServer], ttl: Duration) -> Arc<dyn MergeLock> {
+    let mut settings = env.settings();
+    settings.lock.redis_urls = nodes
+        .iter()
+        .map(|n| stitch_common::config::Secret::new(n.url()))
+        .collect();
+    settings.lock.ttl = Interval(ttl);
+    Arc::new(RedisLock::new(&settings).unwrap())
+}
+
+#[tokio::test]
+async fn the_redis_lock_over_three_nodes_keeps_the_lock_contract_with_one_of_them_down() {
+    let mut nodes = RedisServer::start_many(3);
+    for round in 0..2 {
+        if round == 1 {
+            nodes[1].stop();
+        }
+        let env = TestEnv::local();
+        only_the_lease_holder_can_renew_or_release_the_lock(
+            &env,
+            redlock(&env, &nodes, Duration::from_secs(5)).as_ref(),
+        )
+        .await;
+        a_lapsed_lease_is_lost_to_the_next_holder(
+            &env,
+            redlock(&env, &nodes, Duration::from_millis(300)).as_ref(),
+        )
+        .await;
+    }
 }
 
 // ----- The same contracts over the embedded (single-node) backends -----

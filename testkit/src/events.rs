@@ -1,5 +1,6 @@
 //! An event tap: a private queue bound to the namespace's events exchange, collecting every
-//! event published while it runs.
+//! event published while it runs; and the broker surgery tests do around it (bindings
+//! removed and restored, as an operator or a missing migration would leave them).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,4 +164,41 @@ pub async fn queue_exists(name: &str) -> bool {
         .is_ok();
     let _ = connection.close(200, "bye".into()).await;
     found
+}
+
+/// Binds `queue` to `exchange` under `routing_key` (on a connection of its own).
+pub async fn bind(queue: &str, exchange: &str, routing_key: &str) {
+    let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("binding {queue} to {exchange} ({routing_key}): {e}"));
+    let _ = connection.close(200, "bound".into()).await;
+}
+
+/// Removes the binding of `queue` to `exchange` under `routing_key`.
+pub async fn unbind(queue: &str, exchange: &str, routing_key: &str) {
+    let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
+    let channel = connection.create_channel().await.expect("a channel");
+    channel
+        .queue_unbind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("unbinding {queue} from {exchange} ({routing_key}): {e}"));
+    let _ = connection.close(200, "unbound".into()).await;
 }

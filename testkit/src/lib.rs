@@ -6,12 +6,16 @@
 //! `STITCH_TEST_REDIS_URL` and `STITCH_TEST_AMQP_URL` (what `cargo xtask test` starts), or the
 //! machine's own on their standard loopback ports. Tests that need only files use
 //! [`TestEnv::local`], which touches neither.
+//!
+//! Tests that need Redis nodes of their own, to stop and restart them (the lock's Redlock
+//! quorum), start them with [`redis_server::RedisServer`].
 
 pub mod events;
 pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod redis_server;
 pub mod sink;
 
 use std::collections::BTreeMap;

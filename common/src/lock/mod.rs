@@ -72,7 +72,10 @@ pub trait MergeLock: Send + Sync + 'static {
     /// The lease length.
     fn ttl(&self) -> Duration;
 
-    /// Tries to take the lease on `key`; `None` when another holder has it.
+    /// Tries to take the lease on `key`; `None` when it is not granted: another holder has it,
+    /// or (Redlock) too few nodes answered to form a quorum. Either way the caller waits and
+    /// tries again; an unreachable lock is not a failure of the thing it protects. `Err`: the
+    /// backend itself failed (the embedded lock's database).
     async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError>;
 
     /// Extends the lease by a full TTL if this holder still has it. `false` when the lease is
@@ -83,6 +86,8 @@ pub trait MergeLock: Send + Sync + 'static {
     /// and returns `false`.
     async fn release(&self, lease: &Lease) -> Result<bool, LockError>;
 
-    /// Whether anyone holds a lease on `key` (the sweeper leaves held uploads alone).
+    /// Whether anyone holds a lease on `key` (the sweeper leaves held uploads alone). `Err`
+    /// when the backend cannot say (Redlock: no majority answered): callers must not take
+    /// that for "free".
     async fn is_held(&self, key: &str) -> Result<bool, LockError>;
 }

@@ -1,4 +1,18 @@
 //! [`RedisLock`]: Redlock over one or more independent Redis nodes.
+//!
+//! The algorithm's rules, as this file follows them:
+//! - every node is asked at once (`SET key token NX PX ttl`), each bounded by a timeout small
+//!   against the TTL, so a dead or slow node cannot eat the lease;
+//! - the lease is granted when a majority (⌊n/2⌋+1) said yes and time is left: its validity is
+//!   `ttl - elapsed - drift`, measured from before the first request on the monotonic clock,
+//!   with a clock drift allowance of 1% of the TTL plus 2 ms;
+//! - a failed acquire is undone on *every* node, those that said no or did not answer included
+//!   (a request that timed out may still have been applied);
+//! - renewal is the same vote with a compare-and-`PEXPIRE`: a holder whose token is no longer on
+//!   a majority (nodes restarted empty, another holder took them) is not renewed.
+//!
+//! Not granted is not an error: with too few nodes answering no lease is granted, the caller
+//! waits and tries again, and nothing about the upload is held against it.
 
 use std::time::{Duration, Instant};
 
@@ -62,9 +76,13 @@ impl RedisLock {
         Ok(Self {
             nodes,
             ttl,
-            // A node that cannot answer quickly must not eat the lease's validity.
-            node_timeout: (ttl / 10).clamp(Duration::from_millis(50), timeout),
+            node_timeout: node_timeout(ttl, timeout),
         })
+    }
+
+    /// How many nodes may fail before no majority is possible.
+    fn tolerated_failures(&self) -> usize {
+        self.nodes.len() - self.quorum()
     }
 
     fn quorum(&self) -> usize {
@@ -93,7 +111,10 @@ impl RedisLock {
         });
         let results = join_all(attempts).await;
         let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
-        let errors = results.into_iter().filter_map(Result::err).collect();
+        let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        for _ in &errors {
+            crate::metrics::backend_error("redis");
+        }
         (ok, errors)
     }
 }
@@ -131,10 +152,19 @@ impl MergeLock for RedisLock {
         if ok >= self.quorum() && elapsed + self.drift() < self.ttl {
             return Ok(Some(lease));
         }
-        // Not ours: undo the nodes we did get.
+        // Not granted: undo it on every node, including those that did not answer.
         let _ = self.release(&lease).await;
-        if errors.len() > self.nodes.len() - self.quorum() {
-            return Err(LockError::Unavailable(errors.join("; ")));
+        if errors.len() > self.tolerated_failures() {
+            // No majority could have answered. A lock outage is not the upload's fault: the
+            // caller waits for the nodes as it waits for another holder, without spending
+            // one of the upload's attempts.
+            tracing::warn!(
+                %key,
+                nodes = self.nodes.len(),
+                unreachable = errors.len(),
+                errors = %errors.join("; "),
+                "no quorum of lock nodes answered; lease not granted"
+            );
         }
         Ok(None)
     }
@@ -162,7 +192,7 @@ impl MergeLock for RedisLock {
             lease.extend_to(started + self.ttl.saturating_sub(self.drift()));
             return Ok(true);
         }
-        if errors.len() > self.nodes.len() - self.quorum() {
+        if errors.len() > self.tolerated_failures() {
             return Err(LockError::Unavailable(errors.join("; ")));
         }
         Ok(false)
@@ -205,9 +235,32 @@ impl MergeLock for RedisLock {
                 }
             })
             .await;
-        if held == 0 && errors.len() == self.nodes.len() {
+        // "Not held" needs a majority saying so: a lease lives on a majority, so the nodes
+        // that did not answer may be the ones holding it.
+        if held == 0 && errors.len() > self.tolerated_failures() {
             return Err(LockError::Unavailable(errors.join("; ")));
         }
         Ok(held > 0)
+    }
+}
+
+/// The bound on each node's answer: a tenth of the TTL, at least 50 ms, and never longer than
+/// the configured Redis timeout (which may itself be shorter than 50 ms).
+fn node_timeout(ttl: Duration, redis_timeout: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(50)).min(redis_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_node_gets_a_tenth_of_the_ttl_within_the_redis_timeout() {
+        let ms = Duration::from_millis;
+        assert_eq!(node_timeout(ms(30_000), ms(5_000)), ms(3_000));
+        assert_eq!(node_timeout(ms(30_000), ms(1_000)), ms(1_000));
+        assert_eq!(node_timeout(ms(300), ms(5_000)), ms(50));
+        // A Redis timeout below the 50 ms floor wins (this used to panic in `clamp`).
+        assert_eq!(node_timeout(ms(300), ms(20)), ms(20));
     }
 }

@@ -15,6 +15,14 @@
 //! is also bound to the events exchange). `<ns>.events` is the topic exchange of upload
 //! events (`upload.completed`, `upload.failed`, …).
 //!
+//! Every publish is `mandatory` and confirmed: `Ok` means the broker stored the message in
+//! at least one queue. A message no queue takes comes back (`basic.return`) and is an error
+//! the caller retries, like a broker that is down. For events that means the events exchange
+//! needs at least one bound queue: the topology binds the webhook dispatcher's feed, so a
+//! migrated namespace routes every event; an unroutable event is a namespace nobody listens on
+//! (not migrated, or its bindings removed), reported as not delivered so that the caller keeps
+//! it (docs/events.md says what each one does).
+//!
 //! Retries go through delay queues rather than `nack(requeue)`: a failing job waits its
 //! backoff without spinning on a worker. Quorum queues dead-letter `at-least-once`, which
 //! RabbitMQ allows only with `x-overflow: reject-publish` (a full queue then nacks publishes
@@ -299,6 +307,13 @@ pub struct AmqpBroker {
     timeout: Duration,
     topology: Topology,
     publisher: Mutex<Option<(Connection, Channel)>>,
+    /// Held from a publish until its confirm is settled: one message in flight on the
+    /// publisher channel. lapin hands a `basic.return` to whichever confirm it resolves next,
+    /// and RabbitMQ acks several publishes at once (`multiple`), so with two in flight a
+    /// returned message can be pinned on the other publish and the unroutable one be
+    /// reported delivered. A process's publishes are thus one confirm apart (a few ms): at a
+    /// job and a few events per upload and one message per webhook delivery, not a limit.
+    in_flight: Mutex<()>,
 }
 
 impl AmqpBroker {
@@ -308,6 +323,7 @@ impl AmqpBroker {
             timeout: settings.amqp.timeout.0,
             topology: Topology::from_settings(settings),
             publisher: Mutex::new(None),
+            in_flight: Mutex::new(()),
         }
     }
 
@@ -363,16 +379,18 @@ impl AmqpBroker {
         Ok(channel)
     }
 
-    /// Publishes persistently and waits for the broker's confirm. With `mandatory`, a message
-    /// no queue takes comes back and is an error, never a silent success.
+    /// Publishes persistently and `mandatory`, and waits for the broker's confirm: a message
+    /// no queue takes comes back and is an error ([`QueueError::Refused`]), never a success.
     async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         payload: &[u8],
         properties: BasicProperties,
-        mandatory: bool,
     ) -> Result<(), QueueError> {
+        // Until the confirm is settled or the channel dropped: a return that arrives after a
+        // timed-out confirm must not reach the next publish.
+        let _in_flight = self.in_flight.lock().await;
         let result = async {
             let channel = self.publish_channel().await?;
             // The trace context of whoever publishes travels in the message's headers.
@@ -389,7 +407,7 @@ impl AmqpBroker {
                     exchange.into(),
                     routing_key.into(),
                     BasicPublishOptions {
-                        mandatory,
+                        mandatory: true,
                         ..Default::default()
                     },
                     payload,
@@ -402,9 +420,12 @@ impl AmqpBroker {
                     "no publisher confirm in time".into(),
                 )),
                 Ok(Err(e)) => Err(QueueError::Unavailable(e.to_string())),
-                Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::NotRequested)) => Err(QueueError::Unavailable(
+                    "publisher confirms are off on the channel".into(),
+                )),
                 Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(QueueError::Refused(format!(
-                    "unroutable: {} {}",
+                    "no queue is bound for {exchange:?} {routing_key:?}: {} {}",
                     returned.reply_code, returned.reply_text
                 ))),
                 Ok(Ok(Confirmation::Nack(_))) => {
@@ -450,14 +471,8 @@ impl AmqpBroker {
             Topology::wait_key(delay)
         };
         let properties = BasicProperties::default().with_type(family.name().into());
-        self.publish(
-            &self.topology.exchange(family),
-            &key,
-            payload,
-            properties,
-            true,
-        )
-        .await
+        self.publish(&self.topology.exchange(family), &key, payload, properties)
+            .await
     }
 
     /// Publishes a message to `family`'s dead-letter queue with the reason in a header.
@@ -477,13 +492,13 @@ impl AmqpBroker {
             "",
             payload,
             BasicProperties::default().with_headers(headers),
-            true,
         )
         .await
     }
 
-    /// Publishes an event to the events exchange under `routing_key` (its type). Not
-    /// `mandatory`: an event nobody subscribed to is not an error.
+    /// Publishes an event to the events exchange under `routing_key` (its type). `Ok` once a
+    /// queue bound to the exchange stored it; with none bound, [`QueueError::Refused`] and the
+    /// caller keeps the event (outbox, job retry) for later.
     pub async fn publish_event(
         &self,
         routing_key: &str,
@@ -498,7 +513,6 @@ impl AmqpBroker {
             routing_key,
             body,
             properties,
-            false,
         )
         .await
     }

@@ -5,10 +5,12 @@
 
 mod downloads;
 mod harness;
+mod lock_quorum;
 mod merge;
 mod metrics;
 mod migrations;
 mod outages;
 mod storage_truth;
 mod traces;
+mod unroutable;
 mod webhooks;
