@@ -107,7 +107,12 @@ impl UploadService {
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
         Self {
-            recovery: Recovery::new(backends.state.clone(), backends.storage.clone(), ttl_ms),
+            recovery: Recovery::new(
+                backends.state.clone(),
+                backends.storage.clone(),
+                backends.events.clone(),
+                ttl_ms,
+            ),
             state: backends.state.clone(),
             storage: backends.storage.clone(),
             merges: backends.merges.clone(),
@@ -157,7 +162,7 @@ impl UploadService {
             .callback_url
             .map(|url| self.check_callback(&url).map(|()| url))
             .transpose()?;
-        let upload = NewUpload {
+        let mut upload = NewUpload {
             id: req.upload_id.unwrap_or_else(UploadId::generate),
             geometry,
             filename,
@@ -167,8 +172,14 @@ impl UploadService {
             callback_secret: callback_url.as_ref().map(|_| new_callback_secret()),
             callback_url,
         };
-        if let ManifestCheck::Conflicts(existing) = self.storage.ensure_manifest(&upload).await? {
-            return Err(manifest_conflict(&existing, &upload));
+        match self.storage.ensure_manifest(&upload).await? {
+            ManifestCheck::Conflicts(existing) => {
+                return Err(manifest_conflict(&existing, &upload));
+            }
+            // The first writer's manifest is the upload's: its creation time is the one
+            // recorded (and the one `upload.created`'s id derives from).
+            ManifestCheck::Matches(existing) => upload.created_at_ms = existing.created_at_ms,
+            ManifestCheck::Created => {}
         }
         let event = Event::created(&upload);
         let outboxed = OutboxMessage::event_json(&event);
@@ -216,7 +227,7 @@ impl UploadService {
             }
         }
         let filename = chunk.filename.map(|f| self.check_filename(f)).transpose()?;
-        let upload = NewUpload {
+        let mut upload = NewUpload {
             id: chunk.id,
             geometry,
             filename,
@@ -270,7 +281,10 @@ impl UploadService {
         //    chunk) its state.
         if known.is_none() {
             match self.storage.ensure_manifest(&upload).await {
-                Ok(ManifestCheck::Created | ManifestCheck::Matches) => {}
+                Ok(ManifestCheck::Created) => {}
+                Ok(ManifestCheck::Matches(existing)) => {
+                    upload.created_at_ms = existing.created_at_ms
+                }
                 Ok(ManifestCheck::Conflicts(existing)) => {
                     self.storage.discard(&staged).await;
                     return Err(manifest_conflict(&existing, &upload));

@@ -186,11 +186,13 @@ impl Event {
         })
     }
 
-    /// `upload.created`, for an upload just created (explicitly or by its first chunk).
+    /// `upload.created`, for an upload just created (explicitly or by its first chunk). The
+    /// id is derived from the upload (its manifest's creation time), so a rebuild from
+    /// storage that records the creation again gives the same id, and consumers dedupe it.
     pub fn created(upload: &NewUpload) -> Self {
         Self {
             schema_version: SCHEMA_VERSION,
-            event_id: new_event_id(),
+            event_id: format!("evt_created_{}_{}", upload.id, upload.created_at_ms),
             kind: EventKind::Created,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {

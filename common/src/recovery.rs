@@ -11,12 +11,13 @@
 
 use std::sync::Arc;
 
+use crate::events::Event;
 use crate::id::UploadId;
 use crate::metrics as m;
-use crate::queue::MergeJob;
+use crate::queue::{EventSink, MergeJob, OutboxMessage};
 use crate::state::{Restoration, Restored, StateError, StateStore};
 use crate::storage::{FsChunkStore, StorageError};
-use crate::upload::Completion;
+use crate::upload::{Completion, UploadState};
 
 /// Why a rebuild could not be done (nothing was changed).
 #[derive(Debug, thiserror::Error)]
@@ -32,15 +33,24 @@ pub enum RecoveryError {
 pub struct Recovery {
     state: Arc<dyn StateStore>,
     storage: FsChunkStore,
+    /// Where the `upload.created` a rebuild records goes at once (the outbox covers a
+    /// failure).
+    events: Arc<dyn EventSink>,
     /// The TTL of a rebuilt upload that is not completed (`uploads.ttl`).
     ttl_ms: u64,
 }
 
 impl Recovery {
-    pub fn new(state: Arc<dyn StateStore>, storage: FsChunkStore, ttl_ms: u64) -> Self {
+    pub fn new(
+        state: Arc<dyn StateStore>,
+        storage: FsChunkStore,
+        events: Arc<dyn EventSink>,
+        ttl_ms: u64,
+    ) -> Self {
         Self {
             state,
             storage,
+            events,
             ttl_ms,
         }
     }
@@ -66,9 +76,11 @@ impl Recovery {
             last_activity_ms: inventory.last_activity_ms,
         };
         let job = MergeJob::new(id.clone()).to_json();
+        let created_event = Event::created(&restoration.upload);
+        let created = OutboxMessage::event_json(&created_event);
         match self
             .state
-            .restore_upload(&restoration, &job, self.ttl_ms)
+            .restore_upload(&restoration, &job, &created, self.ttl_ms)
             .await?
         {
             Restored::Now(state) => {
@@ -79,6 +91,11 @@ impl Recovery {
                     chunks = restoration.chunks.len(),
                     "the state store had lost this upload; rebuilt it from storage"
                 );
+                if state != UploadState::Completed
+                    && self.events.publish_event(&created_event).await.is_ok()
+                {
+                    let _ = self.state.clear_outbox_entry(id, &created).await;
+                }
             }
             Restored::AlreadyKnown => {
                 metrics::counter!(m::STATE_REBUILDS, "outcome" => "already_known").increment(1);

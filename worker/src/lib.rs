@@ -175,6 +175,7 @@ impl Worker {
                 recovery: stitch_common::recovery::Recovery::new(
                     self.backends.state.clone(),
                     self.backends.storage.clone(),
+                    self.backends.events.clone(),
                     s.uploads.ttl.0.as_millis() as u64,
                 ),
                 namespace: s.namespace.clone(),

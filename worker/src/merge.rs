@@ -98,7 +98,7 @@ impl Merger {
     ) -> Self {
         let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
         Self {
-            recovery: Recovery::new(state.clone(), storage.clone(), ttl_ms),
+            recovery: Recovery::new(state.clone(), storage.clone(), events.clone(), ttl_ms),
             state,
             storage,
             lock,

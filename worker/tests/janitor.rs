@@ -72,6 +72,7 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
         recovery: stitch_common::recovery::Recovery::new(
             backends.state.clone(),
             storage.clone(),
+            backends.events.clone(),
             60_000,
         ),
         namespace: env.namespace.clone(),

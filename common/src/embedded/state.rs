@@ -819,9 +819,11 @@ impl StateStore for SqliteStateStore {
         &self,
         r: &Restoration,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Restored, StateError> {
-        let (r, merge_job) = (r.clone(), merge_job.to_owned());
+        let (r, merge_job, created_event) =
+            (r.clone(), merge_job.to_owned(), created_event.to_owned());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = r.upload.id.as_str();
@@ -885,6 +887,7 @@ impl StateStore for SqliteStateStore {
                 ],
             )
             .map_err(db_error)?;
+            push_outbox(tx, key, &created_event)?;
             if state == UploadState::Merging {
                 push_outbox(tx, key, &merge_job)?;
             }

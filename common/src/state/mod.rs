@@ -309,11 +309,15 @@ pub trait StateStore: Send + Sync + 'static {
     /// [`Restored::AlreadyKnown`]). The state follows from storage: `completed` with a
     /// completion, `merging` (with a merge trigger in the outbox, `merge_job`) when every
     /// chunk is there, `receiving` otherwise. The fencing counter is raised past
-    /// `restoration.fence`, never lowered.
+    /// `restoration.fence`, never lowered. An upload restored as not completed gets
+    /// `created_event` in its outbox: the store may never have recorded its creation (a
+    /// first chunk between its manifest and its record), and the event's id is stable, so a
+    /// repeat is one consumers dedupe.
     async fn restore_upload(
         &self,
         restoration: &Restoration,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Restored, StateError>;
 

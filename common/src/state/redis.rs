@@ -827,6 +827,7 @@ impl StateStore for RedisStateStore {
         &self,
         r: &Restoration,
         merge_job: &str,
+        created_event: &str,
         ttl_ms: u64,
     ) -> Result<Restored, StateError> {
         let mut conn = self.connection().await?;
@@ -861,6 +862,7 @@ impl StateStore for RedisStateStore {
                 .arg(&c.event_id),
             None => invocation.arg(0).arg(0).arg("").arg("").arg(0).arg(""),
         };
+        invocation.arg(created_event);
         for chunk in &r.chunks {
             invocation
                 .arg(chunk.index.0)

@@ -62,8 +62,9 @@ pub struct StagedChunk {
 pub enum ManifestCheck {
     /// This call wrote the manifest.
     Created,
-    /// A manifest with the same geometry (and MD5, when both declare one) exists.
-    Matches,
+    /// A manifest with the same geometry (and MD5, when both declare one) exists; it is the
+    /// upload's (its creation time is the one to record).
+    Matches(Box<NewUpload>),
     /// A manifest for a different upload shape exists.
     Conflicts(Box<NewUpload>),
 }
@@ -678,7 +679,7 @@ fn compare_manifest(existing: NewUpload, upload: &NewUpload) -> ManifestCheck {
         _ => true,
     };
     if existing.geometry == upload.geometry && md5_agrees {
-        ManifestCheck::Matches
+        ManifestCheck::Matches(Box::new(existing))
     } else {
         ManifestCheck::Conflicts(Box::new(existing))
     }
@@ -800,7 +801,7 @@ mod tests {
         );
         assert_eq!(
             store.ensure_manifest(&first).await.unwrap(),
-            ManifestCheck::Matches
+            ManifestCheck::Matches(Box::new(first.clone()))
         );
         let other = upload("u3", 100, 20);
         assert_eq!(

@@ -33,15 +33,18 @@ async fn two_apis_and_two_workers_turn_random_order_chunks_into_the_file() {
     assert_eq!(event["upload"]["filename"], "data.bin");
     assert_eq!(event["schema_version"], 1);
     assert_eq!(distinct_event_ids(&tap, &id, "upload.completed").len(), 1);
-    // The chunks are gone; the file and the manifest remain.
+    // The chunks are gone; the file, its completion record and the manifest remain.
     until(MINUTE, "chunk cleanup", async || {
         !upload_dir(&env, &id).join("chunks").exists()
     })
     .await;
     let files = upload_files(&env, &id);
-    assert_eq!(files.len(), 2, "{files:?}");
+    assert_eq!(files.len(), 3, "{files:?}");
     assert!(
-        files.contains(&"manifest.json".to_owned()) && files.iter().any(|f| f.starts_with("file."))
+        files.contains(&"manifest.json".to_owned())
+            && files.iter().any(|f| f.starts_with("file."))
+            && files.iter().any(|f| f.starts_with("completion.")),
+        "{files:?}"
     );
 }
 
@@ -160,9 +163,10 @@ async fn a_worker_paused_past_its_lease_changes_nothing_when_it_wakes() {
         "a second completion event"
     );
     assert!(distinct_event_ids(&tap, &id, "upload.failed").is_empty());
+    let record = format!("completion.{}.json", final_name.trim_start_matches("file."));
     assert_eq!(
         upload_files(&env, &id),
-        vec![final_name, "manifest.json".to_owned()]
+        vec![record, final_name, "manifest.json".to_owned()]
     );
 }
 

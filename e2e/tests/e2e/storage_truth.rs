@@ -206,6 +206,7 @@ async fn the_janitor_expiring_uploads_during_their_resume_never_leaves_a_counted
         recovery: stitch_common::recovery::Recovery::new(
             backends.state.clone(),
             backends.storage.clone(),
+            backends.events.clone(),
             60_000,
         ),
         namespace: env.namespace.clone(),

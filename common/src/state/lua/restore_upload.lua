@@ -6,7 +6,8 @@
 --       7 created_at, 8 callback_url, 9 callback_secret, 10 now_ms, 11 ttl_ms,
 --       12 highest fence on storage, 13 last activity (ms), 14 merge job (outbox entry),
 --       15 completed (0|1), 16 size, 17 md5hex, 18 location, 19 completed_at, 20 event_id,
---       21.. triples: index, entry "offset:len:crc32c:md5hex:token", len
+--       21 the upload.created event (outbox entry, for an upload restored not completed),
+--       22.. triples: index, entry "offset:len:crc32c:md5hex:token", len
 -- Returns {"exists", state} | {"restored", state}
 
 local meta, parts, bits, outbox, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -19,7 +20,7 @@ local current = tonumber(redis.call('GET', fence) or '0')
 if tonumber(ARGV[12]) > current then redis.call('SET', fence, ARGV[12]) end
 
 local chunks, bytes = 0, 0
-for i = 21, #ARGV, 3 do
+for i = 22, #ARGV, 3 do
   redis.call('HSET', parts, ARGV[i], ARGV[i + 1])
   redis.call('SETBIT', bits, ARGV[i], 1)
   chunks = chunks + 1
@@ -44,16 +45,17 @@ if ARGV[15] == '1' then
 end
 
 redis.call('HSET', meta, 'chunks_received', chunks, 'bytes_received', bytes)
+redis.call('RPUSH', outbox, ARGV[21])
 if bytes == tonumber(ARGV[1]) then
   state = 'merging'
   redis.call('HSET', meta, 'state', state, 'merging_at', ARGV[10])
   redis.call('RPUSH', outbox, ARGV[14])
-  redis.call('PEXPIRE', outbox, ARGV[11])
 else
   state = 'receiving'
   redis.call('HSET', meta, 'state', state)
 end
 redis.call('PEXPIRE', meta, ARGV[11])
+redis.call('PEXPIRE', outbox, ARGV[11])
 if chunks > 0 then
   redis.call('PEXPIRE', parts, ARGV[11])
   redis.call('PEXPIRE', bits, ARGV[11])
