@@ -26,6 +26,15 @@ impl EventTap {
             .ping()
             .await
             .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
+        Self::attach(env).await
+    }
+
+    /// Starts collecting from an events exchange that exists already, declaring nothing else
+    /// (declaring the topology would bind the webhook feed again, which a test may have
+    /// unbound on purpose).
+    pub async fn attach(env: &TestEnv) -> Self {
+        let settings = env.settings();
+        let broker = stitch_common::queue::AmqpBroker::new(&settings);
         let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
             .await
             .expect("connecting to RabbitMQ");

@@ -68,8 +68,9 @@ async fn an_event_no_queue_takes_stays_in_the_outbox_until_a_queue_is_bound() {
         "the unroutable event left the outbox: {waiting:?}"
     );
 
-    // A queue bound to the exchange: the sweeper's next try is delivered and cleared.
-    let tap = EventTap::start(&env).await;
+    // A queue bound to the exchange (and only it): the sweeper's next try is delivered and
+    // cleared.
+    let tap = EventTap::attach(&env).await;
     let created = tap.wait_for(&id, "upload.created", MINUTE).await;
     assert_eq!(created["upload"]["id"], id.as_str());
     until(MINUTE, "the outbox to empty", async || {
