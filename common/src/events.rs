@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::geometry::ChunkIndex;
 use crate::upload::{NewUpload, UploadStatus};
 
 /// The schema version of event bodies. Additive changes keep it; others bump it.
@@ -24,6 +25,8 @@ pub enum EventKind {
     Aborted,
     #[serde(rename = "upload.expired")]
     Expired,
+    #[serde(rename = "upload.chunks_lost")]
+    ChunksLost,
 }
 
 impl EventKind {
@@ -35,16 +38,18 @@ impl EventKind {
             Self::Failed => "upload.failed",
             Self::Aborted => "upload.aborted",
             Self::Expired => "upload.expired",
+            Self::ChunksLost => "upload.chunks_lost",
         }
     }
 
     /// Every kind, for configuration checks and documentation.
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         Self::Created,
         Self::Completed,
         Self::Failed,
         Self::Aborted,
         Self::Expired,
+        Self::ChunksLost,
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -76,6 +81,10 @@ pub struct EventUpload {
     pub download_url: Option<String>,
     /// Why the upload failed, for `upload.failed`.
     pub failure_reason: Option<String>,
+    /// The chunks storage lost, for `upload.chunks_lost`: no longer counted, to be sent
+    /// again. Absent from the other events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_chunks: Option<Vec<u64>>,
 }
 
 /// The download URL of an upload: absolute under `public_url` when configured.
@@ -109,6 +118,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: Some(download_url(public_url, status.id.as_str())),
                 failure_reason: None,
+                lost_chunks: None,
             },
         })
     }
@@ -130,6 +140,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: None,
                 failure_reason: Some(failure.reason.clone()),
+                lost_chunks: None,
             },
         })
     }
@@ -150,6 +161,7 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -170,6 +182,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -191,6 +204,29 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
+            },
+        }
+    }
+
+    /// `upload.chunks_lost`: a merge found that storage lost counted chunks of `upload` and
+    /// put it back to `receiving` without them.
+    pub fn chunks_lost(upload: &NewUpload, lost: &[ChunkIndex]) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: new_event_id(),
+            kind: EventKind::ChunksLost,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "receiving".into(),
+                filename: upload.filename.clone(),
+                size: upload.geometry.total_size,
+                md5: None,
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+                lost_chunks: Some(lost.iter().map(|i| i.0).collect()),
             },
         }
     }
