@@ -25,7 +25,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use md5::Digest;
 use stitch_common::digest::Md5;
@@ -148,6 +148,16 @@ fn storage_error(context: &str, e: std::io::Error) -> ConcatError {
     ConcatError::Storage(format!("{context}: {e}"))
 }
 
+/// `fdatasync` on `file`. Test builds with the `failpoints` feature can make it fail with
+/// `EIO` (failpoint `merge-sync`), as a writeback error would.
+fn sync_data(file: &File) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("merge-sync", |_| Err(std::io::Error::from_raw_os_error(
+        libc::EIO
+    )));
+    file.sync_data()
+}
+
 fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, ConcatError> {
     let syncer_file = out
         .try_clone()
@@ -161,12 +171,17 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx));
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
         let fsync = job.fsync;
+        // The early syncs go through a duplicate of the output's descriptor, which shares
+        // its writeback error state: an error this thread sees is not reported again to the
+        // final sync, so it must fail the merge from here.
         let syncer = scope.spawn(move || {
             for () in sync_rx {
                 if fsync {
-                    let _ = syncer_file.sync_data();
+                    sync_data(&syncer_file)
+                        .map_err(|e| storage_error("syncing the merged file", e))?;
                 }
             }
+            Ok::<(), ConcatError>(())
         });
 
         let copied = copy_chunks(job, control, &mut out, &full_tx, &empty_rx, &sync_tx);
@@ -175,11 +190,25 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         let md5 = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
-        let _ = syncer.join();
-        let size = copied?;
+        let synced = syncer
+            .join()
+            .map_err(|_| ConcatError::Storage("sync thread panicked".into()))?;
+        // A bad chunk says more than the I/O error it may have caused; otherwise the sync
+        // thread's error is the cause of a copy that stopped because it did.
+        let size = match (copied, synced) {
+            (Ok(size), Ok(())) => size,
+            (
+                Err(
+                    e @ (ConcatError::MissingChunk { .. }
+                    | ConcatError::CorruptChunk { .. }
+                    | ConcatError::Cancelled),
+                ),
+                _,
+            ) => return Err(e),
+            (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+        };
         if job.fsync {
-            out.sync_data()
-                .map_err(|e| storage_error("syncing the merged file", e))?;
+            sync_data(&out).map_err(|e| storage_error("syncing the merged file", e))?;
         }
         Ok(Concatenated {
             size,
@@ -236,7 +265,10 @@ fn copy_chunks(
                 .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?;
             if written - last_sync >= SYNC_EVERY {
                 last_sync = written;
-                let _ = sync.try_send(());
+                if let Err(TrySendError::Disconnected(())) = sync.try_send(()) {
+                    // The sync thread stopped on an error: it fails the merge.
+                    return Err(ConcatError::Storage("the sync thread stopped".into()));
+                }
                 control.bytes_done.store(written, Ordering::Relaxed);
             }
         }
@@ -390,8 +422,7 @@ fn run_direct(
             .map_err(|_| ConcatError::Storage("write thread panicked".into()))??;
         let size = copied?;
         if job.fsync {
-            tail.sync_data()
-                .map_err(|e| storage_error("syncing the merged file", e))?;
+            sync_data(tail).map_err(|e| storage_error("syncing the merged file", e))?;
         }
         Ok(Concatenated {
             size,
