@@ -35,12 +35,20 @@ pub const JANITOR_FILES_REMOVED: &str = "stitch_janitor_files_removed_total";
 pub const BACKEND_ERRORS: &str = "stitch_backend_errors_total";
 
 /// Label values, fixed sets.
-pub const TRANSITIONS: [&str; 5] = ["created", "completed", "failed", "aborted", "expired"];
-pub const MERGE_OUTCOMES: [&str; 7] = [
+pub const TRANSITIONS: [&str; 6] = [
+    "created",
+    "completed",
+    "failed",
+    "aborted",
+    "expired",
+    "reopened",
+];
+pub const MERGE_OUTCOMES: [&str; 8] = [
     "committed",
     "already_completed",
     "skipped",
     "failed",
+    "reopened",
     "retried",
     "lock_busy",
     "cancelled",
@@ -89,7 +97,7 @@ fn register_now(role: Role) {
     }
     describe_counter!(
         UPLOAD_TRANSITIONS,
-        "Uploads entering a state: created, completed, failed, aborted, expired"
+        "Uploads entering a state: created, completed, failed, aborted, expired, reopened (back to receiving: storage lost chunks)"
     );
     for t in TRANSITIONS {
         metrics::counter!(UPLOAD_TRANSITIONS, "transition" => t).absolute(0);

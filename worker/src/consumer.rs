@@ -3,7 +3,7 @@
 //!
 //! | outcome | delivery |
 //! |---|---|
-//! | committed / already completed / skipped / failed for good | ack (after the event is confirmed) |
+//! | committed / already completed / skipped / failed for good (MD5 mismatch) / reopened (chunks lost) | ack (after the event is confirmed) |
 //! | lock busy, lease lost | re-published to the first delay queue (attempt unchanged), ack |
 //! | transient failure | re-published to the next delay queue (attempt + 1), ack; past the last delay: dead-lettered, upload `failed` |
 //! | not a job | dead-lettered, ack |
@@ -154,9 +154,10 @@ async fn handle_in_span(
         Ok(MergeOutcome::AlreadyCompleted(_)) => "already_completed",
         Ok(MergeOutcome::Skipped(_)) => "skipped",
         Ok(MergeOutcome::Failed(_)) => "failed",
+        Ok(MergeOutcome::Reopened(_)) => "reopened",
         Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => "lock_busy",
         Err(MergeError::Cancelled) => "cancelled",
-        Err(MergeError::Transient(_)) => "retried",
+        Err(MergeError::Transient(_) | MergeError::Storage(_)) => "retried",
     };
     metrics::counter!(stitch_common::metrics::MERGES, "outcome" => label).increment(1);
     match outcome {
@@ -170,7 +171,7 @@ async fn handle_in_span(
             tracing::info!(upload_id = %id, %reason, "merge job skipped");
             let _ = delivery.ack().await;
         }
-        Ok(MergeOutcome::Failed(_)) => {
+        Ok(MergeOutcome::Failed(_)) | Ok(MergeOutcome::Reopened(_)) => {
             let _ = delivery.ack().await;
         }
         Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => {
@@ -181,7 +182,7 @@ async fn handle_in_span(
         Err(MergeError::Cancelled) => {
             // Shutdown: leave it unacked; closing the connection returns it to the queue.
         }
-        Err(MergeError::Transient(reason)) => {
+        Err(MergeError::Transient(reason) | MergeError::Storage(reason)) => {
             let attempt = job.attempt as usize;
             if let Some(delay) = config.retry_delays.get(attempt) {
                 tracing::warn!(upload_id = %id, %reason, attempt = attempt + 1, ?delay, "merge failed; will retry");
