@@ -21,6 +21,7 @@ pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const MERGES: &str = "stitch_merges_total";
 pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
 pub const MERGE_SIZE: &str = "stitch_merge_size_bytes";
+pub const MERGE_TRANSIENT_FAILURES: &str = "stitch_merge_transient_failures_total";
 pub const QUEUE_MESSAGES: &str = "stitch_queue_messages";
 pub const QUEUE_CONSUMERS: &str = "stitch_queue_consumers";
 pub const DEAD_LETTERS: &str = "stitch_dead_letter_messages";
@@ -53,6 +54,9 @@ pub const MERGE_OUTCOMES: [&str; 8] = [
     "lock_busy",
     "cancelled",
 ];
+/// Causes of a transiently failed merge attempt: the merge's own file I/O, or a backend
+/// (Redis, RabbitMQ, SQLite).
+pub const TRANSIENT_CAUSES: [&str; 2] = ["storage", "backend"];
 pub const LOCK_RESULTS: [&str; 3] = ["acquired", "busy", "error"];
 pub const WEBHOOK_OUTCOMES: [&str; 7] = [
     "delivered",
@@ -143,6 +147,10 @@ fn register_now(role: Role) {
             "Duration of committed merges (copy, MD5, fsync, commit)"
         );
         describe_histogram!(MERGE_SIZE, Unit::Bytes, "Size of merged files");
+        describe_counter!(
+            MERGE_TRANSIENT_FAILURES,
+            "Merge attempts that failed transiently and were scheduled again, by cause (storage: disk full, I/O errors; backend: Redis, RabbitMQ)"
+        );
         describe_gauge!(QUEUE_MESSAGES, "Messages ready in a work queue, by family");
         describe_gauge!(QUEUE_CONSUMERS, "Consumers of a work queue, by family");
         describe_gauge!(DEAD_LETTERS, "Messages in a dead-letter queue, by family");
@@ -167,6 +175,9 @@ fn register_now(role: Role) {
         );
         for outcome in MERGE_OUTCOMES {
             metrics::counter!(MERGES, "outcome" => outcome).absolute(0);
+        }
+        for cause in TRANSIENT_CAUSES {
+            metrics::counter!(MERGE_TRANSIENT_FAILURES, "cause" => cause).absolute(0);
         }
         for result in LOCK_RESULTS {
             metrics::counter!(LOCK_ACQUISITIONS, "result" => result).absolute(0);
