@@ -9,5 +9,6 @@ mod merge;
 mod metrics;
 mod migrations;
 mod outages;
+mod storage;
 mod traces;
 mod webhooks;
