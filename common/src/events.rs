@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::geometry::ChunkIndex;
 use crate::upload::{NewUpload, UploadStatus};
 
 /// The schema version of event bodies. Additive changes keep it; others bump it.
@@ -28,6 +29,8 @@ pub enum EventKind {
     /// passed.
     #[serde(rename = "upload.deleted")]
     Deleted,
+    #[serde(rename = "upload.chunks_lost")]
+    ChunksLost,
 }
 
 impl EventKind {
@@ -40,17 +43,19 @@ impl EventKind {
             Self::Aborted => "upload.aborted",
             Self::Expired => "upload.expired",
             Self::Deleted => "upload.deleted",
+            Self::ChunksLost => "upload.chunks_lost",
         }
     }
 
     /// Every kind, for configuration checks and documentation.
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         Self::Created,
         Self::Completed,
         Self::Failed,
         Self::Aborted,
         Self::Expired,
         Self::Deleted,
+        Self::ChunksLost,
     ];
 
     pub fn parse(name: &str) -> Option<Self> {
@@ -82,6 +87,10 @@ pub struct EventUpload {
     pub download_url: Option<String>,
     /// Why the upload failed, for `upload.failed`.
     pub failure_reason: Option<String>,
+    /// The chunks storage lost, for `upload.chunks_lost`: no longer counted, to be sent
+    /// again. Absent from the other events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_chunks: Option<Vec<u64>>,
 }
 
 /// The download URL of an upload: absolute under `public_url` when configured.
@@ -115,6 +124,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: Some(download_url(public_url, status.id.as_str())),
                 failure_reason: None,
+                lost_chunks: None,
             },
         })
     }
@@ -140,6 +150,7 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: Some(download_url(public_url, upload.id.as_str())),
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -161,6 +172,7 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -182,6 +194,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: None,
                 failure_reason: Some(failure.reason.clone()),
+                lost_chunks: None,
             },
         })
     }
@@ -204,6 +217,7 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -224,6 +238,7 @@ impl Event {
                 metadata: status.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
             },
         }
     }
@@ -245,6 +260,29 @@ impl Event {
                 metadata: upload.metadata.clone(),
                 download_url: None,
                 failure_reason: None,
+                lost_chunks: None,
+            },
+        }
+    }
+
+    /// `upload.chunks_lost`: a merge found that storage lost counted chunks of `upload` and
+    /// put it back to `receiving` without them.
+    pub fn chunks_lost(upload: &NewUpload, lost: &[ChunkIndex]) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: new_event_id(),
+            kind: EventKind::ChunksLost,
+            occurred_at: rfc3339(crate::now_ms()),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "receiving".into(),
+                filename: upload.filename.clone(),
+                size: upload.geometry.total_size,
+                md5: None,
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: None,
+                lost_chunks: Some(lost.iter().map(|i| i.0).collect()),
             },
         }
     }

@@ -21,6 +21,7 @@ pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const MERGES: &str = "stitch_merges_total";
 pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
 pub const MERGE_SIZE: &str = "stitch_merge_size_bytes";
+pub const MERGE_TRANSIENT_FAILURES: &str = "stitch_merge_transient_failures_total";
 pub const QUEUE_MESSAGES: &str = "stitch_queue_messages";
 pub const QUEUE_CONSUMERS: &str = "stitch_queue_consumers";
 pub const DEAD_LETTERS: &str = "stitch_dead_letter_messages";
@@ -37,25 +38,30 @@ pub const BACKEND_ERRORS: &str = "stitch_backend_errors_total";
 pub const STATE_REBUILDS: &str = "stitch_state_rebuilds_total";
 
 /// Label values, fixed sets.
-pub const TRANSITIONS: [&str; 6] = [
+pub const TRANSITIONS: [&str; 7] = [
     "created",
     "completed",
     "failed",
     "aborted",
     "expired",
     "deleted",
+    "reopened",
 ];
 /// `restored`: this process rebuilt it; `already_known`: another had, or it was never lost.
 pub const REBUILD_OUTCOMES: [&str; 2] = ["restored", "already_known"];
-pub const MERGE_OUTCOMES: [&str; 7] = [
+pub const MERGE_OUTCOMES: [&str; 8] = [
     "committed",
     "already_completed",
     "skipped",
     "failed",
+    "reopened",
     "retried",
     "lock_busy",
     "cancelled",
 ];
+/// Causes of a transiently failed merge attempt: the merge's own file I/O, or a backend
+/// (Redis, RabbitMQ, SQLite).
+pub const TRANSIENT_CAUSES: [&str; 2] = ["storage", "backend"];
 pub const LOCK_RESULTS: [&str; 3] = ["acquired", "busy", "error"];
 pub const WEBHOOK_OUTCOMES: [&str; 7] = [
     "delivered",
@@ -100,7 +106,7 @@ fn register_now(role: Role) {
     }
     describe_counter!(
         UPLOAD_TRANSITIONS,
-        "Uploads entering a state: created, completed, failed, aborted, expired, deleted"
+        "Uploads entering a state: created, completed, failed, aborted, expired, deleted (retention), reopened (back to receiving: storage lost chunks)"
     );
     for t in TRANSITIONS {
         metrics::counter!(UPLOAD_TRANSITIONS, "transition" => t).absolute(0);
@@ -153,6 +159,10 @@ fn register_now(role: Role) {
             "Duration of committed merges (copy, MD5, fsync, commit)"
         );
         describe_histogram!(MERGE_SIZE, Unit::Bytes, "Size of merged files");
+        describe_counter!(
+            MERGE_TRANSIENT_FAILURES,
+            "Merge attempts that failed transiently and were scheduled again, by cause (storage: disk full, I/O errors; backend: Redis, RabbitMQ)"
+        );
         describe_gauge!(QUEUE_MESSAGES, "Messages ready in a work queue, by family");
         describe_gauge!(QUEUE_CONSUMERS, "Consumers of a work queue, by family");
         describe_gauge!(DEAD_LETTERS, "Messages in a dead-letter queue, by family");
@@ -177,6 +187,9 @@ fn register_now(role: Role) {
         );
         for outcome in MERGE_OUTCOMES {
             metrics::counter!(MERGES, "outcome" => outcome).absolute(0);
+        }
+        for cause in TRANSIENT_CAUSES {
+            metrics::counter!(MERGE_TRANSIENT_FAILURES, "cause" => cause).absolute(0);
         }
         for result in LOCK_RESULTS {
             metrics::counter!(LOCK_ACQUISITIONS, "result" => result).absolute(0);

@@ -16,7 +16,7 @@ use stitch_common::lock::{Lease, MergeLock, RedisLock};
 use stitch_common::queue::{AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, WorkQueue};
 use stitch_common::state::{
     Aborted, Committed, Conflict, Created, Expired, Failed, MergeStart, Recorded, RedisStateStore,
-    Restoration, Restored, StateError, StateStore, keys,
+    Reopened, Restoration, Restored, StateError, StateStore, keys,
 };
 use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
@@ -503,6 +503,151 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
     assert_eq!(store.upload_status(&w.id).await.unwrap(), None);
 }
 
+const LOST: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"chunks_lost"}"#;
+
+async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
+    store: &dyn StateStore,
+) {
+    let u = upload("c11", 45, 10);
+    let job = MergeJob::new(u.id.clone()).to_json();
+    for i in 0..5 {
+        store
+            .record_chunk(&u, &chunk(&u, i, 3), &job, CREATED, TTL)
+            .await
+            .unwrap();
+    }
+    let MergeStart::Ready(stale) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    let lost = [ChunkIndex(1), ChunkIndex(4)];
+
+    // Only the newest attempt may reopen; a refusal changes nothing.
+    let before = store.upload_status(&u.id).await.unwrap().unwrap();
+    let refused = store
+        .reopen_for_lost_chunks(&u.id, stale.fence, &lost, LOST, TTL)
+        .await;
+    assert!(
+        matches!(refused, Err(StateError::Conflict(Conflict::Fenced))),
+        "{refused:?}"
+    );
+    assert_eq!(store.upload_status(&u.id).await.unwrap().unwrap(), before);
+    let mut expected = vec![job.clone(), CREATED.to_owned()];
+    expected.sort();
+    assert_eq!(outbox_of(store, &u.id).await, expected);
+
+    // The newest one does: receiving, without the lost chunks, the event in the outbox and
+    // the merge trigger out of it.
+    assert_eq!(
+        store
+            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, LOST, TTL)
+            .await
+            .unwrap(),
+        Reopened::Now {
+            chunks_received: 3,
+            bytes_received: 30
+        }
+    );
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.state, UploadState::Receiving);
+    assert_eq!(status.uploaded_chunks, vec![0, 2, 3]);
+    assert_eq!((status.chunks_received, status.bytes_received), (3, 30));
+    let mut expected = vec![CREATED.to_owned(), LOST.to_owned()];
+    expected.sort();
+    assert_eq!(outbox_of(store, &u.id).await, expected);
+    let counted: Vec<u64> = store
+        .counted_chunks(&u.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.index.0)
+        .collect();
+    assert_eq!(counted, [0, 2, 3]);
+    assert!(
+        !store
+            .stuck_merges(u64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.upload_id == u.id),
+        "a receiving upload is no stuck merge"
+    );
+    // Not merging any more: the stale attempt can neither commit nor reopen again.
+    let late = store
+        .commit_merge(&u.id, plan.fence, &completion("x"), COMPLETED)
+        .await;
+    assert!(
+        matches!(
+            late,
+            Err(StateError::Conflict(Conflict::NotMerging(
+                UploadState::Receiving
+            )))
+        ),
+        "{late:?}"
+    );
+    assert_eq!(
+        store
+            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, LOST, TTL)
+            .await
+            .unwrap(),
+        Reopened::NotMerging(UploadState::Receiving)
+    );
+
+    // A chunk still counted is a duplicate; a lost one, sent again (even the very same
+    // copy), counts as new, and the last one completes the upload again with a new trigger.
+    assert!(matches!(
+        store
+            .record_chunk(&u, &chunk(&u, 2, 3), &job, CREATED, TTL)
+            .await
+            .unwrap(),
+        Recorded::Duplicate { .. }
+    ));
+    let first = store
+        .record_chunk(&u, &chunk(&u, 4, 3), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first, Recorded::New(p) if p.chunks_received == 4 && !p.completed_upload),
+        "{first:?}"
+    );
+    let last = store
+        .record_chunk(&u, &chunk(&u, 1, 9), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    assert!(
+        matches!(last, Recorded::New(p) if p.completed_upload && p.bytes_received == 45),
+        "{last:?}"
+    );
+    let mut expected = vec![job.clone(), CREATED.to_owned(), LOST.to_owned()];
+    expected.sort();
+    assert_eq!(outbox_of(store, &u.id).await, expected);
+    let MergeStart::Ready(again) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert!(again.fence > plan.fence, "fences keep growing");
+    assert_eq!(again.chunks.len(), 5);
+    assert_eq!(
+        again.chunks[1].crc32c, 9,
+        "the re-sent copy is the one counted"
+    );
+    assert_eq!(
+        store
+            .commit_merge(&u.id, again.fence, &completion("f"), COMPLETED)
+            .await
+            .unwrap(),
+        Committed::Now
+    );
+
+    assert!(matches!(
+        store
+            .reopen_for_lost_chunks(&UploadId::parse("nobody").unwrap(), 1, &lost, LOST, TTL)
+            .await,
+        Err(StateError::NotFound)
+    ));
+}
+
 /// Every state store check, run against one implementation.
 async fn run_state_contract(store: &dyn StateStore) {
     chunks_are_counted_once_and_never_overwritten(store).await;
@@ -515,6 +660,7 @@ async fn run_state_contract(store: &dyn StateStore) {
     events_ride_the_outbox_with_their_state_changes(store).await;
     a_lost_upload_is_restored_once_from_storage(store).await;
     expiring_excludes_recording_and_spares_live_uploads(store).await;
+    lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(store).await;
 }
 
 #[tokio::test]

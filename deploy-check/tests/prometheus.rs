@@ -78,7 +78,9 @@ fn promtool_test_rules_fails_when_an_alert_does_not_fire_as_expected() {
 fn the_compose_scrape_config_loads_with_its_rules() {
     // prometheus.yml loads the rules from where compose mounts them; the copy points there
     // at the test's directory instead.
-    let dir = prometheus_dir(&read("deploy/prometheus/alerts.yml"), "");
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let rules = alerts.matches("- alert:").count();
+    let dir = prometheus_dir(&alerts, "");
     let config = read("deploy/prometheus/prometheus.yml");
     assert!(config.contains("/etc/prometheus/alerts.yml"));
     let config = config.replace(
@@ -89,7 +91,7 @@ fn the_compose_scrape_config_loads_with_its_rules() {
     let checked = promtool(dir.path(), &["check", "config", "prometheus.yml"]);
     assert!(checked.succeeded(), "{}", checked.output());
     assert!(
-        checked.output().contains("9 rules found"),
+        checked.output().contains(&format!("{rules} rules found")),
         "{}",
         checked.output()
     );

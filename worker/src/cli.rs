@@ -52,6 +52,9 @@ pub fn main() -> ExitCode {
     };
     let _telemetry =
         stitch_common::telemetry::init(&settings.log, &settings.tracing, "stitch-worker");
+    // Test builds: arm the failpoints named in FAILPOINTS for the life of the process.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if let Some(Command::Migrate { check, wait }) = args.command {
         return run_migrate(&settings, check, wait);
     }

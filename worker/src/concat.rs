@@ -25,7 +25,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use md5::Digest;
 use stitch_common::digest::Md5;
@@ -71,19 +71,47 @@ pub struct Concatenated {
     pub direct_io: bool,
 }
 
+/// A counted chunk whose file is gone, short, or no longer holds the bytes that were
+/// recorded for it: storage lost it, and only the client can send it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LostChunk {
+    pub index: u64,
+    pub why: String,
+}
+
+impl std::fmt::Display for LostChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "chunk {} {}", self.index, self.why)
+    }
+}
+
+/// How a concatenation failed. Only [`ConcatError::LostChunks`] says something about the
+/// data; every I/O error is [`ConcatError::Storage`], whatever its errno (EMFILE, EIO, ESTALE,
+/// ENOSPC, EDQUOT, …): the chunks may be intact, so the merge is worth trying again.
 #[derive(Debug, thiserror::Error)]
 pub enum ConcatError {
-    /// A counted chunk has no readable file: the upload cannot be merged.
-    #[error("chunk {index} is missing: {detail}")]
-    MissingChunk { index: u64, detail: String },
-    /// A chunk's file does not hold what was recorded for it.
-    #[error("chunk {index} is corrupt: {what}")]
-    CorruptChunk { index: u64, what: String },
+    /// Counted chunks that storage no longer holds as recorded (missing, short, or a
+    /// CRC32C/MD5 that differs from the one recorded at upload), in index order.
+    #[error("{}", describe_lost(.0))]
+    LostChunks(Vec<LostChunk>),
     #[error("merge cancelled")]
     Cancelled,
-    /// Writing the output failed (disk full, I/O error): worth retrying later.
+    /// Reading, writing or syncing failed (disk full, I/O error, too many open files): worth
+    /// retrying later.
     #[error("storage error: {0}")]
     Storage(String),
+}
+
+fn describe_lost(lost: &[LostChunk]) -> String {
+    let parts: Vec<String> = lost.iter().map(LostChunk::to_string).collect();
+    parts.join("; ")
+}
+
+fn lost(index: u64, why: impl Into<String>) -> ConcatError {
+    ConcatError::LostChunks(vec![LostChunk {
+        index,
+        why: why.into(),
+    }])
 }
 
 /// Progress and cancellation shared with the async side.
@@ -96,23 +124,25 @@ pub struct Control {
 /// Runs the concatenation on the calling (blocking) thread plus two helpers. On any error
 /// the output file is removed.
 pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, ConcatError> {
-    // Every chunk must be there, at its recorded size, before anything is written.
+    // Every chunk must be there, at its recorded size, before anything is written; all the
+    // missing and short ones are reported at once, so that the client re-sends them together.
+    let mut missing = Vec::new();
     for chunk in &job.chunks {
         match std::fs::metadata(&chunk.path) {
             Ok(m) if m.len() == chunk.len => {}
-            Ok(m) => {
-                return Err(ConcatError::CorruptChunk {
-                    index: chunk.index,
-                    what: format!("{} bytes on storage, {} recorded", m.len(), chunk.len),
-                });
-            }
-            Err(e) => {
-                return Err(ConcatError::MissingChunk {
-                    index: chunk.index,
-                    detail: e.to_string(),
-                });
-            }
+            Ok(m) => missing.push(LostChunk {
+                index: chunk.index,
+                why: format!("has {} bytes on storage, {} recorded", m.len(), chunk.len),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => missing.push(LostChunk {
+                index: chunk.index,
+                why: "is missing on storage".into(),
+            }),
+            Err(e) => return Err(storage_error("looking up a chunk", e)),
         }
+    }
+    if !missing.is_empty() {
+        return Err(ConcatError::LostChunks(missing));
     }
     if job.direct_io {
         match open_direct(&job.output) {
@@ -148,6 +178,16 @@ fn storage_error(context: &str, e: std::io::Error) -> ConcatError {
     ConcatError::Storage(format!("{context}: {e}"))
 }
 
+/// `fdatasync` on `file`. Test builds with the `failpoints` feature can make it fail with
+/// `EIO` (failpoint `merge-sync`), as a writeback error would.
+fn sync_data(file: &File) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("merge-sync", |_| Err(std::io::Error::from_raw_os_error(
+        libc::EIO
+    )));
+    file.sync_data()
+}
+
 fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, ConcatError> {
     let syncer_file = out
         .try_clone()
@@ -161,12 +201,17 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx));
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
         let fsync = job.fsync;
+        // The early syncs go through a duplicate of the output's descriptor, which shares
+        // its writeback error state: an error this thread sees is not reported again to the
+        // final sync, so it must fail the merge from here.
         let syncer = scope.spawn(move || {
             for () in sync_rx {
                 if fsync {
-                    let _ = syncer_file.sync_data();
+                    sync_data(&syncer_file)
+                        .map_err(|e| storage_error("syncing the merged file", e))?;
                 }
             }
+            Ok::<(), ConcatError>(())
         });
 
         let copied = copy_chunks(job, control, &mut out, &full_tx, &empty_rx, &sync_tx);
@@ -175,11 +220,18 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         let md5 = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
-        let _ = syncer.join();
-        let size = copied?;
+        let synced = syncer
+            .join()
+            .map_err(|_| ConcatError::Storage("sync thread panicked".into()))?;
+        // A lost chunk says more than the I/O error it may have caused; otherwise the sync
+        // thread's error is the cause of a copy that stopped because it did.
+        let size = match (copied, synced) {
+            (Ok(size), Ok(())) => size,
+            (Err(e @ (ConcatError::LostChunks(_) | ConcatError::Cancelled)), _) => return Err(e),
+            (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+        };
         if job.fsync {
-            out.sync_data()
-                .map_err(|e| storage_error("syncing the merged file", e))?;
+            sync_data(&out).map_err(|e| storage_error("syncing the merged file", e))?;
         }
         Ok(Concatenated {
             size,
@@ -236,7 +288,10 @@ fn copy_chunks(
                 .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?;
             if written - last_sync >= SYNC_EVERY {
                 last_sync = written;
-                let _ = sync.try_send(());
+                if let Err(TrySendError::Disconnected(())) = sync.try_send(()) {
+                    // The sync thread stopped on an error: it fails the merge.
+                    return Err(ConcatError::Storage("the sync thread stopped".into()));
+                }
                 control.bytes_done.store(written, Ordering::Relaxed);
             }
         }
@@ -257,9 +312,12 @@ struct ChunkReader<'a> {
 
 impl<'a> ChunkReader<'a> {
     fn open(chunk: &'a ChunkSource) -> Result<Self, ConcatError> {
-        let file = File::open(&chunk.path).map_err(|e| ConcatError::MissingChunk {
-            index: chunk.index,
-            detail: e.to_string(),
+        let file = File::open(&chunk.path).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                lost(chunk.index, "is missing on storage")
+            } else {
+                storage_error("opening a chunk", e)
+            }
         })?;
         Ok(Self {
             chunk,
@@ -276,12 +334,7 @@ impl<'a> ChunkReader<'a> {
             match self.file.read(buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(ConcatError::MissingChunk {
-                        index: self.chunk.index,
-                        detail: e.to_string(),
-                    });
-                }
+                Err(e) => return Err(storage_error("reading a chunk", e)),
             }
         };
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
@@ -296,24 +349,27 @@ impl<'a> ChunkReader<'a> {
     fn finish(self) -> Result<(), ConcatError> {
         let chunk = self.chunk;
         if self.read != chunk.len {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: format!("read {} bytes, {} recorded", self.read, chunk.len),
-            });
+            return Err(lost(
+                chunk.index,
+                format!(
+                    "read {} bytes on storage, {} recorded",
+                    self.read, chunk.len
+                ),
+            ));
         }
         if self.crc != chunk.crc32c {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: "CRC32C differs from the one recorded at upload".into(),
-            });
+            return Err(lost(
+                chunk.index,
+                "has a CRC32C on storage that differs from the one recorded at upload",
+            ));
         }
         if let (Some(expected), Some(m)) = (chunk.md5, self.md5)
             && Md5::from_bytes(m.finalize().into()) != expected
         {
-            return Err(ConcatError::CorruptChunk {
-                index: chunk.index,
-                what: "MD5 differs from the one recorded at upload".into(),
-            });
+            return Err(lost(
+                chunk.index,
+                "has an MD5 on storage that differs from the one recorded at upload",
+            ));
         }
         Ok(())
     }
@@ -390,8 +446,7 @@ fn run_direct(
             .map_err(|_| ConcatError::Storage("write thread panicked".into()))??;
         let size = copied?;
         if job.fsync {
-            tail.sync_data()
-                .map_err(|e| storage_error("syncing the merged file", e))?;
+            sync_data(tail).map_err(|e| storage_error("syncing the merged file", e))?;
         }
         Ok(Concatenated {
             size,
@@ -590,29 +645,50 @@ mod tests {
             );
             let err = concatenate(&job, &Control::default()).unwrap_err();
             assert!(
-                matches!(err, ConcatError::CorruptChunk { index: 3, .. }),
+                matches!(&err, ConcatError::LostChunks(lost) if lost.len() == 1 && lost[0].index == 3 && lost[0].why.contains("CRC32C")),
                 "{err}"
             );
             assert!(!job.output.exists());
         }
     }
 
+    fn lost_indices(result: Result<Concatenated, ConcatError>) -> Vec<u64> {
+        match result {
+            Err(ConcatError::LostChunks(lost)) => lost.iter().map(|l| l.index).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn a_missing_or_short_chunk_is_found_before_writing() {
-        let dir = tempfile::tempdir().unwrap();
-        let chunks = write_chunks(dir.path(), &data(30_000), 10_000, false);
+    fn every_missing_or_short_chunk_is_found_before_writing() {
         for direct_io in MODES {
+            let dir = tempfile::tempdir().unwrap();
+            let chunks = write_chunks(dir.path(), &data(40_000), 10_000, false);
             std::fs::remove_file(&chunks[1].path).unwrap();
             let job = job(chunks.clone(), dir.path().join("out"), false, direct_io);
-            assert!(matches!(
-                concatenate(&job, &Control::default()),
-                Err(ConcatError::MissingChunk { index: 1, .. })
-            ));
+            assert_eq!(lost_indices(concatenate(&job, &Control::default())), [1]);
+            std::fs::write(&chunks[3].path, b"short").unwrap();
+            assert_eq!(lost_indices(concatenate(&job, &Control::default())), [1, 3]);
             std::fs::write(&chunks[1].path, b"short").unwrap();
-            assert!(matches!(
-                concatenate(&job, &Control::default()),
-                Err(ConcatError::CorruptChunk { index: 1, .. })
-            ));
+            assert_eq!(lost_indices(concatenate(&job, &Control::default())), [1, 3]);
+            assert!(!job.output.exists());
+        }
+    }
+
+    #[test]
+    fn a_chunk_that_cannot_be_read_is_a_storage_error_not_a_lost_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chunks = write_chunks(dir.path(), &data(30_000), 10_000, false);
+        // A directory of the recorded size cannot be read: EISDIR, an I/O error that says
+        // nothing about the chunk's bytes (as EIO, EMFILE or ESTALE would not).
+        let not_a_file = dir.path().join("dir");
+        std::fs::create_dir(&not_a_file).unwrap();
+        chunks[1].len = std::fs::metadata(&not_a_file).unwrap().len();
+        chunks[1].path = not_a_file;
+        for direct_io in MODES {
+            let job = job(chunks.clone(), dir.path().join("out"), false, direct_io);
+            let err = concatenate(&job, &Control::default()).unwrap_err();
+            assert!(matches!(err, ConcatError::Storage(_)), "{err:?}");
             assert!(!job.output.exists());
         }
     }

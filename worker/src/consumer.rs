@@ -3,11 +3,16 @@
 //!
 //! | outcome | delivery |
 //! |---|---|
-//! | committed / already completed / skipped / failed for good | ack (after the event is confirmed) |
+//! | committed / already completed / skipped / failed for good (MD5 mismatch) / reopened (chunks lost) | ack (after the event is confirmed) |
 //! | lock busy, lease lost | re-published to the first delay queue (attempt unchanged), ack |
-//! | transient failure | re-published to the next delay queue (attempt + 1), ack; past the last delay: dead-lettered, upload `failed` |
+//! | transient failure (storage or a backend) | re-published to the next delay queue (attempt + 1), ack; past the last delay, to the last one again, for as long as it fails |
 //! | not a job | dead-lettered, ack |
 //! | shutdown mid-merge | left unacked: the broker redelivers it |
+//!
+//! A transient failure never fails the upload: a full disk, an I/O error or an unreachable
+//! Redis says nothing about the chunks, which stay intact on storage, so the merge is tried
+//! again, at most one (last) delay apart, until it goes through. Each such retry counts in
+//! `stitch_merge_transient_failures_total`, which an alert watches.
 //!
 //! A delivery is acked only after its effect is committed, so a worker dying at any point
 //! leaves the job to be redelivered and re-run idempotently.
@@ -154,9 +159,10 @@ async fn handle_in_span(
         Ok(MergeOutcome::AlreadyCompleted(_)) => "already_completed",
         Ok(MergeOutcome::Skipped(_)) => "skipped",
         Ok(MergeOutcome::Failed(_)) => "failed",
+        Ok(MergeOutcome::Reopened(_)) => "reopened",
         Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => "lock_busy",
         Err(MergeError::Cancelled) => "cancelled",
-        Err(MergeError::Transient(_)) => "retried",
+        Err(MergeError::Transient(_) | MergeError::Storage(_)) => "retried",
     };
     metrics::counter!(stitch_common::metrics::MERGES, "outcome" => label).increment(1);
     match outcome {
@@ -170,7 +176,7 @@ async fn handle_in_span(
             tracing::info!(upload_id = %id, %reason, "merge job skipped");
             let _ = delivery.ack().await;
         }
-        Ok(MergeOutcome::Failed(_)) => {
+        Ok(MergeOutcome::Failed(_)) | Ok(MergeOutcome::Reopened(_)) => {
             let _ = delivery.ack().await;
         }
         Ok(MergeOutcome::LockBusy) | Err(MergeError::LeaseLost) => {
@@ -181,33 +187,34 @@ async fn handle_in_span(
         Err(MergeError::Cancelled) => {
             // Shutdown: leave it unacked; closing the connection returns it to the queue.
         }
-        Err(MergeError::Transient(reason)) => {
-            let attempt = job.attempt as usize;
-            if let Some(delay) = config.retry_delays.get(attempt) {
-                tracing::warn!(upload_id = %id, %reason, attempt = attempt + 1, ?delay, "merge failed; will retry");
-                let next = MergeJob {
-                    attempt: job.attempt + 1,
-                    ..job.clone()
-                };
-                retry_later(queue.as_ref(), &delivery, &next, *delay).await;
-            } else {
-                tracing::error!(upload_id = %id, %reason, "merge failed on every attempt; dead-lettering");
-                let reason = format!("gave up after {} attempts: {reason}", attempt + 1);
-                if queue.dead_letter(&delivery.payload, &reason).await.is_err() {
-                    let _ = delivery.requeue().await;
-                    return;
-                }
-                match merger.fail(&id, None, &reason).await {
-                    Ok(_) => {
-                        let _ = delivery.ack().await;
-                    }
-                    Err(_) => {
-                        let _ = delivery.requeue().await;
-                    }
-                }
-            }
+        Err(error @ (MergeError::Transient(_) | MergeError::Storage(_))) => {
+            let cause = match &error {
+                MergeError::Storage(_) => "storage",
+                _ => "backend",
+            };
+            metrics::counter!(stitch_common::metrics::MERGE_TRANSIENT_FAILURES, "cause" => cause)
+                .increment(1);
+            let delay = retry_delay(&config.retry_delays, job.attempt);
+            tracing::warn!(upload_id = %id, %error, cause, attempt = job.attempt.saturating_add(1), ?delay, "merge failed transiently; will retry");
+            let next = MergeJob {
+                attempt: job.attempt.saturating_add(1),
+                ..job.clone()
+            };
+            retry_later(queue.as_ref(), &delivery, &next, delay).await;
         }
     }
+}
+
+/// The wait before the retry that follows `attempt` transient failures: the configured
+/// delays in turn, then the last one for every later retry (never giving up: the chunks are
+/// intact, only the merge's I/O or a backend failed). Settings validation makes sure there is
+/// at least one delay.
+fn retry_delay(delays: &[Duration], attempt: u32) -> Duration {
+    delays
+        .get(attempt as usize)
+        .or(delays.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(5))
 }
 
 /// Sends `job` through the delay queue for `delay`, then acks the delivery. If the broker
@@ -222,5 +229,20 @@ async fn retry_later(queue: &dyn WorkQueue, delivery: &Delivery, job: &MergeJob,
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = delivery.requeue().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_follow_the_delays_then_stay_at_the_last_one_forever() {
+        let delays = [1, 5, 30].map(Duration::from_secs);
+        let waits: Vec<u64> = [0, 1, 2, 3, 10, u32::MAX]
+            .into_iter()
+            .map(|attempt| retry_delay(&delays, attempt).as_secs())
+            .collect();
+        assert_eq!(waits, [1, 5, 30, 30, 30, 30]);
     }
 }

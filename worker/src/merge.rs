@@ -7,6 +7,11 @@
 //!   file another attempt committed;
 //! - the commit is a fenced script: only the newest attempt of a still-merging upload wins;
 //! - an attempt stops before renaming or committing when its lease may have lapsed.
+//!
+//! Storage is the truth, so a failed attempt is classified by what storage says: a merged
+//! file whose MD5 differs from the declared one is the only permanent failure; counted chunks
+//! that storage no longer holds as recorded put the upload back to `receiving` for the client
+//! to re-send them; every I/O error (disk full, EIO, ESTALE, EMFILE, …) is retried.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,19 +20,20 @@ use std::time::Duration;
 
 use stitch_common::config::Settings;
 use stitch_common::events::{Event, new_event_id};
+use stitch_common::geometry::ChunkIndex;
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock};
 use stitch_common::metrics as m;
 use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{
-    Committed, Conflict, Failed, MergePlan, MergeStart, StateError, StateStore, keys,
+    Committed, Conflict, Failed, MergePlan, MergeStart, Reopened, StateError, StateStore, keys,
 };
 use stitch_common::storage::{CompletionRecord, FsChunkStore};
 use stitch_common::upload::{Completion, UploadState};
 use tokio::sync::Mutex;
 
-use crate::concat::{ChunkSource, Concat, ConcatError, Control, concatenate};
+use crate::concat::{ChunkSource, Concat, ConcatError, Control, LostChunk, concatenate};
 
 /// How a merge attempt ended, when it did not need a retry.
 #[derive(Debug)]
@@ -42,9 +48,13 @@ pub enum MergeOutcome {
     Skipped(String),
     /// Another worker holds the upload's lock.
     LockBusy,
-    /// The upload cannot be merged (missing or corrupt chunk, MD5 mismatch): it was marked
-    /// `failed` and `upload.failed` published.
+    /// The merged file's MD5 differs from the one the client declared: the upload was marked
+    /// `failed` and `upload.failed` published. The only permanent failure of a merge.
     Failed(String),
+    /// Storage lost counted chunks (missing, short, or changed since they were recorded):
+    /// the upload is `receiving` again with these chunks uncounted, `upload.chunks_lost` is
+    /// in its outbox (and published), and the client's next resume re-sends them.
+    Reopened(Vec<u64>),
 }
 
 /// Why an attempt must be tried again.
@@ -53,6 +63,11 @@ pub enum MergeError {
     /// Redis, storage or the broker failed: retry with backoff.
     #[error("transient failure: {0}")]
     Transient(String),
+    /// Reading, writing or syncing the merge's files failed (disk full, I/O error, too many
+    /// open files) while the chunks are intact as far as anyone can tell: retry with backoff
+    /// for as long as it takes.
+    #[error("storage failure: {0}")]
+    Storage(String),
     /// The lease lapsed or could not be renewed; another worker may be merging.
     #[error("the lock lease was lost")]
     LeaseLost,
@@ -223,8 +238,8 @@ impl Merger {
             }
             Err(e) => return Err(transient(e)),
         };
-        if let Err(reason) = check_plan(&plan) {
-            return self.fail(id, Some(plan.fence), &reason).await;
+        if let Err(lost) = check_plan(&plan) {
+            return self.reopen(&plan, lost).await;
         }
         tracing::info!(upload_id = %id, fence = plan.fence, chunks = plan.chunks.len(), "merging");
 
@@ -265,10 +280,8 @@ impl Merger {
                 return Err(MergeError::LeaseLost);
             }
             Err(ConcatError::Cancelled) => return Err(MergeError::Cancelled),
-            Err(ConcatError::Storage(e)) => return Err(MergeError::Transient(e)),
-            Err(e @ (ConcatError::MissingChunk { .. } | ConcatError::CorruptChunk { .. })) => {
-                return self.fail(id, Some(plan.fence), &e.to_string()).await;
-            }
+            Err(ConcatError::Storage(e)) => return Err(MergeError::Storage(e)),
+            Err(ConcatError::LostChunks(lost)) => return self.reopen(&plan, lost).await,
         };
         tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, "chunks concatenated");
 
@@ -405,6 +418,65 @@ impl Merger {
         Ok(())
     }
 
+    /// Puts the upload back to `receiving` with the `lost` chunks uncounted (fenced by the
+    /// plan's token), publishes `upload.chunks_lost` from the outbox it was written to, and
+    /// removes the lost chunks' bad copies so that nothing can count them again.
+    async fn reopen(
+        &self,
+        plan: &MergePlan,
+        lost: Vec<LostChunk>,
+    ) -> Result<MergeOutcome, MergeError> {
+        let id = &plan.upload.id;
+        let reason = lost
+            .iter()
+            .map(LostChunk::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let indices: Vec<ChunkIndex> = lost.iter().map(|l| ChunkIndex(l.index)).collect();
+        let event = Event::chunks_lost(&plan.upload, &indices);
+        let outboxed = OutboxMessage::event_json(&event);
+        match self
+            .state
+            .reopen_for_lost_chunks(id, plan.fence, &indices, &outboxed, self.ttl_ms)
+            .await
+        {
+            Ok(Reopened::Now { .. }) => {}
+            Ok(Reopened::NotMerging(state)) => {
+                return Ok(MergeOutcome::Skipped(format!("the upload is {state}")));
+            }
+            Err(StateError::Conflict(_)) | Err(StateError::NotFound) => {
+                return Ok(MergeOutcome::Skipped(
+                    "fenced out by a newer attempt".into(),
+                ));
+            }
+            Err(e) => return Err(transient(e)),
+        }
+        tracing::warn!(upload_id = %id, %reason, "counted chunks lost on storage: the upload is receiving again until the client re-sends them");
+        m::transition("reopened");
+        let bad_copies: Vec<PathBuf> = plan
+            .chunks
+            .iter()
+            .filter(|c| indices.contains(&c.index))
+            .map(|c| self.storage.chunk_path(id, c.index, &c.token))
+            .collect();
+        for copy in bad_copies {
+            remove(&copy).await;
+        }
+        match self.events.publish_event(&event).await {
+            Ok(()) => {
+                if let Err(e) = self.state.clear_outbox_entry(id, &outboxed).await {
+                    tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upload_id = %id, error = %e, "upload.chunks_lost not published; the sweeper will publish it from the outbox");
+            }
+        }
+        Ok(MergeOutcome::Reopened(
+            indices.into_iter().map(|i| i.0).collect(),
+        ))
+    }
+
     /// Marks the upload failed (fenced by `fence` when given) and publishes `upload.failed`.
     pub async fn fail(
         &self,
@@ -479,28 +551,38 @@ fn clean_upload_dir(dir: &std::path::Path, keep: Option<&str>) -> std::io::Resul
     Ok(())
 }
 
-/// The plan must cover every chunk exactly, as the geometry says.
-fn check_plan(plan: &MergePlan) -> Result<(), String> {
+/// The plan must cover every chunk exactly, as the geometry says. Otherwise the chunks that
+/// are not recorded, or recorded inconsistently with the geometry, are lost: the client can
+/// send them again.
+fn check_plan(plan: &MergePlan) -> Result<(), Vec<LostChunk>> {
     let g = plan.upload.geometry;
-    if plan.chunks.len() as u64 != g.total_chunks {
-        return Err(format!(
-            "{} of {} chunks are recorded",
-            plan.chunks.len(),
-            g.total_chunks
-        ));
-    }
-    for (i, chunk) in plan.chunks.iter().enumerate() {
-        let index = stitch_common::geometry::ChunkIndex(i as u64);
-        if chunk.index != index
-            || chunk.offset != g.chunk_start(index)
-            || chunk.len != g.chunk_len(index)
-        {
-            return Err(format!(
-                "chunk {i} is recorded inconsistently with the geometry"
-            ));
+    let mut lost = Vec::new();
+    let mut recorded = plan.chunks.iter().peekable();
+    for i in 0..g.total_chunks {
+        let index = ChunkIndex(i);
+        while recorded.next_if(|c| c.index < index).is_some() {}
+        match recorded.next_if(|c| c.index == index) {
+            Some(c) if c.offset == g.chunk_start(index) && c.len == g.chunk_len(index) => {}
+            Some(_) => lost.push(LostChunk {
+                index: i,
+                why: "is recorded inconsistently with the geometry".into(),
+            }),
+            None => lost.push(LostChunk {
+                index: i,
+                why: "is not recorded".into(),
+            }),
         }
     }
-    Ok(())
+    lost.extend(
+        plan.chunks
+            .iter()
+            .filter(|c| c.index.0 >= g.total_chunks)
+            .map(|c| LostChunk {
+                index: c.index.0,
+                why: "is recorded past the last chunk".into(),
+            }),
+    );
+    if lost.is_empty() { Ok(()) } else { Err(lost) }
 }
 
 async fn remove(path: &std::path::Path) {

@@ -73,6 +73,7 @@ fn event(upload_id: &str, kind: EventKind) -> Event {
             metadata: None,
             download_url: Some(format!("/files/{upload_id}")),
             failure_reason: None,
+            lost_chunks: None,
         },
     }
 }

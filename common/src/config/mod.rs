@@ -148,9 +148,10 @@ pub struct LockSettings {
 pub struct MergeSettings {
     /// Merges one worker runs at once (its RabbitMQ prefetch).
     pub concurrency: u16,
-    /// Delays before the 2nd, 3rd, … attempt after a transient failure. Past the last, the
-    /// job is dead-lettered and the upload marked `failed`. In the environment:
-    /// comma-separated (`5s,30s,2m`).
+    /// Delays before the 2nd, 3rd, … attempt after a transient failure (storage or a
+    /// backend). Past the last, every further retry waits the last delay: a transient
+    /// failure is retried for as long as it lasts, never turned into a failed upload. At
+    /// least one. In the environment: comma-separated (`5s,30s,2m`).
     #[serde(deserialize_with = "units::list_or_csv")]
     pub retry_delays: Vec<Interval>,
     /// Redeliveries of one message (after its first delivery) before the queue dead-letters
@@ -611,6 +612,12 @@ impl Settings {
         if self.merge.concurrency == 0 {
             return invalid("STITCH__MERGE__CONCURRENCY", "must be at least 1");
         }
+        if self.merge.retry_delays.is_empty() {
+            return invalid(
+                "STITCH__MERGE__RETRY_DELAYS",
+                "must list at least one delay (the last one spaces every later retry)",
+            );
+        }
         if self
             .merge
             .retry_delays
@@ -779,6 +786,11 @@ mod tests {
         assert!(err.to_string().contains("bind"), "{err}");
         let err = load_toml("[limits]\nmax_chunk_bytes = \"lots\"\n").unwrap_err();
         assert!(err.to_string().contains("byte size"), "{err}");
+        let err = load_toml("[merge]\nretry_delays = []\n").unwrap_err();
+        assert!(
+            err.to_string().contains("STITCH__MERGE__RETRY_DELAYS"),
+            "{err}"
+        );
     }
 
     #[test]

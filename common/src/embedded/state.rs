@@ -13,7 +13,8 @@ use crate::id::UploadId;
 use crate::now_ms;
 use crate::state::{
     Aborted, Committed, Conflict, Created, Expired, Failed, MergePlan, MergeStart, MergingUpload,
-    OutboxEntry, Progress, Recorded, Restoration, Restored, StateError, StateStore, UploadHeader,
+    OutboxEntry, Progress, Recorded, Reopened, Restoration, Restored, StateError, StateStore,
+    UploadHeader,
 };
 use crate::upload::{ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus};
 
@@ -962,6 +963,63 @@ impl StateStore for SqliteStateStore {
                 tx.execute(sql, [key]).map_err(db_error)?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn reopen_for_lost_chunks(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        lost: &[ChunkIndex],
+        lost_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Reopened, StateError> {
+        let (id, lost, lost_event) = (id.clone(), lost.to_vec(), lost_event.to_owned());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            if head.state != UploadState::Merging {
+                return Ok(Reopened::NotMerging(head.state));
+            }
+            let current: i64 = tx
+                .query_row("SELECT fence FROM uploads WHERE id = ?1", [key], |r| r.get(0))
+                .map_err(db_error)?;
+            if current != int(fence) {
+                return Err(Conflict::Fenced.into());
+            }
+            for index in &lost {
+                tx.execute(
+                    "DELETE FROM parts WHERE upload_id = ?1 AND idx = ?2",
+                    params![key, int(index.0)],
+                )
+                .map_err(db_error)?;
+            }
+            // The counters follow the records that are left, whatever they said before.
+            let (chunks, bytes): (i64, i64) = tx
+                .query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(len), 0) FROM parts WHERE upload_id = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(db_error)?;
+            tx.execute(
+                "UPDATE uploads SET state = 'receiving', chunks_received = ?2, bytes_received = ?3, \
+                 requeues = 0, requeued_at = NULL, merging_at = NULL, merge_bytes_done = NULL, \
+                 updated_at = ?4, expires_at = ?5 WHERE id = ?1",
+                params![key, chunks, bytes, now, now + int(ttl_ms)],
+            )
+            .map_err(db_error)?;
+            drop_merge_triggers(tx, key)?;
+            push_outbox(tx, key, &lost_event)?;
+            Ok(Reopened::Now {
+                chunks_received: chunks as u64,
+                bytes_received: bytes as u64,
+            })
         })
         .await
     }

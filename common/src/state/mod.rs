@@ -336,4 +336,32 @@ pub trait StateStore: Send + Sync + 'static {
     /// Forgets an upload entirely (a completed upload whose retention passed, after its
     /// files are gone). Idempotent.
     async fn forget_upload(&self, id: &UploadId) -> Result<(), StateError>;
+    /// Puts a merging upload back to `receiving` because storage lost the counted chunks
+    /// `lost` (missing, short, or changed since they were recorded), only if `fence` is the
+    /// newest merge attempt's token ([`Conflict::Fenced`] otherwise; nothing changes).
+    /// Atomically: the lost chunks' records go (so a re-send of one counts again, as a new
+    /// chunk), the counters are recomputed from the chunks still recorded, pending merge
+    /// triggers leave the outbox and `lost_event` (an outbox entry) joins it, and the TTL is
+    /// refreshed. Completing the set again moves the upload to `merging` with a new trigger,
+    /// as the first time. Indices that are not recorded are simply reported missing.
+    async fn reopen_for_lost_chunks(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        lost: &[ChunkIndex],
+        lost_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Reopened, StateError>;
+}
+
+/// Result of [`StateStore::reopen_for_lost_chunks`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reopened {
+    /// The upload is `receiving` again; these are the chunks and bytes still counted.
+    Now {
+        chunks_received: u64,
+        bytes_received: u64,
+    },
+    /// The upload was no longer merging; nothing changed.
+    NotMerging(UploadState),
 }

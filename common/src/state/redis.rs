@@ -20,7 +20,8 @@ use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 
 use super::{
     Aborted, Committed, Conflict, Created, Expired, Failed, MergePlan, MergeStart, MergingUpload,
-    OutboxEntry, Progress, Recorded, Restoration, Restored, StateError, StateStore, UploadHeader,
+    OutboxEntry, Progress, Recorded, Reopened, Restoration, Restored, StateError, StateStore,
+    UploadHeader,
 };
 use crate::config::RedisSettings;
 use crate::digest::Md5;
@@ -83,6 +84,7 @@ struct Scripts {
     note_requeue: Script,
     restore_upload: Script,
     expire_upload: Script,
+    reopen_for_lost_chunks: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -98,6 +100,7 @@ fn scripts() -> &'static Scripts {
         note_requeue: Script::new(include_str!("lua/note_requeue.lua")),
         restore_upload: Script::new(include_str!("lua/restore_upload.lua")),
         expire_upload: Script::new(include_str!("lua/expire_upload.lua")),
+        reopen_for_lost_chunks: Script::new(include_str!("lua/reopen_for_lost_chunks.lua")),
     })
 }
 
@@ -917,6 +920,47 @@ impl StateStore for RedisStateStore {
             .await
             .map_err(redis_error)?;
         Ok(())
+    }
+
+    async fn reopen_for_lost_chunks(
+        &self,
+        id: &UploadId,
+        fence: u64,
+        lost: &[ChunkIndex],
+        lost_event: &str,
+        ttl_ms: u64,
+    ) -> Result<Reopened, StateError> {
+        let mut conn = self.connection().await?;
+        let ns = &self.namespace;
+        let mut invocation = self.scripts.reopen_for_lost_chunks.prepare_invoke();
+        invocation
+            .key(keys::meta(ns, id))
+            .key(keys::fence(ns, id))
+            .key(keys::parts(ns, id))
+            .key(keys::bits(ns, id))
+            .key(keys::outbox(ns, id))
+            .arg(fence)
+            .arg(lost_event)
+            .arg(now_ms())
+            .arg(ttl_ms);
+        for index in lost {
+            invocation.arg(index.0);
+        }
+        let reply: Value = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "reopened" => Ok(Reopened::Now {
+                chunks_received: reply.u64(1)?,
+                bytes_received: reply.u64(2)?,
+            }),
+            "state" => Ok(Reopened::NotMerging(reply.state(1)?)),
+            "missing" => Err(StateError::NotFound),
+            "fenced" => Err(Conflict::Fenced.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
     }
 }
 

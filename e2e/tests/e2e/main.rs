@@ -10,6 +10,7 @@ mod merge;
 mod metrics;
 mod migrations;
 mod outages;
+mod storage;
 mod storage_truth;
 mod traces;
 mod unroutable;
