@@ -5,6 +5,7 @@
 //! and [`single_node`]. Each one is built from the same parts, so that the next one only adds
 //! its own scenario:
 //!
+//! - [`options`]: the command-line options every subcommand shares;
 //! - [`source`]: the bytes to send, pseudo-random, generated once, sliced without copying;
 //! - [`baseline`]: the machine's limits (sequential disk write, MD5 on one core in memory and
 //!   over files on storage);
@@ -35,6 +36,7 @@ pub mod ingest;
 pub mod machine;
 pub mod merge;
 pub mod namespace;
+pub mod options;
 pub mod process;
 pub mod procfs;
 pub mod report;

@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use crate::baseline::{self, Throughput};
-use crate::cli::parse_size;
 use crate::machine::Machine;
 use crate::namespace::{Redis, delete_broker_namespace, random_namespace};
+use crate::options::{RunArgs, parse_size};
 use crate::process::{ProcessConfig, Role, StitchProcess};
 use crate::procfs::{self, CpuTime, MachineCores, MachineCpu};
 use crate::source::{Chunk, Source};
@@ -72,37 +72,11 @@ pub struct IngestArgs {
     /// varies from run to run, and the memory target is judged on the worst.
     #[arg(long, default_value_t = 3)]
     pub rss_repeats: usize,
-    /// Work directory; a fresh `run-…` directory is made inside it and removed at the end.
-    /// It must be on the disk to measure: the API's storage and the disk baseline go there.
-    #[arg(long, default_value = crate::workdir::DEFAULT_PARENT)]
-    pub dir: PathBuf,
     /// The `stitch-api` binary (build it with `cargo build --release -p stitch-api`).
     #[arg(long, default_value = "target/release/stitch-api")]
     pub api_bin: PathBuf,
-    /// Redis for the API processes (each gets a random namespace, deleted afterwards).
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    /// RabbitMQ for the API processes, which publish a merge job when an upload completes
-    /// (the namespace's exchanges and queues are deleted afterwards). When it is down, the
-    /// publish fails and the upload's outbox keeps the job; ingest is measured all the same.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    /// Before each disk measurement (and so before each configuration), wait up to this many
-    /// seconds for the machine to be idle (under 0.25 cores busy over a second), so that
-    /// other work (a build, a test run) does not end up in the numbers; 0 to not wait.
-    #[arg(long, default_value_t = 120)]
-    pub wait_idle: u64,
-    /// Repeat a configuration up to this many times when it was disturbed (other processes
-    /// or kernel threads used 0.35 cores or more while it ran); the report says how many
-    /// runs were discarded, and flags a configuration that never ran undisturbed.
-    #[arg(long, default_value_t = 3)]
-    pub retries: usize,
-    /// Replace the ingest section of the docs file with this run's report.
-    #[arg(long)]
-    pub write_docs: bool,
-    /// The docs file that `--write-docs` updates.
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    pub docs: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Which runs send `Content-MD5`.
@@ -237,17 +211,17 @@ impl RunResult {
 /// Runs the benchmark, prints the report, and writes it into the docs when asked.
 pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
     check_args(args)?;
-    let mut redis = Redis::connect(&args.redis_url)?;
-    let work = WorkDir::create(&args.dir)?;
+    let mut redis = Redis::connect(&args.run.redis_url)?;
+    let work = WorkDir::create(&args.run.dir)?;
     let results = measure(args, &work, &mut redis);
     let removed = work.remove();
     let results = results?;
     removed?;
     let markdown = report::render(&results);
     println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.write_docs {
-        crate::report::write_section(&args.docs, SECTION_HEADING, &markdown)?;
-        eprintln!("wrote the ingest section of {}", args.docs.display());
+    if args.run.write_docs {
+        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
+        eprintln!("wrote the ingest section of {}", args.run.docs.display());
     }
     Ok(())
 }
@@ -366,8 +340,8 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// (a): the payload written to the work directory and fsynced, then removed.
     fn disk(&mut self) -> anyhow::Result<Throughput> {
-        if self.args.wait_idle > 0 {
-            let timeout = Duration::from_secs(self.args.wait_idle);
+        if self.args.run.wait_idle > 0 {
+            let timeout = Duration::from_secs(self.args.run.wait_idle);
             if !procfs::wait_until_idle(IDLE_CORES, timeout)? {
                 progress(format!(
                     "warning: the machine is still busy after {timeout:?}"
@@ -393,8 +367,8 @@ impl Bench<'_> {
             binary: self.args.api_bin.clone(),
             storage_root: self.work.join(&format!("storage-{label}")),
             namespace: random_namespace("bench"),
-            redis_url: self.args.redis_url.clone(),
-            amqp_url: self.args.amqp_url.clone(),
+            redis_url: self.args.run.redis_url.clone(),
+            amqp_url: self.args.run.amqp_url.clone(),
             settings: vec![
                 (
                     "STITCH__LIMITS__MAX_CHUNK_BYTES".into(),
@@ -429,7 +403,7 @@ impl Bench<'_> {
         disk_before: Throughput,
     ) -> anyhow::Result<RunResult> {
         let mut run = self.run(chunks, clients, content_md5, disk_before)?;
-        while run.disturbed() && run.discarded < self.args.retries {
+        while run.disturbed() && run.discarded < self.args.run.retries {
             progress(format!(
                 "    disturbed ({:.2} cores of other work): repeating",
                 run.other_cores()
@@ -531,7 +505,7 @@ impl Bench<'_> {
     fn clean_up(&mut self, config: &ProcessConfig) -> anyhow::Result<()> {
         let deleted = self.redis.delete_namespace(&config.namespace);
         let broker = self.runtime.block_on(delete_broker_namespace(
-            &self.args.amqp_url,
+            &self.args.run.amqp_url,
             &config.namespace,
         ));
         if let Err(e) = broker {

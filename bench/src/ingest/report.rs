@@ -409,14 +409,14 @@ fn observations(r: &IngestResults) -> Vec<String> {
     if !disturbed.is_empty() {
         notes.push(format!(
             "Still disturbed after {} repeats (other CPU in cores): {}. These rates may be low; re-run on an idle machine.",
-            r.args.retries,
+            r.args.run.retries,
             disturbed.join("; ")
         ));
     }
     if r.busy_waits > 0 {
         notes.push(format!(
             "{} time(s) the machine was still busy when `--wait-idle` ({} s) ran out before a configuration.",
-            r.busy_waits, r.args.wait_idle
+            r.busy_waits, r.args.run.wait_idle
         ));
     }
     if r.machine.busy_before > 0.2 * cpus {

@@ -44,10 +44,10 @@ use stitch_common::id::UploadId;
 use stitch_common::state::keys;
 
 use crate::baseline::{self, Throughput};
-use crate::cli::{RunArgs, parse_size};
 use crate::events::{Arrival, EventTap};
 use crate::machine::Machine;
 use crate::namespace::{Redis, delete_broker_namespace, random_namespace, wait_for_broker};
+use crate::options::{RunArgs, parse_size};
 use crate::process::{ProcessConfig, Role, StitchProcess};
 use crate::procfs::CpuTime;
 use crate::source::{Chunk, Source};

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, ensure};
 
 use crate::baseline::{self, Throughput};
-use crate::cli::{RunArgs, parse_size};
 use crate::machine::Machine;
 use crate::namespace::{Redis, delete_broker_namespace, random_namespace, wait_for_broker};
+use crate::options::{RunArgs, parse_size};
 use crate::process::{ProcessConfig, Role, StitchProcess};
 use crate::source::{Chunk, Source};
 use crate::upload::{UploadJob, UploadOutcome, send_upload};
