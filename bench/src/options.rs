@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use stitch_common::config::ByteSize;
+use stitch_testkit::Services;
 
 /// Options of every benchmark: where to work, which services, how to keep other work out of
 /// the numbers, and where the report goes.
@@ -40,6 +42,24 @@ pub struct RunArgs {
     /// The docs file that `--write-docs` updates.
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub docs: PathBuf,
+}
+
+impl RunArgs {
+    /// A connection to `--redis-url`: made before anything else, so that a missing Redis
+    /// fails the run at once.
+    pub fn redis(&self) -> anyhow::Result<redis::Connection> {
+        self.services()
+            .redis()
+            .with_context(|| format!("connecting to Redis at {}", self.redis_url))
+    }
+
+    /// The Redis and RabbitMQ of `--redis-url` and `--amqp-url`.
+    pub fn services(&self) -> Services {
+        Services {
+            redis_url: self.redis_url.clone(),
+            amqp_url: self.amqp_url.clone(),
+        }
+    }
 }
 
 /// Parses a byte size the way Stitch's configuration does (`1GiB`, `8MiB`, `1048576`).
