@@ -24,7 +24,8 @@
 //!   and whether other work disturbed it;
 //! - [`machine`]: what the report says about the machine;
 //! - [`workdir`]: a fresh scratch directory on the disk under test;
-//! - [`report`]: Markdown tables and the section of `docs/benchmarks.md` a benchmark owns.
+//! - [`report`]: the skeleton every report has, Markdown tables, and the section of
+//!   `docs/benchmarks.md` a benchmark owns.
 //!
 //! A benchmark that does not check its results measures nothing: every scenario verifies
 //! what the server answered and what it stored before its numbers are reported.

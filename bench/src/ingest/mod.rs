@@ -38,8 +38,6 @@ use crate::usage::{IDLE_CORES, redis_cpu_time};
 use crate::verify::{verify_status, verify_stored};
 use crate::workdir::WorkDir;
 
-pub use report::SECTION_HEADING;
-
 /// "Other CPU" (neither API, client nor Redis) from which a run counts as disturbed.
 pub use crate::usage::DISTURBED_CORES;
 
@@ -212,13 +210,7 @@ pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
     check_args(args)?;
     let mut redis = args.run.redis()?;
     let results = WorkDir::within(&args.run.dir, |work| measure(args, work, &mut redis))?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.run.write_docs {
-        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
-        eprintln!("wrote the ingest section of {}", args.run.docs.display());
-    }
-    Ok(())
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &IngestArgs) -> anyhow::Result<()> {

@@ -57,8 +57,6 @@ use crate::verify::{
 };
 use crate::workdir::WorkDir;
 
-pub use report::SECTION_HEADING;
-
 /// What `stitch-bench merge --help` says about it.
 pub const LONG_ABOUT: &str = "The merge of one upload by stitch-worker, against the MD5 of its chunk files alone.\n\n\
         For each merge a fresh stitch-api and stitch-worker (own namespace and storage) take an \
@@ -297,13 +295,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
     check_args(args)?;
     let mut redis = args.run.redis()?;
     let results = WorkDir::within(&args.run.dir, |work| measure(args, work, &mut redis))?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.run.write_docs {
-        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
-        eprintln!("wrote the merge section of {}", args.run.docs.display());
-    }
-    Ok(())
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &MergeArgs) -> anyhow::Result<()> {

@@ -35,8 +35,6 @@ use crate::usage::{CpuSnapshot, CpuUsage, DISTURBED_CORES, Watched, wait_for_idl
 use crate::verify::{verify_completed, verify_merged_file, wait_until_completed};
 use crate::workdir::WorkDir;
 
-pub use report::SECTION_HEADING;
-
 /// What `stitch-bench single-node --help` says about it.
 pub const LONG_ABOUT: &str = "The same upload through the single-node mode and the distributed mode.\n\n\
         Alternating between `stitch serve` (API and worker in one process over SQLite) and \
@@ -244,16 +242,7 @@ pub fn run(args: &SingleNodeArgs) -> anyhow::Result<()> {
     // Only the distributed mode needs Redis, but better to learn now that it is missing.
     args.run.redis()?;
     let results = WorkDir::within(&args.run.dir, |work| measure(args, work))?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.run.write_docs {
-        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
-        eprintln!(
-            "wrote the single-node section of {}",
-            args.run.docs.display()
-        );
-    }
-    Ok(())
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &SingleNodeArgs) -> anyhow::Result<()> {
