@@ -3,43 +3,43 @@
 //!
 //! A benchmark here is a subcommand of `stitch-bench` (see [`cli`]): [`ingest`], [`merge`]
 //! and [`single_node`]. Each one is built from the same parts, so that the next one only adds
-//! its own scenario:
+//! its own scenario; what the tests also need comes from the test kit (`stitch-testkit`):
 //!
-//! - [`source`]: the bytes to send, pseudo-random, generated once, sliced without copying;
+//! - the bytes to send: the test kit's seeded `Source`, generated once, in one shared buffer
+//!   that chunks are sliced from without copying;
+//! - [`options`]: the command-line options every subcommand shares;
 //! - [`baseline`]: the machine's limits (sequential disk write, MD5 on one core in memory and
 //!   over files on storage);
-//! - [`process`]: a `stitch-api`, `stitch-worker` or `stitch serve` process with its own
-//!   storage directory and namespace, its address (and any log line asked for) read from its
-//!   JSON log, stopped with SIGTERM;
-//! - [`namespace`]: Redis and RabbitMQ housekeeping (deleting a namespace's keys and
-//!   topology, reading an upload's Redis hash, Redis's CPU time);
-//! - [`upload`]: the chunk-protocol client that sends an upload (or part of one) with N
-//!   parallel connections and checks every answer, and [`verify`], which checks status,
-//!   storage and the merged file after it;
-//! - [`events`]: a private queue on a namespace's events exchange, to time and check
-//!   `upload.completed`;
-//! - [`procfs`]: peak RSS and CPU time of a process, kernel threads' CPU, and the machine's
-//!   CPU split, from `/proc`; [`usage`]: who used the cores during a measurement, and
-//!   whether other work disturbed it;
+//! - [`deployment`]: a `stitch-api`, `stitch-worker` or `stitch serve` process (the test kit's
+//!   `ServiceProcess`) on a namespace and storage directory of its own (the test kit's
+//!   `TestEnv`, configured as deployed, on the given Redis and RabbitMQ), its address (and any
+//!   log line asked for) read from its JSON log, stopped with SIGTERM, and the namespace
+//!   removed afterwards;
+//! - [`upload`]: the chunk-protocol client (the test kit's `ApiClient` requests) that sends
+//!   an upload (or part of one) with N parallel connections and checks every answer, and
+//!   [`verify`], which checks status, storage and the merged file after it; the test kit's
+//!   `EventTap` times and checks `upload.completed`;
+//! - [`procfs`]: CPU time of a process, kernel threads' CPU, and the machine's CPU split, from
+//!   `/proc` (peak RSS is the test kit's); [`usage`]: who used the cores during a measurement,
+//!   and whether other work disturbed it;
 //! - [`machine`]: what the report says about the machine;
 //! - [`workdir`]: a fresh scratch directory on the disk under test;
-//! - [`report`]: Markdown tables and the section of `docs/benchmarks.md` a benchmark owns.
+//! - [`report`]: the skeleton every report has, Markdown tables, and the section of
+//!   `docs/benchmarks.md` a benchmark owns.
 //!
 //! A benchmark that does not check its results measures nothing: every scenario verifies
 //! what the server answered and what it stored before its numbers are reported.
 
 pub mod baseline;
 pub mod cli;
-pub mod events;
+pub mod deployment;
 pub mod ingest;
 pub mod machine;
 pub mod merge;
-pub mod namespace;
-pub mod process;
+pub mod options;
 pub mod procfs;
 pub mod report;
 pub mod single_node;
-pub mod source;
 pub mod upload;
 pub mod usage;
 pub mod verify;

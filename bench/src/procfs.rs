@@ -1,5 +1,6 @@
-//! What `/proc` tells about a process and the machine: peak resident memory (`VmHWM`), CPU
-//! time (user + system, all threads), and the machine-wide CPU split (busy, iowait, idle).
+//! What `/proc` tells about a process's and the machine's CPU: a process's CPU time (user +
+//! system, all threads), the kernel threads', and the machine-wide split (busy, iowait,
+//! idle). Memory (`VmHWM`, `VmRSS`) is read by the test kit's [`stitch_testkit::process`].
 //!
 //! CPU time is what shows who a loopback benchmark is really measuring: client, server and
 //! Redis share the same cores, so "the API used 1.6 cores of 2" says more than a rate alone.
@@ -10,37 +11,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-
-/// A process's memory high-water mark (`VmHWM`) in bytes: the most it was ever resident,
-/// over its whole life.
-pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
-    status_kib(pid, "VmHWM:").map(|kib| kib * 1024)
-}
-
-/// A process's resident memory now (`VmRSS`) in bytes.
-pub fn current_rss(pid: u32) -> anyhow::Result<u64> {
-    status_kib(pid, "VmRSS:").map(|kib| kib * 1024)
-}
-
-/// Resets a process's `VmHWM` to its current RSS (`/proc/<pid>/clear_refs`, value 5), so
-/// that a later [`peak_rss`] is the peak since now.
-pub fn reset_peak_rss(pid: u32) -> anyhow::Result<()> {
-    let path = format!("/proc/{pid}/clear_refs");
-    std::fs::write(&path, "5").with_context(|| format!("writing {path}"))
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_status_kib(&status, field).with_context(|| format!("no {field} in {path}"))
-}
-
-fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let mut words = line[field.len()..].split_whitespace();
-    let value = words.next()?.parse().ok()?;
-    (words.next() == Some("kB")).then_some(value)
-}
 
 /// CPU time a process has used so far, summed over all its threads.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -278,15 +248,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn status_fields_are_read_in_kib() {
-        let status =
-            "Name:\tstitch-api\nVmPeak:\t  900 kB\nVmHWM:\t   51200 kB\nVmRSS:\t 2048 kB\n";
-        assert_eq!(parse_status_kib(status, "VmHWM:"), Some(51200));
-        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(2048));
-        assert_eq!(parse_status_kib(status, "VmSwap:"), None);
-    }
-
-    #[test]
     fn stat_fields_are_counted_after_the_command_name() {
         // A command name with a space and a parenthesis, as a thread name can have.
         let stat = "42 (tokio (rt) x) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1";
@@ -315,13 +276,6 @@ mod tests {
     }
 
     #[test]
-    fn the_peak_rss_can_be_reset() {
-        let pid = std::process::id();
-        reset_peak_rss(pid).unwrap();
-        assert!(peak_rss(pid).unwrap() > 0);
-    }
-
-    #[test]
     fn the_machine_cpu_line_is_split_into_busy_iowait_steal_and_idle() {
         let stat = "cpu  10 1 5 100 7 2 3 4 0 0\ncpu0 5 0 2 50 3 1 1 2 0 0\n";
         let m = MachineCpu::parse(stat).unwrap();
@@ -339,8 +293,6 @@ mod tests {
 
     #[test]
     fn this_process_can_be_measured() {
-        assert!(peak_rss(std::process::id()).unwrap() > 0);
-        assert!(current_rss(std::process::id()).unwrap() > 0);
         own_cpu_time().unwrap();
         MachineCpu::read().unwrap();
     }

@@ -1,7 +1,8 @@
-//! Report writing shared by every benchmark: Markdown tables, number formatting, and the
-//! section of `docs/benchmarks.md` that a benchmark owns. A section runs from its `## `
-//! heading to the next `## ` heading (or the end of the file); writing one replaces only
-//! that section, so benchmarks and hand-written text share the file.
+//! Report writing shared by every benchmark: the skeleton every report has ([`Report`]),
+//! Markdown tables, number formatting, and the section of `docs/benchmarks.md` that a
+//! benchmark owns. A section runs from its `## ` heading to the next `## ` heading (or the
+//! end of the file); writing one replaces only that section, so benchmarks and hand-written
+//! text share the file.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -9,9 +10,235 @@ use std::path::Path;
 use anyhow::{Context, ensure};
 
 use crate::machine::Machine;
+use crate::options::RunArgs;
+use crate::usage::DISTURBED_CORES;
 
 /// What `docs/benchmarks.md` starts with when a benchmark creates it.
 const NEW_DOC: &str = "# Benchmarks\n\nEach `## ` section below is written by a `stitch-bench` subcommand run with `--write-docs`;\nre-run it rather than editing the section by hand.\n";
+
+/// One benchmark run's report, in the parts every report has and the order it prints them:
+/// when and by what it was measured, how to reproduce it and the options of this run, the
+/// report's own paragraphs, its headline table (the issue's targets, or a comparison), the
+/// machine, the baselines, the benchmark's own tables, how to read the numbers, and what this
+/// run shows.
+pub struct Report<'a> {
+    /// The subcommand (`merge`).
+    pub command: &'static str,
+    /// The heading of the section the report owns in `docs/benchmarks.md`.
+    pub heading: &'static str,
+    /// What `cargo build --release` builds before the run (`-p stitch-api -p stitch-bench`).
+    pub build: &'static str,
+    /// Which part of the run needs Redis and RabbitMQ, when not all of it does
+    /// (`" for the distributed mode"`); empty otherwise.
+    pub services_for: &'static str,
+    /// The options of this run, as `stitch-bench <command>` takes them.
+    pub options: String,
+    /// Paragraphs before the first table.
+    pub preface: Vec<String>,
+    pub headline: Section,
+    pub machine: &'a Machine,
+    /// Who shares the machine's cores, for its table.
+    pub sharing: &'static str,
+    pub baselines: Table,
+    pub sections: Vec<Section>,
+    pub how_to_read: &'static [&'static str],
+    pub observations: Vec<String>,
+}
+
+impl Report<'_> {
+    /// The Markdown, without its `## ` heading.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let command = self.command;
+        let _ = writeln!(
+            out,
+            "_Measured {} by `stitch-bench {command}`; `--write-docs` rewrites this section, so change the benchmark, not the text._\n",
+            self.machine.date
+        );
+        let _ = writeln!(
+            out,
+            "Reproduce (from the workspace root, with Redis on `127.0.0.1:6379` and RabbitMQ on `127.0.0.1:5672`{}):\n",
+            self.services_for
+        );
+        let _ = writeln!(
+            out,
+            "```sh\ncargo build --release {} && target/release/stitch-bench {command} --write-docs\n```\n",
+            self.build
+        );
+        let _ = writeln!(
+            out,
+            "This run: `stitch-bench {command} {}`.\n",
+            self.options
+        );
+        for paragraph in &self.preface {
+            let _ = writeln!(out, "{paragraph}\n");
+        }
+        self.headline.render_into(&mut out);
+        let machine = machine_table(self.machine, self.sharing);
+        let baselines = self.baselines.clone();
+        let fixed = [
+            Section::new("Machine", machine),
+            Section::new("Baselines", baselines),
+        ];
+        for section in fixed.iter().chain(&self.sections) {
+            out.push('\n');
+            section.render_into(&mut out);
+        }
+        out.push_str("\n### How to read the numbers\n\n");
+        for line in self.how_to_read {
+            bullet(&mut out, line);
+        }
+        out.push_str("\n### Observations (computed from this run)\n\n");
+        for line in &self.observations {
+            bullet(&mut out, line);
+        }
+        out
+    }
+
+    /// Prints the report under its heading and, with `--write-docs`, writes it as its section
+    /// of the docs file.
+    pub fn publish(&self, run: &RunArgs) -> anyhow::Result<()> {
+        let markdown = self.render();
+        println!("{}\n\n{markdown}", self.heading);
+        if run.write_docs {
+            write_section(&run.docs, self.heading, &markdown)?;
+            eprintln!(
+                "wrote the {} section of {}",
+                self.command,
+                run.docs.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A `### ` part of a report: a paragraph, a table, and a sentence after it.
+pub struct Section {
+    pub title: String,
+    pub intro: Option<String>,
+    pub table: Table,
+    pub outro: Option<String>,
+}
+
+impl Section {
+    pub fn new(title: impl Into<String>, table: Table) -> Self {
+        Self {
+            title: title.into(),
+            intro: None,
+            table,
+            outro: None,
+        }
+    }
+
+    /// With a paragraph before the table.
+    pub fn intro(self, text: impl Into<String>) -> Self {
+        Self {
+            intro: Some(text.into()),
+            ..self
+        }
+    }
+
+    /// With a sentence after the table.
+    pub fn outro(self, text: impl Into<String>) -> Self {
+        Self {
+            outro: Some(text.into()),
+            ..self
+        }
+    }
+
+    fn render_into(&self, out: &mut String) {
+        let _ = write!(out, "### {}\n\n", self.title);
+        if let Some(intro) = &self.intro {
+            let _ = write!(out, "{intro}\n\n");
+        }
+        out.push_str(&self.table.render());
+        if let Some(outro) = &self.outro {
+            let _ = writeln!(out, "\n{outro}");
+        }
+    }
+}
+
+/// `#1`, `#2`… (by position in `items`) with `describe`'s words, for the items it has words
+/// for: `numbered(&runs, |r| (r.discarded > 0).then(|| format!(" ({})", r.discarded)))`
+/// gives `#3 (2)`.
+pub fn numbered<T>(items: &[T], describe: impl Fn(&T) -> Option<String>) -> Vec<String> {
+    items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| Some(format!("#{}{}", i + 1, describe(item)?)))
+        .collect()
+}
+
+/// What the reports of numbered runs (`merges`, `uploads`) say about runs that other work
+/// disturbed: those repeated (`#n (times)`), and those still disturbed after `retries`
+/// repeats (`#n (other cores…)`, the cores `measured` names).
+pub fn disturbance_notes(
+    runs: &str,
+    retried: &[String],
+    disturbed: &[String],
+    retries: usize,
+    measured: &str,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !retried.is_empty() {
+        let runs = capitalized(runs);
+        notes.push(format!(
+            "{runs} discarded because other processes used {DISTURBED_CORES} cores or more while they ran, and repeated: {}.",
+            retried.join(", ")
+        ));
+    }
+    if !disturbed.is_empty() {
+        notes.push(format!(
+            "Still disturbed after {retries} repeats (other cores{measured}): {}. Those numbers may be off; re-run on an idle machine.",
+            disturbed.join(", ")
+        ));
+    }
+    notes
+}
+
+/// What the reports of numbered runs say last about the run as a whole: that `--wait-idle`
+/// ran out, the processes that did not exit cleanly (`#n: …`), and a work directory in memory.
+pub fn closing_notes(
+    busy_waits: usize,
+    run: &RunArgs,
+    unclean: &[String],
+    machine: &Machine,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if busy_waits > 0 {
+        notes.push(format!(
+            "{busy_waits} time(s) the machine was still busy when `--wait-idle` ({} s) ran out.",
+            run.wait_idle
+        ));
+    }
+    if !unclean.is_empty() {
+        notes.push(format!(
+            "Processes that did not exit cleanly on SIGTERM: {}.",
+            unclean.join("; ")
+        ));
+    }
+    if machine.work_fs.is_memory() {
+        notes.push(format!(
+            "The work directory is on {}: nothing reached a disk.",
+            machine.work_fs.fs_type
+        ));
+    }
+    notes
+}
+
+fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+/// The table of the issue's targets: each with what was measured, what it needs, and
+/// [`verdict`].
+pub fn targets_table() -> Table {
+    Table::new(&["Target (from the issue)", "Measured", "Needed", "Result"])
+}
 
 /// A Markdown table.
 #[derive(Clone, Debug, Default)]
@@ -61,7 +288,7 @@ impl Table {
 }
 
 /// The "Machine" table every report has; `sharing` says which processes share the cores.
-pub fn machine_table(m: &Machine, sharing: &str) -> Table {
+fn machine_table(m: &Machine, sharing: &str) -> Table {
     let mut table = Table::new(&["", ""]);
     table
         .row([
@@ -153,6 +380,11 @@ pub fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// A byte size as an option takes it (`1GiB`, `64KiB`).
+pub fn size_flag(bytes: u64) -> String {
+    size(bytes).replace(' ', "")
+}
+
 /// Bytes as MiB with one decimal.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / crate::MIB as f64)
@@ -215,7 +447,7 @@ pub fn write_section(path: &Path, heading: &str, body: &str) -> anyhow::Result<(
 }
 
 /// Appends a bullet line to `out`.
-pub fn bullet(out: &mut String, text: impl AsRef<str>) {
+fn bullet(out: &mut String, text: impl AsRef<str>) {
     let _ = writeln!(out, "- {}", text.as_ref());
 }
 
@@ -261,6 +493,94 @@ mod tests {
         assert_eq!(size(1536), "1536 B");
         assert_eq!(size(3 << 10), "3 KiB");
         assert_eq!(mib(64 << 20), "64.0 MiB");
+    }
+
+    #[test]
+    fn every_report_has_the_same_parts_in_the_same_order() {
+        let machine = Machine {
+            cpus: 2,
+            cpu_model: "CPU".into(),
+            kernel: "6.1".into(),
+            memory_gib: 4.0,
+            work_fs: crate::machine::Mount {
+                mount_point: "/".into(),
+                fs_type: "ext4".into(),
+                source: "/dev/vda".into(),
+            },
+            load_before: 0.5,
+            busy_before: 0.1,
+            date: "2026-12-01T00:00:00Z".into(),
+        };
+        let mut headline = targets_table();
+        headline.row(["fast", "2", "≥ 1", verdict(true)]);
+        let mut baselines = Table::new(&["Limit", ">MB/s"]);
+        baselines.row(["(a)", "9"]);
+        let mut runs = Table::new(&[">#"]);
+        runs.row(["1"]);
+        let report = Report {
+            command: "merge",
+            heading: "## Merge",
+            build: "-p stitch-bench",
+            services_for: " for the distributed mode",
+            options: "--size 1GiB".into(),
+            preface: vec!["No target.".into()],
+            headline: Section::new("Targets", headline),
+            machine: &machine,
+            sharing: "all share them",
+            baselines,
+            sections: vec![
+                Section::new("Runs", runs)
+                    .intro("One row per run.")
+                    .outro("Done."),
+            ],
+            how_to_read: &["Read it."],
+            observations: vec!["It ran.".into()],
+        };
+        let text = report.render();
+        assert!(text.starts_with(
+            "_Measured 2026-12-01T00:00:00Z by `stitch-bench merge`; `--write-docs` rewrites this section, so change the benchmark, not the text._\n\n\
+             Reproduce (from the workspace root, with Redis on `127.0.0.1:6379` and RabbitMQ on `127.0.0.1:5672` for the distributed mode):\n\n\
+             ```sh\ncargo build --release -p stitch-bench && target/release/stitch-bench merge --write-docs\n```\n\n\
+             This run: `stitch-bench merge --size 1GiB`.\n\n\
+             No target.\n\n\
+             ### Targets\n\n| Target (from the issue) | Measured | Needed | Result |\n"
+        ), "{text}");
+        let parts: Vec<&str> = text.lines().filter(|l| l.starts_with("### ")).collect();
+        assert_eq!(
+            parts,
+            [
+                "### Targets",
+                "### Machine",
+                "### Baselines",
+                "### Runs",
+                "### How to read the numbers",
+                "### Observations (computed from this run)"
+            ]
+        );
+        assert!(text.contains("| CPUs | 2 (`nproc`), CPU; all share them |\n"));
+        assert!(text.contains(
+            "### Runs\n\nOne row per run.\n\n| # |\n| ---: |\n| 1 |\n\nDone.\n\n### How"
+        ));
+        assert!(
+            text.ends_with(
+                "- Read it.\n\n### Observations (computed from this run)\n\n- It ran.\n"
+            )
+        );
+    }
+
+    #[test]
+    fn numbered_notes_name_runs_from_one() {
+        let discarded = [0, 2, 0, 1];
+        let retried = numbered(&discarded, |&d| (d > 0).then(|| format!(" ({d})")));
+        assert_eq!(retried, ["#2 (2)", "#4 (1)"]);
+        let notes = disturbance_notes("uploads", &retried, &[], 3, "");
+        assert_eq!(
+            notes,
+            [
+                "Uploads discarded because other processes used 0.35 cores or more while they ran, and repeated: #2 (2), #4 (1)."
+            ]
+        );
+        assert!(disturbance_notes("merges", &[], &[], 3, "").is_empty());
     }
 
     #[test]

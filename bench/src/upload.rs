@@ -6,35 +6,87 @@
 //! so that a benchmark can hold back the one that completes the upload.
 //! [`crate::verify`] then checks the upload's status and what is on storage.
 //!
-//! The client must not be the bottleneck it measures: chunks are zero-copy slices of one
-//! buffer, their digests are computed before timing starts, and the benchmarks run it on a
-//! current-thread runtime, so that it uses at most one core.
+//! The requests are the test kit's ([`ApiClient::chunk_request`]). The client must not be the
+//! bottleneck it measures: the payload is one shared buffer whose chunks are sent without
+//! being copied, their digests are computed before timing starts ([`Payload::new`]), and the
+//! benchmarks run it on a current-thread runtime, so that it uses at most one core.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail, ensure};
-use reqwest::header::{CONTENT_RANGE, CONTENT_TYPE};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use md5::Digest as _;
+use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
+use stitch_testkit::{ApiClient, Source};
 use tokio::task::JoinSet;
-
-use crate::source::Chunk;
 
 /// Bound on one chunk request (a 64 MiB chunk on a busy 2-core machine takes well under a
 /// second; a stall of this long is a failure, not a slow result).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The bytes of an upload, and what the server must answer about each of its chunks.
+#[derive(Clone)]
+pub struct Payload {
+    pub source: Source<Bytes>,
+    digests: Arc<[ChunkDigests]>,
+}
+
+/// The digests of one chunk, as a client may send them and the server reports them.
+#[derive(Clone, Debug)]
+struct ChunkDigests {
+    /// As the server reports it (`chunk_crc32c`, 8 hex digits).
+    crc32c: String,
+    /// For `Content-MD5` (RFC 1864: base64 of the 16 bytes).
+    md5_base64: String,
+    /// As the server reports it (`chunk_md5` in the chunk response).
+    md5_hex: String,
+}
+
+impl Payload {
+    /// `source` with the digests of every chunk, computed here so that a timed run never pays
+    /// for them.
+    pub fn new(source: Source<Bytes>) -> Self {
+        let digests = (0..source.total_chunks())
+            .map(|index| {
+                let (_, data) = source.chunk(index);
+                let md5: [u8; 16] = md5::Md5::digest(data).into();
+                ChunkDigests {
+                    crc32c: format!("{:08x}", crc32c::crc32c(data)),
+                    md5_base64: BASE64.encode(md5),
+                    md5_hex: hex::encode(md5),
+                }
+            })
+            .collect();
+        Self { source, digests }
+    }
+
+    /// The number of chunks.
+    pub fn chunks(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// Bytes in the chunks `chunks` (by index).
+    pub fn bytes_in(&self, chunks: Range<usize>) -> u64 {
+        chunks
+            .map(|i| self.source.chunk(i as u64).1.len() as u64)
+            .sum()
+    }
+}
+
 /// One upload to send.
 #[derive(Clone)]
 pub struct UploadJob {
-    pub base_url: String,
+    pub addr: SocketAddr,
     pub upload_id: String,
-    pub total_size: u64,
-    /// Every chunk of the upload (their count is `X-Total-Chunks`).
-    pub chunks: Arc<[Chunk]>,
-    /// The chunks this run sends, by position in `chunks` (`0..chunks.len()` for all).
+    pub payload: Payload,
+    /// The chunks this run sends, by index (`0..chunks` for all).
     pub send: Range<usize>,
     /// Whether the chunks sent complete the upload: then exactly one answer must say
     /// `upload_complete`, otherwise none may.
@@ -49,16 +101,15 @@ pub struct UploadJob {
 }
 
 impl UploadJob {
-    /// Every chunk of `chunks`, completing the upload, without `Content-MD5` or
-    /// `X-File-MD5`: change the fields for other runs.
-    pub fn all(base_url: String, upload_id: String, chunks: Arc<[Chunk]>, clients: usize) -> Self {
+    /// Every chunk of `payload` to the API at `addr`, completing the upload, without
+    /// `Content-MD5` or `X-File-MD5`: change the fields for other runs.
+    pub fn all(addr: SocketAddr, upload_id: String, payload: Payload, clients: usize) -> Self {
         Self {
-            base_url,
+            addr,
             upload_id,
-            total_size: chunks.iter().map(Chunk::len).sum(),
-            send: 0..chunks.len(),
+            send: 0..payload.chunks(),
             completes: true,
-            chunks,
+            payload,
             clients,
             content_md5: false,
             file_md5: None,
@@ -106,25 +157,28 @@ struct ChunkResponse {
     chunk_md5: Option<String>,
 }
 
+/// A client of its own connection, for chunks or status requests.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(1)
+        .tcp_nodelay(true)
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .context("building the HTTP client")
+}
+
 /// Sends every chunk of `job` and checks each answer. Fails on the first bad answer.
 pub async fn send_upload(job: &UploadJob) -> anyhow::Result<UploadOutcome> {
     ensure!(job.clients > 0, "at least one client is needed");
     ensure!(
-        job.send.end <= job.chunks.len() && !job.send.is_empty(),
+        job.send.end <= job.payload.chunks() && !job.send.is_empty(),
         "the chunks to send are not a non-empty range of the upload's chunks"
     );
     // Clients are built before the clock starts; each opens its connection on first use.
     let clients = (0..job.clients)
-        .map(|_| {
-            reqwest::Client::builder()
-                .http1_only()
-                .pool_max_idle_per_host(1)
-                .tcp_nodelay(true)
-                .no_proxy()
-                .timeout(REQUEST_TIMEOUT)
-                .build()
-                .context("building the HTTP client")
-        })
+        .map(|_| Ok(ApiClient::with_client(job.addr, http_client()?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let next = Arc::new(AtomicUsize::new(job.send.start));
     let completing = Arc::new(Mutex::new(Vec::new()));
@@ -155,7 +209,7 @@ pub async fn send_upload(job: &UploadJob) -> anyhow::Result<UploadOutcome> {
     Ok(UploadOutcome {
         started,
         elapsed,
-        bytes: job.chunks[job.send.clone()].iter().map(Chunk::len).sum(),
+        bytes: job.payload.bytes_in(job.send.clone()),
         completing: completing.first().copied(),
     })
 }
@@ -163,37 +217,23 @@ pub async fn send_upload(job: &UploadJob) -> anyhow::Result<UploadOutcome> {
 /// One client: sends the next unsent chunk until none is left; notes in `completing` when
 /// an answer said the upload completed.
 async fn send_chunks(
-    client: reqwest::Client,
+    api: ApiClient,
     job: UploadJob,
     next: Arc<AtomicUsize>,
     completing: Arc<Mutex<Vec<Moment>>>,
 ) -> anyhow::Result<()> {
-    let url = format!("{}/upload/chunk", job.base_url);
-    let total_chunks = job.chunks.len().to_string();
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(chunk) = job.chunks.get(i).filter(|_| i < job.send.end) else {
+        let Some(digests) = job.payload.digests.get(i).filter(|_| i < job.send.end) else {
             return Ok(());
         };
-        let mut request = client
-            .put(&url)
-            .header("X-File-ID", &job.upload_id)
-            .header("X-Chunk-Index", chunk.index)
-            .header("X-Total-Chunks", &total_chunks)
-            .header(
-                CONTENT_RANGE,
-                format!(
-                    "bytes {}-{}/{}",
-                    chunk.start,
-                    chunk.end_inclusive(),
-                    job.total_size
-                ),
-            )
-            .header(CONTENT_TYPE, "application/octet-stream")
-            // A reference-counted slice: no copy of the chunk is made to send it.
-            .body(chunk.data.clone());
+        let index = i as u64;
+        let mut request = api
+            // A slice of the shared buffer: no copy of the chunk is made to send it.
+            .chunk_request(&job.upload_id, &job.payload.source, index)
+            .header(CONTENT_TYPE, "application/octet-stream");
         if job.content_md5 {
-            request = request.header("Content-MD5", &chunk.md5_base64);
+            request = request.header("Content-MD5", &digests.md5_base64);
         }
         if let Some(md5) = &job.file_md5 {
             request = request.header("X-File-MD5", md5);
@@ -201,23 +241,22 @@ async fn send_chunks(
         let response = request
             .send()
             .await
-            .with_context(|| format!("sending chunk {}", chunk.index))?;
+            .with_context(|| format!("sending chunk {index}"))?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .with_context(|| format!("reading the response to chunk {}", chunk.index))?;
+            .with_context(|| format!("reading the response to chunk {index}"))?;
         let answered = Moment::now();
         if status != reqwest::StatusCode::OK {
             bail!(
-                "chunk {}: HTTP {status}: {}",
-                chunk.index,
+                "chunk {index}: HTTP {status}: {}",
                 String::from_utf8_lossy(&body)
             );
         }
         let answer: ChunkResponse = serde_json::from_slice(&body)
-            .with_context(|| format!("chunk {}: unexpected response body", chunk.index))?;
-        check_answer(chunk, job.content_md5, &answer)?;
+            .with_context(|| format!("chunk {index}: unexpected response body"))?;
+        check_answer(index, digests, job.content_md5, &answer)?;
         if answer.upload_complete
             && let Ok(mut completing) = completing.lock()
         {
@@ -226,8 +265,12 @@ async fn send_chunks(
     }
 }
 
-fn check_answer(chunk: &Chunk, content_md5: bool, answer: &ChunkResponse) -> anyhow::Result<()> {
-    let i = chunk.index;
+fn check_answer(
+    i: u64,
+    sent: &ChunkDigests,
+    content_md5: bool,
+    answer: &ChunkResponse,
+) -> anyhow::Result<()> {
     ensure!(
         answer.chunk_index == i,
         "chunk {i}: the response is for chunk {}",
@@ -237,19 +280,38 @@ fn check_answer(chunk: &Chunk, content_md5: bool, answer: &ChunkResponse) -> any
         !answer.duplicate,
         "chunk {i}: counted as a duplicate in a fresh upload"
     );
-    let crc = format!("{:08x}", chunk.crc32c);
     ensure!(
-        answer.chunk_crc32c == crc,
-        "chunk {i}: the server stored bytes with CRC32C {}, the client sent {crc}",
-        answer.chunk_crc32c
+        answer.chunk_crc32c == sent.crc32c,
+        "chunk {i}: the server stored bytes with CRC32C {}, the client sent {}",
+        answer.chunk_crc32c,
+        sent.crc32c
     );
     if content_md5 {
         ensure!(
-            answer.chunk_md5.as_deref() == Some(chunk.md5_hex.as_str()),
+            answer.chunk_md5.as_deref() == Some(sent.md5_hex.as_str()),
             "chunk {i}: the server reports MD5 {:?}, the client sent {}",
             answer.chunk_md5,
-            chunk.md5_hex
+            sent.md5_hex
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_digests_are_those_of_their_bytes() {
+        let payload = Payload::new(Source::random(150, 100, 3).shared());
+        assert_eq!(payload.chunks(), 2);
+        assert_eq!(payload.bytes_in(0..2), 150);
+        assert_eq!(payload.bytes_in(1..2), 50);
+        let data = &payload.source.bytes[..100];
+        let md5: [u8; 16] = md5::Md5::digest(data).into();
+        let first = &payload.digests[0];
+        assert_eq!(first.md5_hex, hex::encode(md5));
+        assert_eq!(BASE64.decode(&first.md5_base64).unwrap(), md5);
+        assert_eq!(first.crc32c, format!("{:08x}", crc32c::crc32c(data)));
+    }
 }

@@ -1,9 +1,12 @@
 //! Who used the cores during a measurement: each process the benchmark watches (its own
 //! Stitch processes, itself, the Redis and RabbitMQ servers), the kernel threads (disk
 //! writeback), interrupts, and everything else — "other", which is what tells a disturbed
-//! measurement (a build or a test run next to it) from a clean one.
+//! measurement (a build or a test run next to it) from a clean one. Also Redis's own count of
+//! its CPU time, for a Redis that may not run on this machine.
 
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use crate::procfs::{self, CpuTime, MachineCores, MachineCpu};
 
@@ -19,6 +22,27 @@ pub fn wait_for_idle(seconds: u64) -> anyhow::Result<bool> {
         return Ok(true);
     }
     procfs::wait_until_idle(IDLE_CORES, Duration::from_secs(seconds))
+}
+
+/// The CPU time the Redis server has used since it started (`INFO cpu`: user + system of
+/// the main process).
+pub fn redis_cpu_time(redis: &mut redis::Connection) -> anyhow::Result<Duration> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(redis)
+        .context("asking Redis for INFO cpu")?;
+    parse_info_cpu(&info).context("INFO cpu has no used_cpu_sys / used_cpu_user")
+}
+
+fn parse_info_cpu(info: &str) -> Option<Duration> {
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))?
+            .parse()
+            .ok()
+    };
+    let secs = field("used_cpu_sys")? + field("used_cpu_user")?;
+    Some(Duration::from_secs_f64(secs))
 }
 
 /// A process whose CPU time is read, under a label for the report.
@@ -198,6 +222,13 @@ mod tests {
         // 1.8 busy − 0.1 irq − 1.1 watched − 0.2 kernel.
         assert!((usage.other_cores() - 0.4).abs() < 1e-9);
         assert_eq!(usage.cpu("nobody"), CpuTime::default());
+    }
+
+    #[test]
+    fn redis_cpu_time_adds_system_and_user() {
+        let info = "# CPU\r\nused_cpu_sys:1.500000\r\nused_cpu_user:2.250000\r\nused_cpu_sys_children:9.0\r\n";
+        assert_eq!(parse_info_cpu(info), Some(Duration::from_millis(3750)));
+        assert_eq!(parse_info_cpu("# CPU\r\n"), None);
     }
 
     #[test]

@@ -3,17 +3,19 @@
 //! itself.
 
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use bytes::Bytes;
 use md5::Digest as _;
 use serde::Deserialize;
 use stitch_common::id::UploadId;
 use stitch_common::storage::FsChunkStore;
+use stitch_testkit::{ApiClient, Source};
 
-use crate::source::Chunk;
-use crate::upload::REQUEST_TIMEOUT;
+use crate::upload::http_client;
 
 /// The fields of `GET /upload/{id}/status` that the benchmarks check.
 #[derive(Clone, Debug, Deserialize)]
@@ -31,15 +33,16 @@ pub struct StatusResponse {
     pub failure_reason: Option<String>,
 }
 
+/// A client for status requests to the API at `addr`.
+pub fn status_client(addr: SocketAddr) -> anyhow::Result<ApiClient> {
+    Ok(ApiClient::with_client(addr, http_client()?))
+}
+
 /// `GET /upload/{id}/status`.
-pub async fn get_status(
-    client: &reqwest::Client,
-    base_url: &str,
-    upload_id: &str,
-) -> anyhow::Result<StatusResponse> {
-    let url = format!("{base_url}/upload/{upload_id}/status");
-    let response = client
-        .get(&url)
+pub async fn get_status(api: &ApiClient, upload_id: &str) -> anyhow::Result<StatusResponse> {
+    let url = api.url(&format!("/upload/{upload_id}/status"));
+    let response = api
+        .status_request(upload_id)
         .send()
         .await
         .with_context(|| format!("GET {url}"))?;
@@ -56,28 +59,19 @@ pub async fn get_status(
     serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))
 }
 
-/// A client for status requests.
-pub fn status_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .context("building the HTTP client")
-}
-
 /// Asks for the status every `every` until the upload is `completed` (or `failed`, which is
 /// an error), for at most `limit`. Returns when the answer saying `completed` was read, and
 /// that answer.
 pub async fn wait_until_completed(
-    base_url: &str,
+    addr: SocketAddr,
     upload_id: &str,
     every: Duration,
     limit: Duration,
 ) -> anyhow::Result<(Instant, StatusResponse)> {
-    let client = status_client()?;
+    let api = status_client(addr)?;
     let deadline = Instant::now() + limit;
     loop {
-        let status = get_status(&client, base_url, upload_id).await?;
+        let status = get_status(&api, upload_id).await?;
         let seen = Instant::now();
         match status.state.as_str() {
             "completed" => return Ok((seen, status)),
@@ -99,29 +93,33 @@ pub async fn wait_until_completed(
 /// Checks that the upload is complete as the server sees it: state `merging` (no worker
 /// runs in a benchmark, so the merge stays pending), every chunk listed, every byte counted.
 pub async fn verify_status(
-    base_url: &str,
+    addr: SocketAddr,
     upload_id: &str,
-    chunks: &[Chunk],
+    source: &Source<Bytes>,
 ) -> anyhow::Result<()> {
-    let s = get_status(&status_client()?, base_url, upload_id).await?;
+    let s = get_status(&status_client(addr)?, upload_id).await?;
     ensure!(
         s.state == "merging",
         "upload state is {:?}, expected \"merging\"",
         s.state
     );
-    verify_counts(&s, chunks)
+    verify_counts(&s, source)
 }
 
 /// Checks that the upload is merged as the server sees it: state `completed`, every chunk
 /// and byte counted, and the file's size and MD5 those of the bytes sent.
-pub fn verify_completed(s: &StatusResponse, chunks: &[Chunk], md5_hex: &str) -> anyhow::Result<()> {
+pub fn verify_completed(
+    s: &StatusResponse,
+    source: &Source<Bytes>,
+    md5_hex: &str,
+) -> anyhow::Result<()> {
     ensure!(
         s.state == "completed",
         "upload state is {:?}, expected \"completed\"",
         s.state
     );
-    verify_counts(s, chunks)?;
-    let total: u64 = chunks.iter().map(Chunk::len).sum();
+    verify_counts(s, source)?;
+    let total = source.len();
     ensure!(
         s.size == Some(total),
         "the merged file has {:?} bytes, the client sent {total}",
@@ -135,9 +133,9 @@ pub fn verify_completed(s: &StatusResponse, chunks: &[Chunk], md5_hex: &str) -> 
     Ok(())
 }
 
-fn verify_counts(s: &StatusResponse, chunks: &[Chunk]) -> anyhow::Result<()> {
-    let total: u64 = chunks.iter().map(Chunk::len).sum();
-    let count = chunks.len() as u64;
+fn verify_counts(s: &StatusResponse, source: &Source<Bytes>) -> anyhow::Result<()> {
+    let total = source.len();
+    let count = source.total_chunks();
     ensure!(
         s.total_size == total && s.bytes_received == total,
         "the server counts {} of {} bytes; the client sent {total}",
@@ -159,21 +157,26 @@ fn verify_counts(s: &StatusResponse, chunks: &[Chunk]) -> anyhow::Result<()> {
 
 /// Checks that storage holds exactly one complete file per chunk (no `.part` left over, no
 /// second copy) with the chunk's length. Layout from `stitch_common`'s own [`FsChunkStore`].
-pub fn verify_stored(storage_root: &Path, upload_id: &str, chunks: &[Chunk]) -> anyhow::Result<()> {
-    stored_chunk_files(storage_root, upload_id, chunks).map(|_| ())
+pub fn verify_stored(
+    storage_root: &Path,
+    upload_id: &str,
+    source: &Source<Bytes>,
+) -> anyhow::Result<()> {
+    stored_chunk_files(storage_root, upload_id, source, source.total_chunks()).map(|_| ())
 }
 
-/// The files of `chunks` on storage (`uploads/<id>/chunks/<index>.<token>`), in the order of
-/// `chunks`, after the checks of [`verify_stored`]. `chunks` must be the first chunks of the
-/// upload, in order (all of them, or those sent so far).
+/// The files of the first `count` chunks of `source` on storage
+/// (`uploads/<id>/chunks/<index>.<token>`), in index order, after the checks of
+/// [`verify_stored`]: all the chunks of the upload, or those sent so far.
 pub fn stored_chunk_files(
     storage_root: &Path,
     upload_id: &str,
-    chunks: &[Chunk],
+    source: &Source<Bytes>,
+    count: u64,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let id = UploadId::parse(upload_id).context("the benchmark's upload id is invalid")?;
     let dir = FsChunkStore::new(storage_root, true).chunks_dir(&id);
-    let mut files: Vec<Option<(PathBuf, u64)>> = vec![None; chunks.len()];
+    let mut files: Vec<Option<(PathBuf, u64)>> = vec![None; count as usize];
     for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -193,16 +196,14 @@ pub fn stored_chunk_files(
             .len();
         *slot = Some((entry.path(), len));
     }
-    chunks
-        .iter()
+    (0..count)
         .zip(files)
-        .map(|(chunk, file)| {
+        .map(|(index, file)| {
             let size = file.as_ref().map(|(_, len)| *len);
+            let expected = source.chunk(index).1.len() as u64;
             ensure!(
-                size == Some(chunk.len()),
-                "chunk {} is stored with {size:?} bytes, expected {}",
-                chunk.index,
-                chunk.len()
+                size == Some(expected),
+                "chunk {index} is stored with {size:?} bytes, expected {expected}"
             );
             Ok(file.map(|(path, _)| path).unwrap_or_default())
         })

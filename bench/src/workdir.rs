@@ -27,6 +27,20 @@ impl WorkDir {
         Ok(Self { path })
     }
 
+    /// Runs `f` in a fresh directory under `parent`, removed afterwards whatever `f`
+    /// returned.
+    pub fn within<T>(
+        parent: &Path,
+        f: impl FnOnce(&WorkDir) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let work = Self::create(parent)?;
+        let result = f(&work);
+        let removed = work.remove();
+        let result = result?;
+        removed?;
+        Ok(result)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,44 +1,90 @@
 //! An event tap: a private queue bound to the namespace's events exchange, collecting every
-//! event published while it runs; and the broker surgery tests do around it (bindings
-//! removed and restored, as an operator or a missing migration would leave them).
+//! event published while it runs, with when (on this process's clock) it arrived (start it
+//! before what publishes, so that no event can be missed); and the broker surgery tests do
+//! around it (bindings removed and restored, as an operator or a missing migration would
+//! leave them).
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::TestEnv;
 
+/// A bound, consuming private queue (exclusive, auto-delete: it goes with the connection).
 pub struct EventTap {
-    events: Arc<Mutex<Vec<serde_json::Value>>>,
-    _connection: Connection,
+    arrivals: watch::Receiver<Vec<Arrival>>,
+    connection: Connection,
+    consumer: AbortHandle,
+}
+
+/// An event as it arrived.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    /// When the tap received it.
+    pub at: Instant,
+    pub routing_key: String,
+    pub event: serde_json::Value,
+}
+
+impl Arrival {
+    /// Whether the event is about `upload_id` and of one of `kinds`.
+    fn is(&self, upload_id: &str, kinds: &[&str]) -> bool {
+        self.event["upload"]["id"] == upload_id
+            && kinds.iter().any(|kind| self.event["type"] == *kind)
+    }
 }
 
 impl EventTap {
-    /// Declares the namespace's topology (idempotent) and starts collecting.
+    /// Declares the namespace's topology (idempotent) and starts collecting; panics when
+    /// RabbitMQ cannot be reached.
     pub async fn start(env: &TestEnv) -> Self {
+        Self::connect(env).await.unwrap_or_else(|e| {
+            panic!(
+                "the tests need RabbitMQ at {}: {e:#}",
+                env.settings().amqp.url.expose()
+            )
+        })
+    }
+
+    /// [`EventTap::start`], failing with an error instead. The topology is declared with the
+    /// project's own code, so that the exchange exists even before any Stitch process
+    /// declared it.
+    pub async fn connect(env: &TestEnv) -> anyhow::Result<Self> {
         let settings = env.settings();
         let broker = stitch_common::queue::AmqpBroker::new(&settings);
         broker
             .ping()
             .await
-            .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
-        Self::attach(env).await
+            .with_context(|| format!("declaring the RabbitMQ topology of {}", env.namespace))?;
+        Self::bind_tap(env).await
     }
 
     /// Starts collecting from an events exchange that exists already, declaring nothing else
     /// (declaring the topology would bind the webhook feed again, which a test may have
     /// unbound on purpose).
     pub async fn attach(env: &TestEnv) -> Self {
+        Self::bind_tap(env)
+            .await
+            .unwrap_or_else(|e| panic!("attaching an event tap: {e:#}"))
+    }
+
+    async fn bind_tap(env: &TestEnv) -> anyhow::Result<Self> {
         let settings = env.settings();
         let broker = stitch_common::queue::AmqpBroker::new(&settings);
-        let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
+        let connection =
+            Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
+                .await
+                .context("connecting to RabbitMQ")?;
+        let channel = connection
+            .create_channel()
             .await
-            .expect("connecting to RabbitMQ");
-        let channel = connection.create_channel().await.expect("a channel");
+            .context("opening a channel")?;
         let queue = channel
             .queue_declare(
                 "".into(),
@@ -50,7 +96,7 @@ impl EventTap {
                 FieldTable::default(),
             )
             .await
-            .expect("declaring the tap queue");
+            .context("declaring the tap queue")?;
         channel
             .queue_bind(
                 queue.name().clone(),
@@ -60,7 +106,7 @@ impl EventTap {
                 FieldTable::default(),
             )
             .await
-            .expect("binding the tap queue");
+            .context("binding the tap queue")?;
         let mut consumer = channel
             .basic_consume(
                 queue.name().clone(),
@@ -69,25 +115,38 @@ impl EventTap {
                 FieldTable::default(),
             )
             .await
-            .expect("consuming the tap queue");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        tokio::spawn(async move {
+            .context("consuming the tap queue")?;
+        let (sink, arrivals) = watch::channel(Vec::new());
+        let consumer = tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
-                if let Ok(json) = serde_json::from_slice(&delivery.data) {
-                    sink.lock().expect("tap").push(json);
+                let at = Instant::now();
+                if let Ok(event) = serde_json::from_slice(&delivery.data) {
+                    let routing_key = delivery.routing_key.to_string();
+                    sink.send_modify(|all| {
+                        all.push(Arrival {
+                            at,
+                            routing_key,
+                            event,
+                        })
+                    });
                 }
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
-        });
-        Self {
-            events,
-            _connection: connection,
-        }
+        })
+        .abort_handle();
+        Ok(Self {
+            arrivals,
+            connection,
+            consumer,
+        })
     }
 
     pub fn events(&self) -> Vec<serde_json::Value> {
-        self.events.lock().expect("tap").clone()
+        self.arrivals
+            .borrow()
+            .iter()
+            .map(|a| a.event.clone())
+            .collect()
     }
 
     /// The events about one upload.
@@ -98,29 +157,53 @@ impl EventTap {
             .collect()
     }
 
-    /// Waits until an event of `kind` about `upload_id` arrived.
+    /// Waits until an event of `kind` about `upload_id` arrived; panics after `limit`.
     pub async fn wait_for(
         &self,
         upload_id: &str,
         kind: &str,
         limit: Duration,
     ) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(e) = self
-                .events_of(upload_id)
-                .into_iter()
-                .find(|e| e["type"] == kind)
-            {
-                return e;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no {kind} event for {upload_id} within {limit:?}; saw {:?}",
-                self.events_of(upload_id)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match self.arrival(upload_id, &[kind], limit).await {
+            Ok(arrival) => arrival.event,
+            Err(e) => panic!("{e:#}; saw {:?}", self.events_of(upload_id)),
         }
+    }
+
+    /// The first event about `upload_id` whose type is one of `kinds` (e.g.
+    /// `upload.completed` and `upload.failed`), waiting for it at most `limit`.
+    pub async fn arrival(
+        &self,
+        upload_id: &str,
+        kinds: &[&str],
+        limit: Duration,
+    ) -> anyhow::Result<Arrival> {
+        let mut arrivals = self.arrivals.clone();
+        let waited = tokio::time::timeout(
+            limit,
+            arrivals.wait_for(|all| all.iter().any(|a| a.is(upload_id, kinds))),
+        )
+        .await;
+        match waited {
+            Err(_) => bail!("no {kinds:?} event about {upload_id} within {limit:?}"),
+            Ok(Err(_)) => bail!("the tap's RabbitMQ consumer closed"),
+            Ok(Ok(all)) => all
+                .iter()
+                .find(|a| a.is(upload_id, kinds))
+                .cloned()
+                .context("the event went missing"),
+        }
+    }
+
+    /// Closes the connection, and so the queue.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+}
+
+impl Drop for EventTap {
+    fn drop(&mut self) {
+        self.consumer.abort();
     }
 }
 
@@ -128,12 +211,13 @@ impl EventTap {
 /// consumed), acking them.
 pub async fn take_merge_jobs(env: &TestEnv) -> Vec<serde_json::Value> {
     let settings = env.settings();
+    let amqp_url = settings.amqp.url.expose();
     let broker = stitch_common::queue::AmqpBroker::new(&settings);
     broker
         .ping()
         .await
-        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {}: {e}", crate::amqp_url()));
-    let connection = Connection::connect(&crate::amqp_url(), ConnectionProperties::default())
+        .unwrap_or_else(|e| panic!("the tests need RabbitMQ at {amqp_url}: {e}"));
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default())
         .await
         .expect("connecting to RabbitMQ");
     let channel = connection.create_channel().await.expect("a channel");

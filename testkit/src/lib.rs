@@ -1,11 +1,13 @@
-//! Stitch's test kit: what the API, worker and end-to-end tests share.
+//! Stitch's test kit: what the API, worker and end-to-end tests share, and what the
+//! benchmarks (`stitch-bench`) build on.
 //!
 //! Every test gets a [`TestEnv`]: a random namespace (Redis keys, RabbitMQ exchanges and
 //! queues) and its own storage directory, all removed when it drops. The kit talks to real
 //! Redis and RabbitMQ servers, there are no mocks here: the ones named by
 //! `STITCH_TEST_REDIS_URL` and `STITCH_TEST_AMQP_URL` (what `cargo xtask test` starts), or the
 //! machine's own on their standard loopback ports. Tests that need only files use
-//! [`TestEnv::local`], which touches neither.
+//! [`TestEnv::local`], which touches neither. A benchmark takes [`TestEnv::deployed`]
+//! instead: the services it is given, and processes configured as Stitch ships.
 //!
 //! Tests that need Redis nodes of their own, to stop and restart them (the lock's Redlock
 //! quorum), start them with [`redis_server::RedisServer`].
@@ -20,13 +22,20 @@ pub mod sink;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use stitch_common::config::Settings;
+use anyhow::Context as _;
+use bytes::Bytes;
+use stitch_common::config::{Interval, Secret, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Bound on connecting to Redis and on each command, so that a Redis that does not answer
+/// fails a test (or a benchmark) instead of hanging it.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The Redis the tests use: `STITCH_TEST_REDIS_URL`, or the machine's on its standard port.
 pub fn redis_url() -> String {
@@ -72,12 +81,44 @@ pub fn amqp_url_via(addr: SocketAddr) -> String {
     format!("{scheme}://{user}{addr}/{vhost}")
 }
 
-/// A namespace and a storage directory shared by the API instances of one test.
+/// The Redis and RabbitMQ a namespace lives on.
+#[derive(Clone, Debug)]
+pub struct Services {
+    pub redis_url: String,
+    pub amqp_url: String,
+}
+
+impl Services {
+    /// The tests' services: [`redis_url`] and [`amqp_url`].
+    pub fn from_env() -> Self {
+        Self {
+            redis_url: redis_url(),
+            amqp_url: amqp_url(),
+        }
+    }
+
+    /// A synchronous connection to the Redis, each command bounded in time.
+    pub fn redis(&self) -> redis::RedisResult<redis::Connection> {
+        let connection = redis::Client::open(self.redis_url.as_str())?
+            .get_connection_with_timeout(REDIS_TIMEOUT)?;
+        connection.set_read_timeout(Some(REDIS_TIMEOUT))?;
+        connection.set_write_timeout(Some(REDIS_TIMEOUT))?;
+        Ok(connection)
+    }
+}
+
+/// A namespace and a storage directory shared by the processes and clients of one test (or
+/// one benchmark measurement), and the settings they all start from.
 pub struct TestEnv {
     pub namespace: String,
     pub storage_root: PathBuf,
-    /// Whether the test uses Redis and RabbitMQ (and the drop cleans its namespace there).
-    services: bool,
+    /// What every process and client of the namespace is configured with: the processes of
+    /// [`process::stitch_command`] take from it what they must agree on, and the drop deletes
+    /// the broker queues that it names.
+    settings: Settings,
+    /// The services the namespace lives on; `None` when it needs only files (and the drop
+    /// cleans nothing there).
+    services: Option<Services>,
     _dir: tempfile::TempDir,
 }
 
@@ -86,7 +127,8 @@ impl TestEnv {
     /// migrate` leaves; the broker topology is declared by the processes as they connect).
     pub fn new() -> Arc<Self> {
         let env = Self::unmigrated();
-        let mut conn = redis_connection()
+        let mut conn = env
+            .redis()
             .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
         let version = stitch_common::migrate::SCHEMA_VERSION;
         let () = redis::cmd("HSET")
@@ -102,55 +144,119 @@ impl TestEnv {
 
     /// A fresh namespace that no migration has touched.
     pub fn unmigrated() -> Arc<Self> {
-        Self::create(true)
+        Self::for_tests(true)
     }
 
     /// A namespace and storage directory for a test that needs only files (the single-node
     /// mode, SQLite backends): nothing of it reaches Redis or RabbitMQ, not even the cleanup.
     pub fn local() -> Arc<Self> {
-        Self::create(false)
+        Self::for_tests(false)
     }
 
-    fn create(services: bool) -> Arc<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("stitch-test-")
-            .tempdir_in(std::env::temp_dir())
-            .expect("creating a test directory");
-        let storage_root = dir.path().join("storage");
-        std::fs::create_dir_all(&storage_root).expect("creating the storage root");
-        Arc::new(Self {
-            namespace: format!("test-{:016x}", rand::random::<u64>()),
-            storage_root,
+    /// A namespace `<prefix>-<16 hex digits>` configured as deployed: every setting at its
+    /// documented default but where the state lives, so that what runs on it is Stitch as it
+    /// ships (what the benchmarks measure). Its storage directory is made under `parent` (for
+    /// a benchmark, the disk to measure). It lives on `services`, or on none (the single-node
+    /// mode); nothing reaches them until a process, or [`TestEnv::migrate`], writes there.
+    pub fn deployed(
+        prefix: &str,
+        parent: &Path,
+        services: Option<&Services>,
+    ) -> std::io::Result<Arc<Self>> {
+        let urls = services.cloned().unwrap_or_else(Services::from_env);
+        Self::create(
+            prefix,
+            parent,
+            urls,
+            services.is_some(),
+            Settings::default(),
+        )
+    }
+
+    fn for_tests(services: bool) -> Arc<Self> {
+        let mut settings = Settings::default();
+        settings.limits.max_chunks = 10_000;
+        // Every delay is a quorum queue on the shared broker: tests keep them few.
+        settings.merge.retry_delays = vec![
+            Interval(Duration::from_millis(500)),
+            Interval(Duration::from_secs(2)),
+        ];
+        settings.webhooks.retry_delays = vec![
+            Interval(Duration::from_millis(300)),
+            Interval(Duration::from_secs(1)),
+        ];
+        Self::create(
+            "test",
+            &std::env::temp_dir(),
+            Services::from_env(),
             services,
+            settings,
+        )
+        .expect("creating a test directory")
+    }
+
+    fn create(
+        prefix: &str,
+        parent: &Path,
+        services: Services,
+        on_services: bool,
+        mut settings: Settings,
+    ) -> std::io::Result<Arc<Self>> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("stitch-{prefix}-"))
+            .tempdir_in(parent)?;
+        let storage_root = dir.path().join("storage");
+        std::fs::create_dir_all(&storage_root)?;
+        let namespace = format!("{prefix}-{:016x}", rand::random::<u64>());
+        settings.namespace = namespace.clone();
+        settings.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.storage.root = storage_root.clone();
+        settings.redis.url = Secret::new(&services.redis_url);
+        settings.amqp.url = Secret::new(&services.amqp_url);
+        Ok(Arc::new(Self {
+            namespace,
+            storage_root,
+            settings,
+            services: on_services.then_some(services),
             _dir: dir,
-        })
+        }))
     }
 
     pub fn settings(&self) -> Settings {
-        let mut s = Settings {
-            namespace: self.namespace.clone(),
-            ..Settings::default()
-        };
-        s.http.bind = "127.0.0.1:0".parse().expect("a socket address");
-        s.storage.root = self.storage_root.clone();
-        s.redis.url = stitch_common::config::Secret::new(redis_url());
-        s.amqp.url = stitch_common::config::Secret::new(amqp_url());
-        s.limits.max_chunks = 10_000;
-        // Every delay is a quorum queue on the shared broker: tests keep them few.
-        s.merge.retry_delays = vec![
-            stitch_common::config::Interval(Duration::from_millis(500)),
-            stitch_common::config::Interval(Duration::from_secs(2)),
-        ];
-        s.webhooks.retry_delays = vec![
-            stitch_common::config::Interval(Duration::from_millis(300)),
-            stitch_common::config::Interval(Duration::from_secs(1)),
-        ];
-        s
+        self.settings.clone()
+    }
+
+    /// A connection to the namespace's Redis.
+    pub fn redis(&self) -> redis::RedisResult<redis::Connection> {
+        match &self.services {
+            Some(services) => services.redis(),
+            None => Services::from_env().redis(),
+        }
+    }
+
+    /// Applies the migrations to the namespace, as a deployment's migration job does before
+    /// its processes start (idempotent). On a thread of its own, so that it may be called from
+    /// inside a runtime.
+    pub fn migrate(&self) -> anyhow::Result<()> {
+        let settings = self.settings();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(stitch_common::migrate::apply(
+                &settings,
+                Duration::from_secs(60),
+            ))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("the migration thread panicked"))?
+        .with_context(|| format!("migrating namespace {}", self.namespace))?;
+        Ok(())
     }
 
     /// Every key of the namespace with its content, for before/after comparisons.
     pub fn redis_snapshot(&self) -> BTreeMap<String, String> {
-        redis_snapshot(&self.namespace)
+        snapshot(self.redis(), &self.namespace)
     }
 
     /// Deletes every Redis key of the namespace, the schema record included: what a Redis
@@ -158,7 +264,7 @@ impl TestEnv {
     pub fn lose_redis_keys(&self) {
         let mut conn = redis_connection()
             .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
-        let keys = scan_keys(&mut conn, &self.namespace);
+        let keys = scan_keys(&mut conn, &self.namespace).expect("listing the namespace's keys");
         if !keys.is_empty() {
             let () = redis::cmd("DEL")
                 .arg(&keys)
@@ -175,14 +281,21 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        if !self.services {
+        let Some(services) = &self.services else {
             return;
-        }
-        if let Ok(mut conn) = redis_connection() {
-            let keys = scan_keys(&mut conn, &self.namespace);
+        };
+        let deleted = services.redis().and_then(|mut conn| {
+            let keys = scan_keys(&mut conn, &self.namespace)?;
             if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query(&mut conn);
+                let () = redis::cmd("DEL").arg(&keys).query(&mut conn)?;
             }
+            Ok(())
+        });
+        if let Err(e) = deleted {
+            eprintln!(
+                "warning: the Redis keys of {} are left: {e}",
+                self.namespace
+            );
         }
         // The broker topology of the namespace, if anything declared it.
         let settings = self.settings();
@@ -193,20 +306,24 @@ impl Drop for TestEnv {
             else {
                 return;
             };
-            runtime.block_on(async {
-                let broker = stitch_common::queue::AmqpBroker::new(&settings);
-                let _ = broker.delete_topology().await;
-            });
+            let broker = stitch_common::queue::AmqpBroker::new(&settings);
+            if let Err(e) = runtime.block_on(broker.delete_topology()) {
+                eprintln!(
+                    "warning: the RabbitMQ exchanges and queues of {} are left: {e}",
+                    settings.namespace
+                );
+            }
         })
         .join();
     }
 }
 
+/// A connection to the tests' Redis ([`redis_url`]).
 pub fn redis_connection() -> redis::RedisResult<redis::Connection> {
-    redis::Client::open(redis_url())?.get_connection()
+    Services::from_env().redis()
 }
 
-fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
+fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> redis::RedisResult<Vec<String>> {
     let iter: redis::Iter<String> = redis::cmd("SCAN")
         .cursor_arg(0)
         .arg("MATCH")
@@ -214,20 +331,26 @@ fn scan_keys(conn: &mut redis::Connection, namespace: &str) -> Vec<String> {
         .arg("COUNT")
         .arg(1000)
         .clone()
-        .iter(conn)
-        .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
+        .iter(conn)?;
     let mut keys: Vec<String> = iter.filter_map(Result::ok).collect();
     keys.sort();
-    keys
+    Ok(keys)
 }
 
 pub fn redis_snapshot(namespace: &str) -> BTreeMap<String, String> {
-    let mut conn = redis_connection()
-        .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
+    snapshot(redis_connection(), namespace)
+}
+
+fn snapshot(
+    conn: redis::RedisResult<redis::Connection>,
+    namespace: &str,
+) -> BTreeMap<String, String> {
+    let mut conn = conn.unwrap_or_else(|e| panic!("the tests need Redis: {e}"));
     let mut out = BTreeMap::new();
     // The schema record is the deployment's, not state an operation may change.
     let schema = stitch_common::migrate::schema_key(namespace);
-    for key in scan_keys(&mut conn, namespace) {
+    let keys = scan_keys(&mut conn, namespace).expect("SCAN");
+    for key in keys {
         if key == schema {
             continue;
         }
@@ -308,9 +431,14 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_client(addr, http_client())
+    }
+
+    /// A client of `addr` through `client`, e.g. one with a connection of its own.
+    pub fn with_client(addr: SocketAddr, client: reqwest::Client) -> Self {
         Self {
             base: format!("http://{addr}"),
-            client: http_client(),
+            client,
         }
     }
 
@@ -319,8 +447,13 @@ impl ApiClient {
     }
 
     /// A `PUT /upload/chunk` with the protocol's headers for `chunk` of `source`.
-    pub fn chunk_request(&self, id: &str, source: &Source, index: u64) -> reqwest::RequestBuilder {
-        let (start, bytes) = source.chunk(index);
+    pub fn chunk_request<B: SourceBytes>(
+        &self,
+        id: &str,
+        source: &Source<B>,
+        index: u64,
+    ) -> reqwest::RequestBuilder {
+        let range = source.chunk_range(index);
         self.client
             .put(self.url("/upload/chunk"))
             .header("X-File-ID", id)
@@ -328,34 +461,28 @@ impl ApiClient {
             .header("X-Total-Chunks", source.total_chunks().to_string())
             .header(
                 "Content-Range",
-                format!(
-                    "bytes {}-{}/{}",
-                    start,
-                    start + bytes.len() as u64 - 1,
-                    source.len()
-                ),
+                format!("bytes {}-{}/{}", range.start, range.end - 1, source.len()),
             )
-            .body(bytes.to_vec())
+            .body(source.bytes.body(range.start as usize..range.end as usize))
     }
 
     /// Sends one chunk and returns the status and the JSON body.
-    pub async fn put_chunk(
+    pub async fn put_chunk<B: SourceBytes>(
         &self,
         id: &str,
-        source: &Source,
+        source: &Source<B>,
         index: u64,
     ) -> (u16, serde_json::Value) {
         json_response(self.chunk_request(id, source, index).send().await).await
     }
 
+    /// A `GET /upload/{id}/status`.
+    pub fn status_request(&self, id: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(&format!("/upload/{id}/status")))
+    }
+
     pub async fn status(&self, id: &str) -> (u16, serde_json::Value) {
-        json_response(
-            self.client
-                .get(self.url(&format!("/upload/{id}/status")))
-                .send()
-                .await,
-        )
-        .await
+        json_response(self.status_request(id).send().await).await
     }
 
     /// Polls the status until `state` (or a final state), within `limit`.
@@ -409,45 +536,101 @@ pub fn error_code(body: &serde_json::Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
 
-/// A file to upload, in memory, cut into fixed-size chunks.
+/// A file to upload, in memory, cut into fixed-size chunks. Its bytes are a `Vec<u8>`, which
+/// a test may change in place, or (see [`Source::shared`]) a [`Bytes`] buffer whose chunks
+/// are sent without being copied, for clients that send gigabytes.
 #[derive(Clone)]
-pub struct Source {
-    pub bytes: Vec<u8>,
+pub struct Source<B = Vec<u8>> {
+    pub bytes: B,
     pub chunk_size: u64,
 }
 
 impl Source {
-    /// `len` pseudo-random bytes (seeded: a failing test can be replayed).
+    /// `len` pseudo-random bytes, seeded (a failing test can be replayed, a benchmark sends
+    /// the same bytes every run): xorshift64*, never all zeros, and fast (several GB/s) so
+    /// that even a benchmark's gigabyte takes well under a second.
     pub fn random(len: usize, chunk_size: u64, seed: u64) -> Self {
-        let mut state = seed | 1;
-        let bytes = (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect();
+        let mut state = seed | 1; // xorshift's state must never be zero.
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let mut bytes = vec![0u8; len];
+        let mut words = bytes.chunks_exact_mut(8);
+        for word in &mut words {
+            word.copy_from_slice(&next().to_le_bytes());
+        }
+        let tail = words.into_remainder();
+        let last = next().to_le_bytes();
+        tail.copy_from_slice(&last[..tail.len()]);
         Self { bytes, chunk_size }
     }
 
+    /// The same file in a shared buffer (moved, not copied).
+    pub fn shared(self) -> Source<Bytes> {
+        Source {
+            bytes: self.bytes.into(),
+            chunk_size: self.chunk_size,
+        }
+    }
+}
+
+impl Source<Bytes> {
+    /// The same bytes cut into chunks of `chunk_size` (the buffer is shared, not copied).
+    pub fn with_chunk_size(&self, chunk_size: u64) -> Self {
+        Self {
+            bytes: self.bytes.clone(),
+            chunk_size,
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> Source<B> {
     pub fn len(&self) -> u64 {
-        self.bytes.len() as u64
+        self.bytes.as_ref().len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes.as_ref().is_empty()
     }
 
     pub fn total_chunks(&self) -> u64 {
         self.len().div_ceil(self.chunk_size)
     }
 
+    /// The byte offsets of chunk `index` in the file.
+    pub fn chunk_range(&self, index: u64) -> Range<u64> {
+        let start = index * self.chunk_size;
+        start..(start + self.chunk_size).min(self.len())
+    }
+
     /// Start offset and bytes of chunk `index`.
     pub fn chunk(&self, index: u64) -> (u64, &[u8]) {
-        let start = index * self.chunk_size;
-        let end = (start + self.chunk_size).min(self.len());
-        (start, &self.bytes[start as usize..end as usize])
+        let range = self.chunk_range(index);
+        (
+            range.start,
+            &self.bytes.as_ref()[range.start as usize..range.end as usize],
+        )
+    }
+}
+
+/// How a [`Source`] hands a chunk to a request body: a `Vec<u8>` copies it, a [`Bytes`]
+/// buffer shares it.
+pub trait SourceBytes: AsRef<[u8]> {
+    fn body(&self, range: Range<usize>) -> Bytes;
+}
+
+impl SourceBytes for Vec<u8> {
+    fn body(&self, range: Range<usize>) -> Bytes {
+        Bytes::copy_from_slice(&self[range])
+    }
+}
+
+impl SourceBytes for Bytes {
+    fn body(&self, range: Range<usize>) -> Bytes {
+        self.slice(range)
     }
 }
 
@@ -474,7 +657,7 @@ pub fn chunk_files(env: &TestEnv, id: &str) -> Vec<String> {
 /// Reassembles an upload from what Redis counts and the files it points at: proves that
 /// every counted chunk is backed by a complete file with the right bytes.
 pub fn reassemble_counted(env: &TestEnv, id: &str) -> Vec<u8> {
-    let mut conn = redis_connection().expect("Redis");
+    let mut conn = env.redis().expect("Redis");
     let parts: BTreeMap<u64, String> = redis::cmd("HGETALL")
         .arg(format!("{}:{{{id}}}:parts", env.namespace))
         .query(&mut conn)
@@ -593,5 +776,41 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
             panic!("timed out waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_random_source_is_deterministic_and_not_constant() {
+        let a = Source::random(1001, 10, 7);
+        let b = Source::random(1001, 10, 7);
+        assert_eq!(a.bytes, b.bytes);
+        assert_eq!(a.len(), 1001);
+        assert!(a.bytes.iter().any(|&x| x != a.bytes[0]));
+        assert_ne!(Source::random(64, 8, 8).bytes, a.bytes[..64]);
+    }
+
+    #[test]
+    fn chunks_tile_the_source_with_a_short_last_chunk() {
+        let source = Source::random(25, 10, 1);
+        assert_eq!(source.total_chunks(), 3);
+        let ranges: Vec<Range<u64>> = (0..3).map(|i| source.chunk_range(i)).collect();
+        assert_eq!(ranges, vec![0..10, 10..20, 20..25]);
+        let joined: Vec<u8> = (0..3).flat_map(|i| source.chunk(i).1.to_vec()).collect();
+        assert_eq!(joined, source.bytes);
+    }
+
+    #[test]
+    fn a_shared_source_has_the_same_chunks_in_any_size() {
+        let source = Source::random(25, 10, 1);
+        let shared = source.clone().shared();
+        assert_eq!(shared.chunk(2), source.chunk(2));
+        assert_eq!(shared.bytes.body(20..25), source.bytes.body(20..25));
+        let whole = shared.with_chunk_size(100);
+        assert_eq!(whole.total_chunks(), 1);
+        assert_eq!(whole.chunk(0).1, &source.bytes[..]);
     }
 }

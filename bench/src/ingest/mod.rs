@@ -22,27 +22,24 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use stitch_testkit::process::ServiceProcess;
+use stitch_testkit::{Services, Source, TestEnv};
 
 use crate::baseline::{self, Throughput};
-use crate::cli::parse_size;
+use crate::deployment::{BUILD_API, Deployment, Role, check_binaries};
 use crate::machine::Machine;
-use crate::namespace::{Redis, delete_broker_namespace, random_namespace};
-use crate::process::{ProcessConfig, Role, StitchProcess};
+use crate::options::{RunArgs, parse_size};
 use crate::procfs::{self, CpuTime, MachineCores, MachineCpu};
-use crate::source::{Chunk, Source};
-use crate::upload::{UploadJob, UploadOutcome, send_upload};
+use crate::upload::{Payload, UploadJob, UploadOutcome, send_upload};
+use crate::usage::{IDLE_CORES, redis_cpu_time};
 use crate::verify::{verify_status, verify_stored};
-use crate::workdir::{WorkDir, remove_dir};
-
-pub use report::SECTION_HEADING;
+use crate::workdir::WorkDir;
 
 /// "Other CPU" (neither API, client nor Redis) from which a run counts as disturbed.
 pub use crate::usage::DISTURBED_CORES;
-use crate::usage::IDLE_CORES;
 
 /// Seed of the payload: fixed, so that every run sends the same bytes.
 const SEED: u64 = 0x5717_c4e5_b3a1_0001;
@@ -72,37 +69,11 @@ pub struct IngestArgs {
     /// varies from run to run, and the memory target is judged on the worst.
     #[arg(long, default_value_t = 3)]
     pub rss_repeats: usize,
-    /// Work directory; a fresh `run-…` directory is made inside it and removed at the end.
-    /// It must be on the disk to measure: the API's storage and the disk baseline go there.
-    #[arg(long, default_value = crate::workdir::DEFAULT_PARENT)]
-    pub dir: PathBuf,
     /// The `stitch-api` binary (build it with `cargo build --release -p stitch-api`).
     #[arg(long, default_value = "target/release/stitch-api")]
     pub api_bin: PathBuf,
-    /// Redis for the API processes (each gets a random namespace, deleted afterwards).
-    #[arg(long, default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    /// RabbitMQ for the API processes, which publish a merge job when an upload completes
-    /// (the namespace's exchanges and queues are deleted afterwards). When it is down, the
-    /// publish fails and the upload's outbox keeps the job; ingest is measured all the same.
-    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
-    pub amqp_url: String,
-    /// Before each disk measurement (and so before each configuration), wait up to this many
-    /// seconds for the machine to be idle (under 0.25 cores busy over a second), so that
-    /// other work (a build, a test run) does not end up in the numbers; 0 to not wait.
-    #[arg(long, default_value_t = 120)]
-    pub wait_idle: u64,
-    /// Repeat a configuration up to this many times when it was disturbed (other processes
-    /// or kernel threads used 0.35 cores or more while it ran); the report says how many
-    /// runs were discarded, and flags a configuration that never ran undisturbed.
-    #[arg(long, default_value_t = 3)]
-    pub retries: usize,
-    /// Replace the ingest section of the docs file with this run's report.
-    #[arg(long)]
-    pub write_docs: bool,
-    /// The docs file that `--write-docs` updates.
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    pub docs: PathBuf,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Which runs send `Content-MD5`.
@@ -237,27 +208,13 @@ impl RunResult {
 /// Runs the benchmark, prints the report, and writes it into the docs when asked.
 pub fn run(args: &IngestArgs) -> anyhow::Result<()> {
     check_args(args)?;
-    let mut redis = Redis::connect(&args.redis_url)?;
-    let work = WorkDir::create(&args.dir)?;
-    let results = measure(args, &work, &mut redis);
-    let removed = work.remove();
-    let results = results?;
-    removed?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.write_docs {
-        crate::report::write_section(&args.docs, SECTION_HEADING, &markdown)?;
-        eprintln!("wrote the ingest section of {}", args.docs.display());
-    }
-    Ok(())
+    let mut redis = args.run.redis()?;
+    let results = WorkDir::within(&args.run.dir, |work| measure(args, work, &mut redis))?;
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &IngestArgs) -> anyhow::Result<()> {
-    ensure!(
-        args.api_bin.is_file(),
-        "{} does not exist: build it first with `cargo build --release -p stitch-api -p stitch-bench`",
-        args.api_bin.display()
-    );
+    check_binaries(&[(&args.api_bin, "--api-bin")], BUILD_API)?;
     ensure!(
         usize::try_from(args.size).is_ok(),
         "--size does not fit in memory on this platform"
@@ -272,7 +229,11 @@ fn check_args(args: &IngestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(args: &IngestArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Result<IngestResults> {
+fn measure(
+    args: &IngestArgs,
+    work: &WorkDir,
+    redis: &mut redis::Connection,
+) -> anyhow::Result<IngestResults> {
     let machine = Machine::describe(work.path())?;
     if machine.work_fs.is_memory() {
         eprintln!(
@@ -288,26 +249,28 @@ fn measure(args: &IngestArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resu
         "generating {} of pseudo-random bytes",
         crate::report::size(args.size)
     ));
-    let source = Source::generate(size, SEED);
+    let source = Source::random(size, args.chunk_size, SEED).shared();
 
     progress("(b) MD5 on one core");
-    let (md5, _) = baseline::md5_one_core(source.bytes(), block);
+    let (md5, _) = baseline::md5_one_core(&source.bytes, block);
     progress(format!("    {:.0} MB/s", md5.mb_per_s()));
 
     progress("computing chunk digests (outside the timed runs)");
-    let chunks: Arc<[Chunk]> = source.chunks(args.chunk_size).into();
-    let rss_chunks: Arc<[Chunk]> = source.chunks(args.rss_chunk_size).into();
+    let payload = Payload::new(source.clone());
+    let rss_payload = Payload::new(source.with_chunk_size(args.rss_chunk_size));
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the client runtime")?;
+    let services = args.run.services();
     let mut bench = Bench {
         args,
         work,
+        services: &services,
         redis,
         runtime: &runtime,
-        source: &source,
+        bytes: &source.bytes,
         block,
         max_chunk: args.chunk_size.max(args.rss_chunk_size).max(64 << 20),
         busy_waits: 0,
@@ -318,7 +281,7 @@ fn measure(args: &IngestArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resu
     let mut runs = Vec::new();
     for &clients in &args.clients {
         for &content_md5 in args.md5.modes() {
-            let run = bench.run_undisturbed(&chunks, clients, content_md5, disk_before)?;
+            let run = bench.run_undisturbed(&payload, clients, content_md5, disk_before)?;
             disk_before = run.disk_after;
             runs.push(run);
         }
@@ -327,7 +290,7 @@ fn measure(args: &IngestArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resu
     for &content_md5 in args.md5.modes() {
         for _ in 0..args.rss_repeats {
             let run =
-                bench.run_undisturbed(&rss_chunks, args.rss_clients, content_md5, disk_before)?;
+                bench.run_undisturbed(&rss_payload, args.rss_clients, content_md5, disk_before)?;
             disk_before = run.disk_after;
             rss_runs.push(run);
         }
@@ -352,9 +315,12 @@ fn progress(message: impl AsRef<str>) {
 struct Bench<'a> {
     args: &'a IngestArgs,
     work: &'a WorkDir,
-    redis: &'a mut Redis,
+    services: &'a Services,
+    /// For Redis's CPU time.
+    redis: &'a mut redis::Connection,
     runtime: &'a tokio::runtime::Runtime,
-    source: &'a Source,
+    /// The payload, for (a).
+    bytes: &'a [u8],
     /// Write size of (a).
     block: usize,
     /// `STITCH__LIMITS__MAX_CHUNK_BYTES` for the API processes.
@@ -366,8 +332,8 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// (a): the payload written to the work directory and fsynced, then removed.
     fn disk(&mut self) -> anyhow::Result<Throughput> {
-        if self.args.wait_idle > 0 {
-            let timeout = Duration::from_secs(self.args.wait_idle);
+        if self.args.run.wait_idle > 0 {
+            let timeout = Duration::from_secs(self.args.run.wait_idle);
             if !procfs::wait_until_idle(IDLE_CORES, timeout)? {
                 progress(format!(
                     "warning: the machine is still busy after {timeout:?}"
@@ -375,11 +341,7 @@ impl Bench<'_> {
                 self.busy_waits += 1;
             }
         }
-        let t = baseline::disk_write(
-            &self.work.join("disk-baseline.bin"),
-            self.source.bytes(),
-            self.block,
-        )?;
+        let t = baseline::disk_write(&self.work.join("disk-baseline.bin"), self.bytes, self.block)?;
         progress(format!(
             "(a) sequential write + fsync: {:.0} MB/s",
             t.mb_per_s()
@@ -387,55 +349,49 @@ impl Bench<'_> {
         Ok(t)
     }
 
-    fn api_config(&self, label: &str) -> ProcessConfig {
-        ProcessConfig {
-            role: Role::Api,
-            binary: self.args.api_bin.clone(),
-            storage_root: self.work.join(&format!("storage-{label}")),
-            namespace: random_namespace("bench"),
-            redis_url: self.args.redis_url.clone(),
-            amqp_url: self.args.amqp_url.clone(),
-            settings: vec![
-                (
-                    "STITCH__LIMITS__MAX_CHUNK_BYTES".into(),
-                    self.max_chunk.to_string(),
-                ),
-                // Keys a crashed run leaves behind expire soon (the minimum TTL is 60 s).
-                ("STITCH__UPLOADS__TTL".into(), "1h".into()),
-            ],
-            record: Vec::new(),
-        }
+    /// A fresh namespace with an API process on it.
+    fn start_api(&self) -> anyhow::Result<Deployment> {
+        let env = TestEnv::deployed("bench", self.work.path(), Some(self.services))
+            .context("creating a storage directory")?;
+        let mut deployment = Deployment::new(env);
+        let settings = [
+            (
+                "STITCH__LIMITS__MAX_CHUNK_BYTES",
+                self.max_chunk.to_string(),
+            ),
+            // Keys a crashed run leaves behind expire soon (the minimum TTL is 60 s).
+            ("STITCH__UPLOADS__TTL", "1h".to_owned()),
+        ];
+        deployment.start(Role::Api, &self.args.api_bin, &settings, &[])?;
+        Ok(deployment)
     }
 
     /// Peak RSS of an API process that started and served nothing.
     fn idle_rss(&mut self) -> anyhow::Result<u64> {
-        let config = self.api_config("idle");
-        let api = StitchProcess::spawn(&config)?;
-        let rss = api.peak_rss();
-        let stopped = api.stop();
-        let cleaned = self.clean_up(&config);
+        let deployment = self.start_api()?;
+        let rss = deployment.process(Role::Api)?.peak_rss();
+        let stopped = deployment.stop();
         let rss = rss?;
         stopped?;
-        cleaned?;
         Ok(rss)
     }
 
     /// [`Self::run`], repeated (up to `--retries` times) while other work disturbed it.
     fn run_undisturbed(
         &mut self,
-        chunks: &Arc<[Chunk]>,
+        payload: &Payload,
         clients: usize,
         content_md5: bool,
         disk_before: Throughput,
     ) -> anyhow::Result<RunResult> {
-        let mut run = self.run(chunks, clients, content_md5, disk_before)?;
-        while run.disturbed() && run.discarded < self.args.retries {
+        let mut run = self.run(payload, clients, content_md5, disk_before)?;
+        while run.disturbed() && run.discarded < self.args.run.retries {
             progress(format!(
                 "    disturbed ({:.2} cores of other work): repeating",
                 run.other_cores()
             ));
             let discarded = run.discarded + 1;
-            run = self.run(chunks, clients, content_md5, run.disk_after)?;
+            run = self.run(payload, clients, content_md5, run.disk_after)?;
             run.discarded = discarded;
         }
         Ok(run)
@@ -445,45 +401,42 @@ impl Bench<'_> {
     /// RSS, then SIGTERM and clean-up (also when something failed), then (a) again.
     fn run(
         &mut self,
-        chunks: &Arc<[Chunk]>,
+        payload: &Payload,
         clients: usize,
         content_md5: bool,
         disk_before: Throughput,
     ) -> anyhow::Result<RunResult> {
-        let chunk_size = chunks.first().map_or(0, Chunk::len);
-        let label = format!(
-            "{}x{}-{}",
-            clients,
-            crate::report::size(chunk_size).replace(' ', ""),
-            if content_md5 { "md5" } else { "plain" }
-        );
+        let chunk_size = payload.source.chunk_size;
         progress(format!(
             "(c) {clients} client(s), {} chunks, Content-MD5 {}",
             crate::report::size(chunk_size),
             if content_md5 { "on" } else { "off" }
         ));
-        let config = self.api_config(&label);
-        let api = StitchProcess::spawn(&config)?;
+        let deployment = self.start_api()?;
+        let api = deployment.process(Role::Api)?;
         let job = UploadJob {
             content_md5,
             ..UploadJob::all(
-                api.base_url(),
+                api.addr,
                 format!("bench-{:016x}", rand::random::<u64>()),
-                chunks.clone(),
+                payload.clone(),
                 clients,
             )
         };
-        let measured = self.upload_and_check(&api, &config, &job);
+        let measured = self.upload_and_check(api, &deployment.env, &job);
         let peak_rss = api.peak_rss();
         let log = api.log_tail();
-        let exit = api.stop();
-        let cleaned = self.clean_up(&config);
+        let exits = deployment.stop();
         let (outcome, usage) =
             measured.with_context(|| format!("the API's last output:\n{log}"))?;
+        let exit = exits?
+            .first()
+            .map(|(_, exit)| *exit)
+            .context("the API's exit status")?;
         let mut result = RunResult {
             clients,
             chunk_size,
-            chunks: chunks.len(),
+            chunks: payload.chunks(),
             content_md5,
             outcome,
             api_cpu: usage.api,
@@ -492,12 +445,11 @@ impl Bench<'_> {
             machine: usage.machine,
             window: usage.window,
             peak_rss: peak_rss?,
-            exit: exit?,
+            exit,
             disk_before,
             disk_after: disk_before,
             discarded: 0,
         };
-        cleaned?;
         progress(format!(
             "    {:.0} MB/s, API {:.2} cores, client {:.2} cores, API peak RSS {}",
             result.mb_per_s(),
@@ -511,35 +463,19 @@ impl Bench<'_> {
 
     fn upload_and_check(
         &mut self,
-        api: &StitchProcess,
-        config: &ProcessConfig,
+        api: &ServiceProcess,
+        env: &TestEnv,
         job: &UploadJob,
     ) -> anyhow::Result<(UploadOutcome, Usage)> {
         let before = Snapshot::take(api, self.redis)?;
         let outcome = self.runtime.block_on(send_upload(job))?;
         let after = Snapshot::take(api, self.redis)?;
         let usage = after.since(&before);
+        let source = &job.payload.source;
         self.runtime
-            .block_on(verify_status(&job.base_url, &job.upload_id, &job.chunks))?;
-        verify_stored(&config.storage_root, &job.upload_id, &job.chunks)?;
+            .block_on(verify_status(job.addr, &job.upload_id, source))?;
+        verify_stored(&env.storage_root, &job.upload_id, source)?;
         Ok((outcome, usage))
-    }
-
-    /// Deletes the namespace's Redis keys, its RabbitMQ exchanges and queues, and the
-    /// storage directory. A broker that cannot be reached only warns: then the API could not
-    /// have declared anything there either.
-    fn clean_up(&mut self, config: &ProcessConfig) -> anyhow::Result<()> {
-        let deleted = self.redis.delete_namespace(&config.namespace);
-        let broker = self.runtime.block_on(delete_broker_namespace(
-            &self.args.amqp_url,
-            &config.namespace,
-        ));
-        if let Err(e) = broker {
-            progress(format!("warning: {e:#}"));
-        }
-        let removed = remove_dir(&config.storage_root);
-        deleted?;
-        removed
     }
 }
 
@@ -562,12 +498,12 @@ struct Usage {
 }
 
 impl Snapshot {
-    fn take(api: &StitchProcess, redis: &mut Redis) -> anyhow::Result<Self> {
+    fn take(api: &ServiceProcess, redis: &mut redis::Connection) -> anyhow::Result<Self> {
         Ok(Self {
             at: Instant::now(),
-            api: api.cpu_time()?,
+            api: procfs::cpu_time(api.pid()).context("reading the CPU time of stitch-api")?,
             client: procfs::own_cpu_time()?,
-            redis: redis.cpu_time()?,
+            redis: redis_cpu_time(redis)?,
             machine: MachineCpu::read()?,
         })
     }

@@ -1,17 +1,10 @@
-//! The ingest benchmark's report: Markdown for stdout and for its section of
-//! `docs/benchmarks.md`, with the reproduction command, how to read it, the machine, the
-//! baselines, every configuration, and the issue's targets with PASS/FAIL as measured.
-
-use std::fmt::Write as _;
+//! The ingest benchmark's report, in the skeleton every report has ([`Report`]): the issue's
+//! targets with PASS/FAIL as measured, the baselines, every configuration, how to read it,
+//! and what this run shows.
 
 use super::{DISTURBED_CORES, IngestResults, RunResult};
-use crate::report::{Table, bullet, fixed, machine_table, mib, size, verdict};
-
-/// The heading of the section this benchmark owns in `docs/benchmarks.md`.
-pub const SECTION_HEADING: &str = "## Ingest (issue: core ingest)";
-
-/// The command that reproduces the published numbers, from the workspace root.
-pub const REPRODUCE: &str = "cargo build --release -p stitch-api -p stitch-bench && target/release/stitch-bench ingest --write-docs";
+use crate::deployment::BUILD_API;
+use crate::report::{Report, Section, Table, fixed, mib, size, size_flag, targets_table, verdict};
 
 /// Share of the limit that the issue's throughput targets ask for.
 const TARGET_SHARE: f64 = 0.7;
@@ -56,64 +49,45 @@ fn ratio(r: &IngestResults, run: &RunResult) -> f64 {
     run.mb_per_s() / Limit::of(run).mb_per_s(r, run)
 }
 
-/// The report, without its `## ` heading.
-pub fn render(r: &IngestResults) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "_Measured {} by `stitch-bench ingest`; `--write-docs` rewrites this section, so change the benchmark, not the text._\n",
-        r.machine.date
-    );
-    out.push_str(
-        "Reproduce (from the workspace root, with Redis on `127.0.0.1:6379` and RabbitMQ on `127.0.0.1:5672`):\n\n",
-    );
-    let _ = writeln!(out, "```sh\n{REPRODUCE}\n```\n");
+/// The report of a run.
+pub fn report(r: &IngestResults) -> Report<'_> {
     let a = &r.args;
     let clients: Vec<String> = a.clients.iter().map(ToString::to_string).collect();
-    let _ = writeln!(
-        out,
-        "This run: `stitch-bench ingest --size {} --chunk-size {} --clients {} --md5 {} --rss-chunk-size {} --rss-clients {} --rss-repeats {} --api-bin {}`.\n",
-        size(a.size).replace(' ', ""),
-        size(a.chunk_size).replace(' ', ""),
-        clients.join(","),
-        a.md5,
-        size(a.rss_chunk_size).replace(' ', ""),
-        a.rss_clients,
-        a.rss_repeats,
-        a.api_bin.display()
-    );
-
-    out.push_str("### Targets\n\n");
-    out.push_str(&targets(r).render());
-
-    out.push_str("\n### Machine\n\n");
-    out.push_str(&machine(r).render());
-
-    out.push_str("\n### Baselines\n\n");
-    out.push_str(&baselines(r).render());
-
-    let _ = writeln!(
-        out,
-        "\n### Ingest through `stitch-api`\n\nOne {} upload per row, each with a fresh API process; the last rows are the memory runs, repeated because a peak varies from run to run.\n",
-        size(a.size)
-    );
-    out.push_str(&runs(r).render());
-    let _ = writeln!(
-        out,
-        "\nAn API process that has just started and served nothing peaks at {}.",
-        mib(r.idle_rss)
-    );
-
-    out.push_str("\n### How to read the numbers\n\n");
-    for line in HOW_TO_READ {
-        bullet(&mut out, line);
+    Report {
+        command: "ingest",
+        heading: "## Ingest (issue: core ingest)",
+        build: BUILD_API,
+        services_for: "",
+        options: format!(
+            "--size {} --chunk-size {} --clients {} --md5 {} --rss-chunk-size {} --rss-clients {} --rss-repeats {} --api-bin {}",
+            size_flag(a.size),
+            size_flag(a.chunk_size),
+            clients.join(","),
+            a.md5,
+            size_flag(a.rss_chunk_size),
+            a.rss_clients,
+            a.rss_repeats,
+            a.api_bin.display()
+        ),
+        preface: Vec::new(),
+        headline: Section::new("Targets", targets(r)),
+        machine: &r.machine,
+        sharing: "client, API and Redis share them",
+        baselines: baselines(r),
+        sections: vec![
+            Section::new("Ingest through `stitch-api`", runs(r))
+                .intro(format!(
+                    "One {} upload per row, each with a fresh API process; the last rows are the memory runs, repeated because a peak varies from run to run.",
+                    size(a.size)
+                ))
+                .outro(format!(
+                    "An API process that has just started and served nothing peaks at {}.",
+                    mib(r.idle_rss)
+                )),
+        ],
+        how_to_read: HOW_TO_READ,
+        observations: observations(r),
     }
-
-    out.push_str("\n### Observations (computed from this run)\n\n");
-    for line in observations(r) {
-        bullet(&mut out, line);
-    }
-    out
 }
 
 const HOW_TO_READ: &[&str] = &[
@@ -126,10 +100,6 @@ const HOW_TO_READ: &[&str] = &[
     "Each configuration is measured once, after waiting for the machine to be idle, and measured again (up to `--retries` times) when other work used 0.35 cores or more meanwhile; the observations list what was repeated. On a shared 2-core VM expect ±20% between runs of the whole benchmark (much more for the disk). Compare ratios rather than absolute rates across machines.",
     "Every run is checked before it is reported: every response is 200, for the chunk sent, with the CRC32C (and with `Content-MD5` the MD5) of the bytes sent; exactly one response says `upload_complete`; the final status is `merging` with every chunk and byte counted; storage holds exactly one file per chunk, of the right length. No merge worker runs, so the numbers are for ingest alone.",
 ];
-
-fn machine(r: &IngestResults) -> Table {
-    machine_table(&r.machine, "client, API and Redis share them")
-}
 
 fn baselines(r: &IngestResults) -> Table {
     let a = &r.args;
@@ -221,7 +191,7 @@ fn find(r: &IngestResults, clients: usize, content_md5: bool) -> Option<&RunResu
 }
 
 fn targets(r: &IngestResults) -> Table {
-    let mut table = Table::new(&["Target (from the issue)", "Measured", "Needed", "Result"]);
+    let mut table = targets_table();
     for (content_md5, what) in [
         (false, "4-way ingest without per-chunk MD5 ≥ 0.7 × (a) disk"),
         (
@@ -409,14 +379,14 @@ fn observations(r: &IngestResults) -> Vec<String> {
     if !disturbed.is_empty() {
         notes.push(format!(
             "Still disturbed after {} repeats (other CPU in cores): {}. These rates may be low; re-run on an idle machine.",
-            r.args.retries,
+            r.args.run.retries,
             disturbed.join("; ")
         ));
     }
     if r.busy_waits > 0 {
         notes.push(format!(
             "{} time(s) the machine was still busy when `--wait-idle` ({} s) ran out before a configuration.",
-            r.busy_waits, r.args.wait_idle
+            r.busy_waits, r.args.run.wait_idle
         ));
     }
     if r.machine.busy_before > 0.2 * cpus {

@@ -35,30 +35,27 @@
 
 mod report;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail, ensure};
+use serde::Deserialize;
 use stitch_common::id::UploadId;
 use stitch_common::state::keys;
+use stitch_testkit::events::{Arrival, EventTap};
+use stitch_testkit::{Services, Source, TestEnv};
 
 use crate::baseline::{self, Throughput};
-use crate::cli::{RunArgs, parse_size};
-use crate::events::{Arrival, EventTap};
+use crate::deployment::{BUILD_ALL, Deployment, Role, check_binaries, wait_for_broker};
 use crate::machine::Machine;
-use crate::namespace::{Redis, delete_broker_namespace, random_namespace, wait_for_broker};
-use crate::process::{ProcessConfig, Role, StitchProcess};
+use crate::options::{RunArgs, parse_size};
 use crate::procfs::CpuTime;
-use crate::source::{Chunk, Source};
-use crate::upload::{Moment, UploadJob, send_upload};
+use crate::upload::{Moment, Payload, UploadJob, send_upload};
 use crate::usage::{CpuSnapshot, CpuUsage, DISTURBED_CORES, Watched, wait_for_idle};
 use crate::verify::{
     get_status, status_client, stored_chunk_files, verify_completed, verify_merged_file,
 };
-use crate::workdir::{WorkDir, remove_dir};
-
-pub use report::SECTION_HEADING;
+use crate::workdir::WorkDir;
 
 /// What `stitch-bench merge --help` says about it.
 pub const LONG_ABOUT: &str = "The merge of one upload by stitch-worker, against the MD5 of its chunk files alone.\n\n\
@@ -296,32 +293,19 @@ fn wall_ms(t: SystemTime) -> Option<f64> {
 /// Runs the benchmark, prints the report, and writes it into the docs when asked.
 pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
     check_args(args)?;
-    let mut redis = Redis::connect(&args.run.redis_url)?;
-    let work = WorkDir::create(&args.run.dir)?;
-    let results = measure(args, &work, &mut redis);
-    let removed = work.remove();
-    let results = results?;
-    removed?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.run.write_docs {
-        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
-        eprintln!("wrote the merge section of {}", args.run.docs.display());
-    }
-    Ok(())
+    let mut redis = args.run.redis()?;
+    let results = WorkDir::within(&args.run.dir, |work| measure(args, work, &mut redis))?;
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &MergeArgs) -> anyhow::Result<()> {
-    for (bin, what) in [
-        (&args.api_bin, "--api-bin"),
-        (&args.worker_bin, "--worker-bin"),
-    ] {
-        ensure!(
-            bin.is_file(),
-            "{} ({what}) does not exist: build it first with `cargo build --release -p stitch-api -p stitch-worker -p stitch-cli -p stitch-bench`",
-            bin.display()
-        );
-    }
+    check_binaries(
+        &[
+            (&args.api_bin, "--api-bin"),
+            (&args.worker_bin, "--worker-bin"),
+        ],
+        BUILD_ALL,
+    )?;
     ensure!(
         usize::try_from(args.size).is_ok() && usize::try_from(args.buffer).is_ok(),
         "--size and --buffer must fit in memory on this platform"
@@ -345,7 +329,11 @@ fn progress(message: impl AsRef<str>) {
     eprintln!("stitch-bench merge: {}", message.as_ref());
 }
 
-fn measure(args: &MergeArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Result<MergeResults> {
+fn measure(
+    args: &MergeArgs,
+    work: &WorkDir,
+    redis: &mut redis::Connection,
+) -> anyhow::Result<MergeResults> {
     let machine = Machine::describe(work.path())?;
     if machine.work_fs.is_memory() {
         progress(format!(
@@ -360,24 +348,25 @@ fn measure(args: &MergeArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resul
         "generating {} of pseudo-random bytes",
         crate::report::size(args.size)
     ));
-    let source = Source::generate(size, SEED);
+    let source = Source::random(size, args.chunk_size, SEED).shared();
     progress("(b) MD5 in memory on one core");
-    let (md5_memory, digest) = baseline::md5_one_core(source.bytes(), buffer);
+    let (md5_memory, digest) = baseline::md5_one_core(&source.bytes, buffer);
     progress(format!("    {:.0} MB/s", md5_memory.mb_per_s()));
     progress("computing chunk digests (outside the timed runs)");
-    let chunks: Arc<[Chunk]> = source.chunks(args.chunk_size).into();
+    let payload = Payload::new(source);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the client runtime")?;
+    let services = args.run.services();
     let mut bench = Bench {
         args,
         work,
+        services: &services,
         redis,
         runtime: &runtime,
-        source: &source,
-        chunks,
+        payload,
         md5_hex: hex::encode(digest),
         busy_waits: 0,
     };
@@ -388,7 +377,7 @@ fn measure(args: &MergeArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resul
     ));
     let (page_cache_cold, page_cache_warm) = baseline::page_cache_write_cold_and_warm(
         &work.join("page-cache-baseline.bin"),
-        source.bytes(),
+        &bench.payload.source.bytes,
         buffer,
         PAGE_CACHE_REST,
     )?;
@@ -426,19 +415,14 @@ fn measure(args: &MergeArgs, work: &WorkDir, redis: &mut Redis) -> anyhow::Resul
 struct Bench<'a> {
     args: &'a MergeArgs,
     work: &'a WorkDir,
-    redis: &'a mut Redis,
+    services: &'a Services,
+    /// For the upload's hash.
+    redis: &'a mut redis::Connection,
     runtime: &'a tokio::runtime::Runtime,
-    source: &'a Source,
-    chunks: Arc<[Chunk]>,
+    payload: Payload,
     /// MD5 of the payload, hex.
     md5_hex: String,
     busy_waits: usize,
-}
-
-/// The processes of one merge.
-struct Pair {
-    api: StitchProcess,
-    worker: StitchProcess,
 }
 
 impl Bench<'_> {
@@ -458,7 +442,7 @@ impl Bench<'_> {
         self.wait_idle()?;
         let t = baseline::direct_write(
             &self.work.join("disk-baseline.bin"),
-            self.source.bytes(),
+            &self.payload.source.bytes,
             DIRECT_BLOCK,
         )?;
         progress(format!(
@@ -468,38 +452,26 @@ impl Bench<'_> {
         Ok(t)
     }
 
-    fn config(&self, role: Role, namespace: &str, storage: &Path, fsync: bool) -> ProcessConfig {
+    /// A fresh namespace with an API and a worker on it (with `fsync` or not).
+    fn start(&self, fsync: bool) -> anyhow::Result<Deployment> {
+        let env = TestEnv::deployed("bench", self.work.path(), Some(self.services))
+            .context("creating a storage directory")?;
+        let mut deployment = Deployment::new(env);
         let mut settings = vec![
             // Keys a crashed run leaves behind expire soon.
-            ("STITCH__UPLOADS__TTL".to_owned(), "1h".to_owned()),
+            ("STITCH__UPLOADS__TTL", "1h".to_owned()),
             (
-                "STITCH__LIMITS__MAX_CHUNK_BYTES".to_owned(),
+                "STITCH__LIMITS__MAX_CHUNK_BYTES",
                 self.args.chunk_size.max(128 << 20).to_string(),
             ),
         ];
-        let binary = match role {
-            Role::Worker => {
-                settings.push((
-                    "STITCH__MERGE__BUFFER_BYTES".to_owned(),
-                    self.args.buffer.to_string(),
-                ));
-                if !fsync {
-                    settings.push(("STITCH__STORAGE__FSYNC".to_owned(), "false".to_owned()));
-                }
-                self.args.worker_bin.clone()
-            }
-            _ => self.args.api_bin.clone(),
-        };
-        ProcessConfig {
-            role,
-            binary,
-            storage_root: storage.to_owned(),
-            namespace: namespace.to_owned(),
-            redis_url: self.args.run.redis_url.clone(),
-            amqp_url: self.args.run.amqp_url.clone(),
-            settings,
-            record: Vec::new(),
+        deployment.start(Role::Api, &self.args.api_bin, &settings, &[])?;
+        settings.push(("STITCH__MERGE__BUFFER_BYTES", self.args.buffer.to_string()));
+        if !fsync {
+            settings.push(("STITCH__STORAGE__FSYNC", "false".to_owned()));
         }
+        deployment.start(Role::Worker, &self.args.worker_bin, &settings, &[])?;
+        Ok(deployment)
     }
 
     /// [`Self::merge`], repeated (up to `--retries` times) while other work disturbed it.
@@ -527,44 +499,31 @@ impl Bench<'_> {
         progress(format!(
             "merge of {} in {} chunks, {}",
             crate::report::size(self.args.size),
-            self.chunks.len(),
+            self.payload.chunks(),
             kind.name()
         ));
-        let fsync = kind.fsync();
         self.runtime
             .block_on(wait_for_broker(&self.args.run.amqp_url, BROKER_WAIT))?;
-        let namespace = random_namespace("bench");
-        let storage = self.work.join(&format!("storage-{namespace}"));
-        let api = StitchProcess::spawn(&self.config(Role::Api, &namespace, &storage, fsync))?;
-        let spawned = StitchProcess::spawn(&self.config(Role::Worker, &namespace, &storage, fsync));
-        let measured = match spawned {
-            Ok(worker) => {
-                let pair = Pair { api, worker };
-                let measured = self.measure_merge(&pair, &namespace, &storage, kind, disk_before);
-                let logs = format!(
-                    "the API's last output:\n{}\nthe worker's last output:\n{}",
-                    pair.api.log_tail(),
-                    pair.worker.log_tail()
-                );
-                let exits = [pair.worker.stop(), pair.api.stop()];
-                measured.with_context(|| logs).and_then(|mut merge| {
-                    for (exit, name) in exits.into_iter().zip(["stitch-worker", "stitch-api"]) {
-                        let exit = exit?;
-                        if !exit.success() {
-                            merge.unclean_exits.push(format!("{name} ({exit})"));
-                        }
-                    }
-                    Ok(merge)
-                })
-            }
-            Err(e) => {
-                let _ = api.stop();
-                Err(e)
-            }
-        };
-        let cleaned = self.clean_up(&namespace, &storage);
+        let deployment = self.start(kind.fsync())?;
+        let measured = self
+            .measure_merge(&deployment, kind, disk_before)
+            .with_context(|| deployment.log_tails());
+        let exits = deployment.stop();
+        // No dirty page of this merge (written without fsync, or not yet written back) may
+        // be written back during the next measurement.
+        let synced = std::fs::File::open(self.work.path())
+            .map_err(anyhow::Error::from)
+            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(anyhow::Error::from))
+            .context("syncing the work directory's file system");
         let mut merge = measured?;
-        cleaned?;
+        for (role, exit) in exits? {
+            if !exit.success() {
+                merge
+                    .unclean_exits
+                    .push(format!("{} ({exit})", role.name()));
+            }
+        }
+        synced?;
         progress(format!(
             "    MD5 only {:.0} MB/s; merge {:.3} s = {:.0} MB/s (ratio {:.2}); event {:.0} ms after the response ({:+.0} ms beyond the merge); worker {:.2} cores, peak RSS {}",
             merge.md5_only.mb_per_s(),
@@ -582,41 +541,42 @@ impl Bench<'_> {
 
     fn measure_merge(
         &mut self,
-        pair: &Pair,
-        namespace: &str,
-        storage: &Path,
+        deployment: &Deployment,
         kind: Kind,
         disk_before: Throughput,
     ) -> anyhow::Result<MergeRun> {
+        let api = deployment.process(Role::Api)?;
+        let worker = deployment.process(Role::Worker)?;
+        let env = &deployment.env;
         let upload_id = format!("bench-{:016x}", rand::random::<u64>());
-        let last = self.chunks.len() - 1;
+        let last = self.payload.chunks() - 1;
         let job = UploadJob {
             send: 0..last,
             completes: false,
             file_md5: Some(self.md5_hex.clone()),
             ..UploadJob::all(
-                pair.api.base_url(),
+                api.addr,
                 upload_id.clone(),
-                self.chunks.clone(),
+                self.payload.clone(),
                 self.args.clients,
             )
         };
+        // A handle on the shared buffer, not a copy.
+        let source = &self.payload.source.clone();
         self.runtime.block_on(send_upload(&job))?;
-        let files = stored_chunk_files(storage, &upload_id, &self.chunks[..last])?;
-        let mut tap = self
-            .runtime
-            .block_on(EventTap::bind(&self.args.run.amqp_url, namespace))?;
+        let files = stored_chunk_files(&env.storage_root, &upload_id, source, last as u64)?;
+        let tap = self.runtime.block_on(EventTap::connect(env))?;
 
         // (i) The limit, with the machine idle and the worker waiting.
         self.wait_idle()?;
         let mut watched = vec![
             Watched {
                 label: "api",
-                pid: pair.api.pid(),
+                pid: api.pid(),
             },
             Watched {
                 label: "worker",
-                pid: pair.worker.pid(),
+                pid: worker.pid(),
             },
             Watched::this_process(),
         ];
@@ -627,7 +587,8 @@ impl Bench<'_> {
         baseline::read_through(&files, 1 << 20)?;
         let resident_before_md5 = baseline::page_cache_residency(&files);
         let before = CpuSnapshot::take(&watched)?;
-        let (md5_only, digest) = baseline::md5_files(&files, &self.chunks[last].data, buffer)?;
+        let (_, last_chunk) = source.chunk(last as u64);
+        let (md5_only, digest) = baseline::md5_files(&files, last_chunk, buffer)?;
         let md5_usage = CpuSnapshot::take(&watched)?.since(&before);
         ensure!(
             hex::encode(digest) == self.md5_hex,
@@ -640,14 +601,14 @@ impl Bench<'_> {
         let warm_up = match kind {
             Kind::WarmMemory => Some(baseline::page_cache_write(
                 &self.work.join("warm-up.bin"),
-                self.source.bytes(),
+                &source.bytes,
                 buffer,
             )?),
             Kind::Standard | Kind::NoFsync => None,
         };
         let resident_before_merge = baseline::page_cache_residency(&files);
-        pair.worker.reset_peak_rss()?;
-        let worker_rss_before = pair.worker.peak_rss()?;
+        worker.reset_peak_rss()?;
+        let worker_rss_before = worker.peak_rss()?;
         let last_job = UploadJob {
             send: last..last + 1,
             completes: true,
@@ -658,7 +619,7 @@ impl Bench<'_> {
         let (outcome, arrival) = self.runtime.block_on(async {
             let outcome = send_upload(&last_job).await?;
             let arrival = tap
-                .next_about(
+                .arrival(
                     &upload_id,
                     &["upload.completed", "upload.failed"],
                     EVENT_TIMEOUT,
@@ -667,7 +628,7 @@ impl Bench<'_> {
             anyhow::Ok((outcome, arrival))
         })?;
         let usage = CpuSnapshot::take(&watched)?.since(&before);
-        let worker_peak_rss = pair.worker.peak_rss()?;
+        let worker_peak_rss = worker.peak_rss()?;
         self.runtime.block_on(tap.close());
         let completing = outcome
             .completing
@@ -676,16 +637,18 @@ impl Bench<'_> {
         // The checks.
         self.check_event(&arrival, &upload_id)?;
         let id = UploadId::parse(&upload_id).context("the benchmark's upload id")?;
-        let meta = self.redis.hash_fields(
-            &keys::meta(namespace, &id),
-            &[
+        let key = keys::meta(&env.namespace, &id);
+        let meta: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&[
                 "state",
                 "merge_started_at",
                 "completed_at",
                 "merge_fence",
                 "md5",
-            ],
-        )?;
+            ])
+            .query(self.redis)
+            .with_context(|| format!("reading {key} from Redis"))?;
         let field = |i: usize, name: &str| -> anyhow::Result<String> {
             meta.get(i)
                 .cloned()
@@ -711,15 +674,15 @@ impl Bench<'_> {
             completed_ms >= merge_started_ms,
             "completed_at {completed_ms} is before merge_started_at {merge_started_ms}"
         );
-        let status = self.runtime.block_on(async {
-            get_status(&status_client()?, &pair.api.base_url(), &upload_id).await
-        })?;
-        verify_completed(&status, &self.chunks, &self.md5_hex)?;
-        verify_merged_file(storage, &upload_id, self.source.len(), &self.md5_hex)?;
+        let status = self
+            .runtime
+            .block_on(async { get_status(&status_client(api.addr)?, &upload_id).await })?;
+        verify_completed(&status, source, &self.md5_hex)?;
+        verify_merged_file(&env.storage_root, &upload_id, source.len(), &self.md5_hex)?;
 
         Ok(MergeRun {
             kind,
-            bytes: self.source.len(),
+            bytes: source.len(),
             md5_only,
             md5_usage,
             resident_before_md5,
@@ -741,7 +704,9 @@ impl Bench<'_> {
     }
 
     fn check_event(&self, arrival: &Arrival, upload_id: &str) -> anyhow::Result<()> {
-        let e = &arrival.event;
+        let e: EventBody = serde_json::from_value(arrival.event.clone()).with_context(|| {
+            format!("an event that is not the JSON expected: {}", arrival.event)
+        })?;
         if arrival.routing_key != "upload.completed" || e.kind != "upload.completed" {
             bail!(
                 "the outcome event of {upload_id} is {} ({:?}), not upload.completed",
@@ -749,39 +714,35 @@ impl Bench<'_> {
                 e
             );
         }
+        let len = self.payload.source.len();
         ensure!(
             e.upload.state == "completed"
-                && e.upload.size == self.source.len()
+                && e.upload.size == len
                 && e.upload.md5.as_deref() == Some(self.md5_hex.as_str())
                 && !e.event_id.is_empty(),
             "the upload.completed event says state {}, size {}, MD5 {:?}; expected completed, {}, {}",
             e.upload.state,
             e.upload.size,
             e.upload.md5,
-            self.source.len(),
+            len,
             self.md5_hex
         );
         Ok(())
     }
+}
 
-    /// Deletes the namespace's Redis keys, its RabbitMQ exchanges and queues, and the
-    /// storage directory, then flushes the file system so that no dirty page of this merge
-    /// (written without fsync) is written back during the next measurement.
-    fn clean_up(&mut self, namespace: &str, storage: &Path) -> anyhow::Result<()> {
-        let deleted = self.redis.delete_namespace(namespace);
-        let broker = self
-            .runtime
-            .block_on(delete_broker_namespace(&self.args.run.amqp_url, namespace));
-        if let Err(e) = broker {
-            progress(format!("warning: {e:#}"));
-        }
-        let removed = remove_dir(storage);
-        let synced = std::fs::File::open(self.work.path())
-            .map_err(anyhow::Error::from)
-            .and_then(|dir| rustix::fs::syncfs(&dir).map_err(anyhow::Error::from))
-            .context("syncing the work directory's file system");
-        deleted?;
-        removed?;
-        synced
-    }
+/// The fields of an upload event the benchmark checks.
+#[derive(Debug, Deserialize)]
+struct EventBody {
+    event_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    upload: EventUpload,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventUpload {
+    state: String,
+    size: u64,
+    md5: Option<String>,
 }

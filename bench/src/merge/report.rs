@@ -1,92 +1,56 @@
-//! The merge benchmark's report: Markdown for stdout and for its section of
-//! `docs/benchmarks.md`, with the reproduction command, the issue's targets with PASS/FAIL as
-//! measured, the machine, the baselines, every merge, a summary, how to read it, and what
-//! this run shows.
-
-use std::fmt::Write as _;
+//! The merge benchmark's report, in the skeleton every report has ([`Report`]): the issue's
+//! targets with PASS/FAIL as measured, the baselines, every merge, a summary, how to read
+//! it, and what this run shows.
 
 use super::{Kind, MergeResults, MergeRun};
+use crate::deployment::BUILD_ALL;
 use crate::report::{
-    Table, bullet, count, fixed, machine_table, median, median_range, mib, range, signed, size,
-    verdict,
+    Report, Section, Table, closing_notes, count, disturbance_notes, fixed, median, median_range,
+    mib, numbered, range, signed, size, size_flag, targets_table, verdict,
 };
-use crate::usage::DISTURBED_CORES;
-
-/// The heading of the section this benchmark owns in `docs/benchmarks.md`.
-pub const SECTION_HEADING: &str = "## Merge (issue: merge pipeline)";
-
-/// The command that reproduces the published numbers, from the workspace root.
-pub const REPRODUCE: &str = "cargo build --release -p stitch-api -p stitch-worker -p stitch-cli -p stitch-bench && target/release/stitch-bench merge --write-docs";
 
 /// The issue's target for the merge rate over the MD5-only rate.
 const RATIO_TARGET: f64 = 0.85;
 /// The issue's allowance for the event beyond the merge itself, in ms.
 const EVENT_ALLOWANCE_MS: f64 = 100.0;
 
-/// The report, without its `## ` heading.
-pub fn render(r: &MergeResults) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "_Measured {} by `stitch-bench merge`; `--write-docs` rewrites this section, so change the benchmark, not the text._\n",
-        r.machine.date
-    );
-    out.push_str(
-        "Reproduce (from the workspace root, with Redis on `127.0.0.1:6379` and RabbitMQ on `127.0.0.1:5672`):\n\n",
-    );
-    let _ = writeln!(out, "```sh\n{REPRODUCE}\n```\n");
+/// The report of a run.
+pub fn report(r: &MergeResults) -> Report<'_> {
     let a = &r.args;
-    let _ = writeln!(
-        out,
-        "This run: `stitch-bench merge --size {} --chunk-size {} --clients {} --repeats {} --nofsync-repeats {} --warm-repeats {} --buffer {} --api-bin {} --worker-bin {}`.\n",
-        size(a.size).replace(' ', ""),
-        size(a.chunk_size).replace(' ', ""),
-        a.clients,
-        a.repeats,
-        a.nofsync_repeats,
-        a.warm_repeats,
-        size(a.buffer).replace(' ', ""),
-        a.api_bin.display(),
-        a.worker_bin.display()
-    );
-
-    out.push_str("### Targets\n\n");
-    out.push_str(&targets(r).render());
-
-    out.push_str("\n### Machine\n\n");
-    out.push_str(
-        &machine_table(
-            &r.machine,
-            "the worker, the API, this benchmark, Redis and RabbitMQ share them",
-        )
-        .render(),
-    );
-
-    out.push_str("\n### Baselines\n\n");
-    out.push_str(&baselines(r).render());
-
     let chunks = a.size.div_ceil(a.chunk_size);
-    let _ = writeln!(
-        out,
-        "\n### Merges\n\nOne row per merge, in the order run; each is a fresh {} upload of {chunks} chunks of {} through a fresh `stitch-api` and `stitch-worker`. (i) is the MD5-only pass over that upload's chunk files just before its last chunk was sent. Kinds: default = as configured by default (fsync on), what the targets judge; no fsync = `STITCH__STORAGE__FSYNC=false` on the worker; warm memory = fsync on, with a scratch file of the upload's size written and deleted just before the last chunk (its rate is in the last column), so that the merge writes into memory freed a moment ago.\n",
-        size(a.size),
-        size(a.chunk_size)
-    );
-    out.push_str(&merges(r).render());
-
-    out.push_str("\n### Summary\n\n");
-    out.push_str(&summary(r).render());
-
-    out.push_str("\n### How to read the numbers\n\n");
-    for line in HOW_TO_READ {
-        bullet(&mut out, line);
+    Report {
+        command: "merge",
+        heading: "## Merge (issue: merge pipeline)",
+        build: BUILD_ALL,
+        services_for: "",
+        options: format!(
+            "--size {} --chunk-size {} --clients {} --repeats {} --nofsync-repeats {} --warm-repeats {} --buffer {} --api-bin {} --worker-bin {}",
+            size_flag(a.size),
+            size_flag(a.chunk_size),
+            a.clients,
+            a.repeats,
+            a.nofsync_repeats,
+            a.warm_repeats,
+            size_flag(a.buffer),
+            a.api_bin.display(),
+            a.worker_bin.display()
+        ),
+        preface: Vec::new(),
+        headline: Section::new("Targets", targets(r)),
+        machine: &r.machine,
+        sharing: "the worker, the API, this benchmark, Redis and RabbitMQ share them",
+        baselines: baselines(r),
+        sections: vec![
+            Section::new("Merges", merges(r)).intro(format!(
+                "One row per merge, in the order run; each is a fresh {} upload of {chunks} chunks of {} through a fresh `stitch-api` and `stitch-worker`. (i) is the MD5-only pass over that upload's chunk files just before its last chunk was sent. Kinds: default = as configured by default (fsync on), what the targets judge; no fsync = `STITCH__STORAGE__FSYNC=false` on the worker; warm memory = fsync on, with a scratch file of the upload's size written and deleted just before the last chunk (its rate is in the last column), so that the merge writes into memory freed a moment ago.",
+                size(a.size),
+                size(a.chunk_size)
+            )),
+            Section::new("Summary", summary(r)),
+        ],
+        how_to_read: HOW_TO_READ,
+        observations: observations(r),
     }
-
-    out.push_str("\n### Observations (computed from this run)\n\n");
-    for line in observations(r) {
-        bullet(&mut out, line);
-    }
-    out
 }
 
 const HOW_TO_READ: &[&str] = &[
@@ -284,7 +248,7 @@ fn summary(r: &MergeResults) -> Table {
 }
 
 fn targets(r: &MergeResults) -> Table {
-    let mut table = Table::new(&["Target (from the issue)", "Measured", "Needed", "Result"]);
+    let mut table = targets_table();
     let ratios = values(r, Kind::Standard, MergeRun::ratio);
     if let Some(ratio) = median(ratios.iter().copied()) {
         let merge = median(values(r, Kind::Standard, MergeRun::merge_mb_per_s)).unwrap_or(0.0);
@@ -374,33 +338,25 @@ fn observations(r: &MergeResults) -> Vec<String> {
             med(nofsync, MergeRun::ratio).unwrap_or(0.0)
         ));
     }
-    let disk_bound: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.kind.fsync() && m.disk_around() < m.md5_only.mb_per_s())
-        .map(|(i, m)| {
+    let disk_bound = numbered(&r.merges, |m| {
+        (m.kind.fsync() && m.disk_around() < m.md5_only.mb_per_s()).then(|| {
             format!(
-                "#{} ((a) {:.0} MB/s, (i) {:.0} MB/s)",
-                i + 1,
+                " ((a) {:.0} MB/s, (i) {:.0} MB/s)",
                 m.disk_around(),
                 m.md5_only.mb_per_s()
             )
         })
-        .collect();
+    });
     if !disk_bound.is_empty() {
         notes.push(format!(
             "The disk alone was slower than (i) around merges {}: there a merge that fsyncs its output is bounded by the disk too.",
             disk_bound.join(", ")
         ));
     }
-    let waiting: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.usage.machine.iowait >= 0.25)
-        .map(|(i, m)| format!("#{} ({:.2})", i + 1, m.usage.machine.iowait))
-        .collect();
+    let waiting = numbered(&r.merges, |m| {
+        let iowait = m.usage.machine.iowait;
+        (iowait >= 0.25).then(|| format!(" ({iowait:.2})"))
+    });
     if !waiting.is_empty() {
         notes.push(format!(
             "Cores sat in iowait (waiting for the disk) during merges {}.",
@@ -419,94 +375,54 @@ fn observations(r: &MergeResults) -> Vec<String> {
             mib(m.worker_rss_before)
         ));
     }
-    let cold: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| {
-            [m.resident_before_md5, m.resident_before_merge]
-                .iter()
-                .any(|x| x.is_some_and(|(res, total)| res < total))
-        })
-        .map(|(i, _)| format!("#{}", i + 1))
-        .collect();
+    let cold = numbered(&r.merges, |m| {
+        [m.resident_before_md5, m.resident_before_merge]
+            .iter()
+            .any(|x| x.is_some_and(|(res, total)| res < total))
+            .then(String::new)
+    });
     if !cold.is_empty() {
         notes.push(format!(
             "Some chunk data was not in the page cache before (i) or the merge in {}: those passes read part of it from the disk.",
             cold.join(", ")
         ));
     }
-    let retried: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.discarded > 0)
-        .map(|(i, m)| format!("#{} ({})", i + 1, m.discarded))
-        .collect();
-    if !retried.is_empty() {
-        notes.push(format!(
-            "Merges discarded because other processes used {DISTURBED_CORES} cores or more while they ran, and repeated: {}.",
-            retried.join(", ")
-        ));
-    }
-    let disturbed: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.disturbed())
-        .map(|(i, m)| {
-            format!(
-                "#{} ({:.2} / {:.2})",
-                i + 1,
-                m.usage.other_cores(),
-                m.md5_usage.other_cores()
-            )
-        })
-        .collect();
-    if !disturbed.is_empty() {
-        notes.push(format!(
-            "Still disturbed after {} repeats (other cores during the merge / the MD5 pass): {}. Those numbers may be off; re-run on an idle machine.",
-            r.args.run.retries,
-            disturbed.join(", ")
-        ));
-    }
-    if r.busy_waits > 0 {
-        notes.push(format!(
-            "{} time(s) the machine was still busy when `--wait-idle` ({} s) ran out.",
-            r.busy_waits, r.args.run.wait_idle
-        ));
-    }
-    let refenced: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m.fence != 1)
-        .map(|(i, m)| format!("#{} (fence {})", i + 1, m.fence))
-        .collect();
+    let refenced = numbered(&r.merges, |m| {
+        (m.fence != 1).then(|| format!(" (fence {})", m.fence))
+    });
     if !refenced.is_empty() {
         notes.push(format!(
             "Not committed by the first merge attempt: {}; the merge time is that of the committing attempt.",
             refenced.join(", ")
         ));
     }
-    let unclean: Vec<String> = r
-        .merges
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| !m.unclean_exits.is_empty())
-        .map(|(i, m)| format!("#{}: {}", i + 1, m.unclean_exits.join(", ")))
-        .collect();
-    if !unclean.is_empty() {
-        notes.push(format!(
-            "Processes that did not exit cleanly on SIGTERM: {}.",
-            unclean.join("; ")
-        ));
-    }
-    if r.machine.work_fs.is_memory() {
-        notes.push(format!(
-            "The work directory is on {}: nothing reached a disk.",
-            r.machine.work_fs.fs_type
-        ));
-    }
+    let retried = numbered(&r.merges, |m| {
+        (m.discarded > 0).then(|| format!(" ({})", m.discarded))
+    });
+    let disturbed = numbered(&r.merges, |m| {
+        m.disturbed().then(|| {
+            format!(
+                " ({:.2} / {:.2})",
+                m.usage.other_cores(),
+                m.md5_usage.other_cores()
+            )
+        })
+    });
+    notes.extend(disturbance_notes(
+        "merges",
+        &retried,
+        &disturbed,
+        r.args.run.retries,
+        " during the merge / the MD5 pass",
+    ));
+    let unclean = numbered(&r.merges, |m| {
+        (!m.unclean_exits.is_empty()).then(|| format!(": {}", m.unclean_exits.join(", ")))
+    });
+    notes.extend(closing_notes(
+        r.busy_waits,
+        &r.args.run,
+        &unclean,
+        &r.machine,
+    ));
     notes
 }

@@ -19,24 +19,21 @@
 
 mod report;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, ensure};
+use stitch_testkit::process::current_rss;
+use stitch_testkit::{Services, Source, TestEnv};
 
 use crate::baseline::{self, Throughput};
-use crate::cli::{RunArgs, parse_size};
+use crate::deployment::{BUILD_ALL, Deployment, Role, check_binaries, wait_for_broker};
 use crate::machine::Machine;
-use crate::namespace::{Redis, delete_broker_namespace, random_namespace, wait_for_broker};
-use crate::process::{ProcessConfig, Role, StitchProcess};
-use crate::source::{Chunk, Source};
-use crate::upload::{UploadJob, UploadOutcome, send_upload};
+use crate::options::{RunArgs, parse_size};
+use crate::upload::{Payload, UploadJob, UploadOutcome, send_upload};
 use crate::usage::{CpuSnapshot, CpuUsage, DISTURBED_CORES, Watched, wait_for_idle};
 use crate::verify::{verify_completed, verify_merged_file, wait_until_completed};
-use crate::workdir::{WorkDir, remove_dir};
-
-pub use report::SECTION_HEADING;
+use crate::workdir::WorkDir;
 
 /// What `stitch-bench single-node --help` says about it.
 pub const LONG_ABOUT: &str = "The same upload through the single-node mode and the distributed mode.\n\n\
@@ -114,11 +111,12 @@ impl Mode {
         }
     }
 
-    /// The labels of this mode's Stitch processes (see [`Watched`]).
-    pub fn labels(self) -> &'static [&'static str] {
+    /// This mode's Stitch processes, in the order they start: the worker first, so that it
+    /// consumes before the first job can exist.
+    pub fn roles(self) -> &'static [Role] {
         match self {
-            Self::SingleNode => &["serve"],
-            Self::Distributed => &["api", "worker"],
+            Self::SingleNode => &[Role::Serve],
+            Self::Distributed => &[Role::Worker, Role::Api],
         }
     }
 }
@@ -219,9 +217,9 @@ impl ModeRun {
     /// CPU seconds of this mode's Stitch processes.
     pub fn stitch_cpu(&self) -> f64 {
         self.mode
-            .labels()
+            .roles()
             .iter()
-            .map(|l| self.usage.cpu(l).total().as_secs_f64())
+            .map(|role| self.usage.cpu(role.label()).total().as_secs_f64())
             .sum()
     }
 
@@ -241,36 +239,21 @@ impl ModeRun {
 /// Runs the benchmark, prints the report, and writes it into the docs when asked.
 pub fn run(args: &SingleNodeArgs) -> anyhow::Result<()> {
     check_args(args)?;
-    let mut redis = Redis::connect(&args.run.redis_url)?;
-    let work = WorkDir::create(&args.run.dir)?;
-    let results = measure(args, &work, &mut redis);
-    let removed = work.remove();
-    let results = results?;
-    removed?;
-    let markdown = report::render(&results);
-    println!("{SECTION_HEADING}\n\n{markdown}");
-    if args.run.write_docs {
-        crate::report::write_section(&args.run.docs, SECTION_HEADING, &markdown)?;
-        eprintln!(
-            "wrote the single-node section of {}",
-            args.run.docs.display()
-        );
-    }
-    Ok(())
+    // Only the distributed mode needs Redis, but better to learn now that it is missing.
+    args.run.redis()?;
+    let results = WorkDir::within(&args.run.dir, |work| measure(args, work))?;
+    report::report(&results).publish(&args.run)
 }
 
 fn check_args(args: &SingleNodeArgs) -> anyhow::Result<()> {
-    for (bin, what) in [
-        (&args.serve_bin, "--serve-bin"),
-        (&args.api_bin, "--api-bin"),
-        (&args.worker_bin, "--worker-bin"),
-    ] {
-        ensure!(
-            bin.is_file(),
-            "{} ({what}) does not exist: build it first with `cargo build --release -p stitch-api -p stitch-worker -p stitch-cli -p stitch-bench`",
-            bin.display()
-        );
-    }
+    check_binaries(
+        &[
+            (&args.serve_bin, "--serve-bin"),
+            (&args.api_bin, "--api-bin"),
+            (&args.worker_bin, "--worker-bin"),
+        ],
+        BUILD_ALL,
+    )?;
     ensure!(
         usize::try_from(args.size).is_ok(),
         "--size does not fit in memory on this platform"
@@ -286,11 +269,7 @@ fn progress(message: impl AsRef<str>) {
     eprintln!("stitch-bench single-node: {}", message.as_ref());
 }
 
-fn measure(
-    args: &SingleNodeArgs,
-    work: &WorkDir,
-    redis: &mut Redis,
-) -> anyhow::Result<SingleNodeResults> {
+fn measure(args: &SingleNodeArgs, work: &WorkDir) -> anyhow::Result<SingleNodeResults> {
     let machine = Machine::describe(work.path())?;
     if machine.work_fs.is_memory() {
         progress(format!(
@@ -304,23 +283,23 @@ fn measure(
         "generating {} of pseudo-random bytes",
         crate::report::size(args.size)
     ));
-    let source = Source::generate(size, SEED);
+    let source = Source::random(size, args.chunk_size, SEED).shared();
     progress("(b) MD5 in memory on one core");
-    let (md5_memory, digest) = baseline::md5_one_core(source.bytes(), 64 << 10);
+    let (md5_memory, digest) = baseline::md5_one_core(&source.bytes, 64 << 10);
     progress(format!("    {:.0} MB/s", md5_memory.mb_per_s()));
     progress("computing chunk digests (outside the timed runs)");
-    let chunks: Arc<[Chunk]> = source.chunks(args.chunk_size).into();
+    let payload = Payload::new(source);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the client runtime")?;
+    let services = args.run.services();
     let mut bench = Bench {
         args,
         work,
-        redis,
+        services: &services,
         runtime: &runtime,
-        source: &source,
-        chunks,
+        payload,
         md5_hex: hex::encode(digest),
         busy_waits: 0,
     };
@@ -331,7 +310,7 @@ fn measure(
     ));
     let (page_cache_cold, page_cache_warm) = baseline::page_cache_write_cold_and_warm(
         &work.join("page-cache-baseline.bin"),
-        source.bytes(),
+        &bench.payload.source.bytes,
         64 << 10,
         PAGE_CACHE_REST,
     )?;
@@ -372,10 +351,9 @@ fn measure(
 struct Bench<'a> {
     args: &'a SingleNodeArgs,
     work: &'a WorkDir,
-    redis: &'a mut Redis,
+    services: &'a Services,
     runtime: &'a tokio::runtime::Runtime,
-    source: &'a Source,
-    chunks: Arc<[Chunk]>,
+    payload: Payload,
     /// MD5 of the payload, hex.
     md5_hex: String,
     busy_waits: usize,
@@ -398,7 +376,7 @@ impl Bench<'_> {
         self.wait_idle()?;
         let t = baseline::direct_write(
             &self.work.join("disk-baseline.bin"),
-            self.source.bytes(),
+            &self.payload.source.bytes,
             1 << 20,
         )?;
         progress(format!(
@@ -408,28 +386,29 @@ impl Bench<'_> {
         Ok(t)
     }
 
-    fn config(&self, role: Role, namespace: &str, storage: &Path) -> ProcessConfig {
-        let binary = match role {
-            Role::Serve => &self.args.serve_bin,
-            Role::Api => &self.args.api_bin,
-            Role::Worker => &self.args.worker_bin,
-        };
-        ProcessConfig {
-            role,
-            binary: binary.clone(),
-            storage_root: storage.to_owned(),
-            namespace: namespace.to_owned(),
-            redis_url: self.args.run.redis_url.clone(),
-            amqp_url: self.args.run.amqp_url.clone(),
-            settings: vec![
-                ("STITCH__UPLOADS__TTL".to_owned(), "1h".to_owned()),
-                (
-                    "STITCH__LIMITS__MAX_CHUNK_BYTES".to_owned(),
-                    self.args.chunk_size.max(128 << 20).to_string(),
-                ),
-            ],
-            record: vec![MERGING, COMMITTED],
+    /// A fresh namespace (on the services only for the distributed mode) with the mode's
+    /// processes on it.
+    fn start(&self, mode: Mode) -> anyhow::Result<Deployment> {
+        let services = (mode == Mode::Distributed).then_some(self.services);
+        let env = TestEnv::deployed("bench", self.work.path(), services)
+            .context("creating a storage directory")?;
+        let mut deployment = Deployment::new(env);
+        let settings = [
+            ("STITCH__UPLOADS__TTL", "1h".to_owned()),
+            (
+                "STITCH__LIMITS__MAX_CHUNK_BYTES",
+                self.args.chunk_size.max(128 << 20).to_string(),
+            ),
+        ];
+        for &role in mode.roles() {
+            let binary = match role {
+                Role::Serve => &self.args.serve_bin,
+                Role::Api => &self.args.api_bin,
+                Role::Worker => &self.args.worker_bin,
+            };
+            deployment.start(role, binary, &settings, &[MERGING, COMMITTED])?;
         }
+        Ok(deployment)
     }
 
     /// [`Self::run`], repeated (up to `--retries` times) while other work disturbed it.
@@ -454,7 +433,7 @@ impl Bench<'_> {
             "{}: {} in {} chunks of {}, {} clients",
             mode.name(),
             crate::report::size(self.args.size),
-            self.chunks.len(),
+            self.payload.chunks(),
             crate::report::size(self.args.chunk_size),
             self.args.clients
         ));
@@ -463,47 +442,17 @@ impl Bench<'_> {
                 .block_on(wait_for_broker(&self.args.run.amqp_url, BROKER_WAIT))?;
         }
         self.wait_idle()?;
-        let namespace = random_namespace("bench");
-        let storage = self.work.join(&format!("storage-{namespace}"));
-        let roles: &[(Role, &'static str)] = match mode {
-            Mode::SingleNode => &[(Role::Serve, "serve")],
-            // The worker first, so that it consumes before the first job can exist.
-            Mode::Distributed => &[(Role::Worker, "worker"), (Role::Api, "api")],
-        };
-        let mut processes = Vec::new();
-        let mut spawned = Ok(());
-        for &(role, label) in roles {
-            match StitchProcess::spawn(&self.config(role, &namespace, &storage)) {
-                Ok(p) => processes.push((label, p)),
-                Err(e) => {
-                    spawned = Err(e);
-                    break;
-                }
-            }
-        }
-        let measured = spawned.and_then(|()| {
-            self.measure_run(mode, &processes, &storage, disk_before)
-                .with_context(|| {
-                    let logs: Vec<String> = processes
-                        .iter()
-                        .map(|(l, p)| format!("{l}'s last output:\n{}", p.log_tail()))
-                        .collect();
-                    logs.join("\n")
-                })
-        });
-        let mut unclean = Vec::new();
-        let mut stopped = Ok(());
-        for (label, process) in processes {
-            match process.stop() {
-                Ok(exit) if !exit.success() => unclean.push(format!("{label} ({exit})")),
-                Ok(_) => {}
-                Err(e) => stopped = Err(e),
-            }
-        }
-        let cleaned = self.clean_up(mode, &namespace, &storage);
+        let deployment = self.start(mode)?;
+        let measured = self
+            .measure_run(mode, &deployment, disk_before)
+            .with_context(|| deployment.log_tails());
+        let exits = deployment.stop();
         let mut run = measured?;
-        stopped?;
-        cleaned?;
+        let unclean = exits?
+            .into_iter()
+            .filter(|(_, exit)| !exit.success())
+            .map(|(role, exit)| format!("{} ({exit})", role.label()))
+            .collect();
         run.unclean_exits = unclean;
         progress(format!(
             "    ingest {:.0} MB/s, merge {:.2} s, total {:.2} s, peak RSS {}",
@@ -519,29 +468,29 @@ impl Bench<'_> {
     fn measure_run(
         &mut self,
         mode: Mode,
-        processes: &[(&'static str, StitchProcess)],
-        storage: &Path,
+        deployment: &Deployment,
         disk_before: Throughput,
     ) -> anyhow::Result<ModeRun> {
+        let processes = deployment.processes();
         let api = processes
             .iter()
-            .find(|(_, p)| p.role() != Role::Worker)
+            .find(|(role, _)| *role != Role::Worker)
             .map(|(_, p)| p)
             .context("no process serves the API")?;
         let upload_id = format!("bench-{:016x}", rand::random::<u64>());
         let job = UploadJob {
             file_md5: Some(self.md5_hex.clone()),
             ..UploadJob::all(
-                api.base_url(),
+                api.addr,
                 upload_id.clone(),
-                self.chunks.clone(),
+                self.payload.clone(),
                 self.args.clients,
             )
         };
         let mut watched: Vec<Watched> = processes
             .iter()
-            .map(|(label, p)| Watched {
-                label,
+            .map(|(role, p)| Watched {
+                label: role.label(),
                 pid: p.pid(),
             })
             .collect();
@@ -558,22 +507,27 @@ impl Bench<'_> {
         let before = CpuSnapshot::take(&watched)?;
         let (upload, (completed_seen, status)) = self.runtime.block_on(async {
             let upload = send_upload(&job).await?;
-            let completed =
-                wait_until_completed(&job.base_url, &upload_id, poll, MERGE_TIMEOUT).await?;
+            let completed = wait_until_completed(job.addr, &upload_id, poll, MERGE_TIMEOUT).await?;
             anyhow::Ok((upload, completed))
         })?;
         let usage = CpuSnapshot::take(&watched)?.since(&before);
         let peaks = processes
             .iter()
-            .map(|(label, p)| Ok((*label, p.peak_rss()?)))
+            .map(|(role, p)| Ok((role.label(), p.peak_rss()?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let services_rss = services
             .iter()
-            .filter_map(|w| Some((w.label, crate::procfs::current_rss(w.pid).ok()?)))
+            .filter_map(|w| Some((w.label, current_rss(w.pid).ok()?)))
             .collect();
 
-        verify_completed(&status, &self.chunks, &self.md5_hex)?;
-        verify_merged_file(storage, &upload_id, self.source.len(), &self.md5_hex)?;
+        let source = &self.payload.source;
+        verify_completed(&status, source, &self.md5_hex)?;
+        verify_merged_file(
+            &deployment.env.storage_root,
+            &upload_id,
+            source.len(),
+            &self.md5_hex,
+        )?;
         let of_upload = |message: &str| -> Vec<SystemTime> {
             processes
                 .iter()
@@ -606,23 +560,5 @@ impl Bench<'_> {
             disk_after: disk_before,
             discarded: 0,
         })
-    }
-
-    /// Removes the storage directory (with the single-node database in it); for the
-    /// distributed mode also the namespace's Redis keys and RabbitMQ exchanges and queues.
-    fn clean_up(&mut self, mode: Mode, namespace: &str, storage: &Path) -> anyhow::Result<()> {
-        let mut deleted = Ok(0);
-        if mode == Mode::Distributed {
-            deleted = self.redis.delete_namespace(namespace);
-            let broker = self
-                .runtime
-                .block_on(delete_broker_namespace(&self.args.run.amqp_url, namespace));
-            if let Err(e) = broker {
-                progress(format!("warning: {e:#}"));
-            }
-        }
-        let removed = remove_dir(storage);
-        deleted?;
-        removed
     }
 }

@@ -1,87 +1,52 @@
-//! The single-node benchmark's report: Markdown for stdout and for its section of
-//! `docs/benchmarks.md`, with the reproduction command, the machine, the baselines, the two
-//! modes side by side, every upload, how to read it, and what dominates in this run.
-
-use std::fmt::Write as _;
+//! The single-node benchmark's report, in the skeleton every report has ([`Report`]): the
+//! two modes side by side, the baselines, every upload, how to read it, and what dominates in
+//! this run.
 
 use super::{Mode, ModeRun, SingleNodeResults};
+use crate::deployment::BUILD_ALL;
 use crate::report::{
-    Table, bullet, count, fixed, machine_table, median, median_range, mib, range, size,
+    Report, Section, Table, closing_notes, count, disturbance_notes, fixed, median, median_range,
+    mib, numbered, range, size, size_flag,
 };
-use crate::usage::DISTURBED_CORES;
-
-/// The heading of the section this benchmark owns in `docs/benchmarks.md`.
-pub const SECTION_HEADING: &str =
-    "## Single-node mode against the distributed mode (issue: single-node mode)";
-
-/// The command that reproduces the published numbers, from the workspace root.
-pub const REPRODUCE: &str = "cargo build --release -p stitch-api -p stitch-worker -p stitch-cli -p stitch-bench && target/release/stitch-bench single-node --write-docs";
 
 const MODES: [Mode; 2] = [Mode::SingleNode, Mode::Distributed];
 
-/// The report, without its `## ` heading.
-pub fn render(r: &SingleNodeResults) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "_Measured {} by `stitch-bench single-node`; `--write-docs` rewrites this section, so change the benchmark, not the text._\n",
-        r.machine.date
-    );
-    out.push_str(
-        "Reproduce (from the workspace root, with Redis on `127.0.0.1:6379` and RabbitMQ on `127.0.0.1:5672` for the distributed mode):\n\n",
-    );
-    let _ = writeln!(out, "```sh\n{REPRODUCE}\n```\n");
+/// The report of a run.
+pub fn report(r: &SingleNodeResults) -> Report<'_> {
     let a = &r.args;
-    let _ = writeln!(
-        out,
-        "This run: `stitch-bench single-node --size {} --chunk-size {} --clients {} --repeats {} --poll-ms {} --serve-bin {} --api-bin {} --worker-bin {}`.\n",
-        size(a.size).replace(' ', ""),
-        size(a.chunk_size).replace(' ', ""),
-        a.clients,
-        a.repeats,
-        a.poll_ms,
-        a.serve_bin.display(),
-        a.api_bin.display(),
-        a.worker_bin.display()
-    );
-    let _ = writeln!(
-        out,
-        "No target: a comparison of the two ways to run Stitch on one machine, with the same {} file in {} chunks over {} connections, both with the default configuration (fsync on).\n",
-        size(a.size),
-        size(a.chunk_size),
-        a.clients
-    );
-
-    out.push_str("### Comparison\n\n");
-    out.push_str(&comparison(r).render());
-
-    out.push_str("\n### Machine\n\n");
-    out.push_str(
-        &machine_table(
-            &r.machine,
-            "the Stitch processes, this benchmark (the client), Redis and RabbitMQ share them",
-        )
-        .render(),
-    );
-
-    out.push_str("\n### Baselines\n\n");
-    out.push_str(&baselines(r).render());
-
-    out.push_str(
-        "\n### Uploads\n\nOne row per upload, in the order run, each through fresh processes.\n\n",
-    );
-    out.push_str(&runs(r).render());
-
-    out.push_str("\n### How to read the numbers\n\n");
-    for line in HOW_TO_READ {
-        bullet(&mut out, line);
+    Report {
+        command: "single-node",
+        heading: "## Single-node mode against the distributed mode (issue: single-node mode)",
+        build: BUILD_ALL,
+        services_for: " for the distributed mode",
+        options: format!(
+            "--size {} --chunk-size {} --clients {} --repeats {} --poll-ms {} --serve-bin {} --api-bin {} --worker-bin {}",
+            size_flag(a.size),
+            size_flag(a.chunk_size),
+            a.clients,
+            a.repeats,
+            a.poll_ms,
+            a.serve_bin.display(),
+            a.api_bin.display(),
+            a.worker_bin.display()
+        ),
+        preface: vec![format!(
+            "No target: a comparison of the two ways to run Stitch on one machine, with the same {} file in {} chunks over {} connections, both with the default configuration (fsync on).",
+            size(a.size),
+            size(a.chunk_size),
+            a.clients
+        )],
+        headline: Section::new("Comparison", comparison(r)),
+        machine: &r.machine,
+        sharing: "the Stitch processes, this benchmark (the client), Redis and RabbitMQ share them",
+        baselines: baselines(r),
+        sections: vec![
+            Section::new("Uploads", runs(r))
+                .intro("One row per upload, in the order run, each through fresh processes."),
+        ],
+        how_to_read: HOW_TO_READ,
+        observations: observations(r),
     }
-
-    out.push_str("\n### Observations (computed from this run)\n\n");
-    for line in observations(r) {
-        bullet(&mut out, line);
-    }
-    out
 }
 
 const HOW_TO_READ: &[&str] = &[
@@ -349,70 +314,37 @@ fn observations(r: &SingleNodeResults) -> Vec<String> {
                 .unwrap_or_default()
         ));
     }
-    let retried: Vec<String> = r
-        .runs
-        .iter()
-        .enumerate()
-        .filter(|(_, run)| run.discarded > 0)
-        .map(|(i, run)| format!("#{} ({})", i + 1, run.discarded))
-        .collect();
-    if !retried.is_empty() {
-        notes.push(format!(
-            "Uploads discarded because other processes used {DISTURBED_CORES} cores or more while they ran, and repeated: {}.",
-            retried.join(", ")
-        ));
-    }
-    let disturbed: Vec<String> = r
-        .runs
-        .iter()
-        .enumerate()
-        .filter(|(_, run)| run.disturbed())
-        .map(|(i, run)| format!("#{} ({:.2})", i + 1, run.usage.other_cores()))
-        .collect();
-    if !disturbed.is_empty() {
-        notes.push(format!(
-            "Still disturbed after {} repeats (other cores): {}. Those numbers may be off; re-run on an idle machine.",
-            r.args.run.retries,
-            disturbed.join(", ")
-        ));
-    }
-    let retried_merges: Vec<String> = r
-        .runs
-        .iter()
-        .enumerate()
-        .filter(|(_, run)| run.attempts != 1)
-        .map(|(i, run)| format!("#{} ({} attempts)", i + 1, run.attempts))
-        .collect();
+    let retried_merges = numbered(&r.runs, |run| {
+        (run.attempts != 1).then(|| format!(" ({} attempts)", run.attempts))
+    });
     if !retried_merges.is_empty() {
         notes.push(format!(
             "Merges that needed more than one attempt: {}; the merge time is the last attempt's.",
             retried_merges.join(", ")
         ));
     }
-    if r.busy_waits > 0 {
-        notes.push(format!(
-            "{} time(s) the machine was still busy when `--wait-idle` ({} s) ran out.",
-            r.busy_waits, r.args.run.wait_idle
-        ));
-    }
-    let unclean: Vec<String> = r
-        .runs
-        .iter()
-        .enumerate()
-        .filter(|(_, run)| !run.unclean_exits.is_empty())
-        .map(|(i, run)| format!("#{}: {}", i + 1, run.unclean_exits.join(", ")))
-        .collect();
-    if !unclean.is_empty() {
-        notes.push(format!(
-            "Processes that did not exit cleanly on SIGTERM: {}.",
-            unclean.join("; ")
-        ));
-    }
-    if r.machine.work_fs.is_memory() {
-        notes.push(format!(
-            "The work directory is on {}: nothing reached a disk.",
-            r.machine.work_fs.fs_type
-        ));
-    }
+    let retried = numbered(&r.runs, |run| {
+        (run.discarded > 0).then(|| format!(" ({})", run.discarded))
+    });
+    let disturbed = numbered(&r.runs, |run| {
+        run.disturbed()
+            .then(|| format!(" ({:.2})", run.usage.other_cores()))
+    });
+    notes.extend(disturbance_notes(
+        "uploads",
+        &retried,
+        &disturbed,
+        r.args.run.retries,
+        "",
+    ));
+    let unclean = numbered(&r.runs, |run| {
+        (!run.unclean_exits.is_empty()).then(|| format!(": {}", run.unclean_exits.join(", ")))
+    });
+    notes.extend(closing_notes(
+        r.busy_waits,
+        &r.args.run,
+        &unclean,
+        &r.machine,
+    ));
     notes
 }
