@@ -664,6 +664,47 @@ async fn run_state_contract(store: &dyn StateStore) {
 }
 
 #[tokio::test]
+async fn a_redis_fencing_counter_that_expired_never_restarts_below_a_token_handed_out() {
+    let env = TestEnv::new();
+    let store = redis_store(&env);
+    let u = upload("f1", 10, 10);
+    let job = MergeJob::new(u.id.clone()).to_json();
+    store
+        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .await
+        .unwrap();
+    let MergeStart::Ready(first) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    let MergeStart::Ready(second) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    // The counter's TTL passes (an upload back to receiving for longer than uploads.ttl).
+    let mut conn = stitch_testkit::redis_connection().unwrap();
+    let () = redis::cmd("DEL")
+        .arg(keys::fence(&env.namespace, &u.id))
+        .query(&mut conn)
+        .unwrap();
+    let MergeStart::Ready(third) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    assert!(
+        third.fence > second.fence && second.fence > first.fence,
+        "tokens {} {} {}",
+        first.fence,
+        second.fence,
+        third.fence
+    );
+    let stale = store
+        .commit_merge(&u.id, second.fence, &completion("stale"), COMPLETED)
+        .await;
+    assert!(
+        matches!(stale, Err(StateError::Conflict(Conflict::Fenced))),
+        "{stale:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_redis_state_store_keeps_the_state_store_contract() {
     let env = TestEnv::new();
     let store = redis_store(&env);

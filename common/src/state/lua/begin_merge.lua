@@ -14,7 +14,15 @@ local state = m[1]
 if not state then return {'missing'} end
 if state == 'completed' then return {'completed'} end
 if state ~= 'merging' then return {'state', state} end
+-- The counter key carries a TTL; the upload's own record of its last token does not go
+-- before the upload does, so a counter that expired (an upload back to receiving for
+-- longer than the TTL) never restarts below a token already handed out.
+local last = tonumber(redis.call('HGET', meta, 'merge_fence') or '0')
 local token = redis.call('INCR', fence)
+if token <= last then
+  token = last + 1
+  redis.call('SET', fence, token)
+end
 redis.call('PEXPIRE', fence, ARGV[2])
 redis.call('HSET', meta, 'merge_fence', token, 'merge_started_at', ARGV[1], 'merge_bytes_done', 0)
 local reply = {'merging', tostring(token), m[2], m[3], m[4], m[5] or '', m[6] or '', m[7] or '',

@@ -38,7 +38,8 @@ end
 chunks, bytes = string.format('%d', chunks), string.format('%d', bytes)
 redis.call('HSET', meta, 'state', 'receiving', 'chunks_received', chunks,
   'bytes_received', bytes, 'requeues', '0', 'updated_at', now)
-redis.call('HDEL', meta, 'merging_at', 'requeued_at', 'merge_fence', 'merge_started_at',
+-- merge_fence stays: begin_merge never hands out a token at or below it.
+redis.call('HDEL', meta, 'merging_at', 'requeued_at', 'merge_started_at',
   'merge_bytes_done')
 drop_merge_triggers(outbox)
 redis.call('RPUSH', outbox, ARGV[2])
