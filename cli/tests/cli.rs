@@ -347,3 +347,50 @@ async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
     assert_eq!(code, 200);
     assert_eq!(status["state"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_sends_again_the_chunks_the_server_lost_and_the_upload_completes() {
+    let env = TestEnv::local();
+    let server = serve(&env, &[("STITCH__STORAGE__FSYNC", "false")]);
+    let api = ApiClient::new(server.addr);
+    let work = tempfile::tempdir().unwrap();
+    let source = Source::random(8 * 8192, 8192, 33);
+    let file = write_source(work.path(), "lost.bin", &source);
+    let upload = |extra: &[&str]| {
+        let mut c = client(&server, &["upload"]);
+        c.arg(&file)
+            .args(["--chunk-size", "8KiB", "--json", "-q"])
+            .args(extra);
+        c
+    };
+    let (code, plan, stderr) = run(upload(&["--dry-run"]));
+    assert_eq!(code, 0, "{stderr}");
+    let id = plan["upload_id"].as_str().unwrap().to_owned();
+    // Every chunk but the last, then storage loses a counted one behind Stitch's back.
+    for index in 0..7 {
+        let (code, body) = api.put_chunk(&id, &source, index).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let chunks = env.storage_root.join("uploads").join(&id).join("chunks");
+    let lost = std::fs::read_dir(&chunks)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("3."))
+        .expect("chunk 3's copy");
+    std::fs::remove_file(lost.path()).unwrap();
+
+    // The same command sends the last chunk; the merge finds chunk 3 gone and asks for it
+    // again; the client sends it and the upload completes.
+    let (code, result, stderr) = run(upload(&[]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(result["state"], "completed", "{result}");
+    assert_eq!(result["md5"], md5_hex(&source.bytes));
+    let out = work.path().join("back.bin");
+    let (code, _, stderr) = run({
+        let mut c = client(&server, &["download", &id]);
+        c.arg(&out).arg("-q");
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), source.bytes);
+}

@@ -97,6 +97,35 @@ fn derive_id(file: &Path, size: u64, chunk_size: u64) -> anyhow::Result<String> 
 }
 
 pub async fn run(args: UploadArgs) -> Result<(), Failure> {
+    // A merge that finds chunks storage lost puts the upload back to `receiving`; the client
+    // then resumes as a new run would (bounded, like its other retries).
+    for _ in 0..=args.retries {
+        match run_once(&args).await? {
+            Finished::Done => return Ok(()),
+            Finished::Reopened { missing } => {
+                if !args.quiet {
+                    eprintln!(
+                        "the server lost {missing} chunk(s) before merging them; sending them again"
+                    );
+                }
+            }
+        }
+    }
+    Err(Failure::Rejected(
+        "the server kept asking for chunks again; giving up".into(),
+    ))
+}
+
+/// How a run ended without an error.
+enum Finished {
+    Done,
+    /// The upload is receiving again with `missing` chunks to send (storage lost them).
+    Reopened {
+        missing: u64,
+    },
+}
+
+async fn run_once(args: &UploadArgs) -> Result<Finished, Failure> {
     let client = Client::new(&args.server, args.retries)?;
     if args.parallel == 0 {
         return Err(Failure::Usage("--parallel must be at least 1".into()));
@@ -159,7 +188,7 @@ pub async fn run(args: UploadArgs) -> Result<(), Failure> {
                 missing.len()
             );
         }
-        return Ok(());
+        return Ok(Finished::Done);
     }
 
     let progress = Arc::new(Progress::new("uploading", size, args.quiet));
@@ -340,7 +369,7 @@ async fn finish(
     id: &str,
     total_chunks: u64,
     sent: &Sent,
-) -> Result<(), Failure> {
+) -> Result<Finished, Failure> {
     let mut status = client
         .status(id)
         .await?
@@ -352,6 +381,12 @@ async fn finish(
             if let Some(done) = status.merge_bytes_done.filter(|d| *d > shown) {
                 merging.inc(done - shown);
                 shown = done;
+            }
+            if status.state == "receiving" && (status.uploaded_chunks.len() as u64) < total_chunks {
+                merging.finish();
+                return Ok(Finished::Reopened {
+                    missing: total_chunks - status.uploaded_chunks.len() as u64,
+                });
             }
             if status.state != "merging" && status.state != "receiving" {
                 break;
@@ -373,7 +408,7 @@ async fn finish(
                 .failure_reason
                 .unwrap_or_else(|| "no reason given".into()),
         )),
-        "completed" | "merging" | "receiving" => Ok(()),
+        "completed" | "merging" | "receiving" => Ok(Finished::Done),
         other => Err(Failure::Rejected(format!("upload {id} is {other}"))),
     }
 }
