@@ -162,7 +162,7 @@ async fn run_once(args: &UploadArgs) -> Result<Finished, Failure> {
             "receiving" => {}
             "merging" | "completed" | "failed" => {
                 let sent = Sent::default();
-                return finish(&client, &args, &id, total_chunks, &sent).await;
+                return finish(&client, args, &id, total_chunks, &sent).await;
             }
             other => return Err(Failure::Rejected(format!("upload {id} is {other}"))),
         }
@@ -210,7 +210,7 @@ async fn run_once(args: &UploadArgs) -> Result<Finished, Failure> {
         () = super::interrupted() => return Err(Failure::Interrupted),
     }
     progress.finish();
-    finish(&client, &args, &id, total_chunks, &sent).await
+    finish(&client, args, &id, total_chunks, &sent).await
 }
 
 #[derive(Clone, Copy)]
