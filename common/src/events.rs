@@ -155,6 +155,28 @@ impl Event {
         }
     }
 
+    /// The `upload.failed` event of a merge about to mark the upload failed (it goes into
+    /// the same atomic step's outbox).
+    pub fn failed_from(upload: &NewUpload, reason: &str, event_id: &str, at_ms: u64) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            event_id: event_id.to_owned(),
+            kind: EventKind::Failed,
+            occurred_at: rfc3339(at_ms),
+            upload: EventUpload {
+                id: upload.id.to_string(),
+                state: "failed".into(),
+                filename: upload.filename.clone(),
+                size: upload.geometry.total_size,
+                md5: None,
+                metadata: upload.metadata.clone(),
+                download_url: None,
+                failure_reason: Some(reason.to_owned()),
+                lost_chunks: None,
+            },
+        }
+    }
+
     /// `upload.deleted`, for a completed upload removed when its retention passed. The id
     /// is derived from the upload, so a janitor repeating the removal gives the same id.
     pub fn deleted(upload: &NewUpload, size: u64, md5: &crate::digest::Md5) -> Self {

@@ -27,6 +27,7 @@ const TTL: u64 = 60_000;
 const CREATED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"created"}"#;
 const ABORTED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"aborted"}"#;
 const COMPLETED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"completed"}"#;
+const FAILED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"failed"}"#;
 
 fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
     NewUpload {
@@ -211,7 +212,7 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
         "{stale:?}"
     );
     let stale_fail = store
-        .fail_merge(&u.id, Some(first.fence), "x", "e", TTL)
+        .fail_merge(&u.id, Some(first.fence), "x", "e", FAILED, TTL)
         .await;
     assert!(matches!(
         stale_fail,
@@ -239,7 +240,7 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     );
     assert_eq!(
         store
-            .fail_merge(&u.id, None, "late", "e2", TTL)
+            .fail_merge(&u.id, None, "late", "e2", FAILED, TTL)
             .await
             .unwrap(),
         Failed::NotMerging(UploadState::Completed)
@@ -257,7 +258,7 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
     };
     assert_eq!(
         store
-            .fail_merge(&u.id, Some(plan.fence), "bad md5", "evt-f", TTL)
+            .fail_merge(&u.id, Some(plan.fence), "bad md5", "evt-f", FAILED, TTL)
             .await
             .unwrap(),
         Failed::Now
@@ -265,6 +266,10 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
     let status = store.upload_status(&u.id).await.unwrap().unwrap();
     assert_eq!(status.state, UploadState::Failed);
     assert_eq!(status.failure.unwrap().event_id, "evt-f");
+    assert!(
+        outbox_of(store, &u.id).await.contains(&FAILED.to_owned()),
+        "upload.failed waits in the outbox with the failure"
+    );
     let late = store
         .commit_merge(&u.id, plan.fence, &completion("x"), COMPLETED)
         .await;

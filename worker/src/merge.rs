@@ -293,7 +293,7 @@ impl Merger {
                 "the merged file's MD5 is {}, the client declared {expected}",
                 done.md5
             );
-            return self.fail(id, Some(plan.fence), &reason).await;
+            return self.fail(&plan, &reason).await;
         }
         if lost.load(Ordering::Relaxed) || !lease.lock().await.is_valid() {
             remove(&temp).await;
@@ -477,25 +477,29 @@ impl Merger {
         ))
     }
 
-    /// Marks the upload failed (fenced by `fence` when given) and publishes `upload.failed`.
-    pub async fn fail(
-        &self,
-        id: &UploadId,
-        fence: Option<u64>,
-        reason: &str,
-    ) -> Result<MergeOutcome, MergeError> {
+    /// Marks the upload failed (fenced by the attempt's token) with `upload.failed` in the
+    /// same atomic step's outbox, then publishes it (the sweeper does, if that fails).
+    async fn fail(&self, plan: &MergePlan, reason: &str) -> Result<MergeOutcome, MergeError> {
+        let id = &plan.upload.id;
         tracing::warn!(upload_id = %id, %reason, "merge failed for good");
+        let event_id = new_event_id();
+        let event = Event::failed_from(&plan.upload, reason, &event_id, stitch_common::now_ms());
+        let outboxed = OutboxMessage::event_json(&event);
         match self
             .state
-            .fail_merge(id, fence, reason, &new_event_id(), self.ttl_ms)
+            .fail_merge(
+                id,
+                Some(plan.fence),
+                reason,
+                &event_id,
+                &outboxed,
+                self.ttl_ms,
+            )
             .await
         {
             Ok(Failed::Now) => {
                 m::transition("failed");
-                let status = self.state.upload_status(id).await.map_err(transient)?;
-                if let Some(event) = status.as_ref().and_then(Event::failed) {
-                    self.events.publish_event(&event).await.map_err(transient)?;
-                }
+                self.publish_outboxed(id, &event, &outboxed).await;
                 Ok(MergeOutcome::Failed(reason.to_owned()))
             }
             Ok(Failed::NotMerging(state)) => {

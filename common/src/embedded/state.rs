@@ -758,9 +758,15 @@ impl StateStore for SqliteStateStore {
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
+        failed_event: &str,
         ttl_ms: u64,
     ) -> Result<Failed, StateError> {
-        let (id, reason, event_id) = (id.clone(), reason.to_owned(), event_id.to_owned());
+        let (id, reason, event_id, failed_event) = (
+            id.clone(),
+            reason.to_owned(),
+            event_id.to_owned(),
+            failed_event.to_owned(),
+        );
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();
@@ -788,6 +794,7 @@ impl StateStore for SqliteStateStore {
             )
             .map_err(db_error)?;
             drop_merge_triggers(tx, key)?;
+            push_outbox(tx, key, &failed_event)?;
             Ok(Failed::Now)
         })
         .await

@@ -287,13 +287,16 @@ pub trait StateStore: Send + Sync + 'static {
         completed_event: &str,
     ) -> Result<Committed, StateError>;
 
-    /// Marks a merging upload `failed` for `reason`; fenced when `fence` is given.
+    /// Marks a merging upload `failed` for `reason`, fenced when `fence` is given, and
+    /// writes `failed_event` (an outbox entry, `upload.failed` with `event_id`) to its outbox
+    /// in the same step.
     async fn fail_merge(
         &self,
         id: &UploadId,
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
+        failed_event: &str,
         ttl_ms: u64,
     ) -> Result<Failed, StateError>;
 

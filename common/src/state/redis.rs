@@ -758,6 +758,7 @@ impl StateStore for RedisStateStore {
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
+        failed_event: &str,
         ttl_ms: u64,
     ) -> Result<Failed, StateError> {
         let mut conn = self.connection().await?;
@@ -773,6 +774,7 @@ impl StateStore for RedisStateStore {
             .arg(event_id)
             .arg(now_ms())
             .arg(ttl_ms)
+            .arg(failed_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
