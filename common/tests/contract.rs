@@ -28,6 +28,7 @@ const CREATED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"created"}"#
 const ABORTED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"aborted"}"#;
 const COMPLETED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"completed"}"#;
 const FAILED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"failed"}"#;
+const EXPIRED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"expired"}"#;
 
 fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
     NewUpload {
@@ -463,13 +464,23 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
         .unwrap();
     let now = stitch_common::now_ms();
     assert_eq!(
-        store.expire_upload(&u.id, now - 60_000, TTL).await.unwrap(),
+        store
+            .expire_upload(&u.id, now - 60_000, EXPIRED, TTL)
+            .await
+            .unwrap(),
         Expired::Kept(UploadState::Receiving),
         "active since the cut-off"
     );
     assert_eq!(
-        store.expire_upload(&u.id, now + 60_000, TTL).await.unwrap(),
+        store
+            .expire_upload(&u.id, now + 60_000, EXPIRED, TTL)
+            .await
+            .unwrap(),
         Expired::Now
+    );
+    assert!(
+        outbox_of(store, &u.id).await.contains(&EXPIRED.to_owned()),
+        "upload.expired waits in the tombstone's outbox"
     );
     let late = store
         .record_chunk(&u, &chunk(&u, 1, 1), &job, CREATED, TTL)
@@ -485,7 +496,7 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
     // An id the store does not know gets a tombstone too.
     let v = upload("x2", 20, 10);
     assert_eq!(
-        store.expire_upload(&v.id, now, TTL).await.unwrap(),
+        store.expire_upload(&v.id, now, EXPIRED, TTL).await.unwrap(),
         Expired::Now
     );
     assert!(
@@ -501,7 +512,10 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
         .await
         .unwrap();
     assert_eq!(
-        store.expire_upload(&w.id, now + 60_000, TTL).await.unwrap(),
+        store
+            .expire_upload(&w.id, now + 60_000, EXPIRED, TTL)
+            .await
+            .unwrap(),
         Expired::Kept(UploadState::Merging)
     );
     store.forget_upload(&w.id).await.unwrap();

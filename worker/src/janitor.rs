@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
 use stitch_common::lock::MergeLock;
-use stitch_common::queue::EventSink;
+use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{Expired, StateStore};
 use stitch_common::storage::{FsChunkStore, Inventory};
@@ -152,10 +152,17 @@ impl Janitor {
         };
         if abandoned {
             let idle_before = now.saturating_sub(ttl_ms);
-            if let Expired::Now = self.state.expire_upload(id, idle_before, ttl_ms).await? {
-                self.events
-                    .publish_event(&Event::expired(&inventory.upload))
-                    .await?;
+            let event = Event::expired(&inventory.upload);
+            let outboxed = OutboxMessage::event_json(&event);
+            if let Expired::Now = self
+                .state
+                .expire_upload(id, idle_before, &outboxed, ttl_ms)
+                .await?
+            {
+                // In the tombstone's outbox already: the sweeper publishes it if this fails.
+                if self.events.publish_event(&event).await.is_ok() {
+                    let _ = self.state.clear_outbox_entry(id, &outboxed).await;
+                }
                 self.storage.remove_upload(id).await?;
                 swept.expired.push(id.to_string());
                 stitch_common::metrics::transition("expired");

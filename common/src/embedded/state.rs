@@ -908,9 +908,10 @@ impl StateStore for SqliteStateStore {
         &self,
         id: &UploadId,
         idle_before_ms: u64,
+        expired_event: &str,
         ttl_ms: u64,
     ) -> Result<Expired, StateError> {
-        let id = id.clone();
+        let (id, expired_event) = (id.clone(), expired_event.to_owned());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();
@@ -951,8 +952,8 @@ impl StateStore for SqliteStateStore {
             .map_err(db_error)?;
             tx.execute("DELETE FROM parts WHERE upload_id = ?1", [key])
                 .map_err(db_error)?;
-            tx.execute("DELETE FROM outbox WHERE upload_id = ?1", [key])
-                .map_err(db_error)?;
+            drop_merge_triggers(tx, key)?;
+            push_outbox(tx, key, &expired_event)?;
             Ok(Expired::Now)
         })
         .await

@@ -328,11 +328,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// unless it was active since `idle_before_ms` or is merging or completed, its record
     /// becomes a tombstone (`aborted`, chunks forgotten, kept for `ttl_ms`) that refuses every
     /// later chunk, so its files can be removed without a chunk being counted in between. An
-    /// unknown upload gets the tombstone too.
+    /// unknown upload gets the tombstone too. `expired_event` (an outbox entry) is written to
+    /// the tombstone's outbox, so it is published even if the caller dies right after.
     async fn expire_upload(
         &self,
         id: &UploadId,
         idle_before_ms: u64,
+        expired_event: &str,
         ttl_ms: u64,
     ) -> Result<Expired, StateError>;
 

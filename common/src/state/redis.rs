@@ -890,6 +890,7 @@ impl StateStore for RedisStateStore {
         &self,
         id: &UploadId,
         idle_before_ms: u64,
+        expired_event: &str,
         ttl_ms: u64,
     ) -> Result<Expired, StateError> {
         let mut conn = self.connection().await?;
@@ -901,6 +902,7 @@ impl StateStore for RedisStateStore {
             .arg(idle_before_ms)
             .arg(now_ms())
             .arg(ttl_ms)
+            .arg(expired_event)
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
