@@ -182,14 +182,20 @@ impl FsChunkStore {
             .map_err(|e| StorageError::Unavailable(format!("manifest reader failed: {e}")))?
     }
 
-    /// Removes everything stored for an upload. Missing is fine.
+    /// Removes everything stored for an upload. Missing is fine. The manifest goes first, so
+    /// that a removal cut short leaves nothing a rebuild could bring back.
     pub async fn remove_upload(&self, id: &UploadId) -> Result<(), StorageError> {
         let dir = self.upload_dir(id);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                Err(StorageError::from_io("removing upload directory", e))
-            }
-            _ => Ok(()),
+        let manifest = self.manifest_path(id);
+        tokio::task::spawn_blocking(move || {
+            let gone = |r: std::io::Result<()>| match r {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    Err(StorageError::from_io("removing upload directory", e))
+                }
+                _ => Ok(()),
+            };
+            gone(std::fs::remove_file(&manifest))?;
+            gone(std::fs::remove_dir_all(&dir))
         })
         .await
         .map_err(|e| StorageError::Unavailable(format!("remover failed: {e}")))?
