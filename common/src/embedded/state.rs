@@ -191,6 +191,27 @@ fn drop_merge_triggers(tx: &Transaction<'_>, id: &str) -> Result<(), StateError>
     Ok(())
 }
 
+/// Makes the upload an `aborted` tombstone (an abort or an expiry): its chunks forgotten, its
+/// merge triggers dropped, `event` (an outbox entry) added, kept for `ttl_ms`.
+fn entomb(
+    tx: &Transaction<'_>,
+    id: &str,
+    now: i64,
+    ttl_ms: u64,
+    event: &str,
+) -> Result<(), StateError> {
+    tx.execute(
+        "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
+         bytes_received = 0, expires_at = ?3 WHERE id = ?1",
+        params![id, now, now + int(ttl_ms)],
+    )
+    .map_err(db_error)?;
+    tx.execute("DELETE FROM parts WHERE upload_id = ?1", [id])
+        .map_err(db_error)?;
+    drop_merge_triggers(tx, id)?;
+    push_outbox(tx, id, event)
+}
+
 fn insert_part(tx: &Transaction<'_>, id: &str, c: &ChunkRecord) -> Result<(), StateError> {
     tx.execute(
         "INSERT INTO parts (upload_id, idx, offset, len, crc32c, md5, token) \
@@ -508,16 +529,7 @@ impl StateStore for SqliteStateStore {
             if head.state == UploadState::Aborted {
                 return Ok(Aborted::Already);
             }
-            tx.execute(
-                "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
-                 bytes_received = 0, expires_at = ?3 WHERE id = ?1",
-                params![id, now, now + int(ttl_ms)],
-            )
-            .map_err(db_error)?;
-            tx.execute("DELETE FROM parts WHERE upload_id = ?1", [id])
-                .map_err(db_error)?;
-            drop_merge_triggers(tx, id)?;
-            push_outbox(tx, id, &aborted_event)?;
+            entomb(tx, id, now, ttl_ms, &aborted_event)?;
             Ok(Aborted::Now {
                 previous: head.state,
             })
@@ -944,16 +956,7 @@ impl StateStore for SqliteStateStore {
                     .map_err(db_error)?;
                 }
             }
-            tx.execute(
-                "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
-                 bytes_received = 0, expires_at = ?3 WHERE id = ?1",
-                params![key, now, now + int(ttl_ms)],
-            )
-            .map_err(db_error)?;
-            tx.execute("DELETE FROM parts WHERE upload_id = ?1", [key])
-                .map_err(db_error)?;
-            drop_merge_triggers(tx, key)?;
-            push_outbox(tx, key, &expired_event)?;
+            entomb(tx, key, now, ttl_ms, &expired_event)?;
             Ok(Expired::Now)
         })
         .await
