@@ -7,6 +7,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use stitch_common::auth::{AuthError, ScopedIdError};
 use stitch_common::geometry::GeometryError;
 use stitch_common::id::InvalidId;
 use stitch_common::state::{Conflict, StateError};
@@ -61,6 +62,10 @@ pub enum ApiError {
     BodyTimeout,
     #[error("{0}")]
     Conflict(Conflict),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no upload with this id")]
     NotFound,
     #[error("the upload is {0}; only a completed upload can be downloaded")]
@@ -104,6 +109,8 @@ impl ApiError {
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Conflict(_) | NotCompleted(_) => StatusCode::CONFLICT,
             RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Forbidden(_) => StatusCode::FORBIDDEN,
             NotFound | NoRoute => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Busy | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -149,6 +156,8 @@ impl ApiError {
                 stitch_common::state::Conflict::NotMerging(_) => "upload_not_merging",
                 stitch_common::state::Conflict::Fenced => "fenced",
             },
+            Unauthorized(_) => "unauthorized",
+            Forbidden(_) => "forbidden",
             NotFound => "upload_not_found",
             NotCompleted(_) => "upload_not_completed",
             RangeNotSatisfiable => "range_not_satisfiable",
@@ -165,6 +174,24 @@ impl ApiError {
 impl From<Conflict> for ApiError {
     fn from(c: Conflict) -> Self {
         Self::Conflict(c)
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthorized(m) => Self::Unauthorized(m.to_owned()),
+            other => Self::Forbidden(other.to_string()),
+        }
+    }
+}
+
+impl From<ScopedIdError> for ApiError {
+    fn from(e: ScopedIdError) -> Self {
+        match e {
+            ScopedIdError::Invalid(e) => Self::InvalidId(e),
+            ScopedIdError::Auth(e) => e.into(),
+        }
     }
 }
 
@@ -207,6 +234,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
             );
         }
         if matches!(

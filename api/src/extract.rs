@@ -2,13 +2,15 @@
 //! `stitch_common::geometry` and `stitch_common::id`; this module only finds the headers,
 //! refuses duplicates and names the offending header in its error.
 
-use axum::extract::{FromRequestParts, Path};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, FromRequestParts, Path};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use stitch_common::auth::{Presented, Principal};
 use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, ContentRange, parse_decimal};
-use stitch_common::id::UploadId;
+use stitch_common::id::{InvalidId, UploadId};
 
+use crate::AppState;
 use crate::error::ApiError;
 
 pub const FILE_ID: &str = "x-file-id";
@@ -75,9 +77,24 @@ fn md5(headers: &HeaderMap, name: &'static str) -> Result<Option<Md5>, ApiError>
         .transpose()
 }
 
+/// An upload id as a client wrote it: valid in form, not yet scoped to a tenant (the
+/// caller's [`Principal::upload_id`] does that).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadName(String);
+
+impl UploadName {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        UploadId::parse(raw).map(|id| Self(id.name().to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The upload id from `X-File-ID`.
-pub fn upload_id_header(headers: &HeaderMap) -> Result<UploadId, ApiError> {
-    Ok(UploadId::parse(required(headers, FILE_ID)?)?)
+pub fn upload_id_header(headers: &HeaderMap) -> Result<UploadName, ApiError> {
+    Ok(UploadName::parse(required(headers, FILE_ID)?)?)
 }
 
 /// Decodes `X-File-Name`: percent-encoded UTF-8 (so that any name fits in a header), without
@@ -103,7 +120,7 @@ pub fn decode_filename(raw: &str) -> Result<String, ApiError> {
 /// or the upload's geometry: that is the service's job).
 #[derive(Clone, Debug)]
 pub struct ChunkHeaders {
-    pub id: UploadId,
+    pub id: UploadName,
     pub index: ChunkIndex,
     pub total_chunks: u64,
     pub range: ContentRange,
@@ -168,7 +185,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ChunkHeaders {
 }
 
 /// An upload id from the `{id}` path segment.
-pub struct UploadIdPath(pub UploadId);
+pub struct UploadIdPath(pub UploadName);
 
 impl<S: Send + Sync> FromRequestParts<S> for UploadIdPath {
     type Rejection = ApiError;
@@ -177,18 +194,64 @@ impl<S: Send + Sync> FromRequestParts<S> for UploadIdPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|_| ApiError::NoRoute)?;
-        Ok(Self(UploadId::parse(&raw)?))
+        Ok(Self(UploadName::parse(&raw)?))
     }
 }
 
 /// An upload id from the `X-File-ID` header.
-pub struct UploadIdHeader(pub UploadId);
+pub struct UploadIdHeader(pub UploadName);
 
 impl<S: Send + Sync> FromRequestParts<S> for UploadIdHeader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         upload_id_header(&parts.headers).map(Self)
+    }
+}
+
+/// The authenticated caller: `Authorization: Bearer` (an API key or a capability token), or
+/// nobody where the auth mode lets nobody in. Refuses with 401 otherwise.
+pub struct Caller(pub Principal);
+
+/// As [`Caller`], also accepting a capability token in `?token=` (download links).
+pub struct DownloadCaller(pub Principal);
+
+fn authenticate(
+    parts: &Parts,
+    app: &AppState,
+    query_token: Option<&str>,
+) -> Result<Principal, ApiError> {
+    let authorization = single(&parts.headers, "authorization")
+        .map_err(|_| ApiError::Unauthorized("send one Authorization header".into()))?;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    Ok(app.auth.authenticate(Presented {
+        authorization,
+        query_token,
+        peer,
+    })?)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, app, None).map(Self)
+    }
+}
+
+impl FromRequestParts<AppState> for DownloadCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let token = parts.uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        authenticate(parts, app, token.as_deref()).map(Self)
     }
 }
 

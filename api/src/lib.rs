@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
+use stitch_common::auth::Authenticator;
 use stitch_common::backends::Backends;
 use stitch_common::config::Settings;
 use tokio::net::TcpListener;
@@ -36,6 +37,8 @@ use stitch_common::server::{self, ServerLimits};
 #[derive(Clone)]
 pub struct AppState {
     pub uploads: Arc<UploadService>,
+    /// Turns each request's credentials into a tenant and scopes.
+    pub auth: Authenticator,
     pub body_idle_timeout: Duration,
     pub max_metadata_bytes: usize,
     pub metrics: PrometheusHandle,
@@ -76,6 +79,7 @@ impl Application {
             listener,
             state: AppState {
                 uploads: Arc::new(UploadService::new(settings, backends)),
+                auth: Authenticator::new(&settings.auth).context("loading the API keys")?,
                 body_idle_timeout: settings.http.body_idle_timeout.0,
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),

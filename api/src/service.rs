@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
+use stitch_common::auth::{Principal, Scope};
 use stitch_common::backends::Backends;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
@@ -25,7 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::body::ChunkBody;
 use crate::error::ApiError;
-use crate::extract::ChunkHeaders;
+use crate::extract::{ChunkHeaders, UploadName};
 
 /// Blocks of body bytes buffered between the request and the storage writer. Small: the
 /// memory a chunk costs is this many blocks, whatever the chunk's size.
@@ -59,8 +60,9 @@ pub struct UploadService {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUpload {
-    /// The client's id for the upload; a fresh one is made when absent.
-    pub upload_id: Option<UploadId>,
+    /// The client's id for the upload (scoped to its tenant); a fresh one is made when
+    /// absent (a token's own upload, for a token).
+    pub upload_id: Option<String>,
     pub total_size: u64,
     pub chunk_size: u64,
     pub filename: Option<String>,
@@ -139,13 +141,21 @@ impl UploadService {
     }
 
     /// Creates an upload (or confirms an identical one): manifest on storage first, then the
-    /// state store, so that every upload the state store knows has a manifest.
+    /// state store, so that every upload the state store knows has a manifest. The callback
+    /// secret comes back only to the call that created the upload.
     pub async fn create_upload(
         &self,
+        caller: &Principal,
         req: CreateUpload,
-    ) -> Result<(Created, UploadStatus), ApiError> {
+    ) -> Result<(Created, UploadStatus, Option<String>), ApiError> {
+        caller.require(Scope::Upload)?;
+        let id = match (&req.upload_id, &caller.upload) {
+            (Some(name), _) | (None, Some(name)) => caller.upload_id(name)?,
+            (None, None) => UploadId::generate(&caller.tenant),
+        };
         let geometry = Geometry::new(req.total_size, req.chunk_size)?;
         self.check_geometry(&geometry)?;
+        caller.check_size(geometry.total_size)?;
         let filename = req.filename.map(|f| self.check_filename(f)).transpose()?;
         if let Some(metadata) = &req.metadata {
             let size = serde_json::Value::Object(metadata.clone())
@@ -163,7 +173,7 @@ impl UploadService {
             .map(|url| self.check_callback(&url).map(|()| url))
             .transpose()?;
         let mut upload = NewUpload {
-            id: req.upload_id.unwrap_or_else(UploadId::generate),
+            id,
             geometry,
             filename,
             file_md5: req.md5,
@@ -191,8 +201,12 @@ impl UploadService {
             m::transition("created");
             self.publish_event(&upload.id, &event, &outboxed).await;
         }
-        let status = self.upload_status(&upload.id).await?;
-        Ok((created, status))
+        let status = self.status_of(&upload.id).await?;
+        let secret = match created {
+            Created::New => upload.callback_secret,
+            Created::AlreadyExists => None,
+        };
+        Ok((created, status, secret))
     }
 
     /// Receives one chunk: checks it against the limits and the upload, streams it to
@@ -200,11 +214,14 @@ impl UploadService {
     /// operation. Whatever is refused leaves no file and no state behind.
     pub async fn accept_chunk(
         &self,
+        caller: &Principal,
         chunk: ChunkHeaders,
         mut body: ChunkBody,
     ) -> Result<ChunkAccepted, ApiError> {
-        // 1. Everything that needs no I/O: bounds first, so that no huge number reaches a
-        //    backend.
+        // 1. Everything that needs no I/O: who asks, then bounds, so that no huge number
+        //    reaches a backend.
+        caller.require(Scope::Upload)?;
+        let id = caller.upload_id(chunk.id.as_str())?;
         if chunk.total_chunks > self.limits.max_chunks {
             return Err(ApiError::TooManyChunks {
                 count: chunk.total_chunks,
@@ -213,6 +230,7 @@ impl UploadService {
         }
         let geometry = Geometry::from_chunk(chunk.index, chunk.total_chunks, chunk.range)?;
         self.check_geometry(&geometry)?;
+        caller.check_size(geometry.total_size)?;
         let len = chunk.range.len();
         if !body.is_multipart() {
             match chunk.content_length {
@@ -228,7 +246,7 @@ impl UploadService {
         }
         let filename = chunk.filename.map(|f| self.check_filename(f)).transpose()?;
         let mut upload = NewUpload {
-            id: chunk.id,
+            id,
             geometry,
             filename,
             file_md5: chunk.file_md5,
@@ -469,8 +487,18 @@ impl UploadService {
         }
     }
 
+    /// The status of the caller's upload `name`.
+    pub async fn upload_status(
+        &self,
+        caller: &Principal,
+        name: &UploadName,
+    ) -> Result<UploadStatus, ApiError> {
+        caller.require_any(Scope::Read, Scope::Upload)?;
+        self.status_of(&caller.upload_id(name.as_str())?).await
+    }
+
     /// A snapshot of the upload, rebuilt from storage if the state store lost it.
-    pub async fn upload_status(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
+    async fn status_of(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
         if let Some(status) = self.state.upload_status(id).await? {
             return Ok(status);
         }
@@ -502,10 +530,12 @@ impl UploadService {
         }
     }
 
-    /// Aborts the upload and removes its chunks. Idempotent: aborting again retries the
-    /// removal.
-    pub async fn abort_upload(&self, id: &UploadId) -> Result<(), ApiError> {
-        let status = self.upload_status(id).await?;
+    /// Aborts the caller's upload `name` and removes its chunks. Idempotent: aborting again
+    /// retries the removal.
+    pub async fn abort_upload(&self, caller: &Principal, name: &UploadName) -> Result<(), ApiError> {
+        caller.require(Scope::Delete)?;
+        let id = &caller.upload_id(name.as_str())?;
+        let status = self.status_of(id).await?;
         let event = Event::aborted(&status);
         let outboxed = OutboxMessage::event_json(&event);
         if let Aborted::Now { .. } = self.state.abort_upload(id, &outboxed, self.ttl_ms).await? {
@@ -547,9 +577,14 @@ impl UploadService {
         ]
     }
 
-    /// The completed file of an upload, for download.
-    pub async fn completed_file(&self, id: &UploadId) -> Result<CompletedFile, ApiError> {
-        let status = self.upload_status(id).await?;
+    /// The completed file of the caller's upload `name`, for download.
+    pub async fn completed_file(
+        &self,
+        caller: &Principal,
+        name: &UploadName,
+    ) -> Result<CompletedFile, ApiError> {
+        caller.require(Scope::Read)?;
+        let status = self.status_of(&caller.upload_id(name.as_str())?).await?;
         let completion = match (&status.completion, status.state) {
             (Some(c), UploadState::Completed) => c.clone(),
             (_, state) => return Err(ApiError::NotCompleted(state)),

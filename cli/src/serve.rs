@@ -33,7 +33,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     let worker = stitch_worker::Worker::without_probes(&settings, backends.clone())?;
     let api = stitch_api::Application::build_with(&settings, &backends)
         .await?
-        .with_routes(worker.admin_routes());
+        .with_routes(worker.admin_routes()?);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -294,8 +294,12 @@ async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
     std::fs::write(
         &config,
         format!(
-            "[[webhooks.endpoints]]\nid = \"single\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"upload.completed\"]\n",
-            sink.url("/hooks")
+            "[[webhooks.endpoints]]\nid = \"single\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"upload.completed\"]\n\
+             [[auth.keys]]\nid = \"ops\"\ntenant = \"ops\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n\
+             [[auth.keys]]\nid = \"app\"\ntenant = \"app\"\nsha256 = \"{}\"\n",
+            sink.url("/hooks"),
+            stitch_common::auth::key_sha256("single-node-admin"),
+            stitch_common::auth::key_sha256("single-node-app"),
         ),
     )
     .unwrap();
@@ -304,10 +308,9 @@ async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
         &env,
         &[
             ("STITCH_CONFIG", config.as_str()),
-            ("STITCH__WEBHOOKS__ADMIN_TOKEN", "single-node-admin"),
         ],
     );
-    let api = ApiClient::new(server.addr);
+    let api = ApiClient::with_key(server.addr, "single-node-app");
     let source = Source::random(1000, 1000, 91);
     let id = stitch_testkit::new_id();
     let (code, body) = api.put_chunk(&id, &source, 0).await;

@@ -76,7 +76,11 @@ pub struct Event {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventUpload {
+    /// The upload's id as its client knows it (scoped to `tenant`).
     pub id: String,
+    /// The upload's owner. Events written before tenants existed read as `default`.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     pub state: String,
     pub filename: Option<String>,
     pub size: u64,
@@ -91,6 +95,18 @@ pub struct EventUpload {
     /// again. Absent from the other events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_chunks: Option<Vec<u64>>,
+}
+
+fn default_tenant() -> String {
+    crate::id::Tenant::DEFAULT.to_owned()
+}
+
+impl EventUpload {
+    /// The upload this event is about, as storage and the state store name it.
+    pub fn upload_id(&self) -> Option<crate::id::UploadId> {
+        let tenant = crate::id::Tenant::parse(&self.tenant).ok()?;
+        crate::id::UploadId::new(&tenant, &self.id).ok()
+    }
 }
 
 /// The download URL of an upload: absolute under `public_url` when configured.
@@ -116,13 +132,14 @@ impl Event {
             kind: EventKind::Completed,
             occurred_at: rfc3339(done.completed_at_ms),
             upload: EventUpload {
-                id: status.id.to_string(),
+                id: status.id.name().to_owned(),
+                tenant: status.id.tenant().to_string(),
                 state: status.state.to_string(),
                 filename: status.filename.clone(),
                 size: done.size,
                 md5: Some(done.md5.to_hex()),
                 metadata: status.metadata.clone(),
-                download_url: Some(download_url(public_url, status.id.as_str())),
+                download_url: Some(download_url(public_url, status.id.name())),
                 failure_reason: None,
                 lost_chunks: None,
             },
@@ -142,13 +159,14 @@ impl Event {
             kind: EventKind::Completed,
             occurred_at: rfc3339(done.completed_at_ms),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "completed".into(),
                 filename: upload.filename.clone(),
                 size: done.size,
                 md5: Some(done.md5.to_hex()),
                 metadata: upload.metadata.clone(),
-                download_url: Some(download_url(public_url, upload.id.as_str())),
+                download_url: Some(download_url(public_url, upload.id.name())),
                 failure_reason: None,
                 lost_chunks: None,
             },
@@ -164,7 +182,8 @@ impl Event {
             kind: EventKind::Failed,
             occurred_at: rfc3339(at_ms),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "failed".into(),
                 filename: upload.filename.clone(),
                 size: upload.geometry.total_size,
@@ -186,7 +205,8 @@ impl Event {
             kind: EventKind::Deleted,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "deleted".into(),
                 filename: upload.filename.clone(),
                 size,
@@ -208,7 +228,8 @@ impl Event {
             kind: EventKind::Failed,
             occurred_at: rfc3339(failure.failed_at_ms),
             upload: EventUpload {
-                id: status.id.to_string(),
+                id: status.id.name().to_owned(),
+                tenant: status.id.tenant().to_string(),
                 state: status.state.to_string(),
                 filename: status.filename.clone(),
                 size: status.geometry.total_size,
@@ -231,7 +252,8 @@ impl Event {
             kind: EventKind::Created,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "receiving".into(),
                 filename: upload.filename.clone(),
                 size: upload.geometry.total_size,
@@ -252,7 +274,8 @@ impl Event {
             kind: EventKind::Aborted,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {
-                id: status.id.to_string(),
+                id: status.id.name().to_owned(),
+                tenant: status.id.tenant().to_string(),
                 state: "aborted".into(),
                 filename: status.filename.clone(),
                 size: status.geometry.total_size,
@@ -274,7 +297,8 @@ impl Event {
             kind: EventKind::Expired,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "expired".into(),
                 filename: upload.filename.clone(),
                 size: upload.geometry.total_size,
@@ -296,7 +320,8 @@ impl Event {
             kind: EventKind::ChunksLost,
             occurred_at: rfc3339(crate::now_ms()),
             upload: EventUpload {
-                id: upload.id.to_string(),
+                id: upload.id.name().to_owned(),
+                tenant: upload.id.tenant().to_string(),
                 state: "receiving".into(),
                 filename: upload.filename.clone(),
                 size: upload.geometry.total_size,

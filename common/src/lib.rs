@@ -20,6 +20,7 @@
 //! - [`config::Settings`] holds every limit and address; [`server`], [`telemetry`], [`tls`]
 //!   and [`shutdown`] are the process plumbing every binary shares.
 
+pub mod auth;
 pub mod backends;
 pub mod config;
 pub mod digest;

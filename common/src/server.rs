@@ -57,7 +57,13 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             router
                 .clone()
-                .map_request(|req: axum::http::Request<Incoming>| req.map(axum::body::Body::new)),
+                .map_request(move |req: axum::http::Request<Incoming>| {
+                    let mut req = req.map(axum::body::Body::new);
+                    // The peer, for protected mode's loopback check.
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req
+                }),
         );
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)

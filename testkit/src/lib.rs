@@ -417,6 +417,22 @@ pub fn http_client() -> reqwest::Client {
         .expect("an HTTP client")
 }
 
+/// An HTTP client that sends `Authorization: Bearer <credential>` with every request.
+pub fn http_client_with_key(credential: &str) -> reqwest::Client {
+    install_tls_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {credential}"))
+            .expect("a credential fits in a header"),
+    );
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Chooses ring as rustls's crypto provider, once per process.
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -440,6 +456,12 @@ impl ApiClient {
             base: format!("http://{addr}"),
             client,
         }
+    }
+
+    /// A client of `addr` that authenticates every request with `credential` (an API key
+    /// or a capability token).
+    pub fn with_key(addr: SocketAddr, credential: &str) -> Self {
+        Self::with_client(addr, http_client_with_key(credential))
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -103,7 +103,7 @@ impl Janitor {
             let Some(id) = dir
                 .file_name()
                 .and_then(|n| n.to_str())
-                .and_then(|n| UploadId::parse(n).ok())
+                .and_then(|n| UploadId::from_key(n).ok())
             else {
                 continue; // Not ours: never touch what we did not create.
             };

@@ -102,16 +102,18 @@ impl Worker {
         })
     }
 
-    /// The webhook admin endpoints (`/admin/...`), when the dispatcher runs and an admin
-    /// token is configured; empty otherwise. The worker serves them on its probes' port; the
-    /// single-node mode on the API's.
-    pub fn admin_routes(&self) -> axum::Router {
-        match &self.dispatcher {
-            Some(d) => {
-                webhooks::admin::router(d.clone(), self.settings.webhooks.admin_token.clone())
-            }
+    /// The webhook admin endpoints (`/admin/...`, `admin` scope), when the dispatcher runs;
+    /// empty otherwise. The worker serves them on its probes' port; the single-node mode on
+    /// the API's.
+    pub fn admin_routes(&self) -> anyhow::Result<axum::Router> {
+        Ok(match &self.dispatcher {
+            Some(d) => webhooks::admin::router(
+                d.clone(),
+                stitch_common::auth::Authenticator::new(&self.settings.auth)
+                    .context("loading the API keys")?,
+            ),
             None => axum::Router::new(),
-        }
+        })
     }
 
     /// The probes' address, when it serves them.
@@ -198,7 +200,7 @@ impl Worker {
             interval: s.metrics.queue_poll_interval.0,
         };
         roles.spawn(gauges.run(stop_rx.clone()));
-        let admin = self.admin_routes();
+        let admin = self.admin_routes()?;
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),
             queue: s.worker.merge.then(|| self.backends.merges.clone()),

@@ -66,6 +66,7 @@ fn event(upload_id: &str, kind: EventKind) -> Event {
         occurred_at: "2026-11-25T00:00:00.000Z".into(),
         upload: EventUpload {
             id: upload_id.into(),
+            tenant: "default".into(),
             state: "completed".into(),
             filename: Some("f.bin".into()),
             size: 10,
@@ -212,7 +213,16 @@ async fn gone_disables_an_endpoint_until_an_admin_enables_it() {
     let sink = WebhookSink::start(&[SECRET_A], "410,200", &[]);
     let mut settings = env.settings();
     settings.webhooks.endpoints = vec![endpoint("leaving", sink.url("/"), &[])];
-    settings.webhooks.admin_token = Some(Secret::new("admin-token-for-tests"));
+    let key = |id: &str, secret: &str, scopes: &[&str]| stitch_common::config::ApiKeyEntry {
+        id: id.into(),
+        tenant: "ops".into(),
+        sha256: stitch_common::auth::key_sha256(secret),
+        scopes: Some(scopes.iter().map(|s| s.to_string()).collect()),
+    };
+    settings.auth.keys = vec![
+        key("operator", "admin-key-for-tests", &["admin"]),
+        key("uploader", "upload-key-for-tests", &["upload", "read", "delete"]),
+    ];
     let run = start(&settings, None).await;
     let first = event("u5", EventKind::Completed);
     run.backends.events.publish_event(&first).await.unwrap();
@@ -234,7 +244,7 @@ async fn gone_disables_an_endpoint_until_an_admin_enables_it() {
     // The admin API: the log, enabling, replaying.
     let admin = stitch_worker::webhooks::admin::router(
         run.dispatcher.clone(),
-        settings.webhooks.admin_token.clone(),
+        stitch_common::auth::Authenticator::new(&settings.auth).unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -246,7 +256,14 @@ async fn gone_disables_an_endpoint_until_an_admin_enables_it() {
         .await
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
-    let auth = "Bearer admin-token-for-tests";
+    let without_scope = http
+        .get(format!("{base}/admin/events/{}", second.event_id))
+        .header("authorization", "Bearer upload-key-for-tests")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without_scope.status(), 403, "a key without `admin` is refused");
+    let auth = "Bearer admin-key-for-tests";
     let shown: serde_json::Value = http
         .get(format!("{base}/admin/events/{}", first.event_id))
         .header("authorization", auth)

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::AppState;
 use crate::body::ChunkBody;
 use crate::error::ApiError;
-use crate::extract::ChunkHeaders;
+use crate::extract::{Caller, ChunkHeaders};
 
 #[derive(Serialize)]
 pub struct ChunkView {
@@ -30,6 +30,7 @@ pub struct ChunkView {
 
 pub async fn put_chunk(
     State(app): State<AppState>,
+    Caller(caller): Caller,
     request_headers: HeaderMap,
     chunk: ChunkHeaders,
     body: Body,
@@ -40,7 +41,7 @@ pub async fn put_chunk(
     let body = ChunkBody::new(content_type, body, chunk.range.len(), app.body_idle_timeout)?;
     let a = app
         .uploads
-        .accept_chunk(chunk, body)
+        .accept_chunk(&caller, chunk, body)
         .await
         .inspect_err(|e| {
             let class = if e.status().is_server_error() {
@@ -52,7 +53,7 @@ pub async fn put_chunk(
                 .increment(1);
         })?;
     Ok(Json(ChunkView {
-        upload_id: a.id.to_string(),
+        upload_id: a.id.name().to_owned(),
         chunk_index: a.index.0,
         duplicate: a.duplicate,
         state: a.progress.state.as_str(),

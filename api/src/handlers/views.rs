@@ -36,7 +36,7 @@ impl StatusView {
     pub fn new(s: UploadStatus, public_url: Option<&str>) -> Self {
         let completion = s.completion.as_ref();
         let download_url =
-            completion.map(|_| stitch_common::events::download_url(public_url, s.id.as_str()));
+            completion.map(|_| stitch_common::events::download_url(public_url, s.id.name()));
         Self {
             merge_bytes_done: s
                 .merge_bytes_done
@@ -46,8 +46,8 @@ impl StatusView {
             download_url,
             completed_at: completion.map(|c| rfc3339(c.completed_at_ms)),
             failure_reason: s.failure.as_ref().map(|f| f.reason.clone()),
-            status_url: format!("/upload/{}/status", s.id),
-            upload_id: s.id.to_string(),
+            status_url: format!("/upload/{}/status", s.id.name()),
+            upload_id: s.id.name().to_owned(),
             state: s.state.as_str(),
             filename: s.filename,
             total_size: s.geometry.total_size,

@@ -681,7 +681,7 @@ async fn bad_create_requests_are_refused_and_store_nothing() {
             "bad id",
             r#"{"upload_id":"../x","total_size":10,"chunk_size":5}"#.into(),
             400,
-            "invalid_json",
+            "invalid_upload_id",
         ),
         (
             "bad md5",

@@ -4,6 +4,7 @@
 //!
 //! Unknown keys are errors too: a mistyped limit must not silently fall back to its default.
 
+mod auth;
 mod units;
 
 use std::fmt;
@@ -13,6 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use auth::{
+    ApiKeyEntry, AuthMode, AuthSettings, HookSettings, PreCreateHook, Quotas,
+};
 pub use units::{ByteSize, Interval};
 
 /// Environment variable naming a configuration file, when `--config` is not given.
@@ -28,6 +32,12 @@ pub struct Settings {
     pub namespace: String,
     #[serde(default)]
     pub http: HttpSettings,
+    /// Who may call the API and what each tenant may use.
+    #[serde(default)]
+    pub auth: AuthSettings,
+    /// Calls out to the operator's services (the pre-create hook).
+    #[serde(default)]
+    pub hooks: HookSettings,
     #[serde(default)]
     pub storage: StorageSettings,
     #[serde(default)]
@@ -235,8 +245,6 @@ pub struct WebhookSettings {
     /// internal partner network. Empty by default. In the environment: comma-separated.
     #[serde(deserialize_with = "units::list_or_csv")]
     pub callback_allow_networks: Vec<String>,
-    /// Bearer token of the worker's admin endpoints (delivery log, replay); none: disabled.
-    pub admin_token: Option<Secret>,
 }
 
 /// An operator-configured webhook endpoint.
@@ -334,6 +342,8 @@ impl Default for Settings {
         Self {
             namespace: default_namespace(),
             http: HttpSettings::default(),
+            auth: AuthSettings::default(),
+            hooks: HookSettings::default(),
             storage: StorageSettings::default(),
             redis: RedisSettings::default(),
             amqp: AmqpSettings::default(),
@@ -453,7 +463,6 @@ impl Default for WebhookSettings {
             allow_client_callbacks: false,
             callback_allowlist: Vec::new(),
             callback_allow_networks: Vec::new(),
-            admin_token: None,
         }
     }
 }
@@ -647,6 +656,15 @@ impl Settings {
             );
         }
         self.validate_webhooks()?;
+        self.auth.validate()?;
+        if let Some(hook) = &self.hooks.pre_create {
+            if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
+                return invalid("hooks.pre_create.url", "must start with http:// or https://");
+            }
+            if crate::webhooks::signing::SigningKey::parse(hook.secret.expose()).is_none() {
+                return invalid("hooks.pre_create.secret", "must be whsec_<base64>");
+            }
+        }
         if self.storage.root.as_os_str().is_empty() {
             return invalid("STITCH__STORAGE__ROOT", "must not be empty");
         }

@@ -566,7 +566,7 @@ impl StateStore for SqliteStateStore {
             let mut out = Vec::new();
             for row in rows {
                 let (id, raw, at) = row.map_err(db_error)?;
-                if let Ok(upload_id) = UploadId::parse(&id) {
+                if let Ok(upload_id) = UploadId::from_key(&id) {
                     out.push(OutboxEntry { upload_id, raw, enqueued_at_ms: at as u64 });
                 }
             }
@@ -591,7 +591,7 @@ impl StateStore for SqliteStateStore {
             let mut out = Vec::new();
             for row in rows {
                 let (id, since, requeues) = row.map_err(db_error)?;
-                if let Ok(upload_id) = UploadId::parse(&id) {
+                if let Ok(upload_id) = UploadId::from_key(&id) {
                     out.push(MergingUpload {
                         upload_id,
                         since_ms: since as u64,

@@ -61,7 +61,7 @@ pub mod keys {
     pub fn id_of(ns: &str, key: &str) -> Option<UploadId> {
         let rest = key.strip_prefix(ns)?.strip_prefix(":{")?;
         let (id, _) = rest.split_once("}:")?;
-        UploadId::parse(id).ok()
+        UploadId::from_key(id).ok()
     }
 }
 

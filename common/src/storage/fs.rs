@@ -396,7 +396,7 @@ impl FsChunkStore {
             Ok(read_dir_or_empty(&uploads)?
                 .into_iter()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .filter_map(|e| UploadId::parse(&e.file_name().to_string_lossy()).ok())
+                .filter_map(|e| UploadId::from_key(&e.file_name().to_string_lossy()).ok())
                 .collect())
         })
         .await

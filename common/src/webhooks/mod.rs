@@ -3,6 +3,7 @@
 //! The dispatcher itself is a worker role (`stitch_worker::webhooks`).
 
 pub mod callback;
+pub mod signing;
 mod redis;
 
 use async_trait::async_trait;

@@ -1,5 +1,6 @@
-//! Admin endpoints of the webhook dispatcher, on the worker's own port, behind a bearer token
-//! (`webhooks.admin_token`; without one they do not exist):
+//! Admin endpoints of the webhook dispatcher, on the worker's own port, for API keys with the
+//! `admin` scope (the same keys as the API's; loopback clients in protected mode; anyone with
+//! `auth.mode = "none"`). They see every tenant's events: `admin` is the operator's scope.
 //!
 //! - `GET /admin/events/{event_id}`: the event and its delivery log;
 //! - `POST /admin/events/{event_id}/replay`: deliver it again to every target (same
@@ -10,18 +11,19 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, Request, State};
+use axum::extract::ConnectInfo;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use stitch_common::config::Secret;
+use stitch_common::auth::{AuthError, Authenticator, Presented, Scope};
 
 use super::Dispatcher;
 
 #[derive(Clone)]
 struct Admin {
     dispatcher: Arc<Dispatcher>,
-    token: Arc<Secret>,
+    auth: Authenticator,
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -32,15 +34,9 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// The admin routes; none when no token is configured.
-pub fn router(dispatcher: Arc<Dispatcher>, token: Option<Secret>) -> Router {
-    let Some(token) = token else {
-        return Router::new();
-    };
-    let admin = Admin {
-        dispatcher,
-        token: Arc::new(token),
-    };
+/// The admin routes.
+pub fn router(dispatcher: Arc<Dispatcher>, auth: Authenticator) -> Router {
+    let admin = Admin { dispatcher, auth };
     Router::new()
         .route("/admin/events/{event_id}", get(show_event))
         .route("/admin/events/{event_id}/replay", post(replay))
@@ -49,26 +45,34 @@ pub fn router(dispatcher: Arc<Dispatcher>, token: Option<Secret>) -> Router {
         .with_state(admin)
 }
 
-/// Constant-time comparison, so that the token cannot be guessed byte by byte from timing.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn authorize(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if same(presented.as_bytes(), admin.token.expose().as_bytes()) {
-        next.run(request).await
-    } else {
-        error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid admin bearer token is required",
-        )
+        .and_then(|v| v.to_str().ok());
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let allowed = admin
+        .auth
+        .authenticate(Presented {
+            authorization,
+            query_token: None,
+            peer,
+        })
+        .and_then(|caller| caller.require(Scope::Admin));
+    match allowed {
+        Ok(()) => next.run(request).await,
+        Err(AuthError::Unauthorized(message)) => {
+            let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+        Err(e) => error(StatusCode::FORBIDDEN, "forbidden", &e.to_string()),
     }
 }
 

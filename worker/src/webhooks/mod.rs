@@ -23,7 +23,7 @@
 
 pub mod admin;
 pub mod deliver;
-pub mod signing;
+pub use stitch_common::webhooks::signing;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -207,7 +207,7 @@ impl Dispatcher {
             .map(|e| Target::Endpoint { id: e.id.clone() })
             .collect();
         if self.callbacks.is_some() {
-            match self.callback_url(&event.upload.id).await {
+            match self.callback_url(&event).await {
                 Ok(Some(url)) => targets.push(Target::Callback { url }),
                 Ok(None) => {}
                 Err(e) => {
@@ -247,8 +247,8 @@ impl Dispatcher {
     }
 
     /// The upload's callback URL, from the state store or, once that expired, its manifest.
-    async fn callback_url(&self, upload_id: &str) -> anyhow::Result<Option<String>> {
-        let Ok(id) = UploadId::parse(upload_id) else {
+    async fn callback_url(&self, event: &Event) -> anyhow::Result<Option<String>> {
+        let Some(id) = event.upload.upload_id() else {
             return Ok(None);
         };
         if let Some(status) = self.state.upload_status(&id).await? {
@@ -261,8 +261,8 @@ impl Dispatcher {
             .and_then(|m| m.callback_url))
     }
 
-    async fn callback_secret(&self, upload_id: &str) -> anyhow::Result<Option<String>> {
-        let Ok(id) = UploadId::parse(upload_id) else {
+    async fn callback_secret(&self, id: Option<UploadId>) -> anyhow::Result<Option<String>> {
+        let Some(id) = id else {
             return Ok(None);
         };
         if let Some(status) = self.state.upload_status(&id).await? {
@@ -332,9 +332,9 @@ impl Dispatcher {
                     return;
                 };
                 let upload_id = serde_json::from_str::<Event>(&job.body)
-                    .map(|e| e.upload.id)
-                    .unwrap_or_default();
-                let key = match self.callback_secret(&upload_id).await {
+                    .ok()
+                    .and_then(|e| e.upload.upload_id());
+                let key = match self.callback_secret(upload_id).await {
                     Ok(secret) => secret.as_deref().and_then(SigningKey::parse),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the callback secret; will retry");
