@@ -10,9 +10,13 @@ use axum::response::{IntoResponse, Response};
 use stitch_common::auth::{AuthError, ScopedIdError};
 use stitch_common::geometry::GeometryError;
 use stitch_common::id::InvalidId;
+use stitch_common::quota::QuotaError;
 use stitch_common::state::{Conflict, StateError};
 use stitch_common::storage::StorageError;
 use stitch_common::upload::UploadState;
+
+/// Seconds a client should wait before retrying when it has too many uploads active.
+const QUOTA_RETRY_AFTER_SECS: u64 = 60;
 
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECS: &str = "1";
@@ -66,6 +70,20 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("this server issues no capability tokens: auth.token_secret is not set")]
+    TokensDisabled,
+    #[error("the upload was refused: {0}")]
+    RejectedByHook(String),
+    #[error("{message}")]
+    QuotaExceeded {
+        message: String,
+        /// Seconds after which trying again may succeed, when waiting helps.
+        retry_after: Option<u64>,
+    },
+    #[error("an upload of {size} bytes is larger than this tenant's limit of {max} bytes")]
+    QuotaUploadTooLarge { size: u64, max: u64 },
+    #[error("the pre-create hook did not answer; retry shortly")]
+    HookUnavailable,
     #[error("no upload with this id")]
     NotFound,
     #[error("the upload is {0}; only a completed upload can be downloaded")]
@@ -111,6 +129,11 @@ impl ApiError {
             RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Forbidden(_) => StatusCode::FORBIDDEN,
+            TokensDisabled => StatusCode::NOT_IMPLEMENTED,
+            RejectedByHook(_) => StatusCode::FORBIDDEN,
+            QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            QuotaUploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            HookUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             NotFound | NoRoute => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Busy | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -158,6 +181,10 @@ impl ApiError {
             },
             Unauthorized(_) => "unauthorized",
             Forbidden(_) => "forbidden",
+            TokensDisabled => "tokens_disabled",
+            RejectedByHook(_) => "rejected_by_hook",
+            QuotaExceeded { .. } | QuotaUploadTooLarge { .. } => "quota_exceeded",
+            HookUnavailable => "hook_unavailable",
             NotFound => "upload_not_found",
             NotCompleted(_) => "upload_not_completed",
             RangeNotSatisfiable => "range_not_satisfiable",
@@ -191,6 +218,24 @@ impl From<ScopedIdError> for ApiError {
         match e {
             ScopedIdError::Invalid(e) => Self::InvalidId(e),
             ScopedIdError::Auth(e) => e.into(),
+        }
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            // Active uploads finish: waiting helps.
+            QuotaError::ActiveUploads { .. } => Self::QuotaExceeded {
+                message: e.to_string(),
+                retry_after: Some(QUOTA_RETRY_AFTER_SECS),
+            },
+            // Stored bytes are freed only by deleting files: waiting alone does not help.
+            QuotaError::StoredBytes { .. } => Self::QuotaExceeded {
+                message: e.to_string(),
+                retry_after: None,
+            },
+            QuotaError::Backend(e) => e.into(),
         }
     }
 }
@@ -235,6 +280,14 @@ impl IntoResponse for ApiError {
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
             );
+        }
+        if let Self::QuotaExceeded {
+            retry_after: Some(secs),
+            ..
+        } = &self
+            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

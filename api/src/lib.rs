@@ -15,6 +15,7 @@ pub mod download;
 pub mod error;
 pub mod extract;
 pub mod handlers;
+pub mod hook;
 pub mod routes;
 pub mod service;
 
@@ -75,11 +76,15 @@ impl Application {
         let listener = TcpListener::bind(settings.http.bind)
             .await
             .with_context(|| format!("binding STITCH__HTTP__BIND={}", settings.http.bind))?;
+        let auth = Authenticator::new(&settings.auth).context("loading the API keys")?;
         Ok(Self {
             listener,
             state: AppState {
-                uploads: Arc::new(UploadService::new(settings, backends)),
-                auth: Authenticator::new(&settings.auth).context("loading the API keys")?,
+                uploads: Arc::new(
+                    UploadService::new(settings, backends, auth.clone())
+                        .context("setting up the upload service")?,
+                ),
+                auth,
                 body_idle_timeout: settings.http.body_idle_timeout.0,
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),

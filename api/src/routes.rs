@@ -12,12 +12,13 @@ use tower_http::trace::TraceLayer;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::handlers::{chunks, files, health, uploads};
+use crate::handlers::{chunks, files, health, tokens, uploads};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/upload", post(uploads::create_upload))
         .route("/upload/chunk", put(chunks::put_chunk))
+        .route("/upload/tokens", post(tokens::issue_token))
         .route("/upload/status", get(uploads::status_by_header))
         .route("/upload/{id}/status", get(uploads::status_by_path))
         .route(

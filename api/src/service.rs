@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use stitch_common::auth::{Principal, Scope};
+use stitch_common::auth::{Authenticator, Principal, Scope, Scopes, TokenClaims};
+use stitch_common::config::Interval;
 use stitch_common::backends::Backends;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
@@ -27,6 +28,8 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::body::ChunkBody;
 use crate::error::ApiError;
 use crate::extract::{ChunkHeaders, UploadName};
+use crate::hook::Hook;
+use stitch_common::quota::{QuotaError, QuotaLedger, Reservation};
 
 /// Blocks of body bytes buffered between the request and the storage writer. Small: the
 /// memory a chunk costs is this many blocks, whatever the chunk's size.
@@ -54,7 +57,39 @@ pub struct UploadService {
     /// Body memory in flight, in KiB units (`limits.max_buffered_body_bytes`).
     body_budget: Arc<Semaphore>,
     body_budget_kib: u32,
+    /// Signs capability tokens (when `auth.token_secret` is set).
+    auth: Authenticator,
+    /// Quotas per tenant, and the ledger that enforces them.
+    auth_settings: stitch_common::config::AuthSettings,
+    quotas: Arc<dyn QuotaLedger>,
+    /// The operator's pre-create hook, if configured.
+    hook: Option<Hook>,
+    token_max_ttl: std::time::Duration,
 }
+
+/// `POST /upload/tokens`: a capability token for one upload.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The upload (in the caller's tenant); a fresh id when absent.
+    pub upload_id: Option<String>,
+    /// Lifetime; default one hour, at most `auth.token_max_ttl`.
+    pub ttl: Option<Interval>,
+    /// Default `upload` and `read`; never more than the caller's, never `admin`.
+    pub scopes: Option<Vec<String>>,
+    /// Bound on the upload's declared size.
+    pub max_bytes: Option<u64>,
+}
+
+/// A token made by [`UploadService::issue_token`].
+pub struct IssuedToken {
+    pub token: String,
+    pub upload_id: UploadId,
+    pub expires_at_ms: u64,
+}
+
+/// A token's lifetime when the request names none.
+const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// `POST /upload`: an explicit create.
 #[derive(Debug, Deserialize)]
@@ -104,11 +139,16 @@ pub struct ChunkAccepted {
 }
 
 impl UploadService {
-    pub fn new(settings: &Settings, backends: &Backends) -> Self {
+    pub fn new(
+        settings: &Settings,
+        backends: &Backends,
+        auth: Authenticator,
+    ) -> anyhow::Result<Self> {
+        let hook = settings.hooks.pre_create.as_ref().map(Hook::new).transpose()?;
         let budget_kib =
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
-        Self {
+        Ok(Self {
             recovery: Recovery::new(
                 backends.state.clone(),
                 backends.storage.clone(),
@@ -137,7 +177,76 @@ impl UploadService {
             write_permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_chunk_writes)),
             body_budget: Arc::new(Semaphore::new(budget_kib as usize)),
             body_budget_kib: budget_kib,
+            auth,
+            token_max_ttl: settings.auth.token_max_ttl.0,
+            auth_settings: settings.auth.clone(),
+            quotas: backends.quotas.clone(),
+            hook,
+        })
+    }
+
+    /// Makes a capability token for one of the caller's uploads. Only a key (or the open
+    /// principal) makes tokens, never with more than its own scopes, never `admin`.
+    pub fn issue_token(
+        &self,
+        caller: &Principal,
+        req: TokenRequest,
+    ) -> Result<IssuedToken, ApiError> {
+        let Some(signer) = self.auth.tokens() else {
+            return Err(ApiError::TokensDisabled);
+        };
+        if caller.upload.is_some() {
+            return Err(ApiError::Forbidden("a token cannot make tokens".into()));
         }
+        let scopes = match &req.scopes {
+            None => Scopes::default_for_tokens(),
+            Some(names) => Scopes::parse(names.iter().map(String::as_str))
+                .map_err(|s| ApiError::InvalidJson(format!("unknown scope {s:?}")))?,
+        };
+        if scopes.contains(Scope::Admin) {
+            return Err(ApiError::InvalidJson(
+                "a token cannot carry the admin scope".into(),
+            ));
+        }
+        if scopes == Scopes::default() {
+            return Err(ApiError::InvalidJson("scopes must not be empty".into()));
+        }
+        if !scopes.is_subset_of(caller.scopes) {
+            return Err(ApiError::Forbidden(
+                "a token cannot have scopes its maker does not have".into(),
+            ));
+        }
+        let ttl = req.ttl.map_or(DEFAULT_TOKEN_TTL, |t| t.0);
+        if ttl.is_zero() || ttl > self.token_max_ttl {
+            return Err(ApiError::InvalidJson(format!(
+                "ttl must be between 1s and auth.token_max_ttl ({}s)",
+                self.token_max_ttl.as_secs()
+            )));
+        }
+        if let Some(max) = req.max_bytes {
+            caller.check_size(max)?;
+            if max == 0 {
+                return Err(ApiError::InvalidJson("max_bytes must be at least 1".into()));
+            }
+        }
+        let upload_id = match &req.upload_id {
+            Some(name) => caller.upload_id(name)?,
+            None => UploadId::generate(&caller.tenant),
+        };
+        let expires_at_ms = now_ms() + ttl.as_millis() as u64;
+        let token = signer.sign(&TokenClaims {
+            tenant: caller.tenant.clone(),
+            upload: upload_id.name().to_owned(),
+            scopes,
+            expires_at: expires_at_ms.div_ceil(1000),
+            max_bytes: req.max_bytes,
+        });
+        tracing::info!(upload_id = %upload_id, by = caller.label(), scopes = ?scopes, ttl_s = ttl.as_secs(), "capability token issued");
+        Ok(IssuedToken {
+            token,
+            upload_id,
+            expires_at_ms,
+        })
     }
 
     /// Creates an upload (or confirms an identical one): manifest on storage first, then the
@@ -182,6 +291,23 @@ impl UploadService {
             callback_secret: callback_url.as_ref().map(|_| new_callback_secret()),
             callback_url,
         };
+        let reservation = match self.upload_header(&upload.id).await? {
+            Some(_) => Reservation::Held,
+            None => self.admit(caller, &mut upload).await?,
+        };
+        let id = upload.id.clone();
+        let created = self.create_admitted(upload).await;
+        if created.is_err() && reservation == Reservation::New {
+            self.undo_reservation(&id).await;
+        }
+        created
+    }
+
+    /// The rest of [`UploadService::create_upload`], once the upload is admitted.
+    async fn create_admitted(
+        &self,
+        mut upload: NewUpload,
+    ) -> Result<(Created, UploadStatus, Option<String>), ApiError> {
         match self.storage.ensure_manifest(&upload).await? {
             ManifestCheck::Conflicts(existing) => {
                 return Err(manifest_conflict(&existing, &upload));
@@ -216,7 +342,7 @@ impl UploadService {
         &self,
         caller: &Principal,
         chunk: ChunkHeaders,
-        mut body: ChunkBody,
+        body: ChunkBody,
     ) -> Result<ChunkAccepted, ApiError> {
         // 1. Everything that needs no I/O: who asks, then bounds, so that no huge number
         //    reaches a backend.
@@ -244,7 +370,11 @@ impl UploadService {
                 _ => {}
             }
         }
-        let filename = chunk.filename.map(|f| self.check_filename(f)).transpose()?;
+        let filename = chunk
+            .filename
+            .clone()
+            .map(|f| self.check_filename(f))
+            .transpose()?;
         let mut upload = NewUpload {
             id,
             geometry,
@@ -277,6 +407,89 @@ impl UploadService {
             }
         }
 
+        // A first chunk creates the upload: the tenant's quotas and the operator's hook
+        // decide first, before any byte is stored.
+        let reservation = match known {
+            Some(_) => Reservation::Held,
+            None => self.admit(caller, &mut upload).await?,
+        };
+        let stored = self
+            .store_chunk(upload.clone(), known.is_none(), chunk, body, len)
+            .await;
+        if stored.is_err() && reservation == Reservation::New {
+            self.undo_reservation(&upload.id).await;
+        }
+        stored
+    }
+
+    /// Lets a new upload in: the tenant's size limit, the operator's pre-create hook (which
+    /// may attach metadata), then a reservation against the tenant's quotas — the last, so
+    /// that a refusal by the hook holds nothing.
+    async fn admit(
+        &self,
+        caller: &Principal,
+        upload: &mut NewUpload,
+    ) -> Result<Reservation, ApiError> {
+        let quotas = self.auth_settings.quotas_of(caller.tenant.as_str());
+        let size = upload.geometry.total_size;
+        if let Some(max) = quotas.max_upload_bytes
+            && size > max.0
+        {
+            metrics::counter!(m::QUOTA_REFUSALS, "limit" => "upload_bytes").increment(1);
+            return Err(ApiError::QuotaUploadTooLarge { size, max: max.0 });
+        }
+        if let Some(hook) = &self.hook
+            && let Some(attached) = hook.ask(caller, upload).await?
+        {
+            let mut metadata = upload.metadata.take().unwrap_or_default();
+            metadata.extend(attached);
+            let bytes = serde_json::Value::Object(metadata.clone()).to_string().len();
+            if bytes > self.limits.max_metadata_bytes {
+                tracing::error!(upload_id = %upload.id, bytes, "the pre-create hook attached more metadata than limits.max_metadata_bytes");
+                return Err(ApiError::HookUnavailable);
+            }
+            upload.metadata = Some(metadata);
+        }
+        self.quotas
+            .reserve(&upload.id, size, &quotas)
+            .await
+            .inspect_err(|e| {
+                let limit = match e {
+                    QuotaError::ActiveUploads { .. } => "active_uploads",
+                    QuotaError::StoredBytes { .. } => "stored_bytes",
+                    QuotaError::Backend(_) => return,
+                };
+                metrics::counter!(m::QUOTA_REFUSALS, "limit" => limit).increment(1);
+            })
+            .map_err(ApiError::from)
+    }
+
+    /// Gives back a reservation whose upload was not created after all. Kept when the
+    /// upload exists (a concurrent request created it) or may exist (the state store did
+    /// not answer): the janitor settles what is left over from storage.
+    async fn undo_reservation(&self, id: &UploadId) {
+        let exists = match (
+            self.state.upload_header(id).await,
+            self.storage.read_manifest(id).await,
+        ) {
+            (Ok(None), Ok(None)) => false,
+            _ => true,
+        };
+        if !exists && let Err(e) = self.quotas.release(id).await {
+            tracing::warn!(upload_id = %id, error = %e, "a quota reservation was not given back");
+        }
+    }
+
+    /// Steps 3 to 5 of [`UploadService::accept_chunk`]: the body to storage, then the record.
+    async fn store_chunk(
+        &self,
+        mut upload: NewUpload,
+        first: bool,
+        chunk: ChunkHeaders,
+        mut body: ChunkBody,
+        len: u64,
+    ) -> Result<ChunkAccepted, ApiError> {
+        let geometry = upload.geometry;
         // 3. The body, to a durable copy under a unique name.
         let _permit = self
             .write_permits
@@ -297,7 +510,7 @@ impl UploadService {
 
         // 4. A first chunk creates the upload: its manifest, then (atomically with the
         //    chunk) its state.
-        if known.is_none() {
+        if first {
             match self.storage.ensure_manifest(&upload).await {
                 Ok(ManifestCheck::Created) => {}
                 Ok(ManifestCheck::Matches(existing)) => {
@@ -543,6 +756,11 @@ impl UploadService {
             self.publish_event(id, &event, &outboxed).await;
         }
         self.storage.remove_upload(id).await?;
+        // After the files: a quota freed before them would let the tenant store more than
+        // its limit for a moment. A failure here is repaired by the janitor's next pass.
+        if let Err(e) = self.quotas.release(id).await {
+            tracing::warn!(upload_id = %id, error = %e, "quota not released; the janitor will");
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use anyhow::Context;
 use crate::config::Settings;
 use crate::lock::{MergeLock, RedisLock};
 use crate::queue::{AmqpBroker, EventSink, Family, WorkQueue};
+use crate::quota::{QuotaLedger, RedisQuotaLedger};
 use crate::state::{RedisStateStore, StateStore};
 use crate::storage::FsChunkStore;
 use crate::webhooks::{RedisWebhookStore, WebhookStore};
@@ -16,6 +17,8 @@ use crate::webhooks::{RedisWebhookStore, WebhookStore};
 #[derive(Clone)]
 pub struct Backends {
     pub state: Arc<dyn StateStore>,
+    /// What each tenant's uploads hold, against its quotas.
+    pub quotas: Arc<dyn QuotaLedger>,
     /// Merge jobs.
     pub merges: Arc<dyn WorkQueue>,
     /// Every event, for the webhook dispatcher to fan out.
@@ -39,6 +42,7 @@ impl Backends {
         );
         let broker = Arc::new(AmqpBroker::new(settings));
         Ok(Self {
+            quotas: Arc::new(RedisQuotaLedger::new(state.pool(), &settings.namespace)),
             state,
             merges: Arc::new(broker.queue(Family::Merge)),
             webhook_feed: Arc::new(broker.queue(Family::WebhookFeed)),

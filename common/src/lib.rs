@@ -32,6 +32,7 @@ pub mod lock;
 pub mod metrics;
 pub mod migrate;
 pub mod queue;
+pub mod quota;
 pub mod recovery;
 pub mod server;
 pub mod shutdown;

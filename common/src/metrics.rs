@@ -15,6 +15,9 @@ pub const CHUNKS_RECEIVED: &str = "stitch_chunks_received_total";
 pub const CHUNK_BYTES_RECEIVED: &str = "stitch_chunk_bytes_received_total";
 pub const CHUNK_WRITES_IN_FLIGHT: &str = "stitch_chunk_writes_in_flight";
 pub const CHUNKS_REFUSED: &str = "stitch_chunks_refused_total";
+/// New uploads refused by a tenant's quota, by the limit that refused them (never by tenant:
+/// tenants are unbounded).
+pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 // Upload lifecycle (API and worker)
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 // Worker
@@ -138,6 +141,13 @@ fn register_now(role: Role) {
             "Bytes of chunks newly counted"
         );
         describe_gauge!(CHUNK_WRITES_IN_FLIGHT, "Chunk bodies being written now");
+        describe_counter!(
+            QUOTA_REFUSALS,
+            "New uploads refused by a tenant quota, by limit: active_uploads, stored_bytes, upload_bytes"
+        );
+        for limit in ["active_uploads", "stored_bytes", "upload_bytes"] {
+            metrics::counter!(QUOTA_REFUSALS, "limit" => limit).absolute(0);
+        }
         describe_counter!(
             CHUNKS_REFUSED,
             "Chunk requests refused, by HTTP status class"

@@ -21,10 +21,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use stitch_common::config::Quotas;
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
 use stitch_common::lock::MergeLock;
 use stitch_common::queue::{EventSink, OutboxMessage};
+use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{Expired, StateStore};
 use stitch_common::storage::{FsChunkStore, Inventory};
@@ -33,6 +35,8 @@ use tokio::sync::watch;
 
 pub struct Janitor {
     pub state: Arc<dyn StateStore>,
+    /// The quota ledger, which every pass brings in line with storage.
+    pub quotas: Arc<dyn QuotaLedger>,
     pub storage: FsChunkStore,
     pub events: Arc<dyn EventSink>,
     /// Taken for each pass, so that one janitor of the fleet walks the storage at a time.
@@ -122,6 +126,7 @@ impl Janitor {
             let dir_owned = dir.to_owned();
             if blocking(move || all_older_than(&dir_owned, grace)).await? {
                 self.storage.remove_upload(id).await?;
+                self.quotas.release(id).await?;
                 self.removed(swept, 1);
             }
             return Ok(());
@@ -145,6 +150,7 @@ impl Janitor {
             UploadState::Failed => idle,
             UploadState::Aborted => {
                 self.storage.remove_upload(id).await?;
+                self.quotas.release(id).await?;
                 self.removed(swept, 1);
                 return Ok(());
             }
@@ -164,13 +170,22 @@ impl Janitor {
                     let _ = self.state.clear_outbox_entry(id, &outboxed).await;
                 }
                 self.storage.remove_upload(id).await?;
+                self.quotas.release(id).await?;
                 swept.expired.push(id.to_string());
                 stitch_common::metrics::transition("expired");
                 self.removed(swept, 1);
             }
             return Ok(());
         }
-        // In use: only copies nothing counts, once past the grace.
+        // In use. The ledger holds what storage holds: a reservation the API's crash or a
+        // lost Redis dropped is made again (never refused: the upload exists), a failed
+        // upload's slot is freed.
+        let size = inventory.upload.geometry.total_size;
+        self.quotas.reserve(id, size, &Quotas::default()).await?;
+        if header.state == UploadState::Failed {
+            self.quotas.settle(id, size).await?;
+        }
+        // Only copies nothing counts go, once past the grace.
         let counted: Vec<String> = self
             .state
             .counted_chunks(id)
@@ -221,11 +236,17 @@ impl Janitor {
             .await?;
             self.state.forget_upload(id).await?;
             self.storage.remove_upload(id).await?;
+            self.quotas.release(id).await?;
             swept.deleted.push(id.to_string());
             stitch_common::metrics::transition("deleted");
             self.removed(swept, 1);
             return Ok(());
         }
+        // Kept: the ledger counts its file, not a slot.
+        self.quotas
+            .reserve(id, done.size, &Quotas::default())
+            .await?;
+        self.quotas.settle(id, done.size).await?;
         let keep = done.location.rsplit('/').next().map(str::to_owned);
         let keep_record = format!("completion.{}.json", done.fence);
         let (dir, grace) = (dir.to_owned(), self.grace);

@@ -81,7 +81,8 @@ impl Worker {
             backends.storage.clone(),
             backends.lock.clone(),
             backends.events.clone(),
-        ));
+        )
+        .with_quotas(backends.quotas.clone()));
         let dispatcher = if settings.worker.webhooks {
             Some(Arc::new(
                 webhooks::Dispatcher::new(settings, &backends).context("setting up webhooks")?,
@@ -171,6 +172,7 @@ impl Worker {
         if s.worker.janitor {
             let janitor = janitor::Janitor {
                 state: self.backends.state.clone(),
+                quotas: self.backends.quotas.clone(),
                 storage: self.backends.storage.clone(),
                 events: self.backends.events.clone(),
                 lock: self.backends.lock.clone(),

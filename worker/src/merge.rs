@@ -25,6 +25,7 @@ use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock};
 use stitch_common::metrics as m;
 use stitch_common::queue::{EventSink, OutboxMessage};
+use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, Reopened, StateError, StateStore, keys,
@@ -101,6 +102,8 @@ pub struct Merger {
     fsync: bool,
     direct_io: bool,
     public_url: Option<String>,
+    /// Frees the tenant's active-upload slot when the upload completes or fails.
+    quotas: Option<Arc<dyn QuotaLedger>>,
 }
 
 impl Merger {
@@ -124,6 +127,23 @@ impl Merger {
             fsync: settings.storage.fsync,
             direct_io: settings.merge.direct_io,
             public_url: settings.http.public_url.clone(),
+            quotas: None,
+        }
+    }
+
+    /// Settles quotas on the given ledger when uploads complete or fail.
+    pub fn with_quotas(mut self, quotas: Arc<dyn QuotaLedger>) -> Self {
+        self.quotas = Some(quotas);
+        self
+    }
+
+    /// The upload is no longer active: its slot is freed, `bytes` stay counted. A failure
+    /// is only logged: the janitor settles the ledger from storage on its next pass.
+    async fn settle_quota(&self, id: &UploadId, bytes: u64) {
+        if let Some(quotas) = &self.quotas
+            && let Err(e) = quotas.settle(id, bytes).await
+        {
+            tracing::warn!(upload_id = %id, error = %e, "quota not settled; the janitor will");
         }
     }
 
@@ -350,6 +370,7 @@ impl Merger {
                 metrics::histogram!(m::MERGE_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
                 m::transition("completed");
+                self.settle_quota(id, done.size).await;
                 self.publish_outboxed(id, &event, &outboxed).await;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
@@ -359,6 +380,7 @@ impl Merger {
             }
             Ok(Committed::Already { .. }) => {
                 self.storage.discard_attempt(id, plan.fence).await;
+                self.settle_quota(id, plan.upload.geometry.total_size).await;
                 self.publish_completed(id).await?;
                 let keep = self
                     .state
@@ -499,6 +521,8 @@ impl Merger {
         {
             Ok(Failed::Now) => {
                 m::transition("failed");
+                self.settle_quota(id, plan.upload.geometry.total_size)
+                    .await;
                 self.publish_outboxed(id, &event, &outboxed).await;
                 Ok(MergeOutcome::Failed(reason.to_owned()))
             }

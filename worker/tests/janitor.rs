@@ -66,6 +66,7 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     let storage = backends.storage.clone();
     let janitor = Janitor {
         state: backends.state.clone(),
+        quotas: backends.quotas.clone(),
         storage: storage.clone(),
         events: backends.events.clone(),
         lock: backends.lock.clone(),

@@ -3,6 +3,7 @@
 pub mod chunks;
 pub mod files;
 pub mod health;
+pub mod tokens;
 pub mod uploads;
 
 mod views;

@@ -14,6 +14,7 @@
 mod events;
 mod lock;
 mod queue;
+mod quota;
 mod state;
 mod webhooks;
 
@@ -26,6 +27,7 @@ use rusqlite::Connection;
 pub use self::events::SqliteEventLog;
 pub use self::lock::SqliteLock;
 pub use self::queue::SqliteQueue;
+pub use self::quota::SqliteQuotaLedger;
 pub use self::state::SqliteStateStore;
 pub use self::webhooks::SqliteWebhookStore;
 use crate::backends::Backends;
@@ -118,6 +120,7 @@ impl Backends {
         let webhook_feed = queue(Family::WebhookFeed)?;
         Ok(Self {
             state: Arc::new(SqliteStateStore::new(db.clone())),
+            quotas: Arc::new(SqliteQuotaLedger::new(db.clone())),
             merges: queue(Family::Merge)?,
             webhooks: queue(Family::Webhooks)?,
             events: Arc::new(SqliteEventLog::new(db.clone(), webhook_feed.clone())),

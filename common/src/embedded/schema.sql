@@ -105,3 +105,13 @@ CREATE TABLE IF NOT EXISTS webhook_disabled (
   reason TEXT NOT NULL,
   disabled_at INTEGER NOT NULL
 );
+
+-- Per-tenant quotas: one row per upload holding a reservation (see quota/mod.rs). Added
+-- without a version bump: CREATE IF NOT EXISTS brings a version-1 database up to it.
+CREATE TABLE IF NOT EXISTS quota (
+  upload_id TEXT PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  bytes INTEGER NOT NULL,
+  active INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quota_by_tenant ON quota (tenant, active);

@@ -13,6 +13,7 @@ mod redis;
 use async_trait::async_trait;
 
 pub(crate) use self::redis::pool as redis_pool;
+pub(crate) use self::redis::redis_error;
 pub use self::redis::{RedisStateStore, keys};
 use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};

@@ -121,6 +121,11 @@ impl RedisStateStore {
         })
     }
 
+    /// The pool, for backends that share this Redis (the quota ledger).
+    pub fn pool(&self) -> Pool {
+        self.pool.clone()
+    }
+
     async fn connection(&self) -> Result<deadpool_redis::Connection, StateError> {
         self.pool.get().await.map_err(|e| {
             crate::metrics::backend_error("redis");
@@ -187,7 +192,7 @@ pub(crate) fn pool(url: &str, size: usize, timeout: Duration, key: &str) -> anyh
         .build()?)
 }
 
-fn redis_error(e: RedisError) -> StateError {
+pub(crate) fn redis_error(e: RedisError) -> StateError {
     crate::metrics::backend_error("redis");
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
         StateError::Unavailable {

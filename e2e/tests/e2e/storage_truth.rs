@@ -200,6 +200,7 @@ async fn the_janitor_expiring_uploads_during_their_resume_never_leaves_a_counted
     // Idle for 150 ms is abandoned: the janitor expires uploads while their chunks arrive.
     let janitor = stitch_worker::janitor::Janitor {
         state: backends.state.clone(),
+        quotas: backends.quotas.clone(),
         storage: backends.storage.clone(),
         events: backends.events.clone(),
         lock: backends.lock.clone(),

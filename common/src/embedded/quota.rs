@@ -1,0 +1,145 @@
+//! [`QuotaLedger`] in the single-node database: one row per upload holding a reservation,
+//! each operation one `BEGIN IMMEDIATE` transaction.
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use super::{Database, DbError};
+use crate::config::Quotas;
+use crate::id::{Tenant, UploadId};
+use crate::quota::{QuotaError, QuotaLedger, Reservation, Usage};
+use crate::state::StateError;
+
+pub struct SqliteQuotaLedger {
+    db: Database,
+}
+
+impl SqliteQuotaLedger {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    async fn run<T, F>(&self, op: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
+        self.db
+            .run(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let out = op(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+            .map_err(|DbError(detail)| StateError::Unavailable {
+                detail,
+                outcome_unknown: false,
+            })
+    }
+}
+
+fn int(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+enum Outcome {
+    New,
+    Held,
+    Active(u64),
+    Stored(u64),
+}
+
+#[async_trait]
+impl QuotaLedger for SqliteQuotaLedger {
+    async fn reserve(
+        &self,
+        upload: &UploadId,
+        bytes: u64,
+        limits: &Quotas,
+    ) -> Result<Reservation, QuotaError> {
+        let key = upload.as_str().to_owned();
+        let tenant = upload.tenant().to_string();
+        let (max_active, max_stored) = (limits.max_active_uploads, limits.max_stored_bytes);
+        let outcome = self
+            .run(move |tx| {
+                let held: Option<i64> = tx
+                    .query_row("SELECT 1 FROM quota WHERE upload_id = ?1", [&key], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                if held.is_some() {
+                    return Ok(Outcome::Held);
+                }
+                let (active, stored): (i64, i64) = tx.query_row(
+                    "SELECT COALESCE(SUM(active), 0), COALESCE(SUM(bytes), 0) FROM quota WHERE tenant = ?1",
+                    [&tenant],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let (active, stored) = (active as u64, stored as u64);
+                if max_active.is_some_and(|max| active >= max) {
+                    return Ok(Outcome::Active(active));
+                }
+                if max_stored.is_some_and(|max| stored.saturating_add(bytes) > max.0) {
+                    return Ok(Outcome::Stored(stored));
+                }
+                tx.execute(
+                    "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, 1)",
+                    params![key, tenant, int(bytes)],
+                )?;
+                Ok(Outcome::New)
+            })
+            .await?;
+        match outcome {
+            Outcome::New => Ok(Reservation::New),
+            Outcome::Held => Ok(Reservation::Held),
+            Outcome::Active(active) => Err(QuotaError::ActiveUploads {
+                active,
+                limit: max_active.unwrap_or(0),
+            }),
+            Outcome::Stored(stored) => Err(QuotaError::StoredBytes {
+                stored,
+                requested: bytes,
+                limit: max_stored.map_or(0, |b| b.0),
+            }),
+        }
+    }
+
+    async fn settle(&self, upload: &UploadId, bytes: u64) -> Result<(), StateError> {
+        let key = upload.as_str().to_owned();
+        self.run(move |tx| {
+            tx.execute(
+                "UPDATE quota SET active = 0, bytes = ?2 WHERE upload_id = ?1",
+                params![key, int(bytes)],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn release(&self, upload: &UploadId) -> Result<(), StateError> {
+        let key = upload.as_str().to_owned();
+        self.run(move |tx| {
+            tx.execute("DELETE FROM quota WHERE upload_id = ?1", [key])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {
+        let tenant = tenant.to_string();
+        self.run(move |tx| {
+            tx.query_row(
+                "SELECT COALESCE(SUM(active), 0), COALESCE(SUM(bytes), 0) FROM quota WHERE tenant = ?1",
+                [tenant],
+                |r| {
+                    Ok(Usage {
+                        active_uploads: r.get::<_, i64>(0)? as u64,
+                        stored_bytes: r.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+        })
+        .await
+    }
+}

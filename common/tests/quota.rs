@@ -1,0 +1,159 @@
+//! The quota ledger's contract, run against every implementation: Redis (distributed) and
+//! SQLite (single-node).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use stitch_common::backends::Backends;
+use stitch_common::config::{ByteSize, Quotas};
+use stitch_common::id::{Tenant, UploadId};
+use stitch_common::quota::{QuotaError, QuotaLedger, Reservation, Usage};
+use stitch_testkit::TestEnv;
+
+fn id(tenant: &str, name: &str) -> UploadId {
+    UploadId::new(&Tenant::parse(tenant).unwrap(), name).unwrap()
+}
+
+fn limits(active: Option<u64>, stored: Option<u64>) -> Quotas {
+    Quotas {
+        max_active_uploads: active,
+        max_stored_bytes: stored.map(ByteSize),
+        max_upload_bytes: None,
+    }
+}
+
+async fn usage(ledger: &dyn QuotaLedger, tenant: &str) -> Usage {
+    ledger.usage(&Tenant::parse(tenant).unwrap()).await.unwrap()
+}
+
+async fn reservations_stop_at_the_active_limit_and_completion_frees_a_slot(
+    ledger: &dyn QuotaLedger,
+) {
+    let two = limits(Some(2), None);
+    assert_eq!(
+        ledger.reserve(&id("acme", "a"), 10, &two).await.unwrap(),
+        Reservation::New
+    );
+    assert_eq!(
+        ledger.reserve(&id("acme", "b"), 10, &two).await.unwrap(),
+        Reservation::New
+    );
+    let third = ledger.reserve(&id("acme", "c"), 10, &two).await;
+    assert!(
+        matches!(
+            third,
+            Err(QuotaError::ActiveUploads {
+                active: 2,
+                limit: 2
+            })
+        ),
+        "{third:?}"
+    );
+    // Reserving again for an upload that holds a reservation changes nothing.
+    assert_eq!(
+        ledger.reserve(&id("acme", "a"), 10, &two).await.unwrap(),
+        Reservation::Held
+    );
+    // Another tenant is not affected, and the same name there is another upload.
+    assert_eq!(
+        ledger.reserve(&id("globex", "a"), 10, &two).await.unwrap(),
+        Reservation::New
+    );
+    ledger.settle(&id("acme", "a"), 8).await.unwrap();
+    assert_eq!(
+        usage(ledger, "acme").await,
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 18
+        }
+    );
+    assert_eq!(
+        ledger.reserve(&id("acme", "c"), 10, &two).await.unwrap(),
+        Reservation::New
+    );
+    // A settled upload still holds its reservation (its file is kept).
+    assert_eq!(
+        ledger.reserve(&id("acme", "a"), 10, &two).await.unwrap(),
+        Reservation::Held
+    );
+}
+
+async fn stored_bytes_are_bounded_and_released_when_an_upload_goes(ledger: &dyn QuotaLedger) {
+    let hundred = limits(None, Some(100));
+    ledger.reserve(&id("t2", "a"), 60, &hundred).await.unwrap();
+    let over = ledger.reserve(&id("t2", "b"), 41, &hundred).await;
+    assert!(
+        matches!(
+            over,
+            Err(QuotaError::StoredBytes {
+                stored: 60,
+                requested: 41,
+                limit: 100
+            })
+        ),
+        "{over:?}"
+    );
+    assert_eq!(usage(ledger, "t2").await.stored_bytes, 60, "a refusal holds nothing");
+    ledger.reserve(&id("t2", "b"), 40, &hundred).await.unwrap();
+    ledger.release(&id("t2", "a")).await.unwrap();
+    ledger.release(&id("t2", "a")).await.unwrap();
+    assert_eq!(
+        usage(ledger, "t2").await,
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 40
+        },
+        "a release is idempotent"
+    );
+    ledger.reserve(&id("t2", "c"), 60, &hundred).await.unwrap();
+    // Settling or releasing an upload that holds nothing changes nothing.
+    ledger.settle(&id("t2", "nobody"), 5).await.unwrap();
+    ledger.release(&id("t2", "nobody")).await.unwrap();
+    assert_eq!(usage(ledger, "t2").await.stored_bytes, 100);
+}
+
+async fn racing_reservations_for_the_last_slot_let_exactly_one_through(
+    ledger: Arc<dyn QuotaLedger>,
+) {
+    let limit = limits(Some(3), None);
+    for name in ["x", "y"] {
+        ledger.reserve(&id("race", name), 1, &limit).await.unwrap();
+    }
+    let attempts = (0..16).map(|i| {
+        let ledger = ledger.clone();
+        let limit = limit.clone();
+        tokio::spawn(async move { ledger.reserve(&id("race", &format!("r{i}")), 1, &limit).await })
+    });
+    let mut won = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok(Reservation::New) => won += 1,
+            Err(QuotaError::ActiveUploads { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one racer takes the last slot");
+    assert_eq!(usage(ledger.as_ref(), "race").await.active_uploads, 3);
+}
+
+async fn run_quota_contract(ledger: Arc<dyn QuotaLedger>) {
+    reservations_stop_at_the_active_limit_and_completion_frees_a_slot(ledger.as_ref()).await;
+    stored_bytes_are_bounded_and_released_when_an_upload_goes(ledger.as_ref()).await;
+    racing_reservations_for_the_last_slot_let_exactly_one_through(ledger).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_quota_ledger_keeps_the_quota_contract() {
+    let env = TestEnv::new();
+    let backends = Backends::distributed(&env.settings()).unwrap();
+    run_quota_contract(backends.quotas.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_quota_ledger_keeps_the_quota_contract() {
+    let env = TestEnv::local();
+    let backends =
+        Backends::embedded(&env.settings(), &env.storage_root.join("stitch.db")).unwrap();
+    run_quota_contract(backends.quotas.clone()).await;
+}
