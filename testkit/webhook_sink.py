@@ -3,7 +3,7 @@
 request with the Standard Webhooks reference library (PyPI `standardwebhooks`).
 
 Usage: webhook_sink.py --log FILE --secrets whsec_a,whsec_b --responses 500,500,200
-       [--redirect-to URL] [--hang-seconds N] [--keep-alive]
+       [--redirect-to URL] [--hang-seconds N] [--keep-alive] [--reply-body JSON]
 
 Prints {"port": N} on its first line once it listens on 127.0.0.1. For each request it
 appends one JSON line to FILE: the path, the headers, the body, which secrets verified it,
@@ -11,7 +11,8 @@ what it answered, and the sender's port (the same port: the same connection). --
 is consumed one per request (the last repeats): a number is a status, `hang` waits
 --hang-seconds before answering 200, `redirect` answers 302 to --redirect-to. It speaks
 HTTP/1.0, closing each connection after one answer; with --keep-alive, HTTP/1.1, keeping
-connections open for more requests.
+connections open for more requests. With --reply-body, every answer carries that body as
+application/json (a pre-create hook's verdict) instead of `ok`.
 """
 
 import argparse
@@ -36,6 +37,7 @@ def main():
     parser.add_argument("--redirect-to", default="http://127.0.0.1:9/")
     parser.add_argument("--hang-seconds", type=float, default=600)
     parser.add_argument("--keep-alive", action="store_true")
+    parser.add_argument("--reply-body", default=None)
     args = parser.parse_args()
     secrets = [s for s in args.secrets.split(",") if s]
     responses = args.responses.split(",")
@@ -84,10 +86,13 @@ def main():
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            reply = b"ok" if args.reply_body is None else args.reply_body.encode()
             self.send_response(int(plan))
-            self.send_header("Content-Length", "2")
+            if args.reply_body is not None:
+                self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
             self.end_headers()
-            self.wfile.write(b"ok")
+            self.wfile.write(reply)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -49,6 +49,9 @@ struct ReplyError {
 
 impl Hook {
     pub fn new(config: &PreCreateHook) -> anyhow::Result<Self> {
+        // The client needs rustls's provider; every main installs it first, this covers
+        // the API embedded in other programs (tests, the single-node mode).
+        stitch_common::tls::install_crypto_provider();
         let key = SigningKey::parse(config.secret.expose())
             .ok_or_else(|| anyhow::anyhow!("hooks.pre_create.secret must be whsec_<base64>"))?;
         let client = reqwest::Client::builder()

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod downloads;
 mod harness;
 mod lock_quorum;
