@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use stitch_common::auth::{Authenticator, Principal, Scope, Scopes, TokenClaims};
-use stitch_common::config::Interval;
 use stitch_common::backends::Backends;
+use stitch_common::config::Interval;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
 use stitch_common::events::Event;
@@ -144,7 +144,12 @@ impl UploadService {
         backends: &Backends,
         auth: Authenticator,
     ) -> anyhow::Result<Self> {
-        let hook = settings.hooks.pre_create.as_ref().map(Hook::new).transpose()?;
+        let hook = settings
+            .hooks
+            .pre_create
+            .as_ref()
+            .map(Hook::new)
+            .transpose()?;
         let budget_kib =
             (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         let ttl_ms = settings.uploads.ttl.0.as_millis() as u64;
@@ -443,7 +448,9 @@ impl UploadService {
         {
             let mut metadata = upload.metadata.take().unwrap_or_default();
             metadata.extend(attached);
-            let bytes = serde_json::Value::Object(metadata.clone()).to_string().len();
+            let bytes = serde_json::Value::Object(metadata.clone())
+                .to_string()
+                .len();
             if bytes > self.limits.max_metadata_bytes {
                 tracing::error!(upload_id = %upload.id, bytes, "the pre-create hook attached more metadata than limits.max_metadata_bytes");
                 return Err(ApiError::HookUnavailable);
@@ -468,13 +475,13 @@ impl UploadService {
     /// upload exists (a concurrent request created it) or may exist (the state store did
     /// not answer): the janitor settles what is left over from storage.
     async fn undo_reservation(&self, id: &UploadId) {
-        let exists = match (
-            self.state.upload_header(id).await,
-            self.storage.read_manifest(id).await,
-        ) {
-            (Ok(None), Ok(None)) => false,
-            _ => true,
-        };
+        let exists = !matches!(
+            (
+                self.state.upload_header(id).await,
+                self.storage.read_manifest(id).await,
+            ),
+            (Ok(None), Ok(None))
+        );
         if !exists && let Err(e) = self.quotas.release(id).await {
             tracing::warn!(upload_id = %id, error = %e, "a quota reservation was not given back");
         }
@@ -745,7 +752,11 @@ impl UploadService {
 
     /// Aborts the caller's upload `name` and removes its chunks. Idempotent: aborting again
     /// retries the removal.
-    pub async fn abort_upload(&self, caller: &Principal, name: &UploadName) -> Result<(), ApiError> {
+    pub async fn abort_upload(
+        &self,
+        caller: &Principal,
+        name: &UploadName,
+    ) -> Result<(), ApiError> {
         caller.require(Scope::Delete)?;
         let id = &caller.upload_id(name.as_str())?;
         let status = self.status_of(id).await?;

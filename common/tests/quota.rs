@@ -94,7 +94,11 @@ async fn stored_bytes_are_bounded_and_released_when_an_upload_goes(ledger: &dyn 
         ),
         "{over:?}"
     );
-    assert_eq!(usage(ledger, "t2").await.stored_bytes, 60, "a refusal holds nothing");
+    assert_eq!(
+        usage(ledger, "t2").await.stored_bytes,
+        60,
+        "a refusal holds nothing"
+    );
     ledger.reserve(&id("t2", "b"), 40, &hundred).await.unwrap();
     ledger.release(&id("t2", "a")).await.unwrap();
     ledger.release(&id("t2", "a")).await.unwrap();
@@ -123,7 +127,11 @@ async fn racing_reservations_for_the_last_slot_let_exactly_one_through(
     let attempts = (0..16).map(|i| {
         let ledger = ledger.clone();
         let limit = limit.clone();
-        tokio::spawn(async move { ledger.reserve(&id("race", &format!("r{i}")), 1, &limit).await })
+        tokio::spawn(async move {
+            ledger
+                .reserve(&id("race", &format!("r{i}")), 1, &limit)
+                .await
+        })
     });
     let mut won = 0;
     for attempt in attempts {

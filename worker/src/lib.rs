@@ -75,14 +75,16 @@ impl Worker {
     /// answers them for the whole process.
     pub fn without_probes(settings: &Settings, backends: Backends) -> anyhow::Result<Self> {
         stitch_common::metrics::register(stitch_common::metrics::Role::Worker);
-        let merger = Arc::new(Merger::new(
-            settings,
-            backends.state.clone(),
-            backends.storage.clone(),
-            backends.lock.clone(),
-            backends.events.clone(),
-        )
-        .with_quotas(backends.quotas.clone()));
+        let merger = Arc::new(
+            Merger::new(
+                settings,
+                backends.state.clone(),
+                backends.storage.clone(),
+                backends.lock.clone(),
+                backends.events.clone(),
+            )
+            .with_quotas(backends.quotas.clone()),
+        );
         let dispatcher = if settings.worker.webhooks {
             Some(Arc::new(
                 webhooks::Dispatcher::new(settings, &backends).context("setting up webhooks")?,

@@ -521,8 +521,7 @@ impl Merger {
         {
             Ok(Failed::Now) => {
                 m::transition("failed");
-                self.settle_quota(id, plan.upload.geometry.total_size)
-                    .await;
+                self.settle_quota(id, plan.upload.geometry.total_size).await;
                 self.publish_outboxed(id, &event, &outboxed).await;
                 Ok(MergeOutcome::Failed(reason.to_owned()))
             }

@@ -106,7 +106,12 @@ impl QuotaLedger for RedisQuotaLedger {
             .invoke_async(&mut conn)
             .await
             .map_err(crate::state::redis_error)?;
-        let number = |i: usize| reply.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let number = |i: usize| {
+            reply
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         match reply.first().map(String::as_str) {
             Some("new") => Ok(Reservation::New),
             Some("held") => Ok(Reservation::Held),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stitch_common::auth::{Scope, Scopes, TokenClaims, TokenSigner, key_sha256};
-use stitch_common::config::{ApiKeyEntry, ByteSize, Interval, PreCreateHook, Quotas, Secret, Settings};
+use stitch_common::config::{
+    ApiKeyEntry, ByteSize, Interval, PreCreateHook, Quotas, Secret, Settings,
+};
 use stitch_common::id::Tenant;
 use stitch_testkit::sink::WebhookSink;
 
@@ -139,7 +141,9 @@ impl Route {
                 .header("X-File-ID", id),
             Route::Download => http.get(format!("{base}/files/{id}")),
             Route::DownloadWithQueryToken => {
-                let query = credential.map(|c| format!("?token={c}")).unwrap_or_default();
+                let query = credential
+                    .map(|c| format!("?token={c}"))
+                    .unwrap_or_default();
                 return http.get(format!("{base}/files/{id}{query}"));
             }
             Route::Delete => http.delete(format!("{base}/files/{id}")),
@@ -155,11 +159,13 @@ impl Route {
                     )
                     .body(source.bytes[range.start as usize..range.end as usize].to_vec())
             }
-            Route::Create => http.post(format!("{base}/upload")).json(&serde_json::json!({
-                "upload_id": id,
-                "total_size": source.len(),
-                "chunk_size": source.chunk_size,
-            })),
+            Route::Create => http
+                .post(format!("{base}/upload"))
+                .json(&serde_json::json!({
+                    "upload_id": id,
+                    "total_size": source.len(),
+                    "chunk_size": source.chunk_size,
+                })),
             Route::IssueToken => http
                 .post(format!("{base}/upload/tokens"))
                 .json(&serde_json::json!({ "upload_id": id })),
@@ -229,18 +235,31 @@ async fn every_route_refuses_what_its_credential_does_not_allow_and_changes_noth
         });
         let mut cases: Vec<(String, Option<String>, u16, &str)> = vec![
             ("no credential".into(), None, 401, "unauthorized"),
-            ("unknown key".into(), Some("sk_not_a_key".into()), 401, "unauthorized"),
+            (
+                "unknown key".into(),
+                Some("sk_not_a_key".into()),
+                401,
+                "unauthorized",
+            ),
             ("tampered token".into(), Some(tampered), 401, "unauthorized"),
             ("forged token".into(), Some(forged), 401, "unauthorized"),
             (
                 "expired token".into(),
-                Some(token(upload, &[Scope::Upload, Scope::Read, Scope::Delete], -1)),
+                Some(token(
+                    upload,
+                    &[Scope::Upload, Scope::Read, Scope::Delete],
+                    -1,
+                )),
                 401,
                 "unauthorized",
             ),
             (
                 "token for another upload".into(),
-                Some(token("elsewhere", &[Scope::Upload, Scope::Read, Scope::Delete], 600)),
+                Some(token(
+                    "elsewhere",
+                    &[Scope::Upload, Scope::Read, Scope::Delete],
+                    600,
+                )),
                 403,
                 "forbidden",
             ),
@@ -289,7 +308,10 @@ async fn every_route_refuses_what_its_credential_does_not_allow_and_changes_noth
             }
             if label == "another tenant's key" {
                 let (_, nothing) = json_response(missing(route).send().await).await;
-                assert_eq!(body, nothing, "{route:?}: another tenant's upload shows as absent");
+                assert_eq!(
+                    body, nothing,
+                    "{route:?}: another tenant's upload shows as absent"
+                );
             }
             assert_eq!(
                 acme_state(&env),
@@ -323,7 +345,12 @@ async fn another_tenants_requests_for_the_owners_id_change_nothing_of_the_owners
         "filename": "report.pdf", "callback_url": "http://127.0.0.1:9/hook",
     });
     let (code, created) = json_response(
-        owner.client.post(owner.url("/upload")).json(&declaration).send().await,
+        owner
+            .client
+            .post(owner.url("/upload"))
+            .json(&declaration)
+            .send()
+            .await,
     )
     .await;
     assert_eq!(code, 201, "{created}");
@@ -333,10 +360,18 @@ async fn another_tenants_requests_for_the_owners_id_change_nothing_of_the_owners
     // of its own (no 409, no secret of the owner's), garbage for a missing index, a bogus
     // file MD5, another file name, another geometry, a delete.
     let (code, theirs) = json_response(
-        attacker.client.post(attacker.url("/upload")).json(&declaration).send().await,
+        attacker
+            .client
+            .post(attacker.url("/upload"))
+            .json(&declaration)
+            .send()
+            .await,
     )
     .await;
-    assert_eq!(code, 201, "the same id in another tenant is another upload: {theirs}");
+    assert_eq!(
+        code, 201,
+        "the same id in another tenant is another upload: {theirs}"
+    );
     assert_ne!(theirs["callback_secret"], created["callback_secret"]);
     let garbage = Source::random(3000, 1000, 99);
     let (code, body) = json_response(
@@ -348,14 +383,25 @@ async fn another_tenants_requests_for_the_owners_id_change_nothing_of_the_owners
             .await,
     )
     .await;
-    assert_eq!(code, 409, "the attacker's own upload has its own MD5: {body}");
+    assert_eq!(
+        code, 409,
+        "the attacker's own upload has its own MD5: {body}"
+    );
     let (code, body) = attacker.put_chunk("report", &garbage, 1).await;
     assert_eq!(code, 200, "{body}");
     let other_geometry = Source::random(5000, 500, 3);
     let (code, body) = attacker.put_chunk("fresh-id", &other_geometry, 0).await;
     assert_eq!(code, 200, "{body}");
-    let deleted = attacker.client.delete(attacker.url("/files/report")).send().await;
-    assert_eq!(deleted.unwrap().status(), 204, "the attacker deletes its own upload");
+    let deleted = attacker
+        .client
+        .delete(attacker.url("/files/report"))
+        .send()
+        .await;
+    assert_eq!(
+        deleted.unwrap().status(),
+        204,
+        "the attacker deletes its own upload"
+    );
 
     // The owner's upload is untouched: its chunks, its name, its MD5; and an id the
     // attacker took first is still free for the owner, with the owner's geometry.
@@ -421,15 +467,33 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
         assert_eq!(code, 200, "{body}");
     }
     browser.wait_for_state(&id, "completed", MINUTE).await;
-    let (code, body) =
-        json_response(browser.client.delete(browser.url(&format!("/files/{id}"))).send().await)
-            .await;
-    assert_eq!((code, error_code(&body)), (403, "forbidden"), "upload+read cannot delete");
     let (code, body) = json_response(
-        browser.client.post(browser.url("/upload/tokens")).json(&serde_json::json!({})).send().await,
+        browser
+            .client
+            .delete(browser.url(&format!("/files/{id}")))
+            .send()
+            .await,
     )
     .await;
-    assert_eq!((code, error_code(&body)), (403, "forbidden"), "tokens make no tokens: {body}");
+    assert_eq!(
+        (code, error_code(&body)),
+        (403, "forbidden"),
+        "upload+read cannot delete"
+    );
+    let (code, body) = json_response(
+        browser
+            .client
+            .post(browser.url("/upload/tokens"))
+            .json(&serde_json::json!({}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (403, "forbidden"),
+        "tokens make no tokens: {body}"
+    );
 
     // A read-only download link.
     let (code, link) = json_response(
@@ -442,7 +506,10 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
     )
     .await;
     assert_eq!(code, 201, "{link}");
-    let url = owner.url(&format!("/files/{id}?token={}", link["token"].as_str().unwrap()));
+    let url = owner.url(&format!(
+        "/files/{id}?token={}",
+        link["token"].as_str().unwrap()
+    ));
     let plain = stitch_testkit::http_client();
     let file = plain.get(&url).send().await.unwrap();
     assert_eq!(file.status(), 200);
@@ -459,7 +526,12 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
         (serde_json::json!({ "scopes": ["root"] }), 400),
     ] {
         let (code, answer) = json_response(
-            reader.client.post(reader.url("/upload/tokens")).json(&body).send().await,
+            reader
+                .client
+                .post(reader.url("/upload/tokens"))
+                .json(&body)
+                .send()
+                .await,
         )
         .await;
         assert_eq!(code, status, "{body}: {answer}");
@@ -496,14 +568,21 @@ async fn quotas_refuse_with_the_right_status_store_nothing_and_free_up_on_comple
     assert_eq!(code, 200, "{body}");
     let before = acme_state(&env);
     let second = Source::random(1000, 1000, 3);
-    let response = acme.chunk_request("second", &second, 0).send().await.unwrap();
+    let response = acme
+        .chunk_request("second", &second, 0)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "60");
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(error_code(&body), "quota_exceeded", "{body}");
     assert_eq!(acme_state(&env), before, "a refused upload stores nothing");
     let (code, body) = globex.put_chunk("second", &second, 0).await;
-    assert_eq!(code, 200, "another tenant is not limited by acme's quota: {body}");
+    assert_eq!(
+        code, 200,
+        "another tenant is not limited by acme's quota: {body}"
+    );
 
     // Completion frees the slot; the bytes stay counted.
     for index in 1..3 {
@@ -582,12 +661,28 @@ async fn a_pre_create_hook_that_refuses_stops_the_upload_with_its_message() {
             .await,
     )
     .await;
-    assert_eq!((code, error_code(&body)), (403, "rejected_by_hook"), "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("no .exe files here"));
-    assert_eq!(acme_state(&env), Default::default(), "nothing stored, nothing reserved");
+    assert_eq!(
+        (code, error_code(&body)),
+        (403, "rejected_by_hook"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no .exe files here")
+    );
+    assert_eq!(
+        acme_state(&env),
+        Default::default(),
+        "nothing stored, nothing reserved"
+    );
     let asked = sink.requests();
     assert_eq!(asked.len(), 1);
-    assert_eq!(asked[0]["verified_with"][0], HOOK_SECRET, "signed per Standard Webhooks");
+    assert_eq!(
+        asked[0]["verified_with"][0], HOOK_SECRET,
+        "signed per Standard Webhooks"
+    );
     let declared: serde_json::Value =
         serde_json::from_str(asked[0]["body"].as_str().unwrap()).unwrap();
     assert_eq!(declared["tenant"], "acme");
@@ -610,7 +705,11 @@ async fn a_pre_create_hook_that_does_not_answer_in_time_is_a_503() {
             .await,
     )
     .await;
-    assert_eq!((code, error_code(&body)), (503, "hook_unavailable"), "{body}");
+    assert_eq!(
+        (code, error_code(&body)),
+        (503, "hook_unavailable"),
+        "{body}"
+    );
     assert_eq!(acme_state(&env), Default::default());
 }
 
@@ -620,7 +719,10 @@ async fn a_pre_create_hook_can_attach_metadata_and_is_asked_once_per_upload() {
     let sink = WebhookSink::start(
         &[HOOK_SECRET],
         "200",
-        &["--reply-body", r#"{"metadata":{"project":"apollo","client":"hook"}}"#],
+        &[
+            "--reply-body",
+            r#"{"metadata":{"project":"apollo","client":"hook"}}"#,
+        ],
     );
     let addr = spawn(&hooked(&env, &sink, Duration::from_secs(10)), false).await;
     let acme = ApiClient::with_key(addr, ACME);
@@ -645,5 +747,9 @@ async fn a_pre_create_hook_can_attach_metadata_and_is_asked_once_per_upload() {
         let (code, body) = acme.put_chunk("tagged", &source, index).await;
         assert_eq!(code, 200, "{body}");
     }
-    assert_eq!(sink.requests().len(), 1, "chunks of an existing upload ask no hook");
+    assert_eq!(
+        sink.requests().len(),
+        1,
+        "chunks of an existing upload ask no hook"
+    );
 }
