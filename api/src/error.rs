@@ -60,6 +60,8 @@ pub enum ApiError {
     CallbacksDisabled,
     #[error("the request body is not valid: {0}")]
     InvalidJson(String),
+    #[error("the query is not valid: {0}")]
+    InvalidQuery(String),
     #[error("the {what} does not match the data received")]
     ChecksumMismatch { what: &'static str },
     #[error("the body stalled for longer than the idle timeout")]
@@ -122,6 +124,7 @@ impl ApiError {
             | InvalidBody(_)
             | InvalidFilename(_)
             | InvalidJson(_)
+            | InvalidQuery(_)
             | ChecksumMismatch { .. } => StatusCode::BAD_REQUEST,
             ChunkTooLarge { .. } | UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -161,6 +164,7 @@ impl ApiError {
             InvalidBody(_) => "invalid_body",
             InvalidFilename(_) => "invalid_filename",
             InvalidJson(_) => "invalid_json",
+            InvalidQuery(_) => "invalid_query",
             InvalidCallback(_) => "invalid_callback",
             CallbacksDisabled => "callbacks_disabled",
             ChecksumMismatch { .. } => "checksum_mismatch",

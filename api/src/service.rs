@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use stitch_common::auth::{Authenticator, Principal, Scope, Scopes, TokenClaims};
+use stitch_common::auth::{Authenticator, DownloadLinks, Principal, Scope, Scopes, TokenClaims};
 use stitch_common::backends::Backends;
 use stitch_common::config::Interval;
 use stitch_common::config::{Limits, Settings};
@@ -715,6 +715,33 @@ impl UploadService {
     ) -> Result<UploadStatus, ApiError> {
         caller.require_any(Scope::Read, Scope::Upload)?;
         self.status_of(&caller.upload_id(name.as_str())?).await
+    }
+
+    /// `url` (a completed upload's download URL) with a read-only token that lasts `ttl`, for
+    /// a caller that may read the upload: a link to hand to someone without a key.
+    pub fn signed_link(
+        &self,
+        caller: &Principal,
+        status: &UploadStatus,
+        url: &str,
+        ttl: Interval,
+    ) -> Result<String, ApiError> {
+        caller.require(Scope::Read)?;
+        let Some(signer) = self.auth.tokens() else {
+            return Err(ApiError::TokensDisabled);
+        };
+        if caller.upload.is_some() {
+            // A token's holder could outlive its own token with a longer link.
+            return Err(ApiError::Forbidden("a token cannot make links".into()));
+        }
+        if ttl.0.is_zero() || ttl.0 > self.token_max_ttl {
+            return Err(ApiError::InvalidQuery(format!(
+                "link_ttl must be between 1s and auth.token_max_ttl ({}s)",
+                self.token_max_ttl.as_secs()
+            )));
+        }
+        let links = DownloadLinks::new(signer.clone(), ttl.0);
+        Ok(links.link(url, &status.id))
     }
 
     /// A snapshot of the upload, rebuilt from storage if the state store lost it.

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use stitch_common::auth::DownloadLinks;
 use stitch_common::config::Settings;
 use stitch_common::events::{Event, new_event_id};
 use stitch_common::geometry::ChunkIndex;
@@ -31,7 +32,7 @@ use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, Reopened, StateError, StateStore, keys,
 };
 use stitch_common::storage::{CompletionRecord, FsChunkStore};
-use stitch_common::upload::{Completion, UploadState};
+use stitch_common::upload::{Completion, UploadState, UploadStatus};
 use tokio::sync::Mutex;
 
 use crate::concat::{ChunkSource, Concat, ConcatError, Control, LostChunk, concatenate};
@@ -104,6 +105,8 @@ pub struct Merger {
     public_url: Option<String>,
     /// Frees the tenant's active-upload slot when the upload completes or fails.
     quotas: Option<Arc<dyn QuotaLedger>>,
+    /// Signs the download links of `upload.completed` (`auth.event_link_ttl`).
+    links: Option<DownloadLinks>,
 }
 
 impl Merger {
@@ -128,6 +131,20 @@ impl Merger {
             direct_io: settings.merge.direct_io,
             public_url: settings.http.public_url.clone(),
             quotas: None,
+            links: DownloadLinks::for_events(&settings.auth),
+        }
+    }
+
+    /// `upload.completed` of a completed upload, its link signed when configured.
+    fn completed_event(&self, status: &UploadStatus) -> Option<Event> {
+        let mut event = Event::completed(status, self.public_url.as_deref())?;
+        self.sign_link(&mut event, &status.id);
+        Some(event)
+    }
+
+    fn sign_link(&self, event: &mut Event, id: &UploadId) {
+        if let (Some(links), Some(url)) = (&self.links, &event.upload.download_url) {
+            event.upload.download_url = Some(links.link(url, id));
         }
     }
 
@@ -217,10 +234,7 @@ impl Merger {
                     .as_ref()
                     .and_then(|s| s.completion.as_ref())
                     .map(|c| c.location.clone());
-                if let Some(event) = status
-                    .as_ref()
-                    .and_then(|s| Event::completed(s, self.public_url.as_deref()))
-                {
+                if let Some(event) = status.as_ref().and_then(|s| self.completed_event(s)) {
                     self.events.publish_event(&event).await.map_err(transient)?;
                 }
                 return Ok(MergeOutcome::AlreadyCompleted(Finish {
@@ -358,7 +372,9 @@ impl Merger {
             self.storage.discard_attempt(id, plan.fence).await;
             return Err(transient(e));
         }
-        let event = Event::completed_from(&plan.upload, &completion, self.public_url.as_deref());
+        let mut event =
+            Event::completed_from(&plan.upload, &completion, self.public_url.as_deref());
+        self.sign_link(&mut event, id);
         let outboxed = OutboxMessage::event_json(&event);
         match self
             .state
@@ -431,10 +447,7 @@ impl Merger {
 
     async fn publish_completed(&self, id: &UploadId) -> Result<(), MergeError> {
         let status = self.state.upload_status(id).await.map_err(transient)?;
-        if let Some(event) = status
-            .as_ref()
-            .and_then(|s| Event::completed(s, self.public_url.as_deref()))
-        {
+        if let Some(event) = status.as_ref().and_then(|s| self.completed_event(s)) {
             self.events.publish_event(&event).await.map_err(transient)?;
         }
         Ok(())

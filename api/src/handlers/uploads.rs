@@ -2,15 +2,19 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use stitch_common::auth::Principal;
+use stitch_common::config::Interval;
 use stitch_common::state::Created;
 
 use super::views::StatusView;
 use crate::AppState;
 use crate::error::ApiError;
-use crate::extract::{Caller, UploadIdHeader, UploadIdPath};
+use crate::extract::{Caller, UploadIdHeader, UploadIdPath, UploadName};
 use crate::service::CreateUpload;
 
 /// Largest JSON body `POST /upload` reads, beyond the metadata limit.
@@ -43,20 +47,42 @@ pub async fn create_upload(
     Ok((code, [(header::LOCATION, location)], Json(body)).into_response())
 }
 
+/// `?link_ttl=10m` on a status request: the download link carries a read-only token.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    link_ttl: Option<Interval>,
+}
+
 pub async fn status_by_header(
     State(app): State<AppState>,
     Caller(caller): Caller,
     UploadIdHeader(name): UploadIdHeader,
+    query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Result<Json<StatusView>, ApiError> {
-    let status = app.uploads.upload_status(&caller, &name).await?;
-    Ok(Json(StatusView::new(status, app.public_url.as_deref())))
+    status(app, caller, name, query).await
 }
 
 pub async fn status_by_path(
     State(app): State<AppState>,
     Caller(caller): Caller,
     UploadIdPath(name): UploadIdPath,
+    query: Result<Query<StatusQuery>, QueryRejection>,
 ) -> Result<Json<StatusView>, ApiError> {
+    status(app, caller, name, query).await
+}
+
+async fn status(
+    app: AppState,
+    caller: Principal,
+    name: UploadName,
+    query: Result<Query<StatusQuery>, QueryRejection>,
+) -> Result<Json<StatusView>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let status = app.uploads.upload_status(&caller, &name).await?;
-    Ok(Json(StatusView::new(status, app.public_url.as_deref())))
+    let mut view = StatusView::new(status.clone(), app.public_url.as_deref());
+    if let (Some(ttl), Some(url)) = (query.link_ttl, &view.download_url) {
+        view.download_url = Some(app.uploads.signed_link(&caller, &status, url, ttl)?);
+    }
+    Ok(Json(view))
 }

@@ -25,7 +25,7 @@ use crate::config::{ApiKeyEntry, AuthMode, AuthSettings};
 use crate::id::{InvalidId, Tenant, UploadId};
 
 pub use self::keys::KeyRing;
-pub use self::token::{TokenClaims, TokenSigner};
+pub use self::token::{DownloadLinks, TokenClaims, TokenSigner};
 
 /// One permission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

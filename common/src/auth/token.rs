@@ -76,6 +76,7 @@ pub enum TokenError {
 }
 
 /// Signs with the current secret; verifies with it and the previous ones.
+#[derive(Clone)]
 pub struct TokenSigner {
     /// The current secret first.
     secrets: Vec<Vec<u8>>,
@@ -151,6 +152,42 @@ impl TokenSigner {
         crate::id::UploadId::new(&claims.tenant, &claims.upload)
             .map_err(|_| TokenError::Malformed)?;
         Ok(claims)
+    }
+}
+
+/// Read-only download tokens for links: `?token=` appended to a download URL.
+pub struct DownloadLinks {
+    signer: TokenSigner,
+    ttl: std::time::Duration,
+}
+
+impl DownloadLinks {
+    /// The links of `upload.completed` events, when `auth.event_link_ttl` is set.
+    pub fn for_events(auth: &crate::config::AuthSettings) -> Option<Self> {
+        let (secret, ttl) = (auth.token_secret.as_ref()?, auth.event_link_ttl?);
+        Some(Self {
+            signer: TokenSigner::new(secret, &auth.previous_token_secrets),
+            ttl: ttl.0,
+        })
+    }
+
+    pub fn new(signer: TokenSigner, ttl: std::time::Duration) -> Self {
+        Self { signer, ttl }
+    }
+
+    /// `url` with a token that lets its holder download `id` (and nothing else) until the
+    /// link's life is over.
+    pub fn link(&self, url: &str, id: &crate::id::UploadId) -> String {
+        let expires_at = (crate::now_ms() + self.ttl.as_millis() as u64).div_ceil(1000);
+        let token = self.signer.sign(&TokenClaims {
+            tenant: id.tenant(),
+            upload: id.name().to_owned(),
+            scopes: Scopes::of(&[super::Scope::Read]),
+            expires_at,
+            max_bytes: None,
+        });
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}token={token}")
     }
 }
 

@@ -38,6 +38,10 @@ pub struct AuthSettings {
     pub previous_token_secrets: Vec<Secret>,
     /// The longest life a capability token may be given.
     pub token_max_ttl: Interval,
+    /// When set, the download link of every `upload.completed` event carries a read-only
+    /// token valid this long (needs `token_secret`). Off by default: a link with a token is
+    /// a credential, handed to every event consumer and webhook receiver.
+    pub event_link_ttl: Option<Interval>,
     /// `[auth.quotas]`: every tenant's limits, unless overridden.
     pub quotas: Quotas,
     /// `[auth.tenants.<tenant>]`: one tenant's overrides.
@@ -94,6 +98,7 @@ impl Default for AuthSettings {
             token_secret: None,
             previous_token_secrets: Vec::new(),
             token_max_ttl: Interval(Duration::from_secs(7 * 86_400)),
+            event_link_ttl: None,
             quotas: Quotas::default(),
             tenants: BTreeMap::new(),
         }
@@ -130,6 +135,20 @@ impl AuthSettings {
                 "STITCH__AUTH__TOKEN_MAX_TTL",
                 "must be longer than zero".into(),
             );
+        }
+        if let Some(ttl) = self.event_link_ttl {
+            if self.token_secret.is_none() {
+                return invalid(
+                    "STITCH__AUTH__EVENT_LINK_TTL",
+                    "needs STITCH__AUTH__TOKEN_SECRET to sign the links".into(),
+                );
+            }
+            if ttl.0.is_zero() || ttl.0 > self.token_max_ttl.0 {
+                return invalid(
+                    "STITCH__AUTH__EVENT_LINK_TTL",
+                    "must be longer than zero and at most auth.token_max_ttl".into(),
+                );
+            }
         }
         for tenant in self.tenants.keys() {
             if crate::id::Tenant::parse(tenant).is_err() {

@@ -438,7 +438,10 @@ async fn another_tenants_requests_for_the_owners_id_change_nothing_of_the_owners
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_their_upload() {
     let env = TestEnv::new();
-    let addr = spawn(&keyed(&env), true).await;
+    let tap = EventTap::start(&env).await;
+    let mut settings = keyed(&env);
+    settings.auth.event_link_ttl = Some(Interval(Duration::from_secs(600)));
+    let addr = spawn(&settings, true).await;
     let owner = ApiClient::with_key(addr, ACME);
     let source = Source::random(2500, 1000, 12);
     let (code, issued) = json_response(
@@ -516,6 +519,45 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
     assert_eq!(file.bytes().await.unwrap().to_vec(), source.bytes);
     let (code, _) = json_response(plain.delete(&url).send().await).await;
     assert_eq!(code, 401, "the query token is for downloads only");
+
+    // Links that carry a read-only token: in the status when asked, in upload.completed
+    // when the operator configured it; either downloads without a key, and nothing else.
+    let (code, status) = json_response(
+        owner
+            .client
+            .get(owner.url(&format!("/upload/{id}/status?link_ttl=5m")))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200, "{status}");
+    let event = tap.wait_for(&id, "upload.completed", MINUTE).await;
+    for link in [&status["download_url"], &event["upload"]["download_url"]] {
+        let link = link.as_str().unwrap();
+        assert!(
+            link.starts_with(&format!("/files/{id}?token=st1.")),
+            "{link}"
+        );
+        let file = plain.get(owner.url(link)).send().await.unwrap();
+        assert_eq!(file.status(), 200, "{link}");
+        assert_eq!(file.bytes().await.unwrap().to_vec(), source.bytes);
+        let status_with_it = link.replace(&format!("/files/{id}"), &format!("/upload/{id}/status"));
+        let (code, _) = json_response(plain.get(owner.url(&status_with_it)).send().await).await;
+        assert_eq!(code, 401, "a link's token opens the download only");
+    }
+    let (code, body) = json_response(
+        browser
+            .client
+            .get(browser.url(&format!("/upload/{id}/status?link_ttl=30d")))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (code, error_code(&body)),
+        (403, "forbidden"),
+        "a token makes no links: {body}"
+    );
 
     // A key cannot hand out more than it has, nor admin, nor for longer than allowed.
     let reader = ApiClient::with_key(addr, ACME_READ);
