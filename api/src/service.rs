@@ -245,6 +245,7 @@ impl UploadService {
             scopes,
             expires_at: expires_at_ms.div_ceil(1000),
             max_bytes: req.max_bytes,
+            issuer: caller.key_id().map(str::to_owned),
         });
         tracing::info!(upload_id = %upload_id, by = caller.label(), scopes = ?scopes, ttl_s = ttl.as_secs(), "capability token issued");
         Ok(IssuedToken {
@@ -741,7 +742,7 @@ impl UploadService {
             )));
         }
         let links = DownloadLinks::new(signer.clone(), ttl.0);
-        Ok(links.link(url, &status.id))
+        Ok(links.link(url, &status.id, caller.key_id()))
     }
 
     /// A snapshot of the upload, rebuilt from storage if the state store lost it.
@@ -793,12 +794,11 @@ impl UploadService {
             m::transition("aborted");
             self.publish_event(id, &event, &outboxed).await;
         }
+        // The quota before the files: should this fail, the files are still there, so the
+        // janitor (which walks storage) finishes the removal and the release; the client's
+        // DELETE, answered with the error, may also simply be sent again.
+        self.quotas.release(id).await?;
         self.storage.remove_upload(id).await?;
-        // After the files: a quota freed before them would let the tenant store more than
-        // its limit for a moment. A failure here is repaired by the janitor's next pass.
-        if let Err(e) = self.quotas.release(id).await {
-            tracing::warn!(upload_id = %id, error = %e, "quota not released; the janitor will");
-        }
         Ok(())
     }
 

@@ -145,7 +145,32 @@ async fn racing_reservations_for_the_last_slot_let_exactly_one_through(
     assert_eq!(usage(ledger.as_ref(), "race").await.active_uploads, 3);
 }
 
+async fn tracking_makes_an_entry_what_storage_says_whatever_it_was(ledger: &dyn QuotaLedger) {
+    let one = limits(Some(1), Some(100));
+    ledger.track(&id("t3", "a"), 70, true).await.unwrap();
+    ledger.track(&id("t3", "a"), 70, true).await.unwrap();
+    ledger.track(&id("t3", "b"), 50, false).await.unwrap();
+    assert_eq!(
+        usage(ledger, "t3").await,
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 120
+        },
+        "tracking ignores limits and is idempotent"
+    );
+    assert!(ledger.reserve(&id("t3", "c"), 1, &one).await.is_err());
+    ledger.track(&id("t3", "a"), 60, false).await.unwrap();
+    assert_eq!(
+        usage(ledger, "t3").await,
+        Usage {
+            active_uploads: 0,
+            stored_bytes: 110
+        }
+    );
+}
+
 async fn run_quota_contract(ledger: Arc<dyn QuotaLedger>) {
+    tracking_makes_an_entry_what_storage_says_whatever_it_was(ledger.as_ref()).await;
     reservations_stop_at_the_active_limit_and_completion_frees_a_slot(ledger.as_ref()).await;
     stored_bytes_are_bounded_and_released_when_an_upload_goes(ledger.as_ref()).await;
     racing_reservations_for_the_last_slot_let_exactly_one_through(ledger).await;

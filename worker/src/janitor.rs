@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use stitch_common::config::Quotas;
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
 use stitch_common::lock::MergeLock;
@@ -125,8 +124,8 @@ impl Janitor {
             // before the state store's record), or the leftovers of a removal.
             let dir_owned = dir.to_owned();
             if blocking(move || all_older_than(&dir_owned, grace)).await? {
-                self.storage.remove_upload(id).await?;
                 self.quotas.release(id).await?;
+                self.storage.remove_upload(id).await?;
                 self.removed(swept, 1);
             }
             return Ok(());
@@ -149,8 +148,8 @@ impl Janitor {
             UploadState::Receiving => idle && !every_chunk,
             UploadState::Failed => idle,
             UploadState::Aborted => {
-                self.storage.remove_upload(id).await?;
                 self.quotas.release(id).await?;
+                self.storage.remove_upload(id).await?;
                 self.removed(swept, 1);
                 return Ok(());
             }
@@ -169,8 +168,8 @@ impl Janitor {
                 if self.events.publish_event(&event).await.is_ok() {
                     let _ = self.state.clear_outbox_entry(id, &outboxed).await;
                 }
-                self.storage.remove_upload(id).await?;
                 self.quotas.release(id).await?;
+                self.storage.remove_upload(id).await?;
                 swept.expired.push(id.to_string());
                 stitch_common::metrics::transition("expired");
                 self.removed(swept, 1);
@@ -181,10 +180,10 @@ impl Janitor {
         // lost Redis dropped is made again (never refused: the upload exists), a failed
         // upload's slot is freed.
         let size = inventory.upload.geometry.total_size;
-        self.quotas.reserve(id, size, &Quotas::default()).await?;
-        if header.state == UploadState::Failed {
-            self.quotas.settle(id, size).await?;
-        }
+        self.quotas
+            .track(id, size, header.state != UploadState::Failed)
+            .await?;
+        self.unless_gone(id).await?;
         // Only copies nothing counts go, once past the grace.
         let counted: Vec<String> = self
             .state
@@ -201,6 +200,20 @@ impl Janitor {
         })
         .await?;
         self.removed(swept, removed);
+        Ok(())
+    }
+
+    /// Takes back an entry just made again for an upload that a concurrent DELETE
+    /// removed meanwhile (its manifest is gone, or its state says aborted): otherwise
+    /// nothing would ever release it.
+    async fn unless_gone(&self, id: &UploadId) -> anyhow::Result<()> {
+        let aborted = matches!(
+            self.state.upload_header(id).await?,
+            Some(h) if h.state == UploadState::Aborted
+        );
+        if aborted || self.storage.read_manifest(id).await?.is_none() {
+            self.quotas.release(id).await?;
+        }
         Ok(())
     }
 
@@ -235,18 +248,16 @@ impl Janitor {
             })
             .await?;
             self.state.forget_upload(id).await?;
-            self.storage.remove_upload(id).await?;
             self.quotas.release(id).await?;
+            self.storage.remove_upload(id).await?;
             swept.deleted.push(id.to_string());
             stitch_common::metrics::transition("deleted");
             self.removed(swept, 1);
             return Ok(());
         }
         // Kept: the ledger counts its file, not a slot.
-        self.quotas
-            .reserve(id, done.size, &Quotas::default())
-            .await?;
-        self.quotas.settle(id, done.size).await?;
+        self.quotas.track(id, done.size, false).await?;
+        self.unless_gone(id).await?;
         let keep = done.location.rsplit('/').next().map(str::to_owned);
         let keep_record = format!("completion.{}.json", done.fence);
         let (dir, grace) = (dir.to_owned(), self.grace);

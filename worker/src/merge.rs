@@ -144,7 +144,7 @@ impl Merger {
 
     fn sign_link(&self, event: &mut Event, id: &UploadId) {
         if let (Some(links), Some(url)) = (&self.links, &event.upload.download_url) {
-            event.upload.download_url = Some(links.link(url, id));
+            event.upload.download_url = Some(links.link(url, id, None));
         }
     }
 

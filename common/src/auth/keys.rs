@@ -133,6 +133,17 @@ impl KeyRing {
         self.configured.is_empty() && self.file.is_none()
     }
 
+    /// Whether a key with this id is configured now (tokens made by a removed key are
+    /// refused).
+    pub fn has_key_id(&self, id: &str) -> bool {
+        self.configured.values().any(|k| k.id == id)
+            || self.file.as_ref().is_some_and(|f| {
+                f.refresh();
+                let state = f.state.read().unwrap_or_else(|e| e.into_inner());
+                state.keys.values().any(|k| k.id == id)
+            })
+    }
+
     /// The principal of a presented key, if it is one of ours.
     pub fn principal(&self, presented: &str) -> Option<Principal> {
         let hash = key_sha256(presented);

@@ -199,9 +199,12 @@ impl Principal {
         }
     }
 
-    /// Tokens and the open principal do not issue tokens; only keys do.
-    pub fn is_key(&self) -> bool {
-        matches!(self.credential, Credential::Key(_))
+    /// The id of the API key this principal presented, if it presented one.
+    pub fn key_id(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::Key(id) => Some(id),
+            _ => None,
+        }
     }
 
     /// A label for logs: the key id, `token` or `open`.
@@ -329,9 +332,22 @@ impl Authenticator {
             ))?),
             None => None,
         };
+        // A query parameter ends up in access logs and browser histories: it may carry a
+        // capability token (short-lived, one upload, read-only links), never an API key.
+        if bearer.is_none()
+            && let Some(query) = presented.query_token
+            && !token::looks_like_token(query)
+        {
+            return Err(AuthError::Unauthorized(
+                "?token= takes a capability token; send API keys in the Authorization header",
+            ));
+        }
         let Some(credential) = bearer.or(presented.query_token) else {
             if self.keys.is_empty() {
-                if presented.peer.is_some_and(|p| p.ip().is_loopback()) {
+                if presented
+                    .peer
+                    .is_some_and(|p| p.ip().to_canonical().is_loopback())
+                {
                     return Ok(Principal::open());
                 }
                 return Err(AuthError::Unauthorized(
@@ -352,6 +368,13 @@ impl Authenticator {
             let claims = signer
                 .verify(credential, crate::now_ms() / 1000)
                 .map_err(|_| AuthError::Unauthorized("the token is not valid or has expired"))?;
+            // A token lives no longer than the key that made it: removing a key from the
+            // configuration or the keys file revokes every token it issued.
+            if let Some(issuer) = &claims.issuer
+                && !self.keys.has_key_id(issuer)
+            {
+                return Err(AuthError::Unauthorized("the token's key was revoked"));
+            }
             return Ok(claims.principal());
         }
         self.keys
@@ -452,11 +475,13 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(local, Ok(Principal::open()));
-        let v6 = auth.authenticate(Presented {
-            peer: Some("[::1]:1".parse().unwrap()),
-            ..Default::default()
-        });
-        assert_eq!(v6, Ok(Principal::open()));
+        for peer in ["[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            let v6 = auth.authenticate(Presented {
+                peer: Some(peer.parse().unwrap()),
+                ..Default::default()
+            });
+            assert_eq!(v6, Ok(Principal::open()), "{peer}");
+        }
         let remote = auth.authenticate(Presented {
             peer: Some(SocketAddr::from(([10, 0, 0, 7], 1))),
             ..Default::default()
@@ -487,6 +512,7 @@ mod tests {
             scopes: Scopes::default_for_tokens(),
             expires_at: now + 60,
             max_bytes: Some(100),
+            issuer: Some("ci".into()),
         });
         let header = bearer(&token);
         let p = auth
@@ -511,6 +537,44 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(query, Ok(p));
+    }
+
+    #[test]
+    fn a_token_dies_with_the_key_that_made_it_and_no_key_goes_in_a_query() {
+        let auth = keyed(vec![entry("ci", "acme", "k1", None)]);
+        let signer = auth.tokens().unwrap();
+        let claims = |issuer: Option<&str>| TokenClaims {
+            tenant: Tenant::parse("acme").unwrap(),
+            upload: "u1".into(),
+            scopes: Scopes::default_for_tokens(),
+            expires_at: crate::now_ms() / 1000 + 60,
+            max_bytes: None,
+            issuer: issuer.map(str::to_owned),
+        };
+        let by = |issuer| {
+            let header = bearer(&signer.sign(&claims(issuer)));
+            auth.authenticate(Presented {
+                authorization: Some(&header),
+                ..Default::default()
+            })
+        };
+        assert!(by(Some("ci")).is_ok());
+        assert!(
+            by(None).is_ok(),
+            "a token made without a key lives until it expires"
+        );
+        assert!(
+            matches!(by(Some("removed")), Err(AuthError::Unauthorized(_))),
+            "a removed key's tokens are refused"
+        );
+        let in_query = auth.authenticate(Presented {
+            query_token: Some("k1"),
+            ..Default::default()
+        });
+        assert!(
+            matches!(in_query, Err(AuthError::Unauthorized(_))),
+            "{in_query:?}"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct TokenClaims {
     /// Unix seconds.
     pub expires_at: u64,
     pub max_bytes: Option<u64>,
+    /// The id of the API key that made the token: the token is refused once that key is
+    /// gone. `None` for tokens made without a key (protected mode, event links).
+    pub issuer: Option<String>,
 }
 
 impl TokenClaims {
@@ -62,6 +65,8 @@ struct Payload {
     e: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     m: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    k: Option<String>,
 }
 
 /// Why a token was refused. Callers answer one 401 for all of them.
@@ -111,6 +116,7 @@ impl TokenSigner {
                 .collect(),
             e: claims.expires_at,
             m: claims.max_bytes,
+            k: claims.issuer.clone(),
         };
         let json = serde_json::to_vec(&payload).expect("a payload serializes");
         let signed = format!("{PREFIX}{}", B64.encode(json));
@@ -148,6 +154,7 @@ impl TokenSigner {
                 .map_err(|_| TokenError::Malformed)?,
             expires_at: p.e,
             max_bytes: p.m,
+            issuer: p.k,
         };
         crate::id::UploadId::new(&claims.tenant, &claims.upload)
             .map_err(|_| TokenError::Malformed)?;
@@ -176,8 +183,8 @@ impl DownloadLinks {
     }
 
     /// `url` with a token that lets its holder download `id` (and nothing else) until the
-    /// link's life is over.
-    pub fn link(&self, url: &str, id: &crate::id::UploadId) -> String {
+    /// link's life is over, or until the key `issuer` (if any) is removed.
+    pub fn link(&self, url: &str, id: &crate::id::UploadId, issuer: Option<&str>) -> String {
         let expires_at = (crate::now_ms() + self.ttl.as_millis() as u64).div_ceil(1000);
         let token = self.signer.sign(&TokenClaims {
             tenant: id.tenant(),
@@ -185,6 +192,7 @@ impl DownloadLinks {
             scopes: Scopes::of(&[super::Scope::Read]),
             expires_at,
             max_bytes: None,
+            issuer: issuer.map(str::to_owned),
         });
         let separator = if url.contains('?') { '&' } else { '?' };
         format!("{url}{separator}token={token}")
@@ -208,6 +216,7 @@ mod tests {
             scopes: Scopes::of(&[Scope::Read]),
             expires_at: 1000,
             max_bytes: Some(5),
+            issuer: Some("ci".into()),
         }
     }
 

@@ -158,7 +158,7 @@ impl AuthSettings {
                 );
             }
         }
-        if self.mode == AuthMode::None && !self.keys.is_empty() {
+        if self.mode == AuthMode::None && (!self.keys.is_empty() || self.keys_file.is_some()) {
             return invalid(
                 "STITCH__AUTH__MODE",
                 "is `none` but keys are configured: set `keys` or remove the keys".into(),

@@ -126,6 +126,20 @@ impl QuotaLedger for SqliteQuotaLedger {
         .await
     }
 
+    async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError> {
+        let key = upload.as_str().to_owned();
+        let tenant = upload.tenant().to_string();
+        self.run(move |tx| {
+            tx.execute(
+                "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (upload_id) DO UPDATE SET bytes = ?3, active = ?4",
+                params![key, tenant, int(bytes), active as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {
         let tenant = tenant.to_string();
         self.run(move |tx| {

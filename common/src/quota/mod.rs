@@ -11,7 +11,9 @@
 //! request, a rebuild from storage, a janitor pass) never counts an upload twice:
 //! - [`QuotaLedger::reserve`]: the upload is created — a slot and its declared bytes;
 //! - [`QuotaLedger::settle`]: it completed or failed — the slot is freed, its bytes stay;
-//! - [`QuotaLedger::release`]: it is gone (aborted, expired, deleted) — everything is freed.
+//! - [`QuotaLedger::release`]: it is gone (aborted, expired, deleted) — everything is freed;
+//! - [`QuotaLedger::track`]: the janitor's repair — the entry becomes what storage says
+//!   (after a lost Redis, or a crash between a state change and its ledger step).
 
 mod redis;
 
@@ -73,6 +75,10 @@ pub trait QuotaLedger: Send + Sync {
 
     /// The upload is gone: its slot and its bytes are freed. Idempotent.
     async fn release(&self, upload: &UploadId) -> Result<(), StateError>;
+
+    /// Makes the ledger hold `bytes` for `upload`, active or not, whatever it held before
+    /// and whatever the limits: the upload exists on storage. Idempotent.
+    async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError>;
 
     /// What `tenant` uses now.
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError>;

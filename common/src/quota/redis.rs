@@ -22,6 +22,7 @@ struct Scripts {
     reserve: Script,
     settle: Script,
     release: Script,
+    track: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -30,6 +31,7 @@ fn scripts() -> &'static Scripts {
         reserve: Script::new(include_str!("lua/reserve.lua")),
         settle: Script::new(include_str!("lua/settle.lua")),
         release: Script::new(include_str!("lua/release.lua")),
+        track: Script::new(include_str!("lua/track.lua")),
     })
 }
 
@@ -66,15 +68,22 @@ impl RedisQuotaLedger {
         })
     }
 
-    async fn run(&self, script: &Script, upload: &UploadId, bytes: u64) -> Result<(), StateError> {
+    async fn run(
+        &self,
+        script: &Script,
+        upload: &UploadId,
+        bytes: u64,
+        active: bool,
+    ) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
-        let [active, stored, total] = keys(&self.namespace, &upload.tenant());
+        let [active_key, stored, total] = keys(&self.namespace, &upload.tenant());
         let _: i64 = script
-            .key(active)
+            .key(active_key)
             .key(stored)
             .key(total)
             .arg(upload.as_str())
             .arg(bytes)
+            .arg(if active { "1" } else { "0" })
             .invoke_async(&mut conn)
             .await
             .map_err(crate::state::redis_error)?;
@@ -129,11 +138,15 @@ impl QuotaLedger for RedisQuotaLedger {
     }
 
     async fn settle(&self, upload: &UploadId, bytes: u64) -> Result<(), StateError> {
-        self.run(&self.scripts.settle, upload, bytes).await
+        self.run(&self.scripts.settle, upload, bytes, false).await
     }
 
     async fn release(&self, upload: &UploadId) -> Result<(), StateError> {
-        self.run(&self.scripts.release, upload, 0).await
+        self.run(&self.scripts.release, upload, 0, false).await
+    }
+
+    async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError> {
+        self.run(&self.scripts.track, upload, bytes, active).await
     }
 
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {

@@ -64,6 +64,7 @@ fn token(upload: &str, scopes: &[Scope], expires_in: i64) -> String {
         scopes: Scopes::of(scopes),
         expires_at: (now + expires_in) as u64,
         max_bytes: None,
+        issuer: Some("acme-all".into()),
     })
 }
 
@@ -192,7 +193,17 @@ async fn every_route_refuses_what_its_credential_does_not_allow_and_changes_noth
     let (code, body) = owner.put_chunk("receiving", &source, 0).await;
     assert_eq!(code, 200, "{body}");
     owner.wait_for_state("victim", "completed", MINUTE).await;
-    let before = acme_state(&env);
+    // The worker finishes after the status says completed (lock, outbox, chunks): wait until
+    // nothing moves any more.
+    let mut before = acme_state(&env);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = acme_state(&env);
+        if now == before && !now.0.keys().any(|k| k.ends_with(":lock")) {
+            break;
+        }
+        before = now;
+    }
     let http = stitch_testkit::http_client();
 
     // The same request for an upload that does not exist, by its owner: what "another
@@ -232,6 +243,7 @@ async fn every_route_refuses_what_its_credential_does_not_allow_and_changes_noth
             scopes: Scopes::all(),
             expires_at: u64::MAX / 2,
             max_bytes: None,
+            issuer: None,
         });
         let mut cases: Vec<(String, Option<String>, u16, &str)> = vec![
             ("no credential".into(), None, 401, "unauthorized"),
@@ -793,5 +805,124 @@ async fn a_pre_create_hook_can_attach_metadata_and_is_asked_once_per_upload() {
         sink.requests().len(),
         1,
         "chunks of an existing upload ask no hook"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_janitor_frees_what_expired_and_retained_uploads_held() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let mut settings = keyed(&env);
+    settings.auth.quotas = Quotas {
+        max_active_uploads: Some(1),
+        max_stored_bytes: Some(ByteSize(2500)),
+        max_upload_bytes: None,
+    };
+    settings.uploads.ttl = Interval(Duration::from_secs(1));
+    settings.uploads.completed_retention = Some(Interval(Duration::from_secs(2)));
+    settings.janitor.interval = Interval(Duration::from_millis(200));
+    settings.janitor.grace = Interval(Duration::from_millis(300));
+    let addr = spawn(&settings, true).await;
+    let acme = ApiClient::with_key(addr, ACME);
+
+    // An abandoned upload holds the one slot until it expires.
+    let abandoned = Source::random(2000, 1000, 21);
+    let (code, body) = acme.put_chunk("abandoned", &abandoned, 0).await;
+    assert_eq!(code, 200, "{body}");
+    let next = Source::random(2000, 1000, 22);
+    let (code, body) = acme.put_chunk("next", &next, 0).await;
+    assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+    tap.wait_for("abandoned", "upload.expired", MINUTE).await;
+    // The janitor frees the slot right after the event.
+    put_until_admitted(&acme, "next", &next).await;
+    let (code, body) = acme.put_chunk("next", &next, 1).await;
+    assert_eq!(code, 200, "{body}");
+    acme.wait_for_state("next", "completed", MINUTE).await;
+
+    // A completed file holds its bytes until its retention passes.
+    let later = Source::random(1000, 1000, 23);
+    let (code, body) = acme.put_chunk("later", &later, 0).await;
+    assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+    tap.wait_for("next", "upload.deleted", MINUTE).await;
+    put_until_admitted(&acme, "later", &later).await;
+}
+
+/// Sends chunk 0 until the quota lets it in (a refusal stores nothing), within a minute.
+async fn put_until_admitted(client: &ApiClient, id: &str, source: &Source) {
+    let deadline = tokio::time::Instant::now() + MINUTE;
+    loop {
+        let (code, body) = client.put_chunk(id, source, 0).await;
+        if code == 200 {
+            return;
+        }
+        assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id} was never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_janitor_brings_a_lost_quota_ledger_back_from_storage() {
+    let env = TestEnv::new();
+    let mut settings = keyed(&env);
+    settings.auth.quotas.max_active_uploads = Some(1);
+    settings.janitor.interval = Interval(Duration::from_millis(200));
+    let addr = spawn(&settings, true).await;
+    let acme = ApiClient::with_key(addr, ACME);
+    let source = Source::random(2000, 1000, 31);
+    let (code, body) = acme.put_chunk("kept", &source, 0).await;
+    assert_eq!(code, 200, "{body}");
+    // Redis loses the ledger (a failover to an empty replica, say).
+    let ledger = |kind: &str| format!("{}:{{quota:acme}}:{kind}", env.namespace);
+    let active = ledger("active");
+    let mut redis = env.redis().unwrap();
+    let () = redis::cmd("DEL")
+        .arg(&active)
+        .arg(ledger("stored"))
+        .arg(ledger("total"))
+        .query(&mut redis)
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + MINUTE;
+    loop {
+        let held: u64 = redis::cmd("HLEN").arg(&active).query(&mut redis).unwrap();
+        if held == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the janitor did not restore the ledger"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total: u64 = redis::cmd("GET")
+        .arg(ledger("total"))
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(total, 2000);
+    let (code, body) = acme.put_chunk("another", &source, 0).await;
+    assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_auth_mode_none_every_request_is_the_default_tenant() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.auth.mode = stitch_common::config::AuthMode::None;
+    let addr = spawn(&settings, false).await;
+    let anyone = ApiClient::new(addr);
+    let source = Source::random(1000, 1000, 41);
+    let (code, body) = anyone.put_chunk("open", &source, 0).await;
+    assert_eq!(code, 200, "{body}");
+    let with_junk = ApiClient::with_key(addr, "whatever");
+    let (code, status) = with_junk.status("open").await;
+    assert_eq!(code, 200, "a credential is ignored, not refused: {status}");
+    assert!(
+        env.storage_snapshot()
+            .keys()
+            .any(|p| p.starts_with("uploads/open/")),
+        "the default tenant's keys are bare names"
     );
 }

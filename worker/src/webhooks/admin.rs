@@ -46,10 +46,14 @@ pub fn router(dispatcher: Arc<Dispatcher>, auth: Authenticator) -> Router {
 }
 
 async fn authorize(State(admin): State<Admin>, request: Request, next: Next) -> Response {
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    // As the API does: more than one Authorization header, or one that is not text, is a
+    // malformed credential, never "no credential".
+    let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
+    let authorization = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(value), None) => Some(value.to_str().unwrap_or("malformed")),
+        (Some(_), Some(_)) => Some("malformed"),
+    };
     let peer = request
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
