@@ -26,8 +26,9 @@ pub struct ServerArgs {
     /// The Stitch server.
     #[arg(long, env = "STITCH_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
-    /// API key, sent as `Authorization: Bearer` (`stitch keys new` makes one). Not needed by a
-    /// server on this machine that has no key configured.
+    /// API key, sent as `Authorization: Bearer` (`stitch keys new` makes one); prefer
+    /// STITCH_KEY, which the process list does not show. Not needed by a server on this
+    /// machine that has no key configured.
     #[arg(long, env = "STITCH_KEY", hide_env_values = true, value_name = "KEY")]
     pub key: Option<String>,
 }
