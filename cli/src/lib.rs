@@ -1,13 +1,15 @@
 //! The `stitch` command: `stitch serve` runs the whole product in one process (API, merge
 //! worker and sweeper over the embedded SQLite backends, no other service needed), and
 //! `stitch upload` / `stitch status` / `stitch download` are its client, resumable across
-//! interruptions on either side.
+//! interruptions on either side, sending an API key when given one (`--key`, `STITCH_KEY`);
+//! `stitch keys new` makes API keys.
 //!
 //! Exit codes ([`Failure`]): 0 success, 1 error (network, files, retries exhausted),
 //! 2 usage or configuration, 3 the server refused the request, 4 the upload failed on the
 //! server (e.g. MD5 mismatch), 130 interrupted (Ctrl-C); re-running resumes.
 
 pub mod client;
+pub mod keys;
 mod progress;
 pub mod serve;
 
@@ -64,6 +66,11 @@ enum Command {
     Status(client::status::StatusArgs),
     /// Download a completed file, resuming a partial download, and verify its MD5.
     Download(client::download::DownloadArgs),
+    /// Make API keys (`stitch keys new --tenant T`).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
 }
 
 /// The whole `stitch` program.
@@ -87,6 +94,7 @@ pub fn main() -> ExitCode {
             Command::Upload(args) => client::upload::run(args).await,
             Command::Status(args) => client::status::run(args).await,
             Command::Download(args) => client::download::run(args).await,
+            Command::Keys { command } => keys::run(command),
         }
     });
     match result {

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -22,27 +23,38 @@ fn serve(env: &TestEnv, extra: &[(&str, &str)]) -> ServiceProcess {
 }
 
 fn client(server: &ServiceProcess, args: &[&str]) -> Command {
+    client_at(server.addr, args)
+}
+
+fn client_at(addr: SocketAddr, args: &[&str]) -> Command {
     let mut cmd = Command::new(STITCH);
     cmd.args(args)
         .arg("--server")
-        .arg(format!("http://{}", server.addr))
-        .env_remove("STITCH_SERVER");
+        .arg(format!("http://{addr}"))
+        .env_remove("STITCH_SERVER")
+        .env_remove("STITCH_KEY");
     cmd
 }
 
-fn run(mut cmd: Command) -> (i32, serde_json::Value, String) {
+/// Exit code, stdout and stderr.
+fn run_text(mut cmd: Command) -> (i32, String, String) {
     let Output {
         status,
         stdout,
         stderr,
     } = cmd.output().unwrap();
-    let stdout = String::from_utf8_lossy(&stdout).into_owned();
-    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
     (
         status.code().unwrap_or(-1),
-        json,
+        String::from_utf8_lossy(&stdout).into_owned(),
         String::from_utf8_lossy(&stderr).into_owned(),
     )
+}
+
+/// Exit code, stdout as JSON (null if it is not) and stderr.
+fn run(cmd: Command) -> (i32, serde_json::Value, String) {
+    let (code, stdout, stderr) = run_text(cmd);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    (code, json, stderr)
 }
 
 fn write_source(dir: &Path, name: &str, source: &Source) -> PathBuf {
@@ -391,4 +403,361 @@ async fn the_client_sends_again_the_chunks_the_server_lost_and_the_upload_comple
     });
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(std::fs::read(&out).unwrap(), source.bytes);
+}
+
+/// `stitch keys new ... --json`, parsed.
+fn new_key(args: &[&str]) -> serde_json::Value {
+    let (code, issued, stderr) = run({
+        let mut c = Command::new(STITCH);
+        c.args(["keys", "new", "--json"]).args(args);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    issued
+}
+
+fn key_of(issued: &serde_json::Value) -> String {
+    issued["key"].as_str().unwrap().to_owned()
+}
+
+/// Fails the test if `secret` appears in any of `outputs`.
+fn assert_not_shown(secret: &str, outputs: &[&str]) {
+    for output in outputs {
+        assert!(!output.contains(secret), "the key was shown:\n{output}");
+    }
+}
+
+#[test]
+fn keys_new_prints_a_key_once_and_tables_a_server_accepts() {
+    let issued = new_key(&["--tenant", "acme", "--scopes", "upload,read"]);
+    let key = key_of(&issued);
+    assert!(key.starts_with("sk_"), "{issued}");
+    assert_eq!(issued["sha256"], stitch_common::auth::key_sha256(&key));
+    assert_eq!(issued["scopes"], serde_json::json!(["upload", "read"]));
+    for table in ["auth_keys_table", "keys_file_table"] {
+        let text = issued[table].as_str().unwrap();
+        assert!(!text.contains(&key), "{table} holds the key itself");
+    }
+    assert!(
+        issued["keys_file_table"]
+            .as_str()
+            .unwrap()
+            .starts_with("[[keys]]\n")
+    );
+    // The human form shows the key and both tables.
+    let (code, text, stderr) = run_text({
+        let mut c = Command::new(STITCH);
+        c.args(["keys", "new", "--tenant", "acme", "--id", "ci"]);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.contains("[[auth.keys]]\nid = \"ci\""), "{text}");
+    assert!(text.contains("[[keys]]\nid = \"ci\""), "{text}");
+    assert!(text.contains("    sk_"), "{text}");
+
+    // A server configured with the printed table takes the key, for this tenant only.
+    let reader = new_key(&["--tenant", "acme", "--id", "reader", "--scopes", "read"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("stitch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n{}",
+            issued["auth_keys_table"].as_str().unwrap(),
+            reader["auth_keys_table"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let env = TestEnv::local();
+    let config = config.display().to_string();
+    let server = serve(&env, &[("STITCH_CONFIG", config.as_str())]);
+    let work = tempfile::tempdir().unwrap();
+    let source = Source::random(300_000, 100_000, 41);
+    let file = write_source(work.path(), "keyed.bin", &source);
+    let upload = |key: Option<&str>| {
+        let mut c = client(&server, &["upload"]);
+        c.arg(&file)
+            .args(["--chunk-size", "100000", "--json", "-q"]);
+        if let Some(key) = key {
+            c.args(["--key", key]);
+        }
+        c
+    };
+
+    let (code, stdout, stderr) = run_text(upload(None));
+    assert_eq!(code, 3, "no key: refused by the server\n{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("an API key or token is required"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--key or STITCH_KEY"), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+
+    let (code, stdout, stderr) = run_text(upload(Some("sk_not_a_key_of_this_server")));
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("the API key is not valid"), "{stderr}");
+    assert_not_shown("sk_not_a_key_of_this_server", &[&stdout, &stderr]);
+
+    let reader_key = key_of(&reader);
+    let (code, stdout, stderr) = run_text(upload(Some(&reader_key)));
+    assert_eq!(code, 3, "a read-only key cannot upload\n{stderr}");
+    assert!(stderr.contains("403"), "{stderr}");
+    assert!(stderr.contains("`upload` scope"), "{stderr}");
+    assert_not_shown(&reader_key, &[&stdout, &stderr]);
+
+    let (code, stdout, stderr) = run_text(upload(Some(&key)));
+    assert_eq!(code, 0, "{stderr}");
+    assert_not_shown(&key, &[&stdout, &stderr]);
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["state"], "completed");
+    let id = result["upload_id"].as_str().unwrap().to_owned();
+
+    // STITCH_KEY does what --key does, for status and download too; the reader reads.
+    let (code, stdout, stderr) = run_text({
+        let mut c = client(&server, &["status", &id, "--json"]);
+        c.env("STITCH_KEY", &key);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_not_shown(&key, &[&stdout, &stderr]);
+    let out = work.path().join("back.bin");
+    let (code, stdout, stderr) = run_text({
+        let mut c = client(&server, &["download", &id]);
+        c.arg(&out).arg("-q").env("STITCH_KEY", &reader_key);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_not_shown(&reader_key, &[&stdout, &stderr]);
+    assert_eq!(std::fs::read(&out).unwrap(), source.bytes);
+    let (code, _, stderr) = run_text(client(&server, &["status", &id]));
+    assert_eq!(code, 3, "status without a key is refused\n{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    // No log line of the server holds a key.
+    assert_not_shown(&key, &[&server.log_tail()]);
+    assert_not_shown(&reader_key, &[&server.log_tail()]);
+}
+
+#[test]
+fn keys_new_refuses_a_bad_tenant_scope_or_id_as_a_usage_error() {
+    for (args, says) in [
+        (&["--tenant", "ac/me"][..], "--tenant \"ac/me\""),
+        (&["--tenant", ""][..], "--tenant \"\""),
+        (
+            &["--tenant", "acme", "--scopes", "read,root"][..],
+            "unknown scope \"root\"",
+        ),
+        (
+            &["--tenant", "acme", "--id", &"x".repeat(65)][..],
+            "1-64 printable",
+        ),
+    ] {
+        let (code, stdout, stderr) = run_text({
+            let mut c = Command::new(STITCH);
+            c.args(["keys", "new"]).args(args);
+            c
+        });
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            !stdout.contains("sk_"),
+            "{args:?}: a key was printed: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn a_key_appended_to_the_keys_file_works_on_the_running_server_without_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    let append = |tenant: &str, id: &str| {
+        let path = keys_file.display().to_string();
+        let issued = new_key(&["--tenant", tenant, "--id", id, "--append", &path]);
+        assert_eq!(issued["appended_to"], path.as_str());
+        key_of(&issued)
+    };
+    let acme = append("acme", "acme-1");
+    let mode = std::fs::metadata(&keys_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a new keys file is the owner's only");
+
+    let env = TestEnv::local();
+    let path = keys_file.display().to_string();
+    let server = serve(&env, &[("STITCH__AUTH__KEYS_FILE", path.as_str())]);
+    let work = tempfile::tempdir().unwrap();
+    let file = write_source(work.path(), "a.bin", &Source::random(5000, 5000, 42));
+    let upload = |key: &str, id: &str| {
+        let mut c = client(&server, &["upload"]);
+        c.arg(&file)
+            .args(["--json", "-q", "--id", id])
+            .env("STITCH_KEY", key);
+        c
+    };
+    let (code, _, stderr) = run(upload(&acme, "acme-only"));
+    assert_eq!(code, 0, "{stderr}");
+
+    let globex = append("globex", "globex-1");
+    let text = std::fs::read_to_string(&keys_file).unwrap();
+    assert!(text.contains("id = \"acme-1\"") && text.contains("id = \"globex-1\""));
+    // The server looks at the file again within a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, _, stderr) = run(upload(&globex, "globex-only"));
+        if code == 0 {
+            break;
+        }
+        assert_eq!(code, 3, "{stderr}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never accepted: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Upload ids are the tenant's: globex cannot see acme's.
+    let (code, _, stderr) = run({
+        let mut c = client(&server, &["status", "acme-only"]);
+        c.env("STITCH_KEY", &globex);
+        c
+    });
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("no upload"), "{stderr}");
+
+    // Appending an id the file already has changes nothing.
+    let (code, _, stderr) = run_text({
+        let mut c = Command::new(STITCH);
+        c.args([
+            "keys", "new", "--tenant", "acme", "--id", "acme-1", "--append", &path,
+        ]);
+        c
+    });
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("already has a key with id \"acme-1\""),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&keys_file).unwrap(), text);
+}
+
+#[test]
+fn serve_on_loopback_with_no_key_serves_this_machine_s_clients_without_one() {
+    let env = TestEnv::local();
+    let server = serve(&env, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let source = Source::random(10_000, 10_000, 43);
+    let file = write_source(work.path(), "local.bin", &source);
+    let (code, result, stderr) = run({
+        let mut c = client(&server, &["upload"]);
+        c.arg(&file).args(["--json", "-q"]);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(result["state"], "completed");
+    assert!(
+        !env.storage_root.join("keys.toml").exists(),
+        "a loopback server made a key"
+    );
+    assert!(
+        server.log_tail().contains("protected mode"),
+        "{}",
+        server.log_tail()
+    );
+}
+
+/// The key `stitch serve` printed at its first start, once it has.
+fn printed_key(server: &ServiceProcess) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tail = server.log_tail();
+        let found = tail
+            .lines()
+            .filter(|line| line.starts_with("    sk_"))
+            .map(|line| line.trim().to_owned())
+            .next();
+        if let Some(key) = found {
+            return key;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no key printed:\n{tail}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_on_a_non_loopback_address_makes_a_key_at_first_start_and_requires_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::local();
+    let everywhere = [("STITCH__HTTP__BIND", "0.0.0.0:0")];
+    let mut server = serve(&env, &everywhere);
+    assert!(server.addr.ip().is_unspecified(), "{}", server.addr);
+    // Connected through 127.0.0.1: a loopback peer, which protected mode would let in.
+    let mut local = server.addr;
+    local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    let key = printed_key(&server);
+    let tail = server.log_tail();
+    assert!(
+        tail.contains(&format!(
+            "STITCH_KEY={key} stitch upload FILE --server http://"
+        )),
+        "{tail}"
+    );
+    for line in tail.lines().filter(|l| l.starts_with('{')) {
+        assert!(!line.contains(&key), "a log line holds the key: {line}");
+    }
+    let keys_file = env.storage_root.join("keys.toml");
+    let stored = std::fs::read_to_string(&keys_file).unwrap();
+    assert!(!stored.contains(&key), "{stored}");
+    assert!(
+        stored.contains(&stitch_common::auth::key_sha256(&key)),
+        "{stored}"
+    );
+    let mode = std::fs::metadata(&keys_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let work = tempfile::tempdir().unwrap();
+    let source = Source::random(50_000, 50_000, 44);
+    let file = write_source(work.path(), "remote.bin", &source);
+    let (code, _, stderr) = run_text({
+        let mut c = client_at(local, &["upload"]);
+        c.arg(&file).arg("-q");
+        c
+    });
+    assert_eq!(code, 3, "a request without the key is refused\n{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    let (code, result, stderr) = run({
+        let mut c = client_at(local, &["upload"]);
+        c.arg(&file).args(["--json", "-q"]).env("STITCH_KEY", &key);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(result["state"], "completed");
+    let id = result["upload_id"].as_str().unwrap().to_owned();
+
+    // A later start uses the same file, says where it is, and shows no key.
+    server.kill();
+    let server = serve(&env, &everywhere);
+    let mut local_again = server.addr;
+    local_again.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.log_tail().contains(&keys_file.display().to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keys file is not named:\n{}",
+            server.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!server.log_tail().contains("sk_"), "{}", server.log_tail());
+    assert_eq!(std::fs::read_to_string(&keys_file).unwrap(), stored);
+    let (code, status, stderr) = run({
+        let mut c = client_at(local_again, &["status", &id, "--json"]);
+        c.env("STITCH_KEY", &key);
+        c
+    });
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(status["state"], "completed");
+    let (code, _, stderr) = run_text(client_at(local_again, &["status", &id]));
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
 }

@@ -1,9 +1,9 @@
 //! docker-compose.yml through Compose v2's own loader, and what the loader cannot know: the
-//! Stitch containers' configuration, the migration order, health checks, the shared volume
-//! and the monitoring files it mounts.
+//! Stitch containers' configuration (with the keys file they would find mounted), the
+//! migration order, health checks, the shared volume and the monitoring files it mounts.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use stitch_deploy_check::{
@@ -83,12 +83,36 @@ fn compose_rejects_a_copy_with_an_unknown_key_or_a_wrong_type() {
     assert!(result.stderr.contains("replicas"), "{}", result.output());
 }
 
+/// Where a container path is on the host, through the service's bind mounts, and whether
+/// that mount is read-only.
+fn on_host(service: &Value, path: &str) -> Option<(PathBuf, bool)> {
+    service["volumes"]
+        .as_array()?
+        .iter()
+        .filter(|v| v["type"] == "bind")
+        .find_map(|v| {
+            let target = v["target"].as_str()?.trim_end_matches('/');
+            let rest = path.strip_prefix(target)?.strip_prefix('/')?;
+            let source = Path::new(v["source"].as_str()?).join(rest);
+            Some((source, v["read_only"] == true))
+        })
+}
+
 #[test]
 fn every_stitch_container_gets_a_configuration_that_stitch_accepts() {
     let model = resolved();
     for name in STITCH_SERVICES {
         let service = &model["services"][name];
-        let env = environment(service);
+        let mut env = environment(service);
+        // The loader reads the keys file: the one the container would find mounted.
+        if let Some(path) = env.get("STITCH__AUTH__KEYS_FILE").cloned() {
+            let (host, _) = on_host(service, &path)
+                .unwrap_or_else(|| panic!("{name}: nothing is mounted where {path} is"));
+            env.insert(
+                "STITCH__AUTH__KEYS_FILE".to_owned(),
+                host.display().to_string(),
+            );
+        }
         assert!(
             env.keys().any(|k| k.starts_with("STITCH__")),
             "{name} has no STITCH__ settings"
@@ -104,6 +128,61 @@ fn every_stitch_container_gets_a_configuration_that_stitch_accepts() {
     }
 }
 
+/// The development key of deploy/keys/keys.toml, published in docs/deploy.md.
+const DEV_KEY: &str = "sk_dev_compose_only_not_a_secret";
+
+#[test]
+fn api_and_workers_read_the_keys_file_from_a_read_only_mount_of_its_directory() {
+    let model = resolved();
+    for name in ["api", "worker"] {
+        let service = &model["services"][name];
+        let env = environment(service);
+        let path = env
+            .get("STITCH__AUTH__KEYS_FILE")
+            .unwrap_or_else(|| panic!("{name} has no STITCH__AUTH__KEYS_FILE"));
+        let (host, read_only) = on_host(service, path)
+            .unwrap_or_else(|| panic!("{name}: nothing is mounted where {path} is"));
+        assert!(read_only, "{name}: the keys are mounted writable");
+        assert_eq!(host, repo_path("deploy/keys/keys.toml"), "{name}");
+        // The directory, so that a replaced file (`stitch keys new --append`) is seen.
+        let mounts = service["volumes"].as_array().expect("volumes");
+        assert!(
+            mounts.iter().any(|v| v["type"] == "bind"
+                && v["source"].as_str().map(Path::new) == Some(repo_path("deploy/keys").as_path())),
+            "{name}: the keys directory is not mounted as a whole: {mounts:?}"
+        );
+    }
+    let api = environment(&model["services"]["api"]);
+    assert!(
+        api.get("STITCH__AUTH__TOKEN_SECRET")
+            .is_some_and(|s| s.len() >= 32),
+        "the API has no usable STITCH__AUTH__TOKEN_SECRET"
+    );
+    // Interpolated: set STITCH_TOKEN_SECRET and it is used.
+    let raw = read("docker-compose.yml");
+    assert!(
+        raw.contains("STITCH__AUTH__TOKEN_SECRET: ${STITCH_TOKEN_SECRET:-"),
+        "the token secret does not come from STITCH_TOKEN_SECRET"
+    );
+}
+
+#[test]
+fn the_development_key_in_the_docs_is_the_one_the_compose_keys_file_accepts() {
+    let docs = read("docs/deploy.md");
+    assert!(
+        docs.contains(DEV_KEY),
+        "docs/deploy.md does not publish {DEV_KEY}"
+    );
+    let keys = stitch_common::auth::KeyRing::load(&[], Some(repo_path("deploy/keys/keys.toml")))
+        .unwrap_or_else(|e| panic!("deploy/keys/keys.toml: {e:#}"));
+    let principal = keys
+        .principal(DEV_KEY)
+        .expect("the development key is not in deploy/keys/keys.toml");
+    assert_eq!(principal.tenant.as_str(), "dev");
+    assert!(principal.scopes.contains(stitch_common::auth::Scope::Admin));
+    assert!(keys.principal("sk_anything_else").is_none());
+}
+
 #[test]
 fn the_configuration_checker_rejects_an_unknown_key_and_a_bad_value() {
     let mut env = BTreeMap::new();
@@ -115,10 +194,33 @@ fn the_configuration_checker_rejects_an_unknown_key_and_a_bad_value() {
     let err = check_config(Path::new(CHECKER), &typo).unwrap_err();
     assert!(err.contains("shutdown_grac"), "{err}");
 
-    let mut bad = env;
+    let mut bad = env.clone();
     bad.insert("STITCH__MERGE__CONCURRENCY".to_owned(), "0".to_owned());
     let err = check_config(Path::new(CHECKER), &bad).unwrap_err();
     assert!(err.contains("STITCH__MERGE__CONCURRENCY"), "{err}");
+
+    // It reads the keys file, as the programs do at start.
+    let dir = temp_dir();
+    let keys = dir.path().join("keys.toml");
+    let mut keyed = env;
+    keyed.insert(
+        "STITCH__AUTH__KEYS_FILE".to_owned(),
+        keys.display().to_string(),
+    );
+    let err = check_config(Path::new(CHECKER), &keyed).unwrap_err();
+    assert!(
+        err.contains("STITCH__AUTH__KEYS_FILE"),
+        "a missing file: {err}"
+    );
+    std::fs::write(
+        &keys,
+        "[[keys]]\nid = \"a\"\ntenant = \"acme\"\nsha256 = \"sk_the_key\"\n",
+    )
+    .unwrap();
+    let err = check_config(Path::new(CHECKER), &keyed).unwrap_err();
+    assert!(err.contains("sha256"), "a key instead of its digest: {err}");
+    std::fs::write(&keys, "").unwrap();
+    assert!(check_config(Path::new(CHECKER), &keyed).is_ok());
 }
 
 #[test]

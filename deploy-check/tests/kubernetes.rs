@@ -1,7 +1,8 @@
 //! k8s/: every base resource and the rendered example overlay through `kubernetes-validate
 //! --strict`; the custom resources (KEDA, prometheus-operator), which it only warns about,
 //! checked field by field here; every container's environment through Stitch's own
-//! configuration loader; and the numbers that must agree across resources.
+//! configuration loader (with the keys file it would find mounted); and the numbers that must
+//! agree across resources.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -168,6 +169,20 @@ fn every_overlay_file_is_used_by_its_kustomization() {
         .iter()
         .map(|p| yaml_str(&p["path"], "patches[].path").to_owned())
         .collect();
+    for generator in kustomization["secretGenerator"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+    {
+        for file in generator["files"].as_vec().expect("secretGenerator files") {
+            let file = yaml_str(file, "files[]");
+            used.push(
+                file.split_once('=')
+                    .map_or(file, |(_, path)| path)
+                    .to_owned(),
+            );
+        }
+    }
     used.push("kustomization.yaml".to_owned());
     used.sort();
     let mut present: Vec<String> = std::fs::read_dir(repo_path("k8s/overlays/example"))
@@ -439,6 +454,19 @@ fn kubernetes_validate_rejects_a_deployment_with_an_unknown_field_or_a_wrong_typ
     );
 }
 
+/// The value of `key` in a rendered Secret (`stringData`, or `data` base64-decoded), if any.
+fn secret_value(secret: &Yaml, key: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if let Some(text) = secret["stringData"][key].as_str() {
+        return Some(text.as_bytes().to_vec());
+    }
+    let encoded = secret["data"][key].as_str()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap_or_else(|e| panic!("Secret key {key}: not base64: {e}"));
+    Some(decoded)
+}
+
 /// The environment a container sees: its envFrom ConfigMaps, then its env (values and
 /// Secret references resolved from the rendered Secret).
 fn container_env(container: &Yaml, docs: &[Yaml]) -> BTreeMap<String, String> {
@@ -465,15 +493,16 @@ fn container_env(container: &Yaml, docs: &[Yaml]) -> BTreeMap<String, String> {
                 yaml_str(&key_ref["name"], "secretKeyRef.name"),
             );
             let key = yaml_str(&key_ref["key"], "secretKeyRef.key");
-            yaml_str(&secret["stringData"][key], &format!("Secret key {key}")).to_owned()
+            let value = secret_value(secret, key).unwrap_or_else(|| panic!("no Secret key {key}"));
+            String::from_utf8(value).expect("a UTF-8 Secret value")
         };
         env.insert(name, value);
     }
     env
 }
 
-/// Every container and init container of the Deployments and Jobs.
-fn containers(docs: &[Yaml]) -> Vec<(String, &Yaml)> {
+/// Every container and init container of the Deployments and Jobs, with its pod spec.
+fn pod_containers(docs: &[Yaml]) -> Vec<(String, &Yaml, &Yaml)> {
     let mut all = Vec::new();
     for doc in docs {
         if !matches!(doc["kind"].as_str(), Some("Deployment" | "Job")) {
@@ -483,21 +512,78 @@ fn containers(docs: &[Yaml]) -> Vec<(String, &Yaml)> {
         let spec = &doc["spec"]["template"]["spec"];
         for list in ["initContainers", "containers"] {
             for c in spec[list].as_vec().into_iter().flatten() {
-                all.push((format!("{owner}/{}", yaml_str(&c["name"], "name")), c));
+                all.push((format!("{owner}/{}", yaml_str(&c["name"], "name")), spec, c));
             }
         }
     }
     all
 }
 
+/// Every container and init container of the Deployments and Jobs.
+fn containers(docs: &[Yaml]) -> Vec<(String, &Yaml)> {
+    pod_containers(docs)
+        .into_iter()
+        .map(|(name, _, c)| (name, c))
+        .collect()
+}
+
+/// The Secret (name, key) whose file a container finds at `path`, the mount being read-only
+/// and not a subPath (which would never see the Secret's updates); panics otherwise.
+fn secret_file_at<'a>(pod: &'a Yaml, container: &'a Yaml, path: &str) -> (&'a str, String) {
+    let mount = container["volumeMounts"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|m| {
+            let at = yaml_str(&m["mountPath"], "mountPath").trim_end_matches('/');
+            path.strip_prefix(at)
+                .is_some_and(|rest| rest.starts_with('/'))
+        })
+        .unwrap_or_else(|| panic!("no volume is mounted where {path} is"));
+    assert_eq!(
+        mount["readOnly"].as_bool(),
+        Some(true),
+        "{path}: not read-only"
+    );
+    assert!(
+        mount["subPath"].is_badvalue(),
+        "{path}: a subPath mount does not follow the Secret's updates"
+    );
+    let at = yaml_str(&mount["mountPath"], "mountPath").trim_end_matches('/');
+    let volume_name = yaml_str(&mount["name"], "volumeMounts[].name");
+    let volume = pod["volumes"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"].as_str() == Some(volume_name))
+        .unwrap_or_else(|| panic!("no volume {volume_name}"));
+    let secret = yaml_str(
+        &volume["secret"]["secretName"],
+        "a Secret volume's secretName",
+    );
+    (secret, path[at.len() + 1..].to_owned())
+}
+
+/// The Secret an overlay supplies: the base mounts it, the example overlay generates it.
+const KEYS_SECRET: &str = "stitch-keys";
+
+/// Placeholders filled in as an operator must before deploying (`CHANGE-ME` in the Secret).
+fn filled_in(mut env: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    for value in env.values_mut() {
+        *value = value.replace("CHANGE-ME", "chosen-by-the-operator-0123456789abcdef");
+    }
+    env
+}
+
 #[test]
 fn every_container_gets_a_configuration_that_stitch_accepts() {
+    let scratch = temp_dir();
     for dir in ["k8s/base", "k8s/overlays/example"] {
         let (_, docs) = render(dir);
-        let all = containers(&docs);
+        let all = pod_containers(&docs);
         assert!(all.len() >= 5, "{dir}: {} containers", all.len());
-        for (name, container) in all {
-            let env = container_env(container, &docs);
+        for (i, (name, pod, container)) in all.into_iter().enumerate() {
+            let mut env = filled_in(container_env(container, &docs));
             for key in [
                 "STITCH__REDIS__URL",
                 "STITCH__AMQP__URL",
@@ -505,11 +591,92 @@ fn every_container_gets_a_configuration_that_stitch_accepts() {
             ] {
                 assert!(env.contains_key(key), "{dir} {name}: no {key}");
             }
+            // The keys file the container would find mounted, for the loader to read.
+            if let Some(path) = env.get("STITCH__AUTH__KEYS_FILE").cloned() {
+                let (secret, key) = secret_file_at(pod, container, &path);
+                let rendered = docs.iter().find(|d| {
+                    d["kind"].as_str() == Some("Secret")
+                        && d["metadata"]["name"].as_str() == Some(secret)
+                });
+                match rendered {
+                    Some(doc) => {
+                        let bytes = secret_value(doc, &key)
+                            .unwrap_or_else(|| panic!("{dir} {name}: {secret} has no {key}"));
+                        let file = scratch.path().join(format!("{i}-{key}"));
+                        std::fs::write(&file, bytes).unwrap();
+                        env.insert(
+                            "STITCH__AUTH__KEYS_FILE".to_owned(),
+                            file.display().to_string(),
+                        );
+                    }
+                    None => {
+                        // The overlay's to supply; its file is checked in the overlay.
+                        assert_eq!((dir, secret), ("k8s/base", KEYS_SECRET), "{name}");
+                        env.remove("STITCH__AUTH__KEYS_FILE");
+                    }
+                }
+            }
             if let Err(e) = check_config(Path::new(CHECKER), &env) {
                 panic!("{dir} {name}: not a valid configuration:\n{e}");
             }
         }
     }
+}
+
+#[test]
+fn api_and_worker_pods_read_the_api_keys_from_a_read_only_secret_mount() {
+    for dir in ["k8s/base", "k8s/overlays/example"] {
+        let (_, docs) = render(dir);
+        for (deployment, container) in [("stitch-api", "api"), ("stitch-worker", "worker")] {
+            let pod = &find(&docs, "Deployment", deployment)["spec"]["template"]["spec"];
+            let c = pod["containers"]
+                .as_vec()
+                .expect("containers")
+                .iter()
+                .find(|c| c["name"].as_str() == Some(container))
+                .unwrap_or_else(|| panic!("no container {container}"));
+            let path = env_value(c, "STITCH__AUTH__KEYS_FILE");
+            assert_eq!(
+                secret_file_at(pod, c, path),
+                (KEYS_SECRET, "keys.toml".to_owned()),
+                "{dir} {deployment}"
+            );
+        }
+        // The token secret comes from a Secret, never a literal.
+        let api =
+            &find(&docs, "Deployment", "stitch-api")["spec"]["template"]["spec"]["containers"][0];
+        let token = api["env"]
+            .as_vec()
+            .expect("env")
+            .iter()
+            .find(|v| v["name"].as_str() == Some("STITCH__AUTH__TOKEN_SECRET"))
+            .expect("the API has STITCH__AUTH__TOKEN_SECRET");
+        assert!(token["value"].is_badvalue(), "a literal token secret");
+        assert_eq!(
+            token["valueFrom"]["secretKeyRef"]["name"].as_str(),
+            Some("stitch-secrets")
+        );
+    }
+    // The example overlay generates the keys Secret from its keys.toml, in the namespace,
+    // under a fixed name (a hashed name would change the pods on every key change).
+    let (_, docs) = render("k8s/overlays/example");
+    let secret = find(&docs, "Secret", KEYS_SECRET);
+    assert_eq!(secret["metadata"]["namespace"].as_str(), Some("stitch"));
+    assert_eq!(
+        secret_value(secret, "keys.toml").expect("keys.toml"),
+        read("k8s/overlays/example/keys.toml").into_bytes()
+    );
+}
+
+#[test]
+fn an_api_left_with_the_placeholder_token_secret_refuses_to_start() {
+    let (_, docs) = render("k8s/base");
+    let api = &find(&docs, "Deployment", "stitch-api")["spec"]["template"]["spec"]["containers"][0];
+    let mut env = container_env(api, &docs);
+    env.remove("STITCH__AUTH__KEYS_FILE");
+    let err = check_config(Path::new(CHECKER), &env).expect_err("the placeholder was accepted");
+    assert!(err.contains("STITCH__AUTH__TOKEN_SECRET"), "{err}");
+    assert!(err.contains("at least 32 characters"), "{err}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use md5::Digest;
 use serde::Serialize;
 
-use super::{Client, DEFAULT_SERVER};
+use super::{Client, ServerArgs};
 use crate::Failure;
 use crate::progress::Progress;
 
@@ -22,9 +22,8 @@ pub struct DownloadArgs {
     id: String,
     /// Where to write the file [default: the upload's file name, in the current directory].
     out: Option<PathBuf>,
-    /// The Stitch server.
-    #[arg(long, env = "STITCH_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Attempts per request before giving up.
     #[arg(long, default_value_t = 10)]
     retries: u32,
@@ -57,11 +56,11 @@ fn default_name(filename: Option<&str>, id: &str) -> PathBuf {
 }
 
 pub async fn run(args: DownloadArgs) -> Result<(), Failure> {
-    let client = Client::new(&args.server, args.retries)?;
+    let client = args.server.client(args.retries)?;
     let Some(status) = client.status(&args.id).await? else {
         return Err(Failure::Rejected(format!(
             "no upload {:?} on {}",
-            args.id, args.server
+            args.id, args.server.server
         )));
     };
     match status.state.as_str() {
@@ -159,7 +158,7 @@ async fn fetch(
             }
         })
         .await?;
-    let response = Client::expect_success(response).await?;
+    let response = client.expect_success(response).await?;
     let start = if response.status() == reqwest::StatusCode::PARTIAL_CONTENT {
         resume_from
     } else {

@@ -1,5 +1,9 @@
 //! The HTTP client of the `stitch` commands: status, chunk uploads and downloads with
 //! retries and backoff on everything a retry can fix (connection errors, 408, 429, 5xx).
+//!
+//! With an API key (`--key`, `STITCH_KEY`) every request carries `Authorization: Bearer`; the
+//! header is marked sensitive, and the key appears in no message, log line or `--help`. A 401
+//! or 403 is the server's refusal (exit 3), with its message.
 
 pub mod download;
 pub mod status;
@@ -8,12 +12,33 @@ pub mod upload;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::Args;
 use serde::Deserialize;
 
 use crate::Failure;
 
 /// The default server, for `--server`.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+
+/// Where the server is and how to authenticate to it: the same for every client command.
+#[derive(Args)]
+pub struct ServerArgs {
+    /// The Stitch server.
+    #[arg(long, env = "STITCH_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// API key, sent as `Authorization: Bearer` (`stitch keys new` makes one); prefer
+    /// STITCH_KEY, which the process list does not show. Not needed by a server on this
+    /// machine that has no key configured.
+    #[arg(long, env = "STITCH_KEY", hide_env_values = true, value_name = "KEY")]
+    pub key: Option<String>,
+}
+
+impl ServerArgs {
+    /// A client of this server making up to `attempts` attempts per request.
+    pub fn client(&self, attempts: u32) -> Result<Client, Failure> {
+        Client::new(&self.server, attempts, self.key.as_deref())
+    }
+}
 
 /// An upload's status as the server reports it (the fields the client uses).
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -38,6 +63,8 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     attempts: u32,
+    /// Whether requests carry an API key (for the hint on a refusal).
+    keyed: bool,
 }
 
 /// Whether a response status is worth retrying.
@@ -61,21 +88,37 @@ async fn error_message(response: reqwest::Response) -> String {
 }
 
 impl Client {
-    pub fn new(server: &str, attempts: u32) -> Result<Self, Failure> {
+    /// A client of `server`; with `key`, every request carries it. An empty key is no key.
+    pub fn new(server: &str, attempts: u32, key: Option<&str>) -> Result<Self, Failure> {
         if !(server.starts_with("http://") || server.starts_with("https://")) {
             return Err(Failure::Usage(format!(
                 "--server must be an http:// or https:// URL, not {server:?}"
             )));
         }
+        let key = key.map(str::trim).filter(|k| !k.is_empty());
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = key {
+            // The message must not quote the key.
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| {
+                    Failure::Usage(
+                        "--key / STITCH_KEY holds characters an HTTP header cannot carry".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(120))
+            .default_headers(headers)
             .build()
             .context("building the HTTP client")?;
         Ok(Self {
             http,
             base: server.trim_end_matches('/').to_owned(),
             attempts: attempts.max(1),
+            keyed: key.is_some(),
         })
     }
 
@@ -143,17 +186,32 @@ impl Client {
         match response.status().as_u16() {
             200 => Ok(Some(response.json().await.context("reading the status")?)),
             404 => Ok(None),
-            _ => Err(Failure::Rejected(error_message(response).await)),
+            _ => Err(self.refusal(response).await),
         }
     }
 
     /// Refuses a non-success response with the server's message.
-    pub async fn expect_success(response: reqwest::Response) -> Result<reqwest::Response, Failure> {
+    pub async fn expect_success(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, Failure> {
         if response.status().is_success() {
             Ok(response)
         } else {
-            Err(Failure::Rejected(error_message(response).await))
+            Err(self.refusal(response).await)
         }
+    }
+
+    /// The server's refusal, with a hint about the key when it is about credentials.
+    async fn refusal(&self, response: reqwest::Response) -> Failure {
+        let status = response.status().as_u16();
+        let message = error_message(response).await;
+        let hint = match (status, self.keyed) {
+            (401, false) => " (give an API key with --key or STITCH_KEY)",
+            (401, true) => " (check the key given with --key or STITCH_KEY)",
+            _ => "",
+        };
+        Failure::Rejected(format!("{message}{hint}"))
     }
 }
 

@@ -2,27 +2,26 @@
 
 use clap::Args;
 
-use super::{Client, DEFAULT_SERVER};
+use super::ServerArgs;
 use crate::Failure;
 
 #[derive(Args)]
 pub struct StatusArgs {
     /// The upload's id.
     id: String,
-    /// The Stitch server.
-    #[arg(long, env = "STITCH_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(args: StatusArgs) -> Result<(), Failure> {
-    let client = Client::new(&args.server, 5)?;
+    let client = args.server.client(5)?;
     let Some(status) = client.status(&args.id).await? else {
         return Err(Failure::Rejected(format!(
             "no upload {:?} on {}",
-            args.id, args.server
+            args.id, args.server.server
         )));
     };
     if args.json {

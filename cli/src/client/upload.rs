@@ -21,7 +21,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::{Client, DEFAULT_SERVER, Status};
+use super::{Client, ServerArgs, Status};
 use crate::Failure;
 use crate::progress::Progress;
 
@@ -29,9 +29,8 @@ use crate::progress::Progress;
 pub struct UploadArgs {
     /// The file to upload.
     file: PathBuf,
-    /// The Stitch server.
-    #[arg(long, env = "STITCH_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Chunk size (e.g. 8MiB, 64MiB).
     #[arg(long, default_value = "8MiB", value_parser = parse_size)]
     chunk_size: u64,
@@ -126,7 +125,7 @@ enum Finished {
 }
 
 async fn run_once(args: &UploadArgs) -> Result<Finished, Failure> {
-    let client = Client::new(&args.server, args.retries)?;
+    let client = args.server.client(args.retries)?;
     if args.parallel == 0 {
         return Err(Failure::Usage("--parallel must be at least 1".into()));
     }
@@ -358,7 +357,7 @@ async fn put_chunk(
             request
         })
         .await?;
-    Client::expect_success(response).await?;
+    client.expect_success(response).await?;
     Ok(())
 }
 
