@@ -3,8 +3,8 @@
 //! refuses duplicates and names the offending header in its error.
 
 use axum::extract::{ConnectInfo, FromRequestParts, Path};
-use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use stitch_common::auth::{Presented, Principal};
 use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, ContentRange, parse_decimal};

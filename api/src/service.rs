@@ -532,7 +532,11 @@ impl UploadService {
 
     /// Aborts the caller's upload `name` and removes its chunks. Idempotent: aborting again
     /// retries the removal.
-    pub async fn abort_upload(&self, caller: &Principal, name: &UploadName) -> Result<(), ApiError> {
+    pub async fn abort_upload(
+        &self,
+        caller: &Principal,
+        name: &UploadName,
+    ) -> Result<(), ApiError> {
         caller.require(Scope::Delete)?;
         let id = &caller.upload_id(name.as_str())?;
         let status = self.status_of(id).await?;

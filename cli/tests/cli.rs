@@ -304,12 +304,7 @@ async fn serve_answers_the_webhook_admin_api_on_its_own_port() {
     )
     .unwrap();
     let config = config.display().to_string();
-    let server = serve(
-        &env,
-        &[
-            ("STITCH_CONFIG", config.as_str()),
-        ],
-    );
+    let server = serve(&env, &[("STITCH_CONFIG", config.as_str())]);
     let api = ApiClient::with_key(server.addr, "single-node-app");
     let source = Source::random(1000, 1000, 91);
     let id = stitch_testkit::new_id();

@@ -228,7 +228,10 @@ mod tests {
         let d = UploadId::parse("report").unwrap();
         assert_ne!(a, b);
         assert_ne!(a.as_str(), d.as_str());
-        assert_eq!((a.name(), b.name(), d.name()), ("report", "report", "report"));
+        assert_eq!(
+            (a.name(), b.name(), d.name()),
+            ("report", "report", "report")
+        );
         assert_eq!(a.as_str(), "acme~report");
         assert_eq!(d.as_str(), "report", "the default tenant keeps bare keys");
         assert_eq!(a.tenant().as_str(), "acme");

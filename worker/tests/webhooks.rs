@@ -221,7 +221,11 @@ async fn gone_disables_an_endpoint_until_an_admin_enables_it() {
     };
     settings.auth.keys = vec![
         key("operator", "admin-key-for-tests", &["admin"]),
-        key("uploader", "upload-key-for-tests", &["upload", "read", "delete"]),
+        key(
+            "uploader",
+            "upload-key-for-tests",
+            &["upload", "read", "delete"],
+        ),
     ];
     let run = start(&settings, None).await;
     let first = event("u5", EventKind::Completed);
@@ -262,7 +266,11 @@ async fn gone_disables_an_endpoint_until_an_admin_enables_it() {
         .send()
         .await
         .unwrap();
-    assert_eq!(without_scope.status(), 403, "a key without `admin` is refused");
+    assert_eq!(
+        without_scope.status(),
+        403,
+        "a key without `admin` is refused"
+    );
     let auth = "Bearer admin-key-for-tests";
     let shown: serde_json::Value = http
         .get(format!("{base}/admin/events/{}", first.event_id))

@@ -69,7 +69,10 @@ fn table(entries: &[ApiKeyEntry]) -> Result<Table, String> {
             tenant: Tenant::parse(&entry.tenant).map_err(|e| e.to_string())?,
             scopes,
         };
-        if keys.insert(entry.sha256.to_ascii_lowercase(), key).is_some() {
+        if keys
+            .insert(entry.sha256.to_ascii_lowercase(), key)
+            .is_some()
+        {
             return Err(format!("key {:?}: the same key is listed twice", entry.id));
         }
     }
@@ -219,7 +222,10 @@ mod tests {
         let b = ring.principal("key-b").expect("the new key is read");
         assert_eq!(b.tenant.as_str(), "globex");
         assert!(b.scopes.contains(Scope::Admin) && !b.scopes.contains(Scope::Upload));
-        assert!(ring.principal("key-a").is_none(), "the removed key is refused");
+        assert!(
+            ring.principal("key-a").is_none(),
+            "the removed key is refused"
+        );
 
         // A broken edit keeps b.
         std::fs::write(&path, "[[keys]\nnot toml").unwrap();

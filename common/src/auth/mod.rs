@@ -226,7 +226,10 @@ pub enum ScopedIdError {
 /// Checks one configured key table (also used for the keys file).
 pub fn check_key_entry(key: &ApiKeyEntry) -> Result<(), String> {
     if key.id.is_empty() || key.id.len() > 64 || key.id.chars().any(char::is_control) {
-        return Err(format!("key id {:?} must be 1-64 printable characters", key.id));
+        return Err(format!(
+            "key id {:?} must be 1-64 printable characters",
+            key.id
+        ));
     }
     if Tenant::parse(&key.tenant).is_err() {
         return Err(format!(
@@ -418,7 +421,10 @@ mod tests {
             .unwrap();
         assert_eq!(p.tenant.as_str(), "acme");
         assert!(p.require(Scope::Read).is_ok());
-        assert_eq!(p.require(Scope::Upload), Err(AuthError::MissingScope("upload")));
+        assert_eq!(
+            p.require(Scope::Upload),
+            Err(AuthError::MissingScope("upload"))
+        );
         assert_eq!(p.credential, Credential::Key("ci".into()));
     }
 
@@ -431,7 +437,10 @@ mod tests {
                 peer: Some(SocketAddr::from(([127, 0, 0, 1], 1))),
                 ..Default::default()
             });
-            assert!(matches!(r, Err(AuthError::Unauthorized(_))), "{authorization:?}: {r:?}");
+            assert!(
+                matches!(r, Err(AuthError::Unauthorized(_))),
+                "{authorization:?}: {r:?}"
+            );
         }
     }
 
@@ -493,7 +502,10 @@ mod tests {
         );
         assert!(p.check_size(100).is_ok());
         assert!(p.check_size(101).is_err());
-        assert_eq!(p.require(Scope::Delete), Err(AuthError::MissingScope("delete")));
+        assert_eq!(
+            p.require(Scope::Delete),
+            Err(AuthError::MissingScope("delete"))
+        );
         let query = auth.authenticate(Presented {
             query_token: Some(&token),
             ..Default::default()

@@ -102,7 +102,12 @@ impl TokenSigner {
             v: 1,
             t: claims.tenant.as_str().to_owned(),
             u: claims.upload.clone(),
-            s: claims.scopes.names().into_iter().map(str::to_owned).collect(),
+            s: claims
+                .scopes
+                .names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             e: claims.expires_at,
             m: claims.max_bytes,
         };
@@ -205,7 +210,8 @@ mod tests {
     fn previous_secrets_still_verify_during_a_rotation() {
         let old = signer(&"o".repeat(32));
         let token = old.sign(&claims());
-        let rotated = TokenSigner::new(&Secret::new("n".repeat(32)), &[Secret::new("o".repeat(32))]);
+        let rotated =
+            TokenSigner::new(&Secret::new("n".repeat(32)), &[Secret::new("o".repeat(32))]);
         assert_eq!(rotated.verify(&token, 0), Ok(claims()));
         // New tokens are signed with the new secret only.
         let fresh = rotated.sign(&claims());

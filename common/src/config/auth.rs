@@ -110,9 +110,8 @@ impl AuthSettings {
     }
 
     pub(super) fn validate(&self) -> Result<(), SettingsError> {
-        let invalid = |key: &'static str, problem: String| {
-            Err(SettingsError::Invalid { key, problem })
-        };
+        let invalid =
+            |key: &'static str, problem: String| Err(SettingsError::Invalid { key, problem });
         for key in &self.keys {
             if let Err(problem) = crate::auth::check_key_entry(key) {
                 return invalid("auth.keys", problem);

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use auth::{
-    ApiKeyEntry, AuthMode, AuthSettings, HookSettings, PreCreateHook, Quotas,
-};
+pub use auth::{ApiKeyEntry, AuthMode, AuthSettings, HookSettings, PreCreateHook, Quotas};
 pub use units::{ByteSize, Interval};
 
 /// Environment variable naming a configuration file, when `--config` is not given.
@@ -659,7 +657,10 @@ impl Settings {
         self.auth.validate()?;
         if let Some(hook) = &self.hooks.pre_create {
             if !(hook.url.starts_with("http://") || hook.url.starts_with("https://")) {
-                return invalid("hooks.pre_create.url", "must start with http:// or https://");
+                return invalid(
+                    "hooks.pre_create.url",
+                    "must start with http:// or https://",
+                );
             }
             if crate::webhooks::signing::SigningKey::parse(hook.secret.expose()).is_none() {
                 return invalid("hooks.pre_create.secret", "must be whsec_<base64>");

@@ -3,8 +3,8 @@
 //! The dispatcher itself is a worker role (`stitch_worker::webhooks`).
 
 pub mod callback;
-pub mod signing;
 mod redis;
+pub mod signing;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
