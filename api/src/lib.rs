@@ -21,7 +21,6 @@ pub mod service;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -39,7 +38,8 @@ pub struct AppState {
     pub uploads: Arc<UploadService>,
     /// Turns each request's credentials into a tenant and scopes.
     pub auth: Authenticator,
-    pub body_idle_timeout: Duration,
+    /// How slowly a chunk body may arrive.
+    pub body_limits: body::BodyLimits,
     pub max_metadata_bytes: usize,
     pub metrics: PrometheusHandle,
     /// Base of absolute download links (`http.public_url`), if configured.
@@ -80,7 +80,7 @@ impl Application {
             state: AppState {
                 uploads: Arc::new(UploadService::new(settings, backends)),
                 auth: Authenticator::new(&settings.auth).context("loading the API keys")?,
-                body_idle_timeout: settings.http.body_idle_timeout.0,
+                body_limits: body::BodyLimits::from_settings(&settings.http),
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),
                 public_url: settings.http.public_url.as_deref().map(Arc::from),

@@ -8,4 +8,5 @@ mod completion;
 mod helpers;
 mod ingest;
 mod limits;
+mod pace;
 mod process;
