@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod cli;
+pub mod cors;
 pub mod download;
 pub mod error;
 pub mod extract;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Base of absolute download links (`http.public_url`), if configured.
     pub public_url: Option<Arc<str>>,
+    /// Browser origins allowed to call the API (`http.cors_origins`); `None`: CORS is off.
+    pub cors: Option<Arc<cors::CorsPolicy>>,
 }
 
 /// A bound, not yet running API server.
@@ -84,6 +87,7 @@ impl Application {
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),
                 public_url: settings.http.public_url.as_deref().map(Arc::from),
+                cors: cors::CorsPolicy::new(&settings.http.cors_origins).map(Arc::new),
             },
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,

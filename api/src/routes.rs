@@ -11,11 +11,12 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
+use crate::cors;
 use crate::error::ApiError;
 use crate::handlers::{chunks, files, health, uploads};
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut routes = Router::new()
         .route("/upload", post(uploads::create_upload))
         .route("/upload/chunk", put(chunks::put_chunk))
         .route("/upload/status", get(uploads::status_by_header))
@@ -28,7 +29,13 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NoRoute })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    // Inside the others: a preflight is answered here, before any handler (and its
+    // authentication), and still gets a request id, a trace and its metrics.
+    if let Some(policy) = state.cors.clone() {
+        routes = routes.layer(middleware::from_fn_with_state(policy, cors::gate));
+    }
+    routes
         .layer(middleware::from_fn(track_requests))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::x_request_id())

@@ -5,6 +5,7 @@
 mod backends;
 mod bad_input;
 mod completion;
+mod cors;
 mod helpers;
 mod ingest;
 mod limits;
