@@ -66,6 +66,16 @@ pub enum ApiError {
     ChecksumMismatch { what: &'static str },
     #[error("the body stalled for longer than the idle timeout")]
     BodyTimeout,
+    #[error(
+        "the body arrived at less than {min_rate} bytes per second over {}s",
+        window.as_secs_f64()
+    )]
+    BodyTooSlow {
+        min_rate: u64,
+        window: std::time::Duration,
+    },
+    #[error("the body took longer than {}s to arrive", deadline.as_secs_f64())]
+    BodyDeadline { deadline: std::time::Duration },
     #[error("{0}")]
     Conflict(Conflict),
     #[error("{0}")]
@@ -127,7 +137,7 @@ impl ApiError {
             | InvalidQuery(_)
             | ChecksumMismatch { .. } => StatusCode::BAD_REQUEST,
             ChunkTooLarge { .. } | UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            BodyTimeout | BodyTooSlow { .. } | BodyDeadline { .. } => StatusCode::REQUEST_TIMEOUT,
             Conflict(_) | NotCompleted(_) => StatusCode::CONFLICT,
             RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -169,6 +179,8 @@ impl ApiError {
             CallbacksDisabled => "callbacks_disabled",
             ChecksumMismatch { .. } => "checksum_mismatch",
             BodyTimeout => "body_timeout",
+            BodyTooSlow { .. } => "body_too_slow",
+            BodyDeadline { .. } => "body_deadline",
             Conflict(c) => match c {
                 stitch_common::state::Conflict::Geometry { .. } => "geometry_mismatch",
                 stitch_common::state::Conflict::FileMd5 => "file_md5_mismatch",
@@ -300,7 +312,11 @@ impl IntoResponse for ApiError {
         }
         if matches!(
             self,
-            Self::BodyTimeout | Self::BodyTooLong { .. } | Self::Busy
+            Self::BodyTimeout
+                | Self::BodyTooSlow { .. }
+                | Self::BodyDeadline { .. }
+                | Self::BodyTooLong { .. }
+                | Self::Busy
         ) {
             // The rest of the body is not worth reading: close the connection.
             response

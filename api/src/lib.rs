@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod cli;
+pub mod cors;
 pub mod download;
 pub mod error;
 pub mod extract;
@@ -22,7 +23,6 @@ pub mod service;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -40,11 +40,14 @@ pub struct AppState {
     pub uploads: Arc<UploadService>,
     /// Turns each request's credentials into a tenant and scopes.
     pub auth: Authenticator,
-    pub body_idle_timeout: Duration,
+    /// How slowly a chunk body may arrive.
+    pub body_limits: body::BodyLimits,
     pub max_metadata_bytes: usize,
     pub metrics: PrometheusHandle,
     /// Base of absolute download links (`http.public_url`), if configured.
     pub public_url: Option<Arc<str>>,
+    /// Browser origins allowed to call the API (`http.cors_origins`); `None`: CORS is off.
+    pub cors: Option<Arc<cors::CorsPolicy>>,
 }
 
 /// A bound, not yet running API server.
@@ -85,10 +88,11 @@ impl Application {
                         .context("setting up the upload service")?,
                 ),
                 auth,
-                body_idle_timeout: settings.http.body_idle_timeout.0,
+                body_limits: body::BodyLimits::from_settings(&settings.http),
                 max_metadata_bytes: settings.limits.max_metadata_bytes,
                 metrics: stitch_common::telemetry::metrics_handle(),
                 public_url: settings.http.public_url.as_deref().map(Arc::from),
+                cors: cors::CorsPolicy::new(&settings.http.cors_origins).map(Arc::new),
             },
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,

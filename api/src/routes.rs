@@ -11,11 +11,12 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::AppState;
+use crate::cors;
 use crate::error::ApiError;
 use crate::handlers::{chunks, files, health, tokens, uploads};
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut routes = Router::new()
         .route("/upload", post(uploads::create_upload))
         .route("/upload/chunk", put(chunks::put_chunk))
         .route("/upload/tokens", post(tokens::issue_token))
@@ -29,7 +30,13 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(|| async { ApiError::NoRoute })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
+    // Inside the others: a preflight is answered here, before any handler (and its
+    // authentication), and still gets a request id, a trace and its metrics.
+    if let Some(policy) = state.cors.clone() {
+        routes = routes.layer(middleware::from_fn_with_state(policy, cors::gate));
+    }
+    routes
         .layer(middleware::from_fn(track_requests))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())

@@ -2,8 +2,19 @@
 //! `serve` sets no header-read timeout (a slowloris client could hold connections forever).
 //! Graceful shutdown: on the signal, stop accepting, let in-flight requests finish within
 //! the grace period, then return.
+//!
+//! The header-read timeout, two ways. Hyper enforces it on each HTTP/1 request's head, but has
+//! nothing of the kind for HTTP/2, and its protocol detection waits without a bound for a
+//! connection's first bytes. So this loop also closes any connection, whatever its protocol,
+//! that has not delivered a complete first request within the timeout: one that sends
+//! nothing, only the HTTP/2 preface, or a header block it never finishes. Later requests on an
+//! HTTP/2 connection are bounded less tightly: a header block left unfinished stops every
+//! other frame, so a client that then goes quiet fails the keep-alive ping (20 s, then its
+//! 20 s timeout); one that keeps trickling continuation frames is bounded only by h2's limits
+//! on a header block's size and frame count.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +24,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tower::ServiceExt;
 
 /// Server-side connection settings.
@@ -54,8 +66,12 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Signalled by every request, as its headers are complete; the first one counts.
+        let first_request = Arc::new(Notify::new());
+        let request_seen = first_request.clone();
         let service = TowerToHyperService::new(router.clone().map_request(
             move |req: axum::http::Request<Incoming>| {
+                request_seen.notify_one();
                 let mut req = req.map(axum::body::Body::new);
                 // The peer, for protected mode's loopback check.
                 req.extensions_mut()
@@ -67,8 +83,27 @@ pub async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let first = tokio::time::timeout(header_read_timeout, async {
+                tokio::select! {
+                    biased;
+                    ended = &mut connection => Some(ended),
+                    () = first_request.notified() => None,
+                }
+            })
+            .await;
+            let ended = match first {
+                Ok(Some(ended)) => ended,
+                Ok(None) => connection.await,
+                Err(_) => {
+                    // Dropping the connection closes the socket.
+                    tracing::debug!(%peer, "no complete request within the header read timeout; closing");
+                    return;
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

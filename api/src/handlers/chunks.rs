@@ -38,7 +38,7 @@ pub async fn put_chunk(
     let content_type = request_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let body = ChunkBody::new(content_type, body, chunk.range.len(), app.body_idle_timeout)?;
+    let body = ChunkBody::new(content_type, body, chunk.range.len(), app.body_limits)?;
     let a = app
         .uploads
         .accept_chunk(&caller, chunk, body)

@@ -96,3 +96,60 @@ async fn a_tiny_body_budget_slows_concurrent_chunks_but_never_stalls_them() {
     );
     assert_eq!(reassemble_counted(&app.env, &id), source.bytes);
 }
+
+/// The HTTP/2 connection preface, then an empty SETTINGS frame.
+const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+/// A HEADERS frame on stream 1 that never ends its header block (no END_HEADERS flag): one
+/// HPACK byte, `:method: GET`; the rest should follow in CONTINUATION frames.
+const H2_UNFINISHED_HEADERS: &[u8] = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01\x82";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_stall_before_their_first_request_are_closed_whatever_the_protocol() {
+    let app = spawn_app_with(|s| s.http.header_read_timeout = secs(1)).await;
+    let stalls: [(&str, Vec<u8>); 3] = [
+        ("sends nothing", Vec::new()),
+        (
+            "sends only the HTTP/2 preface",
+            H2_PREFACE_AND_SETTINGS.to_vec(),
+        ),
+        (
+            "leaves its first HTTP/2 header block unfinished",
+            [H2_PREFACE_AND_SETTINGS, H2_UNFINISHED_HEADERS].concat(),
+        ),
+    ];
+    let opened = tokio::time::Instant::now();
+    let mut stalled = Vec::new();
+    for (what, bytes) in stalls {
+        let mut conn = RawConnection::open(app.addr).await;
+        conn.send(&bytes).await;
+        stalled.push((what, conn));
+    }
+    // Not refused outright: it is the timeout that closes them.
+    for (what, conn) in &mut stalled {
+        let (_, closed) = conn.read_until_close(Duration::from_millis(300)).await;
+        assert!(!closed, "a connection that {what} was closed at once");
+    }
+
+    // Meanwhile an h2c client (prior knowledge) is served, and again after the timeout on
+    // the connection it keeps.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let response = h2.get(app.url("/healthz")).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    // Well within HTTP/2's keep-alive ping and its timeout (20 s each), which close some of
+    // these anyway, later.
+    let limit = opened + Duration::from_secs(15);
+    for (what, mut conn) in stalled {
+        let left = limit.saturating_duration_since(tokio::time::Instant::now());
+        let (_, closed) = conn.read_until_close(left).await;
+        assert!(closed, "the server kept open a connection that {what}");
+    }
+}

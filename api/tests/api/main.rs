@@ -5,7 +5,9 @@
 mod backends;
 mod bad_input;
 mod completion;
+mod cors;
 mod helpers;
 mod ingest;
 mod limits;
+mod pace;
 mod process;

@@ -101,6 +101,21 @@ pub struct HttpSettings {
     pub header_read_timeout: Interval,
     /// How long a request body may stall between two reads before the request fails.
     pub body_idle_timeout: Interval,
+    /// The slowest a chunk body may arrive, in bytes per second, averaged over each
+    /// `min_body_rate_window` of reading after the first: a body that trickles in just under
+    /// the idle timeout would otherwise hold one of `limits.max_concurrent_chunk_writes` for
+    /// as long as it likes. 0 disables the floor.
+    pub min_body_rate: ByteSize,
+    /// The window `min_body_rate` is measured over. Only time spent waiting for the client
+    /// counts: a pause on the server's side (storage, the body buffer) is not the client's.
+    pub min_body_rate_window: Interval,
+    /// Bound on reading one chunk body, however fast it flows: no write slot is held longer.
+    pub chunk_deadline: Interval,
+    /// Browser origins allowed to call the API (`https://app.example.com`), or `*` for any.
+    /// Empty (the default): no CORS headers at all, so browsers refuse cross-origin calls.
+    /// In the environment: comma-separated.
+    #[serde(deserialize_with = "units::list_or_csv")]
+    pub cors_origins: Vec<String>,
     /// On SIGTERM, how long in-flight requests (and, in the worker, merges) may run before
     /// the process exits anyway.
     pub shutdown_grace: Interval,
@@ -370,6 +385,10 @@ impl Default for HttpSettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             header_read_timeout: Interval(Duration::from_secs(30)),
             body_idle_timeout: Interval(Duration::from_secs(60)),
+            min_body_rate: ByteSize(16 << 10),
+            min_body_rate_window: Interval(Duration::from_secs(30)),
+            chunk_deadline: Interval(Duration::from_secs(3600)),
+            cors_origins: Vec::new(),
             shutdown_grace: Interval(Duration::from_secs(30)),
             public_url: None,
         }
@@ -645,6 +664,7 @@ impl Settings {
                 "must be between 4KiB and 16MiB",
             );
         }
+        self.validate_http()?;
         if let Some(url) = &self.http.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -676,7 +696,55 @@ impl Settings {
     }
 }
 
+/// The fastest `http.min_body_rate` may demand: a floor above it would refuse healthy clients.
+pub const MAX_MIN_BODY_RATE: u64 = 1 << 30;
+
 impl Settings {
+    /// The body-rate, deadline and CORS settings.
+    fn validate_http(&self) -> Result<(), SettingsError> {
+        let h = &self.http;
+        let invalid =
+            |key: &'static str, problem: String| Err(SettingsError::Invalid { key, problem });
+        if h.min_body_rate.0 > MAX_MIN_BODY_RATE {
+            return invalid(
+                "STITCH__HTTP__MIN_BODY_RATE",
+                "must be at most 1GiB (per second); 0 disables it".into(),
+            );
+        }
+        let window = h.min_body_rate_window.0;
+        if window < Duration::from_secs(1) || window > Duration::from_secs(3600) {
+            return invalid(
+                "STITCH__HTTP__MIN_BODY_RATE_WINDOW",
+                "must be between 1s and 1h".into(),
+            );
+        }
+        let deadline = h.chunk_deadline.0;
+        if deadline < Duration::from_secs(1) || deadline > Duration::from_secs(7 * 86_400) {
+            return invalid(
+                "STITCH__HTTP__CHUNK_DEADLINE",
+                "must be between 1s and 7d".into(),
+            );
+        }
+        let wildcard = h.cors_origins.iter().any(|o| o == "*");
+        if wildcard && h.cors_origins.len() > 1 {
+            return invalid(
+                "STITCH__HTTP__CORS_ORIGINS",
+                "`*` allows every origin and must be the only entry".into(),
+            );
+        }
+        if !wildcard {
+            for origin in &h.cors_origins {
+                if let Err(problem) = check_origin(origin) {
+                    return invalid(
+                        "STITCH__HTTP__CORS_ORIGINS",
+                        format!("{origin:?} {problem}"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate_webhooks(&self) -> Result<(), SettingsError> {
         let w = &self.webhooks;
         let invalid =
@@ -742,6 +810,34 @@ impl Settings {
             format!("endpoint-{}", &hex::encode(digest)[..12])
         })
     }
+}
+
+/// An origin as browsers send it in `Origin`: `scheme://host` or `scheme://host:port`, with
+/// no path, query or trailing slash (compared without regard to case).
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return Err("is not an origin such as https://app.example.com");
+    };
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !scheme_ok {
+        return Err("is not an origin such as https://app.example.com");
+    }
+    if authority.is_empty() {
+        return Err("has no host");
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Err("must be scheme://host[:port] only, without a path or a trailing slash");
+    }
+    if !authority
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b'\\' | b'"' | b','))
+    {
+        return Err("holds characters no origin has");
+    }
+    Ok(())
 }
 
 /// `whsec_` followed by base64 of at least 24 bytes.
@@ -861,6 +957,75 @@ mod tests {
         let s = load_toml("[lock]\nredis_urls = \"redis://a,redis://b,redis://c\"\n").unwrap();
         assert_eq!(s.lock.redis_urls.len(), 3);
         assert!(load_toml("[merge]\nretry_delays = \"1s,soon\"\n").is_err());
+    }
+
+    #[test]
+    fn body_pace_and_cors_have_documented_defaults() {
+        let s = load_toml("").unwrap();
+        assert_eq!(s.http.min_body_rate, ByteSize(16 << 10));
+        assert_eq!(
+            s.http.min_body_rate_window,
+            Interval(Duration::from_secs(30))
+        );
+        assert_eq!(s.http.chunk_deadline, Interval(Duration::from_secs(3600)));
+        assert!(s.http.cors_origins.is_empty());
+        let s = load_toml("[http]\nmin_body_rate = 0\n").unwrap();
+        assert_eq!(s.http.min_body_rate, ByteSize(0));
+    }
+
+    #[test]
+    fn body_pace_values_out_of_range_name_their_key() {
+        for (toml, key) in [
+            ("min_body_rate = \"2GiB\"", "STITCH__HTTP__MIN_BODY_RATE"),
+            (
+                "min_body_rate_window = 0",
+                "STITCH__HTTP__MIN_BODY_RATE_WINDOW",
+            ),
+            (
+                "min_body_rate_window = \"500ms\"",
+                "STITCH__HTTP__MIN_BODY_RATE_WINDOW",
+            ),
+            (
+                "min_body_rate_window = \"2h\"",
+                "STITCH__HTTP__MIN_BODY_RATE_WINDOW",
+            ),
+            ("chunk_deadline = 0", "STITCH__HTTP__CHUNK_DEADLINE"),
+            ("chunk_deadline = \"8d\"", "STITCH__HTTP__CHUNK_DEADLINE"),
+        ] {
+            let err = load_toml(&format!("[http]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins_or_a_lone_wildcard() {
+        let s = load_toml(
+            "[http]\ncors_origins = \"https://app.example.com, http://localhost:3000\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.http.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        let s = load_toml("[http]\ncors_origins = [\"*\"]\n").unwrap();
+        assert_eq!(s.http.cors_origins, ["*"]);
+        for bad in [
+            "*, https://a.example",
+            "https://app.example.com/",
+            "https://app.example.com/upload",
+            "app.example.com",
+            "null",
+            "https://",
+            "://x",
+            "https://a b",
+            "https://user@host",
+        ] {
+            let err = load_toml(&format!("[http]\ncors_origins = {bad:?}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("STITCH__HTTP__CORS_ORIGINS"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
