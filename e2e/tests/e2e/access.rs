@@ -44,6 +44,22 @@ fn keyed(env: &TestEnv) -> Settings {
     settings
 }
 
+async fn post_json(
+    client: &ApiClient,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    json_response(client.client.post(client.url(path)).json(body).send().await).await
+}
+
+async fn get_json(client: &ApiClient, path: &str) -> (u16, serde_json::Value) {
+    json_response(client.client.get(client.url(path)).send().await).await
+}
+
+async fn delete_json(client: &ApiClient, path: &str) -> (u16, serde_json::Value) {
+    json_response(client.client.delete(client.url(path)).send().await).await
+}
+
 /// An API (and, with `worker`, a worker) in this process.
 async fn spawn(settings: &Settings, worker: bool) -> std::net::SocketAddr {
     let api = stitch_api::Application::build(settings).await.unwrap();
@@ -356,30 +372,14 @@ async fn another_tenants_requests_for_the_owners_id_change_nothing_of_the_owners
         "upload_id": "report", "total_size": 3000, "chunk_size": 1000, "md5": md5,
         "filename": "report.pdf", "callback_url": "http://127.0.0.1:9/hook",
     });
-    let (code, created) = json_response(
-        owner
-            .client
-            .post(owner.url("/upload"))
-            .json(&declaration)
-            .send()
-            .await,
-    )
-    .await;
+    let (code, created) = post_json(&owner, "/upload", &declaration).await;
     assert_eq!(code, 201, "{created}");
     assert!(created["callback_secret"].as_str().is_some());
 
     // The attacker, knowing the id and the geometry: the same declaration is a new upload
     // of its own (no 409, no secret of the owner's), garbage for a missing index, a bogus
     // file MD5, another file name, another geometry, a delete.
-    let (code, theirs) = json_response(
-        attacker
-            .client
-            .post(attacker.url("/upload"))
-            .json(&declaration)
-            .send()
-            .await,
-    )
-    .await;
+    let (code, theirs) = post_json(&attacker, "/upload", &declaration).await;
     assert_eq!(
         code, 201,
         "the same id in another tenant is another upload: {theirs}"
@@ -456,13 +456,10 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
     let addr = spawn(&settings, true).await;
     let owner = ApiClient::with_key(addr, ACME);
     let source = Source::random(2500, 1000, 12);
-    let (code, issued) = json_response(
-        owner
-            .client
-            .post(owner.url("/upload/tokens"))
-            .json(&serde_json::json!({ "ttl": "10m", "max_bytes": 2500 }))
-            .send()
-            .await,
+    let (code, issued) = post_json(
+        &owner,
+        "/upload/tokens",
+        &serde_json::json!({ "ttl": "10m", "max_bytes": 2500 }),
     )
     .await;
     assert_eq!(code, 201, "{issued}");
@@ -482,28 +479,13 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
         assert_eq!(code, 200, "{body}");
     }
     browser.wait_for_state(&id, "completed", MINUTE).await;
-    let (code, body) = json_response(
-        browser
-            .client
-            .delete(browser.url(&format!("/files/{id}")))
-            .send()
-            .await,
-    )
-    .await;
+    let (code, body) = delete_json(&browser, &format!("/files/{id}")).await;
     assert_eq!(
         (code, error_code(&body)),
         (403, "forbidden"),
         "upload+read cannot delete"
     );
-    let (code, body) = json_response(
-        browser
-            .client
-            .post(browser.url("/upload/tokens"))
-            .json(&serde_json::json!({}))
-            .send()
-            .await,
-    )
-    .await;
+    let (code, body) = post_json(&browser, "/upload/tokens", &serde_json::json!({})).await;
     assert_eq!(
         (code, error_code(&body)),
         (403, "forbidden"),
@@ -511,13 +493,10 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
     );
 
     // A read-only download link.
-    let (code, link) = json_response(
-        owner
-            .client
-            .post(owner.url("/upload/tokens"))
-            .json(&serde_json::json!({ "upload_id": id, "scopes": ["read"], "ttl": 60 }))
-            .send()
-            .await,
+    let (code, link) = post_json(
+        &owner,
+        "/upload/tokens",
+        &serde_json::json!({ "upload_id": id, "scopes": ["read"], "ttl": 60 }),
     )
     .await;
     assert_eq!(code, 201, "{link}");
@@ -534,14 +513,7 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
 
     // Links that carry a read-only token: in the status when asked, in upload.completed
     // when the operator configured it; either downloads without a key, and nothing else.
-    let (code, status) = json_response(
-        owner
-            .client
-            .get(owner.url(&format!("/upload/{id}/status?link_ttl=5m")))
-            .send()
-            .await,
-    )
-    .await;
+    let (code, status) = get_json(&owner, &format!("/upload/{id}/status?link_ttl=5m")).await;
     assert_eq!(code, 200, "{status}");
     let event = tap.wait_for(&id, "upload.completed", MINUTE).await;
     for link in [&status["download_url"], &event["upload"]["download_url"]] {
@@ -557,14 +529,7 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
         let (code, _) = json_response(plain.get(owner.url(&status_with_it)).send().await).await;
         assert_eq!(code, 401, "a link's token opens the download only");
     }
-    let (code, body) = json_response(
-        browser
-            .client
-            .get(browser.url(&format!("/upload/{id}/status?link_ttl=30d")))
-            .send()
-            .await,
-    )
-    .await;
+    let (code, body) = get_json(&browser, &format!("/upload/{id}/status?link_ttl=30d")).await;
     assert_eq!(
         (code, error_code(&body)),
         (403, "forbidden"),
@@ -579,15 +544,7 @@ async fn capability_tokens_work_as_bearer_and_in_download_links_and_only_for_the
         (serde_json::json!({ "scopes": ["read"], "ttl": "30d" }), 400),
         (serde_json::json!({ "scopes": ["root"] }), 400),
     ] {
-        let (code, answer) = json_response(
-            reader
-                .client
-                .post(reader.url("/upload/tokens"))
-                .json(&body)
-                .send()
-                .await,
-        )
-        .await;
+        let (code, answer) = post_json(&reader, "/upload/tokens", &body).await;
         assert_eq!(code, status, "{body}: {answer}");
     }
 }
@@ -751,12 +708,10 @@ async fn a_pre_create_hook_that_does_not_answer_in_time_is_a_503() {
     let sink = WebhookSink::start(&[HOOK_SECRET], "hang", &["--hang-seconds", "30"]);
     let addr = spawn(&hooked(&env, &sink, Duration::from_millis(500)), false).await;
     let acme = ApiClient::with_key(addr, ACME);
-    let (code, body) = json_response(
-        acme.client
-            .post(acme.url("/upload"))
-            .json(&serde_json::json!({ "upload_id": "slow", "total_size": 10, "chunk_size": 10 }))
-            .send()
-            .await,
+    let (code, body) = post_json(
+        &acme,
+        "/upload",
+        &serde_json::json!({ "upload_id": "slow", "total_size": 10, "chunk_size": 10 }),
     )
     .await;
     assert_eq!(
@@ -780,15 +735,13 @@ async fn a_pre_create_hook_can_attach_metadata_and_is_asked_once_per_upload() {
     );
     let addr = spawn(&hooked(&env, &sink, Duration::from_secs(10)), false).await;
     let acme = ApiClient::with_key(addr, ACME);
-    let (code, created) = json_response(
-        acme.client
-            .post(acme.url("/upload"))
-            .json(&serde_json::json!({
-                "upload_id": "tagged", "total_size": 2000, "chunk_size": 1000,
-                "metadata": { "client": "mine", "kept": true },
-            }))
-            .send()
-            .await,
+    let (code, created) = post_json(
+        &acme,
+        "/upload",
+        &serde_json::json!({
+            "upload_id": "tagged", "total_size": 2000, "chunk_size": 1000,
+            "metadata": { "client": "mine", "kept": true },
+        }),
     )
     .await;
     assert_eq!(code, 201, "{created}");
