@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
-use stitch_common::auth::{KeyRing, Scope, Scopes, check_key_entry, key_sha256, new_api_key};
+use stitch_common::auth::{KeyRing, Scope, Scopes, key_sha256, new_api_key};
 use stitch_common::config::ApiKeyEntry;
+use stitch_common::config::check_key_entry;
 
 use crate::Failure;
 

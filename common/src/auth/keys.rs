@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
-use super::{Credential, Principal, Scopes, check_key_entry, key_sha256};
-use crate::config::ApiKeyEntry;
+use super::{Credential, Principal, Scopes, key_sha256};
+use crate::config::{ApiKeyEntry, check_key_entry};
 use crate::id::Tenant;
 
 /// How often the keys file is looked at.

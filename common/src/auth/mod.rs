@@ -15,106 +15,18 @@
 //!   configured) from a loopback peer: the default tenant with every scope.
 
 pub mod keys;
+pub mod scope;
 pub mod token;
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::{ApiKeyEntry, AuthMode, AuthSettings};
+use crate::config::{AuthMode, AuthSettings};
 use crate::id::{InvalidId, Tenant, UploadId};
 
 pub use self::keys::KeyRing;
+pub use self::scope::{Scope, Scopes};
 pub use self::token::{DownloadLinks, TokenClaims, TokenSigner};
-
-/// One permission.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// Create uploads and send their bytes (and read their status, to resume).
-    Upload,
-    /// Read status and download completed files.
-    Read,
-    /// Abort and delete uploads.
-    Delete,
-    /// The worker's admin endpoints.
-    Admin,
-}
-
-impl Scope {
-    pub const ALL: [Scope; 4] = [Self::Upload, Self::Read, Self::Delete, Self::Admin];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Upload => "upload",
-            Self::Read => "read",
-            Self::Delete => "delete",
-            Self::Admin => "admin",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.as_str() == raw)
-    }
-
-    fn bit(&self) -> u8 {
-        1 << (*self as u8)
-    }
-}
-
-/// A set of scopes.
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct Scopes(u8);
-
-impl Scopes {
-    pub fn of(scopes: &[Scope]) -> Self {
-        Self(scopes.iter().fold(0, |bits, s| bits | s.bit()))
-    }
-
-    /// Every scope but `admin`: what a key has when its table names none.
-    pub fn default_for_keys() -> Self {
-        Self::of(&[Scope::Upload, Scope::Read, Scope::Delete])
-    }
-
-    /// What a capability token has when the request names none.
-    pub fn default_for_tokens() -> Self {
-        Self::of(&[Scope::Upload, Scope::Read])
-    }
-
-    pub fn all() -> Self {
-        Self::of(&Scope::ALL)
-    }
-
-    pub fn contains(&self, scope: Scope) -> bool {
-        self.0 & scope.bit() != 0
-    }
-
-    pub fn is_subset_of(&self, other: Scopes) -> bool {
-        self.0 & !other.0 == 0
-    }
-
-    /// Parses scope names; `None` names the first unknown one.
-    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
-        let mut scopes = Vec::new();
-        for name in names {
-            scopes.push(Scope::parse(name).ok_or_else(|| name.to_owned())?);
-        }
-        Ok(Self::of(&scopes))
-    }
-
-    pub fn names(&self) -> Vec<&'static str> {
-        Scope::ALL
-            .into_iter()
-            .filter(|s| self.contains(*s))
-            .map(|s| s.as_str())
-            .collect()
-    }
-}
-
-impl fmt::Debug for Scopes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.names()).finish()
-    }
-}
 
 /// How a principal proved who it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,38 +136,6 @@ pub enum ScopedIdError {
     Invalid(#[from] InvalidId),
     #[error(transparent)]
     Auth(AuthError),
-}
-
-/// Checks one configured key table (also used for the keys file).
-pub fn check_key_entry(key: &ApiKeyEntry) -> Result<(), String> {
-    if key.id.is_empty() || key.id.len() > 64 || key.id.chars().any(char::is_control) {
-        return Err(format!(
-            "key id {:?} must be 1-64 printable characters",
-            key.id
-        ));
-    }
-    if Tenant::parse(&key.tenant).is_err() {
-        return Err(format!(
-            "key {:?}: tenant {:?} must be 1-64 of A-Z, a-z, 0-9, '_', '-'",
-            key.id, key.tenant
-        ));
-    }
-    let hex_ok = key.sha256.len() == 64 && key.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-    if !hex_ok {
-        return Err(format!(
-            "key {:?}: sha256 must be 64 hex digits (the SHA-256 of the key, not the key)",
-            key.id
-        ));
-    }
-    if let Some(scopes) = &key.scopes {
-        Scopes::parse(scopes.iter().map(String::as_str)).map_err(|unknown| {
-            format!(
-                "key {:?}: unknown scope {unknown:?} (upload, read, delete, admin)",
-                key.id
-            )
-        })?;
-    }
-    Ok(())
 }
 
 /// Turns credentials into principals. Cheap to clone; shared by every request.
@@ -409,6 +289,7 @@ pub fn key_sha256(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ApiKeyEntry;
 
     fn entry(id: &str, tenant: &str, key: &str, scopes: Option<&[&str]>) -> ApiKeyEntry {
         ApiKeyEntry {
@@ -593,12 +474,12 @@ mod tests {
 
     #[test]
     fn key_tables_are_checked() {
-        assert!(check_key_entry(&entry("a", "acme", "k", None)).is_ok());
-        assert!(check_key_entry(&entry("a", "ac/me", "k", None)).is_err());
-        assert!(check_key_entry(&entry("a", "acme", "k", Some(&["root"]))).is_err());
+        assert!(crate::config::check_key_entry(&entry("a", "acme", "k", None)).is_ok());
+        assert!(crate::config::check_key_entry(&entry("a", "ac/me", "k", None)).is_err());
+        assert!(crate::config::check_key_entry(&entry("a", "acme", "k", Some(&["root"]))).is_err());
         let mut raw = entry("a", "acme", "k", None);
         raw.sha256 = "sk_the_key_itself".into();
-        assert!(check_key_entry(&raw).is_err());
+        assert!(crate::config::check_key_entry(&raw).is_err());
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl AuthSettings {
         let invalid =
             |key: &'static str, problem: String| Err(SettingsError::Invalid { key, problem });
         for key in &self.keys {
-            if let Err(problem) = crate::auth::check_key_entry(key) {
+            if let Err(problem) = check_key_entry(key) {
                 return invalid("auth.keys", problem);
             }
         }
@@ -189,4 +189,36 @@ pub struct PreCreateHook {
 
 fn default_hook_timeout() -> Interval {
     Interval(Duration::from_secs(5))
+}
+
+/// Checks one configured key table (also used for the keys file and `stitch keys new`).
+pub fn check_key_entry(key: &ApiKeyEntry) -> Result<(), String> {
+    if key.id.is_empty() || key.id.len() > 64 || key.id.chars().any(char::is_control) {
+        return Err(format!(
+            "key id {:?} must be 1-64 printable characters",
+            key.id
+        ));
+    }
+    if crate::id::Tenant::parse(&key.tenant).is_err() {
+        return Err(format!(
+            "key {:?}: tenant {:?} must be 1-64 of A-Z, a-z, 0-9, '_', '-'",
+            key.id, key.tenant
+        ));
+    }
+    let hex_ok = key.sha256.len() == 64 && key.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex_ok {
+        return Err(format!(
+            "key {:?}: sha256 must be 64 hex digits (the SHA-256 of the key, not the key)",
+            key.id
+        ));
+    }
+    if let Some(scopes) = &key.scopes {
+        crate::auth::scope::Scopes::parse(scopes.iter().map(String::as_str)).map_err(|unknown| {
+            format!(
+                "key {:?}: unknown scope {unknown:?} (upload, read, delete, admin)",
+                key.id
+            )
+        })?;
+    }
+    Ok(())
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use auth::{ApiKeyEntry, AuthMode, AuthSettings, HookSettings, PreCreateHook, Quotas};
+pub use auth::{
+    ApiKeyEntry, AuthMode, AuthSettings, HookSettings, PreCreateHook, Quotas, check_key_entry,
+};
 pub use units::{ByteSize, Interval};
 
 /// Environment variable naming a configuration file, when `--config` is not given.
