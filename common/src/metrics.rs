@@ -26,6 +26,9 @@ pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
 pub const MERGE_SIZE: &str = "stitch_merge_size_bytes";
 pub const MERGE_TRANSIENT_FAILURES: &str = "stitch_merge_transient_failures_total";
 pub const QUEUE_MESSAGES: &str = "stitch_queue_messages";
+/// Per tenant, for the tenants named in `[auth.tenants]` only (bounded by configuration).
+pub const TENANT_ACTIVE_UPLOADS: &str = "stitch_tenant_active_uploads";
+pub const TENANT_STORED_BYTES: &str = "stitch_tenant_stored_bytes";
 pub const QUEUE_CONSUMERS: &str = "stitch_queue_consumers";
 pub const DEAD_LETTERS: &str = "stitch_dead_letter_messages";
 pub const LOCK_ACQUISITIONS: &str = "stitch_lock_acquisitions_total";
@@ -176,6 +179,15 @@ fn register_now(role: Role) {
         describe_gauge!(QUEUE_MESSAGES, "Messages ready in a work queue, by family");
         describe_gauge!(QUEUE_CONSUMERS, "Consumers of a work queue, by family");
         describe_gauge!(DEAD_LETTERS, "Messages in a dead-letter queue, by family");
+        describe_gauge!(
+            TENANT_ACTIVE_UPLOADS,
+            "Uploads a tenant has active (receiving or merging), for tenants named in [auth.tenants]"
+        );
+        describe_gauge!(
+            TENANT_STORED_BYTES,
+            Unit::Bytes,
+            "Bytes a tenant's uploads hold against its quota, for tenants named in [auth.tenants]"
+        );
         describe_counter!(
             LOCK_ACQUISITIONS,
             "Merge lock acquisitions: acquired, busy (contention), error"

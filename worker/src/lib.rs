@@ -21,6 +21,7 @@ pub mod janitor;
 pub mod merge;
 pub mod probes;
 pub mod queue_metrics;
+pub mod quota_metrics;
 pub mod sweeper;
 pub mod webhooks;
 
@@ -204,6 +205,17 @@ impl Worker {
             interval: s.metrics.queue_poll_interval.0,
         };
         roles.spawn(gauges.run(stop_rx.clone()));
+        let tenants = quota_metrics::TenantGauges {
+            quotas: self.backends.quotas.clone(),
+            tenants: s
+                .auth
+                .tenants
+                .keys()
+                .filter_map(|t| stitch_common::id::Tenant::parse(t).ok())
+                .collect(),
+            interval: s.metrics.queue_poll_interval.0,
+        };
+        roles.spawn(tenants.run(stop_rx.clone()));
         let admin = self.admin_routes()?;
         let probes = probes::router(probes::Probes {
             state: self.backends.state.clone(),

@@ -213,12 +213,14 @@ pub fn check_key_entry(key: &ApiKeyEntry) -> Result<(), String> {
         ));
     }
     if let Some(scopes) = &key.scopes {
-        crate::auth::scope::Scopes::parse(scopes.iter().map(String::as_str)).map_err(|unknown| {
-            format!(
-                "key {:?}: unknown scope {unknown:?} (upload, read, delete, admin)",
-                key.id
-            )
-        })?;
+        crate::auth::scope::Scopes::parse(scopes.iter().map(String::as_str)).map_err(
+            |unknown| {
+                format!(
+                    "key {:?}: unknown scope {unknown:?} (upload, read, delete, admin)",
+                    key.id
+                )
+            },
+        )?;
     }
     Ok(())
 }
