@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::error::ApiError;
+use crate::service::{PartBody, ServiceError};
 
 /// Bytes allowed in a multipart body beyond the chunk itself: boundaries, part headers and
 /// small extra fields that browser form clients add.
@@ -90,13 +90,15 @@ impl ChunkBody {
         body: Body,
         expected_len: u64,
         limits: BodyLimits,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, ServiceError> {
         let is_multipart = content_type
             .and_then(|ct| ct.parse::<mime::Mime>().ok())
             .is_some_and(|m| m.type_() == mime::MULTIPART && m.subtype() == mime::FORM_DATA);
         let source = if is_multipart {
-            let boundary = multer::parse_boundary(content_type.unwrap_or_default())
-                .map_err(|e| ApiError::InvalidBody(format!("bad multipart Content-Type: {e}")))?;
+            let boundary =
+                multer::parse_boundary(content_type.unwrap_or_default()).map_err(|e| {
+                    ServiceError::InvalidBody(format!("bad multipart Content-Type: {e}"))
+                })?;
             let constraints = multer::Constraints::new().size_limit(
                 multer::SizeLimit::new()
                     .whole_stream(expected_len.saturating_add(MULTIPART_OVERHEAD))
@@ -132,7 +134,7 @@ impl ChunkBody {
 
     /// The next block of chunk bytes, or `None` at the end of the chunk (for multipart: after
     /// the rest of the form was read and found to hold no second `file` field).
-    pub async fn next(&mut self) -> Result<Option<Bytes>, ApiError> {
+    pub async fn next(&mut self) -> Result<Option<Bytes>, ServiceError> {
         let Self { source, pace } = self;
         pace.start();
         match source {
@@ -142,7 +144,7 @@ impl ChunkBody {
                     pace.delivered(bytes.len())?;
                     Ok(Some(bytes))
                 }
-                Some(Err(e)) => Err(ApiError::InvalidBody(e.to_string())),
+                Some(Err(e)) => Err(ServiceError::InvalidBody(e.to_string())),
             },
             Source::Multipart(source) => loop {
                 let MultipartSource {
@@ -172,7 +174,7 @@ impl ChunkBody {
                     Some(next) => {
                         if next.name() == Some(FILE_FIELD) {
                             if *seen_file {
-                                return Err(ApiError::InvalidBody(
+                                return Err(ServiceError::InvalidBody(
                                     "more than one field named `file`".into(),
                                 ));
                             }
@@ -182,13 +184,21 @@ impl ChunkBody {
                     }
                     None if *seen_file => return Ok(None),
                     None => {
-                        return Err(ApiError::InvalidBody(
+                        return Err(ServiceError::InvalidBody(
                             "the multipart form has no field named `file`".into(),
                         ));
                     }
                 }
             },
         }
+    }
+}
+
+impl PartBody for ChunkBody {
+    fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, ServiceError>> + Send {
+        ChunkBody::next(self)
     }
 }
 
@@ -202,7 +212,7 @@ impl Pace {
 
     /// Waits for `f` (a read from the client) within the limits. `f` is never dropped midway
     /// and polled again: it is either finished or the body fails.
-    async fn wait<F: Future>(&mut self, f: F) -> Result<F::Output, ApiError> {
+    async fn wait<F: Future>(&mut self, f: F) -> Result<F::Output, ServiceError> {
         let deadline = self.deadline.unwrap_or_else(Instant::now);
         let mut f = std::pin::pin!(f);
         let idle_at = Instant::now() + self.limits.idle_timeout;
@@ -210,12 +220,12 @@ impl Pace {
             // Checked before waiting too: a body that keeps flowing never wakes a timer.
             let now = Instant::now();
             if now >= deadline {
-                return Err(ApiError::BodyDeadline {
+                return Err(ServiceError::BodyDeadline {
                     deadline: self.limits.deadline,
                 });
             }
             if now >= idle_at {
-                return Err(ApiError::BodyTimeout);
+                return Err(ServiceError::BodyTimeout);
             }
             let mut wake = deadline.min(idle_at);
             if self.limits.min_rate > 0 {
@@ -236,7 +246,7 @@ impl Pace {
     }
 
     /// Counts bytes the client delivered, then judges the window if it is over.
-    fn delivered(&mut self, len: usize) -> Result<(), ApiError> {
+    fn delivered(&mut self, len: usize) -> Result<(), ServiceError> {
         self.bytes = self.bytes.saturating_add(len as u64);
         self.judge()
     }
@@ -244,7 +254,7 @@ impl Pace {
     /// At the end of a rate window: fails the body if it arrived slower than the floor over
     /// the time actually waited (a late wake-up makes that a little longer than the window),
     /// else starts the next window.
-    fn judge(&mut self) -> Result<(), ApiError> {
+    fn judge(&mut self) -> Result<(), ServiceError> {
         let BodyLimits {
             min_rate,
             rate_window,
@@ -255,7 +265,7 @@ impl Pace {
         }
         let needed = u128::from(min_rate) * self.waited.as_nanos();
         if u128::from(self.bytes) * 1_000_000_000 < needed {
-            return Err(ApiError::BodyTooSlow {
+            return Err(ServiceError::BodyTooSlow {
                 min_rate,
                 window: rate_window,
             });
@@ -266,12 +276,12 @@ impl Pace {
     }
 }
 
-fn multipart_error(e: multer::Error) -> ApiError {
+fn multipart_error(e: multer::Error) -> ServiceError {
     match e {
         multer::Error::StreamSizeExceeded { .. } | multer::Error::FieldSizeExceeded { .. } => {
-            ApiError::InvalidBody("the multipart body is larger than the chunk allows".into())
+            ServiceError::InvalidBody("the multipart body is larger than the chunk allows".into())
         }
-        other => ApiError::InvalidBody(other.to_string()),
+        other => ServiceError::InvalidBody(other.to_string()),
     }
 }
 
@@ -301,7 +311,7 @@ mod tests {
     }
 
     /// Reads the whole body; the bytes received and the error that ended it, if any.
-    async fn read_all(body: Body, limits: BodyLimits) -> (u64, Option<ApiError>) {
+    async fn read_all(body: Body, limits: BodyLimits) -> (u64, Option<ServiceError>) {
         let mut body = ChunkBody::new(None, body, u64::MAX, limits).unwrap();
         let mut received = 0;
         loop {
@@ -319,7 +329,10 @@ mod tests {
         let (received, error) =
             read_all(paced_body(1, Duration::from_millis(300), 1000), LIMITS).await;
         assert!(
-            matches!(error, Some(ApiError::BodyTooSlow { min_rate: 1000, .. })),
+            matches!(
+                error,
+                Some(ServiceError::BodyTooSlow { min_rate: 1000, .. })
+            ),
             "{error:?}"
         );
         assert!(received < 40, "{received}");
@@ -371,7 +384,7 @@ mod tests {
         )
         .await;
         assert!(
-            matches!(error, Some(ApiError::BodyDeadline { .. })),
+            matches!(error, Some(ServiceError::BodyDeadline { .. })),
             "{error:?}"
         );
         assert!(received <= 500_000, "{received}");
@@ -386,10 +399,13 @@ mod tests {
             ..LIMITS
         };
         let (_, error) = read_all(stalled(), idle_first).await;
-        assert!(matches!(error, Some(ApiError::BodyTimeout)), "{error:?}");
+        assert!(
+            matches!(error, Some(ServiceError::BodyTimeout)),
+            "{error:?}"
+        );
         let (_, error) = read_all(stalled(), LIMITS).await;
         assert!(
-            matches!(error, Some(ApiError::BodyTooSlow { .. })),
+            matches!(error, Some(ServiceError::BodyTooSlow { .. })),
             "{error:?}"
         );
     }
@@ -440,6 +456,9 @@ mod tests {
                 Err(e) => break e,
             }
         };
-        assert!(matches!(error, ApiError::BodyTooSlow { .. }), "{error:?}");
+        assert!(
+            matches!(error, ServiceError::BodyTooSlow { .. }),
+            "{error:?}"
+        );
     }
 }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ServiceError};
 use crate::service::CompletedFile;
 
 /// What a `Range` header asks of a file of a known size.
@@ -140,11 +140,11 @@ pub async fn respond(
     };
     let mut handle = tokio::fs::File::open(&file.path)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("opening {}: {e}", file.path.display())))?;
+        .map_err(|e| ServiceError::Unavailable(format!("opening {}: {e}", file.path.display())))?;
     handle
         .seek(std::io::SeekFrom::Start(start))
         .await
-        .map_err(|e| ApiError::Unavailable(format!("seeking {}: {e}", file.path.display())))?;
+        .map_err(|e| ServiceError::Unavailable(format!("seeking {}: {e}", file.path.display())))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(handle.take(len), 64 << 10);
     let name = file.filename.unwrap_or_else(|| id.to_owned());
     let mut response = Response::new(Body::from_stream(stream));

@@ -8,10 +8,10 @@ use axum::http::request::Parts;
 use stitch_common::auth::{Presented, Principal};
 use stitch_common::digest::Md5;
 use stitch_common::geometry::{ChunkIndex, ContentRange, parse_decimal};
-use stitch_common::id::{InvalidId, UploadId};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ServiceError};
+use crate::service::{ChunkPart, UploadName};
 
 pub const FILE_ID: &str = "x-file-id";
 pub const CHUNK_INDEX: &str = "x-chunk-index";
@@ -75,21 +75,6 @@ fn md5(headers: &HeaderMap, name: &'static str) -> Result<Option<Md5>, ApiError>
             })
         })
         .transpose()
-}
-
-/// An upload id as a client wrote it: valid in form, not yet scoped to a tenant (the
-/// caller's [`Principal::upload_id`] does that).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UploadName(String);
-
-impl UploadName {
-    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-        UploadId::parse(raw).map(|id| Self(id.name().to_owned()))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 /// The upload id from `X-File-ID`.
@@ -176,6 +161,35 @@ impl ChunkHeaders {
     }
 }
 
+impl ChunkHeaders {
+    /// The part these headers declare, for the upload service.
+    pub fn part(&self) -> ChunkPart {
+        ChunkPart {
+            id: self.id.clone(),
+            index: self.index,
+            total_chunks: self.total_chunks,
+            range: self.range,
+            filename: self.filename.clone(),
+            file_md5: self.file_md5,
+            chunk_md5: self.chunk_md5,
+        }
+    }
+
+    /// `Content-Length` against the range, for a raw body (a multipart body is longer than
+    /// its part): HTTP's own framing, checked before the body is read.
+    pub fn check_length(&self, multipart: bool) -> Result<(), ApiError> {
+        let expected = self.range.len();
+        match self.content_length {
+            _ if multipart => Ok(()),
+            Some(0) => Err(ServiceError::EmptyChunk.into()),
+            Some(declared) if declared != expected => {
+                Err(ServiceError::LengthMismatch { declared, expected }.into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ChunkHeaders {
     type Rejection = ApiError;
 
@@ -221,8 +235,11 @@ fn authenticate(
     app: &AppState,
     query_token: Option<&str>,
 ) -> Result<Principal, ApiError> {
-    let authorization = single(&parts.headers, "authorization")
-        .map_err(|_| ApiError::Unauthorized("send one Authorization header".into()))?;
+    let authorization = single(&parts.headers, "authorization").map_err(|_| {
+        ApiError::from(ServiceError::Unauthorized(
+            "send one Authorization header".into(),
+        ))
+    })?;
     let peer = parts
         .extensions
         .get::<ConnectInfo<std::net::SocketAddr>>()

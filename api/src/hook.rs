@@ -19,7 +19,7 @@ use stitch_common::config::PreCreateHook;
 use stitch_common::upload::NewUpload;
 use stitch_common::webhooks::signing::{SigningKey, signature_header};
 
-use crate::error::ApiError;
+use crate::service::ServiceError;
 
 /// Longest reply read from the hook.
 const MAX_REPLY: usize = 64 << 10;
@@ -72,7 +72,7 @@ impl Hook {
         &self,
         caller: &Principal,
         upload: &NewUpload,
-    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ApiError> {
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, ServiceError> {
         let body = serde_json::to_vec(&serde_json::json!({
             "type": "upload.pre_create",
             "tenant": caller.tenant.as_str(),
@@ -86,7 +86,7 @@ impl Hook {
                 "metadata": upload.metadata,
             },
         }))
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let id = format!("hook_{}", uuid::Uuid::new_v4().simple());
         let timestamp = stitch_common::now_ms() / 1000;
         let signature = signature_header(std::slice::from_ref(&self.key), &id, timestamp, &body);
@@ -104,7 +104,7 @@ impl Hook {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(upload_id = %upload.id, error = %e, "pre-create hook did not answer");
-                return Err(ApiError::HookUnavailable);
+                return Err(ServiceError::HookUnavailable);
             }
         };
         let status = response.status();
@@ -117,10 +117,10 @@ impl Hook {
                 .and_then(|r| r.message.or(r.error.and_then(|e| e.message)))
                 .unwrap_or_else(|| format!("refused with {status}"));
             tracing::info!(upload_id = %upload.id, %status, "pre-create hook refused an upload");
-            return Err(ApiError::RejectedByHook(clean(&message)));
+            return Err(ServiceError::RejectedByHook(clean(&message)));
         }
         tracing::warn!(upload_id = %upload.id, %status, "pre-create hook failed");
-        Err(ApiError::HookUnavailable)
+        Err(ServiceError::HookUnavailable)
     }
 }
 

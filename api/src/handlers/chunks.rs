@@ -39,10 +39,12 @@ pub async fn put_chunk(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let body = ChunkBody::new(content_type, body, chunk.range.len(), app.body_limits)?;
+    chunk.check_length(body.is_multipart())?;
     let a = app
         .uploads
-        .accept_chunk(&caller, chunk, body)
+        .accept_chunk(&caller, chunk.part(), body)
         .await
+        .map_err(ApiError::from)
         .inspect_err(|e| {
             let class = if e.status().is_server_error() {
                 "5xx"

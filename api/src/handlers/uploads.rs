@@ -13,9 +13,10 @@ use stitch_common::state::Created;
 
 use super::views::StatusView;
 use crate::AppState;
-use crate::error::ApiError;
-use crate::extract::{Caller, UploadIdHeader, UploadIdPath, UploadName};
+use crate::error::{ApiError, ServiceError};
+use crate::extract::{Caller, UploadIdHeader, UploadIdPath};
 use crate::service::CreateUpload;
+use crate::service::UploadName;
 
 /// Largest JSON body `POST /upload` reads, beyond the metadata limit.
 const CREATE_BODY_SLACK: usize = 16 << 10;
@@ -38,7 +39,8 @@ pub async fn create_upload(
         Created::AlreadyExists => StatusCode::OK,
     };
     let location = view.status_url.clone();
-    let mut body = serde_json::to_value(view).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut body = serde_json::to_value(view)
+        .map_err(|e| ApiError::Service(ServiceError::Internal(e.to_string())))?;
     if let Some(secret) = secret {
         // The only place the callback secret ever appears: the response of the call that
         // created the upload.

@@ -1,6 +1,12 @@
-//! The upload service: the rules of the chunk protocol, between the handlers (HTTP in, JSON
-//! out) and the backends (state store, shared storage). Handlers call exactly one function
-//! here; nothing here knows about HTTP beyond the error it returns.
+//! The upload service: the rules of uploads, between a wire protocol's front end (its
+//! extractors, handlers and error table) and the backends (state store, shared storage).
+//! Handlers call exactly one function here. Nothing here knows HTTP or any protocol's
+//! headers: requests come in as uploads, byte ranges, digests and a body stream
+//! ([`ChunkPart`], [`PartBody`]), and every failure is a [`ServiceError`].
+
+mod error;
+
+pub use self::error::{QUOTA_RETRY_AFTER_SECS, ServiceError};
 
 use std::sync::Arc;
 
@@ -25,9 +31,6 @@ use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
 use stitch_common::webhooks::callback::CallbackPolicy;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::body::ChunkBody;
-use crate::error::ApiError;
-use crate::extract::{ChunkHeaders, UploadName};
 use crate::hook::Hook;
 use stitch_common::quota::{QuotaError, QuotaLedger, Reservation};
 
@@ -90,6 +93,46 @@ pub struct IssuedToken {
 
 /// A token's lifetime when the request names none.
 const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// An upload id as a client wrote it: valid in form, not yet scoped to a tenant (the
+/// caller's [`Principal::upload_id`] does that).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UploadName(String);
+
+impl UploadName {
+    pub fn parse(raw: &str) -> Result<Self, stitch_common::id::InvalidId> {
+        UploadId::parse(raw).map(|id| Self(id.name().to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One part of an upload of fixed-size parts: which upload, which part of how many, the
+/// bytes it covers, and the digests the client declared. Checked for form by the front end,
+/// against the limits and the upload here.
+#[derive(Clone, Debug)]
+pub struct ChunkPart {
+    pub id: UploadName,
+    pub index: ChunkIndex,
+    pub total_chunks: u64,
+    pub range: stitch_common::geometry::ContentRange,
+    pub filename: Option<String>,
+    /// MD5 of the whole file, if declared.
+    pub file_md5: Option<Md5>,
+    /// MD5 of this part, if declared: the part counts only if it matches.
+    pub chunk_md5: Option<Md5>,
+}
+
+/// A part's bytes as they arrive. The front end enforces its transport's limits (idle,
+/// rate, deadline) and reports them as [`ServiceError`]s; the service enforces the length.
+pub trait PartBody: Send {
+    /// The next bytes; `None` at the end.
+    fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<bytes::Bytes>, ServiceError>> + Send;
+}
 
 /// `POST /upload`: an explicit create.
 #[derive(Debug, Deserialize)]
@@ -196,34 +239,36 @@ impl UploadService {
         &self,
         caller: &Principal,
         req: TokenRequest,
-    ) -> Result<IssuedToken, ApiError> {
+    ) -> Result<IssuedToken, ServiceError> {
         let Some(signer) = self.auth.tokens() else {
-            return Err(ApiError::TokensDisabled);
+            return Err(ServiceError::TokensDisabled);
         };
         if caller.upload.is_some() {
-            return Err(ApiError::Forbidden("a token cannot make tokens".into()));
+            return Err(ServiceError::Forbidden("a token cannot make tokens".into()));
         }
         let scopes = match &req.scopes {
             None => Scopes::default_for_tokens(),
             Some(names) => Scopes::parse(names.iter().map(String::as_str))
-                .map_err(|s| ApiError::InvalidJson(format!("unknown scope {s:?}")))?,
+                .map_err(|s| ServiceError::InvalidRequest(format!("unknown scope {s:?}")))?,
         };
         if scopes.contains(Scope::Admin) {
-            return Err(ApiError::InvalidJson(
+            return Err(ServiceError::InvalidRequest(
                 "a token cannot carry the admin scope".into(),
             ));
         }
         if scopes == Scopes::default() {
-            return Err(ApiError::InvalidJson("scopes must not be empty".into()));
+            return Err(ServiceError::InvalidRequest(
+                "scopes must not be empty".into(),
+            ));
         }
         if !scopes.is_subset_of(caller.scopes) {
-            return Err(ApiError::Forbidden(
+            return Err(ServiceError::Forbidden(
                 "a token cannot have scopes its maker does not have".into(),
             ));
         }
         let ttl = req.ttl.map_or(DEFAULT_TOKEN_TTL, |t| t.0);
         if ttl.is_zero() || ttl > self.token_max_ttl {
-            return Err(ApiError::InvalidJson(format!(
+            return Err(ServiceError::InvalidRequest(format!(
                 "ttl must be between 1s and auth.token_max_ttl ({}s)",
                 self.token_max_ttl.as_secs()
             )));
@@ -231,7 +276,9 @@ impl UploadService {
         if let Some(max) = req.max_bytes {
             caller.check_size(max)?;
             if max == 0 {
-                return Err(ApiError::InvalidJson("max_bytes must be at least 1".into()));
+                return Err(ServiceError::InvalidRequest(
+                    "max_bytes must be at least 1".into(),
+                ));
             }
         }
         let upload_id = match &req.upload_id {
@@ -262,7 +309,7 @@ impl UploadService {
         &self,
         caller: &Principal,
         req: CreateUpload,
-    ) -> Result<(Created, UploadStatus, Option<String>), ApiError> {
+    ) -> Result<(Created, UploadStatus, Option<String>), ServiceError> {
         caller.require(Scope::Upload)?;
         let id = match (&req.upload_id, &caller.upload) {
             (Some(name), _) | (None, Some(name)) => caller.upload_id(name)?,
@@ -277,7 +324,7 @@ impl UploadService {
                 .to_string()
                 .len();
             if size > self.limits.max_metadata_bytes {
-                return Err(ApiError::InvalidJson(format!(
+                return Err(ServiceError::InvalidRequest(format!(
                     "metadata is {size} bytes; at most {} are allowed",
                     self.limits.max_metadata_bytes
                 )));
@@ -313,7 +360,7 @@ impl UploadService {
     async fn create_admitted(
         &self,
         mut upload: NewUpload,
-    ) -> Result<(Created, UploadStatus, Option<String>), ApiError> {
+    ) -> Result<(Created, UploadStatus, Option<String>), ServiceError> {
         match self.storage.ensure_manifest(&upload).await? {
             ManifestCheck::Conflicts(existing) => {
                 return Err(manifest_conflict(&existing, &upload));
@@ -344,18 +391,18 @@ impl UploadService {
     /// Receives one chunk: checks it against the limits and the upload, streams it to
     /// storage (durable under a unique name), then records it in one atomic state-store
     /// operation. Whatever is refused leaves no file and no state behind.
-    pub async fn accept_chunk(
+    pub async fn accept_chunk<B: PartBody>(
         &self,
         caller: &Principal,
-        chunk: ChunkHeaders,
-        body: ChunkBody,
-    ) -> Result<ChunkAccepted, ApiError> {
+        chunk: ChunkPart,
+        body: B,
+    ) -> Result<ChunkAccepted, ServiceError> {
         // 1. Everything that needs no I/O: who asks, then bounds, so that no huge number
         //    reaches a backend.
         caller.require(Scope::Upload)?;
         let id = caller.upload_id(chunk.id.as_str())?;
         if chunk.total_chunks > self.limits.max_chunks {
-            return Err(ApiError::TooManyChunks {
+            return Err(ServiceError::TooManyChunks {
                 count: chunk.total_chunks,
                 max: self.limits.max_chunks,
             });
@@ -364,18 +411,6 @@ impl UploadService {
         self.check_geometry(&geometry)?;
         caller.check_size(geometry.total_size)?;
         let len = chunk.range.len();
-        if !body.is_multipart() {
-            match chunk.content_length {
-                Some(0) => return Err(ApiError::EmptyChunk),
-                Some(declared) if declared != len => {
-                    return Err(ApiError::LengthMismatch {
-                        declared,
-                        expected: len,
-                    });
-                }
-                _ => {}
-            }
-        }
         let filename = chunk
             .filename
             .clone()
@@ -435,14 +470,14 @@ impl UploadService {
         &self,
         caller: &Principal,
         upload: &mut NewUpload,
-    ) -> Result<Reservation, ApiError> {
+    ) -> Result<Reservation, ServiceError> {
         let quotas = self.auth_settings.quotas_of(caller.tenant.as_str());
         let size = upload.geometry.total_size;
         if let Some(max) = quotas.max_upload_bytes
             && size > max.0
         {
             metrics::counter!(m::QUOTA_REFUSALS, "limit" => "upload_bytes").increment(1);
-            return Err(ApiError::QuotaUploadTooLarge { size, max: max.0 });
+            return Err(ServiceError::QuotaUploadTooLarge { size, max: max.0 });
         }
         if let Some(hook) = &self.hook
             && let Some(attached) = hook.ask(caller, upload).await?
@@ -454,7 +489,7 @@ impl UploadService {
                 .len();
             if bytes > self.limits.max_metadata_bytes {
                 tracing::error!(upload_id = %upload.id, bytes, "the pre-create hook attached more metadata than limits.max_metadata_bytes");
-                return Err(ApiError::HookUnavailable);
+                return Err(ServiceError::HookUnavailable);
             }
             upload.metadata = Some(metadata);
         }
@@ -469,7 +504,7 @@ impl UploadService {
                 };
                 metrics::counter!(m::QUOTA_REFUSALS, "limit" => limit).increment(1);
             })
-            .map_err(ApiError::from)
+            .map_err(ServiceError::from)
     }
 
     /// Gives back a reservation whose upload was not created after all. Kept when the
@@ -489,21 +524,21 @@ impl UploadService {
     }
 
     /// Steps 3 to 5 of [`UploadService::accept_chunk`]: the body to storage, then the record.
-    async fn store_chunk(
+    async fn store_chunk<B: PartBody>(
         &self,
         mut upload: NewUpload,
         first: bool,
-        chunk: ChunkHeaders,
-        mut body: ChunkBody,
+        chunk: ChunkPart,
+        mut body: B,
         len: u64,
-    ) -> Result<ChunkAccepted, ApiError> {
+    ) -> Result<ChunkAccepted, ServiceError> {
         let geometry = upload.geometry;
         // 3. The body, to a durable copy under a unique name.
         let _permit = self
             .write_permits
             .clone()
             .try_acquire_owned()
-            .map_err(|_| ApiError::Busy)?;
+            .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
         let staged = self
@@ -513,7 +548,7 @@ impl UploadService {
             && staged.digests.md5 != Some(expected)
         {
             self.storage.discard(&staged).await;
-            return Err(ApiError::ChecksumMismatch { what: "chunk MD5" });
+            return Err(ServiceError::ChecksumMismatch { what: "chunk MD5" });
         }
 
         // 4. A first chunk creates the upload: its manifest, then (atomically with the
@@ -592,7 +627,7 @@ impl UploadService {
                 // The record may have been applied: the copy may be the counted one, so it
                 // stays (an uncounted copy is collected by the janitor, a counted one must
                 // never go missing).
-                Err(ApiError::Unavailable(detail))
+                Err(ServiceError::Unavailable(detail))
             }
             Err(e) => {
                 self.storage.discard(&staged).await;
@@ -648,14 +683,14 @@ impl UploadService {
 
     /// Pumps the body into a staged copy, enforcing the declared length as it goes: reading
     /// stops at the first byte past it.
-    async fn receive_body(
+    async fn receive_body<B: PartBody>(
         &self,
         id: &UploadId,
         index: ChunkIndex,
         with_md5: bool,
         len: u64,
-        body: &mut ChunkBody,
-    ) -> Result<StagedChunk, ApiError> {
+        body: &mut B,
+    ) -> Result<StagedChunk, ServiceError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let writer = self.storage.stage_chunk(id, index, with_md5, rx);
         let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
@@ -664,7 +699,7 @@ impl UploadService {
             while let Some(bytes) = body.next().await? {
                 received += bytes.len() as u64;
                 if received > len {
-                    return Err(ApiError::BodyTooLong { expected: len });
+                    return Err(ServiceError::BodyTooLong { expected: len });
                 }
                 // Wait for memory before holding more: the budget is shared by all chunks.
                 let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
@@ -681,9 +716,9 @@ impl UploadService {
             }
             if received < len {
                 return Err(if received == 0 {
-                    ApiError::EmptyChunk
+                    ServiceError::EmptyChunk
                 } else {
-                    ApiError::BodyTooShort {
+                    ServiceError::BodyTooShort {
                         expected: len,
                         received,
                     }
@@ -701,7 +736,7 @@ impl UploadService {
             }
             (Err(e), Err(_)) => Err(e),
             (Ok(()), Err(StorageError::Interrupted)) => {
-                Err(ApiError::InvalidBody("the body ended early".into()))
+                Err(ServiceError::InvalidBody("the body ended early".into()))
             }
             (Ok(()), Err(e)) => Err(e.into()),
             (Ok(()), Ok(staged)) => Ok(staged),
@@ -713,7 +748,7 @@ impl UploadService {
         &self,
         caller: &Principal,
         name: &UploadName,
-    ) -> Result<UploadStatus, ApiError> {
+    ) -> Result<UploadStatus, ServiceError> {
         caller.require_any(Scope::Read, Scope::Upload)?;
         self.status_of(&caller.upload_id(name.as_str())?).await
     }
@@ -726,17 +761,17 @@ impl UploadService {
         status: &UploadStatus,
         url: &str,
         ttl: Interval,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, ServiceError> {
         caller.require(Scope::Read)?;
         let Some(signer) = self.auth.tokens() else {
-            return Err(ApiError::TokensDisabled);
+            return Err(ServiceError::TokensDisabled);
         };
         if caller.upload.is_some() {
             // A token's holder could outlive its own token with a longer link.
-            return Err(ApiError::Forbidden("a token cannot make links".into()));
+            return Err(ServiceError::Forbidden("a token cannot make links".into()));
         }
         if ttl.0.is_zero() || ttl.0 > self.token_max_ttl {
-            return Err(ApiError::InvalidQuery(format!(
+            return Err(ServiceError::InvalidLinkTtl(format!(
                 "link_ttl must be between 1s and auth.token_max_ttl ({}s)",
                 self.token_max_ttl.as_secs()
             )));
@@ -746,21 +781,21 @@ impl UploadService {
     }
 
     /// A snapshot of the upload, rebuilt from storage if the state store lost it.
-    async fn status_of(&self, id: &UploadId) -> Result<UploadStatus, ApiError> {
+    async fn status_of(&self, id: &UploadId) -> Result<UploadStatus, ServiceError> {
         if let Some(status) = self.state.upload_status(id).await? {
             return Ok(status);
         }
         if !self.rebuild(id).await? {
-            return Err(ApiError::NotFound);
+            return Err(ServiceError::NotFound);
         }
         self.state
             .upload_status(id)
             .await?
-            .ok_or(ApiError::NotFound)
+            .ok_or(ServiceError::NotFound)
     }
 
     /// The upload's header, rebuilt from storage if the state store lost it.
-    async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, ApiError> {
+    async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, ServiceError> {
         if let Some(header) = self.state.upload_header(id).await? {
             return Ok(Some(header));
         }
@@ -770,7 +805,7 @@ impl UploadService {
         Ok(self.state.upload_header(id).await?)
     }
 
-    async fn rebuild(&self, id: &UploadId) -> Result<bool, ApiError> {
+    async fn rebuild(&self, id: &UploadId) -> Result<bool, ServiceError> {
         match self.recovery.rebuild(id).await {
             Ok(known) => Ok(known),
             Err(RecoveryError::State(e)) => Err(e.into()),
@@ -784,7 +819,7 @@ impl UploadService {
         &self,
         caller: &Principal,
         name: &UploadName,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ServiceError> {
         caller.require(Scope::Delete)?;
         let id = &caller.upload_id(name.as_str())?;
         let status = self.status_of(id).await?;
@@ -838,15 +873,15 @@ impl UploadService {
         &self,
         caller: &Principal,
         name: &UploadName,
-    ) -> Result<CompletedFile, ApiError> {
+    ) -> Result<CompletedFile, ServiceError> {
         caller.require(Scope::Read)?;
         let status = self.status_of(&caller.upload_id(name.as_str())?).await?;
         let completion = match (&status.completion, status.state) {
             (Some(c), UploadState::Completed) => c.clone(),
-            (_, state) => return Err(ApiError::NotCompleted(state)),
+            (_, state) => return Err(ServiceError::NotCompleted(state)),
         };
         let path = self.storage.resolve(&completion.location).ok_or_else(|| {
-            ApiError::Internal(format!("bad stored location {:?}", completion.location))
+            ServiceError::Internal(format!("bad stored location {:?}", completion.location))
         })?;
         Ok(CompletedFile {
             path,
@@ -859,32 +894,32 @@ impl UploadService {
 
     /// A client callback must be allowed at all, and pass the operator's policy as written
     /// (the addresses it resolves to are checked whenever a delivery connects to it).
-    fn check_callback(&self, url: &str) -> Result<(), ApiError> {
+    fn check_callback(&self, url: &str) -> Result<(), ServiceError> {
         let Some(policy) = &self.callbacks else {
-            return Err(ApiError::CallbacksDisabled);
+            return Err(ServiceError::CallbacksDisabled);
         };
         policy
             .check_url(url)
             .map(|_| ())
-            .map_err(|refusal| ApiError::InvalidCallback(refusal.to_string()))
+            .map_err(|refusal| ServiceError::InvalidCallback(refusal.to_string()))
     }
 
-    fn check_geometry(&self, g: &Geometry) -> Result<(), ApiError> {
+    fn check_geometry(&self, g: &Geometry) -> Result<(), ServiceError> {
         let l = &self.limits;
         if g.total_size > l.max_upload_bytes.0 {
-            return Err(ApiError::UploadTooLarge {
+            return Err(ServiceError::UploadTooLarge {
                 size: g.total_size,
                 max: l.max_upload_bytes.0,
             });
         }
         if g.chunk_size > l.max_chunk_bytes.0 {
-            return Err(ApiError::ChunkTooLarge {
+            return Err(ServiceError::ChunkTooLarge {
                 size: g.chunk_size,
                 max: l.max_chunk_bytes.0,
             });
         }
         if g.total_chunks > l.max_chunks {
-            return Err(ApiError::TooManyChunks {
+            return Err(ServiceError::TooManyChunks {
                 count: g.total_chunks,
                 max: l.max_chunks,
             });
@@ -892,15 +927,15 @@ impl UploadService {
         Ok(())
     }
 
-    fn check_filename(&self, name: String) -> Result<String, ApiError> {
+    fn check_filename(&self, name: String) -> Result<String, ServiceError> {
         if name.len() > self.limits.max_filename_bytes {
-            return Err(ApiError::InvalidFilename(format!(
+            return Err(ServiceError::InvalidFilename(format!(
                 "is longer than {} bytes",
                 self.limits.max_filename_bytes
             )));
         }
         if name.is_empty() || name.chars().any(char::is_control) {
-            return Err(ApiError::InvalidFilename(
+            return Err(ServiceError::InvalidFilename(
                 "must be non-empty, without control characters".into(),
             ));
         }
@@ -935,7 +970,7 @@ impl Drop for InFlight {
     }
 }
 
-fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ApiError {
+fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ServiceError {
     if existing.geometry != upload.geometry {
         Conflict::Geometry {
             existing: existing.geometry,
