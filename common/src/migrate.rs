@@ -31,7 +31,16 @@ pub const STEPS: &[Step] = &[
         file: "0002_keyspace_layout.lua",
         text: include_str!("../../migrations/0002_keyspace_layout.lua"),
     },
+    Step {
+        version: 3,
+        file: "0003_typed_outbox.lua",
+        text: TYPED_OUTBOX_STEP,
+    },
 ];
+
+/// Step 0003, which the Redis state store also runs on a layout-1 outbox that an older
+/// process wrote after the migration (see `state::redis`).
+pub(crate) const TYPED_OUTBOX_STEP: &str = include_str!("../../migrations/0003_typed_outbox.lua");
 
 /// The schema this build expects: its last step.
 pub const SCHEMA_VERSION: u32 = STEPS[STEPS.len() - 1].version;
@@ -51,6 +60,17 @@ impl Step {
     pub fn name(&self) -> &'static str {
         let stem = self.file.rsplit_once('.').map_or(self.file, |(s, _)| s);
         stem.split_once('_').map_or(stem, |(_, name)| name)
+    }
+
+    /// For a per-upload Redis step (second line `-- per-upload: <suffix> <suffix>...`): the
+    /// key suffixes it takes, the first naming the uploads it runs for.
+    pub fn per_upload(&self) -> Option<Vec<&'static str>> {
+        let line = self.text.lines().nth(1)?;
+        let suffixes: Vec<&str> = line
+            .strip_prefix("-- per-upload:")?
+            .split_whitespace()
+            .collect();
+        (!suffixes.is_empty()).then_some(suffixes)
     }
 
     /// Whether binaries built before this step cannot run once it is applied.
@@ -269,6 +289,8 @@ async fn run_step(
             .declare_topology()
             .await
             .map_err(|e| anyhow::anyhow!("declaring the broker topology: {e}"))
+    } else if let Some(suffixes) = step.per_upload() {
+        run_per_upload(&settings.namespace, conn, step, &suffixes).await
     } else {
         let _: redis::Value = redis::Script::new(step.text)
             .key(schema_key(&settings.namespace))
@@ -278,6 +300,53 @@ async fn run_step(
             .context("running the Redis script")?;
         Ok(())
     }
+}
+
+/// Runs a per-upload step once for every upload that has a key `<ns>:{<id>}:<suffixes[0]>`,
+/// with that upload's keys `<ns>:{<id>}:<suffix>` in order as `KEYS` (one hash tag, one
+/// Redis Cluster slot per run) and the namespace as `ARGV[1]`. Uploads are found by SCAN.
+async fn run_per_upload(
+    namespace: &str,
+    conn: &mut redis::aio::MultiplexedConnection,
+    step: &Step,
+    suffixes: &[&str],
+) -> anyhow::Result<()> {
+    let script = redis::Script::new(step.text);
+    let pattern = format!("{namespace}:{{*}}:{}", suffixes[0]);
+    let mut cursor: u64 = 0;
+    let mut uploads = 0usize;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .context("listing the uploads to migrate")?;
+        for key in batch {
+            let Some(tag) = key.strip_suffix(suffixes[0]) else {
+                continue;
+            };
+            let mut invocation = script.prepare_invoke();
+            for suffix in suffixes {
+                invocation.key(format!("{tag}{suffix}"));
+            }
+            let _: redis::Value = invocation
+                .arg(namespace)
+                .invoke_async(conn)
+                .await
+                .with_context(|| format!("running the step for {key}"))?;
+            uploads += 1;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    tracing::info!(step = step.name(), uploads, "per-upload step applied");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -317,7 +386,12 @@ mod tests {
         let mut declared = step.broker.declare.clone();
         declared.sort();
         assert_eq!(declared, expected);
-        assert!(STEPS[0].breaking() && STEPS[1].breaking());
+        assert!(STEPS.iter().all(Step::breaking));
+        assert_eq!(STEPS[1].per_upload(), None);
+        assert_eq!(
+            STEPS[2].per_upload(),
+            Some(vec!["outbox", "outbox:merge", "outbox:events"])
+        );
     }
 
     #[test]

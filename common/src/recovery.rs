@@ -14,8 +14,8 @@ use std::sync::Arc;
 use crate::events::Event;
 use crate::id::UploadId;
 use crate::metrics as m;
-use crate::queue::{EventSink, MergeJob, OutboxMessage};
-use crate::state::{Restoration, Restored, StateError, StateStore};
+use crate::queue::{EventSink, OutboxMessage};
+use crate::state::{OutboxEntry, Restoration, Restored, StateError, StateStore};
 use crate::storage::{FsChunkStore, StorageError};
 use crate::upload::{Completion, UploadState};
 
@@ -75,9 +75,9 @@ impl Recovery {
             fence: inventory.highest_fence,
             last_activity_ms: inventory.last_activity_ms,
         };
-        let job = MergeJob::new(id.clone()).to_json();
+        let job = OutboxMessage::merge(id.clone());
         let created_event = Event::created(&restoration.upload);
-        let created = OutboxMessage::event_json(&created_event);
+        let created = OutboxMessage::event(&created_event);
         match self
             .state
             .restore_upload(&restoration, &job, &created, self.ttl_ms)
@@ -94,7 +94,8 @@ impl Recovery {
                 if state != UploadState::Completed
                     && self.events.publish_event(&created_event).await.is_ok()
                 {
-                    let _ = self.state.clear_outbox_entry(id, &created).await;
+                    let entry = OutboxEntry::new(id.clone(), created);
+                    let _ = self.state.clear_outbox_entry(&entry).await;
                 }
             }
             Restored::AlreadyKnown => {

@@ -10,25 +10,54 @@ use std::time::Duration;
 use stitch_common::backends::Backends;
 use stitch_common::config::Interval;
 use stitch_common::digest::Md5;
+use stitch_common::events::{Event, EventKind};
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::lock::{Lease, MergeLock, RedisLock};
-use stitch_common::queue::{AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, WorkQueue};
+use stitch_common::queue::{
+    AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, OutboxKind, OutboxMessage, WorkQueue,
+};
 use stitch_common::state::{
-    Aborted, Committed, Conflict, Created, Expired, Failed, MergeStart, Recorded, RedisStateStore,
-    Reopened, Restoration, Restored, StateError, StateStore, keys,
+    Aborted, Committed, Conflict, Created, Expired, Failed, MergeStart, OutboxEntry, Recorded,
+    RedisStateStore, Reopened, Restoration, Restored, StateError, StateStore, keys,
 };
 use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
 use stitch_testkit::redis_server::RedisServer;
 
 const TTL: u64 = 60_000;
-/// Outbox entries as the API writes them (any text works for the store).
-const CREATED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"created"}"#;
-const ABORTED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"aborted"}"#;
-const COMPLETED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"completed"}"#;
-const FAILED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"failed"}"#;
-const EXPIRED: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"expired"}"#;
+
+/// An outbox event of `kind` about `id`, as a state change writes it.
+fn event(id: &UploadId, kind: EventKind) -> OutboxMessage {
+    let mut event = Event::created(&NewUpload {
+        id: id.clone(),
+        ..upload("any", 10, 10)
+    });
+    event.kind = kind;
+    event.event_id = format!("evt-{}-{id}", kind.routing_key());
+    OutboxMessage::event(&event)
+}
+fn created(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::Created)
+}
+fn aborted(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::Aborted)
+}
+fn completed(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::Completed)
+}
+fn failed(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::Failed)
+}
+fn expired(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::Expired)
+}
+fn chunks_lost(id: &UploadId) -> OutboxMessage {
+    event(id, EventKind::ChunksLost)
+}
+fn merge(id: &UploadId) -> OutboxMessage {
+    OutboxMessage::merge(id.clone())
+}
 
 fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
     NewUpload {
@@ -64,7 +93,7 @@ async fn record_all(store: &dyn StateStore, u: &NewUpload) -> usize {
     let mut completions = 0;
     for i in 0..u.geometry.total_chunks {
         match store
-            .record_chunk(u, &chunk(u, i, 7), "{\"job\":1}", CREATED, TTL)
+            .record_chunk(u, &chunk(u, i, 7), &merge(&u.id), &created(&u.id), TTL)
             .await
             .unwrap()
         {
@@ -78,14 +107,14 @@ async fn record_all(store: &dyn StateStore, u: &NewUpload) -> usize {
 async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
     let u = upload("c1", 25, 10);
     let first = store
-        .record_chunk(&u, &chunk(&u, 1, 5), "j", CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 5), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(matches!(first, Recorded::New(p) if p.chunks_received == 1 && p.bytes_received == 10));
     let mut again = chunk(&u, 1, 5);
     again.token = "another-copy".into();
     match store
-        .record_chunk(&u, &again, "j", CREATED, TTL)
+        .record_chunk(&u, &again, &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap()
     {
@@ -99,7 +128,7 @@ async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
         other => panic!("{other:?}"),
     }
     let conflict = store
-        .record_chunk(&u, &chunk(&u, 1, 6), "j", CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 6), &merge(&u.id), &created(&u.id), TTL)
         .await;
     assert!(matches!(
         conflict,
@@ -107,7 +136,13 @@ async fn chunks_are_counted_once_and_never_overwritten(store: &dyn StateStore) {
     ));
     let other_shape = upload("c1", 30, 10);
     let conflict = store
-        .record_chunk(&other_shape, &chunk(&other_shape, 0, 1), "j", CREATED, TTL)
+        .record_chunk(
+            &other_shape,
+            &chunk(&other_shape, 0, 1),
+            &merge(&other_shape.id),
+            &created(&other_shape.id),
+            TTL,
+        )
         .await;
     assert!(matches!(
         conflict,
@@ -124,7 +159,7 @@ async fn completion_is_reported_exactly_once(store: &dyn StateStore) {
     assert_eq!(status.state, UploadState::Merging);
     assert_eq!(status.uploaded_chunks, (0..10).collect::<Vec<_>>());
     let late = store
-        .record_chunk(&u, &chunk(&u, 0, 7), "j", CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 7), &merge(&u.id), &created(&u.id), TTL)
         .await;
     assert!(matches!(
         late,
@@ -137,16 +172,16 @@ async fn completion_is_reported_exactly_once(store: &dyn StateStore) {
 async fn creation_is_idempotent_for_the_same_declaration(store: &dyn StateStore) {
     let u = upload("c3", 100, 10);
     assert_eq!(
-        store.create_upload(&u, CREATED, TTL).await.unwrap(),
+        store.create_upload(&u, &created(&u.id), TTL).await.unwrap(),
         Created::New
     );
     assert_eq!(
-        store.create_upload(&u, CREATED, TTL).await.unwrap(),
+        store.create_upload(&u, &created(&u.id), TTL).await.unwrap(),
         Created::AlreadyExists
     );
     let other = upload("c3", 100, 20);
     assert!(matches!(
-        store.create_upload(&other, CREATED, TTL).await,
+        store.create_upload(&other, &created(&other.id), TTL).await,
         Err(StateError::Conflict(Conflict::Geometry { .. }))
     ));
 }
@@ -154,21 +189,27 @@ async fn creation_is_idempotent_for_the_same_declaration(store: &dyn StateStore)
 async fn abort_is_idempotent_and_refuses_later_chunks(store: &dyn StateStore) {
     let u = upload("c4", 20, 10);
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), "j", CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert_eq!(
-        store.abort_upload(&u.id, ABORTED, TTL).await.unwrap(),
+        store
+            .abort_upload(&u.id, &aborted(&u.id), TTL)
+            .await
+            .unwrap(),
         Aborted::Now {
             previous: UploadState::Receiving
         }
     );
     assert_eq!(
-        store.abort_upload(&u.id, ABORTED, TTL).await.unwrap(),
+        store
+            .abort_upload(&u.id, &aborted(&u.id), TTL)
+            .await
+            .unwrap(),
         Aborted::Already
     );
     let late = store
-        .record_chunk(&u, &chunk(&u, 1, 1), "j", CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 1), &merge(&u.id), &created(&u.id), TTL)
         .await;
     assert!(matches!(
         late,
@@ -178,7 +219,7 @@ async fn abort_is_idempotent_and_refuses_later_chunks(store: &dyn StateStore) {
     ));
     let missing = UploadId::parse("never").unwrap();
     assert!(matches!(
-        store.abort_upload(&missing, ABORTED, TTL).await,
+        store.abort_upload(&missing, &aborted(&missing), TTL).await,
         Err(StateError::NotFound)
     ));
 }
@@ -206,14 +247,14 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     };
     assert!(second.fence > first.fence);
     let stale = store
-        .commit_merge(&u.id, first.fence, &completion("old"), COMPLETED)
+        .commit_merge(&u.id, first.fence, &completion("old"), &completed(&u.id))
         .await;
     assert!(
         matches!(stale, Err(StateError::Conflict(Conflict::Fenced))),
         "{stale:?}"
     );
     let stale_fail = store
-        .fail_merge(&u.id, Some(first.fence), "x", "e", FAILED, TTL)
+        .fail_merge(&u.id, Some(first.fence), "x", "e", &failed(&u.id), TTL)
         .await;
     assert!(matches!(
         stale_fail,
@@ -221,14 +262,14 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     ));
     assert_eq!(
         store
-            .commit_merge(&u.id, second.fence, &completion("new"), COMPLETED)
+            .commit_merge(&u.id, second.fence, &completion("new"), &completed(&u.id))
             .await
             .unwrap(),
         Committed::Now
     );
     assert_eq!(
         store
-            .commit_merge(&u.id, second.fence, &completion("again"), COMPLETED)
+            .commit_merge(&u.id, second.fence, &completion("again"), &completed(&u.id))
             .await
             .unwrap(),
         Committed::Already {
@@ -241,7 +282,7 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     );
     assert_eq!(
         store
-            .fail_merge(&u.id, None, "late", "e2", FAILED, TTL)
+            .fail_merge(&u.id, None, "late", "e2", &failed(&u.id), TTL)
             .await
             .unwrap(),
         Failed::NotMerging(UploadState::Completed)
@@ -259,7 +300,14 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
     };
     assert_eq!(
         store
-            .fail_merge(&u.id, Some(plan.fence), "bad md5", "evt-f", FAILED, TTL)
+            .fail_merge(
+                &u.id,
+                Some(plan.fence),
+                "bad md5",
+                "evt-f",
+                &failed(&u.id),
+                TTL
+            )
             .await
             .unwrap(),
         Failed::Now
@@ -268,11 +316,13 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
     assert_eq!(status.state, UploadState::Failed);
     assert_eq!(status.failure.unwrap().event_id, "evt-f");
     assert!(
-        outbox_of(store, &u.id).await.contains(&FAILED.to_owned()),
+        outbox_of(store, &u.id)
+            .await
+            .contains(&"upload.failed".to_owned()),
         "upload.failed waits in the outbox with the failure"
     );
     let late = store
-        .commit_merge(&u.id, plan.fence, &completion("x"), COMPLETED)
+        .commit_merge(&u.id, plan.fence, &completion("x"), &completed(&u.id))
         .await;
     assert!(matches!(
         late,
@@ -288,29 +338,32 @@ async fn a_failed_merge_is_final(store: &dyn StateStore) {
 
 async fn the_outbox_holds_the_trigger_until_cleared(store: &dyn StateStore) {
     let u = upload("c7", 10, 10);
-    let job = stitch_common::queue::MergeJob::new(u.id.clone());
-    let raw = job.to_json();
+    let job = merge(&u.id);
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), &raw, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &job, &created(&u.id), TTL)
         .await
         .unwrap();
-    let mine = |entries: Vec<stitch_common::state::OutboxEntry>| -> Vec<String> {
+    let triggers = |entries: Vec<OutboxEntry>| -> Vec<OutboxMessage> {
         entries
             .into_iter()
-            .filter(|e| e.upload_id == u.id && e.raw != CREATED)
-            .map(|e| e.raw)
+            .filter(|e| e.upload_id == u.id && e.kind() == OutboxKind::Merge)
+            .map(|e| e.message)
             .collect()
     };
+    let enqueued_at_ms = job.enqueued_at_ms();
     assert_eq!(
-        mine(store.pending_outbox(job.enqueued_at_ms + 1).await.unwrap()),
-        vec![raw.clone()]
+        triggers(store.pending_outbox(enqueued_at_ms + 1).await.unwrap()),
+        vec![job.clone()]
     );
     assert!(
-        mine(store.pending_outbox(job.enqueued_at_ms).await.unwrap()).is_empty(),
+        triggers(store.pending_outbox(enqueued_at_ms).await.unwrap()).is_empty(),
         "not past the horizon yet"
     );
-    store.clear_outbox_entry(&u.id, &raw).await.unwrap();
-    assert!(mine(store.pending_outbox(u64::MAX).await.unwrap()).is_empty());
+    store
+        .clear_outbox_entry(&OutboxEntry::new(u.id.clone(), job))
+        .await
+        .unwrap();
+    assert!(triggers(store.pending_outbox(u64::MAX).await.unwrap()).is_empty());
     let stuck = store.stuck_merges(u64::MAX).await.unwrap();
     let mine: Vec<_> = stuck.iter().filter(|s| s.upload_id == u.id).collect();
     assert_eq!(mine.len(), 1, "{stuck:?}");
@@ -322,68 +375,162 @@ async fn the_outbox_holds_the_trigger_until_cleared(store: &dyn StateStore) {
     assert_eq!(store.note_requeue(&u.id).await.unwrap(), Some(1));
 }
 
-async fn outbox_of(store: &dyn StateStore, id: &UploadId) -> Vec<String> {
-    let mut entries: Vec<String> = store
+/// The upload's pending outbox entries, as the sweeper reads them.
+async fn entries_of(store: &dyn StateStore, id: &UploadId) -> Vec<OutboxEntry> {
+    store
         .pending_outbox(u64::MAX)
         .await
         .unwrap()
         .into_iter()
         .filter(|e| &e.upload_id == id)
-        .map(|e| e.raw)
+        .collect()
+}
+
+/// What the upload's outbox holds, sorted: `merge` for a merge trigger, the event's type for
+/// an event.
+async fn outbox_of(store: &dyn StateStore, id: &UploadId) -> Vec<String> {
+    let mut entries: Vec<String> = entries_of(store, id)
+        .await
+        .into_iter()
+        .map(|e| match e.message {
+            OutboxMessage::Merge(_) => "merge".to_owned(),
+            OutboxMessage::Event { event, .. } => event.kind.routing_key().to_owned(),
+        })
         .collect();
     entries.sort();
     entries
 }
 
+async fn merge_triggers_and_events_are_kept_apart_and_cleared_exactly(store: &dyn StateStore) {
+    let u = upload("k1", 20, 10);
+    let trigger = |enqueued_at_ms| {
+        OutboxMessage::Merge(MergeJob {
+            enqueued_at_ms,
+            ..MergeJob::new(u.id.clone())
+        })
+    };
+    let (first, second) = (trigger(1), trigger(2));
+    let made = created(&u.id);
+    for i in 0..2 {
+        store
+            .record_chunk(&u, &chunk(&u, i, 1), &first, &made, TTL)
+            .await
+            .unwrap();
+    }
+    assert_eq!(outbox_of(store, &u.id).await, ["merge", "upload.created"]);
+
+    // Storage lost a chunk: the trigger goes, the events stay and the loss joins them.
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    store
+        .reopen_for_lost_chunks(
+            &u.id,
+            plan.fence,
+            &[ChunkIndex(1)],
+            &chunks_lost(&u.id),
+            TTL,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox_of(store, &u.id).await,
+        ["upload.chunks_lost", "upload.created"]
+    );
+
+    // The chunk again: a new trigger. Clearing the first one (its publish confirmed late)
+    // leaves the new one; clearing an event leaves the other.
+    store
+        .record_chunk(&u, &chunk(&u, 1, 1), &second, &made, TTL)
+        .await
+        .unwrap();
+    store
+        .clear_outbox_entry(&OutboxEntry::new(u.id.clone(), first))
+        .await
+        .unwrap();
+    store
+        .clear_outbox_entry(&OutboxEntry::new(u.id.clone(), made))
+        .await
+        .unwrap();
+    let left: Vec<OutboxMessage> = entries_of(store, &u.id)
+        .await
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&second), "{left:?}");
+    assert_eq!(
+        outbox_of(store, &u.id).await,
+        ["merge", "upload.chunks_lost"]
+    );
+
+    // A failure drops the trigger and keeps the events.
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    store
+        .fail_merge(&u.id, Some(plan.fence), "bad", "evt-f", &failed(&u.id), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox_of(store, &u.id).await,
+        ["upload.chunks_lost", "upload.failed"]
+    );
+
+    // Entries as the sweeper reads them clear exactly.
+    for entry in entries_of(store, &u.id).await {
+        store.clear_outbox_entry(&entry).await.unwrap();
+    }
+    assert!(outbox_of(store, &u.id).await.is_empty());
+}
+
 async fn events_ride_the_outbox_with_their_state_changes(store: &dyn StateStore) {
     let u = upload("c8", 20, 10);
-    let job = MergeJob::new(u.id.clone()).to_json();
     let first = store
-        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(matches!(first, Recorded::New(p) if p.created_upload && !p.completed_upload));
     let second = store
-        .record_chunk(&u, &chunk(&u, 1, 1), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(matches!(second, Recorded::New(p) if !p.created_upload && p.completed_upload));
-    let mut expected = vec![job.clone(), CREATED.to_owned()];
-    expected.sort();
+    let expected = ["merge", "upload.created"];
     assert_eq!(
         outbox_of(store, &u.id).await,
         expected,
         "one created event, one merge trigger"
     );
     // Aborting drops the merge trigger, keeps the unpublished event and adds its own.
-    store.abort_upload(&u.id, ABORTED, TTL).await.unwrap();
-    let mut expected = vec![ABORTED.to_owned(), CREATED.to_owned()];
-    expected.sort();
+    store
+        .abort_upload(&u.id, &aborted(&u.id), TTL)
+        .await
+        .unwrap();
+    let expected = ["upload.aborted", "upload.created"];
     assert_eq!(outbox_of(store, &u.id).await, expected);
 
     // A commit drops the merge trigger and writes its completion event.
     let v = upload("c9", 10, 10);
-    let job = MergeJob::new(v.id.clone()).to_json();
     store
-        .record_chunk(&v, &chunk(&v, 0, 1), &job, CREATED, TTL)
+        .record_chunk(&v, &chunk(&v, 0, 1), &merge(&v.id), &created(&v.id), TTL)
         .await
         .unwrap();
     let MergeStart::Ready(plan) = store.begin_merge(&v.id, TTL).await.unwrap() else {
         panic!("not ready");
     };
     store
-        .commit_merge(&v.id, plan.fence, &completion("f"), COMPLETED)
+        .commit_merge(&v.id, plan.fence, &completion("f"), &completed(&v.id))
         .await
         .unwrap();
-    let mut expected = vec![COMPLETED.to_owned(), CREATED.to_owned()];
-    expected.sort();
+    let expected = ["upload.completed", "upload.created"];
     assert_eq!(outbox_of(store, &v.id).await, expected);
 
     // An explicit create writes its event; confirming it again does not.
     let w = upload("c10", 10, 10);
-    store.create_upload(&w, CREATED, TTL).await.unwrap();
-    store.create_upload(&w, CREATED, TTL).await.unwrap();
-    assert_eq!(outbox_of(store, &w.id).await, vec![CREATED.to_owned()]);
+    store.create_upload(&w, &created(&w.id), TTL).await.unwrap();
+    store.create_upload(&w, &created(&w.id), TTL).await.unwrap();
+    assert_eq!(outbox_of(store, &w.id).await, ["upload.created"]);
 }
 
 fn restoration(u: &NewUpload, indices: &[u64], fence: u64) -> Restoration {
@@ -398,14 +545,19 @@ fn restoration(u: &NewUpload, indices: &[u64], fence: u64) -> Restoration {
 
 async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
     let u = upload("r1", 30, 10);
-    let job = MergeJob::new(u.id.clone()).to_json();
     let r = restoration(&u, &[0, 2], 7);
     assert_eq!(
-        store.restore_upload(&r, &job, CREATED, TTL).await.unwrap(),
+        store
+            .restore_upload(&r, &merge(&u.id), &created(&u.id), TTL)
+            .await
+            .unwrap(),
         Restored::Now(UploadState::Receiving)
     );
     assert_eq!(
-        store.restore_upload(&r, &job, CREATED, TTL).await.unwrap(),
+        store
+            .restore_upload(&r, &merge(&u.id), &created(&u.id), TTL)
+            .await
+            .unwrap(),
         Restored::AlreadyKnown,
         "a second rebuild changes nothing"
     );
@@ -414,7 +566,7 @@ async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
     assert_eq!(status.bytes_received, 20);
     // The upload goes on: the missing chunk completes it, and the fence is past storage's.
     let done = store
-        .record_chunk(&u, &chunk(&u, 1, 7), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 7), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(matches!(done, Recorded::New(p) if p.completed_upload));
@@ -426,16 +578,19 @@ async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
 
     // Every chunk on storage: it merges (the trigger is in the outbox).
     let v = upload("r2", 20, 10);
-    let job = MergeJob::new(v.id.clone()).to_json();
     assert_eq!(
         store
-            .restore_upload(&restoration(&v, &[0, 1], 0), &job, CREATED, TTL)
+            .restore_upload(
+                &restoration(&v, &[0, 1], 0),
+                &merge(&v.id),
+                &created(&v.id),
+                TTL,
+            )
             .await
             .unwrap(),
         Restored::Now(UploadState::Merging)
     );
-    let mut expected = vec![job, CREATED.to_owned()];
-    expected.sort();
+    let expected = ["merge", "upload.created"];
     assert_eq!(
         outbox_of(store, &v.id).await,
         expected,
@@ -447,7 +602,10 @@ async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
     let mut r = restoration(&w, &[], 3);
     r.completion = Some(completion("uploads/r3/file.3"));
     assert_eq!(
-        store.restore_upload(&r, "", CREATED, TTL).await.unwrap(),
+        store
+            .restore_upload(&r, &merge(&w.id), &created(&w.id), TTL)
+            .await
+            .unwrap(),
         Restored::Now(UploadState::Completed)
     );
     let status = store.upload_status(&w.id).await.unwrap().unwrap();
@@ -457,15 +615,14 @@ async fn a_lost_upload_is_restored_once_from_storage(store: &dyn StateStore) {
 
 async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateStore) {
     let u = upload("x1", 20, 10);
-    let job = MergeJob::new(u.id.clone()).to_json();
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     let now = stitch_common::now_ms();
     assert_eq!(
         store
-            .expire_upload(&u.id, now - 60_000, EXPIRED, TTL)
+            .expire_upload(&u.id, now - 60_000, &expired(&u.id), TTL)
             .await
             .unwrap(),
         Expired::Kept(UploadState::Receiving),
@@ -473,17 +630,19 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
     );
     assert_eq!(
         store
-            .expire_upload(&u.id, now + 60_000, EXPIRED, TTL)
+            .expire_upload(&u.id, now + 60_000, &expired(&u.id), TTL)
             .await
             .unwrap(),
         Expired::Now
     );
     assert!(
-        outbox_of(store, &u.id).await.contains(&EXPIRED.to_owned()),
+        outbox_of(store, &u.id)
+            .await
+            .contains(&"upload.expired".to_owned()),
         "upload.expired waits in the tombstone's outbox"
     );
     let late = store
-        .record_chunk(&u, &chunk(&u, 1, 1), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap_err();
     assert!(
@@ -496,24 +655,27 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
     // An id the store does not know gets a tombstone too.
     let v = upload("x2", 20, 10);
     assert_eq!(
-        store.expire_upload(&v.id, now, EXPIRED, TTL).await.unwrap(),
+        store
+            .expire_upload(&v.id, now, &expired(&v.id), TTL)
+            .await
+            .unwrap(),
         Expired::Now
     );
     assert!(
         store
-            .record_chunk(&v, &chunk(&v, 0, 1), &job, CREATED, TTL)
+            .record_chunk(&v, &chunk(&v, 0, 1), &merge(&v.id), &created(&v.id), TTL)
             .await
             .is_err()
     );
     // Merging uploads are never expired.
     let w = upload("x3", 10, 10);
     store
-        .record_chunk(&w, &chunk(&w, 0, 1), &job, CREATED, TTL)
+        .record_chunk(&w, &chunk(&w, 0, 1), &merge(&w.id), &created(&w.id), TTL)
         .await
         .unwrap();
     assert_eq!(
         store
-            .expire_upload(&w.id, now + 60_000, EXPIRED, TTL)
+            .expire_upload(&w.id, now + 60_000, &expired(&w.id), TTL)
             .await
             .unwrap(),
         Expired::Kept(UploadState::Merging)
@@ -522,16 +684,13 @@ async fn expiring_excludes_recording_and_spares_live_uploads(store: &dyn StateSt
     assert_eq!(store.upload_status(&w.id).await.unwrap(), None);
 }
 
-const LOST: &str = r#"{"type":"event","enqueued_at_ms":1,"event":"chunks_lost"}"#;
-
 async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     store: &dyn StateStore,
 ) {
     let u = upload("c11", 45, 10);
-    let job = MergeJob::new(u.id.clone()).to_json();
     for i in 0..5 {
         store
-            .record_chunk(&u, &chunk(&u, i, 3), &job, CREATED, TTL)
+            .record_chunk(&u, &chunk(&u, i, 3), &merge(&u.id), &created(&u.id), TTL)
             .await
             .unwrap();
     }
@@ -546,22 +705,21 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     // Only the newest attempt may reopen; a refusal changes nothing.
     let before = store.upload_status(&u.id).await.unwrap().unwrap();
     let refused = store
-        .reopen_for_lost_chunks(&u.id, stale.fence, &lost, LOST, TTL)
+        .reopen_for_lost_chunks(&u.id, stale.fence, &lost, &chunks_lost(&u.id), TTL)
         .await;
     assert!(
         matches!(refused, Err(StateError::Conflict(Conflict::Fenced))),
         "{refused:?}"
     );
     assert_eq!(store.upload_status(&u.id).await.unwrap().unwrap(), before);
-    let mut expected = vec![job.clone(), CREATED.to_owned()];
-    expected.sort();
+    let expected = ["merge", "upload.created"];
     assert_eq!(outbox_of(store, &u.id).await, expected);
 
     // The newest one does: receiving, without the lost chunks, the event in the outbox and
     // the merge trigger out of it.
     assert_eq!(
         store
-            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, LOST, TTL)
+            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, &chunks_lost(&u.id), TTL)
             .await
             .unwrap(),
         Reopened::Now {
@@ -573,8 +731,7 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     assert_eq!(status.state, UploadState::Receiving);
     assert_eq!(status.uploaded_chunks, vec![0, 2, 3]);
     assert_eq!((status.chunks_received, status.bytes_received), (3, 30));
-    let mut expected = vec![CREATED.to_owned(), LOST.to_owned()];
-    expected.sort();
+    let expected = ["upload.chunks_lost", "upload.created"];
     assert_eq!(outbox_of(store, &u.id).await, expected);
     let counted: Vec<u64> = store
         .counted_chunks(&u.id)
@@ -595,7 +752,7 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     );
     // Not merging any more: the stale attempt can neither commit nor reopen again.
     let late = store
-        .commit_merge(&u.id, plan.fence, &completion("x"), COMPLETED)
+        .commit_merge(&u.id, plan.fence, &completion("x"), &completed(&u.id))
         .await;
     assert!(
         matches!(
@@ -608,7 +765,7 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     );
     assert_eq!(
         store
-            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, LOST, TTL)
+            .reopen_for_lost_chunks(&u.id, plan.fence, &lost, &chunks_lost(&u.id), TTL)
             .await
             .unwrap(),
         Reopened::NotMerging(UploadState::Receiving)
@@ -618,13 +775,13 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     // copy), counts as new, and the last one completes the upload again with a new trigger.
     assert!(matches!(
         store
-            .record_chunk(&u, &chunk(&u, 2, 3), &job, CREATED, TTL)
+            .record_chunk(&u, &chunk(&u, 2, 3), &merge(&u.id), &created(&u.id), TTL)
             .await
             .unwrap(),
         Recorded::Duplicate { .. }
     ));
     let first = store
-        .record_chunk(&u, &chunk(&u, 4, 3), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 4, 3), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(
@@ -632,15 +789,14 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
         "{first:?}"
     );
     let last = store
-        .record_chunk(&u, &chunk(&u, 1, 9), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 1, 9), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     assert!(
         matches!(last, Recorded::New(p) if p.completed_upload && p.bytes_received == 45),
         "{last:?}"
     );
-    let mut expected = vec![job.clone(), CREATED.to_owned(), LOST.to_owned()];
-    expected.sort();
+    let expected = ["merge", "upload.chunks_lost", "upload.created"];
     assert_eq!(outbox_of(store, &u.id).await, expected);
     let MergeStart::Ready(again) = store.begin_merge(&u.id, TTL).await.unwrap() else {
         panic!("not ready");
@@ -653,15 +809,16 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     );
     assert_eq!(
         store
-            .commit_merge(&u.id, again.fence, &completion("f"), COMPLETED)
+            .commit_merge(&u.id, again.fence, &completion("f"), &completed(&u.id))
             .await
             .unwrap(),
         Committed::Now
     );
 
+    let nobody = UploadId::parse("nobody").unwrap();
     assert!(matches!(
         store
-            .reopen_for_lost_chunks(&UploadId::parse("nobody").unwrap(), 1, &lost, LOST, TTL)
+            .reopen_for_lost_chunks(&nobody, 1, &lost, &chunks_lost(&nobody), TTL)
             .await,
         Err(StateError::NotFound)
     ));
@@ -676,6 +833,7 @@ async fn run_state_contract(store: &dyn StateStore) {
     the_commit_accepts_only_the_newest_fencing_token(store).await;
     a_failed_merge_is_final(store).await;
     the_outbox_holds_the_trigger_until_cleared(store).await;
+    merge_triggers_and_events_are_kept_apart_and_cleared_exactly(store).await;
     events_ride_the_outbox_with_their_state_changes(store).await;
     a_lost_upload_is_restored_once_from_storage(store).await;
     expiring_excludes_recording_and_spares_live_uploads(store).await;
@@ -687,9 +845,8 @@ async fn a_redis_fencing_counter_that_expired_never_restarts_below_a_token_hande
     let env = TestEnv::new();
     let store = redis_store(&env);
     let u = upload("f1", 10, 10);
-    let job = MergeJob::new(u.id.clone()).to_json();
     store
-        .record_chunk(&u, &chunk(&u, 0, 1), &job, CREATED, TTL)
+        .record_chunk(&u, &chunk(&u, 0, 1), &merge(&u.id), &created(&u.id), TTL)
         .await
         .unwrap();
     let MergeStart::Ready(first) = store.begin_merge(&u.id, TTL).await.unwrap() else {
@@ -715,7 +872,7 @@ async fn a_redis_fencing_counter_that_expired_never_restarts_below_a_token_hande
         third.fence
     );
     let stale = store
-        .commit_merge(&u.id, second.fence, &completion("stale"), COMPLETED)
+        .commit_merge(&u.id, second.fence, &completion("stale"), &completed(&u.id))
         .await;
     assert!(
         matches!(stale, Err(StateError::Conflict(Conflict::Fenced))),
@@ -867,7 +1024,7 @@ async fn the_sqlite_state_survives_reopening_the_database() {
     {
         let store = sqlite_backends(&env, |_| {}).state;
         store
-            .record_chunk(&u, &chunk(&u, 2, 9), "j", CREATED, TTL)
+            .record_chunk(&u, &chunk(&u, 2, 9), &merge(&u.id), &created(&u.id), TTL)
             .await
             .unwrap();
     }
@@ -875,6 +1032,63 @@ async fn the_sqlite_state_survives_reopening_the_database() {
     let status = store.upload_status(&u.id).await.unwrap().unwrap();
     assert_eq!(status.uploaded_chunks, vec![2]);
     assert_eq!(status.bytes_received, 5);
+}
+
+#[tokio::test]
+async fn a_version_1_sqlite_outbox_is_upgraded_with_each_entry_under_its_kind() {
+    let env = TestEnv::local();
+    let path = env.storage_root.join("stitch.db");
+    let u = upload("v1", 20, 10);
+    sqlite_backends(&env, |_| {})
+        .state
+        .record_chunk(&u, &chunk(&u, 0, 1), &merge(&u.id), &created(&u.id), TTL)
+        .await
+        .unwrap();
+    // The outbox as schema 1 kept it: no kind, merge triggers and events told apart by text.
+    let job = MergeJob::new(u.id.clone()).to_json();
+    let made = serde_json::to_string(&created(&u.id)).unwrap();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP TABLE outbox; \
+             CREATE TABLE outbox (id INTEGER PRIMARY KEY, upload_id TEXT NOT NULL, \
+             raw TEXT NOT NULL, enqueued_at INTEGER NOT NULL); \
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        for raw in [job.as_str(), made.as_str(), "not an outbox message"] {
+            conn.execute(
+                "INSERT INTO outbox (upload_id, raw, enqueued_at) VALUES (?1, ?2, 1)",
+                rusqlite::params![u.id.as_str(), raw],
+            )
+            .unwrap();
+        }
+    }
+    let store = sqlite_backends(&env, |_| {}).state;
+    assert_eq!(
+        outbox_of(store.as_ref(), &u.id).await,
+        ["merge", "upload.created"]
+    );
+    // The kinds are stored now: an abort drops the trigger and keeps the event.
+    store
+        .abort_upload(&u.id, &aborted(&u.id), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox_of(store.as_ref(), &u.id).await,
+        ["upload.aborted", "upload.created"]
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    let kept: i64 = conn
+        .query_row("SELECT COUNT(*) FROM outbox WHERE kind = ''", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(kept, 1, "an entry of no known kind is kept, not dropped");
 }
 
 // ----- The merge queue contract -----

@@ -27,7 +27,7 @@ use stitch_common::lock::MergeLock;
 use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
-use stitch_common::state::{Expired, StateStore};
+use stitch_common::state::{Expired, OutboxEntry, StateStore};
 use stitch_common::storage::{FsChunkStore, Inventory};
 use stitch_common::upload::UploadState;
 use tokio::sync::watch;
@@ -158,7 +158,7 @@ impl Janitor {
         if abandoned {
             let idle_before = now.saturating_sub(ttl_ms);
             let event = Event::expired(&inventory.upload);
-            let outboxed = OutboxMessage::event_json(&event);
+            let outboxed = OutboxMessage::event(&event);
             if let Expired::Now = self
                 .state
                 .expire_upload(id, idle_before, &outboxed, ttl_ms)
@@ -166,7 +166,8 @@ impl Janitor {
             {
                 // In the tombstone's outbox already: the sweeper publishes it if this fails.
                 if self.events.publish_event(&event).await.is_ok() {
-                    let _ = self.state.clear_outbox_entry(id, &outboxed).await;
+                    let entry = OutboxEntry::new(id.clone(), outboxed);
+                    let _ = self.state.clear_outbox_entry(&entry).await;
                 }
                 self.quotas.release(id).await?;
                 self.storage.remove_upload(id).await?;

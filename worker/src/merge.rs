@@ -29,7 +29,8 @@ use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{
-    Committed, Conflict, Failed, MergePlan, MergeStart, Reopened, StateError, StateStore, keys,
+    Committed, Conflict, Failed, MergePlan, MergeStart, OutboxEntry, Reopened, StateError,
+    StateStore, keys,
 };
 use stitch_common::storage::{CompletionRecord, FsChunkStore};
 use stitch_common::upload::{Completion, UploadState, UploadStatus};
@@ -375,7 +376,7 @@ impl Merger {
         let mut event =
             Event::completed_from(&plan.upload, &completion, self.public_url.as_deref());
         self.sign_link(&mut event, id);
-        let outboxed = OutboxMessage::event_json(&event);
+        let outboxed = OutboxMessage::event(&event);
         match self
             .state
             .commit_merge(id, plan.fence, &completion, &outboxed)
@@ -387,7 +388,7 @@ impl Merger {
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
                 m::transition("completed");
                 self.settle_quota(id, done.size).await;
-                self.publish_outboxed(id, &event, &outboxed).await;
+                self.publish_outboxed(id, &event, outboxed).await;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
                     lease: None,
@@ -432,10 +433,11 @@ impl Merger {
 
     /// Publishes an event its commit wrote to the outbox and clears it once confirmed; if the
     /// broker fails, the entry stays for the sweeper (the commit stands either way).
-    async fn publish_outboxed(&self, id: &UploadId, event: &Event, outboxed: &str) {
+    async fn publish_outboxed(&self, id: &UploadId, event: &Event, outboxed: OutboxMessage) {
         match self.events.publish_event(event).await {
             Ok(()) => {
-                if let Err(e) = self.state.clear_outbox_entry(id, outboxed).await {
+                let entry = OutboxEntry::new(id.clone(), outboxed);
+                if let Err(e) = self.state.clear_outbox_entry(&entry).await {
                     tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
                 }
             }
@@ -469,7 +471,7 @@ impl Merger {
             .join("; ");
         let indices: Vec<ChunkIndex> = lost.iter().map(|l| ChunkIndex(l.index)).collect();
         let event = Event::chunks_lost(&plan.upload, &indices);
-        let outboxed = OutboxMessage::event_json(&event);
+        let outboxed = OutboxMessage::event(&event);
         match self
             .state
             .reopen_for_lost_chunks(id, plan.fence, &indices, &outboxed, self.ttl_ms)
@@ -499,7 +501,8 @@ impl Merger {
         }
         match self.events.publish_event(&event).await {
             Ok(()) => {
-                if let Err(e) = self.state.clear_outbox_entry(id, &outboxed).await {
+                let entry = OutboxEntry::new(id.clone(), outboxed);
+                if let Err(e) = self.state.clear_outbox_entry(&entry).await {
                     tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
                 }
             }
@@ -519,7 +522,7 @@ impl Merger {
         tracing::warn!(upload_id = %id, %reason, "merge failed for good");
         let event_id = new_event_id();
         let event = Event::failed_from(&plan.upload, reason, &event_id, stitch_common::now_ms());
-        let outboxed = OutboxMessage::event_json(&event);
+        let outboxed = OutboxMessage::event(&event);
         match self
             .state
             .fail_merge(
@@ -535,7 +538,7 @@ impl Merger {
             Ok(Failed::Now) => {
                 m::transition("failed");
                 self.settle_quota(id, plan.upload.geometry.total_size).await;
-                self.publish_outboxed(id, &event, &outboxed).await;
+                self.publish_outboxed(id, &event, outboxed).await;
                 Ok(MergeOutcome::Failed(reason.to_owned()))
             }
             Ok(Failed::NotMerging(state)) => {

@@ -54,22 +54,17 @@ impl Sweeper {
         let horizon = now.saturating_sub(self.config.outbox_horizon.as_millis() as u64);
         for entry in everything
             .into_iter()
-            .filter(|e| e.enqueued_at_ms < horizon)
+            .filter(|e| e.enqueued_at_ms() < horizon)
         {
-            let sent = match OutboxMessage::from_json(&entry.raw) {
-                Ok(OutboxMessage::Merge(_)) => self.queue.enqueue(entry.raw.as_bytes(), NOW).await,
-                Ok(OutboxMessage::Event { event, .. }) => self.events.publish_event(&event).await,
-                Err(e) => {
-                    // Nothing can publish it; keep it visible rather than dropping it.
-                    tracing::error!(upload_id = %entry.upload_id, error = %e, "unreadable outbox entry");
-                    continue;
+            let sent = match &entry.message {
+                OutboxMessage::Merge(job) => {
+                    self.queue.enqueue(job.to_json().as_bytes(), NOW).await
                 }
+                OutboxMessage::Event { event, .. } => self.events.publish_event(event).await,
             };
             match sent {
                 Ok(()) => {
-                    self.state
-                        .clear_outbox_entry(&entry.upload_id, &entry.raw)
-                        .await?;
+                    self.state.clear_outbox_entry(&entry).await?;
                     tracing::info!(upload_id = %entry.upload_id, "published an outbox entry left behind");
                     published += 1;
                 }

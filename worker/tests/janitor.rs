@@ -7,8 +7,10 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use stitch_common::backends::Backends;
+use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
+use stitch_common::queue::OutboxMessage;
 use stitch_common::upload::{ChunkRecord, NewUpload};
 use stitch_testkit::TestEnv;
 use stitch_testkit::events::EventTap;
@@ -109,7 +111,13 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     };
     backends
         .state
-        .record_chunk(&live, &counted, "{}", "{}", 60_000)
+        .record_chunk(
+            &live,
+            &counted,
+            &OutboxMessage::merge(live.id.clone()),
+            &OutboxMessage::event(&Event::created(&live)),
+            60_000,
+        )
         .await
         .unwrap();
     let chunks = storage.chunks_dir(&live.id);

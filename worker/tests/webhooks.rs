@@ -14,6 +14,7 @@ use stitch_common::config::{Interval, Secret, Settings, WebhookEndpoint};
 use stitch_common::events::{Event, EventKind, EventUpload};
 use stitch_common::geometry::Geometry;
 use stitch_common::id::UploadId;
+use stitch_common::queue::OutboxMessage;
 use stitch_common::upload::NewUpload;
 use stitch_common::webhooks::callback::Resolve;
 use stitch_testkit::TestEnv;
@@ -373,7 +374,11 @@ async fn upload_with_callback(run: &Running, id: &str, url: String, secret: &str
     };
     run.backends
         .state
-        .create_upload(&upload, "{}", 60_000)
+        .create_upload(
+            &upload,
+            &OutboxMessage::event(&Event::created(&upload)),
+            60_000,
+        )
         .await
         .unwrap();
 }

@@ -24,7 +24,8 @@ use stitch_common::now_ms;
 use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
 use stitch_common::recovery::{Recovery, RecoveryError};
 use stitch_common::state::{
-    Aborted, Conflict, Created, Progress, Recorded, StateError, StateStore, UploadHeader,
+    Aborted, Conflict, Created, OutboxEntry, Progress, Recorded, StateError, StateStore,
+    UploadHeader,
 };
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
 use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
@@ -371,7 +372,7 @@ impl UploadService {
             ManifestCheck::Created => {}
         }
         let event = Event::created(&upload);
-        let outboxed = OutboxMessage::event_json(&event);
+        let outboxed = OutboxMessage::event(&event);
         let created = self
             .state
             .create_upload(&upload, &outboxed, self.ttl_ms)
@@ -587,12 +588,19 @@ impl UploadService {
             progress,
             digests: staged.digests,
         };
-        let merge_job = MergeJob::new(upload.id.clone()).to_json();
+        let merge_job = MergeJob::new(upload.id.clone());
+        let merge_outboxed = OutboxMessage::Merge(merge_job.clone());
         let created_event = Event::created(&upload);
-        let created_outboxed = OutboxMessage::event_json(&created_event);
+        let created_outboxed = OutboxMessage::event(&created_event);
         match self
             .state
-            .record_chunk(&upload, &record, &merge_job, &created_outboxed, self.ttl_ms)
+            .record_chunk(
+                &upload,
+                &record,
+                &merge_outboxed,
+                &created_outboxed,
+                self.ttl_ms,
+            )
             .await
         {
             Ok(Recorded::New(progress)) => {
@@ -604,7 +612,7 @@ impl UploadService {
                         .await;
                 }
                 if progress.completed_upload {
-                    self.trigger_merge(&upload.id, &merge_job).await;
+                    self.trigger_merge(&upload.id, merge_job).await;
                 }
                 Ok(accepted(false, progress))
             }
@@ -639,16 +647,17 @@ impl UploadService {
     /// Publishes the merge job the completing chunk wrote to the outbox, and clears it from
     /// the outbox once the broker confirmed it. Any failure leaves the job in the outbox for
     /// the sweeper; the client's chunk is stored and acknowledged either way.
-    async fn trigger_merge(&self, id: &UploadId, merge_job: &str) {
+    async fn trigger_merge(&self, id: &UploadId, merge_job: MergeJob) {
         let published = tokio::time::timeout(
             self.publish_timeout,
-            self.merges.enqueue(merge_job.as_bytes(), NOW),
+            self.merges.enqueue(merge_job.to_json().as_bytes(), NOW),
         )
         .await;
         match published {
             Ok(Ok(())) => {
                 tracing::info!(upload_id = %id, "upload complete, merge enqueued");
-                if let Err(e) = self.state.clear_outbox_entry(id, merge_job).await {
+                let entry = OutboxEntry::new(id.clone(), OutboxMessage::Merge(merge_job));
+                if let Err(e) = self.state.clear_outbox_entry(&entry).await {
                     tracing::warn!(upload_id = %id, error = %e, "merge enqueued but not cleared from the outbox; it may be enqueued twice");
                 }
             }
@@ -663,12 +672,13 @@ impl UploadService {
 
     /// Publishes an event its state change wrote to the outbox, and clears it from the outbox
     /// once the broker confirmed it; on failure the sweeper publishes it later.
-    async fn publish_event(&self, id: &UploadId, event: &Event, outboxed: &str) {
+    async fn publish_event(&self, id: &UploadId, event: &Event, outboxed: &OutboxMessage) {
         let published =
             tokio::time::timeout(self.publish_timeout, self.events.publish_event(event)).await;
         match published {
             Ok(Ok(())) => {
-                if let Err(e) = self.state.clear_outbox_entry(id, outboxed).await {
+                let entry = OutboxEntry::new(id.clone(), outboxed.clone());
+                if let Err(e) = self.state.clear_outbox_entry(&entry).await {
                     tracing::warn!(upload_id = %id, error = %e, "event published but not cleared from the outbox; it may be published twice");
                 }
             }
@@ -824,7 +834,7 @@ impl UploadService {
         let id = &caller.upload_id(name.as_str())?;
         let status = self.status_of(id).await?;
         let event = Event::aborted(&status);
-        let outboxed = OutboxMessage::event_json(&event);
+        let outboxed = OutboxMessage::event(&event);
         if let Aborted::Now { .. } = self.state.abort_upload(id, &outboxed, self.ttl_ms).await? {
             m::transition("aborted");
             self.publish_event(id, &event, &outboxed).await;

@@ -35,8 +35,10 @@ use crate::config::Settings;
 use crate::queue::Family;
 use crate::storage::FsChunkStore;
 
-/// The schema version this code writes (SQLite `user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this code writes (SQLite `user_version`). Version 2 stores the kind
+/// of each outbox entry in a column of its own; [`Database::open`] upgrades a version-1
+/// database.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The shared database handle.
 #[derive(Clone)]
@@ -64,7 +66,8 @@ impl Database {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut conn =
+            Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -75,6 +78,10 @@ impl Database {
                 "{} was written by a newer Stitch (schema {version}, this one knows {SCHEMA_VERSION})",
                 path.display()
             );
+        }
+        if version == 1 {
+            upgrade_from_1(&mut conn)
+                .with_context(|| format!("upgrading {} from schema 1", path.display()))?;
         }
         conn.execute_batch(include_str!("schema.sql"))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -104,6 +111,38 @@ impl Database {
         .await
         .map_err(|e| DbError(format!("database task failed: {e}")))?
     }
+}
+
+/// Schema 1 → 2: the outbox gets its `kind` column, filled in from each entry's message (the
+/// type tag version 1 wrote), in one transaction with the version bump, so a crash leaves
+/// version 1 untouched. An entry of no known kind keeps an empty kind: it stays in the table
+/// (nothing in an outbox is dropped) and the sweeper reports it unreadable.
+fn upgrade_from_1(conn: &mut Connection) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let has_outbox: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox')",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_outbox {
+        tx.execute_batch("ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT ''")?;
+        let rows = {
+            let mut stmt = tx.prepare("SELECT id, raw FROM outbox")?;
+            stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for (id, raw) in rows {
+            if let Ok(message) = serde_json::from_str::<crate::queue::OutboxMessage>(&raw) {
+                tx.execute(
+                    "UPDATE outbox SET kind = ?2 WHERE id = ?1",
+                    rusqlite::params![id, message.kind().as_str()],
+                )?;
+            }
+        }
+    }
+    tx.pragma_update(None, "user_version", 2)?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// Where the single-node database lives by default: beside the data it indexes.

@@ -1,4 +1,4 @@
--- The single-node database. Version 1. Every table is keyed by upload or by job; the state
+-- The single-node database. Version 2. Every table is keyed by upload or by job; the state
 -- machine's rules live in state.rs, one transaction per operation.
 
 CREATE TABLE IF NOT EXISTS uploads (
@@ -43,9 +43,13 @@ CREATE TABLE IF NOT EXISTS parts (
   PRIMARY KEY (upload_id, idx)
 ) WITHOUT ROWID;
 
+-- Merge triggers and events not yet published. `kind` ('merge' | 'event') says which an
+-- entry is; `raw` is the message itself, never read to tell the kinds apart. (Version 2 added
+-- `kind`; mod.rs upgrades a version-1 database.)
 CREATE TABLE IF NOT EXISTS outbox (
   id INTEGER PRIMARY KEY,
   upload_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
   raw TEXT NOT NULL,
   enqueued_at INTEGER NOT NULL
 );

@@ -11,6 +11,7 @@ use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
+use crate::queue::{OutboxKind, OutboxMessage};
 use crate::state::{
     Aborted, Committed, Conflict, Created, Expired, Failed, MergePlan, MergeStart, MergingUpload,
     OutboxEntry, Progress, Recorded, Reopened, Restoration, Restored, StateError, StateStore,
@@ -168,14 +169,16 @@ fn insert_upload(
     Ok(())
 }
 
-/// Appends an entry (merge trigger or event) to the upload's outbox.
-fn push_outbox(tx: &Transaction<'_>, id: &str, raw: &str) -> Result<(), StateError> {
-    let enqueued_at = crate::queue::OutboxMessage::from_json(raw)
-        .map(|m| m.enqueued_at_ms() as i64)
-        .unwrap_or_else(|_| now_ms() as i64);
+/// Appends an entry (merge trigger or event) to the upload's outbox, under its kind.
+fn push_outbox(tx: &Transaction<'_>, id: &str, message: &OutboxMessage) -> Result<(), StateError> {
     tx.execute(
-        "INSERT INTO outbox (upload_id, raw, enqueued_at) VALUES (?1, ?2, ?3)",
-        params![id, raw, enqueued_at],
+        "INSERT INTO outbox (upload_id, kind, raw, enqueued_at) VALUES (?1, ?2, ?3, ?4)",
+        params![
+            id,
+            message.kind().as_str(),
+            message.to_stored(),
+            int(message.enqueued_at_ms())
+        ],
     )
     .map_err(db_error)?;
     Ok(())
@@ -184,8 +187,8 @@ fn push_outbox(tx: &Transaction<'_>, id: &str, raw: &str) -> Result<(), StateErr
 /// Removes the upload's pending merge triggers; its pending events stay to be published.
 fn drop_merge_triggers(tx: &Transaction<'_>, id: &str) -> Result<(), StateError> {
     tx.execute(
-        "DELETE FROM outbox WHERE upload_id = ?1 AND raw LIKE '{\"type\":\"merge\"%'",
-        [id],
+        "DELETE FROM outbox WHERE upload_id = ?1 AND kind = ?2",
+        params![id, OutboxKind::Merge.as_str()],
     )
     .map_err(db_error)?;
     Ok(())
@@ -198,7 +201,7 @@ fn entomb(
     id: &str,
     now: i64,
     ttl_ms: u64,
-    event: &str,
+    event: &OutboxMessage,
 ) -> Result<(), StateError> {
     tx.execute(
         "UPDATE uploads SET state = 'aborted', updated_at = ?2, chunks_received = 0, \
@@ -267,10 +270,10 @@ impl StateStore for SqliteStateStore {
     async fn create_upload(
         &self,
         upload: &NewUpload,
-        created_event: &str,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Created, StateError> {
-        let (u, created_event) = (upload.clone(), created_event.to_owned());
+        let (u, created_event) = (upload.clone(), created_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             purge_expired(tx, u.id.as_str(), now)?;
@@ -314,12 +317,12 @@ impl StateStore for SqliteStateStore {
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError> {
-        let (u, c, job) = (upload.clone(), chunk.clone(), merge_job.to_owned());
-        let created_event = created_event.to_owned();
+        let (u, c, job) = (upload.clone(), chunk.clone(), merge_job.clone());
+        let created_event = created_event.clone();
         self.run(move |tx| {
             let now = now_ms() as i64;
             let ttl = int(ttl_ms);
@@ -515,10 +518,10 @@ impl StateStore for SqliteStateStore {
     async fn abort_upload(
         &self,
         id: &UploadId,
-        aborted_event: &str,
+        aborted_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Aborted, StateError> {
-        let (id, aborted_event) = (id.clone(), aborted_event.to_owned());
+        let (id, aborted_event) = (id.clone(), aborted_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let id = id.as_str();
@@ -537,12 +540,17 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
-    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError> {
-        let (id, raw) = (id.clone(), raw.to_owned());
+    async fn clear_outbox_entry(&self, entry: &OutboxEntry) -> Result<(), StateError> {
+        let (id, kind, stored) = (
+            entry.upload_id.clone(),
+            entry.kind(),
+            entry.stored().to_owned(),
+        );
         self.run(move |tx| {
             tx.execute(
-                "DELETE FROM outbox WHERE id = (SELECT id FROM outbox WHERE upload_id = ?1 AND raw = ?2 LIMIT 1)",
-                params![id.as_str(), raw],
+                "DELETE FROM outbox WHERE id = (SELECT id FROM outbox \
+                 WHERE upload_id = ?1 AND kind = ?2 AND raw = ?3 ORDER BY id LIMIT 1)",
+                params![id.as_str(), kind.as_str(), stored],
             )
             .map_err(db_error)?;
             Ok(())
@@ -554,20 +562,28 @@ impl StateStore for SqliteStateStore {
         self.run(move |tx| {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT o.upload_id, o.raw, o.enqueued_at FROM outbox o JOIN uploads u ON u.id = o.upload_id \
+                    "SELECT o.upload_id, o.kind, o.raw FROM outbox o JOIN uploads u ON u.id = o.upload_id \
                      WHERE o.enqueued_at < ?1 AND u.expires_at > ?2 ORDER BY o.id",
                 )
                 .map_err(db_error)?;
             let rows = stmt
                 .query_map(params![int(older_than_ms), now_ms() as i64], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                 })
                 .map_err(db_error)?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, raw, at) = row.map_err(db_error)?;
-                if let Ok(upload_id) = UploadId::from_key(&id) {
-                    out.push(OutboxEntry { upload_id, raw, enqueued_at_ms: at as u64 });
+                let (id, kind, raw) = row.map_err(db_error)?;
+                let Ok(upload_id) = UploadId::from_key(&id) else {
+                    continue;
+                };
+                let entry = OutboxKind::parse(&kind)
+                    .ok_or_else(|| format!("unknown outbox kind {kind:?}"))
+                    .and_then(|kind| OutboxEntry::from_stored(upload_id, kind, raw));
+                match entry {
+                    Ok(entry) => out.push(entry),
+                    // Nothing can publish it; keep it visible rather than dropping it.
+                    Err(e) => tracing::error!(upload_id = %id, error = %e, "unreadable outbox entry"),
                 }
             }
             Ok(out)
@@ -714,10 +730,9 @@ impl StateStore for SqliteStateStore {
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        completed_event: &str,
+        completed_event: &OutboxMessage,
     ) -> Result<Committed, StateError> {
-        let (id, result, completed_event) =
-            (id.clone(), result.clone(), completed_event.to_owned());
+        let (id, result, completed_event) = (id.clone(), result.clone(), completed_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();
@@ -770,14 +785,14 @@ impl StateStore for SqliteStateStore {
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
-        failed_event: &str,
+        failed_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Failed, StateError> {
         let (id, reason, event_id, failed_event) = (
             id.clone(),
             reason.to_owned(),
             event_id.to_owned(),
-            failed_event.to_owned(),
+            failed_event.clone(),
         );
         self.run(move |tx| {
             let now = now_ms() as i64;
@@ -838,12 +853,11 @@ impl StateStore for SqliteStateStore {
     async fn restore_upload(
         &self,
         r: &Restoration,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Restored, StateError> {
-        let (r, merge_job, created_event) =
-            (r.clone(), merge_job.to_owned(), created_event.to_owned());
+        let (r, merge_job, created_event) = (r.clone(), merge_job.clone(), created_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = r.upload.id.as_str();
@@ -920,10 +934,10 @@ impl StateStore for SqliteStateStore {
         &self,
         id: &UploadId,
         idle_before_ms: u64,
-        expired_event: &str,
+        expired_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Expired, StateError> {
-        let (id, expired_event) = (id.clone(), expired_event.to_owned());
+        let (id, expired_event) = (id.clone(), expired_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();
@@ -983,10 +997,10 @@ impl StateStore for SqliteStateStore {
         id: &UploadId,
         fence: u64,
         lost: &[ChunkIndex],
-        lost_event: &str,
+        lost_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Reopened, StateError> {
-        let (id, lost, lost_event) = (id.clone(), lost.to_vec(), lost_event.to_owned());
+        let (id, lost, lost_event) = (id.clone(), lost.to_vec(), lost_event.clone());
         self.run(move |tx| {
             let now = now_ms() as i64;
             let key = id.as_str();

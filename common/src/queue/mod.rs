@@ -26,7 +26,9 @@ pub enum Job {
 
 /// What an upload's outbox holds: merge triggers and events, written by a state-store
 /// operation atomically with the state change they come from, published afterwards (by the
-/// API at once, by the sweeper if that failed).
+/// API at once, by the sweeper if that failed). Callers hand the state store these typed
+/// values; the store keeps each one under its [`OutboxKind`], stored beside it (a Redis key
+/// per kind, an SQLite column), never guessed from its text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum OutboxMessage {
@@ -39,18 +41,53 @@ pub enum OutboxMessage {
     },
 }
 
-impl OutboxMessage {
-    /// An event as an outbox entry (the exact text stored and later cleared).
-    pub fn event_json(event: &crate::events::Event) -> String {
-        serde_json::to_string(&Self::Event {
-            enqueued_at_ms: crate::now_ms(),
-            event: Box::new(event.clone()),
-        })
-        .unwrap_or_default()
+/// The two kinds of outbox entries. State changes that end a merge (abort, commit, failure,
+/// expiry, lost chunks) drop the upload's pending merge triggers and keep its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutboxKind {
+    /// A merge trigger: published to the merge queue.
+    Merge,
+    /// An upload event: published to the events exchange.
+    Event,
+}
+
+impl OutboxKind {
+    /// The stored name of the kind (an SQLite column value).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::Event => "event",
+        }
     }
 
-    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "merge" => Some(Self::Merge),
+            "event" => Some(Self::Event),
+            _ => None,
+        }
+    }
+}
+
+impl OutboxMessage {
+    /// A merge trigger for `upload_id`, written now.
+    pub fn merge(upload_id: UploadId) -> Self {
+        Self::Merge(MergeJob::new(upload_id))
+    }
+
+    /// `event` as an outbox entry, written now.
+    pub fn event(event: &crate::events::Event) -> Self {
+        Self::Event {
+            enqueued_at_ms: crate::now_ms(),
+            event: Box::new(event.clone()),
+        }
+    }
+
+    pub fn kind(&self) -> OutboxKind {
+        match self {
+            Self::Merge(_) => OutboxKind::Merge,
+            Self::Event { .. } => OutboxKind::Event,
+        }
     }
 
     pub fn enqueued_at_ms(&self) -> u64 {
@@ -58,6 +95,28 @@ impl OutboxMessage {
             Self::Merge(job) => job.enqueued_at_ms,
             Self::Event { enqueued_at_ms, .. } => *enqueued_at_ms,
         }
+    }
+
+    /// The stored form: the message's JSON (for a merge trigger, the exact job published).
+    /// Only the state stores use it; the kind is stored beside it, not read from it.
+    pub(crate) fn to_stored(&self) -> String {
+        match self {
+            Self::Merge(job) => job.to_json(),
+            event => serde_json::to_string(event).unwrap_or_default(),
+        }
+    }
+
+    /// Reads a stored entry of `kind`. Text that is not a message of that kind is an error.
+    pub(crate) fn from_stored(kind: OutboxKind, text: &str) -> Result<Self, String> {
+        let message = match kind {
+            OutboxKind::Merge => MergeJob::from_json(text.as_bytes()).map(Self::Merge),
+            OutboxKind::Event => serde_json::from_str(text),
+        }
+        .map_err(|e| format!("not a stored {} entry: {e}", kind.as_str()))?;
+        if message.kind() != kind {
+            return Err(format!("not a stored {} entry", kind.as_str()));
+        }
+        Ok(message)
     }
 }
 
@@ -231,5 +290,37 @@ mod tests {
         let old = br#"{"type":"merge","version":1,"upload_id":"abc","enqueued_at_ms":5}"#;
         assert_eq!(MergeJob::from_json(old).unwrap().attempt, 0);
         assert!(MergeJob::from_json(br#"{"type":"other"}"#).is_err());
+    }
+
+    #[test]
+    fn a_stored_entry_is_read_as_the_kind_it_was_stored_under_or_not_at_all() {
+        let id = UploadId::parse("abc").unwrap();
+        let job = OutboxMessage::merge(id.clone());
+        let stored = job.to_stored();
+        assert_eq!(
+            OutboxMessage::from_stored(OutboxKind::Merge, &stored),
+            Ok(job)
+        );
+        assert!(OutboxMessage::from_stored(OutboxKind::Event, &stored).is_err());
+        let upload = crate::upload::NewUpload {
+            id,
+            geometry: crate::geometry::Geometry::new(10, 10).unwrap(),
+            filename: None,
+            file_md5: None,
+            metadata: None,
+            created_at_ms: 1,
+            callback_url: None,
+            callback_secret: None,
+        };
+        let event = OutboxMessage::event(&crate::events::Event::created(&upload));
+        let stored = event.to_stored();
+        assert_eq!(
+            OutboxMessage::from_stored(OutboxKind::Event, &stored),
+            Ok(event)
+        );
+        assert!(OutboxMessage::from_stored(OutboxKind::Merge, &stored).is_err());
+        for kind in [OutboxKind::Merge, OutboxKind::Event] {
+            assert_eq!(OutboxKind::parse(kind.as_str()), Some(kind));
+        }
     }
 }

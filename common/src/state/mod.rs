@@ -18,6 +18,7 @@ pub use self::redis::{RedisStateStore, keys};
 use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
+use crate::queue::{OutboxKind, OutboxMessage};
 use crate::upload::{ChunkRecord, Completion, NewUpload, UploadState, UploadStatus};
 
 /// What a state store knows of an upload without its chunk list: enough to refuse a chunk
@@ -183,13 +184,56 @@ pub enum Expired {
     Kept(UploadState),
 }
 
-/// A merge trigger found in an outbox by the sweeper.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One entry of an upload's outbox: a typed message and the stored form that identifies
+/// it. [`StateStore::pending_outbox`] returns what is stored; a caller that wrote a message
+/// makes the same entry with [`OutboxEntry::new`]. Either way
+/// [`StateStore::clear_outbox_entry`] removes exactly this entry, never another one of the
+/// same kind.
+#[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEntry {
     pub upload_id: UploadId,
-    /// The exact stored text (needed to remove it).
-    pub raw: String,
-    pub enqueued_at_ms: u64,
+    pub message: OutboxMessage,
+    /// The entry as the store keeps it: removing it by this text removes this entry, even
+    /// if it was written by an older build whose text a new serialization would not match.
+    stored: String,
+}
+
+impl OutboxEntry {
+    /// The entry a state-store operation writes when given `message` for `upload_id`.
+    pub fn new(upload_id: UploadId, message: OutboxMessage) -> Self {
+        let stored = message.to_stored();
+        Self {
+            upload_id,
+            message,
+            stored,
+        }
+    }
+
+    /// An entry read back from a store, stored under `kind`.
+    pub(crate) fn from_stored(
+        upload_id: UploadId,
+        kind: OutboxKind,
+        stored: String,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            message: OutboxMessage::from_stored(kind, &stored)?,
+            upload_id,
+            stored,
+        })
+    }
+
+    pub fn kind(&self) -> OutboxKind {
+        self.message.kind()
+    }
+
+    pub fn enqueued_at_ms(&self) -> u64 {
+        self.message.enqueued_at_ms()
+    }
+
+    /// The stored form (for the stores only).
+    pub(crate) fn stored(&self) -> &str {
+        &self.stored
+    }
 }
 
 /// An upload in `merging` as the sweeper sees it.
@@ -208,11 +252,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Creates `upload` in state `receiving`, or confirms that an upload with the same id,
     /// geometry and whole-file MD5 exists (idempotent retries). A different one is a
     /// [`Conflict`].
-    /// `created_event` (an outbox entry) is written to the upload's outbox when it is created.
+    /// `created_event` is written to the upload's outbox when it is created.
     async fn create_upload(
         &self,
         upload: &NewUpload,
-        created_event: &str,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Created, StateError>;
 
@@ -231,8 +275,8 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError>;
 
@@ -241,20 +285,22 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Moves the upload to `aborted` and forgets its chunks (their files are the caller's to
     /// remove). Idempotent.
-    /// `aborted_event` (an outbox entry) is written to the outbox when this call aborts it;
-    /// pending merge triggers are dropped from the outbox, pending events kept.
+    /// `aborted_event` is written to the outbox when this call aborts it; pending merge
+    /// triggers are dropped from the outbox, pending events kept.
     async fn abort_upload(
         &self,
         id: &UploadId,
-        aborted_event: &str,
+        aborted_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Aborted, StateError>;
 
-    /// Removes one entry (a merge trigger or an event) from the upload's outbox, once the
-    /// broker confirmed it.
-    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError>;
+    /// Removes `entry` (a merge trigger or an event) from its upload's outbox, once the
+    /// broker confirmed it: that one entry, not another of the same kind written since.
+    /// Nothing happens when it is gone already.
+    async fn clear_outbox_entry(&self, entry: &OutboxEntry) -> Result<(), StateError>;
 
-    /// Outbox entries (merge triggers and events) written before `older_than_ms`.
+    /// Outbox entries (merge triggers and events) written before `older_than_ms`. An entry
+    /// the store cannot read is logged and left where it is (never dropped).
     async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError>;
 
     /// Uploads in `merging` since before `older_than_ms`.
@@ -277,7 +323,7 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Commits a merge: only if the upload is `merging` and `fence` is the newest token
     /// ([`Conflict::Fenced`] otherwise), atomically moves it to `completed` with `result` and
-    /// writes `completed_event` (an outbox entry) to its outbox. A completed upload has no
+    /// writes `completed_event` to its outbox (dropping its pending merge triggers). A completed upload has no
     /// TTL: it is kept until it is deleted or its retention passes (the janitor decides that
     /// from storage). Idempotent for an upload that is already completed.
     async fn commit_merge(
@@ -285,19 +331,19 @@ pub trait StateStore: Send + Sync + 'static {
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        completed_event: &str,
+        completed_event: &OutboxMessage,
     ) -> Result<Committed, StateError>;
 
     /// Marks a merging upload `failed` for `reason`, fenced when `fence` is given, and
-    /// writes `failed_event` (an outbox entry, `upload.failed` with `event_id`) to its outbox
-    /// in the same step.
+    /// writes `failed_event` (`upload.failed` with `event_id`) to its outbox in the same
+    /// step, dropping its pending merge triggers.
     async fn fail_merge(
         &self,
         id: &UploadId,
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
-        failed_event: &str,
+        failed_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Failed, StateError>;
 
@@ -320,8 +366,8 @@ pub trait StateStore: Send + Sync + 'static {
     async fn restore_upload(
         &self,
         restoration: &Restoration,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Restored, StateError>;
 
@@ -329,13 +375,13 @@ pub trait StateStore: Send + Sync + 'static {
     /// unless it was active since `idle_before_ms` or is merging or completed, its record
     /// becomes a tombstone (`aborted`, chunks forgotten, kept for `ttl_ms`) that refuses every
     /// later chunk, so its files can be removed without a chunk being counted in between. An
-    /// unknown upload gets the tombstone too. `expired_event` (an outbox entry) is written to
+    /// unknown upload gets the tombstone too. `expired_event` is written to
     /// the tombstone's outbox, so it is published even if the caller dies right after.
     async fn expire_upload(
         &self,
         id: &UploadId,
         idle_before_ms: u64,
-        expired_event: &str,
+        expired_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Expired, StateError>;
 
@@ -347,7 +393,7 @@ pub trait StateStore: Send + Sync + 'static {
     /// newest merge attempt's token ([`Conflict::Fenced`] otherwise; nothing changes).
     /// Atomically: the lost chunks' records go (so a re-send of one counts again, as a new
     /// chunk), the counters are recomputed from the chunks still recorded, pending merge
-    /// triggers leave the outbox and `lost_event` (an outbox entry) joins it, and the TTL is
+    /// triggers leave the outbox and `lost_event` joins it, and the TTL is
     /// refreshed. Completing the set again moves the upload to `merging` with a new trigger,
     /// as the first time. Indices that are not recorded are simply reported missing.
     async fn reopen_for_lost_chunks(
@@ -355,7 +401,7 @@ pub trait StateStore: Send + Sync + 'static {
         id: &UploadId,
         fence: u64,
         lost: &[ChunkIndex],
-        lost_event: &str,
+        lost_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Reopened, StateError>;
 }

@@ -8,9 +8,14 @@
 //! | `<ns>:{<id>}:meta`     | hash   | state, geometry, filename, MD5, counters, times     |
 //! | `<ns>:{<id>}:parts`    | hash   | chunk index → `offset:len:crc32c:md5hex:token`      |
 //! | `<ns>:{<id>}:bits`     | string | bitmap of received indices (fast status)            |
-//! | `<ns>:{<id>}:outbox`   | list   | the merge trigger, written by the completing chunk  |
+//! | `<ns>:{<id>}:outbox:merge`  | list | pending merge triggers (the completing chunk's) |
+//! | `<ns>:{<id>}:outbox:events` | list | pending events                                  |
 //!
-//! Every key carries the upload's TTL, refreshed on activity.
+//! Every key carries the upload's TTL, refreshed on activity. The outbox keeps each kind of
+//! entry in a list of its own, so a script that drops the merge triggers deletes one key and
+//! never looks inside an entry. An outbox of keyspace layout 1 (`<ns>:{<id>}:outbox`, both
+//! kinds in one list) is converted by migration 0003, and by [`StateStore::pending_outbox`]
+//! for one that an older process wrote after the migration.
 
 use std::time::Duration;
 
@@ -28,6 +33,7 @@ use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
+use crate::queue::{OutboxKind, OutboxMessage};
 use crate::upload::{
     ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus, bitmap_indices,
 };
@@ -35,6 +41,7 @@ use crate::upload::{
 /// Names of an upload's keys.
 pub mod keys {
     use crate::id::UploadId;
+    use crate::queue::OutboxKind;
 
     pub fn meta(ns: &str, id: &UploadId) -> String {
         format!("{ns}:{{{id}}}:meta")
@@ -45,7 +52,15 @@ pub mod keys {
     pub fn bits(ns: &str, id: &UploadId) -> String {
         format!("{ns}:{{{id}}}:bits")
     }
-    pub fn outbox(ns: &str, id: &UploadId) -> String {
+    /// The upload's pending entries of one kind (a list).
+    pub fn outbox(ns: &str, id: &UploadId, kind: OutboxKind) -> String {
+        match kind {
+            OutboxKind::Merge => format!("{ns}:{{{id}}}:outbox:merge"),
+            OutboxKind::Event => format!("{ns}:{{{id}}}:outbox:events"),
+        }
+    }
+    /// The outbox of keyspace layout 1, both kinds in one list (see migration 0003).
+    pub fn legacy_outbox(ns: &str, id: &UploadId) -> String {
         format!("{ns}:{{{id}}}:outbox")
     }
     /// The fencing counter of the upload's merges.
@@ -85,6 +100,7 @@ struct Scripts {
     restore_upload: Script,
     expire_upload: Script,
     reopen_for_lost_chunks: Script,
+    convert_legacy_outbox: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -101,6 +117,7 @@ fn scripts() -> &'static Scripts {
         restore_upload: Script::new(include_str!("lua/restore_upload.lua")),
         expire_upload: Script::new(include_str!("lua/expire_upload.lua")),
         reopen_for_lost_chunks: Script::new(include_str!("lua/reopen_for_lost_chunks.lua")),
+        convert_legacy_outbox: Script::new(crate::migrate::TYPED_OUTBOX_STEP),
     })
 }
 
@@ -164,14 +181,65 @@ impl RedisStateStore {
         }
     }
 
-    fn all_keys(&self, id: &UploadId) -> [String; 4] {
+    /// The upload's record: meta, parts, bits and both outbox lists.
+    fn all_keys(&self, id: &UploadId) -> [String; 5] {
         let ns = &self.namespace;
         [
             keys::meta(ns, id),
             keys::parts(ns, id),
             keys::bits(ns, id),
-            keys::outbox(ns, id),
+            keys::outbox(ns, id, OutboxKind::Merge),
+            keys::outbox(ns, id, OutboxKind::Event),
         ]
+    }
+
+    /// The keys of a script that drops the merge triggers and writes `event`: meta, parts,
+    /// bits, merge triggers, the list `event` goes to.
+    fn keys_writing(&self, id: &UploadId, event: &OutboxMessage) -> [String; 5] {
+        let ns = &self.namespace;
+        [
+            keys::meta(ns, id),
+            keys::parts(ns, id),
+            keys::bits(ns, id),
+            keys::outbox(ns, id, OutboxKind::Merge),
+            self.outbox_key(id, event),
+        ]
+    }
+
+    /// Where `message` goes in `id`'s outbox: the list of its kind.
+    fn outbox_key(&self, id: &UploadId, message: &OutboxMessage) -> String {
+        keys::outbox(&self.namespace, id, message.kind())
+    }
+
+    /// Moves the entries of outboxes in the layout-1 form (written by a process older than
+    /// migration 0003, after it ran) into the typed lists, with the migration's own script.
+    async fn convert_legacy_outboxes(
+        &self,
+        conn: &mut deadpool_redis::Connection,
+    ) -> Result<(), StateError> {
+        for key in self.scan(conn, "outbox").await? {
+            let Some(id) = keys::id_of(&self.namespace, &key) else {
+                continue;
+            };
+            let ns = &self.namespace;
+            let (merges, events, unreadable): (u64, u64, u64) = self
+                .scripts
+                .convert_legacy_outbox
+                .key(&key)
+                .key(keys::outbox(ns, &id, OutboxKind::Merge))
+                .key(keys::outbox(ns, &id, OutboxKind::Event))
+                .arg(ns)
+                .invoke_async(conn)
+                .await
+                .map_err(redis_error)?;
+            if merges + events > 0 {
+                tracing::info!(upload_id = %id, merges, events, "converted an outbox written in the layout-1 form");
+            }
+            if unreadable > 0 {
+                tracing::error!(upload_id = %id, unreadable, key, "outbox entries of unknown kind kept in the layout-1 list");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -319,7 +387,7 @@ impl StateStore for RedisStateStore {
     async fn create_upload(
         &self,
         upload: &NewUpload,
-        created_event: &str,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Created, StateError> {
         let mut conn = self.connection().await?;
@@ -328,7 +396,7 @@ impl StateStore for RedisStateStore {
             .scripts
             .create_upload
             .key(keys::meta(&self.namespace, &upload.id))
-            .key(keys::outbox(&self.namespace, &upload.id))
+            .key(self.outbox_key(&upload.id, created_event))
             .arg(g.total_size)
             .arg(g.chunk_size)
             .arg(g.total_chunks)
@@ -337,7 +405,7 @@ impl StateStore for RedisStateStore {
             .arg(metadata_arg(upload))
             .arg(upload.created_at_ms)
             .arg(ttl_ms)
-            .arg(created_event)
+            .arg(created_event.to_stored())
             .arg(upload.callback_url.as_deref().unwrap_or(""))
             .arg(upload.callback_secret.as_deref().unwrap_or(""))
             .invoke_async(&mut conn)
@@ -391,18 +459,22 @@ impl StateStore for RedisStateStore {
         &self,
         upload: &NewUpload,
         chunk: &ChunkRecord,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError> {
         let mut conn = self.connection().await?;
         let g = upload.geometry;
         let md5 = md5_arg(chunk.md5);
         let entry = part_entry(chunk);
+        let ns = &self.namespace;
         let mut invocation = self.scripts.record_chunk.prepare_invoke();
-        for key in self.all_keys(&upload.id) {
-            invocation.key(key);
-        }
+        invocation
+            .key(keys::meta(ns, &upload.id))
+            .key(keys::parts(ns, &upload.id))
+            .key(keys::bits(ns, &upload.id))
+            .key(self.outbox_key(&upload.id, merge_job))
+            .key(self.outbox_key(&upload.id, created_event));
         let reply: Value = invocation
             .arg(chunk.index.0)
             .arg(entry)
@@ -418,8 +490,8 @@ impl StateStore for RedisStateStore {
             .arg(metadata_arg(upload))
             .arg(now_ms())
             .arg(ttl_ms)
-            .arg(merge_job)
-            .arg(created_event)
+            .arg(merge_job.to_stored())
+            .arg(created_event.to_stored())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -515,18 +587,18 @@ impl StateStore for RedisStateStore {
     async fn abort_upload(
         &self,
         id: &UploadId,
-        aborted_event: &str,
+        aborted_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Aborted, StateError> {
         let mut conn = self.connection().await?;
         let mut invocation = self.scripts.abort_upload.prepare_invoke();
-        for key in self.all_keys(id) {
+        for key in self.keys_writing(id, aborted_event) {
             invocation.key(key);
         }
         let reply: Value = invocation
             .arg(now_ms())
             .arg(ttl_ms)
-            .arg(aborted_event)
+            .arg(aborted_event.to_stored())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -541,12 +613,16 @@ impl StateStore for RedisStateStore {
         }
     }
 
-    async fn clear_outbox_entry(&self, id: &UploadId, raw: &str) -> Result<(), StateError> {
+    async fn clear_outbox_entry(&self, entry: &OutboxEntry) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
         let _: i64 = redis::cmd("LREM")
-            .arg(keys::outbox(&self.namespace, id))
+            .arg(keys::outbox(
+                &self.namespace,
+                &entry.upload_id,
+                entry.kind(),
+            ))
             .arg(1)
-            .arg(raw)
+            .arg(entry.stored())
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -555,28 +631,32 @@ impl StateStore for RedisStateStore {
 
     async fn pending_outbox(&self, older_than_ms: u64) -> Result<Vec<OutboxEntry>, StateError> {
         let mut conn = self.connection().await?;
+        self.convert_legacy_outboxes(&mut conn).await?;
         let mut out = Vec::new();
-        for key in self.scan(&mut conn, "outbox").await? {
-            let Some(upload_id) = keys::id_of(&self.namespace, &key) else {
-                continue;
-            };
-            let entries: Vec<String> = redis::cmd("LRANGE")
-                .arg(&key)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut conn)
-                .await
-                .map_err(redis_error)?;
-            for raw in entries {
-                let enqueued_at_ms = crate::queue::OutboxMessage::from_json(&raw)
-                    .map(|m| m.enqueued_at_ms())
-                    .unwrap_or(0);
-                if enqueued_at_ms < older_than_ms {
-                    out.push(OutboxEntry {
-                        upload_id: upload_id.clone(),
-                        raw,
-                        enqueued_at_ms,
-                    });
+        for (kind, suffix) in [
+            (OutboxKind::Merge, "outbox:merge"),
+            (OutboxKind::Event, "outbox:events"),
+        ] {
+            for key in self.scan(&mut conn, suffix).await? {
+                let Some(upload_id) = keys::id_of(&self.namespace, &key) else {
+                    continue;
+                };
+                let entries: Vec<String> = redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                for stored in entries {
+                    match OutboxEntry::from_stored(upload_id.clone(), kind, stored) {
+                        Ok(entry) if entry.enqueued_at_ms() < older_than_ms => out.push(entry),
+                        Ok(_) => {}
+                        // Nothing can publish it; keep it visible rather than dropping it.
+                        Err(e) => {
+                            tracing::error!(upload_id = %upload_id, key, error = %e, "unreadable outbox entry")
+                        }
+                    }
                 }
             }
         }
@@ -722,7 +802,7 @@ impl StateStore for RedisStateStore {
         id: &UploadId,
         fence: u64,
         result: &Completion,
-        completed_event: &str,
+        completed_event: &OutboxMessage,
     ) -> Result<Committed, StateError> {
         let mut conn = self.connection().await?;
         let ns = &self.namespace;
@@ -732,7 +812,8 @@ impl StateStore for RedisStateStore {
             .key(keys::meta(ns, id))
             .key(keys::fence(ns, id))
             .key(keys::parts(ns, id))
-            .key(keys::outbox(ns, id))
+            .key(keys::outbox(ns, id, OutboxKind::Merge))
+            .key(self.outbox_key(id, completed_event))
             .key(keys::bits(ns, id))
             .arg(fence)
             .arg(result.size)
@@ -740,7 +821,7 @@ impl StateStore for RedisStateStore {
             .arg(&result.location)
             .arg(&result.event_id)
             .arg(result.completed_at_ms)
-            .arg(completed_event)
+            .arg(completed_event.to_stored())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -763,7 +844,7 @@ impl StateStore for RedisStateStore {
         fence: Option<u64>,
         reason: &str,
         event_id: &str,
-        failed_event: &str,
+        failed_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Failed, StateError> {
         let mut conn = self.connection().await?;
@@ -773,13 +854,14 @@ impl StateStore for RedisStateStore {
             .fail_merge
             .key(keys::meta(ns, id))
             .key(keys::fence(ns, id))
-            .key(keys::outbox(ns, id))
+            .key(keys::outbox(ns, id, OutboxKind::Merge))
+            .key(self.outbox_key(id, failed_event))
             .arg(fence.map(|f| f.to_string()).unwrap_or_default())
             .arg(reason)
             .arg(event_id)
             .arg(now_ms())
             .arg(ttl_ms)
-            .arg(failed_event)
+            .arg(failed_event.to_stored())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -836,18 +918,21 @@ impl StateStore for RedisStateStore {
     async fn restore_upload(
         &self,
         r: &Restoration,
-        merge_job: &str,
-        created_event: &str,
+        merge_job: &OutboxMessage,
+        created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Restored, StateError> {
         let mut conn = self.connection().await?;
         let (u, g) = (&r.upload, r.upload.geometry);
+        let ns = &self.namespace;
         let mut invocation = self.scripts.restore_upload.prepare_invoke();
-        for key in self.all_keys(&u.id) {
-            invocation.key(key);
-        }
         invocation
-            .key(keys::fence(&self.namespace, &u.id))
+            .key(keys::meta(ns, &u.id))
+            .key(keys::parts(ns, &u.id))
+            .key(keys::bits(ns, &u.id))
+            .key(self.outbox_key(&u.id, merge_job))
+            .key(self.outbox_key(&u.id, created_event))
+            .key(keys::fence(ns, &u.id))
             .arg(g.total_size)
             .arg(g.chunk_size)
             .arg(g.total_chunks)
@@ -861,7 +946,7 @@ impl StateStore for RedisStateStore {
             .arg(ttl_ms)
             .arg(r.fence)
             .arg(r.last_activity_ms)
-            .arg(merge_job);
+            .arg(merge_job.to_stored());
         match &r.completion {
             Some(c) => invocation
                 .arg(1)
@@ -872,7 +957,7 @@ impl StateStore for RedisStateStore {
                 .arg(&c.event_id),
             None => invocation.arg(0).arg(0).arg("").arg("").arg(0).arg(""),
         };
-        invocation.arg(created_event);
+        invocation.arg(created_event.to_stored());
         for chunk in &r.chunks {
             invocation
                 .arg(chunk.index.0)
@@ -895,19 +980,19 @@ impl StateStore for RedisStateStore {
         &self,
         id: &UploadId,
         idle_before_ms: u64,
-        expired_event: &str,
+        expired_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Expired, StateError> {
         let mut conn = self.connection().await?;
         let mut invocation = self.scripts.expire_upload.prepare_invoke();
-        for key in self.all_keys(id) {
+        for key in self.keys_writing(id, expired_event) {
             invocation.key(key);
         }
         let reply: Value = invocation
             .arg(idle_before_ms)
             .arg(now_ms())
             .arg(ttl_ms)
-            .arg(expired_event)
+            .arg(expired_event.to_stored())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -923,6 +1008,7 @@ impl StateStore for RedisStateStore {
         let mut conn = self.connection().await?;
         let mut keys = self.all_keys(id).to_vec();
         keys.push(keys::fence(&self.namespace, id));
+        keys.push(keys::legacy_outbox(&self.namespace, id));
         let _: i64 = redis::cmd("DEL")
             .arg(&keys)
             .query_async(&mut conn)
@@ -936,7 +1022,7 @@ impl StateStore for RedisStateStore {
         id: &UploadId,
         fence: u64,
         lost: &[ChunkIndex],
-        lost_event: &str,
+        lost_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Reopened, StateError> {
         let mut conn = self.connection().await?;
@@ -947,9 +1033,10 @@ impl StateStore for RedisStateStore {
             .key(keys::fence(ns, id))
             .key(keys::parts(ns, id))
             .key(keys::bits(ns, id))
-            .key(keys::outbox(ns, id))
+            .key(keys::outbox(ns, id, OutboxKind::Merge))
+            .key(self.outbox_key(id, lost_event))
             .arg(fence)
-            .arg(lost_event)
+            .arg(lost_event.to_stored())
             .arg(now_ms())
             .arg(ttl_ms);
         for index in lost {
@@ -980,11 +1067,17 @@ mod tests {
     #[test]
     fn ids_are_recovered_from_keys_of_the_namespace_only() {
         let id = UploadId::parse("a-b_c").unwrap();
+        for kind in [OutboxKind::Merge, OutboxKind::Event] {
+            assert_eq!(
+                keys::id_of("ns", &keys::outbox("ns", &id, kind)),
+                Some(id.clone())
+            );
+            assert_eq!(keys::id_of("other", &keys::outbox("ns", &id, kind)), None);
+        }
         assert_eq!(
-            keys::id_of("ns", &keys::outbox("ns", &id)),
+            keys::id_of("ns", &keys::legacy_outbox("ns", &id)),
             Some(id.clone())
         );
-        assert_eq!(keys::id_of("other", &keys::outbox("ns", &id)), None);
         assert_eq!(keys::id_of("ns", "ns:{../x}:meta"), None);
     }
 
@@ -1008,7 +1101,9 @@ mod tests {
             keys::meta("ns", &id),
             keys::parts("ns", &id),
             keys::bits("ns", &id),
-            keys::outbox("ns", &id),
+            keys::outbox("ns", &id, OutboxKind::Merge),
+            keys::outbox("ns", &id, OutboxKind::Event),
+            keys::legacy_outbox("ns", &id),
             keys::fence("ns", &id),
             keys::lock("ns", &id),
         ] {

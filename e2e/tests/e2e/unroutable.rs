@@ -11,15 +11,20 @@ use crate::harness::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// The entries of the upload's outbox.
+/// The entries of the upload's outbox: its merge triggers, then its events.
 fn outbox(env: &TestEnv, id: &str) -> Vec<String> {
     let mut conn = redis_connection().unwrap();
-    redis::cmd("LRANGE")
-        .arg(format!("{}:{{{id}}}:outbox", env.namespace))
-        .arg(0)
-        .arg(-1)
-        .query(&mut conn)
-        .unwrap()
+    let mut entries = Vec::new();
+    for kind in ["merge", "events"] {
+        let list: Vec<String> = redis::cmd("LRANGE")
+            .arg(format!("{}:{{{id}}}:outbox:{kind}", env.namespace))
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .unwrap();
+        entries.extend(list);
+    }
+    entries
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

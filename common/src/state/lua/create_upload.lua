@@ -1,8 +1,8 @@
 -- Creates an upload, or confirms an identical one. See StateStore::create_upload.
 --
--- KEYS: 1 meta, 2 outbox
+-- KEYS: 1 meta, 2 outbox events
 -- ARGV: 1 total_size, 2 chunk_size, 3 total_chunks, 4 filename, 5 file_md5hex,
---       6 metadata json, 7 now_ms, 8 ttl_ms, 9 the upload.created event (outbox entry),
+--       6 metadata json, 7 now_ms, 8 ttl_ms, 9 the upload.created event (stored outbox entry),
 --       10 callback url ("" when none), 11 callback secret ("" when none)
 -- Returns {"created"} | {"exists"} | {"conflict", "geometry", ts, cs, tc}
 --       | {"conflict", "file_md5"} | {"conflict", "state", state}

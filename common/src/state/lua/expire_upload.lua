@@ -2,8 +2,8 @@
 -- See StateStore::expire_upload. Atomic with record_chunk: a chunk recorded before this
 -- refreshed updated_at (so the upload is kept); one recorded after finds the tombstone.
 --
--- KEYS: 1 meta, 2 parts, 3 bits, 4 outbox
--- ARGV: 1 idle_before_ms, 2 now_ms, 3 ttl_ms, 4 the upload.expired event (outbox entry)
+-- KEYS: 1 meta, 2 parts, 3 bits, 4 outbox merge triggers, 5 outbox events
+-- ARGV: 1 idle_before_ms, 2 now_ms, 3 ttl_ms, 4 the upload.expired event (stored outbox entry)
 -- Returns {"expired"} | {"kept", state}
 
 local meta = KEYS[1]
@@ -23,12 +23,8 @@ redis.call('HSET', meta, 'state', 'aborted', 'updated_at', ARGV[2], 'aborted_at'
   'expired_at', ARGV[2], 'chunks_received', 0, 'bytes_received', 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 -- Pending merge triggers go; pending events stay, and the expiry joins them.
-for _, entry in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do
-  if string.sub(entry, 1, 15) == '{"type":"merge"' then
-    redis.call('LREM', KEYS[4], 0, entry)
-  end
-end
-redis.call('RPUSH', KEYS[4], ARGV[4])
+redis.call('DEL', KEYS[4])
+redis.call('RPUSH', KEYS[5], ARGV[4])
 redis.call('PEXPIRE', meta, ARGV[3])
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
 return {'expired'}

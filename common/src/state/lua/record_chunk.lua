@@ -1,11 +1,13 @@
 -- Records one chunk of an upload, atomically. See StateStore::record_chunk.
 --
--- KEYS: 1 meta (hash), 2 parts (hash index -> entry), 3 bits (bitmap), 4 outbox (list)
+-- KEYS: 1 meta (hash), 2 parts (hash index -> entry), 3 bits (bitmap),
+--       4 outbox merge triggers (list), 5 outbox events (list)
 -- ARGV: 1 index, 2 entry "offset:len:crc32c:md5hex:token", 3 offset, 4 len, 5 crc32c,
 --       6 md5hex ("" when none), 7 total_size, 8 chunk_size, 9 total_chunks,
 --       10 filename, 11 file_md5hex, 12 metadata json, 13 now_ms, 14 ttl_ms,
---       15 merge job (json, written to the outbox when this chunk completes the upload),
---       16 the upload.created event (json, written to the outbox when this chunk creates it)
+--       15 the merge trigger (stored outbox entry, written when this chunk completes the
+--       upload), 16 the upload.created event (stored outbox entry, written when this chunk
+--       creates it)
 --
 -- Returns one of
 --   {"conflict", "geometry", total_size, chunk_size, total_chunks}
@@ -14,7 +16,7 @@
 --   {"recorded", state, chunks_received, bytes_received, completed (0|1), created (0|1)}
 -- A conflict writes nothing.
 
-local meta, parts, bits, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local meta, parts, bits, merges, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local index, entry = ARGV[1], ARGV[2]
 local offset, len, crc, md5 = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local total_size, chunk_size, total_chunks = ARGV[7], ARGV[8], ARGV[9]
@@ -56,7 +58,9 @@ local function refresh_ttl()
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', parts, ttl)
   redis.call('PEXPIRE', bits, ttl)
-  if redis.call('EXISTS', outbox) == 1 then redis.call('PEXPIRE', outbox, ttl) end
+  for _, outbox in ipairs({merges, events}) do
+    if redis.call('EXISTS', outbox) == 1 then redis.call('PEXPIRE', outbox, ttl) end
+  end
 end
 
 local existing = redis.call('HGET', parts, index)
@@ -87,11 +91,11 @@ if bytes == tonumber(total_size) then
   completed = 1
   table.insert(set_fields, 'state'); table.insert(set_fields, state)
   table.insert(set_fields, 'merging_at'); table.insert(set_fields, now)
-  redis.call('RPUSH', outbox, job)
+  redis.call('RPUSH', merges, job)
 end
 redis.call('HSET', meta, unpack(set_fields))
 if created == 1 then
-  redis.call('RPUSH', outbox, created_event)
+  redis.call('RPUSH', events, created_event)
 end
 refresh_ttl()
 return {'recorded', state, tostring(chunks), tostring(bytes), completed, created}

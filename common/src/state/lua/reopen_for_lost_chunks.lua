@@ -1,23 +1,15 @@
 -- Puts a merging upload back to receiving because storage lost counted chunks, fenced by the
 -- merge attempt that found them. See StateStore::reopen_for_lost_chunks.
 --
--- KEYS: 1 meta, 2 fence, 3 parts, 4 bits, 5 outbox
--- ARGV: 1 fence, 2 the upload.chunks_lost event (an outbox entry), 3 now_ms, 4 ttl_ms,
+-- KEYS: 1 meta, 2 fence, 3 parts, 4 bits, 5 outbox merge triggers, 6 outbox events
+-- ARGV: 1 fence, 2 the upload.chunks_lost event (stored outbox entry), 3 now_ms, 4 ttl_ms,
 --       5.. the lost chunk indices
 -- Returns {"missing"} | {"state", state} | {"fenced"}
 --       | {"reopened", chunks_received, bytes_received}
 -- Anything but "reopened" writes nothing.
 
--- Removes the merge triggers from the outbox; pending events stay to be published.
-local function drop_merge_triggers(outbox)
-  for _, entry in ipairs(redis.call('LRANGE', outbox, 0, -1)) do
-    if string.sub(entry, 1, 15) == '{"type":"merge"' then
-      redis.call('LREM', outbox, 0, entry)
-    end
-  end
-end
-
-local meta, fence, parts, bits, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta, fence, parts, bits = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local merges, events = KEYS[5], KEYS[6]
 local now, ttl = ARGV[3], ARGV[4]
 local state = redis.call('HGET', meta, 'state')
 if not state then return {'missing'} end
@@ -41,9 +33,10 @@ redis.call('HSET', meta, 'state', 'receiving', 'chunks_received', chunks,
 -- merge_fence stays: begin_merge never hands out a token at or below it.
 redis.call('HDEL', meta, 'merging_at', 'requeued_at', 'merge_started_at',
   'merge_bytes_done')
-drop_merge_triggers(outbox)
-redis.call('RPUSH', outbox, ARGV[2])
-for _, key in ipairs({meta, parts, bits, outbox, fence}) do
+-- Pending merge triggers go; pending events stay, and the loss joins them.
+redis.call('DEL', merges)
+redis.call('RPUSH', events, ARGV[2])
+for _, key in ipairs({meta, parts, bits, events, fence}) do
   if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
 end
 return {'reopened', chunks, bytes}

@@ -1,16 +1,17 @@
 -- Rebuilds a lost upload from what storage holds, only if the store does not know it. See
 -- StateStore::restore_upload.
 --
--- KEYS: 1 meta, 2 parts, 3 bits, 4 outbox, 5 fence
+-- KEYS: 1 meta, 2 parts, 3 bits, 4 outbox merge triggers, 5 outbox events, 6 fence
 -- ARGV: 1 total_size, 2 chunk_size, 3 total_chunks, 4 filename, 5 file_md5hex, 6 metadata,
 --       7 created_at, 8 callback_url, 9 callback_secret, 10 now_ms, 11 ttl_ms,
---       12 highest fence on storage, 13 last activity (ms), 14 merge job (outbox entry),
+--       12 highest fence on storage, 13 last activity (ms), 14 the merge trigger (stored outbox entry),
 --       15 completed (0|1), 16 size, 17 md5hex, 18 location, 19 completed_at, 20 event_id,
---       21 the upload.created event (outbox entry, for an upload restored not completed),
+--       21 the upload.created event (stored outbox entry, for an upload restored not completed),
 --       22.. triples: index, entry "offset:len:crc32c:md5hex:token", len
 -- Returns {"exists", state} | {"restored", state}
 
-local meta, parts, bits, outbox, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local meta, parts, bits, merges, events, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6]
 local state = redis.call('HGET', meta, 'state')
 if state then return {'exists', state} end
 
@@ -45,17 +46,18 @@ if ARGV[15] == '1' then
 end
 
 redis.call('HSET', meta, 'chunks_received', chunks, 'bytes_received', bytes)
-redis.call('RPUSH', outbox, ARGV[21])
+redis.call('RPUSH', events, ARGV[21])
 if bytes == tonumber(ARGV[1]) then
   state = 'merging'
   redis.call('HSET', meta, 'state', state, 'merging_at', ARGV[10])
-  redis.call('RPUSH', outbox, ARGV[14])
+  redis.call('RPUSH', merges, ARGV[14])
+  redis.call('PEXPIRE', merges, ARGV[11])
 else
   state = 'receiving'
   redis.call('HSET', meta, 'state', state)
 end
 redis.call('PEXPIRE', meta, ARGV[11])
-redis.call('PEXPIRE', outbox, ARGV[11])
+redis.call('PEXPIRE', events, ARGV[11])
 if chunks > 0 then
   redis.call('PEXPIRE', parts, ARGV[11])
   redis.call('PEXPIRE', bits, ARGV[11])
