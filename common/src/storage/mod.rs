@@ -19,8 +19,13 @@
 //! so a crash mid-chunk leaves at most a `.part` file that nothing counts.
 
 mod fs;
+mod layout;
 
-pub use fs::{Block, CompletionRecord, Feed, FsChunkStore, Inventory, ManifestCheck, StagedChunk};
+pub use fs::{
+    AttemptFiles, Block, CompletionRecord, Feed, FsChunkStore, Inventory, Keep, ManifestCheck,
+    StagedChunk,
+};
+pub use layout::Piece;
 
 /// A storage failure. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]
