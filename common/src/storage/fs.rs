@@ -82,6 +82,17 @@ pub struct AttemptFiles {
     pub location: String,
 }
 
+/// A file in an upload's chunk directory ([`FsChunkStore::copy_files_blocking`]).
+#[derive(Clone, Debug)]
+pub struct CopyFile {
+    pub path: PathBuf,
+    /// Its file name, for messages.
+    pub name: String,
+    /// The piece it is a complete copy of; `None` for a `.part` file or anything else.
+    pub piece: Option<Piece>,
+    pub len: u64,
+}
+
 /// What [`FsChunkStore::remove_surplus`] keeps of an upload's files.
 #[derive(Clone, Copy, Debug)]
 pub enum Keep<'a> {
@@ -120,7 +131,7 @@ impl FsChunkStore {
 
     /// The directory of an upload's chunk copies.
     pub fn chunks_dir(&self, id: &UploadId) -> PathBuf {
-        self.pieces_dir(id, Piece::Chunk(crate::geometry::ChunkIndex(0)))
+        self.upload_dir(id).join(layout::CHUNKS)
     }
 
     /// The directory of an upload's copies of `piece`'s kind.
@@ -522,6 +533,48 @@ impl FsChunkStore {
             })
             .collect();
         Ok(Some(inventory))
+    }
+
+    /// Every file in an upload's chunk directory, with the piece it is a complete copy of
+    /// (`None`: a `.part` file or anything else), for tools that inspect storage (benchmarks).
+    /// Blocking.
+    pub fn copy_files_blocking(&self, id: &UploadId) -> Result<Vec<CopyFile>, StorageError> {
+        read_dir_or_empty(&self.chunks_dir(id))?
+            .into_iter()
+            .map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let len = entry
+                    .metadata()
+                    .map_err(|e| StorageError::from_io("reading a chunk copy", e))?
+                    .len();
+                let piece = match layout::copy_entry(&name) {
+                    CopyEntry::Copy { piece, .. } => Some(piece),
+                    CopyEntry::Other => None,
+                };
+                Ok(CopyFile {
+                    path: entry.path(),
+                    name,
+                    piece,
+                    len,
+                })
+            })
+            .collect()
+    }
+
+    /// The merged files (`file.<fence>`) in an upload's directory, for tools that inspect
+    /// storage (benchmarks). Blocking.
+    pub fn merged_files_blocking(&self, id: &UploadId) -> Result<Vec<PathBuf>, StorageError> {
+        Ok(read_dir_or_empty(&self.upload_dir(id))?
+            .into_iter()
+            .filter(|entry| {
+                let name = entry.file_name();
+                matches!(
+                    AttemptFile::parse(&name.to_string_lossy()),
+                    Some(AttemptFile::Merged(_))
+                )
+            })
+            .map(|entry| entry.path())
+            .collect())
     }
 
     /// The ids of every upload directory under the root (anything else is not ours).
@@ -1053,12 +1106,18 @@ mod tests {
         }
     }
 
+    /// A store in a fresh directory holding upload `name` (40 bytes in chunks of 10).
+    async fn with_upload(name: &str, fsync: bool) -> (tempfile::TempDir, FsChunkStore, UploadId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), fsync);
+        let upload = upload(name, 40, 10);
+        store.ensure_manifest(&upload).await.unwrap();
+        (dir, store, upload.id)
+    }
+
     #[tokio::test]
     async fn surplus_removal_keeps_counted_copies_attempt_files_and_anything_young() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsChunkStore::new(dir.path(), false);
-        let id = UploadId::parse("s1").unwrap();
-        store.ensure_manifest(&upload("s1", 40, 10)).await.unwrap();
+        let (_dir, store, id) = with_upload("s1", false).await;
         let chunks = store.chunks_dir(&id);
         put(&chunks, "0.counted", 2 * HOUR);
         put(&chunks, "1.surplus", 2 * HOUR);
@@ -1069,6 +1128,24 @@ mod tests {
         put(&upload_dir, "file.1", 2 * HOUR);
         put(&upload_dir, ".file.2.abc.tmp", 2 * HOUR);
 
+        let mut seen: Vec<_> = store
+            .copy_files_blocking(&id)
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.piece))
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let chunk = |i| Some(Piece::Chunk(ChunkIndex(i)));
+        assert_eq!(
+            seen,
+            vec![
+                ("0.counted".to_owned(), chunk(0)),
+                ("1.surplus".to_owned(), chunk(1)),
+                ("2.dead.part".to_owned(), None),
+                ("3.writing.part".to_owned(), None),
+                ("3.young".to_owned(), chunk(3)),
+            ]
+        );
         let counted = [record(0, "counted")];
         let removed = store
             .remove_surplus(&id, Keep::Counted(&counted), HOUR)
@@ -1088,10 +1165,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_completed_upload_keeps_its_merged_file_and_record_and_nothing_else_old() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsChunkStore::new(dir.path(), false);
-        let id = UploadId::parse("s2").unwrap();
-        store.ensure_manifest(&upload("s2", 40, 10)).await.unwrap();
+        let (_dir, store, id) = with_upload("s2", false).await;
         let chunks = store.chunks_dir(&id);
         put(&chunks, "0.counted", 2 * HOUR);
         put(&chunks, "1.young", Duration::ZERO);
@@ -1134,16 +1208,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_published_attempt_is_found_by_its_location_and_outlives_the_cleanup() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FsChunkStore::new(dir.path(), true);
-        let id = UploadId::parse("s3").unwrap();
-        store.ensure_manifest(&upload("s3", 10, 10)).await.unwrap();
+        let (_dir, store, id) = with_upload("s3", true).await;
         let staged = stage(&store, &id, &[b"0123456789"], true).await.unwrap();
         let stale = store.attempt(&id, 1);
         std::fs::write(&stale.temp, b"stale").unwrap();
         store.publish_merged(&stale).await.unwrap();
         let files = store.attempt(&id, 2);
-        assert_ne!(files.temp, store.attempt(&id, 2).temp, "temp names are fresh");
+        assert_ne!(
+            files.temp,
+            store.attempt(&id, 2).temp,
+            "temp names are fresh"
+        );
         assert_eq!(files.location, "uploads/s3/file.2");
         std::fs::write(&files.temp, b"0123456789").unwrap();
         let leftover = store.attempt(&id, 3);
@@ -1165,6 +1240,10 @@ mod tests {
             vec!["completion.2.json", "file.2", "manifest.json"]
         );
         assert_eq!(std::fs::read(&files.merged).unwrap(), b"0123456789");
+        assert_eq!(
+            store.merged_files_blocking(&id).unwrap(),
+            vec![files.merged]
+        );
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@ use crate::id::UploadId;
 
 /// The directory under the root that holds one directory per upload.
 pub(super) const UPLOADS: &str = "uploads";
+/// The directory of an upload's chunk copies, in its directory.
+pub(super) const CHUNKS: &str = "chunks";
 /// The upload's manifest, in its directory.
 pub(super) const MANIFEST: &str = "manifest.json";
 
@@ -33,7 +35,7 @@ impl Piece {
     /// The directory, under the upload's, that holds copies of this kind of piece.
     pub(super) fn dir(self) -> &'static str {
         match self {
-            Self::Chunk(_) => "chunks",
+            Self::Chunk(_) => CHUNKS,
         }
     }
 
