@@ -12,7 +12,7 @@ use bytes::Bytes;
 use md5::Digest as _;
 use serde::Deserialize;
 use stitch_common::id::UploadId;
-use stitch_common::storage::FsChunkStore;
+use stitch_common::storage::{FsChunkStore, Piece};
 use stitch_testkit::{ApiClient, Source};
 
 use crate::upload::http_client;
@@ -175,26 +175,21 @@ pub fn stored_chunk_files(
     count: u64,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let id = UploadId::parse(upload_id).context("the benchmark's upload id is invalid")?;
-    let dir = FsChunkStore::new(storage_root, true).chunks_dir(&id);
+    let storage = FsChunkStore::new(storage_root, true);
+    let dir = storage.chunks_dir(&id);
     let mut files: Vec<Option<(PathBuf, u64)>> = vec![None; count as usize];
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let index: usize = name
-            .split('.')
-            .next()
-            .and_then(|i| i.parse().ok())
-            .filter(|_| !name.ends_with(".part"))
-            .with_context(|| format!("unexpected file {name} in {}", dir.display()))?;
-        let slot = files
-            .get_mut(index)
-            .with_context(|| format!("file {name} is for a chunk the upload does not have"))?;
+    let copies = storage
+        .copy_files_blocking(&id)
+        .with_context(|| format!("listing {}", dir.display()))?;
+    for copy in copies {
+        let Some(Piece::Chunk(index)) = copy.piece else {
+            bail!("unexpected file {} in {}", copy.name, dir.display());
+        };
+        let slot = files.get_mut(index.0 as usize).with_context(|| {
+            format!("file {} is for a chunk the upload does not have", copy.name)
+        })?;
         ensure!(slot.is_none(), "chunk {index} is stored twice");
-        let len = entry
-            .metadata()
-            .with_context(|| format!("stat {name}"))?
-            .len();
-        *slot = Some((entry.path(), len));
+        *slot = Some((copy.path, copy.len));
     }
     (0..count)
         .zip(files)
@@ -220,14 +215,11 @@ pub fn verify_merged_file(
     md5_hex: &str,
 ) -> anyhow::Result<()> {
     let id = UploadId::parse(upload_id).context("the benchmark's upload id is invalid")?;
-    let dir = FsChunkStore::new(storage_root, true).upload_dir(&id);
-    let mut merged = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        if entry.file_name().to_string_lossy().starts_with("file.") {
-            merged.push(entry.path());
-        }
-    }
+    let storage = FsChunkStore::new(storage_root, true);
+    let dir = storage.upload_dir(&id);
+    let merged = storage
+        .merged_files_blocking(&id)
+        .with_context(|| format!("listing {}", dir.display()))?;
     let [path] = merged.as_slice() else {
         bail!(
             "{} holds {} merged files (file.*), expected one",

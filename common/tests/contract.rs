@@ -13,7 +13,7 @@ use stitch_common::digest::Md5;
 use stitch_common::events::{Event, EventKind};
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
-use stitch_common::lock::{Lease, MergeLock, RedisLock};
+use stitch_common::lock::{Lease, LockName, MergeLock, RedisLock};
 use stitch_common::queue::{
     AmqpBroker, Deliveries, Delivery, Family, MergeJob, NOW, OutboxKind, OutboxMessage, WorkQueue,
 };
@@ -893,15 +893,25 @@ fn redis_lock(env: &TestEnv, ttl: Duration) -> Arc<dyn MergeLock> {
     Arc::new(RedisLock::new(&settings).unwrap())
 }
 
-async fn only_the_lease_holder_can_renew_or_release_the_lock(env: &TestEnv, lock: &dyn MergeLock) {
-    let key = keys::lock(&env.namespace, &UploadId::parse("l1").unwrap());
+async fn only_the_lease_holder_can_renew_or_release_the_lock(lock: &dyn MergeLock) {
+    let key = LockName::Merge(UploadId::parse("l1").unwrap());
     let mut held = lock.try_acquire(&key).await.unwrap().expect("free lock");
     assert!(held.is_valid());
     assert!(
         lock.try_acquire(&key).await.unwrap().is_none(),
         "held twice"
     );
-    let forged = Lease::new(&key, "not-the-token".into(), std::time::Instant::now());
+    let janitor = lock
+        .try_acquire(&LockName::Janitor)
+        .await
+        .unwrap()
+        .expect("the janitor's lock is not an upload's");
+    assert!(lock.release(&janitor).await.unwrap());
+    let forged = Lease::new(
+        key.clone(),
+        "not-the-token".into(),
+        std::time::Instant::now(),
+    );
     assert!(
         !lock.release(&forged).await.unwrap(),
         "a non-owner released the lock"
@@ -914,8 +924,8 @@ async fn only_the_lease_holder_can_renew_or_release_the_lock(env: &TestEnv, lock
     assert!(lock.try_acquire(&key).await.unwrap().is_some());
 }
 
-async fn a_lapsed_lease_is_lost_to_the_next_holder(env: &TestEnv, lock: &dyn MergeLock) {
-    let key = keys::lock(&env.namespace, &UploadId::parse("l2").unwrap());
+async fn a_lapsed_lease_is_lost_to_the_next_holder(lock: &dyn MergeLock) {
+    let key = LockName::Merge(UploadId::parse("l2").unwrap());
     let mut old = lock.try_acquire(&key).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
@@ -943,12 +953,10 @@ async fn a_lapsed_lease_is_lost_to_the_next_holder(env: &TestEnv, lock: &dyn Mer
 async fn the_redis_lock_keeps_the_lock_contract() {
     let env = TestEnv::new();
     only_the_lease_holder_can_renew_or_release_the_lock(
-        &env,
         redis_lock(&env, Duration::from_secs(5)).as_ref(),
     )
     .await;
     a_lapsed_lease_is_lost_to_the_next_holder(
-        &env,
         redis_lock(&env, Duration::from_millis(300)).as_ref(),
     )
     .await;
@@ -974,12 +982,10 @@ async fn the_redis_lock_over_three_nodes_keeps_the_lock_contract_with_one_of_the
         }
         let env = TestEnv::local();
         only_the_lease_holder_can_renew_or_release_the_lock(
-            &env,
             redlock(&env, &nodes, Duration::from_secs(5)).as_ref(),
         )
         .await;
         a_lapsed_lease_is_lost_to_the_next_holder(
-            &env,
             redlock(&env, &nodes, Duration::from_millis(300)).as_ref(),
         )
         .await;
@@ -1008,13 +1014,9 @@ async fn the_sqlite_state_store_keeps_the_state_store_contract() {
 async fn the_sqlite_lock_keeps_the_lock_contract() {
     let env = TestEnv::local();
     let lock = |ttl| sqlite_backends(&env, |s| s.lock.ttl = Interval(ttl)).lock;
-    only_the_lease_holder_can_renew_or_release_the_lock(
-        &env,
-        lock(Duration::from_secs(5)).as_ref(),
-    )
-    .await;
-    a_lapsed_lease_is_lost_to_the_next_holder(&env, lock(Duration::from_millis(300)).as_ref())
+    only_the_lease_holder_can_renew_or_release_the_lock(lock(Duration::from_secs(5)).as_ref())
         .await;
+    a_lapsed_lease_is_lost_to_the_next_holder(lock(Duration::from_millis(300)).as_ref()).await;
 }
 
 #[tokio::test]

@@ -7,17 +7,27 @@
 use std::time::{Duration, Instant};
 
 use stitch_common::config::{Interval, Secret};
-use stitch_common::lock::{MergeLock, RedisLock};
+use stitch_common::id::UploadId;
+use stitch_common::lock::{LockName, MergeLock, RedisLock};
 use stitch_testkit::TestEnv;
 use stitch_testkit::redis_server::RedisServer;
 
+/// The lock's namespace in these tests.
+const NAMESPACE: &str = "redlock-test";
+/// The key of [`name`] on every node.
 const KEY: &str = "redlock-test:{u1}:lock";
+
+/// What these tests lock: upload `u1`'s merge.
+fn name() -> LockName {
+    LockName::Merge(UploadId::parse("u1").unwrap())
+}
 
 /// A lock over `nodes`, as a worker process builds it from its configuration.
 fn lock_on(nodes: &[RedisServer], ttl: Duration) -> RedisLock {
     let mut settings = TestEnv::local().settings();
     settings.lock.redis_urls = nodes.iter().map(|n| Secret::new(n.url())).collect();
     settings.lock.ttl = Interval(ttl);
+    settings.namespace = NAMESPACE.into();
     RedisLock::new(&settings).unwrap()
 }
 
@@ -44,7 +54,11 @@ async fn a_lease_is_granted_with_a_majority_of_nodes_up_and_refused_without_one(
     let mut nodes = RedisServer::start_many(3);
     let lock = lock_on(&nodes, Duration::from_secs(10));
 
-    let lease = lock.try_acquire(KEY).await.unwrap().expect("all three up");
+    let lease = lock
+        .try_acquire(&name())
+        .await
+        .unwrap()
+        .expect("all three up");
     for node in &nodes {
         assert_eq!(token_on(node, KEY).as_deref(), Some(lease.token()));
     }
@@ -53,20 +67,20 @@ async fn a_lease_is_granted_with_a_majority_of_nodes_up_and_refused_without_one(
 
     nodes[0].stop();
     let lease = lock
-        .try_acquire(KEY)
+        .try_acquire(&name())
         .await
         .unwrap()
         .expect("two of three up");
-    assert!(lock.is_held(KEY).await.unwrap());
+    assert!(lock.is_held(&name()).await.unwrap());
     assert!(lock.release(&lease).await.unwrap());
     assert!(
-        !lock.is_held(KEY).await.unwrap(),
+        !lock.is_held(&name()).await.unwrap(),
         "two nodes of three saying 'free' are a majority"
     );
 
     nodes[1].stop();
     assert!(
-        lock.try_acquire(KEY).await.unwrap().is_none(),
+        lock.try_acquire(&name()).await.unwrap().is_none(),
         "a lease granted by one node of three"
     );
     assert_eq!(
@@ -75,13 +89,13 @@ async fn a_lease_is_granted_with_a_majority_of_nodes_up_and_refused_without_one(
         "the failed acquire was not undone on the node that said yes"
     );
     assert!(
-        lock.is_held(KEY).await.is_err(),
+        lock.is_held(&name()).await.is_err(),
         "one node of three cannot tell that nobody holds the lock"
     );
 
     nodes[0].restart();
     let lease = lock
-        .try_acquire(KEY)
+        .try_acquire(&name())
         .await
         .unwrap()
         .expect("a majority is back (one of them empty)");
@@ -95,12 +109,12 @@ async fn a_lease_held_on_a_majority_cannot_be_taken_by_a_second_holder() {
     // Another worker process: its own connections, its own tokens.
     let second = lock_on(&nodes, Duration::from_secs(10));
 
-    let mut held = first.try_acquire(KEY).await.unwrap().unwrap();
-    assert!(second.try_acquire(KEY).await.unwrap().is_none());
+    let mut held = first.try_acquire(&name()).await.unwrap().unwrap();
+    assert!(second.try_acquire(&name()).await.unwrap().is_none());
 
     nodes[0].stop();
     assert!(
-        second.try_acquire(KEY).await.unwrap().is_none(),
+        second.try_acquire(&name()).await.unwrap().is_none(),
         "taken while the holder still has two nodes of three"
     );
     assert!(
@@ -114,7 +128,7 @@ async fn a_lease_held_on_a_majority_cannot_be_taken_by_a_second_holder() {
             "the second holder's attempt changed the first one's lease"
         );
     }
-    assert!(second.is_held(KEY).await.unwrap());
+    assert!(second.is_held(&name()).await.unwrap());
 }
 
 #[tokio::test]
@@ -125,7 +139,7 @@ async fn an_acquire_that_wins_no_majority_is_undone_on_every_node() {
     set_on(&nodes[0], KEY, "contender-a");
     set_on(&nodes[1], KEY, "contender-b");
 
-    assert!(lock.try_acquire(KEY).await.unwrap().is_none());
+    assert!(lock.try_acquire(&name()).await.unwrap().is_none());
     assert_eq!(
         token_on(&nodes[2], KEY),
         None,
@@ -140,7 +154,7 @@ async fn a_holder_that_lost_its_majority_is_not_renewed() {
     let mut nodes = RedisServer::start_many(3);
     let first = lock_on(&nodes, Duration::from_secs(10));
     let second = lock_on(&nodes, Duration::from_secs(10));
-    let mut held = first.try_acquire(KEY).await.unwrap().unwrap();
+    let mut held = first.try_acquire(&name()).await.unwrap().unwrap();
 
     // Two nodes restart without persistence: the lease is left on one node of three.
     nodes[0].restart();
@@ -151,7 +165,7 @@ async fn a_holder_that_lost_its_majority_is_not_renewed() {
     );
 
     let taken = second
-        .try_acquire(KEY)
+        .try_acquire(&name())
         .await
         .unwrap()
         .expect("the two empty nodes are a majority");
@@ -180,7 +194,11 @@ async fn the_lease_lasts_the_ttl_less_the_time_taken_and_the_clock_drift() {
     let slack = Duration::from_millis(20);
 
     let before = Instant::now();
-    let mut lease = lock.try_acquire(KEY).await.unwrap().expect("two of three");
+    let mut lease = lock
+        .try_acquire(&name())
+        .await
+        .unwrap()
+        .expect("two of three");
     let took = before.elapsed();
     assert!(
         took >= Duration::from_millis(100),

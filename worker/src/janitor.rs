@@ -17,18 +17,17 @@
 //! Nothing younger than `janitor.grace` is touched: a copy being written, or between its
 //! rename and its record, is in use. Several janitors may run; each removal is idempotent.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
-use stitch_common::lock::MergeLock;
+use stitch_common::lock::{LockName, MergeLock};
 use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{Expired, OutboxEntry, StateStore};
-use stitch_common::storage::{FsChunkStore, Inventory};
+use stitch_common::storage::{FsChunkStore, Inventory, Keep};
 use stitch_common::upload::UploadState;
 use tokio::sync::watch;
 
@@ -42,7 +41,6 @@ pub struct Janitor {
     pub lock: Arc<dyn MergeLock>,
     /// Rebuilds the state of uploads the state store lost, before anything is decided.
     pub recovery: Recovery,
-    pub namespace: String,
     pub interval: Duration,
     pub grace: Duration,
     /// `uploads.ttl`: an upload idle on storage this long, not completed, is abandoned.
@@ -83,12 +81,11 @@ impl Janitor {
         }
     }
 
-    /// One pass under the janitor lock (`<namespace>:janitor:lock`); `None` when another
-    /// janitor holds it. The lease is not renewed: a pass that outlives it may overlap the
-    /// next holder's, which only repeats idempotent work.
+    /// One pass under the janitor lock ([`LockName::Janitor`]); `None` when another janitor
+    /// holds it. The lease is not renewed: a pass that outlives it may overlap the next
+    /// holder's, which only repeats idempotent work.
     pub async fn pass(&self) -> anyhow::Result<Option<Swept>> {
-        let key = format!("{}:janitor:lock", self.namespace);
-        let Some(lease) = self.lock.try_acquire(&key).await? else {
+        let Some(lease) = self.lock.try_acquire(&LockName::Janitor).await? else {
             return Ok(None);
         };
         let swept = self.sweep_once().await;
@@ -100,30 +97,20 @@ impl Janitor {
 
     pub async fn sweep_once(&self) -> anyhow::Result<Swept> {
         let mut swept = Swept::default();
-        let uploads = self.storage.root().join("uploads");
-        let dirs = blocking(move || list_dir(&uploads)).await?;
-        for dir in dirs {
-            let Some(id) = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| UploadId::from_key(n).ok())
-            else {
-                continue; // Not ours: never touch what we did not create.
-            };
-            if let Err(e) = self.tend(&id, &dir, &mut swept).await {
+        // Only directories named by an upload id: never touch what we did not create.
+        for id in self.storage.upload_ids().await? {
+            if let Err(e) = self.tend(&id, &mut swept).await {
                 tracing::warn!(upload_id = %id, error = %e, "janitor skipped an upload");
             }
         }
         Ok(swept)
     }
 
-    async fn tend(&self, id: &UploadId, dir: &Path, swept: &mut Swept) -> anyhow::Result<()> {
-        let grace = self.grace;
+    async fn tend(&self, id: &UploadId, swept: &mut Swept) -> anyhow::Result<()> {
         let Some(inventory) = self.storage.inventory(id).await? else {
             // No manifest: a first chunk whose upload was never created (the manifest comes
             // before the state store's record), or the leftovers of a removal.
-            let dir_owned = dir.to_owned();
-            if blocking(move || all_older_than(&dir_owned, grace)).await? {
+            if self.storage.untouched_for(id, self.grace).await? {
                 self.quotas.release(id).await?;
                 self.storage.remove_upload(id).await?;
                 self.removed(swept, 1);
@@ -131,7 +118,7 @@ impl Janitor {
             return Ok(());
         };
         if inventory.completion.is_some() {
-            return self.tend_completed(id, dir, &inventory, swept).await;
+            return self.tend_completed(id, &inventory, swept).await;
         }
         // Not completed on storage. The state store must know it before anything is decided
         // (it is rebuilt from storage if it was lost).
@@ -186,20 +173,11 @@ impl Janitor {
             .await?;
         self.unless_gone(id).await?;
         // Only copies nothing counts go, once past the grace.
-        let counted: Vec<String> = self
-            .state
-            .counted_chunks(id)
-            .await?
-            .into_iter()
-            .map(|c| format!("{}.{}", c.index, c.token))
-            .collect();
-        let dir = dir.to_owned();
-        let removed = blocking(move || {
-            remove_old_files(&dir.join("chunks"), grace, |name| {
-                !counted.iter().any(|c| c == name)
-            })
-        })
-        .await?;
+        let counted = self.state.counted_chunks(id).await?;
+        let removed = self
+            .storage
+            .remove_surplus(id, Keep::Counted(&counted), self.grace)
+            .await?;
         self.removed(swept, removed);
         Ok(())
     }
@@ -223,7 +201,6 @@ impl Janitor {
     async fn tend_completed(
         &self,
         id: &UploadId,
-        dir: &Path,
         inventory: &Inventory,
         swept: &mut Swept,
     ) -> anyhow::Result<()> {
@@ -242,12 +219,7 @@ impl Janitor {
                 .await?;
             // The manifest first, so that nothing can rebuild the upload; then its state;
             // then its files.
-            let manifest = self.storage.manifest_path(id);
-            blocking(move || match std::fs::remove_file(&manifest) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            })
-            .await?;
+            self.storage.remove_manifest(id).await?;
             self.state.forget_upload(id).await?;
             self.quotas.release(id).await?;
             self.storage.remove_upload(id).await?;
@@ -259,21 +231,10 @@ impl Janitor {
         // Kept: the ledger counts its file, not a slot.
         self.quotas.track(id, done.size, false).await?;
         self.unless_gone(id).await?;
-        let keep = done.location.rsplit('/').next().map(str::to_owned);
-        let keep_record = format!("completion.{}.json", done.fence);
-        let (dir, grace) = (dir.to_owned(), self.grace);
-        let removed = blocking(move || {
-            let mut n = remove_old_files(&dir.join("chunks"), grace, |_| true)?;
-            n += remove_old_files(&dir, grace, |name| {
-                let attempt = name.starts_with("file.")
-                    || name.starts_with(".file.")
-                    || name.starts_with("completion.")
-                    || name.starts_with(".completion.");
-                attempt && Some(name) != keep.as_deref() && name != keep_record
-            })?;
-            Ok(n)
-        })
-        .await?;
+        let removed = self
+            .storage
+            .remove_surplus(id, Keep::Completed(done), self.grace)
+            .await?;
         self.removed(swept, removed);
         Ok(())
     }
@@ -282,72 +243,4 @@ impl Janitor {
         swept.files_removed += n;
         metrics::counter!(stitch_common::metrics::JANITOR_FILES_REMOVED).increment(n as u64);
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(f).await??)
-}
-
-fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => Ok(entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.path())
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-fn older_than(path: &Path, grace: Duration) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .is_some_and(|age| age >= grace)
-}
-
-/// Whether nothing under `dir` (the directory itself included) changed within `grace`.
-fn all_older_than(dir: &Path, grace: Duration) -> std::io::Result<bool> {
-    if !older_than(dir, grace) {
-        return Ok(false);
-    }
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let path = entry.path();
-        let old = if path.is_dir() {
-            all_older_than(&path, grace)?
-        } else {
-            older_than(&path, grace)
-        };
-        if !old {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Removes the files of `dir` that `doomed` selects and that are older than `grace`.
-fn remove_old_files(
-    dir: &Path,
-    grace: Duration,
-    doomed: impl Fn(&str) -> bool,
-) -> std::io::Result<usize> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    let mut removed = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if path.is_file() && name != "manifest.json" && doomed(&name) && older_than(&path, grace) {
-            std::fs::remove_file(&path)?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }

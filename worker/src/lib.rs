@@ -185,7 +185,6 @@ impl Worker {
                     self.backends.events.clone(),
                     s.uploads.ttl.0.as_millis() as u64,
                 ),
-                namespace: s.namespace.clone(),
                 interval: s.janitor.interval.0,
                 grace: s.janitor.grace.0,
                 ttl: s.uploads.ttl.0,

@@ -23,14 +23,14 @@ use stitch_common::config::Settings;
 use stitch_common::events::{Event, new_event_id};
 use stitch_common::geometry::ChunkIndex;
 use stitch_common::id::UploadId;
-use stitch_common::lock::{Lease, MergeLock};
+use stitch_common::lock::{Lease, LockName, MergeLock};
 use stitch_common::metrics as m;
 use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{
     Committed, Conflict, Failed, MergePlan, MergeStart, OutboxEntry, Reopened, StateError,
-    StateStore, keys,
+    StateStore,
 };
 use stitch_common::storage::{CompletionRecord, FsChunkStore};
 use stitch_common::upload::{Completion, UploadState, UploadStatus};
@@ -98,7 +98,6 @@ pub struct Merger {
     events: Arc<dyn EventSink>,
     /// Rebuilds an upload the state store lost, from storage.
     recovery: Recovery,
-    namespace: String,
     ttl_ms: u64,
     block_bytes: usize,
     fsync: bool,
@@ -125,7 +124,6 @@ impl Merger {
             storage,
             lock,
             events,
-            namespace: settings.namespace.clone(),
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
             block_bytes: settings.merge.buffer_bytes.0 as usize,
             fsync: settings.storage.fsync,
@@ -172,8 +170,7 @@ impl Merger {
         id: &UploadId,
         control: Arc<Control>,
     ) -> Result<MergeOutcome, MergeError> {
-        let key = keys::lock(&self.namespace, id);
-        let lease = match self.lock.try_acquire(&key).await {
+        let lease = match self.lock.try_acquire(&LockName::Merge(id.clone())).await {
             Ok(Some(lease)) => {
                 metrics::counter!(m::LOCK_ACQUISITIONS, "result" => "acquired").increment(1);
                 lease
@@ -278,22 +275,20 @@ impl Merger {
         }
         tracing::info!(upload_id = %id, fence = plan.fence, chunks = plan.chunks.len(), "merging");
 
-        let dir = self.storage.upload_dir(id);
-        let temp = self.storage.merge_temp_path(id, plan.fence);
-        let (final_path, location) = self.storage.merged_file(id, plan.fence);
+        let files = self.storage.attempt(id, plan.fence);
         let job = Concat {
             chunks: plan
                 .chunks
                 .iter()
                 .map(|c| ChunkSource {
                     index: c.index.0,
-                    path: self.storage.chunk_path(id, c.index, &c.token),
+                    path: self.storage.copy_path(id, c.index, &c.token),
                     len: c.len,
                     crc32c: c.crc32c,
                     md5: c.md5,
                 })
                 .collect(),
-            output: temp.clone(),
+            output: files.temp.clone(),
             block_bytes: self.block_bytes,
             fsync: self.fsync,
             direct_io: self.direct_io,
@@ -323,7 +318,7 @@ impl Merger {
         if let Some(expected) = plan.upload.file_md5
             && expected != done.md5
         {
-            remove(&temp).await;
+            self.storage.discard_temp(&files).await;
             let reason = format!(
                 "the merged file's MD5 is {}, the client declared {expected}",
                 done.md5
@@ -331,31 +326,18 @@ impl Merger {
             return self.fail(&plan, &reason).await;
         }
         if lost.load(Ordering::Relaxed) || !lease.lock().await.is_valid() {
-            remove(&temp).await;
+            self.storage.discard_temp(&files).await;
             return Err(MergeError::LeaseLost);
         }
-        let (from, to, dir_) = (temp.clone(), final_path.clone(), dir.clone());
-        let fsync = self.fsync;
-        let renamed = tokio::task::spawn_blocking(move || {
-            std::fs::rename(&from, &to)?;
-            if fsync {
-                std::fs::File::open(&dir_)?.sync_all()?;
-            }
-            Ok::<_, std::io::Error>(())
-        })
-        .await
-        .map_err(transient)?;
-        if let Err(e) = renamed {
-            remove(&temp).await;
-            return Err(MergeError::Transient(format!(
-                "publishing the merged file: {e}"
-            )));
-        }
+        self.storage
+            .publish_merged(&files)
+            .await
+            .map_err(transient)?;
 
         let completion = Completion {
             size: done.size,
             md5: done.md5,
-            location: location.clone(),
+            location: files.location.clone(),
             completed_at_ms: stitch_common::now_ms(),
             event_id: new_event_id(),
         };
@@ -392,7 +374,7 @@ impl Merger {
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
                     lease: None,
-                    keep: Some(location),
+                    keep: Some(files.location),
                 }))
             }
             Ok(Committed::Already { .. }) => {
@@ -494,7 +476,7 @@ impl Merger {
             .chunks
             .iter()
             .filter(|c| indices.contains(&c.index))
-            .map(|c| self.storage.chunk_path(id, c.index, &c.token))
+            .map(|c| self.storage.copy_path(id, c.index, &c.token))
             .collect();
         for copy in bad_copies {
             remove(&copy).await;
@@ -553,15 +535,11 @@ impl Merger {
 
     /// Deletes what a finished upload no longer needs and releases the lock.
     pub async fn finish(&self, finish: Finish) {
-        let dir = self.storage.upload_dir(&finish.id);
-        let keep = finish
-            .keep
-            .as_deref()
-            .and_then(|l| l.rsplit('/').next())
-            .map(str::to_owned);
-        let cleaned =
-            tokio::task::spawn_blocking(move || clean_upload_dir(&dir, keep.as_deref())).await;
-        if let Ok(Err(e)) = cleaned {
+        let cleaned = self
+            .storage
+            .remove_merge_leftovers(&finish.id, finish.keep.as_deref())
+            .await;
+        if let Err(e) = cleaned {
             tracing::warn!(upload_id = %finish.id, error = %e, "cleanup after merge incomplete; the janitor will finish it");
         }
         if let Some(lease) = finish.lease
@@ -570,28 +548,6 @@ impl Merger {
             tracing::warn!(upload_id = %finish.id, error = %e, "could not release the merge lock; it will expire");
         }
     }
-}
-
-/// Removes the chunks and every attempt's file but `keep`.
-fn clean_upload_dir(dir: &std::path::Path, keep: Option<&str>) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(dir.join("chunks")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let attempt_file =
-            name.starts_with("file.") || (name.starts_with(".file.") && name.ends_with(".tmp"));
-        if attempt_file && Some(name.as_str()) != keep {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
 }
 
 /// The plan must cover every chunk exactly, as the geometry says. Otherwise the chunks that
@@ -651,7 +607,7 @@ async fn watch_lease(
             false
         };
         if !renewed {
-            tracing::warn!(key = %held.key, "merge lease lost; stopping the merge");
+            tracing::warn!(lock = %held.name(), "merge lease lost; stopping the merge");
             metrics::counter!(m::LOCK_LEASES_LOST).increment(1);
             lost.store(true, Ordering::SeqCst);
             control.cancel.store(true, Ordering::SeqCst);

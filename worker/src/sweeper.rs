@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stitch_common::lock::MergeLock;
+use stitch_common::lock::{LockName, MergeLock};
 use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
-use stitch_common::state::{StateStore, keys};
+use stitch_common::state::StateStore;
 use tokio::sync::watch;
 
 pub struct SweeperConfig {
@@ -79,11 +79,7 @@ impl Sweeper {
         metrics::gauge!(stitch_common::metrics::STUCK_MERGES).set(stuck_merges.len() as f64);
         for stuck in stuck_merges {
             let id = &stuck.upload_id;
-            if self
-                .lock
-                .is_held(&keys::lock(&self.config.namespace, id))
-                .await?
-            {
+            if self.lock.is_held(&LockName::Merge(id.clone())).await? {
                 continue; // A merge is running.
             }
             if self.state.note_requeue(id).await?.is_some() {

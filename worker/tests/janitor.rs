@@ -10,6 +10,7 @@ use stitch_common::backends::Backends;
 use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
+use stitch_common::lock::LockName;
 use stitch_common::queue::OutboxMessage;
 use stitch_common::upload::{ChunkRecord, NewUpload};
 use stitch_testkit::TestEnv;
@@ -78,7 +79,6 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
             backends.events.clone(),
             60_000,
         ),
-        namespace: env.namespace.clone(),
         interval: HOUR,
         grace: HOUR,
         ttl: HOUR,
@@ -127,8 +127,12 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     write(&chunks.join("3.writing.part"), b"01", false);
 
     // While another janitor of the fleet holds the janitor lock, this one does nothing.
-    let key = format!("{}:janitor:lock", env.namespace);
-    let other = backends.lock.try_acquire(&key).await.unwrap().unwrap();
+    let other = backends
+        .lock
+        .try_acquire(&LockName::Janitor)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(janitor.pass().await.unwrap(), None);
     assert!(gone_dir.exists(), "a janitor swept without the lock");
     assert!(backends.lock.release(&other).await.unwrap());
@@ -136,7 +140,7 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     let swept = janitor.pass().await.unwrap().expect("the lock was free");
     assert_eq!(swept.expired, vec!["gone".to_owned()]);
     assert!(
-        !backends.lock.is_held(&key).await.unwrap(),
+        !backends.lock.is_held(&LockName::Janitor).await.unwrap(),
         "the pass released the janitor lock"
     );
     assert!(

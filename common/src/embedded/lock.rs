@@ -1,6 +1,8 @@
 //! [`MergeLock`] over SQLite: a `locks` table of (key, token, expiry). Expiry is wall-clock
 //! milliseconds in the table (so a restarted process sees a dead holder's lease lapse) and
-//! monotonic in the holder's [`Lease`].
+//! monotonic in the holder's [`Lease`]. The keys are those of the Redis lock
+//! (`<ns>:{<id>}:lock`, `<ns>:janitor:lock`), so the rows an older release left keep their
+//! meaning.
 
 use std::time::{Duration, Instant};
 
@@ -8,17 +10,30 @@ use async_trait::async_trait;
 use rusqlite::{TransactionBehavior, params};
 
 use super::{Database, DbError};
-use crate::lock::{Lease, LockError, MergeLock};
+use crate::lock::{Lease, LockError, LockName, MergeLock};
 use crate::now_ms;
 
 pub struct SqliteLock {
     db: Database,
+    /// The prefix of every key (`namespace`).
+    namespace: String,
     ttl: Duration,
 }
 
 impl SqliteLock {
-    pub fn new(db: Database, ttl: Duration) -> Self {
-        Self { db, ttl }
+    pub fn new(db: Database, namespace: &str, ttl: Duration) -> Self {
+        Self {
+            db,
+            namespace: namespace.to_owned(),
+            ttl,
+        }
+    }
+
+    fn key(&self, name: &LockName) -> String {
+        match name {
+            LockName::Merge(id) => format!("{}:{{{id}}}:lock", self.namespace),
+            LockName::Janitor => format!("{}:janitor:lock", self.namespace),
+        }
     }
 
     fn drift(&self) -> Duration {
@@ -36,10 +51,10 @@ impl MergeLock for SqliteLock {
         self.ttl
     }
 
-    async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError> {
+    async fn try_acquire(&self, name: &LockName) -> Result<Option<Lease>, LockError> {
         let started = Instant::now();
         let token = Lease::new_token();
-        let (k, t, ttl) = (key.to_owned(), token.clone(), self.ttl.as_millis() as i64);
+        let (k, t, ttl) = (self.key(name), token.clone(), self.ttl.as_millis() as i64);
         let taken = self
             .db
             .run(move |conn| {
@@ -58,13 +73,19 @@ impl MergeLock for SqliteLock {
             })
             .await
             .map_err(unavailable)?;
-        Ok(taken.then(|| Lease::new(key, token, started + self.ttl.saturating_sub(self.drift()))))
+        Ok(taken.then(|| {
+            Lease::new(
+                name.clone(),
+                token,
+                started + self.ttl.saturating_sub(self.drift()),
+            )
+        }))
     }
 
     async fn renew(&self, lease: &mut Lease) -> Result<bool, LockError> {
         let started = Instant::now();
         let (k, t, ttl) = (
-            lease.key.clone(),
+            self.key(lease.name()),
             lease.token().to_owned(),
             self.ttl.as_millis() as i64,
         );
@@ -87,7 +108,7 @@ impl MergeLock for SqliteLock {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
-        let (k, t) = (lease.key.clone(), lease.token().to_owned());
+        let (k, t) = (self.key(lease.name()), lease.token().to_owned());
         self.db
             .run(move |conn| {
                 let n = conn.execute(
@@ -100,8 +121,8 @@ impl MergeLock for SqliteLock {
             .map_err(unavailable)
     }
 
-    async fn is_held(&self, key: &str) -> Result<bool, LockError> {
-        let k = key.to_owned();
+    async fn is_held(&self, name: &LockName) -> Result<bool, LockError> {
+        let k = self.key(name);
         self.db
             .run(move |conn| {
                 Ok(conn.query_row(

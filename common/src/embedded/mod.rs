@@ -164,7 +164,11 @@ impl Backends {
             webhooks: queue(Family::Webhooks)?,
             events: Arc::new(SqliteEventLog::new(db.clone(), webhook_feed.clone())),
             webhook_feed,
-            lock: Arc::new(SqliteLock::new(db.clone(), settings.lock.ttl.0)),
+            lock: Arc::new(SqliteLock::new(
+                db.clone(),
+                &settings.namespace,
+                settings.lock.ttl.0,
+            )),
             webhook_store: Arc::new(SqliteWebhookStore::new(db)),
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
         })

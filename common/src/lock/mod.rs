@@ -8,13 +8,36 @@
 //! lapsed; the commit additionally checks the fence, so a holder that paused right after its
 //! last check still cannot overwrite a newer result.
 //!
+//! A lease is taken on a [`LockName`], what it locks; each implementation builds its own
+//! keys from it, so no caller knows how a lock is stored.
+//!
 //! [`RedisLock`] is Redlock-style over one or more independent Redis nodes.
 
 mod redis;
 
 use std::time::{Duration, Instant};
 
+use crate::id::UploadId;
+
 pub use self::redis::RedisLock;
+
+/// What a lease locks.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LockName {
+    /// One upload's merge: one worker of the fleet merges it at a time.
+    Merge(UploadId),
+    /// The janitor's pass over storage: one janitor of the fleet sweeps at a time.
+    Janitor,
+}
+
+impl std::fmt::Display for LockName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Merge(id) => write!(f, "merge of {id}"),
+            Self::Janitor => f.write_str("janitor pass"),
+        }
+    }
+}
 
 /// A lock failure that is not "someone else holds it".
 #[derive(Debug, thiserror::Error)]
@@ -26,19 +49,24 @@ pub enum LockError {
 /// A held lease.
 #[derive(Debug)]
 pub struct Lease {
-    pub key: String,
+    name: LockName,
     token: String,
     valid_until: Instant,
 }
 
 impl Lease {
-    /// A lease on `key` held with `token`, valid until `valid_until` on the monotonic clock.
-    pub fn new(key: &str, token: String, valid_until: Instant) -> Self {
+    /// A lease on `name` held with `token`, valid until `valid_until` on the monotonic clock.
+    pub fn new(name: LockName, token: String, valid_until: Instant) -> Self {
         Self {
-            key: key.to_owned(),
+            name,
             token,
             valid_until,
         }
+    }
+
+    /// What the lease locks.
+    pub fn name(&self) -> &LockName {
+        &self.name
     }
 
     /// A fresh random token.
@@ -65,18 +93,18 @@ impl Lease {
     }
 }
 
-/// Leases on keys. Implementations must make acquire, renew and release atomic per key, and
-/// let only the token's holder renew or release.
+/// Leases on [`LockName`]s. Implementations must make acquire, renew and release atomic per
+/// name, and let only the token's holder renew or release.
 #[async_trait::async_trait]
 pub trait MergeLock: Send + Sync + 'static {
     /// The lease length.
     fn ttl(&self) -> Duration;
 
-    /// Tries to take the lease on `key`; `None` when it is not granted: another holder has it,
+    /// Tries to take the lease on `name`; `None` when it is not granted: another holder has it,
     /// or (Redlock) too few nodes answered to form a quorum. Either way the caller waits and
     /// tries again; an unreachable lock is not a failure of the thing it protects. `Err`: the
     /// backend itself failed (the embedded lock's database).
-    async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError>;
+    async fn try_acquire(&self, name: &LockName) -> Result<Option<Lease>, LockError>;
 
     /// Extends the lease by a full TTL if this holder still has it. `false` when the lease is
     /// lost (the caller must stop).
@@ -86,8 +114,8 @@ pub trait MergeLock: Send + Sync + 'static {
     /// and returns `false`.
     async fn release(&self, lease: &Lease) -> Result<bool, LockError>;
 
-    /// Whether anyone holds a lease on `key` (the sweeper leaves held uploads alone). `Err`
+    /// Whether anyone holds a lease on `name` (the sweeper leaves held uploads alone). `Err`
     /// when the backend cannot say (Redlock: no majority answered): callers must not take
     /// that for "free".
-    async fn is_held(&self, key: &str) -> Result<bool, LockError>;
+    async fn is_held(&self, name: &LockName) -> Result<bool, LockError>;
 }

@@ -11,6 +11,12 @@
 //! - renewal is the same vote with a compare-and-`PEXPIRE`: a holder whose token is no longer on
 //!   a majority (nodes restarted empty, another holder took them) is not renewed.
 //!
+//! Keys (on the lock nodes, which may be the state store's Redis or servers of their own):
+//! `<ns>:{<id>}:lock` for an upload's merge (the upload's hash tag, so it lands in the
+//! upload's Redis Cluster slot) and `<ns>:janitor:lock` for the janitor's pass. They are part
+//! of the operator interface: a rolling deploy's old and new workers exclude each other only
+//! while both build the same keys.
+//!
 //! Not granted is not an error: with too few nodes answering no lease is granted, the caller
 //! waits and tries again, and nothing about the upload is held against it.
 
@@ -20,15 +26,25 @@ use deadpool_redis::Pool;
 use futures_util::future::join_all;
 use redis::Script;
 
-use super::{Lease, LockError, MergeLock};
+use super::{Lease, LockError, LockName, MergeLock};
 use crate::config::Settings;
 
 /// Redlock over `nodes` (a quorum of ⌊n/2⌋+1 must agree).
 #[derive(Clone)]
 pub struct RedisLock {
     nodes: Vec<Pool>,
+    /// The prefix of every key (`namespace`).
+    namespace: String,
     ttl: Duration,
     node_timeout: Duration,
+}
+
+/// The key of `name` in namespace `ns`.
+fn key(ns: &str, name: &LockName) -> String {
+    match name {
+        LockName::Merge(id) => format!("{ns}:{{{id}}}:lock"),
+        LockName::Janitor => format!("{ns}:janitor:lock"),
+    }
 }
 
 fn release_script() -> &'static Script {
@@ -75,6 +91,7 @@ impl RedisLock {
         let ttl = settings.lock.ttl.0;
         Ok(Self {
             nodes,
+            namespace: settings.namespace.clone(),
             ttl,
             node_timeout: node_timeout(ttl, timeout),
         })
@@ -83,6 +100,10 @@ impl RedisLock {
     /// How many nodes may fail before no majority is possible.
     fn tolerated_failures(&self) -> usize {
         self.nodes.len() - self.quorum()
+    }
+
+    fn key(&self, name: &LockName) -> String {
+        key(&self.namespace, name)
     }
 
     fn quorum(&self) -> usize {
@@ -125,13 +146,14 @@ impl MergeLock for RedisLock {
         self.ttl
     }
 
-    async fn try_acquire(&self, key: &str) -> Result<Option<Lease>, LockError> {
+    async fn try_acquire(&self, name: &LockName) -> Result<Option<Lease>, LockError> {
+        let key = self.key(name);
         let token = Lease::new_token();
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (ok, errors) = self
             .on_all_nodes(|pool| {
-                let (key, token) = (key.to_owned(), token.clone());
+                let (key, token) = (key.clone(), token.clone());
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let set: Option<String> = redis::cmd("SET")
@@ -148,7 +170,11 @@ impl MergeLock for RedisLock {
             })
             .await;
         let elapsed = started.elapsed();
-        let lease = Lease::new(key, token, started + self.ttl.saturating_sub(self.drift()));
+        let lease = Lease::new(
+            name.clone(),
+            token,
+            started + self.ttl.saturating_sub(self.drift()),
+        );
         if ok >= self.quorum() && elapsed + self.drift() < self.ttl {
             return Ok(Some(lease));
         }
@@ -172,9 +198,10 @@ impl MergeLock for RedisLock {
     async fn renew(&self, lease: &mut Lease) -> Result<bool, LockError> {
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
+        let key = self.key(lease.name());
         let (ok, errors) = self
             .on_all_nodes(|pool| {
-                let (key, token) = (lease.key.clone(), lease.token().to_owned());
+                let (key, token) = (key.clone(), lease.token().to_owned());
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let n: i64 = renew_script()
@@ -199,9 +226,10 @@ impl MergeLock for RedisLock {
     }
 
     async fn release(&self, lease: &Lease) -> Result<bool, LockError> {
+        let key = self.key(lease.name());
         let (ok, errors) = self
             .on_all_nodes(|pool| {
-                let (key, token) = (lease.key.clone(), lease.token().to_owned());
+                let (key, token) = (key.clone(), lease.token().to_owned());
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let n: i64 = release_script()
@@ -220,10 +248,11 @@ impl MergeLock for RedisLock {
         Ok(ok >= self.quorum())
     }
 
-    async fn is_held(&self, key: &str) -> Result<bool, LockError> {
+    async fn is_held(&self, name: &LockName) -> Result<bool, LockError> {
+        let key = self.key(name);
         let (held, errors) = self
             .on_all_nodes(|pool| {
-                let key = key.to_owned();
+                let key = key.clone();
                 async move {
                     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                     let n: i64 = redis::cmd("EXISTS")
@@ -253,6 +282,14 @@ fn node_timeout(ttl: Duration, redis_timeout: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::id::UploadId;
+
+    #[test]
+    fn lock_keys_are_the_ones_every_release_has_used() {
+        let id = UploadId::parse("abc").unwrap();
+        assert_eq!(key("ns", &LockName::Merge(id)), "ns:{abc}:lock");
+        assert_eq!(key("ns", &LockName::Janitor), "ns:janitor:lock");
+    }
 
     #[test]
     fn each_node_gets_a_tenth_of_the_ttl_within_the_redis_timeout() {

@@ -67,10 +67,6 @@ pub mod keys {
     pub fn fence(ns: &str, id: &UploadId) -> String {
         format!("{ns}:{{{id}}}:fence")
     }
-    /// The merge lock (on the lock nodes, which may be other Redis servers).
-    pub fn lock(ns: &str, id: &UploadId) -> String {
-        format!("{ns}:{{{id}}}:lock")
-    }
 
     /// The id inside a key of this layout, if it is one.
     pub fn id_of(ns: &str, key: &str) -> Option<UploadId> {
@@ -1105,7 +1101,6 @@ mod tests {
             keys::outbox("ns", &id, OutboxKind::Event),
             keys::legacy_outbox("ns", &id),
             keys::fence("ns", &id),
-            keys::lock("ns", &id),
         ] {
             assert!(key.starts_with("ns:{abc}:"), "{key}");
         }

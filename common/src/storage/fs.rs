@@ -6,11 +6,13 @@
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::StorageError;
+use super::layout::{self, AttemptFile, CopyEntry, Piece};
 use crate::digest::{ChunkDigests, ChunkHasher, Md5};
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
@@ -69,7 +71,41 @@ pub enum ManifestCheck {
     Conflicts(Box<NewUpload>),
 }
 
-/// Chunk files and manifests under one root directory.
+/// The files of one merge attempt ([`FsChunkStore::attempt`]).
+#[derive(Clone, Debug)]
+pub struct AttemptFiles {
+    /// A fresh temporary path to write the merged file to.
+    pub temp: PathBuf,
+    /// Where [`FsChunkStore::publish_merged`] renames it to.
+    pub merged: PathBuf,
+    /// The merged file relative to the root: what the completion records.
+    pub location: String,
+}
+
+/// A file in an upload's chunk directory ([`FsChunkStore::copy_files_blocking`]).
+#[derive(Clone, Debug)]
+pub struct CopyFile {
+    pub path: PathBuf,
+    /// Its file name, for messages.
+    pub name: String,
+    /// The piece it is a complete copy of; `None` for a `.part` file or anything else.
+    pub piece: Option<Piece>,
+    pub len: u64,
+}
+
+/// What [`FsChunkStore::remove_surplus`] keeps of an upload's files.
+#[derive(Clone, Copy, Debug)]
+pub enum Keep<'a> {
+    /// An upload receiving or merging: the copies the state store counts (any other copy is
+    /// surplus) and every merge attempt's files (a merge may be writing them).
+    Counted(&'a [ChunkRecord]),
+    /// A completed upload: the merged file and completion record of this completion. No
+    /// copy is needed any more, nor any other attempt's files.
+    Completed(&'a CompletionRecord),
+}
+
+/// Chunk files and manifests under one root directory. It alone knows the names of what it
+/// stores (`storage/layout.rs`): callers speak of uploads, pieces and merge attempts.
 #[derive(Clone, Debug)]
 pub struct FsChunkStore {
     root: PathBuf,
@@ -90,15 +126,21 @@ impl FsChunkStore {
 
     /// The directory of one upload. `id` is validated, so this is always a child of the root.
     pub fn upload_dir(&self, id: &UploadId) -> PathBuf {
-        self.root.join("uploads").join(id.as_str())
+        self.root.join(layout::upload_dir(id))
     }
 
+    /// The directory of an upload's chunk copies.
     pub fn chunks_dir(&self, id: &UploadId) -> PathBuf {
-        self.upload_dir(id).join("chunks")
+        self.upload_dir(id).join(layout::CHUNKS)
+    }
+
+    /// The directory of an upload's copies of `piece`'s kind.
+    fn pieces_dir(&self, id: &UploadId, piece: Piece) -> PathBuf {
+        self.upload_dir(id).join(piece.dir())
     }
 
     pub fn manifest_path(&self, id: &UploadId) -> PathBuf {
-        self.upload_dir(id).join("manifest.json")
+        self.upload_dir(id).join(layout::MANIFEST)
     }
 
     /// The absolute path of a location relative to the root, as stored for completed files.
@@ -111,12 +153,14 @@ impl FsChunkStore {
         (plain && !location.is_empty()).then(|| self.root.join(relative))
     }
 
-    /// Path of a chunk copy.
-    pub fn chunk_path(&self, id: &UploadId, index: ChunkIndex, token: &str) -> PathBuf {
-        self.chunks_dir(id).join(format!("{index}.{token}"))
+    /// Path of the copy of `piece` stored under `token` (a chunk: its index and the token
+    /// its record holds).
+    pub fn copy_path(&self, id: &UploadId, piece: impl Into<Piece>, token: &str) -> PathBuf {
+        let piece = piece.into();
+        self.pieces_dir(id, piece).join(piece.copy_name(token))
     }
 
-    /// Streams one chunk copy from `feed` to a new `.part` file, hashing it on the way
+    /// Streams one copy of `piece` from `feed` to a new `.part` file, hashing it on the way
     /// (CRC32C always, MD5 when `with_md5`), then fsyncs it and renames it to its final,
     /// unique name. If the feed closes without [`Feed::End`], or anything fails, the partial
     /// file is removed.
@@ -127,22 +171,23 @@ impl FsChunkStore {
     pub async fn stage_chunk(
         &self,
         id: &UploadId,
-        index: ChunkIndex,
+        piece: impl Into<Piece>,
         with_md5: bool,
         feed: mpsc::Receiver<Feed>,
     ) -> Result<StagedChunk, StorageError> {
+        let piece = piece.into();
         let random = new_token();
-        let dir = self.chunks_dir(id);
-        let part = self.chunks_dir(id).join(format!("{index}.{random}.part"));
+        let dir = self.pieces_dir(id, piece);
+        let part = dir.join(piece.part_name(&random));
         let store = self.clone();
         let id = id.clone();
         tokio::task::spawn_blocking(move || {
             let digests = write_copy(&dir, &part, with_md5, store.fsync, feed, |crc| {
-                store.chunk_path(&id, index, &format!("{random}{crc:08x}"))
+                store.copy_path(&id, piece, &layout::copy_token(&random, crc))
             })?;
-            let token = format!("{random}{:08x}", digests.crc32c);
+            let token = layout::copy_token(&random, digests.crc32c);
             Ok(StagedChunk {
-                path: store.chunk_path(&id, index, &token),
+                path: store.copy_path(&id, piece, &token),
                 token,
                 digests,
             })
@@ -187,25 +232,110 @@ impl FsChunkStore {
     pub async fn remove_upload(&self, id: &UploadId) -> Result<(), StorageError> {
         let dir = self.upload_dir(id);
         let manifest = self.manifest_path(id);
-        tokio::task::spawn_blocking(move || {
-            let gone = |r: std::io::Result<()>| match r {
-                Err(e) if e.kind() != ErrorKind::NotFound => {
-                    Err(StorageError::from_io("removing upload directory", e))
-                }
-                _ => Ok(()),
-            };
+        blocking(move || {
             gone(std::fs::remove_file(&manifest))?;
             gone(std::fs::remove_dir_all(&dir))
         })
         .await
-        .map_err(|e| StorageError::Unavailable(format!("remover failed: {e}")))?
+    }
+
+    /// Removes an upload's manifest only, so that nothing can rebuild the upload while the
+    /// rest of its removal follows. Missing is fine.
+    pub async fn remove_manifest(&self, id: &UploadId) -> Result<(), StorageError> {
+        let manifest = self.manifest_path(id);
+        blocking(move || gone(std::fs::remove_file(&manifest))).await
+    }
+
+    /// Whether nothing in the upload's directory (the directory itself included) changed
+    /// for `grace`: no request or merge is using it.
+    pub async fn untouched_for(
+        &self,
+        id: &UploadId,
+        grace: Duration,
+    ) -> Result<bool, StorageError> {
+        let dir = self.upload_dir(id);
+        blocking(move || {
+            all_older_than(&dir, grace)
+                .map_err(|e| StorageError::from_io("reading an upload's directory", e))
+        })
+        .await
+    }
+
+    /// Removes what an upload no longer needs, as `keep` says, among the files older than
+    /// `grace` (anything younger may be in use: a copy between its rename and its record, a
+    /// merge being written). The manifest is never removed. Returns how many files went.
+    pub async fn remove_surplus(
+        &self,
+        id: &UploadId,
+        keep: Keep<'_>,
+        grace: Duration,
+    ) -> Result<usize, StorageError> {
+        let chunks = self.chunks_dir(id);
+        let dir = self.upload_dir(id);
+        let removed = match keep {
+            Keep::Counted(records) => {
+                let counted: Vec<String> = records
+                    .iter()
+                    .map(|c| Piece::from(c.index).copy_name(&c.token))
+                    .collect();
+                blocking(move || {
+                    remove_old_files(&chunks, grace, |name| !counted.iter().any(|c| c == name))
+                })
+                .await?
+            }
+            Keep::Completed(done) => {
+                let merged = layout::location_name(&done.location).map(str::to_owned);
+                let record = layout::completion_name(done.fence);
+                blocking(move || {
+                    let mut n = remove_old_files(&chunks, grace, |_| true)?;
+                    n += remove_old_files(&dir, grace, |name| {
+                        AttemptFile::parse(name).is_some()
+                            && Some(name) != merged.as_deref()
+                            && name != record
+                    })?;
+                    Ok(n)
+                })
+                .await?
+            }
+        };
+        Ok(removed)
+    }
+
+    /// After a merge committed: removes every copy and every attempt's merged or temporary
+    /// file but the one at `keep` (the committed file's location). Completion records stay
+    /// for the janitor, which keeps the committed one. Only a failure to remove the copies is
+    /// reported.
+    pub async fn remove_merge_leftovers(
+        &self,
+        id: &UploadId,
+        keep: Option<&str>,
+    ) -> Result<(), StorageError> {
+        let chunks = self.chunks_dir(id);
+        let dir = self.upload_dir(id);
+        let keep = keep.and_then(layout::location_name).map(str::to_owned);
+        blocking(move || {
+            std::fs::remove_dir_all(&chunks)
+                .or_else(|e| not_found_is_fine(e, "removing chunk copies"))?;
+            for entry in read_dir_or_empty(&dir)? {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let leftover = matches!(
+                    AttemptFile::parse(&name),
+                    Some(AttemptFile::Merged(_) | AttemptFile::MergeTemp(_))
+                );
+                if leftover && Some(name.as_str()) != keep.as_deref() {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Checks that the root accepts a write (readiness).
     pub async fn probe(&self) -> Result<(), StorageError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(root.join("uploads"))
+            std::fs::create_dir_all(root.join(layout::UPLOADS))
                 .map_err(|e| StorageError::from_io("creating the storage root", e))?;
             let probe = root.join(format!(".probe-{}", new_token()));
             std::fs::write(&probe, b"ok").map_err(|e| StorageError::from_io("probe write", e))?;
@@ -214,25 +344,45 @@ impl FsChunkStore {
         .await
         .map_err(|e| StorageError::Unavailable(format!("probe failed: {e}")))?
     }
-    /// The name of a merge attempt's file (`file.<fence>`), relative to the upload's directory.
-    pub fn merged_file_name(fence: u64) -> String {
-        format!("file.{fence}")
+
+    /// The files of merge attempt `fence`: a fresh temporary path to write the merged file
+    /// to, the path it is published at, and that path as the completion's location. Every
+    /// attempt has its own, so a stale attempt never touches another's file.
+    pub fn attempt(&self, id: &UploadId, fence: u64) -> AttemptFiles {
+        let dir = self.upload_dir(id);
+        let merged = layout::merged_name(fence);
+        AttemptFiles {
+            temp: dir.join(layout::merge_temp_name(fence, &new_token())),
+            merged: dir.join(&merged),
+            location: layout::location(id, &merged),
+        }
     }
 
-    /// Where a merge attempt writes its file: its final path and, relative to the root, the
-    /// location stored with the completion.
-    pub fn merged_file(&self, id: &UploadId, fence: u64) -> (PathBuf, String) {
-        let name = Self::merged_file_name(fence);
-        (
-            self.upload_dir(id).join(&name),
-            format!("uploads/{id}/{name}"),
-        )
+    /// Publishes an attempt's merged file: renames its temporary file to its final name
+    /// (atomically) and, with fsync on, makes the rename durable. On failure the temporary
+    /// file is removed.
+    pub async fn publish_merged(&self, files: &AttemptFiles) -> Result<(), StorageError> {
+        let (temp, merged) = (files.temp.clone(), files.merged.clone());
+        let fsync = self.fsync;
+        blocking(move || {
+            let published = std::fs::rename(&temp, &merged)
+                .map_err(|e| StorageError::from_io("publishing the merged file", e))
+                .and_then(|()| match merged.parent() {
+                    Some(dir) if fsync => sync_dir(dir),
+                    _ => Ok(()),
+                });
+            if published.is_err() {
+                let _ = std::fs::remove_file(&temp);
+            }
+            published
+        })
+        .await
     }
 
-    /// A fresh temporary path for a merge attempt's file (`.file.<fence>.<random>.tmp`).
-    pub fn merge_temp_path(&self, id: &UploadId, fence: u64) -> PathBuf {
-        self.upload_dir(id)
-            .join(format!(".file.{fence}.{}.tmp", new_token()))
+    /// Removes an attempt's temporary file (an attempt that stops before publishing).
+    pub async fn discard_temp(&self, files: &AttemptFiles) {
+        let temp = files.temp.clone();
+        let _ = blocking(move || gone(std::fs::remove_file(&temp))).await;
     }
 
     /// Writes a merge attempt's completion record (`completion.<fence>.json`) durably: the
@@ -250,8 +400,8 @@ impl FsChunkStore {
         blocking(move || {
             let body = serde_json::to_vec_pretty(&CompletionFile::V1(record.clone()))
                 .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-            let tmp = dir.join(format!(".completion.{}.{}.tmp", record.fence, new_token()));
-            let path = dir.join(completion_name(record.fence));
+            let tmp = dir.join(layout::completion_temp_name(record.fence, &new_token()));
+            let path = dir.join(layout::completion_name(record.fence));
             let result = (|| {
                 let mut file = File::create(&tmp)
                     .map_err(|e| StorageError::from_io("creating completion record", e))?;
@@ -279,8 +429,8 @@ impl FsChunkStore {
     pub async fn discard_attempt(&self, id: &UploadId, fence: u64) {
         let dir = self.upload_dir(id);
         let _ = blocking(move || {
-            let _ = std::fs::remove_file(dir.join(completion_name(fence)));
-            let _ = std::fs::remove_file(dir.join(Self::merged_file_name(fence)));
+            let _ = std::fs::remove_file(dir.join(layout::completion_name(fence)));
+            let _ = std::fs::remove_file(dir.join(layout::merged_name(fence)));
             Ok(())
         })
         .await;
@@ -319,20 +469,17 @@ impl FsChunkStore {
             {
                 inventory.last_activity_ms = inventory.last_activity_ms.max(ms);
             }
-            if let Some(fence) = attempt_fence(&name) {
-                inventory.highest_fence = inventory.highest_fence.max(fence);
+            let attempt = AttemptFile::parse(&name);
+            if let Some(file) = attempt {
+                inventory.highest_fence = inventory.highest_fence.max(file.fence());
             }
-            if let Some(fence) = name
-                .strip_prefix("completion.")
-                .and_then(|rest| rest.strip_suffix(".json"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            if let Some(AttemptFile::Completion(fence)) = attempt {
                 completions.push(fence);
             }
         }
         completions.sort_unstable_by(|a, b| b.cmp(a));
         for fence in completions {
-            let record = match std::fs::read(dir.join(completion_name(fence))) {
+            let record = match std::fs::read(dir.join(layout::completion_name(fence))) {
                 Ok(bytes) => match serde_json::from_slice(&bytes) {
                     Ok(CompletionFile::V1(record)) => record,
                     Err(_) => continue,
@@ -354,19 +501,18 @@ impl FsChunkStore {
             let Ok(meta) = entry.metadata() else { continue };
             let ms = meta.modified().ok().and_then(system_ms).unwrap_or(0);
             inventory.last_activity_ms = inventory.last_activity_ms.max(ms);
-            let Some((index, token)) = name.split_once('.') else {
-                continue;
-            };
-            let Ok(index) = index.parse::<u64>() else {
-                continue;
-            };
-            if index >= geometry.total_chunks
-                || token.contains('.')
-                || meta.len() != geometry.chunk_len(ChunkIndex(index))
-            {
+            let CopyEntry::Copy {
+                piece: Piece::Chunk(ChunkIndex(index)),
+                token,
+            } = layout::copy_entry(&name)
+            else {
                 continue; // A `.part` file, or nothing of ours.
+            };
+            if index >= geometry.total_chunks || meta.len() != geometry.chunk_len(ChunkIndex(index))
+            {
+                continue;
             }
-            let crc = match token_crc(token) {
+            let crc = match layout::token_crc(token) {
                 Some(crc) => crc,
                 None => crc_of_file(&entry.path())?,
             };
@@ -389,9 +535,51 @@ impl FsChunkStore {
         Ok(Some(inventory))
     }
 
+    /// Every file in an upload's chunk directory, with the piece it is a complete copy of
+    /// (`None`: a `.part` file or anything else), for tools that inspect storage (benchmarks).
+    /// Blocking.
+    pub fn copy_files_blocking(&self, id: &UploadId) -> Result<Vec<CopyFile>, StorageError> {
+        read_dir_or_empty(&self.chunks_dir(id))?
+            .into_iter()
+            .map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let len = entry
+                    .metadata()
+                    .map_err(|e| StorageError::from_io("reading a chunk copy", e))?
+                    .len();
+                let piece = match layout::copy_entry(&name) {
+                    CopyEntry::Copy { piece, .. } => Some(piece),
+                    CopyEntry::Other => None,
+                };
+                Ok(CopyFile {
+                    path: entry.path(),
+                    name,
+                    piece,
+                    len,
+                })
+            })
+            .collect()
+    }
+
+    /// The merged files (`file.<fence>`) in an upload's directory, for tools that inspect
+    /// storage (benchmarks). Blocking.
+    pub fn merged_files_blocking(&self, id: &UploadId) -> Result<Vec<PathBuf>, StorageError> {
+        Ok(read_dir_or_empty(&self.upload_dir(id))?
+            .into_iter()
+            .filter(|entry| {
+                let name = entry.file_name();
+                matches!(
+                    AttemptFile::parse(&name.to_string_lossy()),
+                    Some(AttemptFile::Merged(_))
+                )
+            })
+            .map(|entry| entry.path())
+            .collect())
+    }
+
     /// The ids of every upload directory under the root (anything else is not ours).
     pub async fn upload_ids(&self) -> Result<Vec<UploadId>, StorageError> {
-        let uploads = self.root.join("uploads");
+        let uploads = self.root.join(layout::UPLOADS);
         blocking(move || {
             Ok(read_dir_or_empty(&uploads)?
                 .into_iter()
@@ -438,27 +626,6 @@ pub struct Inventory {
     pub last_activity_ms: u64,
 }
 
-fn completion_name(fence: u64) -> String {
-    format!("completion.{fence}.json")
-}
-
-/// The fence of a merge attempt's file, temp file or completion record.
-fn attempt_fence(name: &str) -> Option<u64> {
-    let rest = name
-        .strip_prefix("file.")
-        .or_else(|| name.strip_prefix(".file."))
-        .or_else(|| name.strip_prefix("completion."))
-        .or_else(|| name.strip_prefix(".completion."))?;
-    rest.split('.').next()?.parse().ok()
-}
-
-/// The CRC32C a token of the current form carries (16 random + 8 CRC hex digits).
-fn token_crc(token: &str) -> Option<u32> {
-    (token.len() == 24)
-        .then(|| u32::from_str_radix(&token[16..], 16).ok())
-        .flatten()
-}
-
 fn crc_of_file(path: &Path) -> Result<u32, StorageError> {
     let mut file = File::open(path).map_err(|e| StorageError::from_io("reading a chunk", e))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -471,6 +638,66 @@ fn crc_of_file(path: &Path) -> Result<u32, StorageError> {
         }
         crc = crc32c::crc32c_append(crc, &buf[..n]);
     }
+}
+
+/// Maps a removal's result: missing is fine.
+fn gone(result: std::io::Result<()>) -> Result<(), StorageError> {
+    result.or_else(|e| not_found_is_fine(e, "removing an upload's files"))
+}
+
+fn not_found_is_fine(e: std::io::Error, context: &str) -> Result<(), StorageError> {
+    if e.kind() == ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(StorageError::from_io(context, e))
+    }
+}
+
+fn older_than(path: &Path, grace: Duration) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age >= grace)
+}
+
+/// Whether nothing under `dir` (the directory itself included) changed within `grace`.
+fn all_older_than(dir: &Path, grace: Duration) -> std::io::Result<bool> {
+    if !older_than(dir, grace) {
+        return Ok(false);
+    }
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        let old = if path.is_dir() {
+            all_older_than(&path, grace)?
+        } else {
+            older_than(&path, grace)
+        };
+        if !old {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Removes the files of `dir` that `doomed` selects and that are older than `grace`; never
+/// the manifest.
+fn remove_old_files(
+    dir: &Path,
+    grace: Duration,
+    doomed: impl Fn(&str) -> bool,
+) -> Result<usize, StorageError> {
+    let mut removed = 0;
+    for entry in read_dir_or_empty(dir)? {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_file() && name != layout::MANIFEST && doomed(&name) && older_than(&path, grace) {
+            std::fs::remove_file(&path)
+                .map_err(|e| StorageError::from_io("removing a leftover file", e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 fn read_dir_or_empty(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StorageError> {
@@ -648,7 +875,7 @@ fn write_manifest(
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| StorageError::from_io("creating upload directory", e))?;
-    let tmp = dir.join(format!(".manifest.{}.tmp", new_token()));
+    let tmp = dir.join(layout::manifest_temp_name(&new_token()));
     let body = serde_json::to_vec_pretty(&ManifestFile::V1(upload.clone()))
         .map_err(|e| StorageError::Corrupt(e.to_string()))?;
     let result = (|| {
@@ -844,6 +1071,200 @@ mod tests {
             }
         }
         assert_eq!(created, 1);
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Writes `name` under `dir`, last modified `age` ago.
+    fn put(dir: &Path, name: &str, age: Duration) {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    fn record(index: u64, token: &str) -> ChunkRecord {
+        ChunkRecord {
+            index: ChunkIndex(index),
+            offset: index * 10,
+            len: 10,
+            crc32c: 0,
+            md5: None,
+            token: token.into(),
+        }
+    }
+
+    fn completion(store: &FsChunkStore, id: &UploadId, fence: u64) -> CompletionRecord {
+        CompletionRecord {
+            fence,
+            size: 10,
+            md5: Md5::from_bytes([0; 16]),
+            location: store.attempt(id, fence).location,
+            completed_at_ms: 1,
+            event_id: "e".into(),
+        }
+    }
+
+    /// A store in a fresh directory holding upload `name` (40 bytes in chunks of 10).
+    async fn with_upload(name: &str, fsync: bool) -> (tempfile::TempDir, FsChunkStore, UploadId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), fsync);
+        let upload = upload(name, 40, 10);
+        store.ensure_manifest(&upload).await.unwrap();
+        (dir, store, upload.id)
+    }
+
+    #[tokio::test]
+    async fn surplus_removal_keeps_counted_copies_attempt_files_and_anything_young() {
+        let (_dir, store, id) = with_upload("s1", false).await;
+        let chunks = store.chunks_dir(&id);
+        put(&chunks, "0.counted", 2 * HOUR);
+        put(&chunks, "1.surplus", 2 * HOUR);
+        put(&chunks, "2.dead.part", 2 * HOUR);
+        put(&chunks, "3.writing.part", Duration::ZERO);
+        put(&chunks, "3.young", Duration::ZERO);
+        let upload_dir = store.upload_dir(&id);
+        put(&upload_dir, "file.1", 2 * HOUR);
+        put(&upload_dir, ".file.2.abc.tmp", 2 * HOUR);
+
+        let mut seen: Vec<_> = store
+            .copy_files_blocking(&id)
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name, f.piece))
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        let chunk = |i| Some(Piece::Chunk(ChunkIndex(i)));
+        assert_eq!(
+            seen,
+            vec![
+                ("0.counted".to_owned(), chunk(0)),
+                ("1.surplus".to_owned(), chunk(1)),
+                ("2.dead.part".to_owned(), None),
+                ("3.writing.part".to_owned(), None),
+                ("3.young".to_owned(), chunk(3)),
+            ]
+        );
+        let counted = [record(0, "counted")];
+        let removed = store
+            .remove_surplus(&id, Keep::Counted(&counted), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        assert_eq!(
+            files_under(&chunks),
+            vec!["0.counted", "3.writing.part", "3.young"]
+        );
+        assert_eq!(
+            files_under(&upload_dir),
+            vec![".file.2.abc.tmp", "chunks", "file.1", "manifest.json"],
+            "a merge may be writing its files"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_completed_upload_keeps_its_merged_file_and_record_and_nothing_else_old() {
+        let (_dir, store, id) = with_upload("s2", false).await;
+        let chunks = store.chunks_dir(&id);
+        put(&chunks, "0.counted", 2 * HOUR);
+        put(&chunks, "1.young", Duration::ZERO);
+        let upload_dir = store.upload_dir(&id);
+        for name in [
+            "file.3",
+            "completion.3.json",
+            "file.2",
+            "completion.2.json",
+            ".file.4.abc.tmp",
+            ".completion.4.abc.tmp",
+            "notes.txt",
+        ] {
+            put(&upload_dir, name, 2 * HOUR);
+        }
+        put(&upload_dir, "file.5", Duration::ZERO);
+        let done = completion(&store, &id, 3);
+        store.write_completion(&id, &done).await.unwrap();
+
+        let removed = store
+            .remove_surplus(&id, Keep::Completed(&done), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(removed, 5);
+        assert_eq!(files_under(&chunks), vec!["1.young"]);
+        assert_eq!(
+            files_under(&upload_dir),
+            vec![
+                "chunks",
+                "completion.3.json",
+                "file.3",
+                "file.5",
+                "manifest.json",
+                "notes.txt"
+            ]
+        );
+        let inventory = store.inventory(&id).await.unwrap().unwrap();
+        assert_eq!(inventory.completion, Some(done));
+    }
+
+    #[tokio::test]
+    async fn a_published_attempt_is_found_by_its_location_and_outlives_the_cleanup() {
+        let (_dir, store, id) = with_upload("s3", true).await;
+        let staged = stage(&store, &id, &[b"0123456789"], true).await.unwrap();
+        let stale = store.attempt(&id, 1);
+        std::fs::write(&stale.temp, b"stale").unwrap();
+        store.publish_merged(&stale).await.unwrap();
+        let files = store.attempt(&id, 2);
+        assert_ne!(
+            files.temp,
+            store.attempt(&id, 2).temp,
+            "temp names are fresh"
+        );
+        assert_eq!(files.location, "uploads/s3/file.2");
+        std::fs::write(&files.temp, b"0123456789").unwrap();
+        let leftover = store.attempt(&id, 3);
+        std::fs::write(&leftover.temp, b"partial").unwrap();
+        store.publish_merged(&files).await.unwrap();
+        assert_eq!(store.resolve(&files.location), Some(files.merged.clone()));
+        store
+            .write_completion(&id, &completion(&store, &id, 2))
+            .await
+            .unwrap();
+
+        store
+            .remove_merge_leftovers(&id, Some(&files.location))
+            .await
+            .unwrap();
+        assert!(!staged.path.exists());
+        assert_eq!(
+            files_under(&store.upload_dir(&id)),
+            vec!["completion.2.json", "file.2", "manifest.json"]
+        );
+        assert_eq!(std::fs::read(&files.merged).unwrap(), b"0123456789");
+        assert_eq!(
+            store.merged_files_blocking(&id).unwrap(),
+            vec![files.merged]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_untouched_only_when_nothing_in_it_changed_within_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), false);
+        let id = UploadId::parse("s4").unwrap();
+        let chunks = store.chunks_dir(&id);
+        put(&chunks, "0.old", 2 * HOUR);
+        let age_dir = |path: &Path| {
+            File::open(path)
+                .unwrap()
+                .set_modified(SystemTime::now() - 2 * HOUR)
+                .unwrap();
+        };
+        age_dir(&chunks);
+        age_dir(&store.upload_dir(&id));
+        assert!(store.untouched_for(&id, HOUR).await.unwrap());
+        put(&chunks, "1.new", Duration::ZERO);
+        age_dir(&chunks);
+        assert!(!store.untouched_for(&id, HOUR).await.unwrap());
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! uploads/<id>/completion.<fence>.json       that attempt's completion record, written
 //!                                            after the file, before the state store commit
 //! ```
+//! Only this module knows these names (`layout.rs` builds and parses them, and they never
+//! change: existing deployments' files must stay readable). Callers address a copy by its
+//! [`Piece`] and ask [`FsChunkStore`] typed questions: an attempt's files, what an upload no
+//! longer needs ([`Keep`]), whether it is untouched.
+//!
 //! A copy's token is 16 random hex digits and the copy's CRC32C (8 more), so storage alone,
 //! with the manifest and the completion records, is enough to rebuild an upload's state.
 //! Every copy of a chunk gets a unique `token`, so two pods receiving the same chunk at once
@@ -19,8 +24,13 @@
 //! so a crash mid-chunk leaves at most a `.part` file that nothing counts.
 
 mod fs;
+mod layout;
 
-pub use fs::{Block, CompletionRecord, Feed, FsChunkStore, Inventory, ManifestCheck, StagedChunk};
+pub use fs::{
+    AttemptFiles, Block, CompletionRecord, CopyFile, Feed, FsChunkStore, Inventory, Keep,
+    ManifestCheck, StagedChunk,
+};
+pub use layout::Piece;
 
 /// A storage failure. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]

@@ -210,7 +210,6 @@ async fn the_janitor_expiring_uploads_during_their_resume_never_leaves_a_counted
             backends.events.clone(),
             60_000,
         ),
-        namespace: env.namespace.clone(),
         interval: Duration::from_secs(3600),
         grace: Duration::from_secs(30),
         ttl: Duration::from_millis(150),
@@ -246,7 +245,7 @@ async fn the_janitor_expiring_uploads_during_their_resume_never_leaves_a_counted
         // Invariant 9: every chunk the state store counts is backed by its complete file.
         let uid = stitch_common::id::UploadId::parse(&id).unwrap();
         for chunk in backends.state.counted_chunks(&uid).await.unwrap() {
-            let path = backends.storage.chunk_path(&uid, chunk.index, &chunk.token);
+            let path = backends.storage.copy_path(&uid, chunk.index, &chunk.token);
             let len = std::fs::metadata(&path).map(|m| m.len()).ok();
             assert_eq!(
                 len,
