@@ -433,20 +433,7 @@ impl UploadService {
         //    record would forget every chunk stored before.
         let known = self.upload_header(&upload.id).await?;
         if let Some(header) = &known {
-            if header.geometry != geometry {
-                return Err(Conflict::Geometry {
-                    existing: header.geometry,
-                }
-                .into());
-            }
-            if let (Some(a), Some(b)) = (header.file_md5, upload.file_md5)
-                && a != b
-            {
-                return Err(Conflict::FileMd5.into());
-            }
-            if header.state != UploadState::Receiving {
-                return Err(Conflict::NotReceiving(header.state).into());
-            }
+            fits(header, &upload)?;
         }
 
         // A first chunk creates the upload: the tenant's quotas and the operator's hook
@@ -524,7 +511,8 @@ impl UploadService {
         }
     }
 
-    /// Steps 3 to 5 of [`UploadService::accept_chunk`]: the body to storage, then the record.
+    /// Steps 3 to 5 of [`UploadService::accept_chunk`]: the body to storage, the upload's
+    /// creation if this is its first part, then the record.
     async fn store_chunk<B: PartBody>(
         &self,
         mut upload: NewUpload,
@@ -533,17 +521,31 @@ impl UploadService {
         mut body: B,
         len: u64,
     ) -> Result<ChunkAccepted, ServiceError> {
-        let geometry = upload.geometry;
-        // 3. The body, to a durable copy under a unique name.
         let _permit = self
             .write_permits
             .clone()
             .try_acquire_owned()
             .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
+        let staged = self.stage_part(&upload.id, &chunk, len, &mut body).await?;
+        if first && let Err(e) = self.ensure_manifest(&mut upload).await {
+            self.storage.discard(&staged).await;
+            return Err(e);
+        }
+        self.count_part(&upload, &chunk, len, staged).await
+    }
+
+    /// 3. The body, to a durable copy under a unique name, checked against the part's MD5.
+    async fn stage_part<B: PartBody>(
+        &self,
+        id: &UploadId,
+        chunk: &ChunkPart,
+        len: u64,
+        body: &mut B,
+    ) -> Result<StagedChunk, ServiceError> {
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
         let staged = self
-            .receive_body(&upload.id, chunk.index, with_md5, len, &mut body)
+            .receive_body(id, chunk.index, with_md5, len, body)
             .await?;
         if let Some(expected) = chunk.chunk_md5
             && staged.digests.md5 != Some(expected)
@@ -551,27 +553,31 @@ impl UploadService {
             self.storage.discard(&staged).await;
             return Err(ServiceError::ChecksumMismatch { what: "chunk MD5" });
         }
+        Ok(staged)
+    }
 
-        // 4. A first chunk creates the upload: its manifest, then (atomically with the
-        //    chunk) its state.
-        if first {
-            match self.storage.ensure_manifest(&upload).await {
-                Ok(ManifestCheck::Created) => {}
-                Ok(ManifestCheck::Matches(existing)) => {
-                    upload.created_at_ms = existing.created_at_ms
-                }
-                Ok(ManifestCheck::Conflicts(existing)) => {
-                    self.storage.discard(&staged).await;
-                    return Err(manifest_conflict(&existing, &upload));
-                }
-                Err(e) => {
-                    self.storage.discard(&staged).await;
-                    return Err(e.into());
-                }
+    /// 4. A first part creates the upload: its manifest now, its state atomically with the
+    ///    part. The first writer's manifest is the upload's (its creation time too).
+    async fn ensure_manifest(&self, upload: &mut NewUpload) -> Result<(), ServiceError> {
+        match self.storage.ensure_manifest(upload).await? {
+            ManifestCheck::Created => Ok(()),
+            ManifestCheck::Matches(existing) => {
+                upload.created_at_ms = existing.created_at_ms;
+                Ok(())
             }
+            ManifestCheck::Conflicts(existing) => Err(manifest_conflict(&existing, upload)),
         }
+    }
 
-        // 5. Count it.
+    /// 5. Counts the staged copy in one atomic state-store step, then publishes what that
+    ///    step put in the outbox (the creation, the merge trigger).
+    async fn count_part(
+        &self,
+        upload: &NewUpload,
+        chunk: &ChunkPart,
+        len: u64,
+        staged: StagedChunk,
+    ) -> Result<ChunkAccepted, ServiceError> {
         let record = ChunkRecord {
             index: chunk.index,
             offset: chunk.range.start,
@@ -583,19 +589,19 @@ impl UploadService {
         let accepted = |duplicate, progress| ChunkAccepted {
             id: upload.id.clone(),
             index: chunk.index,
-            geometry,
+            geometry: upload.geometry,
             duplicate,
             progress,
             digests: staged.digests,
         };
         let merge_job = MergeJob::new(upload.id.clone());
         let merge_outboxed = OutboxMessage::Merge(merge_job.clone());
-        let created_event = Event::created(&upload);
+        let created_event = Event::created(upload);
         let created_outboxed = OutboxMessage::event(&created_event);
         match self
             .state
             .record_chunk(
-                &upload,
+                upload,
                 &record,
                 &merge_outboxed,
                 &created_outboxed,
@@ -978,6 +984,24 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!(m::CHUNK_WRITES_IN_FLIGHT).decrement(1.0);
     }
+}
+
+/// Whether a part declaring `upload` may join the upload the state store knows as `header`.
+fn fits(header: &UploadHeader, upload: &NewUpload) -> Result<(), Conflict> {
+    if header.geometry != upload.geometry {
+        return Err(Conflict::Geometry {
+            existing: header.geometry,
+        });
+    }
+    if let (Some(a), Some(b)) = (header.file_md5, upload.file_md5)
+        && a != b
+    {
+        return Err(Conflict::FileMd5);
+    }
+    if header.state != UploadState::Receiving {
+        return Err(Conflict::NotReceiving(header.state));
+    }
+    Ok(())
 }
 
 fn manifest_conflict(existing: &NewUpload, upload: &NewUpload) -> ServiceError {
