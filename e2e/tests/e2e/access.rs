@@ -614,6 +614,14 @@ async fn quotas_refuse_with_the_right_status_store_nothing_and_free_up_on_comple
     assert_eq!(deleted.unwrap().status(), 204);
     let (code, body) = acme.put_chunk("third", &third, 0).await;
     assert_eq!(code, 200, "{body}");
+    // "third" is active and holds the one slot; aborting it frees the slot and its bytes.
+    let fourth = Source::random(1000, 1000, 5);
+    let (code, body) = acme.put_chunk("fourth", &fourth, 0).await;
+    assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+    let deleted = acme.client.delete(acme.url("/files/third")).send().await;
+    assert_eq!(deleted.unwrap().status(), 204);
+    let (code, body) = acme.put_chunk("fourth", &fourth, 0).await;
+    assert_eq!(code, 200, "an aborted upload frees its slot: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
