@@ -225,6 +225,10 @@ impl ContentRange {
         if end < start {
             return Err(ParseError::Inverted);
         }
+        // `bytes 0-18446744073709551615/...` covers 2^64 bytes: one more than `len` counts.
+        if (end - start).checked_add(1).is_none() {
+            return Err(ParseError::Overflow);
+        }
         Ok(Self {
             start,
             end,
@@ -232,7 +236,8 @@ impl ContentRange {
         })
     }
 
-    /// Number of bytes the range covers (at least 1: `end >= start`).
+    /// Number of bytes the range covers (at least 1: `end >= start`; at most `u64::MAX`:
+    /// `parse` refuses longer ranges).
     pub fn len(&self) -> u64 {
         self.end - self.start + 1
     }
@@ -307,6 +312,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_range_longer_than_a_u64_counts_is_refused() {
+        // Found by the `content_range` fuzz target: `len()` overflowed on this range, which
+        // the chunk handler measures before the geometry refuses it.
+        let max = u64::MAX;
+        assert_eq!(
+            ContentRange::parse(&format!("bytes 0-{max}/{max}")),
+            Err(ParseError::Overflow)
+        );
+        let longest = ContentRange::parse(&format!("bytes 1-{max}/{max}")).unwrap();
+        assert_eq!(longest.len(), max);
+        let largest_chunk = ContentRange::parse(&format!("bytes 0-{}/{max}", max - 1)).unwrap();
+        assert_eq!(largest_chunk.len(), max);
     }
 
     #[test]

@@ -10,8 +10,14 @@
 //!    system's node, directories or services);
 //! 3. runs the suite (nextest where installed, `cargo test` otherwise) with those URLs in the
 //!    environment, prints the runner's summary, and stops the services it started — at the
-//!    end, on failure and on Ctrl-C — exiting with the runner's status.
+//!    end, on failure and on Ctrl-C;
+//! 4. [`fuzz`]: builds the fuzz targets of `fuzz/` and runs each for a short, seeded time
+//!    (skipped with `STITCH_SKIP_FUZZ=1`), then exits with the runner's status, or failure
+//!    if a fuzz target failed.
+//!
+//! `cargo xtask fuzz` runs step 4 alone.
 
+mod fuzz;
 mod services;
 mod tools;
 
@@ -42,6 +48,23 @@ enum Task {
         #[arg(last = true)]
         runner_args: Vec<String>,
     },
+    /// Build the fuzz targets and run each for a short, seeded time (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// The fuzzer's random seed.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SEED)]
+        seed: u64,
+        /// Targets run at once (default: one per core).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Never install cargo-fuzz: fail if it is missing.
+        #[arg(long)]
+        no_install: bool,
+        /// Only these targets (default: all; `cargo fuzz list` names them).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +84,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cargo_test,
             runner_args,
         } => test(no_install, cargo_test, &runner_args),
+        Task::Fuzz {
+            seconds,
+            seed,
+            jobs,
+            no_install,
+            targets,
+        } => {
+            let options = fuzz::Options {
+                seconds,
+                seed,
+                jobs: jobs.unwrap_or_else(fuzz::default_jobs),
+                install: !no_install,
+                targets,
+            };
+            let passed = fuzz::run(&workspace_root(), &target_dir(), &work_dir(), &options)?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 
@@ -72,12 +116,16 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Where the tasks keep their files: `target/xtask` (or under `CARGO_TARGET_DIR`).
-fn work_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+/// cargo's target directory: `target` (or `CARGO_TARGET_DIR`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("xtask")
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Where the tasks keep their files: `target/xtask`.
+fn work_dir() -> PathBuf {
+    target_dir().join("xtask")
 }
 
 fn test(
@@ -125,8 +173,15 @@ fn test(
         if status.success() { "passed" } else { "FAILED" },
         started.elapsed()
     );
+
+    // After the suite, whatever its result: both are reported.
+    let fuzz_passed = match fuzz::Options::for_test_command(!no_install)? {
+        Some(options) => fuzz::run(&workspace_root(), &target_dir(), &work, &options)?,
+        None => true,
+    };
     Ok(match status.code() {
-        Some(0) => ExitCode::SUCCESS,
+        Some(0) if fuzz_passed => ExitCode::SUCCESS,
+        Some(0) => ExitCode::FAILURE,
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::FAILURE,
     })
