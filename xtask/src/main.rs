@@ -128,6 +128,12 @@ fn work_dir() -> PathBuf {
     target_dir().join("xtask")
 }
 
+/// Whether the runner's arguments choose packages themselves.
+fn names_packages(args: &[String]) -> bool {
+    args.iter()
+        .any(|a| a == "--package" || a.starts_with("--package=") || a.starts_with("-p"))
+}
+
 fn test(
     no_install: bool,
     force_cargo_test: bool,
@@ -144,12 +150,17 @@ fn test(
 
     let nextest = !force_cargo_test && tools::has_nextest();
     let mut runner = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    // The whole suite, every failure reported, not only the first.
+    // The whole suite, every failure reported, not only the first; or, when the arguments
+    // name packages (`-p X`), those only (cargo ignores `-p` beside `--workspace`).
     if nextest {
-        runner.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+        runner.args(["nextest", "run"]);
     } else {
-        runner.args(["test", "--workspace", "--no-fail-fast"]);
+        runner.arg("test");
     }
+    if !names_packages(runner_args) {
+        runner.arg("--workspace");
+    }
+    runner.arg("--no-fail-fast");
     runner
         .args(runner_args)
         .current_dir(workspace_root())
