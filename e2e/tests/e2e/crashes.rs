@@ -131,6 +131,29 @@ async fn assert_completed_once(
     );
 }
 
+/// Waits until `worker` handled a merge job of an upload that was already completed (the
+/// crashed worker's unacked job, redelivered): its `/metrics` count such an outcome. The
+/// outcome is counted after the completion event was published again.
+async fn wait_for_redelivered_job(worker: &ServiceProcess) {
+    let url = format!("http://{}/metrics", worker.addr);
+    let series = format!(
+        "{}{{outcome=\"already_completed\"}} ",
+        stitch_common::metrics::MERGES
+    );
+    until(2 * MINUTE, "the redelivered job", async || {
+        let Ok(response) = http_client().get(&url).send().await else {
+            return false;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines().any(|line| {
+            line.strip_prefix(&series)
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        })
+    })
+    .await;
+}
+
 /// Every file (not directory) under `dir`, at any depth.
 fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
     let mut files = BTreeSet::new();
@@ -147,29 +170,66 @@ fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
     files
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_api_killed_after_a_chunk_is_durable_and_before_it_is_recorded_loses_nothing_once_the_client_resends()
- {
-    let env = TestEnv::new();
-    let tap = EventTap::start(&env).await;
-    let _worker = start_worker(&env);
-    let mut api = ServiceProcess::start(
-        armed(api_command(&env), CHUNK_DURABLE_BEFORE_RECORD),
-        "stitch-api listening",
-    );
-    let (source, md5) = small_file(61);
-    let id = new_id();
-
-    // The upload's first chunk: the API dies after its copy and the manifest are durable,
-    // before the state store counts the chunk, and the client gets no answer.
-    let sent = ApiClient::new(api.addr)
-        .chunk_request(&id, &source, 0)
-        .header("X-File-MD5", &md5)
+/// Sends `index` of `source` with the upload's declarations.
+fn chunk(
+    client: &ApiClient,
+    id: &str,
+    source: &Source,
+    md5: &str,
+    index: u64,
+) -> reqwest::RequestBuilder {
+    client
+        .chunk_request(id, source, index)
+        .header("X-File-MD5", md5)
         .header("X-File-Name", "data.bin")
-        .send()
-        .await;
-    assert!(sent.is_err(), "the chunk was answered: {sent:?}");
+}
+
+/// Resumes as a client does: asks the status, then sends the chunks it lists as missing, in
+/// order; exactly one of them completes the upload. Returns the indices it sent.
+async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) -> Vec<u64> {
+    let (code, status) = client.status(id).await;
+    assert_eq!(code, 200, "{status}");
+    let uploaded: Vec<u64> = status["uploaded_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    let missing: Vec<u64> = (0..source.total_chunks())
+        .filter(|i| !uploaded.contains(i))
+        .collect();
+    let mut completing = 0;
+    for &index in &missing {
+        let (code, body) = json_response(chunk(client, id, source, md5, index).send().await).await;
+        assert_eq!(code, 200, "chunk {index}: {body}");
+        completing += usize::from(body["upload_complete"] == true);
+    }
+    assert_eq!(completing, 1, "one chunk completed the upload");
+    missing
+}
+
+/// Starts an API whose failpoint `chunk-durable-before-record` crashes it at chunk
+/// `crash_at` of a three-chunk upload sent in order; checks that the crash came after the
+/// chunk's copy (and the manifest) were durable and that the client got no answer; starts a
+/// fresh API and resumes. Returns the indices the resume sent.
+async fn crash_api_at_chunk(env: &TestEnv, tap: &EventTap, crash_at: u64, seed: u64) -> Vec<u64> {
+    // `<n>*off->return`: pass the line n times, crash at the next.
+    let action = format!("{CHUNK_DURABLE_BEFORE_RECORD}={crash_at}*off->return");
+    let mut cmd = api_command(env);
+    cmd.env("FAILPOINTS", action);
+    let mut api = ServiceProcess::start(cmd, "stitch-api listening");
+    let (source, md5) = small_file(seed);
+    let id = new_id();
+    let crashed = ApiClient::new(api.addr);
+    for index in 0..crash_at {
+        let (code, body) =
+            json_response(chunk(&crashed, &id, &source, &md5, index).send().await).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let sent = chunk(&crashed, &id, &source, &md5, crash_at).send().await;
+    assert!(sent.is_err(), "chunk {crash_at} was answered: {sent:?}");
     wait_for_crash(&mut api);
+
     let storage = stitch_common::storage::FsChunkStore::new(env.storage_root.clone(), true);
     let uid = UploadId::parse(&id).unwrap();
     assert!(
@@ -177,16 +237,43 @@ async fn an_api_killed_after_a_chunk_is_durable_and_before_it_is_recorded_loses_
         "the manifest was durable before the crash"
     );
     let copies = storage.copy_files_blocking(&uid).unwrap();
-    assert!(
-        copies.len() == 1 && copies[0].piece.is_some() && copies[0].len == source.chunk_size,
-        "one complete copy of chunk 0 was durable before the crash: {copies:?}"
+    assert_eq!(
+        copies
+            .iter()
+            .filter(|c| c.piece.is_some() && c.len == source.chunk_size)
+            .count() as u64,
+        crash_at + 1,
+        "a complete copy of every chunk sent, the crashed one's too: {copies:?}"
     );
 
-    // The client resumes against a fresh API: it re-sends every chunk it has no answer for.
-    let api = start_api(&env);
+    let api = start_api(env);
     let client = ApiClient::new(api.addr);
-    upload(std::slice::from_ref(&client), &id, &source, &md5).await;
-    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    let sent = resume(&client, &id, &source, &md5).await;
+    assert_completed_once(env, tap, &client, &id, &source, &md5).await;
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_first_chunks_durable_copy_and_its_record_resumes_from_storage() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    // The state store never heard of the upload: the status rebuilds it from storage (the
+    // manifest and the crashed chunk's complete copy), so the chunk counts without a re-send.
+    let sent = crash_api_at_chunk(&env, &tap, 0, 61).await;
+    assert_eq!(sent, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_later_chunks_durable_copy_and_its_record_counts_the_resent_chunk_once()
+ {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    // The state store knows the upload, without the crashed chunk: the client re-sends it,
+    // and the uncounted copy is surplus for the merge's cleanup and the janitor.
+    let sent = crash_api_at_chunk(&env, &tap, 1, 65).await;
+    assert_eq!(sent, vec![1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -249,7 +336,10 @@ async fn a_worker_killed_after_the_commit_and_before_the_publish_still_announces
             .all(|e| e["type"] != "upload.completed")
     );
 
-    let _worker = start_worker(&env);
+    // The event is published from the outbox (the sweeper) and again when the unacked job
+    // comes back and finds the upload completed: both under the committed id.
+    let worker = start_worker(&env);
+    wait_for_redelivered_job(&worker).await;
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert_eq!(merge_attempts(&env, &id), 1, "the upload was merged once");
 }
@@ -272,15 +362,8 @@ async fn a_worker_killed_after_the_publish_and_before_the_ack_republishes_the_sa
 
     // The unacked job comes back to the fresh worker, which finds the upload completed and
     // publishes its completion again, under the same id.
-    let _worker = start_worker(&env);
-    until(2 * MINUTE, "the redelivered job's event", async || {
-        tap.events_of(&id)
-            .iter()
-            .filter(|e| e["type"] == "upload.completed")
-            .count()
-            >= 2
-    })
-    .await;
+    let worker = start_worker(&env);
+    wait_for_redelivered_job(&worker).await;
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert_eq!(merge_attempts(&env, &id), 1, "the upload was merged once");
 }
