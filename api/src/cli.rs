@@ -28,6 +28,9 @@ pub fn main() -> ExitCode {
         }
     };
     let _telemetry = stitch_common::telemetry::init(&settings.log, &settings.tracing, "stitch-api");
+    // Test builds: arm the failpoints named in FAILPOINTS for the life of the process.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let run = async {
         let app = crate::Application::build(&settings).await?;
         app.run_until_stopped(stitch_common::shutdown::signal())

@@ -26,6 +26,8 @@ pub mod config;
 pub mod digest;
 pub mod embedded;
 pub mod events;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod geometry;
 pub mod id;
 pub mod lock;

@@ -167,6 +167,10 @@ async fn handle_in_span(
     metrics::counter!(stitch_common::metrics::MERGES, "outcome" => label).increment(1);
     match outcome {
         Ok(MergeOutcome::Committed(finish)) | Ok(MergeOutcome::AlreadyCompleted(finish)) => {
+            #[cfg(feature = "failpoints")]
+            stitch_common::failpoints::crash_here(
+                stitch_common::failpoints::MERGE_PUBLISHED_BEFORE_ACK,
+            );
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(upload_id = %id, error = %e, "ack failed after commit; the job will be redelivered and find the upload completed");
             }

@@ -355,6 +355,10 @@ impl Merger {
             self.storage.discard_attempt(id, plan.fence).await;
             return Err(transient(e));
         }
+        #[cfg(feature = "failpoints")]
+        stitch_common::failpoints::crash_here(
+            stitch_common::failpoints::MERGE_RENAMED_BEFORE_COMMIT,
+        );
         let mut event =
             Event::completed_from(&plan.upload, &completion, self.public_url.as_deref());
         self.sign_link(&mut event, id);
@@ -370,6 +374,10 @@ impl Merger {
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
                 m::transition("completed");
                 self.settle_quota(id, done.size).await;
+                #[cfg(feature = "failpoints")]
+                stitch_common::failpoints::crash_here(
+                    stitch_common::failpoints::MERGE_COMMITTED_BEFORE_PUBLISH,
+                );
                 self.publish_outboxed(id, &event, outboxed).await;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),

@@ -532,6 +532,10 @@ impl UploadService {
             self.storage.discard(&staged).await;
             return Err(e);
         }
+        #[cfg(feature = "failpoints")]
+        stitch_common::failpoints::crash_here(
+            stitch_common::failpoints::CHUNK_DURABLE_BEFORE_RECORD,
+        );
         self.count_part(&upload, &chunk, len, staged).await
     }
 

@@ -358,6 +358,12 @@ impl FsChunkStore {
         }
     }
 
+    /// Where merge attempt `fence` writes its completion record
+    /// ([`FsChunkStore::write_completion`]), for tools that inspect storage (tests).
+    pub fn completion_path(&self, id: &UploadId, fence: u64) -> PathBuf {
+        self.upload_dir(id).join(layout::completion_name(fence))
+    }
+
     /// Publishes an attempt's merged file: renames its temporary file to its final name
     /// (atomically) and, with fsync on, makes the rename durable. On failure the temporary
     /// file is removed.

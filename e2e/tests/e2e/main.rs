@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod crashes;
 mod downloads;
 mod harness;
 mod lock_quorum;

@@ -1,0 +1,369 @@
+//! Crashes at every boundary between two durable steps (invariants 1, 3, 5 and 9): a
+//! failpoint armed through `FAILPOINTS` makes the real API or worker process SIGKILL itself
+//! at the line, the process is started again without it, and the upload still completes
+//! exactly once, with the right bytes, one completion event id and nothing left over once
+//! the janitor passed. The failpoints and what Stitch guarantees at each are listed in
+//! `docs/reliability.md`.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use stitch_common::failpoints::{
+    CHUNK_DURABLE_BEFORE_RECORD, MERGE_COMMITTED_BEFORE_PUBLISH, MERGE_PUBLISHED_BEFORE_ACK,
+    MERGE_RENAMED_BEFORE_COMMIT,
+};
+use stitch_common::id::UploadId;
+
+use crate::harness::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+/// SIGKILL's number: how a process that crashed at a failpoint ends.
+const SIGKILL: i32 = 9;
+
+/// `cmd` with `failpoint` armed to crash at its first pass.
+fn armed(mut cmd: Command, failpoint: &str) -> Command {
+    cmd.env("FAILPOINTS", format!("{failpoint}=return"));
+    cmd
+}
+
+/// Waits for `process` to die at its failpoint, and checks that it died of SIGKILL.
+fn wait_for_crash(process: &mut ServiceProcess) {
+    let status = process.wait_exit(2 * MINUTE);
+    assert_eq!(
+        status.signal(),
+        Some(SIGKILL),
+        "the process ended by {status}, not at its failpoint; its last output:\n{}",
+        process.log_tail()
+    );
+}
+
+/// A 3 MiB file in three 1 MiB chunks, and its MD5.
+fn small_file(seed: u64) -> (Source, String) {
+    let source = Source::random(3 << 20, 1 << 20, seed);
+    let md5 = md5_hex(&source.bytes);
+    (source, md5)
+}
+
+/// What every crash test checks once the crashed process was replaced: the upload completed
+/// exactly once with the source's size, MD5 and bytes; every `upload.completed` the tap saw
+/// carries the one event id the completion record holds; and after one janitor pass the
+/// upload's directory holds the manifest, the merged file and its completion record, nothing
+/// else (no `.part`, no temporary merge file, no chunk copy, no other attempt's file).
+async fn assert_completed_once(
+    env: &TestEnv,
+    tap: &EventTap,
+    client: &ApiClient,
+    id: &str,
+    source: &Source,
+    md5: &str,
+) {
+    let status = client.wait_for_state(id, "completed", 3 * MINUTE).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["size"], source.len());
+    assert_eq!(status["md5"], md5);
+    assert!(
+        client.download(id).await == source.bytes,
+        "the downloaded bytes differ from the source"
+    );
+    tap.wait_for(id, "upload.completed", 2 * MINUTE).await;
+
+    let settings = env.settings();
+    let backends = stitch_common::backends::Backends::distributed(&settings).unwrap();
+    let janitor = stitch_worker::janitor::Janitor {
+        state: backends.state.clone(),
+        quotas: backends.quotas.clone(),
+        storage: backends.storage.clone(),
+        events: backends.events.clone(),
+        lock: backends.lock.clone(),
+        recovery: stitch_common::recovery::Recovery::new(
+            backends.state.clone(),
+            backends.storage.clone(),
+            backends.events.clone(),
+            60_000,
+        ),
+        interval: Duration::from_secs(3600),
+        // Everything left now is past any use: the upload is completed.
+        grace: Duration::ZERO,
+        ttl: Duration::from_secs(3600),
+        completed_retention: None,
+    };
+    janitor.sweep_once().await.unwrap();
+
+    let storage = &backends.storage;
+    let uid = UploadId::parse(id).unwrap();
+    let record = storage
+        .inventory(&uid)
+        .await
+        .unwrap()
+        .expect("the upload's manifest")
+        .completion
+        .expect("a completion record");
+    let (_, after) = client.status(id).await;
+    assert_eq!(
+        after["completed_at"], status["completed_at"],
+        "the completion changed after the upload completed"
+    );
+    let event_ids = distinct_event_ids(tap, id, "upload.completed");
+    assert_eq!(
+        event_ids,
+        vec![record.event_id.clone()],
+        "one completion event id, the one the completion record holds"
+    );
+    assert!(distinct_event_ids(tap, id, "upload.failed").is_empty());
+
+    let expected: BTreeSet<PathBuf> = [
+        storage.manifest_path(&uid),
+        storage.attempt(&uid, record.fence).merged,
+        storage.completion_path(&uid, record.fence),
+    ]
+    .into();
+    assert_eq!(
+        files_under(&storage.upload_dir(&uid)),
+        expected,
+        "what the upload's directory holds after a janitor pass"
+    );
+    assert_eq!(
+        storage.resolve(&record.location),
+        Some(storage.attempt(&uid, record.fence).merged)
+    );
+}
+
+/// Waits until `worker` handled a merge job of an upload that was already completed (the
+/// crashed worker's unacked job, redelivered): its `/metrics` count such an outcome. The
+/// outcome is counted after the completion event was published again.
+async fn wait_for_redelivered_job(worker: &ServiceProcess) {
+    let url = format!("http://{}/metrics", worker.addr);
+    let series = format!(
+        "{}{{outcome=\"already_completed\"}} ",
+        stitch_common::metrics::MERGES
+    );
+    until(2 * MINUTE, "the redelivered job", async || {
+        let Ok(response) = http_client().get(&url).send().await else {
+            return false;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines().any(|line| {
+            line.strip_prefix(&series)
+                .and_then(|value| value.trim().parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        })
+    })
+    .await;
+}
+
+/// Every file (not directory) under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(entry.path());
+            } else {
+                files.insert(entry.path());
+            }
+        }
+    }
+    files
+}
+
+/// Sends `index` of `source` with the upload's declarations.
+fn chunk(
+    client: &ApiClient,
+    id: &str,
+    source: &Source,
+    md5: &str,
+    index: u64,
+) -> reqwest::RequestBuilder {
+    client
+        .chunk_request(id, source, index)
+        .header("X-File-MD5", md5)
+        .header("X-File-Name", "data.bin")
+}
+
+/// Resumes as a client does: asks the status, then sends the chunks it lists as missing, in
+/// order; exactly one of them completes the upload. Returns the indices it sent.
+async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) -> Vec<u64> {
+    let (code, status) = client.status(id).await;
+    assert_eq!(code, 200, "{status}");
+    let uploaded: Vec<u64> = status["uploaded_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    let missing: Vec<u64> = (0..source.total_chunks())
+        .filter(|i| !uploaded.contains(i))
+        .collect();
+    let mut completing = 0;
+    for &index in &missing {
+        let (code, body) = json_response(chunk(client, id, source, md5, index).send().await).await;
+        assert_eq!(code, 200, "chunk {index}: {body}");
+        completing += usize::from(body["upload_complete"] == true);
+    }
+    assert_eq!(completing, 1, "one chunk completed the upload");
+    missing
+}
+
+/// Starts an API whose failpoint `chunk-durable-before-record` crashes it at chunk
+/// `crash_at` of a three-chunk upload sent in order; checks that the crash came after the
+/// chunk's copy (and the manifest) were durable and that the client got no answer; starts a
+/// fresh API and resumes. Returns the indices the resume sent.
+async fn crash_api_at_chunk(env: &TestEnv, tap: &EventTap, crash_at: u64, seed: u64) -> Vec<u64> {
+    // `<n>*off->return`: pass the line n times, crash at the next.
+    let action = format!("{CHUNK_DURABLE_BEFORE_RECORD}={crash_at}*off->return");
+    let mut cmd = api_command(env);
+    cmd.env("FAILPOINTS", action);
+    let mut api = ServiceProcess::start(cmd, "stitch-api listening");
+    let (source, md5) = small_file(seed);
+    let id = new_id();
+    let crashed = ApiClient::new(api.addr);
+    for index in 0..crash_at {
+        let (code, body) =
+            json_response(chunk(&crashed, &id, &source, &md5, index).send().await).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let sent = chunk(&crashed, &id, &source, &md5, crash_at).send().await;
+    assert!(sent.is_err(), "chunk {crash_at} was answered: {sent:?}");
+    wait_for_crash(&mut api);
+
+    let storage = stitch_common::storage::FsChunkStore::new(env.storage_root.clone(), true);
+    let uid = UploadId::parse(&id).unwrap();
+    assert!(
+        storage.manifest_path(&uid).is_file(),
+        "the manifest was durable before the crash"
+    );
+    let copies = storage.copy_files_blocking(&uid).unwrap();
+    assert_eq!(
+        copies
+            .iter()
+            .filter(|c| c.piece.is_some() && c.len == source.chunk_size)
+            .count() as u64,
+        crash_at + 1,
+        "a complete copy of every chunk sent, the crashed one's too: {copies:?}"
+    );
+
+    let api = start_api(env);
+    let client = ApiClient::new(api.addr);
+    let sent = resume(&client, &id, &source, &md5).await;
+    assert_completed_once(env, tap, &client, &id, &source, &md5).await;
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_first_chunks_durable_copy_and_its_record_resumes_from_storage() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    // The state store never heard of the upload: the status rebuilds it from storage (the
+    // manifest and the crashed chunk's complete copy), so the chunk counts without a re-send.
+    let sent = crash_api_at_chunk(&env, &tap, 0, 61).await;
+    assert_eq!(sent, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_later_chunks_durable_copy_and_its_record_counts_the_resent_chunk_once()
+ {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    // The state store knows the upload, without the crashed chunk: the client re-sends it,
+    // and the uncounted copy is surplus for the merge's cleanup and the janitor.
+    let sent = crash_api_at_chunk(&env, &tap, 1, 65).await;
+    assert_eq!(sent, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_rename_and_before_the_commit_leaves_the_merge_to_a_redelivery() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let mut worker = ServiceProcess::start(
+        armed(worker_command(&env), MERGE_RENAMED_BEFORE_COMMIT),
+        "stitch-worker listening",
+    );
+    let (source, md5) = small_file(62);
+    let id = new_id();
+    upload(std::slice::from_ref(&client), &id, &source, &md5).await;
+    wait_for_crash(&mut worker);
+
+    // The merged file and its completion record are on storage, the state store never
+    // heard of them: the upload is still merging and nothing was announced.
+    let (_, status) = client.status(&id).await;
+    assert_eq!(status["state"], "merging", "{status}");
+    let storage = stitch_common::storage::FsChunkStore::new(env.storage_root.clone(), true);
+    let uid = UploadId::parse(&id).unwrap();
+    assert_eq!(storage.merged_files_blocking(&uid).unwrap().len(), 1);
+    assert!(
+        tap.events_of(&id)
+            .iter()
+            .all(|e| e["type"] != "upload.completed")
+    );
+
+    let _worker = start_worker(&env);
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    assert!(
+        merge_attempts(&env, &id) >= 2,
+        "the crashed attempt's commit never happened; a later attempt committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_commit_and_before_the_publish_still_announces_the_upload_once() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let mut worker = ServiceProcess::start(
+        armed(worker_command(&env), MERGE_COMMITTED_BEFORE_PUBLISH),
+        "stitch-worker listening",
+    );
+    let (source, md5) = small_file(63);
+    let id = new_id();
+    upload(std::slice::from_ref(&client), &id, &source, &md5).await;
+    wait_for_crash(&mut worker);
+
+    // Committed, not announced: the event waits in the upload's outbox.
+    let (_, status) = client.status(&id).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert!(
+        tap.events_of(&id)
+            .iter()
+            .all(|e| e["type"] != "upload.completed")
+    );
+
+    // The event is published from the outbox (the sweeper) and again when the unacked job
+    // comes back and finds the upload completed: both under the committed id.
+    let worker = start_worker(&env);
+    wait_for_redelivered_job(&worker).await;
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    assert_eq!(merge_attempts(&env, &id), 1, "the upload was merged once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_after_the_publish_and_before_the_ack_republishes_the_same_event_id_only() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let mut worker = ServiceProcess::start(
+        armed(worker_command(&env), MERGE_PUBLISHED_BEFORE_ACK),
+        "stitch-worker listening",
+    );
+    let (source, md5) = small_file(64);
+    let id = new_id();
+    upload(std::slice::from_ref(&client), &id, &source, &md5).await;
+    wait_for_crash(&mut worker);
+    tap.wait_for(&id, "upload.completed", MINUTE).await;
+
+    // The unacked job comes back to the fresh worker, which finds the upload completed and
+    // publishes its completion again, under the same id.
+    let worker = start_worker(&env);
+    wait_for_redelivered_job(&worker).await;
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    assert_eq!(merge_attempts(&env, &id), 1, "the upload was merged once");
+}
