@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod digests;
 mod downloads;
 mod harness;
 mod lock_quorum;
