@@ -1,6 +1,6 @@
 //! Whole-file digests beyond MD5 (CRC32C, SHA-256, the composite MD5 of the parts), checked
 //! against digests computed here from the source bytes, in the status view and the
-//! `upload.completed` event.
+//! `upload.completed` event, and after a rebuild from storage.
 
 use std::time::Duration;
 
@@ -65,6 +65,21 @@ async fn a_merge_reports_the_files_crc32c_sha256_and_composite_md5_in_status_and
     assert_eq!(upload["sha256"], sha256.as_str(), "{event}");
     assert_eq!(upload["composite_md5"], composite.as_str(), "{event}");
     assert_eq!(event["schema_version"], 1);
+
+    // Redis loses everything: the completion record on storage brings the digests back.
+    env.lose_redis_keys();
+    let mut migrate = worker_command(&env);
+    migrate.arg("migrate");
+    assert!(migrate.status().unwrap().success());
+    let (code, rebuilt) = client.status(&id).await;
+    assert_eq!(code, 200, "{rebuilt}");
+    assert_eq!(rebuilt["state"], "completed", "{rebuilt}");
+    for field in ["md5", "crc32c", "sha256", "composite_md5"] {
+        assert_eq!(
+            rebuilt[field], status[field],
+            "{field} after a rebuild: {rebuilt}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
