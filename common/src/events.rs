@@ -95,6 +95,29 @@ pub struct EventUpload {
     /// again. Absent from the other events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_chunks: Option<Vec<u64>>,
+    /// CRC32C of the merged file (8 hex digits), for `upload.completed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<String>,
+    /// SHA-256 of the merged file (hex), for `upload.completed` when `uploads.file_digest`
+    /// includes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The S3-style composite MD5 of the parts (`<hex>-<parts>`), for `upload.completed` when
+    /// every part was received with an MD5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composite_md5: Option<String>,
+}
+
+/// The whole-file digests beyond MD5 of a completion, as events and status views write them:
+/// `(crc32c, sha256, composite_md5)`.
+pub fn digest_fields(
+    done: &crate::upload::Completion,
+) -> (Option<String>, Option<String>, Option<String>) {
+    (
+        done.crc32c.map(crate::digest::crc32c_hex),
+        done.sha256.map(|d| d.to_hex()),
+        done.composite_md5.map(|d| d.to_string()),
+    )
 }
 
 fn default_tenant() -> String {
@@ -126,6 +149,7 @@ impl Event {
     /// The `upload.completed` event of a completed upload; `None` if it is not completed.
     pub fn completed(status: &UploadStatus, public_url: Option<&str>) -> Option<Self> {
         let done = status.completion.as_ref()?;
+        let (crc32c, sha256, composite_md5) = digest_fields(done);
         Some(Self {
             schema_version: SCHEMA_VERSION,
             event_id: done.event_id.clone(),
@@ -142,6 +166,9 @@ impl Event {
                 download_url: Some(download_url(public_url, status.id.name())),
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c,
+                sha256,
+                composite_md5,
             },
         })
     }
@@ -153,6 +180,7 @@ impl Event {
         done: &crate::upload::Completion,
         public_url: Option<&str>,
     ) -> Self {
+        let (crc32c, sha256, composite_md5) = digest_fields(done);
         Self {
             schema_version: SCHEMA_VERSION,
             event_id: done.event_id.clone(),
@@ -169,6 +197,9 @@ impl Event {
                 download_url: Some(download_url(public_url, upload.id.name())),
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c,
+                sha256,
+                composite_md5,
             },
         }
     }
@@ -192,6 +223,9 @@ impl Event {
                 download_url: None,
                 failure_reason: Some(reason.to_owned()),
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }
@@ -215,6 +249,9 @@ impl Event {
                 download_url: None,
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }
@@ -238,6 +275,9 @@ impl Event {
                 download_url: None,
                 failure_reason: Some(failure.reason.clone()),
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         })
     }
@@ -262,6 +302,9 @@ impl Event {
                 download_url: None,
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }
@@ -284,6 +327,9 @@ impl Event {
                 download_url: None,
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }
@@ -307,6 +353,9 @@ impl Event {
                 download_url: None,
                 failure_reason: None,
                 lost_chunks: None,
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }
@@ -330,6 +379,9 @@ impl Event {
                 download_url: None,
                 failure_reason: None,
                 lost_chunks: Some(lost.iter().map(|i| i.0).collect()),
+                crc32c: None,
+                sha256: None,
+                composite_md5: None,
             },
         }
     }

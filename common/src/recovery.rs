@@ -17,7 +17,7 @@ use crate::metrics as m;
 use crate::queue::{EventSink, OutboxMessage};
 use crate::state::{OutboxEntry, Restoration, Restored, StateError, StateStore};
 use crate::storage::{FsChunkStore, StorageError};
-use crate::upload::{Completion, UploadState};
+use crate::upload::UploadState;
 
 /// Why a rebuild could not be done (nothing was changed).
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +63,9 @@ impl Recovery {
             return Ok(false);
         };
         let restoration = Restoration {
-            completion: inventory.completion.map(|c| Completion {
-                size: c.size,
-                md5: c.md5,
-                location: c.location,
-                completed_at_ms: c.completed_at_ms,
-                event_id: c.event_id,
-            }),
+            completion: inventory
+                .completion
+                .map(crate::storage::CompletionRecord::into_completion),
             upload: inventory.upload,
             chunks: inventory.chunks,
             fence: inventory.highest_fence,

@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Md5;
+use crate::digest::{CompositeMd5, Md5, Sha256};
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 
@@ -146,11 +146,30 @@ pub struct UploadStatus {
 pub struct Completion {
     pub size: u64,
     pub md5: Md5,
+    /// CRC32C of the whole file, combined from the chunks' CRC32Cs. `None` only for a
+    /// completion recorded before Stitch computed it.
+    pub crc32c: Option<u32>,
+    /// SHA-256 of the whole file, when `uploads.file_digest` asks for it.
+    pub sha256: Option<Sha256>,
+    /// The S3-style composite MD5 of the parts, when every part was received with an MD5.
+    pub composite_md5: Option<CompositeMd5>,
     /// Path of the file relative to the storage root.
     pub location: String,
     pub completed_at_ms: u64,
     /// The `upload.completed` event's id, stable across re-publishes.
     pub event_id: String,
+}
+
+impl Completion {
+    /// The whole-file digests a merge derives from its parts without reading them again:
+    /// the CRC32C combined from the parts' CRC32Cs, and the composite MD5 when every part has
+    /// an MD5. `chunks` in index order (as a merge plan holds them).
+    pub fn part_digests(chunks: &[ChunkRecord]) -> (u32, Option<CompositeMd5>) {
+        (
+            crate::digest::crc32c_of_parts(chunks.iter().map(|c| (c.crc32c, c.len))),
+            CompositeMd5::of_parts(chunks.iter().map(|c| c.md5)),
+        )
+    }
 }
 
 /// Why a merge failed for good.

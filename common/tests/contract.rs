@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use stitch_common::backends::Backends;
 use stitch_common::config::Interval;
-use stitch_common::digest::Md5;
+use stitch_common::digest::{CompositeMd5, Md5, Sha256};
 use stitch_common::events::{Event, EventKind};
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
@@ -228,6 +228,9 @@ fn completion(location: &str) -> Completion {
     Completion {
         size: 95,
         md5: Md5::parse("9e107d9d372bb6826bd81d3542a419d6").unwrap(),
+        crc32c: Some(0x0a0b_0c0d),
+        sha256: Sha256::parse(&"ab".repeat(32)),
+        composite_md5: CompositeMd5::parse("0123456789abcdef0123456789abcdef-10"),
         location: location.into(),
         completed_at_ms: 5,
         event_id: format!("evt-{location}"),
@@ -289,7 +292,34 @@ async fn the_commit_accepts_only_the_newest_fencing_token(store: &dyn StateStore
     );
     let status = store.upload_status(&u.id).await.unwrap().unwrap();
     assert_eq!(status.state, UploadState::Completed);
-    assert_eq!(status.completion.unwrap().location, "new");
+    assert_eq!(
+        status.completion,
+        Some(completion("new")),
+        "the whole completion, digests included, reads back as committed"
+    );
+}
+
+async fn a_completion_without_the_optional_digests_reads_with_them_absent(store: &dyn StateStore) {
+    let u = upload("c5b", 20, 10);
+    record_all(store, &u).await;
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not ready");
+    };
+    let bare = Completion {
+        crc32c: None,
+        sha256: None,
+        composite_md5: None,
+        ..completion("bare")
+    };
+    assert_eq!(
+        store
+            .commit_merge(&u.id, plan.fence, &bare, &completed(&u.id))
+            .await
+            .unwrap(),
+        Committed::Now
+    );
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.completion, Some(bare));
 }
 
 async fn a_failed_merge_is_final(store: &dyn StateStore) {
@@ -831,6 +861,7 @@ async fn run_state_contract(store: &dyn StateStore) {
     creation_is_idempotent_for_the_same_declaration(store).await;
     abort_is_idempotent_and_refuses_later_chunks(store).await;
     the_commit_accepts_only_the_newest_fencing_token(store).await;
+    a_completion_without_the_optional_digests_reads_with_them_absent(store).await;
     a_failed_merge_is_final(store).await;
     the_outbox_holds_the_trigger_until_cleared(store).await;
     merge_triggers_and_events_are_kept_apart_and_cleared_exactly(store).await;
@@ -1084,13 +1115,63 @@ async fn a_version_1_sqlite_outbox_is_upgraded_with_each_entry_under_its_kind() 
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let kept: i64 = conn
         .query_row("SELECT COUNT(*) FROM outbox WHERE kind = ''", [], |r| {
             r.get(0)
         })
         .unwrap();
     assert_eq!(kept, 1, "an entry of no known kind is kept, not dropped");
+}
+
+#[tokio::test]
+async fn a_version_2_sqlite_database_gains_the_digest_columns_and_keeps_its_completions() {
+    let env = TestEnv::local();
+    let path = env.storage_root.join("stitch.db");
+    let u = upload("v2", 20, 10);
+    {
+        let store = sqlite_backends(&env, |_| {}).state;
+        record_all(store.as_ref(), &u).await;
+        let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+            panic!("not ready");
+        };
+        store
+            .commit_merge(&u.id, plan.fence, &completion("v2"), &completed(&u.id))
+            .await
+            .unwrap();
+    }
+    // The uploads table as schema 2 kept it: no digest columns.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE uploads DROP COLUMN crc32c; \
+             ALTER TABLE uploads DROP COLUMN sha256; \
+             ALTER TABLE uploads DROP COLUMN composite_md5; \
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    }
+    let store = sqlite_backends(&env, |_| {}).state;
+    let done = store
+        .upload_status(&u.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .completion;
+    assert_eq!(
+        done,
+        Some(Completion {
+            crc32c: None,
+            sha256: None,
+            composite_md5: None,
+            ..completion("v2")
+        })
+    );
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
 }
 
 // ----- The merge queue contract -----

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use md5::Digest;
-use stitch_common::digest::Md5;
+use stitch_common::digest::{Md5, Sha256};
 
 /// Blocks in flight between the copy thread and the hashing thread.
 const DEPTH: usize = 16;
@@ -61,12 +61,16 @@ pub struct Concat {
     pub fsync: bool,
     /// Write the output with `O_DIRECT` where the file system allows it.
     pub direct_io: bool,
+    /// Compute the SHA-256 of the file beside its MD5, in the same hashing stage.
+    pub sha256: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Concatenated {
     pub size: u64,
     pub md5: Md5,
+    /// The file's SHA-256, when [`Concat::sha256`] asked for it.
+    pub sha256: Option<Sha256>,
     /// Whether the output was written with direct I/O.
     pub direct_io: bool,
 }
@@ -198,7 +202,8 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         for _ in 0..DEPTH + 2 {
             let _ = empty_tx.send(vec![0u8; job.block_bytes]);
         }
-        let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx));
+        let file_hasher = FileHasher::new(job.sha256);
+        let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx, file_hasher));
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
         let fsync = job.fsync;
         // The early syncs go through a duplicate of the output's descriptor, which shares
@@ -217,7 +222,7 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         let copied = copy_chunks(job, control, &mut out, &full_tx, &empty_rx, &sync_tx);
         drop(full_tx);
         drop(sync_tx);
-        let md5 = hasher
+        let (md5, sha256) = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
         let synced = syncer
@@ -236,19 +241,53 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         Ok(Concatenated {
             size,
             md5,
+            sha256,
             direct_io: false,
         })
     })
 }
 
-fn hash_blocks(full: Receiver<(Vec<u8>, usize)>, empty: SyncSender<Vec<u8>>) -> Md5 {
-    let mut md5 = md5::Md5::new();
+/// The whole-file hashes of the hashing stage: MD5 always, SHA-256 when asked for. Both see
+/// each block in turn while it is in cache.
+struct FileHasher {
+    md5: md5::Md5,
+    sha256: Option<sha2::Sha256>,
+}
+
+impl FileHasher {
+    fn new(with_sha256: bool) -> Self {
+        Self {
+            md5: md5::Md5::new(),
+            sha256: with_sha256.then(sha2::Sha256::new),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        self.md5.update(data);
+        if let Some(sha) = &mut self.sha256 {
+            sha.update(data);
+        }
+    }
+
+    fn finish(self) -> (Md5, Option<Sha256>) {
+        (
+            Md5::from_bytes(self.md5.finalize().into()),
+            self.sha256.map(|s| Sha256::from_bytes(s.finalize().into())),
+        )
+    }
+}
+
+fn hash_blocks(
+    full: Receiver<(Vec<u8>, usize)>,
+    empty: SyncSender<Vec<u8>>,
+    mut hasher: FileHasher,
+) -> (Md5, Option<Sha256>) {
     for (block, len) in full {
-        md5.update(&block[..len]);
+        hasher.update(&block[..len]);
         // The copier may have stopped early; a closed return path is fine.
         let _ = empty.send(block);
     }
-    Md5::from_bytes(md5.finalize().into())
+    hasher.finish()
 }
 
 fn copy_chunks(
@@ -425,20 +464,20 @@ fn run_direct(
         for _ in 0..DIRECT_DEPTH {
             let _ = empty_tx.send(AlignedBlock::new());
         }
+        let mut file_hasher = FileHasher::new(job.sha256);
         let hasher = scope.spawn(move || {
-            let mut md5 = md5::Md5::new();
             for (block, len) in full_rx {
-                md5.update(&block.bytes()[..len]);
+                file_hasher.update(&block.bytes()[..len]);
                 if write_tx.send((block, len)).is_err() {
                     break;
                 }
             }
-            Md5::from_bytes(md5.finalize().into())
+            file_hasher.finish()
         });
         let writer = scope.spawn(move || write_blocks(&direct, tail, write_rx, empty_tx));
         let copied = fill_blocks(job, control, &full_tx, &empty_rx);
         drop(full_tx);
-        let md5 = hasher
+        let (md5, sha256) = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
         writer
@@ -451,6 +490,7 @@ fn run_direct(
         Ok(Concatenated {
             size,
             md5,
+            sha256,
             direct_io: true,
         })
     })
@@ -560,6 +600,7 @@ mod tests {
             block_bytes: 4096,
             fsync,
             direct_io,
+            sha256: false,
         }
     }
 
@@ -576,12 +617,15 @@ mod tests {
             let mut chunks = write_chunks(dir.path(), &bytes, 700_001, true);
             chunks.sort_by_key(|c| c.index);
             for direct_io in MODES {
-                let job = job(
+                let mut job = job(
                     chunks.clone(),
                     dir.path().join(format!("out-{direct_io}")),
                     true,
                     direct_io,
                 );
+                // SHA-256 on the direct path, not on the buffered one: each path is seen
+                // with it and without it across the two lengths.
+                job.sha256 = direct_io == (len == 1_000_003);
                 let control = Control::default();
                 let done = concatenate(&job, &control).unwrap();
                 assert_eq!(
@@ -594,6 +638,8 @@ mod tests {
                 );
                 assert_eq!(done.size, bytes.len() as u64);
                 assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+                let sha256 = Sha256::from_bytes(sha2::Sha256::digest(&bytes).into());
+                assert_eq!(done.sha256, job.sha256.then_some(sha256));
                 assert_eq!(
                     control.bytes_done.load(Ordering::Relaxed),
                     bytes.len() as u64

@@ -102,6 +102,8 @@ pub struct Merger {
     block_bytes: usize,
     fsync: bool,
     direct_io: bool,
+    /// Compute the file's SHA-256 beside its MD5 (`uploads.file_digest`).
+    sha256: bool,
     public_url: Option<String>,
     /// Frees the tenant's active-upload slot when the upload completes or fails.
     quotas: Option<Arc<dyn QuotaLedger>>,
@@ -128,6 +130,7 @@ impl Merger {
             block_bytes: settings.merge.buffer_bytes.0 as usize,
             fsync: settings.storage.fsync,
             direct_io: settings.merge.direct_io,
+            sha256: settings.uploads.file_digest.with_sha256(),
             public_url: settings.http.public_url.clone(),
             quotas: None,
             links: DownloadLinks::for_events(&settings.auth),
@@ -292,6 +295,7 @@ impl Merger {
             block_bytes: self.block_bytes,
             fsync: self.fsync,
             direct_io: self.direct_io,
+            sha256: self.sha256,
         };
         let reporter = tokio::spawn(report_progress(
             self.state.clone(),
@@ -334,23 +338,20 @@ impl Merger {
             .await
             .map_err(transient)?;
 
+        let (crc32c, composite_md5) = Completion::part_digests(&plan.chunks);
         let completion = Completion {
             size: done.size,
             md5: done.md5,
+            crc32c: Some(crc32c),
+            sha256: done.sha256,
+            composite_md5,
             location: files.location.clone(),
             completed_at_ms: stitch_common::now_ms(),
             event_id: new_event_id(),
         };
         // On storage before the commit: with the manifest, the record makes the completion
         // survive a state store that loses it (rebuilds read it).
-        let record = CompletionRecord {
-            fence: plan.fence,
-            size: completion.size,
-            md5: completion.md5,
-            location: completion.location.clone(),
-            completed_at_ms: completion.completed_at_ms,
-            event_id: completion.event_id.clone(),
-        };
+        let record = CompletionRecord::new(plan.fence, &completion);
         if let Err(e) = self.storage.write_completion(id, &record).await {
             self.storage.discard_attempt(id, plan.fence).await;
             return Err(transient(e));

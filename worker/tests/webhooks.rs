@@ -76,6 +76,9 @@ fn event(upload_id: &str, kind: EventKind) -> Event {
             download_url: Some(format!("/files/{upload_id}")),
             failure_reason: None,
             lost_chunks: None,
+            crc32c: None,
+            sha256: None,
+            composite_md5: None,
         },
     }
 }

@@ -28,6 +28,17 @@ pub struct StatusView {
     pub md5: Option<String>,
     pub download_url: Option<String>,
     pub completed_at: Option<String>,
+    /// Once completed: the file's CRC32C (8 hex digits), combined from the chunks'. Absent
+    /// for uploads completed before Stitch recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<String>,
+    /// Once completed, with `uploads.file_digest = "md5+sha256"`: the file's SHA-256 (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Once completed, when every part came with an MD5: the S3-style composite MD5 of the
+    /// parts (`<hex>-<parts>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub composite_md5: Option<String>,
     /// Once failed: why.
     pub failure_reason: Option<String>,
 }
@@ -37,7 +48,13 @@ impl StatusView {
         let completion = s.completion.as_ref();
         let download_url =
             completion.map(|_| stitch_common::events::download_url(public_url, s.id.name()));
+        let (crc32c, sha256, composite_md5) = completion
+            .map(stitch_common::events::digest_fields)
+            .unwrap_or_default();
         Self {
+            crc32c,
+            sha256,
+            composite_md5,
             merge_bytes_done: s
                 .merge_bytes_done
                 .filter(|_| s.state == UploadState::Merging),

@@ -311,6 +311,29 @@ pub struct UploadSettings {
     /// Compute MD5 of every chunk even when the client sends no `Content-MD5` (costs about
     /// one core per 600 MB/s).
     pub chunk_md5: bool,
+    /// Which whole-file digests the merge computes over the bytes it copies: `md5` (the
+    /// default) or `md5+sha256`. The CRC32C of the file is always there (combined from the
+    /// chunks', no extra pass).
+    pub file_digest: FileDigest,
+}
+
+/// The whole-file hashes a merge computes in its hashing stage (`uploads.file_digest`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum FileDigest {
+    /// MD5 only.
+    #[default]
+    #[serde(rename = "md5")]
+    Md5,
+    /// MD5 and SHA-256, in the same pass (SHA-256 costs about as much as MD5 again, unless
+    /// the CPU has SHA extensions).
+    #[serde(rename = "md5+sha256")]
+    Md5Sha256,
+}
+
+impl FileDigest {
+    pub fn with_sha256(self) -> bool {
+        self == Self::Md5Sha256
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -506,6 +529,7 @@ impl Default for UploadSettings {
             ttl: Interval(Duration::from_secs(7 * 86_400)),
             completed_retention: None,
             chunk_md5: false,
+            file_digest: FileDigest::Md5,
         }
     }
 }
@@ -908,6 +932,15 @@ mod tests {
             err.to_string().contains("STITCH__MERGE__RETRY_DELAYS"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_file_digest_is_md5_unless_sha256_is_asked_for() {
+        assert_eq!(load_toml("").unwrap().uploads.file_digest, FileDigest::Md5);
+        let s = load_toml("[uploads]\nfile_digest = \"md5+sha256\"\n").unwrap();
+        assert!(s.uploads.file_digest.with_sha256());
+        let err = load_toml("[uploads]\nfile_digest = \"sha1\"\n").unwrap_err();
+        assert!(err.to_string().contains("file_digest"), "{err}");
     }
 
     #[test]

@@ -36,9 +36,9 @@ use crate::queue::Family;
 use crate::storage::FsChunkStore;
 
 /// The schema version this code writes (SQLite `user_version`). Version 2 stores the kind
-/// of each outbox entry in a column of its own; [`Database::open`] upgrades a version-1
-/// database.
-pub const SCHEMA_VERSION: i64 = 2;
+/// of each outbox entry in a column of its own; version 3 adds the whole-file digests beyond
+/// MD5 to `uploads`. [`Database::open`] upgrades a version-1 or version-2 database.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The shared database handle.
 #[derive(Clone)]
@@ -82,6 +82,10 @@ impl Database {
         if version == 1 {
             upgrade_from_1(&mut conn)
                 .with_context(|| format!("upgrading {} from schema 1", path.display()))?;
+        }
+        if version == 1 || version == 2 {
+            upgrade_from_2(&mut conn)
+                .with_context(|| format!("upgrading {} from schema 2", path.display()))?;
         }
         conn.execute_batch(include_str!("schema.sql"))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -141,6 +145,34 @@ fn upgrade_from_1(conn: &mut Connection) -> anyhow::Result<()> {
         }
     }
     tx.pragma_update(None, "user_version", 2)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Schema 2 → 3: `uploads` gets the whole-file digest columns (`crc32c`, `sha256`,
+/// `composite_md5`), all nullable: an upload completed before reads with them absent. One
+/// transaction with the version bump, so a crash leaves version 2 untouched.
+fn upgrade_from_2(conn: &mut Connection) -> anyhow::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // The columns `uploads` has (none: no table yet, schema.sql creates it whole). A column
+    // already there is kept: the upgrade is safe to meet half-done by hand.
+    let columns = {
+        let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('uploads')")?;
+        stmt.query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if !columns.is_empty() {
+        for (name, kind) in [
+            ("crc32c", "INTEGER"),
+            ("sha256", "TEXT"),
+            ("composite_md5", "TEXT"),
+        ] {
+            if !columns.iter().any(|c| c == name) {
+                tx.execute_batch(&format!("ALTER TABLE uploads ADD COLUMN {name} {kind}"))?;
+            }
+        }
+    }
+    tx.pragma_update(None, "user_version", 3)?;
     tx.commit()?;
     Ok(())
 }

@@ -1,4 +1,4 @@
--- The single-node database. Version 2. Every table is keyed by upload or by job; the state
+-- The single-node database. Version 3. Every table is keyed by upload or by job; the state
 -- machine's rules live in state.rs, one transaction per operation.
 
 CREATE TABLE IF NOT EXISTS uploads (
@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS uploads (
   location TEXT,
   completed_at INTEGER,
   completed_event_id TEXT,
+  -- Whole-file digests beyond MD5 (version 3; mod.rs upgrades a version-2 database): the
+  -- combined CRC32C, the SHA-256 (hex) when configured, the composite MD5 ("<hex>-<parts>").
+  crc32c INTEGER,
+  sha256 TEXT,
+  composite_md5 TEXT,
   failure_reason TEXT,
   failed_at INTEGER,
   failed_event_id TEXT,

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::{Database, DbError};
-use crate::digest::Md5;
+use crate::digest::{CompositeMd5, Md5, Sha256};
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
@@ -433,7 +433,8 @@ impl StateStore for SqliteStateStore {
                     "SELECT state, total_size, chunk_size, total_chunks, filename, file_md5, metadata, \
                      created_at, updated_at, bytes_received, chunks_received, merge_bytes_done, \
                      size, md5, location, completed_at, completed_event_id, \
-                     failure_reason, failed_at, failed_event_id, callback_url, callback_secret \
+                     failure_reason, failed_at, failed_event_id, callback_url, callback_secret, \
+                     crc32c, sha256, composite_md5 \
                      FROM uploads WHERE id = ?1",
                     [id.as_str()],
                     |r| {
@@ -444,12 +445,13 @@ impl StateStore for SqliteStateStore {
                             (r.get::<_, Option<i64>>(12)?, r.get::<_, Option<String>>(13)?, r.get::<_, Option<String>>(14)?, r.get::<_, Option<i64>>(15)?, r.get::<_, Option<String>>(16)?),
                             (r.get::<_, Option<String>>(17)?, r.get::<_, Option<i64>>(18)?, r.get::<_, Option<String>>(19)?),
                             (r.get::<_, String>(20)?, r.get::<_, String>(21)?),
+                            (r.get::<_, Option<i64>>(22)?, r.get::<_, Option<String>>(23)?, r.get::<_, Option<String>>(24)?),
                         ))
                     },
                 )
                 .optional()
                 .map_err(db_error)?;
-            let Some((head, names, times, done, failed, callback_url)) = row else {
+            let Some((head, names, times, done, failed, callback_url, digests)) = row else {
                 return Ok(None);
             };
             let geometry = Geometry {
@@ -476,6 +478,9 @@ impl StateStore for SqliteStateStore {
                 (Some(size), Some(md5)) => Some(Completion {
                     size: size as u64,
                     md5,
+                    crc32c: digests.0.and_then(|v| u32::try_from(v).ok()),
+                    sha256: digests.1.as_deref().and_then(Sha256::parse),
+                    composite_md5: digests.2.as_deref().and_then(CompositeMd5::parse),
                     location: done.2.unwrap_or_default(),
                     completed_at_ms: done.3.unwrap_or(0) as u64,
                     event_id: done.4.unwrap_or_default(),
@@ -759,7 +764,7 @@ impl StateStore for SqliteStateStore {
             tx.execute(
                 "UPDATE uploads SET state = 'completed', size = ?2, md5 = ?3, location = ?4, \
                  completed_event_id = ?5, completed_at = ?6, updated_at = ?6, merge_bytes_done = ?2, \
-                 expires_at = ?7 WHERE id = ?1",
+                 expires_at = ?7, crc32c = ?8, sha256 = ?9, composite_md5 = ?10 WHERE id = ?1",
                 params![
                     key,
                     int(result.size),
@@ -768,7 +773,10 @@ impl StateStore for SqliteStateStore {
                     result.event_id,
                     result.completed_at_ms as i64,
                     // Kept until deleted or past its retention (the janitor's call).
-                    i64::MAX
+                    i64::MAX,
+                    result.crc32c.map(i64::from),
+                    result.sha256.map(|d| d.to_hex()),
+                    result.composite_md5.map(|d| d.to_string()),
                 ],
             )
             .map_err(db_error)?;
@@ -882,7 +890,8 @@ impl StateStore for SqliteStateStore {
                 tx.execute(
                     "UPDATE uploads SET state = 'completed', size = ?2, md5 = ?3, location = ?4, \
                      completed_event_id = ?5, completed_at = ?6, merge_bytes_done = ?2, \
-                     chunks_received = ?7, bytes_received = ?8, expires_at = ?9 WHERE id = ?1",
+                     chunks_received = ?7, bytes_received = ?8, expires_at = ?9, \
+                     crc32c = ?10, sha256 = ?11, composite_md5 = ?12 WHERE id = ?1",
                     params![
                         key,
                         int(c.size),
@@ -892,7 +901,10 @@ impl StateStore for SqliteStateStore {
                         c.completed_at_ms as i64,
                         int(g.total_chunks),
                         int(g.total_size),
-                        i64::MAX
+                        i64::MAX,
+                        c.crc32c.map(i64::from),
+                        c.sha256.map(|d| d.to_hex()),
+                        c.composite_md5.map(|d| d.to_string()),
                     ],
                 )
                 .map_err(db_error)?;

@@ -29,7 +29,7 @@ use super::{
     UploadHeader,
 };
 use crate::config::RedisSettings;
-use crate::digest::Md5;
+use crate::digest::{CompositeMd5, Md5, Sha256, crc32c_hex};
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::now_ms;
@@ -563,6 +563,12 @@ impl StateStore for RedisStateStore {
                     size: parse_u64_field(&meta, "size")?,
                     md5: Md5::parse(&md5)
                         .ok_or_else(|| StateError::Corrupt("md5 is not a digest".into()))?,
+                    crc32c: optional(&meta, "crc32c")
+                        .and_then(|v| u32::from_str_radix(&v, 16).ok()),
+                    sha256: optional(&meta, "sha256").as_deref().and_then(Sha256::parse),
+                    composite_md5: optional(&meta, "composite_md5")
+                        .as_deref()
+                        .and_then(CompositeMd5::parse),
                     location: optional(&meta, "location").unwrap_or_default(),
                     completed_at_ms: parse_u64_field(&meta, "completed_at")?,
                     event_id: optional(&meta, "completed_event_id").unwrap_or_default(),
@@ -818,6 +824,7 @@ impl StateStore for RedisStateStore {
             .arg(&result.event_id)
             .arg(result.completed_at_ms)
             .arg(completed_event.to_stored())
+            .arg(digest_args(Some(result)).as_slice())
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
@@ -954,6 +961,7 @@ impl StateStore for RedisStateStore {
             None => invocation.arg(0).arg(0).arg("").arg("").arg(0).arg(""),
         };
         invocation.arg(created_event.to_stored());
+        invocation.arg(digest_args(r.completion.as_ref()).as_slice());
         for chunk in &r.chunks {
             invocation
                 .arg(chunk.index.0)
@@ -1054,6 +1062,22 @@ impl StateStore for RedisStateStore {
             other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
         }
     }
+}
+
+/// The whole-file digests beyond MD5 as script arguments (crc32c, sha256, composite MD5), each
+/// `""` when absent: the scripts store only the ones present, so an older hash simply lacks
+/// them.
+fn digest_args(completion: Option<&Completion>) -> [String; 3] {
+    let c = completion;
+    [
+        c.and_then(|c| c.crc32c).map(crc32c_hex).unwrap_or_default(),
+        c.and_then(|c| c.sha256)
+            .map(|d| d.to_hex())
+            .unwrap_or_default(),
+        c.and_then(|c| c.composite_md5)
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+    ]
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::StorageError;
 use super::layout::{self, AttemptFile, CopyEntry, Piece};
-use crate::digest::{ChunkDigests, ChunkHasher, Md5};
+use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
 use crate::upload::{ChunkRecord, NewUpload};
@@ -604,6 +604,13 @@ pub struct CompletionRecord {
     pub fence: u64,
     pub size: u64,
     pub md5: Md5,
+    /// Whole-file CRC32C; absent from records written before Stitch computed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub composite_md5: Option<CompositeMd5>,
     /// The merged file, relative to the storage root.
     pub location: String,
     pub completed_at_ms: u64,
@@ -611,7 +618,40 @@ pub struct CompletionRecord {
     pub event_id: String,
 }
 
-/// The record's on-disk form, versioned like the manifest.
+impl CompletionRecord {
+    /// The record of `completion`, committed under `fence`.
+    pub fn new(fence: u64, completion: &crate::upload::Completion) -> Self {
+        Self {
+            fence,
+            size: completion.size,
+            md5: completion.md5,
+            crc32c: completion.crc32c,
+            sha256: completion.sha256,
+            composite_md5: completion.composite_md5,
+            location: completion.location.clone(),
+            completed_at_ms: completion.completed_at_ms,
+            event_id: completion.event_id.clone(),
+        }
+    }
+
+    /// The completion as the state store records it (what a rebuild restores).
+    pub fn into_completion(self) -> crate::upload::Completion {
+        crate::upload::Completion {
+            size: self.size,
+            md5: self.md5,
+            crc32c: self.crc32c,
+            sha256: self.sha256,
+            composite_md5: self.composite_md5,
+            location: self.location,
+            completed_at_ms: self.completed_at_ms,
+            event_id: self.event_id,
+        }
+    }
+}
+
+/// The record's on-disk form, versioned like the manifest. Version 1 gained the optional
+/// whole-file digests (`crc32c`, `sha256`, `composite_md5`) additively: older records read
+/// with them absent.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(tag = "completion_version")]
 enum CompletionFile {
@@ -1106,10 +1146,36 @@ mod tests {
             fence,
             size: 10,
             md5: Md5::from_bytes([0; 16]),
+            crc32c: Some(0x0102_0304),
+            sha256: Some(Sha256::from_bytes([7; 32])),
+            composite_md5: CompositeMd5::of_parts([Some(Md5::from_bytes([1; 16]))]),
             location: store.attempt(id, fence).location,
             completed_at_ms: 1,
             event_id: "e".into(),
         }
+    }
+
+    #[test]
+    fn a_completion_record_without_the_newer_digests_still_reads() {
+        let old = r#"{"completion_version": "1", "fence": 3, "size": 10,
+            "md5": "9e107d9d372bb6826bd81d3542a419d6", "location": "x/merged",
+            "completed_at_ms": 5, "event_id": "e"}"#;
+        let CompletionFile::V1(record) = serde_json::from_str(old).unwrap();
+        assert_eq!(record.crc32c, None);
+        assert_eq!(record.sha256, None);
+        assert_eq!(record.composite_md5, None);
+        assert_eq!(record.size, 10);
+    }
+
+    #[test]
+    fn a_completion_record_round_trips_its_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), false);
+        let record = completion(&store, &UploadId::parse("rt").unwrap(), 2);
+        let body = serde_json::to_string(&CompletionFile::V1(record.clone())).unwrap();
+        let CompletionFile::V1(back) = serde_json::from_str(&body).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(back.clone().into_completion().sha256, record.sha256);
     }
 
     /// A store in a fresh directory holding upload `name` (40 bytes in chunks of 10).

@@ -5,6 +5,7 @@
 
 mod access;
 mod crashes;
+mod digests;
 mod downloads;
 mod harness;
 mod lock_quorum;

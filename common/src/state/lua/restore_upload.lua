@@ -7,7 +7,8 @@
 --       12 highest fence on storage, 13 last activity (ms), 14 the merge trigger (stored outbox entry),
 --       15 completed (0|1), 16 size, 17 md5hex, 18 location, 19 completed_at, 20 event_id,
 --       21 the upload.created event (stored outbox entry, for an upload restored not completed),
---       22.. triples: index, entry "offset:len:crc32c:md5hex:token", len
+--       22 crc32c (8 hex digits), 23 sha256hex, 24 composite md5 (22-24: '' when absent),
+--       25.. triples: index, entry "offset:len:crc32c:md5hex:token", len
 -- Returns {"exists", state} | {"restored", state}
 
 local meta, parts, bits, merges, events, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
@@ -21,7 +22,7 @@ local current = tonumber(redis.call('GET', fence) or '0')
 if tonumber(ARGV[12]) > current then redis.call('SET', fence, ARGV[12]) end
 
 local chunks, bytes = 0, 0
-for i = 22, #ARGV, 3 do
+for i = 25, #ARGV, 3 do
   redis.call('HSET', parts, ARGV[i], ARGV[i + 1])
   redis.call('SETBIT', bits, ARGV[i], 1)
   chunks = chunks + 1
@@ -40,6 +41,9 @@ if ARGV[15] == '1' then
   redis.call('HSET', meta, 'state', state, 'size', ARGV[16], 'md5', ARGV[17],
     'location', ARGV[18], 'completed_at', ARGV[19], 'completed_event_id', ARGV[20],
     'merge_bytes_done', ARGV[16], 'chunks_received', ARGV[3], 'bytes_received', ARGV[1])
+  for i, field in ipairs({'crc32c', 'sha256', 'composite_md5'}) do
+    if ARGV[21 + i] ~= '' then redis.call('HSET', meta, field, ARGV[21 + i]) end
+  end
   redis.call('PERSIST', meta)
   redis.call('PERSIST', bits)
   return {'restored', state}
