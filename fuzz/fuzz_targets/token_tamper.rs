@@ -3,8 +3,8 @@
 //! Input: six lines of claims, then edits to the signed token.
 //! - lines: tenant (an invalid one becomes `default`), upload name (anything), scopes
 //!   (comma-separated names; unknown ones are left out), expiry and "now" (Unix seconds),
-//!   size bound (a number; anything else: no bound, and the line, when not empty, is the
-//!   issuing key's id);
+//!   size bound (a number; anything else: no bound, and the line, when not empty and at
+//!   most 64 bytes — a key id's limit —, is the issuing key's id);
 //! - the rest, four bytes per edit: operation (`% 4`: flip bits, insert, remove, truncate),
 //!   position (`u16`, little-endian, modulo the token's length + 1), byte.
 //!
@@ -42,7 +42,9 @@ fuzz_target!(|data: &[u8]| {
         ),
         expires_at: expires_at.parse().unwrap_or_default(),
         max_bytes: max_bytes.parse().ok(),
-        issuer: (max_bytes.parse::<u64>().is_err() && !max_bytes.is_empty())
+        issuer: (max_bytes.parse::<u64>().is_err()
+            && !max_bytes.is_empty()
+            && max_bytes.len() <= 64)
             .then(|| max_bytes.clone()),
     };
     let now: u64 = now.parse().unwrap_or_default();

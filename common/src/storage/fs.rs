@@ -234,7 +234,18 @@ impl FsChunkStore {
         let manifest = self.manifest_path(id);
         blocking(move || {
             gone(std::fs::remove_file(&manifest))?;
-            gone(std::fs::remove_dir_all(&dir))
+            // A merge finishing at the same moment removes files of the same directory: a
+            // removal that met such a race is tried again before it counts as a failure.
+            let mut tries = 0;
+            loop {
+                match gone(std::fs::remove_dir_all(&dir)) {
+                    Err(_) if tries < 3 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    done => return done,
+                }
+            }
         })
         .await
     }
