@@ -17,14 +17,8 @@ pub struct QueueGauges {
 }
 
 impl QueueGauges {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        loop {
-            self.poll_once().await;
-            tokio::select! {
-                () = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        every(self.interval, shutdown, || self.poll_once()).await;
     }
 
     /// Reads every queue's load once and sets the gauges; a queue that cannot be read keeps
@@ -40,6 +34,21 @@ impl QueueGauges {
                 }
                 Err(e) => tracing::debug!(family, error = %e, "queue stats unavailable"),
             }
+        }
+    }
+}
+
+/// Runs `poll` now and then every `interval`, until shutdown: the loop of every gauge poller.
+pub async fn every<F, Fut>(interval: Duration, mut shutdown: watch::Receiver<bool>, mut poll: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        poll().await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -19,17 +19,11 @@ pub struct TenantGauges {
 }
 
 impl TenantGauges {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
         if self.tenants.is_empty() {
             return;
         }
-        loop {
-            self.poll_once().await;
-            tokio::select! {
-                () = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
+        crate::queue_metrics::every(self.interval, shutdown, || self.poll_once()).await;
     }
 
     /// Reads every configured tenant's usage once; one that cannot be read keeps its last

@@ -59,13 +59,7 @@ impl RedisQuotaLedger {
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, StateError> {
-        self.pool.get().await.map_err(|e| {
-            crate::metrics::backend_error("redis");
-            StateError::Unavailable {
-                detail: format!("no Redis connection: {e}"),
-                outcome_unknown: false,
-            }
-        })
+        crate::state::redis_connection(&self.pool).await
     }
 
     async fn run(

@@ -13,8 +13,8 @@ mod redis;
 use async_trait::async_trait;
 
 pub(crate) use self::redis::pool as redis_pool;
-pub(crate) use self::redis::redis_error;
 pub use self::redis::{RedisStateStore, keys};
+pub(crate) use self::redis::{connection as redis_connection, redis_error};
 use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;

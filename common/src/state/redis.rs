@@ -140,13 +140,7 @@ impl RedisStateStore {
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, StateError> {
-        self.pool.get().await.map_err(|e| {
-            crate::metrics::backend_error("redis");
-            StateError::Unavailable {
-                detail: format!("no Redis connection: {e}"),
-                outcome_unknown: false,
-            }
-        })
+        connection(&self.pool).await
     }
 
     /// Every key of the namespace of one kind (`meta`, `outbox`, …), by SCAN: cheap per call
@@ -237,6 +231,17 @@ impl RedisStateStore {
         }
         Ok(())
     }
+}
+
+/// A connection from `pool`; none is `Unavailable` (nothing was sent).
+pub(crate) async fn connection(pool: &Pool) -> Result<deadpool_redis::Connection, StateError> {
+    pool.get().await.map_err(|e| {
+        crate::metrics::backend_error("redis");
+        StateError::Unavailable {
+            detail: format!("no Redis connection: {e}"),
+            outcome_unknown: false,
+        }
+    })
 }
 
 /// A connection pool with every wait bounded by `timeout`, so that an unreachable Redis
