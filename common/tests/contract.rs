@@ -67,6 +67,7 @@ fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        assembly: Default::default(),
         callback_url: None,
         callback_secret: None,
     }
