@@ -1015,6 +1015,9 @@ impl Drop for InFlight {
 
 /// Whether a part declaring `upload` may join the upload the state store knows as `header`.
 fn fits(header: &UploadHeader, upload: &NewUpload) -> Result<(), Conflict> {
+    if header.assembly != upload.assembly {
+        return Err(Conflict::Assembly);
+    }
     if header.geometry != upload.geometry {
         return Err(Conflict::Geometry {
             existing: header.geometry,

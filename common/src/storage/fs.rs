@@ -1297,6 +1297,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_inventory_of_segments_is_the_chain_from_zero_that_reaches_furthest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), false);
+        let upload = NewUpload {
+            assembly: Assembly::Segments { partial: false },
+            ..upload("seg", 100, 100)
+        };
+        store.ensure_manifest(&upload).await.unwrap();
+        let chunks = store.chunks_dir(&upload.id);
+        let put_len = |name: &str, len: usize| {
+            std::fs::create_dir_all(&chunks).unwrap();
+            std::fs::write(chunks.join(name), vec![1u8; len]).unwrap();
+        };
+        // 0..30 twice (a resend after a copy was stored but not counted), 30..50 cut
+        // differently from 30..40 + 40..60, a stray segment past a gap, and a `.part`.
+        put_len("s0.aaaaaaaaaaaaaaaa00000001", 30);
+        put_len("s0.bbbbbbbbbbbbbbbb00000002", 10);
+        put_len("s30.cccccccccccccccc00000003", 20);
+        put_len("s30.dddddddddddddddd00000004", 10);
+        put_len("s40.eeeeeeeeeeeeeeee00000005", 20);
+        put_len("s90.ffffffffffffffff00000006", 10);
+        put_len("s60.x.part", 5);
+        let inventory = store.inventory(&upload.id).await.unwrap().unwrap();
+        let chain: Vec<(u64, u64, u64, u32)> = inventory
+            .chunks
+            .iter()
+            .map(|c| (c.index.0, c.offset, c.len, c.crc32c))
+            .collect();
+        assert_eq!(chain, [(0, 0, 30, 1), (1, 30, 10, 4), (2, 40, 20, 5)]);
+    }
+
+    #[tokio::test]
     async fn surplus_removal_keeps_counted_copies_attempt_files_and_anything_young() {
         let (_dir, store, id) = with_upload("s1", false).await;
         let chunks = store.chunks_dir(&id);
