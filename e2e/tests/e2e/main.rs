@@ -16,5 +16,6 @@ mod outages;
 mod storage;
 mod storage_truth;
 mod traces;
+mod tus_faults;
 mod unroutable;
 mod webhooks;
