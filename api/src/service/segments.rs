@@ -371,6 +371,17 @@ impl UploadService {
         };
         let limit = offset + room;
         let mut carry: Option<Bytes> = None;
+        if room == 0 {
+            // Every byte is there: a body may only be empty.
+            return match self.body_has_more(&mut carry, body).await {
+                true => Err(ServiceError::BodyTooLong { expected: 0 }),
+                false => Ok(Appended {
+                    id: id.clone(),
+                    offset,
+                    progress: None,
+                }),
+            };
+        }
         let mut progress = None;
         loop {
             let max = segment_size.min(limit - offset);

@@ -149,3 +149,36 @@ async fn partial_uploads_sent_to_two_apis_concatenate_into_the_right_file() {
         assert!(!dir.exists(), "{} is still on storage", dir.display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concatenation_whose_redis_state_was_lost_merges_from_storage() {
+    let env = TestEnv::new();
+    let api = start_api(&env);
+    let bytes = Source::random(3 * MIB, MIB as u64, 74).bytes;
+    let t = Tus::new(http_client(), &format!("http://{}", api.addr));
+    let mut parts = Vec::new();
+    for piece in bytes.chunks(MIB + 17) {
+        let url = t
+            .send(
+                t.request(reqwest::Method::POST, &format!("{}/files/", t.base))
+                    .header("Upload-Length", piece.len().to_string())
+                    .header("Upload-Concat", "partial"),
+            )
+            .await
+            .location();
+        patch_when_free(&t, &url, 0, piece).await;
+        parts.push(url);
+    }
+    let whole = t
+        .send(
+            t.request(reqwest::Method::POST, &format!("{}/files/", t.base))
+                .header("Upload-Concat", format!("final;{}", parts.join(" "))),
+        )
+        .await;
+    assert_eq!(whole.status, 201, "{whole:?}");
+    // Redis forgets the concatenation and its parts before any worker ran its merge job.
+    env.lose_redis_keys();
+    env.migrate().unwrap();
+    let _worker = start_worker(&env);
+    assert_merged(&ApiClient::new(api.addr), id_of(&whole.location()), &bytes).await;
+}
