@@ -172,7 +172,18 @@ def token_tamper():
         "acme", "u1", "upload", 2000, 1000, "-", edit(3, 180, 0) + edit(1, 180, ord("A"))))
 
 
-for make in [chunk_headers, content_range, geometry, upload_id, token_verify, token_tamper]:
+def tus_headers():
+    b64 = lambda t: base64.b64encode(t.encode()).decode()
+    write("tus_headers", "valid-metadata", f"Upload-Metadata: filename {b64('a b.txt')},filetype {b64('text/plain')},flag\n")
+    write("tus_headers", "valid-checksum", f"Upload-Checksum: sha1 {base64.b64encode(bytes(20)).decode()}\n")
+    write("tus_headers", "valid-concat", "Upload-Concat: final;http://h/files/a1 /files/b2\n")
+    write("tus_headers", "valid-partial", "Upload-Concat: partial\n")
+    write("tus_headers", "invalid-metadata-repeat", f"Upload-Metadata: a {b64('x')},a {b64('y')}\n")
+    write("tus_headers", "invalid-concat-path", "Upload-Concat: final;/files/../etc\n")
+    write("tus_headers", "invalid-checksum-length", "Upload-Checksum: md5 AAAA\n")
+
+
+for make in [tus_headers, chunk_headers, content_range, geometry, upload_id, token_verify, token_tamper]:
     make()
 
 for name, value in [("valid", "bytes=0-99"), ("valid-open", "bytes=100-"),

@@ -539,3 +539,28 @@ async fn with_keys_a_tenant_cannot_see_or_append_to_another_tenants_upload() {
     assert_eq!(acme.head(&url).await.offset(), Some(0));
     assert_eq!(acme.patch(&url, 0, vec![1; 10]).await.status, 204);
 }
+
+#[tokio::test]
+async fn tus_creations_answer_to_the_tenants_quotas_and_store_nothing_when_refused() {
+    let app = spawn_app_with(|s| {
+        s.auth.quotas.max_active_uploads = Some(1);
+        s.auth.quotas.max_upload_bytes = Some(stitch_common::config::ByteSize(1000));
+    })
+    .await;
+    let t = tus(&app);
+    let too_big = t.create(1001, None).await;
+    assert_eq!(too_big.status, 413, "{too_big:?}");
+    assert_eq!(too_big.code().as_deref(), Some("quota_exceeded"));
+    let first = t.create(1000, None).await;
+    assert_eq!(first.status, 201);
+    let before = app.env.storage_snapshot();
+    let second = t.create(10, None).await;
+    assert_eq!(second.status, 429, "{second:?}");
+    assert!(second.header("retry-after").is_some());
+    assert_eq!(app.env.storage_snapshot(), before);
+    // The upload admitted still takes its bytes.
+    assert_eq!(
+        t.patch(&first.location(), 0, vec![1; 1000]).await.status,
+        204
+    );
+}

@@ -182,3 +182,34 @@ async fn a_concatenation_whose_redis_state_was_lost_merges_from_storage() {
     let _worker = start_worker(&env);
     assert_merged(&ApiClient::new(api.addr), id_of(&whole.location()), &bytes).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tus_upload_is_announced_and_downloadable_like_any_other() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    let api = start_api(&env);
+    let bytes = Source::random(MIB + 5, MIB as u64, 75).bytes;
+    let t = Tus::new(http_client(), &format!("http://{}", api.addr));
+    let url = t
+        .create(bytes.len() as u64, Some("filename ZGF0YS5iaW4="))
+        .await
+        .location();
+    patch_when_free(&t, &url, 0, &bytes).await;
+    let id = id_of(&url);
+    let created = tap.wait_for(id, "upload.created", MINUTE).await;
+    assert_eq!(created["upload"]["tenant"], "default", "{created}");
+    let completed = tap.wait_for(id, "upload.completed", MINUTE).await;
+    assert_eq!(
+        completed["upload"]["size"],
+        bytes.len() as u64,
+        "{completed}"
+    );
+    assert_eq!(completed["upload"]["md5"], md5_hex(&bytes), "{completed}");
+    assert_eq!(distinct_event_ids(&tap, id, "upload.completed").len(), 1);
+    let client = ApiClient::new(api.addr);
+    let (_, status) = client.status(id).await;
+    assert_eq!(status["protocol"], "tus");
+    assert_eq!(status["filename"], "data.bin");
+    assert!(client.download(id).await == bytes);
+}
