@@ -16,5 +16,6 @@ mod outages;
 mod storage;
 mod storage_truth;
 mod traces;
+mod tus_clients;
 mod unroutable;
 mod webhooks;
