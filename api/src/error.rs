@@ -120,6 +120,8 @@ fn service_status(e: &ServiceError) -> StatusCode {
         TokensDisabled => StatusCode::NOT_IMPLEMENTED,
         QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
         NotFound => StatusCode::NOT_FOUND,
+        Expired => StatusCode::GONE,
+        Locked => StatusCode::LOCKED,
         Busy | Unavailable(_) | HookUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
         Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -156,6 +158,8 @@ fn service_code(e: &ServiceError) -> &'static str {
         QuotaExceeded { .. } | QuotaUploadTooLarge { .. } => "quota_exceeded",
         HookUnavailable => "hook_unavailable",
         NotFound => "upload_not_found",
+        Expired => "upload_expired",
+        Locked => "upload_locked",
         NotCompleted(_) => "upload_not_completed",
         Busy => "too_busy",
         Unavailable(_) => "unavailable",
@@ -177,6 +181,9 @@ fn conflict_code(c: &Conflict) -> &'static str {
             UploadState::Receiving => "upload_receiving",
         },
         Conflict::NotMerging(_) => "upload_not_merging",
+        Conflict::Assembly => "protocol_mismatch",
+        Conflict::Offset { .. } => "offset_mismatch",
+        Conflict::PastEnd { .. } => "past_end",
         Conflict::Fenced => "fenced",
     }
 }

@@ -38,7 +38,10 @@ fn display_name(name: &'static str) -> &'static str {
 
 /// The one value of header `name`, as text; `None` when absent. Repeated headers and
 /// values that are not visible ASCII are errors.
-fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+pub(crate) fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+) -> Result<Option<&'a str>, ApiError> {
     let mut values = headers.get_all(name).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -55,11 +58,14 @@ fn single<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<Option<&'a s
         })
 }
 
-fn required<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, ApiError> {
+pub(crate) fn required<'a>(
+    headers: &'a HeaderMap,
+    name: &'static str,
+) -> Result<&'a str, ApiError> {
     single(headers, name)?.ok_or(ApiError::MissingHeader(display_name(name)))
 }
 
-fn decimal(headers: &HeaderMap, name: &'static str) -> Result<u64, ApiError> {
+pub(crate) fn decimal(headers: &HeaderMap, name: &'static str) -> Result<u64, ApiError> {
     parse_decimal(required(headers, name)?).map_err(|e| ApiError::InvalidHeader {
         header: display_name(name),
         reason: e.to_string(),

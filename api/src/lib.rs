@@ -19,6 +19,7 @@ pub mod handlers;
 pub mod hook;
 pub mod routes;
 pub mod service;
+pub mod tus;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub public_url: Option<Arc<str>>,
     /// Browser origins allowed to call the API (`http.cors_origins`); `None`: CORS is off.
     pub cors: Option<Arc<cors::CorsPolicy>>,
+    /// The tus front end's settings; `None`: tus is off (`tus.enabled = false`).
+    pub tus: Option<Arc<tus::TusConfig>>,
 }
 
 /// A bound, not yet running API server.
@@ -93,6 +96,7 @@ impl Application {
                 metrics: stitch_common::telemetry::metrics_handle(),
                 public_url: settings.http.public_url.as_deref().map(Arc::from),
                 cors: cors::CorsPolicy::new(&settings.http.cors_origins).map(Arc::new),
+                tus: tus::TusConfig::from_settings(settings),
             },
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,

@@ -14,6 +14,7 @@ use crate::AppState;
 use crate::cors;
 use crate::error::ApiError;
 use crate::handlers::{chunks, files, health, tokens, uploads};
+use crate::tus;
 
 pub fn router(state: AppState) -> Router {
     let mut routes = Router::new()
@@ -22,10 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/upload/tokens", post(tokens::issue_token))
         .route("/upload/status", get(uploads::status_by_header))
         .route("/upload/{id}/status", get(uploads::status_by_path))
-        .route(
-            "/files/{id}",
-            get(files::download).delete(files::abort_upload),
-        )
+        .merge(files_routes())
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
@@ -36,12 +34,29 @@ pub fn router(state: AppState) -> Router {
     if let Some(policy) = state.cors.clone() {
         routes = routes.layer(middleware::from_fn_with_state(policy, cors::gate));
     }
-    routes
+    let routes = routes
         .layer(middleware::from_fn(track_requests))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .with_state(state);
+    tus::with_method_override(routes)
+}
+
+/// `/files`: every upload as a resource (download, delete) and tus's verbs on it.
+fn files_routes() -> Router<AppState> {
+    Router::new()
+        .route("/files", post(tus::create).options(tus::options))
+        .route("/files/", post(tus::create).options(tus::options))
+        .route(
+            "/files/{id}",
+            get(files::download)
+                .head(tus::head)
+                .patch(tus::patch)
+                .delete(files::abort_upload)
+                .options(tus::options),
+        )
+        .route_layer(middleware::from_fn(tus::protocol_gate))
 }
 
 /// The span of one request: method and path, never the query (a `?token=` is a

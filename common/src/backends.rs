@@ -26,6 +26,8 @@ pub struct Backends {
     /// One message per webhook delivery.
     pub webhooks: Arc<dyn WorkQueue>,
     pub lock: Arc<dyn MergeLock>,
+    /// Leases of `tus.append_lease` on appending to an upload (one PATCH at a time).
+    pub append_lock: Arc<dyn MergeLock>,
     pub events: Arc<dyn EventSink>,
     pub storage: FsChunkStore,
     /// Events for replay, the delivery log, disabled endpoints.
@@ -48,6 +50,10 @@ impl Backends {
             webhook_feed: Arc::new(broker.queue(Family::WebhookFeed)),
             webhooks: Arc::new(broker.queue(Family::Webhooks)),
             lock: Arc::new(RedisLock::new(settings).context("setting up the merge lock")?),
+            append_lock: Arc::new(
+                RedisLock::with_ttl(settings, settings.tus.append_lease.0)
+                    .context("setting up the append lock")?,
+            ),
             events: broker,
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
             webhook_store: Arc::new(

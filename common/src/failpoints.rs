@@ -12,6 +12,9 @@
 /// The API, after a chunk's copy is durable on storage (and, for an upload's first chunk,
 /// after its manifest) and before the state store records it.
 pub const CHUNK_DURABLE_BEFORE_RECORD: &str = "chunk-durable-before-record";
+/// The API, after a segment of an append (tus `PATCH`) is durable and before the state store
+/// counts it.
+pub const SEGMENT_DURABLE_BEFORE_RECORD: &str = "segment-durable-before-record";
 /// The worker, after the merged file's rename and its completion record, before the commit.
 pub const MERGE_RENAMED_BEFORE_COMMIT: &str = "merge-renamed-before-commit";
 /// The worker, after the commit (which put the completion event in the outbox), before the

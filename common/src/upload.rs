@@ -60,6 +60,74 @@ impl FromStr for UploadState {
     }
 }
 
+/// How an upload's parts make its file: which pieces storage holds and how the merge puts
+/// them together. Fixed at creation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Assembly {
+    /// Fixed-size chunks by index (the chunk protocol): chunk `i` covers
+    /// `i × chunk_size ..`, in any order, each sent whole.
+    #[default]
+    Chunks,
+    /// Byte-range segments appended in order (tus): each starts where the bytes received so
+    /// far end, and may have any length. The geometry is one part of the whole size.
+    Segments {
+        /// A part of a later concatenation (tus `Upload-Concat: partial`): complete when all
+        /// its bytes are there, never merged alone.
+        #[serde(default)]
+        partial: bool,
+    },
+    /// The concatenation of other uploads' segments, in this order (tus
+    /// `Upload-Concat: final`). It receives nothing itself; it is merged as it is created.
+    Concat { parts: Vec<UploadId> },
+}
+
+impl Assembly {
+    pub fn is_chunks(&self) -> bool {
+        matches!(self, Self::Chunks)
+    }
+
+    /// Whether the upload merges once all its bytes are there (a partial upload waits for
+    /// the concatenation that uses it).
+    pub fn merges_when_complete(&self) -> bool {
+        !matches!(self, Self::Segments { partial: true })
+    }
+
+    /// The form the state stores keep: a word (empty for chunks, as every record before tus
+    /// holds) and, for a concatenation, its parts' ids joined by spaces.
+    pub fn to_stored(&self) -> (&'static str, String) {
+        match self {
+            Self::Chunks => ("", String::new()),
+            Self::Segments { partial: false } => ("segments", String::new()),
+            Self::Segments { partial: true } => ("partial", String::new()),
+            Self::Concat { parts } => (
+                "concat",
+                parts
+                    .iter()
+                    .map(UploadId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        }
+    }
+
+    pub fn from_stored(kind: &str, parts: &str) -> Result<Self, String> {
+        Ok(match kind {
+            "" => Self::Chunks,
+            "segments" => Self::Segments { partial: false },
+            "partial" => Self::Segments { partial: true },
+            "concat" => Self::Concat {
+                parts: parts
+                    .split(' ')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| UploadId::from_key(p).map_err(|e| format!("concat part {p:?}: {e}")))
+                    .collect::<Result<_, _>>()?,
+            },
+            other => return Err(format!("unknown assembly {other:?}")),
+        })
+    }
+}
+
 /// Everything fixed when an upload is created, by an explicit create or by its first chunk.
 /// It is also the upload's immutable manifest on storage.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +143,10 @@ pub struct NewUpload {
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// How the upload's parts make its file; chunks unless it says otherwise (every manifest
+    /// written before tus).
+    #[serde(default, skip_serializing_if = "Assembly::is_chunks")]
+    pub assembly: Assembly,
     /// Where the client asked for this upload's webhooks (checked against the operator's
     /// policy at creation and again, resolved, at every delivery).
     #[serde(default)]
@@ -121,6 +193,7 @@ pub struct UploadStatus {
     pub id: UploadId,
     pub state: UploadState,
     pub geometry: Geometry,
+    pub assembly: Assembly,
     pub filename: Option<String>,
     pub file_md5: Option<Md5>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,

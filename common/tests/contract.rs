@@ -21,7 +21,7 @@ use stitch_common::state::{
     Aborted, Committed, Conflict, Created, Expired, Failed, MergeStart, OutboxEntry, Recorded,
     RedisStateStore, Reopened, Restoration, Restored, StateError, StateStore, keys,
 };
-use stitch_common::upload::{ChunkRecord, Completion, NewUpload, UploadState};
+use stitch_common::upload::{Assembly, ChunkRecord, Completion, NewUpload, UploadState};
 use stitch_testkit::TestEnv;
 use stitch_testkit::redis_server::RedisServer;
 
@@ -67,6 +67,7 @@ fn upload(id: &str, total: u64, chunk: u64) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        assembly: Default::default(),
         callback_url: None,
         callback_secret: None,
     }
@@ -854,6 +855,206 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
     ));
 }
 
+fn stream(id: &str, total: u64, assembly: Assembly) -> NewUpload {
+    NewUpload {
+        assembly,
+        ..upload(id, total, total)
+    }
+}
+
+/// The uploads among `entries` with a merge trigger pending.
+fn triggers(entries: Vec<OutboxEntry>) -> Vec<UploadId> {
+    entries
+        .into_iter()
+        .filter(|e| e.kind() == OutboxKind::Merge)
+        .map(|e| e.upload_id)
+        .collect()
+}
+
+fn segment(offset: u64, len: u64) -> ChunkRecord {
+    ChunkRecord {
+        index: ChunkIndex(0),
+        offset,
+        len,
+        crc32c: 9,
+        md5: None,
+        token: format!("s{offset}"),
+    }
+}
+
+async fn segments_append_only_at_the_end_and_complete_once(store: &dyn StateStore) {
+    let u = stream("seg1", 100, Assembly::Segments { partial: false });
+    let append = |s: ChunkRecord| {
+        let id = u.id.clone();
+        async move { store.append_segment(&id, &s, &merge(&id), TTL).await }
+    };
+    assert!(matches!(
+        append(segment(0, 10)).await,
+        Err(StateError::NotFound)
+    ));
+    store.create_upload(&u, &created(&u.id), TTL).await.unwrap();
+    assert!(matches!(
+        append(segment(10, 10)).await,
+        Err(StateError::Conflict(Conflict::Offset { current: 0 }))
+    ));
+    let p = append(segment(0, 40)).await.unwrap();
+    assert_eq!(
+        (p.bytes_received, p.chunks_received, p.completed_upload),
+        (40, 1, false)
+    );
+    assert!(matches!(
+        append(segment(40, 70)).await,
+        Err(StateError::Conflict(Conflict::PastEnd { size: 100 }))
+    ));
+    assert!(matches!(
+        append(segment(0, 10)).await,
+        Err(StateError::Conflict(Conflict::Offset { current: 40 }))
+    ));
+    let p = append(segment(40, 60)).await.unwrap();
+    assert!(p.completed_upload);
+    assert_eq!(p.state, UploadState::Merging);
+    assert!(matches!(
+        append(segment(100, 0)).await,
+        Err(StateError::Conflict(Conflict::NotReceiving(
+            UploadState::Merging
+        )))
+    ));
+    // A chunk of the chunk protocol does not join an upload of segments.
+    let as_chunks = upload("seg1", 100, 100);
+    assert!(matches!(
+        store
+            .record_chunk(
+                &as_chunks,
+                &chunk(&as_chunks, 0, 9),
+                &merge(&u.id),
+                &created(&u.id),
+                TTL
+            )
+            .await,
+        Err(StateError::Conflict(Conflict::Assembly))
+    ));
+    let status = store.upload_status(&u.id).await.unwrap().unwrap();
+    assert_eq!(status.assembly, u.assembly);
+    assert!(status.uploaded_chunks.is_empty());
+    assert_eq!(status.bytes_received, 100);
+    assert_eq!(
+        triggers(store.pending_outbox(u64::MAX).await.unwrap())
+            .iter()
+            .filter(|id| *id == &u.id)
+            .count(),
+        1
+    );
+    let MergeStart::Ready(plan) = store.begin_merge(&u.id, TTL).await.unwrap() else {
+        panic!("not merging");
+    };
+    assert_eq!(plan.upload.assembly, u.assembly);
+    let places: Vec<(u64, u64, u64)> = plan
+        .chunks
+        .iter()
+        .map(|c| (c.index.0, c.offset, c.len))
+        .collect();
+    assert_eq!(places, [(0, 0, 40), (1, 40, 60)]);
+    // Segments do not go to an upload of chunks either.
+    let chunked = upload("seg2", 100, 50);
+    store
+        .create_upload(&chunked, &created(&chunked.id), TTL)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .append_segment(&chunked.id, &segment(0, 10), &merge(&chunked.id), TTL)
+            .await,
+        Err(StateError::Conflict(Conflict::Assembly))
+    ));
+}
+
+async fn a_complete_partial_upload_waits_and_a_concatenation_merges_as_created(
+    store: &dyn StateStore,
+) {
+    let a = stream("part-a", 30, Assembly::Segments { partial: true });
+    let b = stream("part-b", 20, Assembly::Segments { partial: true });
+    for p in [&a, &b] {
+        store.create_upload(p, &created(&p.id), TTL).await.unwrap();
+        let done = store
+            .append_segment(
+                &p.id,
+                &segment(0, p.geometry.total_size),
+                &merge(&p.id),
+                TTL,
+            )
+            .await
+            .unwrap();
+        assert!(
+            !done.completed_upload,
+            "a partial upload never merges alone"
+        );
+        assert_eq!(done.state, UploadState::Receiving);
+        assert_eq!(done.bytes_received, p.geometry.total_size);
+    }
+    let whole = stream(
+        "whole",
+        50,
+        Assembly::Concat {
+            parts: vec![a.id.clone(), b.id.clone()],
+        },
+    );
+    assert_eq!(
+        store
+            .create_concatenation(&whole, &created(&whole.id), &merge(&whole.id), TTL)
+            .await
+            .unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        store
+            .create_concatenation(&whole, &created(&whole.id), &merge(&whole.id), TTL)
+            .await
+            .unwrap(),
+        Created::AlreadyExists
+    );
+    let pending = triggers(store.pending_outbox(u64::MAX).await.unwrap());
+    assert!(pending.contains(&whole.id), "{pending:?}");
+    assert!(!pending.contains(&a.id) && !pending.contains(&b.id));
+    assert!(matches!(
+        store
+            .append_segment(&whole.id, &segment(0, 1), &merge(&whole.id), TTL)
+            .await,
+        Err(StateError::Conflict(Conflict::Assembly))
+    ));
+    let MergeStart::Ready(plan) = store.begin_merge(&whole.id, TTL).await.unwrap() else {
+        panic!("a concatenation merges as it is created");
+    };
+    assert_eq!(plan.upload.assembly, whole.assembly);
+    assert!(plan.chunks.is_empty());
+    // Restored from storage, a complete partial upload still waits; a complete upload of
+    // segments merges.
+    let lost_partial = stream("part-c", 10, Assembly::Segments { partial: true });
+    let lost_whole = stream("seg-c", 10, Assembly::Segments { partial: false });
+    for (u, expected) in [
+        (&lost_partial, UploadState::Receiving),
+        (&lost_whole, UploadState::Merging),
+    ] {
+        let r = Restoration {
+            upload: u.clone(),
+            chunks: vec![segment(0, 10)],
+            completion: None,
+            fence: 1,
+            last_activity_ms: stitch_common::now_ms(),
+        };
+        assert_eq!(
+            store
+                .restore_upload(&r, &merge(&u.id), &created(&u.id), TTL)
+                .await
+                .unwrap(),
+            Restored::Now(expected)
+        );
+        assert_eq!(
+            store.upload_status(&u.id).await.unwrap().unwrap().assembly,
+            u.assembly
+        );
+    }
+}
+
 /// Every state store check, run against one implementation.
 async fn run_state_contract(store: &dyn StateStore) {
     chunks_are_counted_once_and_never_overwritten(store).await;
@@ -869,6 +1070,8 @@ async fn run_state_contract(store: &dyn StateStore) {
     a_lost_upload_is_restored_once_from_storage(store).await;
     expiring_excludes_recording_and_spares_live_uploads(store).await;
     lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(store).await;
+    segments_append_only_at_the_end_and_complete_once(store).await;
+    a_complete_partial_upload_waits_and_a_concatenation_merges_as_created(store).await;
 }
 
 #[tokio::test]
@@ -1115,7 +1318,7 @@ async fn a_version_1_sqlite_outbox_is_upgraded_with_each_entry_under_its_kind() 
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, stitch_common::embedded::SCHEMA_VERSION);
     let kept: i64 = conn
         .query_row("SELECT COUNT(*) FROM outbox WHERE kind = ''", [], |r| {
             r.get(0)
@@ -1171,7 +1374,7 @@ async fn a_version_2_sqlite_database_gains_the_digest_columns_and_keeps_its_comp
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, stitch_common::embedded::SCHEMA_VERSION);
 }
 
 // ----- The merge queue contract -----

@@ -19,6 +19,7 @@ pub mod prometheus;
 pub mod proxy;
 pub mod redis_server;
 pub mod sink;
+pub mod tus;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -130,7 +130,10 @@ impl Janitor {
         let ttl_ms = self.ttl.as_millis() as u64;
         let idle = now.saturating_sub(inventory.last_activity_ms) >= ttl_ms;
         let stored: u64 = inventory.chunks.iter().map(|c| c.len).sum();
-        let every_chunk = stored == inventory.upload.geometry.total_size;
+        // A complete partial upload waits for its concatenation, for as long as any idle
+        // upload is kept.
+        let every_chunk = stored == inventory.upload.geometry.total_size
+            && inventory.upload.assembly.merges_when_complete();
         let abandoned = match header.state {
             UploadState::Receiving => idle && !every_chunk,
             UploadState::Failed => idle,
@@ -176,7 +179,11 @@ impl Janitor {
         let counted = self.state.counted_chunks(id).await?;
         let removed = self
             .storage
-            .remove_surplus(id, Keep::Counted(&counted), self.grace)
+            .remove_surplus(
+                id,
+                Keep::Counted(&inventory.upload.assembly, &counted),
+                self.grace,
+            )
             .await?;
         self.removed(swept, removed);
         Ok(())

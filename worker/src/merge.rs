@@ -29,11 +29,11 @@ use stitch_common::queue::{EventSink, OutboxMessage};
 use stitch_common::quota::QuotaLedger;
 use stitch_common::recovery::Recovery;
 use stitch_common::state::{
-    Committed, Conflict, Failed, MergePlan, MergeStart, OutboxEntry, Reopened, StateError,
+    Aborted, Committed, Conflict, Failed, MergePlan, MergeStart, OutboxEntry, Reopened, StateError,
     StateStore,
 };
-use stitch_common::storage::{CompletionRecord, FsChunkStore};
-use stitch_common::upload::{Completion, UploadState, UploadStatus};
+use stitch_common::storage::{CompletionRecord, FsChunkStore, Piece};
+use stitch_common::upload::{Assembly, ChunkRecord, Completion, UploadState, UploadStatus};
 use tokio::sync::Mutex;
 
 use crate::concat::{ChunkSource, Concat, ConcatError, Control, LostChunk, concatenate};
@@ -273,24 +273,17 @@ impl Merger {
             }
             Err(e) => return Err(transient(e)),
         };
-        if let Err(lost) = check_plan(&plan) {
-            return self.reopen(&plan, lost).await;
-        }
-        tracing::info!(upload_id = %id, fence = plan.fence, chunks = plan.chunks.len(), "merging");
+        let parts = match self.parts_of(&plan).await {
+            Ok(parts) => parts,
+            Err(Unusable::Lost(lost)) => return self.reopen(&plan, lost).await,
+            Err(Unusable::Parts(reason)) => return self.fail(&plan, &reason).await,
+            Err(Unusable::Unavailable(e)) => return Err(transient(e)),
+        };
+        tracing::info!(upload_id = %id, fence = plan.fence, chunks = parts.records.len(), "merging");
 
         let files = self.storage.attempt(id, plan.fence);
         let job = Concat {
-            chunks: plan
-                .chunks
-                .iter()
-                .map(|c| ChunkSource {
-                    index: c.index.0,
-                    path: self.storage.copy_path(id, c.index, &c.token),
-                    len: c.len,
-                    crc32c: c.crc32c,
-                    md5: c.md5,
-                })
-                .collect(),
+            chunks: parts.sources.clone(),
             output: files.temp.clone(),
             block_bytes: self.block_bytes,
             fsync: self.fsync,
@@ -315,7 +308,21 @@ impl Merger {
             }
             Err(ConcatError::Cancelled) => return Err(MergeError::Cancelled),
             Err(ConcatError::Storage(e)) => return Err(MergeError::Storage(e)),
-            Err(ConcatError::LostChunks(lost)) => return self.reopen(&plan, lost).await,
+            Err(ConcatError::LostChunks(lost)) => {
+                return match &plan.upload.assembly {
+                    Assembly::Chunks => self.reopen(&plan, lost).await,
+                    Assembly::Segments { .. } => {
+                        self.reopen(&plan, from_first_lost(&plan, &lost)).await
+                    }
+                    Assembly::Concat { .. } => {
+                        let reason = format!(
+                            "a concatenated upload lost data: {}",
+                            ConcatError::LostChunks(lost)
+                        );
+                        self.fail(&plan, &reason).await
+                    }
+                };
+            }
         };
         tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, "chunks concatenated");
 
@@ -338,7 +345,7 @@ impl Merger {
             .await
             .map_err(transient)?;
 
-        let (crc32c, composite_md5) = Completion::part_digests(&plan.chunks);
+        let (crc32c, composite_md5) = Completion::part_digests(&parts.records);
         let completion = Completion {
             size: done.size,
             md5: done.md5,
@@ -380,6 +387,7 @@ impl Merger {
                     stitch_common::failpoints::MERGE_COMMITTED_BEFORE_PUBLISH,
                 );
                 self.publish_outboxed(id, &event, outboxed).await;
+                self.retire_parts(&plan).await;
                 Ok(MergeOutcome::Committed(Finish {
                     id: id.clone(),
                     lease: None,
@@ -390,6 +398,7 @@ impl Merger {
                 self.storage.discard_attempt(id, plan.fence).await;
                 self.settle_quota(id, plan.upload.geometry.total_size).await;
                 self.publish_completed(id).await?;
+                self.retire_parts(&plan).await;
                 let keep = self
                     .state
                     .upload_status(id)
@@ -485,7 +494,10 @@ impl Merger {
             .chunks
             .iter()
             .filter(|c| indices.contains(&c.index))
-            .map(|c| self.storage.copy_path(id, c.index, &c.token))
+            .map(|c| {
+                self.storage
+                    .copy_path(id, Piece::of(&plan.upload.assembly, c), &c.token)
+            })
             .collect();
         for copy in bad_copies {
             remove(&copy).await;
@@ -542,6 +554,137 @@ impl Merger {
         }
     }
 
+    /// The parts of `plan`, checked, with their files: the upload's own chunks or segments,
+    /// or, for a concatenation, the segments of each concatenated upload in turn.
+    async fn parts_of(&self, plan: &MergePlan) -> Result<Parts, Unusable> {
+        let id = &plan.upload.id;
+        let assembly = &plan.upload.assembly;
+        let source = |record: &ChunkRecord, owner: &UploadId, piece: Piece| ChunkSource {
+            index: record.index.0,
+            path: self.storage.copy_path(owner, piece, &record.token),
+            len: record.len,
+            crc32c: record.crc32c,
+            md5: record.md5,
+        };
+        let mut parts = Parts {
+            records: Vec::new(),
+            sources: Vec::new(),
+        };
+        match assembly {
+            Assembly::Chunks | Assembly::Segments { .. } => {
+                if assembly.is_chunks() {
+                    check_chunks(plan).map_err(Unusable::Lost)?;
+                } else {
+                    check_segments(plan).map_err(Unusable::Lost)?;
+                }
+                for c in &plan.chunks {
+                    parts.sources.push(source(c, id, Piece::of(assembly, c)));
+                    parts.records.push(c.clone());
+                }
+            }
+            Assembly::Concat { parts: uploads } => {
+                // Each segment is named by its offset in its own upload; the records carry
+                // offsets in the whole file.
+                let mut start = 0;
+                for part in uploads {
+                    let segments = self.complete_part(part).await?;
+                    for segment in &segments {
+                        let record = ChunkRecord {
+                            index: ChunkIndex(parts.records.len() as u64),
+                            offset: start + segment.offset,
+                            ..segment.clone()
+                        };
+                        parts
+                            .sources
+                            .push(source(&record, part, Piece::Segment(segment.offset)));
+                        parts.records.push(record);
+                    }
+                    start += segments.iter().map(|s| s.len).sum::<u64>();
+                }
+                if start != plan.upload.geometry.total_size {
+                    return Err(Unusable::Parts(format!(
+                        "the concatenated uploads hold {start} bytes, not {}",
+                        plan.upload.geometry.total_size
+                    )));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The segments of a partial upload a concatenation names, if it is complete.
+    async fn complete_part(&self, part: &UploadId) -> Result<Vec<ChunkRecord>, Unusable> {
+        let header = self
+            .state
+            .upload_header(part)
+            .await
+            .map_err(Unusable::Unavailable)?;
+        let complete = |segments: &[ChunkRecord], size: u64| {
+            let mut end = 0;
+            for s in segments {
+                if s.offset != end {
+                    return false;
+                }
+                end += s.len;
+            }
+            end == size
+        };
+        match header {
+            Some(h)
+                if h.state == UploadState::Receiving
+                    && h.assembly == (Assembly::Segments { partial: true }) =>
+            {
+                let segments = self
+                    .state
+                    .counted_chunks(part)
+                    .await
+                    .map_err(Unusable::Unavailable)?;
+                if complete(&segments, h.geometry.total_size) {
+                    Ok(segments)
+                } else {
+                    Err(Unusable::Parts(format!("{} is not complete", part.name())))
+                }
+            }
+            _ => Err(Unusable::Parts(format!(
+                "{} is not a complete partial upload",
+                part.name()
+            ))),
+        }
+    }
+
+    /// After a concatenation committed, the partial uploads it used are done with: their
+    /// records, quota and files go (tus lets a server delete them). A failure leaves them for
+    /// the janitor, which expires them as it does any idle upload.
+    async fn retire_parts(&self, plan: &MergePlan) {
+        let Assembly::Concat { parts } = &plan.upload.assembly else {
+            return;
+        };
+        for part in parts {
+            let retired = async {
+                let Some(status) = self.state.upload_status(part).await? else {
+                    return anyhow::Ok(());
+                };
+                let event = Event::aborted(&status);
+                let outboxed = OutboxMessage::event(&event);
+                if let Aborted::Now { .. } = self
+                    .state
+                    .abort_upload(part, &outboxed, self.ttl_ms)
+                    .await?
+                {
+                    self.publish_outboxed(part, &event, outboxed).await;
+                }
+                if let Some(quotas) = &self.quotas {
+                    quotas.release(part).await?;
+                }
+                self.storage.remove_upload(part).await?;
+                Ok(())
+            };
+            if let Err(e) = retired.await {
+                tracing::warn!(upload_id = %part, error = %e, "a concatenated partial upload was not removed; the janitor will expire it");
+            }
+        }
+    }
+
     /// Deletes what a finished upload no longer needs and releases the lock.
     pub async fn finish(&self, finish: Finish) {
         let cleaned = self
@@ -562,7 +705,7 @@ impl Merger {
 /// The plan must cover every chunk exactly, as the geometry says. Otherwise the chunks that
 /// are not recorded, or recorded inconsistently with the geometry, are lost: the client can
 /// send them again.
-fn check_plan(plan: &MergePlan) -> Result<(), Vec<LostChunk>> {
+fn check_chunks(plan: &MergePlan) -> Result<(), Vec<LostChunk>> {
     let g = plan.upload.geometry;
     let mut lost = Vec::new();
     let mut recorded = plan.chunks.iter().peekable();
@@ -591,6 +734,71 @@ fn check_plan(plan: &MergePlan) -> Result<(), Vec<LostChunk>> {
             }),
     );
     if lost.is_empty() { Ok(()) } else { Err(lost) }
+}
+
+/// Segments must follow each other from offset 0 to the upload's size. From the first that
+/// does not, every segment is lost: an upload of segments receives only at its end, so the
+/// client resumes from the last good one.
+fn check_segments(plan: &MergePlan) -> Result<(), Vec<LostChunk>> {
+    let mut end = 0;
+    for (n, segment) in plan.chunks.iter().enumerate() {
+        if segment.offset != end || segment.index.0 != n as u64 {
+            return Err(lost_from(
+                &plan.chunks[n..],
+                "does not follow the segment before it",
+            ));
+        }
+        end += segment.len;
+    }
+    if end != plan.upload.geometry.total_size {
+        return Err(vec![LostChunk {
+            index: plan.chunks.len() as u64,
+            why: format!("is missing: the segments end at byte {end}"),
+        }]);
+    }
+    Ok(())
+}
+
+fn lost_from(segments: &[ChunkRecord], why: &str) -> Vec<LostChunk> {
+    segments
+        .iter()
+        .map(|s| LostChunk {
+            index: s.index.0,
+            why: why.into(),
+        })
+        .collect()
+}
+
+/// For an upload of segments, what the concatenation found lost and every segment after it.
+fn from_first_lost(plan: &MergePlan, lost: &[LostChunk]) -> Vec<LostChunk> {
+    let first = lost.iter().map(|l| l.index).min().unwrap_or(0);
+    let mut all = lost.to_vec();
+    all.extend(lost_from(
+        &plan
+            .chunks
+            .iter()
+            .filter(|c| c.index.0 > first && !lost.iter().any(|l| l.index == c.index.0))
+            .cloned()
+            .collect::<Vec<_>>(),
+        "follows a lost segment",
+    ));
+    all.sort_by_key(|l| l.index);
+    all
+}
+
+/// The counted parts a merge concatenates, in order, and where each is on storage.
+struct Parts {
+    records: Vec<ChunkRecord>,
+    sources: Vec<ChunkSource>,
+}
+
+/// Why a plan cannot be merged as it stands.
+enum Unusable {
+    /// Parts of the upload itself are lost: the client sends them again.
+    Lost(Vec<LostChunk>),
+    /// A concatenation's parts are not complete uploads (any more): the merge fails.
+    Parts(String),
+    Unavailable(StateError),
 }
 
 async fn remove(path: &std::path::Path) {

@@ -44,6 +44,7 @@ fn upload(id: &str) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1234,
+        assembly: Default::default(),
         callback_url: None,
         callback_secret: None,
     }

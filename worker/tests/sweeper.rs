@@ -28,6 +28,7 @@ async fn a_merge_waiting_in_a_backlog_is_never_failed() {
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        assembly: Default::default(),
         callback_url: None,
         callback_secret: None,
     };
@@ -93,6 +94,7 @@ fn one_chunk_upload(name: &str) -> NewUpload {
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        assembly: Default::default(),
         callback_url: None,
         callback_secret: None,
     }

@@ -372,6 +372,7 @@ async fn upload_with_callback(run: &Running, id: &str, url: String, secret: &str
         file_md5: None,
         metadata: None,
         created_at_ms: 1,
+        assembly: Default::default(),
         callback_url: Some(url),
         callback_secret: Some(secret.into()),
     };

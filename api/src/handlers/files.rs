@@ -1,8 +1,8 @@
 //! `/files/{id}`: the upload as a resource, whatever protocol created it.
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
 use crate::download;
@@ -18,6 +18,19 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let file = app.uploads.completed_file(&caller, &name).await?;
     download::respond(file, name.as_str(), &headers).await
+}
+
+/// [`download`] for a request routed elsewhere first (a `HEAD` that is not tus's).
+pub async fn download_request(app: AppState, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let answered: Result<Response, ApiError> = async {
+        let DownloadCaller(caller) = DownloadCaller::from_request_parts(&mut parts, &app).await?;
+        let UploadIdPath(name) = UploadIdPath::from_request_parts(&mut parts, &app).await?;
+        let file = app.uploads.completed_file(&caller, &name).await?;
+        download::respond(file, name.as_str(), &parts.headers).await
+    }
+    .await;
+    answered.into_response()
 }
 
 /// `DELETE /files/{id}`: abort the upload and remove its chunks (and its file, if merged).

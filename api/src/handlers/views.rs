@@ -1,13 +1,20 @@
 //! JSON shapes of responses. Field names are part of the public protocol.
 
 use serde::Serialize;
-use stitch_common::upload::{UploadState, UploadStatus};
+use stitch_common::upload::{Assembly, UploadState, UploadStatus};
 
 /// The status of an upload, as `GET /upload/status` and friends return it.
 #[derive(Serialize)]
 pub struct StatusView {
     pub upload_id: String,
     pub state: &'static str,
+    /// How the upload receives its bytes: `chunks` (the chunk protocol) or `tus`. A tus
+    /// upload has one "chunk" of the whole size; `chunks_received` counts its stored
+    /// segments and `uploaded_chunks` is empty: it resumes from `bytes_received`.
+    pub protocol: &'static str,
+    /// For tus concatenation: `partial` or `final`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concat: Option<&'static str>,
     pub filename: Option<String>,
     pub total_size: u64,
     pub chunk_size: u64,
@@ -66,6 +73,16 @@ impl StatusView {
             status_url: format!("/upload/{}/status", s.id.name()),
             upload_id: s.id.name().to_owned(),
             state: s.state.as_str(),
+            protocol: if s.assembly.is_chunks() {
+                "chunks"
+            } else {
+                "tus"
+            },
+            concat: match s.assembly {
+                Assembly::Segments { partial: true } => Some("partial"),
+                Assembly::Concat { .. } => Some("final"),
+                _ => None,
+            },
             filename: s.filename,
             total_size: s.geometry.total_size,
             chunk_size: s.geometry.chunk_size,

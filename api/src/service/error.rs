@@ -77,6 +77,12 @@ pub enum ServiceError {
     HookUnavailable,
     #[error("no upload with this id")]
     NotFound,
+    /// The upload expired (or was deleted and its record kept for a while).
+    #[error("the upload expired")]
+    Expired,
+    /// Another request is appending to the upload.
+    #[error("another request is appending to this upload; retry once it ends")]
+    Locked,
     #[error("the upload is {0}; only a completed upload can be downloaded")]
     NotCompleted(UploadState),
     #[error("too many chunks are being written; retry shortly")]

@@ -5,8 +5,10 @@
 //! ([`ChunkPart`], [`PartBody`]), and every failure is a [`ServiceError`].
 
 mod error;
+mod segments;
 
 pub use self::error::{QUOTA_RETRY_AFTER_SECS, ServiceError};
+pub use self::segments::{Append, Appended, DeclaredDigest, NewStream};
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use stitch_common::digest::{ChunkDigests, Md5};
 use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
+use stitch_common::lock::MergeLock;
 use stitch_common::metrics as m;
 use stitch_common::now_ms;
 use stitch_common::queue::{EventSink, MergeJob, NOW, OutboxMessage, WorkQueue};
@@ -28,7 +31,7 @@ use stitch_common::state::{
     UploadHeader,
 };
 use stitch_common::storage::{Block, Feed, FsChunkStore, ManifestCheck, StagedChunk, StorageError};
-use stitch_common::upload::{ChunkRecord, NewUpload, UploadState, UploadStatus};
+use stitch_common::upload::{Assembly, ChunkRecord, NewUpload, UploadState, UploadStatus};
 use stitch_common::webhooks::callback::CallbackPolicy;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -69,6 +72,10 @@ pub struct UploadService {
     /// The operator's pre-create hook, if configured.
     hook: Option<Hook>,
     token_max_ttl: std::time::Duration,
+    /// One append (tus `PATCH`) per upload at a time, fleet-wide.
+    append_lock: Arc<dyn MergeLock>,
+    /// An append is made durable and counted every this many bytes.
+    segment_size: u64,
 }
 
 /// `POST /upload/tokens`: a capability token for one upload.
@@ -231,6 +238,8 @@ impl UploadService {
             auth_settings: settings.auth.clone(),
             quotas: backends.quotas.clone(),
             hook,
+            append_lock: backends.append_lock.clone(),
+            segment_size: settings.tus.segment_size.0,
         })
     }
 
@@ -320,17 +329,7 @@ impl UploadService {
         self.check_geometry(&geometry)?;
         caller.check_size(geometry.total_size)?;
         let filename = req.filename.map(|f| self.check_filename(f)).transpose()?;
-        if let Some(metadata) = &req.metadata {
-            let size = serde_json::Value::Object(metadata.clone())
-                .to_string()
-                .len();
-            if size > self.limits.max_metadata_bytes {
-                return Err(ServiceError::InvalidRequest(format!(
-                    "metadata is {size} bytes; at most {} are allowed",
-                    self.limits.max_metadata_bytes
-                )));
-            }
-        }
+        self.check_metadata(req.metadata.as_ref())?;
         let callback_url = req
             .callback_url
             .map(|url| self.check_callback(&url).map(|()| url))
@@ -342,6 +341,7 @@ impl UploadService {
             file_md5: req.md5,
             metadata: req.metadata,
             created_at_ms: now_ms(),
+            assembly: Assembly::Chunks,
             callback_secret: callback_url.as_ref().map(|_| new_callback_secret()),
             callback_url,
         };
@@ -424,6 +424,7 @@ impl UploadService {
             file_md5: chunk.file_md5,
             metadata: None,
             created_at_ms: now_ms(),
+            assembly: Assembly::Chunks,
             callback_url: None,
             callback_secret: None,
         };
@@ -924,14 +925,36 @@ impl UploadService {
             .map_err(|refusal| ServiceError::InvalidCallback(refusal.to_string()))
     }
 
+    fn check_metadata(
+        &self,
+        metadata: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(), ServiceError> {
+        if let Some(metadata) = metadata {
+            let size = serde_json::Value::Object(metadata.clone())
+                .to_string()
+                .len();
+            if size > self.limits.max_metadata_bytes {
+                return Err(ServiceError::InvalidRequest(format!(
+                    "metadata is {size} bytes; at most {} are allowed",
+                    self.limits.max_metadata_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// An upload's size against `limits.max_upload_bytes`.
+    fn check_size(&self, size: u64) -> Result<(), ServiceError> {
+        let max = self.limits.max_upload_bytes.0;
+        if size > max {
+            return Err(ServiceError::UploadTooLarge { size, max });
+        }
+        Ok(())
+    }
+
     fn check_geometry(&self, g: &Geometry) -> Result<(), ServiceError> {
         let l = &self.limits;
-        if g.total_size > l.max_upload_bytes.0 {
-            return Err(ServiceError::UploadTooLarge {
-                size: g.total_size,
-                max: l.max_upload_bytes.0,
-            });
-        }
+        self.check_size(g.total_size)?;
         if g.chunk_size > l.max_chunk_bytes.0 {
             return Err(ServiceError::ChunkTooLarge {
                 size: g.chunk_size,
@@ -992,6 +1015,9 @@ impl Drop for InFlight {
 
 /// Whether a part declaring `upload` may join the upload the state store knows as `header`.
 fn fits(header: &UploadHeader, upload: &NewUpload) -> Result<(), Conflict> {
+    if header.assembly != upload.assembly {
+        return Err(Conflict::Assembly);
+    }
     if header.geometry != upload.geometry {
         return Err(Conflict::Geometry {
             existing: header.geometry,

@@ -11,3 +11,4 @@ mod ingest;
 mod limits;
 mod pace;
 mod process;
+mod tus;

@@ -60,6 +60,9 @@ pub struct Settings {
     pub limits: Limits,
     #[serde(default)]
     pub uploads: UploadSettings,
+    /// The tus 1.0 front end (`/files/`).
+    #[serde(default)]
+    pub tus: TusSettings,
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
@@ -123,8 +126,40 @@ pub struct HttpSettings {
     pub shutdown_grace: Interval,
     /// The externally visible base URL of the API (e.g. `https://uploads.example.com`), used
     /// to build download links in status responses and events. Without it links are
-    /// relative (`/files/<id>`).
+    /// relative (`/files/<id>`). tus `Location` headers are absolute: from this, else from
+    /// the request (`Host`, or `Forwarded` / `X-Forwarded-*` when `trust_forwarded`).
     pub public_url: Option<String>,
+    /// Believe `Forwarded` and `X-Forwarded-Host`/`-Proto` from clients: only behind a proxy
+    /// that sets them (anyone else could point Location headers elsewhere).
+    pub trust_forwarded: bool,
+}
+
+/// The tus 1.0 front end.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TusSettings {
+    /// Serve tus on `/files/`. The chunk protocol is always on.
+    pub enabled: bool,
+    /// A PATCH body is made durable and counted every this many bytes (and at its end,
+    /// wherever the body stops): what a process killed mid-PATCH can lose at most.
+    pub segment_size: ByteSize,
+    /// How long a PATCH whose process died keeps others from appending to its upload (a
+    /// lease, renewed while the PATCH runs; a PATCH that ends releases it at once).
+    pub append_lease: Interval,
+    /// Bound on reading one PATCH body, however fast it flows. What arrived is kept: the
+    /// client resumes from there.
+    pub patch_deadline: Interval,
+}
+
+impl Default for TusSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            segment_size: ByteSize(64 << 20),
+            append_lease: Interval(Duration::from_secs(10)),
+            patch_deadline: Interval(Duration::from_secs(6 * 3600)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -393,6 +428,7 @@ impl Default for Settings {
             janitor: JanitorSettings::default(),
             limits: Limits::default(),
             uploads: UploadSettings::default(),
+            tus: TusSettings::default(),
             log: LogSettings::default(),
             tracing: TracingSettings::default(),
             metrics: MetricsSettings::default(),
@@ -416,6 +452,7 @@ impl Default for HttpSettings {
             cors_origins: Vec::new(),
             shutdown_grace: Interval(Duration::from_secs(30)),
             public_url: None,
+            trust_forwarded: false,
         }
     }
 }
@@ -726,11 +763,28 @@ impl Settings {
 pub const MAX_MIN_BODY_RATE: u64 = 1 << 30;
 
 impl Settings {
-    /// The body-rate, deadline and CORS settings.
+    /// The body-rate, deadline and CORS settings, and tus's.
     fn validate_http(&self) -> Result<(), SettingsError> {
         let h = &self.http;
         let invalid =
             |key: &'static str, problem: String| Err(SettingsError::Invalid { key, problem });
+        let t = &self.tus;
+        if t.segment_size.0 < 1 << 20 || t.segment_size.0 > 4 << 30 {
+            return invalid(
+                "STITCH__TUS__SEGMENT_SIZE",
+                "must be between 1MiB and 4GiB".into(),
+            );
+        }
+        if t.append_lease.0 < Duration::from_secs(1) || t.append_lease.0 > Duration::from_secs(600)
+        {
+            return invalid(
+                "STITCH__TUS__APPEND_LEASE",
+                "must be between 1s and 10m".into(),
+            );
+        }
+        if t.patch_deadline.0 < Duration::from_secs(1) {
+            return invalid("STITCH__TUS__PATCH_DEADLINE", "must be at least 1s".into());
+        }
         if h.min_body_rate.0 > MAX_MIN_BODY_RATE {
             return invalid(
                 "STITCH__HTTP__MIN_BODY_RATE",

@@ -33,6 +33,7 @@ impl SqliteLock {
         match name {
             LockName::Merge(id) => format!("{}:{{{id}}}:lock", self.namespace),
             LockName::Janitor => format!("{}:janitor:lock", self.namespace),
+            LockName::Append(id) => format!("{}:{{{id}}}:append", self.namespace),
         }
     }
 

@@ -37,8 +37,9 @@ use crate::storage::FsChunkStore;
 
 /// The schema version this code writes (SQLite `user_version`). Version 2 stores the kind
 /// of each outbox entry in a column of its own; version 3 adds the whole-file digests beyond
-/// MD5 to `uploads`. [`Database::open`] upgrades a version-1 or version-2 database.
-pub const SCHEMA_VERSION: i64 = 3;
+/// MD5 to `uploads`; version 4 how an upload's parts make its file (tus).
+/// [`Database::open`] upgrades any earlier version.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The shared database handle.
 #[derive(Clone)]
@@ -83,9 +84,20 @@ impl Database {
             upgrade_from_1(&mut conn)
                 .with_context(|| format!("upgrading {} from schema 1", path.display()))?;
         }
-        if version == 1 || version == 2 {
+        if (1..=2).contains(&version) {
             upgrade_from_2(&mut conn)
                 .with_context(|| format!("upgrading {} from schema 2", path.display()))?;
+        }
+        if (1..=3).contains(&version) {
+            add_upload_columns(
+                &mut conn,
+                4,
+                &[
+                    ("assembly", "TEXT NOT NULL DEFAULT ''"),
+                    ("concat_parts", "TEXT NOT NULL DEFAULT ''"),
+                ],
+            )
+            .with_context(|| format!("upgrading {} from schema 3", path.display()))?;
         }
         conn.execute_batch(include_str!("schema.sql"))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -150,29 +162,43 @@ fn upgrade_from_1(conn: &mut Connection) -> anyhow::Result<()> {
 }
 
 /// Schema 2 → 3: `uploads` gets the whole-file digest columns (`crc32c`, `sha256`,
-/// `composite_md5`), all nullable: an upload completed before reads with them absent. One
-/// transaction with the version bump, so a crash leaves version 2 untouched.
+/// `composite_md5`), all nullable: an upload completed before reads with them absent.
 fn upgrade_from_2(conn: &mut Connection) -> anyhow::Result<()> {
+    add_upload_columns(
+        conn,
+        3,
+        &[
+            ("crc32c", "INTEGER"),
+            ("sha256", "TEXT"),
+            ("composite_md5", "TEXT"),
+        ],
+    )
+}
+
+/// Adds `columns` to `uploads` and sets the schema `version`, in one transaction, so a crash
+/// leaves the earlier version untouched. A column already there is kept: the upgrade is safe
+/// to meet half-done by hand. (Schema 3 → 4 adds `assembly` and `concat_parts`, whose
+/// defaults read as the chunk protocol's uploads every earlier version holds.)
+fn add_upload_columns(
+    conn: &mut Connection,
+    version: i64,
+    columns: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // The columns `uploads` has (none: no table yet, schema.sql creates it whole). A column
-    // already there is kept: the upgrade is safe to meet half-done by hand.
-    let columns = {
+    // The columns `uploads` has (none: no table yet, schema.sql creates it whole).
+    let existing = {
         let mut stmt = tx.prepare("SELECT name FROM pragma_table_info('uploads')")?;
         stmt.query_map([], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?
     };
-    if !columns.is_empty() {
-        for (name, kind) in [
-            ("crc32c", "INTEGER"),
-            ("sha256", "TEXT"),
-            ("composite_md5", "TEXT"),
-        ] {
-            if !columns.iter().any(|c| c == name) {
+    if !existing.is_empty() {
+        for (name, kind) in columns {
+            if !existing.iter().any(|c| c == name) {
                 tx.execute_batch(&format!("ALTER TABLE uploads ADD COLUMN {name} {kind}"))?;
             }
         }
     }
-    tx.pragma_update(None, "user_version", 3)?;
+    tx.pragma_update(None, "user_version", version)?;
     tx.commit()?;
     Ok(())
 }
@@ -200,6 +226,11 @@ impl Backends {
                 db.clone(),
                 &settings.namespace,
                 settings.lock.ttl.0,
+            )),
+            append_lock: Arc::new(SqliteLock::new(
+                db.clone(),
+                &settings.namespace,
+                settings.tus.append_lease.0,
             )),
             webhook_store: Arc::new(SqliteWebhookStore::new(db)),
             storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),

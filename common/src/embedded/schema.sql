@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS uploads (
   crc32c INTEGER,
   sha256 TEXT,
   composite_md5 TEXT,
+  -- How the parts make the file (version 4): '' chunks, 'segments', 'partial', 'concat'
+  -- with the concatenated uploads' ids, space-separated, in concat_parts.
+  assembly TEXT NOT NULL DEFAULT '',
+  concat_parts TEXT NOT NULL DEFAULT '',
   failure_reason TEXT,
   failed_at INTEGER,
   failed_event_id TEXT,

@@ -17,7 +17,9 @@ use crate::state::{
     OutboxEntry, Progress, Recorded, Reopened, Restoration, Restored, StateError, StateStore,
     UploadHeader,
 };
-use crate::upload::{ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus};
+use crate::upload::{
+    Assembly, ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus,
+};
 
 pub struct SqliteStateStore {
     db: Database,
@@ -26,6 +28,55 @@ pub struct SqliteStateStore {
 impl SqliteStateStore {
     pub fn new(db: Database) -> Self {
         Self { db }
+    }
+
+    /// An upload, or a concatenation (merging as it is created, with `merge_job` in its
+    /// outbox): the checks of `create_upload.lua`.
+    async fn create(
+        &self,
+        upload: &NewUpload,
+        created_event: &OutboxMessage,
+        merge_job: Option<&OutboxMessage>,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
+        let (u, created_event) = (upload.clone(), created_event.clone());
+        let merge_job = merge_job.cloned();
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = u.id.as_str();
+            purge_expired(tx, key, now)?;
+            if let Some(head) = read_head(tx, key)? {
+                if head.assembly != u.assembly {
+                    return Err(Conflict::Assembly.into());
+                }
+                if head.geometry != u.geometry {
+                    return Err(Conflict::Geometry {
+                        existing: head.geometry,
+                    }
+                    .into());
+                }
+                let md5 = md5_text(u.file_md5);
+                if !md5.is_empty() && head.file_md5 != md5 {
+                    return Err(Conflict::FileMd5.into());
+                }
+                if matches!(head.state, UploadState::Aborted | UploadState::Failed) {
+                    return Err(Conflict::NotReceiving(head.state).into());
+                }
+                return Ok(Created::AlreadyExists);
+            }
+            insert_upload(tx, &u, u.created_at_ms as i64, now, int(ttl_ms))?;
+            push_outbox(tx, key, &created_event)?;
+            if let Some(job) = &merge_job {
+                tx.execute(
+                    "UPDATE uploads SET state = 'merging', merging_at = ?2 WHERE id = ?1",
+                    params![key, u.created_at_ms as i64],
+                )
+                .map_err(db_error)?;
+                push_outbox(tx, key, job)?;
+            }
+            Ok(Created::New)
+        })
+        .await
     }
 
     async fn run<T, F>(&self, op: F) -> Result<T, StateError>
@@ -90,39 +141,47 @@ fn purge_expired(tx: &Transaction<'_>, id: &str, now: i64) -> Result<(), StateEr
 struct Head {
     state: UploadState,
     geometry: Geometry,
+    assembly: Assembly,
     file_md5: String,
     filename: String,
 }
 
 fn read_head(tx: &Transaction<'_>, id: &str) -> Result<Option<Head>, StateError> {
     tx.query_row(
-        "SELECT state, total_size, chunk_size, total_chunks, file_md5, filename FROM uploads WHERE id = ?1",
+        "SELECT state, total_size, chunk_size, total_chunks, file_md5, filename, assembly, \
+         concat_parts FROM uploads WHERE id = ?1",
         [id],
         |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
+                (
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ),
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
+                (r.get::<_, String>(6)?, r.get::<_, String>(7)?),
             ))
         },
     )
     .optional()
     .map_err(db_error)?
-    .map(|(state, ts, cs, tc, file_md5, filename)| {
-        Ok(Head {
-            state: state.parse().map_err(StateError::Corrupt)?,
-            geometry: Geometry {
-                total_size: ts as u64,
-                chunk_size: cs as u64,
-                total_chunks: tc as u64,
-            },
-            file_md5,
-            filename,
-        })
-    })
+    .map(
+        |(state, (ts, cs, tc), file_md5, filename, (assembly, parts))| {
+            Ok(Head {
+                state: state.parse().map_err(StateError::Corrupt)?,
+                geometry: Geometry {
+                    total_size: ts as u64,
+                    chunk_size: cs as u64,
+                    total_chunks: tc as u64,
+                },
+                assembly: Assembly::from_stored(&assembly, &parts).map_err(StateError::Corrupt)?,
+                file_md5,
+                filename,
+            })
+        },
+    )
     .transpose()
 }
 
@@ -146,10 +205,12 @@ fn insert_upload(
     ttl: i64,
 ) -> Result<(), StateError> {
     let g = u.geometry;
+    let (assembly, concat_parts) = u.assembly.to_stored();
     tx.execute(
         "INSERT INTO uploads (id, state, total_size, chunk_size, total_chunks, filename, file_md5, \
-         metadata, created_at, updated_at, expires_at, callback_url, callback_secret) \
-         VALUES (?1, 'receiving', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         metadata, created_at, updated_at, expires_at, callback_url, callback_secret, assembly, \
+         concat_parts) \
+         VALUES (?1, 'receiving', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             u.id.as_str(),
             int(g.total_size),
@@ -162,7 +223,9 @@ fn insert_upload(
             now,
             now + ttl,
             u.callback_url.as_deref().unwrap_or(""),
-            u.callback_secret.as_deref().unwrap_or("")
+            u.callback_secret.as_deref().unwrap_or(""),
+            assembly,
+            concat_parts
         ],
     )
     .map_err(db_error)?;
@@ -273,31 +336,18 @@ impl StateStore for SqliteStateStore {
         created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Created, StateError> {
-        let (u, created_event) = (upload.clone(), created_event.clone());
-        self.run(move |tx| {
-            let now = now_ms() as i64;
-            purge_expired(tx, u.id.as_str(), now)?;
-            if let Some(head) = read_head(tx, u.id.as_str())? {
-                if head.geometry != u.geometry {
-                    return Err(Conflict::Geometry {
-                        existing: head.geometry,
-                    }
-                    .into());
-                }
-                let md5 = md5_text(u.file_md5);
-                if !md5.is_empty() && head.file_md5 != md5 {
-                    return Err(Conflict::FileMd5.into());
-                }
-                if matches!(head.state, UploadState::Aborted | UploadState::Failed) {
-                    return Err(Conflict::NotReceiving(head.state).into());
-                }
-                return Ok(Created::AlreadyExists);
-            }
-            insert_upload(tx, &u, u.created_at_ms as i64, now, int(ttl_ms))?;
-            push_outbox(tx, u.id.as_str(), &created_event)?;
-            Ok(Created::New)
-        })
-        .await
+        self.create(upload, created_event, None, ttl_ms).await
+    }
+
+    async fn create_concatenation(
+        &self,
+        upload: &NewUpload,
+        created_event: &OutboxMessage,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
+        self.create(upload, created_event, Some(merge_job), ttl_ms)
+            .await
     }
 
     async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, StateError> {
@@ -307,6 +357,7 @@ impl StateStore for SqliteStateStore {
             Ok(read_head(tx, id.as_str())?.map(|h| UploadHeader {
                 state: h.state,
                 geometry: h.geometry,
+                assembly: h.assembly,
                 file_md5: Md5::parse(&h.file_md5),
             }))
         })
@@ -337,6 +388,9 @@ impl StateStore for SqliteStateStore {
                     created = true;
                 }
                 Some(head) => {
+                    if !head.assembly.is_chunks() {
+                        return Err(Conflict::Assembly.into());
+                    }
                     if head.geometry != u.geometry {
                         return Err(Conflict::Geometry { existing: head.geometry }.into());
                     }
@@ -423,6 +477,74 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
+    async fn append_segment(
+        &self,
+        id: &UploadId,
+        segment: &ChunkRecord,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError> {
+        let (id, segment, job) = (id.clone(), segment.clone(), merge_job.clone());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            let Assembly::Segments { partial } = head.assembly else {
+                return Err(Conflict::Assembly.into());
+            };
+            if head.state != UploadState::Receiving {
+                return Err(Conflict::NotReceiving(head.state).into());
+            }
+            let (chunks, bytes) = counts(tx, key)?;
+            if segment.offset != bytes {
+                return Err(Conflict::Offset { current: bytes }.into());
+            }
+            let size = head.geometry.total_size;
+            if segment.offset.saturating_add(segment.len) > size {
+                return Err(Conflict::PastEnd { size }.into());
+            }
+            let numbered = ChunkRecord {
+                index: ChunkIndex(chunks),
+                ..segment
+            };
+            insert_part(tx, key, &numbered)?;
+            let (chunks_received, bytes_received) = (chunks + 1, bytes + numbered.len);
+            let completed = bytes_received == size && !partial;
+            tx.execute(
+                "UPDATE uploads SET chunks_received = ?2, bytes_received = ?3, updated_at = ?4, \
+                 expires_at = ?5, state = ?6, \
+                 merging_at = CASE WHEN ?6 = 'merging' THEN ?4 ELSE merging_at END WHERE id = ?1",
+                params![
+                    key,
+                    int(chunks_received),
+                    int(bytes_received),
+                    now,
+                    now + int(ttl_ms),
+                    if completed { "merging" } else { "receiving" }
+                ],
+            )
+            .map_err(db_error)?;
+            if completed {
+                push_outbox(tx, key, &job)?;
+            }
+            Ok(Progress {
+                state: if completed {
+                    UploadState::Merging
+                } else {
+                    UploadState::Receiving
+                },
+                chunks_received,
+                bytes_received,
+                completed_upload: completed,
+                created_upload: false,
+            })
+        })
+        .await
+    }
+
     async fn upload_status(&self, id: &UploadId) -> Result<Option<UploadStatus>, StateError> {
         let id = id.clone();
         self.run(move |tx| {
@@ -434,7 +556,7 @@ impl StateStore for SqliteStateStore {
                      created_at, updated_at, bytes_received, chunks_received, merge_bytes_done, \
                      size, md5, location, completed_at, completed_event_id, \
                      failure_reason, failed_at, failed_event_id, callback_url, callback_secret, \
-                     crc32c, sha256, composite_md5 \
+                     crc32c, sha256, composite_md5, assembly, concat_parts \
                      FROM uploads WHERE id = ?1",
                     [id.as_str()],
                     |r| {
@@ -446,14 +568,18 @@ impl StateStore for SqliteStateStore {
                             (r.get::<_, Option<String>>(17)?, r.get::<_, Option<i64>>(18)?, r.get::<_, Option<String>>(19)?),
                             (r.get::<_, String>(20)?, r.get::<_, String>(21)?),
                             (r.get::<_, Option<i64>>(22)?, r.get::<_, Option<String>>(23)?, r.get::<_, Option<String>>(24)?),
+                            (r.get::<_, String>(25)?, r.get::<_, String>(26)?),
                         ))
                     },
                 )
                 .optional()
                 .map_err(db_error)?;
-            let Some((head, names, times, done, failed, callback_url, digests)) = row else {
+            let Some((head, names, times, done, failed, callback_url, digests, assembly)) = row
+            else {
                 return Ok(None);
             };
+            let assembly =
+                Assembly::from_stored(&assembly.0, &assembly.1).map_err(StateError::Corrupt)?;
             let geometry = Geometry {
                 total_size: head.1 as u64,
                 chunk_size: head.2 as u64,
@@ -507,11 +633,15 @@ impl StateStore for SqliteStateStore {
                 chunks_received: times.3 as u64,
                 // A completed upload has every chunk, whether or not their rows remain (a
                 // rebuild from storage has none).
-                uploaded_chunks: if completion.is_some() {
+                // Only chunks have indices a client resumes by.
+                uploaded_chunks: if !assembly.is_chunks() {
+                    Vec::new()
+                } else if completion.is_some() {
                     (0..geometry.total_chunks).collect()
                 } else {
                     uploaded_chunks
                 },
+                assembly,
                 merge_bytes_done: times.4.map(|v| v as u64),
                 completion,
                 failure,
@@ -703,6 +833,7 @@ impl StateStore for SqliteStateStore {
                     file_md5: Md5::parse(&head.file_md5),
                     metadata,
                     created_at_ms: created_at as u64,
+                    assembly: head.assembly,
                     callback_url: None,
                     callback_secret: None,
                 },
@@ -915,7 +1046,8 @@ impl StateStore for SqliteStateStore {
                 insert_part(tx, key, chunk)?;
                 bytes += chunk.len;
             }
-            let state = if bytes == g.total_size {
+            let complete = bytes == g.total_size && r.upload.assembly.merges_when_complete();
+            let state = if complete || matches!(r.upload.assembly, Assembly::Concat { .. }) {
                 UploadState::Merging
             } else {
                 UploadState::Receiving

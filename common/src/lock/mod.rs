@@ -28,6 +28,8 @@ pub enum LockName {
     Merge(UploadId),
     /// The janitor's pass over storage: one janitor of the fleet sweeps at a time.
     Janitor,
+    /// Appending to one upload of segments (a tus PATCH): one request of the fleet at a time.
+    Append(UploadId),
 }
 
 impl std::fmt::Display for LockName {
@@ -35,6 +37,7 @@ impl std::fmt::Display for LockName {
         match self {
             Self::Merge(id) => write!(f, "merge of {id}"),
             Self::Janitor => f.write_str("janitor pass"),
+            Self::Append(id) => write!(f, "append to {id}"),
         }
     }
 }

@@ -44,6 +44,7 @@ fn key(ns: &str, name: &LockName) -> String {
     match name {
         LockName::Merge(id) => format!("{ns}:{{{id}}}:lock"),
         LockName::Janitor => format!("{ns}:janitor:lock"),
+        LockName::Append(id) => format!("{ns}:{{{id}}}:append"),
     }
 }
 
@@ -68,8 +69,14 @@ fn renew_script() -> &'static Script {
 }
 
 impl RedisLock {
-    /// The lock nodes from `lock.redis_urls`, or the state store's Redis when none are set.
+    /// The lock nodes from `lock.redis_urls`, or the state store's Redis when none are set,
+    /// with leases of `lock.ttl`.
     pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        Self::with_ttl(settings, settings.lock.ttl.0)
+    }
+
+    /// The same nodes with leases of `ttl` (the tus append lease).
+    pub fn with_ttl(settings: &Settings, ttl: Duration) -> anyhow::Result<Self> {
         let timeout = settings.redis.timeout.0;
         let nodes = if settings.lock.redis_urls.is_empty() {
             vec![crate::state::redis_pool(
@@ -88,7 +95,6 @@ impl RedisLock {
                 })
                 .collect::<anyhow::Result<_>>()?
         };
-        let ttl = settings.lock.ttl.0;
         Ok(Self {
             nodes,
             namespace: settings.namespace.clone(),

@@ -309,6 +309,7 @@ mod tests {
             file_md5: None,
             metadata: None,
             created_at_ms: 1,
+            assembly: Default::default(),
             callback_url: None,
             callback_secret: None,
         };

@@ -19,7 +19,7 @@ use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;
 use crate::queue::{OutboxKind, OutboxMessage};
-use crate::upload::{ChunkRecord, Completion, NewUpload, UploadState, UploadStatus};
+use crate::upload::{Assembly, ChunkRecord, Completion, NewUpload, UploadState, UploadStatus};
 
 /// What a state store knows of an upload without its chunk list: enough to refuse a chunk
 /// before reading its body.
@@ -27,6 +27,7 @@ use crate::upload::{ChunkRecord, Completion, NewUpload, UploadState, UploadStatu
 pub struct UploadHeader {
     pub state: UploadState,
     pub geometry: Geometry,
+    pub assembly: Assembly,
     pub file_md5: Option<Md5>,
 }
 
@@ -78,6 +79,16 @@ pub enum Conflict {
     NotReceiving(UploadState),
     #[error("the upload is {0}, not merging")]
     NotMerging(UploadState),
+    /// The upload is assembled otherwise than the request assumes (a chunk for an upload of
+    /// segments, a segment for one of chunks or for a concatenation).
+    #[error("the upload is not assembled from this kind of part")]
+    Assembly,
+    /// A segment must start where the bytes received so far end.
+    #[error("the upload has {current} bytes; a segment must start there")]
+    Offset { current: u64 },
+    /// A segment must end within the upload's size.
+    #[error("the segment ends past the upload's {size} bytes")]
+    PastEnd { size: u64 },
     /// A newer merge attempt took the upload's fencing token: this one must change nothing.
     #[error("a newer merge attempt holds the fencing token")]
     Fenced,
@@ -260,6 +271,18 @@ pub trait StateStore: Send + Sync + 'static {
         ttl_ms: u64,
     ) -> Result<Created, StateError>;
 
+    /// Creates a concatenation (an upload of [`Assembly::Concat`], whose parts the caller
+    /// checked are complete) directly in state `merging`, with `created_event` and
+    /// `merge_job` in its outbox; or confirms that the same one exists, as
+    /// [`StateStore::create_upload`] does.
+    async fn create_concatenation(
+        &self,
+        upload: &NewUpload,
+        created_event: &OutboxMessage,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError>;
+
     /// The upload's geometry and state, or `None`. Read-only; used to refuse a chunk early.
     async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, StateError>;
 
@@ -279,6 +302,21 @@ pub trait StateStore: Send + Sync + 'static {
         created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Recorded, StateError>;
+
+    /// Appends one segment to an upload of [`Assembly::Segments`], atomically: only if the
+    /// upload is `receiving` and `segment.offset` is exactly its bytes received so far
+    /// ([`Conflict::Offset`] otherwise, with that count) and the segment ends within its
+    /// size. The segment counts as the upload's next part (`segment.index` is ignored: the
+    /// store numbers parts in the order they arrive). When it completes an upload that merges
+    /// when complete, moves it to `merging` with `merge_job` in its outbox; a complete partial
+    /// upload stays `receiving`. Refreshes the TTL. A refusal changes nothing.
+    async fn append_segment(
+        &self,
+        id: &UploadId,
+        segment: &ChunkRecord,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError>;
 
     /// A snapshot of the upload for clients.
     async fn upload_status(&self, id: &UploadId) -> Result<Option<UploadStatus>, StateError>;

@@ -35,7 +35,8 @@ use crate::id::UploadId;
 use crate::now_ms;
 use crate::queue::{OutboxKind, OutboxMessage};
 use crate::upload::{
-    ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus, bitmap_indices,
+    Assembly, ChunkRecord, Completion, Failure, NewUpload, UploadState, UploadStatus,
+    bitmap_indices,
 };
 
 /// Names of an upload's keys.
@@ -86,6 +87,7 @@ pub struct RedisStateStore {
 
 struct Scripts {
     record_chunk: Script,
+    append_segment: Script,
     create_upload: Script,
     abort_upload: Script,
     begin_merge: Script,
@@ -103,6 +105,7 @@ fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
     SCRIPTS.get_or_init(|| Scripts {
         record_chunk: Script::new(include_str!("lua/record_chunk.lua")),
+        append_segment: Script::new(include_str!("lua/append_segment.lua")),
         create_upload: Script::new(include_str!("lua/create_upload.lua")),
         abort_upload: Script::new(include_str!("lua/abort_upload.lua")),
         begin_merge: Script::new(include_str!("lua/begin_merge.lua")),
@@ -194,6 +197,50 @@ impl RedisStateStore {
             keys::outbox(ns, id, OutboxKind::Merge),
             self.outbox_key(id, event),
         ]
+    }
+
+    /// `create_upload.lua`: an upload, or a concatenation (merging as it is created, with
+    /// `merge_job` in its outbox).
+    async fn create(
+        &self,
+        upload: &NewUpload,
+        created_event: &OutboxMessage,
+        merge_job: Option<&OutboxMessage>,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
+        let mut conn = self.connection().await?;
+        let g = upload.geometry;
+        let (assembly, concat_parts) = upload.assembly.to_stored();
+        let reply: Value = self
+            .scripts
+            .create_upload
+            .key(keys::meta(&self.namespace, &upload.id))
+            .key(self.outbox_key(&upload.id, created_event))
+            .key(keys::outbox(&self.namespace, &upload.id, OutboxKind::Merge))
+            .arg(g.total_size)
+            .arg(g.chunk_size)
+            .arg(g.total_chunks)
+            .arg(upload.filename.as_deref().unwrap_or(""))
+            .arg(md5_arg(upload.file_md5))
+            .arg(metadata_arg(upload))
+            .arg(upload.created_at_ms)
+            .arg(ttl_ms)
+            .arg(created_event.to_stored())
+            .arg(upload.callback_url.as_deref().unwrap_or(""))
+            .arg(upload.callback_secret.as_deref().unwrap_or(""))
+            .arg(assembly)
+            .arg(concat_parts)
+            .arg(merge_job.map(OutboxMessage::to_stored).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "created" => Ok(Created::New),
+            "exists" => Ok(Created::AlreadyExists),
+            "conflict" => Err(reply.conflict()?.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
     }
 
     /// Where `message` goes in `id`'s outbox: the list of its kind.
@@ -330,6 +377,11 @@ impl Reply {
             "file_md5" => Conflict::FileMd5,
             "fenced" => Conflict::Fenced,
             "state" => Conflict::NotReceiving(self.state(2)?),
+            "assembly" => Conflict::Assembly,
+            "offset" => Conflict::Offset {
+                current: self.u64(2)?,
+            },
+            "past_end" => Conflict::PastEnd { size: self.u64(2)? },
             other => return Err(StateError::Corrupt(format!("unknown conflict {other:?}"))),
         })
     }
@@ -391,34 +443,18 @@ impl StateStore for RedisStateStore {
         created_event: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Created, StateError> {
-        let mut conn = self.connection().await?;
-        let g = upload.geometry;
-        let reply: Value = self
-            .scripts
-            .create_upload
-            .key(keys::meta(&self.namespace, &upload.id))
-            .key(self.outbox_key(&upload.id, created_event))
-            .arg(g.total_size)
-            .arg(g.chunk_size)
-            .arg(g.total_chunks)
-            .arg(upload.filename.as_deref().unwrap_or(""))
-            .arg(md5_arg(upload.file_md5))
-            .arg(metadata_arg(upload))
-            .arg(upload.created_at_ms)
-            .arg(ttl_ms)
-            .arg(created_event.to_stored())
-            .arg(upload.callback_url.as_deref().unwrap_or(""))
-            .arg(upload.callback_secret.as_deref().unwrap_or(""))
-            .invoke_async(&mut conn)
+        self.create(upload, created_event, None, ttl_ms).await
+    }
+
+    async fn create_concatenation(
+        &self,
+        upload: &NewUpload,
+        created_event: &OutboxMessage,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Created, StateError> {
+        self.create(upload, created_event, Some(merge_job), ttl_ms)
             .await
-            .map_err(redis_error)?;
-        let reply = Reply::parse(reply)?;
-        match reply.str(0)?.as_str() {
-            "created" => Ok(Created::New),
-            "exists" => Ok(Created::AlreadyExists),
-            "conflict" => Err(reply.conflict()?.into()),
-            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
-        }
     }
 
     async fn upload_header(&self, id: &UploadId) -> Result<Option<UploadHeader>, StateError> {
@@ -431,13 +467,22 @@ impl StateStore for RedisStateStore {
                 "chunk_size",
                 "total_chunks",
                 "file_md5",
+                "assembly",
+                "concat_parts",
             ])
             .query_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let [state, total_size, chunk_size, total_chunks, file_md5] =
-            <[Option<String>; 5]>::try_from(fields)
-                .map_err(|_| StateError::Corrupt("HMGET returned the wrong arity".into()))?;
+        let [
+            state,
+            total_size,
+            chunk_size,
+            total_chunks,
+            file_md5,
+            assembly,
+            concat_parts,
+        ] = <[Option<String>; 7]>::try_from(fields)
+            .map_err(|_| StateError::Corrupt("HMGET returned the wrong arity".into()))?;
         let Some(state) = state else {
             return Ok(None);
         };
@@ -452,6 +497,11 @@ impl StateStore for RedisStateStore {
                 chunk_size: number(chunk_size, "chunk_size")?,
                 total_chunks: number(total_chunks, "total_chunks")?,
             },
+            assembly: Assembly::from_stored(
+                assembly.as_deref().unwrap_or(""),
+                concat_parts.as_deref().unwrap_or(""),
+            )
+            .map_err(StateError::Corrupt)?,
             file_md5: file_md5.as_deref().and_then(Md5::parse),
         }))
     }
@@ -523,6 +573,45 @@ impl StateStore for RedisStateStore {
         }
     }
 
+    async fn append_segment(
+        &self,
+        id: &UploadId,
+        segment: &ChunkRecord,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError> {
+        let mut conn = self.connection().await?;
+        let ns = &self.namespace;
+        let reply: Value = self
+            .scripts
+            .append_segment
+            .key(keys::meta(ns, id))
+            .key(keys::parts(ns, id))
+            .key(self.outbox_key(id, merge_job))
+            .arg(part_entry(segment))
+            .arg(segment.offset)
+            .arg(segment.len)
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .arg(merge_job.to_stored())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "recorded" => Ok(Progress {
+                state: reply.state(1)?,
+                chunks_received: reply.u64(2)?,
+                bytes_received: reply.u64(3)?,
+                completed_upload: reply.u64(4)? == 1,
+                created_upload: false,
+            }),
+            "missing" => Err(StateError::NotFound),
+            "conflict" => Err(reply.conflict()?.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
     async fn upload_status(&self, id: &UploadId) -> Result<Option<UploadStatus>, StateError> {
         let mut conn = self.connection().await?;
         let (meta, bits): (std::collections::HashMap<String, String>, Option<Vec<u8>>) =
@@ -548,10 +637,23 @@ impl StateStore for RedisStateStore {
                 _ => return Err(StateError::Corrupt("metadata is not a JSON object".into())),
             },
         };
+        let assembly = Assembly::from_stored(
+            meta.get("assembly").map_or("", String::as_str),
+            meta.get("concat_parts").map_or("", String::as_str),
+        )
+        .map_err(StateError::Corrupt)?;
+        // Only chunks have indices a client resumes by.
+        let uploaded_chunks = match assembly {
+            Assembly::Chunks => {
+                bitmap_indices(bits.as_deref().unwrap_or(&[]), geometry.total_chunks)
+            }
+            _ => Vec::new(),
+        };
         Ok(Some(UploadStatus {
             id: id.clone(),
             state: state.parse().map_err(StateError::Corrupt)?,
             geometry,
+            assembly,
             filename: optional(&meta, "filename"),
             file_md5: optional(&meta, "file_md5").as_deref().and_then(Md5::parse),
             metadata,
@@ -561,7 +663,7 @@ impl StateStore for RedisStateStore {
             updated_at_ms: parse_u64_field(&meta, "updated_at")?,
             bytes_received: parse_u64_field(&meta, "bytes_received")?,
             chunks_received: parse_u64_field(&meta, "chunks_received")?,
-            uploaded_chunks: bitmap_indices(bits.as_deref().unwrap_or(&[]), geometry.total_chunks),
+            uploaded_chunks,
             merge_bytes_done: optional(&meta, "merge_bytes_done").and_then(|v| v.parse().ok()),
             completion: match optional(&meta, "md5") {
                 Some(md5) => Some(Completion {
@@ -767,11 +869,13 @@ impl StateStore for RedisStateStore {
             file_md5: Md5::parse(&reply.str(6)?),
             metadata,
             created_at_ms: reply.u64(8)?,
+            assembly: Assembly::from_stored(&reply.str(9)?, &reply.str(10)?)
+                .map_err(StateError::Corrupt)?,
             callback_url: None,
             callback_secret: None,
         };
-        let mut chunks = Vec::with_capacity((reply.0.len() - 9) / 2);
-        let mut i = 9;
+        let mut chunks = Vec::with_capacity((reply.0.len() - 11) / 2);
+        let mut i = 11;
         while i + 1 < reply.0.len() {
             chunks.push(parse_part(reply.u64(i)?, &reply.str(i + 1)?)?);
             i += 2;
@@ -967,6 +1071,11 @@ impl StateStore for RedisStateStore {
         };
         invocation.arg(created_event.to_stored());
         invocation.arg(digest_args(r.completion.as_ref()).as_slice());
+        let (assembly, concat_parts) = u.assembly.to_stored();
+        invocation
+            .arg(assembly)
+            .arg(concat_parts)
+            .arg(u8::from(u.assembly.merges_when_complete()));
         for chunk in &r.chunks {
             invocation
                 .arg(chunk.index.0)

@@ -16,7 +16,7 @@ use super::layout::{self, AttemptFile, CopyEntry, Piece};
 use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
-use crate::upload::{ChunkRecord, NewUpload};
+use crate::upload::{Assembly, ChunkRecord, NewUpload};
 
 /// One message of a chunk body on its way to storage.
 #[derive(Debug)]
@@ -96,9 +96,10 @@ pub struct CopyFile {
 /// What [`FsChunkStore::remove_surplus`] keeps of an upload's files.
 #[derive(Clone, Copy, Debug)]
 pub enum Keep<'a> {
-    /// An upload receiving or merging: the copies the state store counts (any other copy is
-    /// surplus) and every merge attempt's files (a merge may be writing them).
-    Counted(&'a [ChunkRecord]),
+    /// An upload receiving or merging, assembled as the first: the copies the state store
+    /// counts (any other copy is surplus) and every merge attempt's files (a merge may be
+    /// writing them).
+    Counted(&'a Assembly, &'a [ChunkRecord]),
     /// A completed upload: the merged file and completion record of this completion. No
     /// copy is needed any more, nor any other attempt's files.
     Completed(&'a CompletionRecord),
@@ -284,10 +285,10 @@ impl FsChunkStore {
         let chunks = self.chunks_dir(id);
         let dir = self.upload_dir(id);
         let removed = match keep {
-            Keep::Counted(records) => {
+            Keep::Counted(assembly, records) => {
                 let counted: Vec<String> = records
                     .iter()
-                    .map(|c| Piece::from(c.index).copy_name(&c.token))
+                    .map(|c| Piece::of(assembly, c).copy_name(&c.token))
                     .collect();
                 blocking(move || {
                     remove_old_files(&chunks, grace, |name| !counted.iter().any(|c| c == name))
@@ -511,45 +512,47 @@ impl FsChunkStore {
                 break;
             }
         }
-        let geometry = inventory.upload.geometry;
-        let mut oldest: std::collections::BTreeMap<u64, (u64, String, u32)> = Default::default();
+        let copies = self.complete_copies(id, &mut inventory.last_activity_ms)?;
+        inventory.chunks = match &inventory.upload.assembly {
+            Assembly::Chunks => chunks_of(&inventory.upload.geometry, copies),
+            Assembly::Segments { .. } => {
+                segment_chain(inventory.upload.geometry.total_size, copies)
+            }
+            // A concatenation has no parts of its own.
+            Assembly::Concat { .. } => Vec::new(),
+        };
+        Ok(Some(inventory))
+    }
+
+    /// Every complete copy in an upload's chunk directory, with its length, CRC32C and
+    /// modification time; `last_activity_ms` moves to the newest file's time.
+    fn complete_copies(
+        &self,
+        id: &UploadId,
+        last_activity_ms: &mut u64,
+    ) -> Result<Vec<StoredCopy>, StorageError> {
+        let mut copies = Vec::new();
         for entry in read_dir_or_empty(&self.chunks_dir(id))? {
             let name = entry.file_name().to_string_lossy().into_owned();
             let Ok(meta) = entry.metadata() else { continue };
             let ms = meta.modified().ok().and_then(system_ms).unwrap_or(0);
-            inventory.last_activity_ms = inventory.last_activity_ms.max(ms);
-            let CopyEntry::Copy {
-                piece: Piece::Chunk(ChunkIndex(index)),
-                token,
-            } = layout::copy_entry(&name)
-            else {
+            *last_activity_ms = (*last_activity_ms).max(ms);
+            let CopyEntry::Copy { piece, token } = layout::copy_entry(&name) else {
                 continue; // A `.part` file, or nothing of ours.
             };
-            if index >= geometry.total_chunks || meta.len() != geometry.chunk_len(ChunkIndex(index))
-            {
-                continue;
-            }
-            let crc = match layout::token_crc(token) {
+            let crc32c = match layout::token_crc(token) {
                 Some(crc) => crc,
                 None => crc_of_file(&entry.path())?,
             };
-            let older = oldest.get(&index).is_none_or(|(t, _, _)| ms < *t);
-            if older {
-                oldest.insert(index, (ms, token.to_owned(), crc));
-            }
-        }
-        inventory.chunks = oldest
-            .into_iter()
-            .map(|(index, (_, token, crc32c))| ChunkRecord {
-                index: ChunkIndex(index),
-                offset: geometry.chunk_start(ChunkIndex(index)),
-                len: geometry.chunk_len(ChunkIndex(index)),
+            copies.push(StoredCopy {
+                piece,
+                token: token.to_owned(),
+                len: meta.len(),
                 crc32c,
-                md5: None,
-                token,
-            })
-            .collect();
-        Ok(Some(inventory))
+                modified_ms: ms,
+            });
+        }
+        Ok(copies)
     }
 
     /// Every file in an upload's chunk directory, with the piece it is a complete copy of
@@ -755,6 +758,100 @@ fn remove_old_files(
         }
     }
     Ok(removed)
+}
+
+/// A complete copy found on storage ([`FsChunkStore::inventory`]).
+struct StoredCopy {
+    piece: Piece,
+    token: String,
+    len: u64,
+    crc32c: u32,
+    modified_ms: u64,
+}
+
+/// The chunks of an upload of chunks: per index, the oldest copy of the length the geometry
+/// gives it.
+fn chunks_of(geometry: &crate::geometry::Geometry, copies: Vec<StoredCopy>) -> Vec<ChunkRecord> {
+    let mut oldest: std::collections::BTreeMap<u64, StoredCopy> = Default::default();
+    for copy in copies {
+        let Piece::Chunk(index) = copy.piece else {
+            continue;
+        };
+        if index.0 >= geometry.total_chunks || copy.len != geometry.chunk_len(index) {
+            continue;
+        }
+        if oldest
+            .get(&index.0)
+            .is_none_or(|o| copy.modified_ms < o.modified_ms)
+        {
+            oldest.insert(index.0, copy);
+        }
+    }
+    oldest
+        .into_iter()
+        .map(|(index, copy)| ChunkRecord {
+            index: ChunkIndex(index),
+            offset: geometry.chunk_start(ChunkIndex(index)),
+            len: copy.len,
+            crc32c: copy.crc32c,
+            md5: None,
+            token: copy.token,
+        })
+        .collect()
+}
+
+/// The segments of an upload of segments: the chain of copies from offset 0, each starting
+/// where the one before ends, that reaches furthest into the upload's `size` bytes. Any
+/// such chain holds the same bytes (a client sends the same file at the same offset), so
+/// the longest one is everything storage received in order; a copy off the chain (left by
+/// a request that died between its rename and its record and was resent differently cut)
+/// is surplus.
+fn segment_chain(size: u64, copies: Vec<StoredCopy>) -> Vec<ChunkRecord> {
+    use std::collections::BTreeMap;
+    let mut at: BTreeMap<u64, Vec<StoredCopy>> = BTreeMap::new();
+    for copy in copies {
+        if let Piece::Segment(offset) = copy.piece
+            && copy.len > 0
+            && offset.checked_add(copy.len).is_some_and(|end| end <= size)
+        {
+            at.entry(offset).or_default().push(copy);
+        }
+    }
+    // For each reachable end: how it is reached (the copy's offset and its place there).
+    let mut reached: BTreeMap<u64, Option<(u64, usize)>> = BTreeMap::from([(0, None)]);
+    for (offset, copies) in at.iter_mut() {
+        if !reached.contains_key(offset) {
+            continue;
+        }
+        copies.sort_by_key(|c| c.modified_ms);
+        for (i, copy) in copies.iter().enumerate() {
+            reached
+                .entry(offset + copy.len)
+                .or_insert(Some((*offset, i)));
+        }
+    }
+    let mut end = reached.keys().next_back().copied().unwrap_or(0);
+    let mut chain = Vec::new();
+    while let Some(Some((offset, i))) = reached.get(&end) {
+        chain.push((*offset, *i));
+        end = *offset;
+    }
+    chain.reverse();
+    chain
+        .into_iter()
+        .enumerate()
+        .map(|(index, (offset, i))| {
+            let copy = &at[&offset][i];
+            ChunkRecord {
+                index: ChunkIndex(index as u64),
+                offset,
+                len: copy.len,
+                crc32c: copy.crc32c,
+                md5: None,
+                token: copy.token.clone(),
+            }
+        })
+        .collect()
 }
 
 fn read_dir_or_empty(dir: &Path) -> Result<Vec<std::fs::DirEntry>, StorageError> {
@@ -1007,6 +1104,7 @@ mod tests {
             file_md5: None,
             metadata: None,
             created_at_ms: 1,
+            assembly: Default::default(),
             callback_url: None,
             callback_secret: None,
         }
@@ -1199,6 +1297,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_inventory_of_segments_is_the_chain_from_zero_that_reaches_furthest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsChunkStore::new(dir.path(), false);
+        let upload = NewUpload {
+            assembly: Assembly::Segments { partial: false },
+            ..upload("seg", 100, 100)
+        };
+        store.ensure_manifest(&upload).await.unwrap();
+        let chunks = store.chunks_dir(&upload.id);
+        let put_len = |name: &str, len: usize| {
+            std::fs::create_dir_all(&chunks).unwrap();
+            std::fs::write(chunks.join(name), vec![1u8; len]).unwrap();
+        };
+        // 0..30 twice (a resend after a copy was stored but not counted), 30..50 cut
+        // differently from 30..40 + 40..60, a stray segment past a gap, and a `.part`.
+        put_len("s0.aaaaaaaaaaaaaaaa00000001", 30);
+        put_len("s0.bbbbbbbbbbbbbbbb00000002", 10);
+        put_len("s30.cccccccccccccccc00000003", 20);
+        put_len("s30.dddddddddddddddd00000004", 10);
+        put_len("s40.eeeeeeeeeeeeeeee00000005", 20);
+        put_len("s90.ffffffffffffffff00000006", 10);
+        put_len("s60.x.part", 5);
+        let inventory = store.inventory(&upload.id).await.unwrap().unwrap();
+        let chain: Vec<(u64, u64, u64, u32)> = inventory
+            .chunks
+            .iter()
+            .map(|c| (c.index.0, c.offset, c.len, c.crc32c))
+            .collect();
+        assert_eq!(chain, [(0, 0, 30, 1), (1, 30, 10, 4), (2, 40, 20, 5)]);
+    }
+
+    #[tokio::test]
     async fn surplus_removal_keeps_counted_copies_attempt_files_and_anything_young() {
         let (_dir, store, id) = with_upload("s1", false).await;
         let chunks = store.chunks_dir(&id);
@@ -1231,7 +1361,7 @@ mod tests {
         );
         let counted = [record(0, "counted")];
         let removed = store
-            .remove_surplus(&id, Keep::Counted(&counted), HOUR)
+            .remove_surplus(&id, Keep::Counted(&Assembly::Chunks, &counted), HOUR)
             .await
             .unwrap();
         assert_eq!(removed, 2);

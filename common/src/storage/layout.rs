@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
+use crate::upload::{Assembly, ChunkRecord};
 
 /// The directory under the root that holds one directory per upload.
 pub(super) const UPLOADS: &str = "uploads";
@@ -16,13 +17,25 @@ pub(super) const MANIFEST: &str = "manifest.json";
 
 /// What a stored copy holds, named the way storage names it: its place in the upload.
 ///
-/// The chunk protocol stores chunks by index. Another kind of piece (tus stores segments
-/// named by offset) is another variant, with its own directory and names, and callers that
-/// hand pieces around do not change.
+/// The chunk protocol stores chunks by index; tus stores segments by the offset they start
+/// at. Both live in the upload's `chunks/` directory: a chunk's name starts with a digit, a
+/// segment's with `s`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Piece {
     /// A chunk of the chunk protocol: `chunks/<index>.<token>`.
     Chunk(ChunkIndex),
+    /// A segment of a tus upload starting at this byte offset: `chunks/s<offset>.<token>`.
+    Segment(u64),
+}
+
+impl Piece {
+    /// The piece a counted part of an upload assembled as `assembly` is stored as.
+    pub fn of(assembly: &Assembly, part: &ChunkRecord) -> Self {
+        match assembly {
+            Assembly::Chunks => Self::Chunk(part.index),
+            Assembly::Segments { .. } | Assembly::Concat { .. } => Self::Segment(part.offset),
+        }
+    }
 }
 
 impl From<ChunkIndex> for Piece {
@@ -35,7 +48,7 @@ impl Piece {
     /// The directory, under the upload's, that holds copies of this kind of piece.
     pub(super) fn dir(self) -> &'static str {
         match self {
-            Self::Chunk(_) => CHUNKS,
+            Self::Chunk(_) | Self::Segment(_) => CHUNKS,
         }
     }
 
@@ -43,6 +56,7 @@ impl Piece {
     pub(super) fn copy_name(self, token: &str) -> String {
         match self {
             Self::Chunk(index) => format!("{index}.{token}"),
+            Self::Segment(offset) => format!("s{offset}.{token}"),
         }
     }
 
@@ -50,6 +64,7 @@ impl Piece {
     pub(super) fn part_name(self, random: &str) -> String {
         match self {
             Self::Chunk(index) => format!("{index}.{random}.part"),
+            Self::Segment(offset) => format!("s{offset}.{random}.part"),
         }
     }
 }
@@ -65,15 +80,25 @@ pub(super) enum CopyEntry<'a> {
 
 /// Reads a name found in the chunk directory.
 pub(super) fn copy_entry(name: &str) -> CopyEntry<'_> {
-    let Some((index, token)) = name.split_once('.') else {
+    let Some((place, token)) = name.split_once('.') else {
         return CopyEntry::Other;
     };
-    match index.parse::<u64>() {
-        Ok(index) if !token.contains('.') => CopyEntry::Copy {
-            piece: Piece::Chunk(ChunkIndex(index)),
-            token,
-        },
-        _ => CopyEntry::Other,
+    if token.contains('.') || token.is_empty() {
+        return CopyEntry::Other;
+    }
+    // Digits only: `u64::from_str` also takes a leading `+`.
+    let number = |digits: &str| {
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+    };
+    let piece = match place.strip_prefix('s') {
+        Some(offset) => number(offset).map(Piece::Segment),
+        None => number(place).map(|i| Piece::Chunk(ChunkIndex(i))),
+    };
+    match piece {
+        Some(piece) => CopyEntry::Copy { piece, token },
+        None => CopyEntry::Other,
     }
 }
 
@@ -194,7 +219,18 @@ mod tests {
             }
         );
         assert_eq!(copy_entry(&piece.part_name("abc")), CopyEntry::Other);
-        assert_eq!(copy_entry("x.abc"), CopyEntry::Other);
+        let segment = Piece::Segment(1 << 40);
+        assert_eq!(
+            copy_entry(&segment.copy_name("abc")),
+            CopyEntry::Copy {
+                piece: segment,
+                token: "abc"
+            }
+        );
+        assert_eq!(copy_entry(&segment.part_name("abc")), CopyEntry::Other);
+        for other in ["x.abc", "s.abc", "s+1.abc", "+1.abc", "1.", "sx1.abc"] {
+            assert_eq!(copy_entry(other), CopyEntry::Other, "{other}");
+        }
         for (name, file) in [
             (merged_name(7), AttemptFile::Merged(7)),
             (merge_temp_name(7, "r"), AttemptFile::MergeTemp(7)),
@@ -213,6 +249,7 @@ mod tests {
         let id = UploadId::parse("u1").unwrap();
         assert_eq!(Piece::Chunk(ChunkIndex(3)).copy_name("t"), "3.t");
         assert_eq!(Piece::Chunk(ChunkIndex(3)).part_name("r"), "3.r.part");
+        assert_eq!(Piece::Segment(4096).copy_name("t"), "s4096.t");
         assert_eq!(location(&id, &merged_name(2)), "uploads/u1/file.2");
         assert_eq!(location_name("uploads/u1/file.2"), Some("file.2"));
         assert_eq!(completion_name(2), "completion.2.json");

@@ -12,6 +12,7 @@
 -- Returns one of
 --   {"conflict", "geometry", total_size, chunk_size, total_chunks}
 --   {"conflict", "file_md5"} | {"conflict", "state", state} | {"conflict", "chunk"}
+--   {"conflict", "assembly"} (the upload is not one of chunks)
 --   {"duplicate", state, chunks_received, bytes_received, counted_token}
 --   {"recorded", state, chunks_received, bytes_received, completed (0|1), created (0|1)}
 -- A conflict writes nothing.
@@ -24,7 +25,7 @@ local filename, file_md5, metadata = ARGV[10], ARGV[11], ARGV[12]
 local now, ttl, job, created_event = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 
 local current = redis.call('HMGET', meta, 'state', 'total_size', 'chunk_size', 'total_chunks',
-  'file_md5', 'filename')
+  'file_md5', 'filename', 'assembly')
 local state = current[1]
 local set_fields = {}
 local created = 0
@@ -37,6 +38,9 @@ if not state then
     'file_md5', file_md5, 'metadata', metadata, 'created_at', now, 'updated_at', now,
     'bytes_received', 0, 'chunks_received', 0)
 else
+  if (current[7] or '') ~= '' then
+    return {'conflict', 'assembly'}
+  end
   if current[2] ~= total_size or current[3] ~= chunk_size or current[4] ~= total_chunks then
     return {'conflict', 'geometry', current[2], current[3], current[4]}
   end

@@ -8,7 +8,9 @@
 --       15 completed (0|1), 16 size, 17 md5hex, 18 location, 19 completed_at, 20 event_id,
 --       21 the upload.created event (stored outbox entry, for an upload restored not completed),
 --       22 crc32c (8 hex digits), 23 sha256hex, 24 composite md5 (22-24: '' when absent),
---       25.. triples: index, entry "offset:len:crc32c:md5hex:token", len
+--       25 assembly, 26 a concatenation's parts, 27 merges when complete (0|1: a partial
+--       upload does not),
+--       28.. triples: index, entry "offset:len:crc32c:md5hex:token", len
 -- Returns {"exists", state} | {"restored", state}
 
 local meta, parts, bits, merges, events, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
@@ -22,7 +24,7 @@ local current = tonumber(redis.call('GET', fence) or '0')
 if tonumber(ARGV[12]) > current then redis.call('SET', fence, ARGV[12]) end
 
 local chunks, bytes = 0, 0
-for i = 25, #ARGV, 3 do
+for i = 28, #ARGV, 3 do
   redis.call('HSET', parts, ARGV[i], ARGV[i + 1])
   redis.call('SETBIT', bits, ARGV[i], 1)
   chunks = chunks + 1
@@ -32,7 +34,8 @@ end
 redis.call('HSET', meta, 'version', '1', 'total_size', ARGV[1], 'chunk_size', ARGV[2],
   'total_chunks', ARGV[3], 'filename', ARGV[4], 'file_md5', ARGV[5], 'metadata', ARGV[6],
   'created_at', ARGV[7], 'updated_at', ARGV[13], 'callback_url', ARGV[8],
-  'callback_secret', ARGV[9], 'restored_at', ARGV[10])
+  'callback_secret', ARGV[9], 'restored_at', ARGV[10], 'assembly', ARGV[25],
+  'concat_parts', ARGV[26])
 
 if ARGV[15] == '1' then
   state = 'completed'
@@ -51,7 +54,7 @@ end
 
 redis.call('HSET', meta, 'chunks_received', chunks, 'bytes_received', bytes)
 redis.call('RPUSH', events, ARGV[21])
-if bytes == tonumber(ARGV[1]) then
+if (bytes == tonumber(ARGV[1]) and ARGV[27] == '1') or ARGV[25] == 'concat' then
   state = 'merging'
   redis.call('HSET', meta, 'state', state, 'merging_at', ARGV[10])
   redis.call('RPUSH', merges, ARGV[14])
