@@ -7,7 +7,10 @@
 //   endpoint        the creation URL (`http://127.0.0.1:PORT/files/`)
 //   file            the path of the file to upload
 //   source          "file" (default: a file stream, so no chunkSize is needed), "stream" (a
-//                   plain readable stream: tus-js-client then needs chunkSize) or "buffer"
+//                   plain readable stream: tus-js-client then needs chunkSize), "buffer", or
+//                   "stalling" (PATCH bodies that give the file up to stallAfterBytes and
+//                   then wait, aborted stopDelayMs later: a PATCH cut off at an exact byte,
+//                   as when a client loses its network)
 //   chunkSize       bytes per PATCH (default: the whole rest of the file in one)
 //   parallelUploads partial uploads sent at once, then one final concatenation
 //   headers         sent with every request (e.g. Authorization)
@@ -16,7 +19,9 @@
 //   urlStorage      a file where the client keeps upload URLs by the file's fingerprint
 //   resume          with urlStorage: resume the upload stored for this file, if any
 //   stopAfterBytes  abort once this many bytes are sent (stopOn "progress", the default: in
-//                   the middle of a PATCH) or accepted (stopOn "chunk": between two PATCHes)
+//                   the middle of a PATCH, but progress events are throttled, so later than
+//                   that) or accepted (stopOn "chunk": between two PATCHes), stopDelayMs
+//                   later (default 0)
 //   retryDelays     tus-js-client's retries (default none, so failures show)
 //   uploadDataDuringCreation, uploadLengthDeferred, uploadSize   passed on (a "stream"
 //                   source's uploadSize is the file's unless the length is deferred)
@@ -81,8 +86,38 @@ function openSource(options) {
       return createReadStream(options.file).pipe(new PassThrough())
     case 'buffer':
       return readFileSync(options.file)
+    case 'stalling':
+      // Read by stallingFileReader.
+      return options.file
     default:
       throw new Error(`unknown source ${options.source}`)
+  }
+}
+
+// A source (tus-js-client's `fileReader` option) whose PATCH bodies give the file's bytes up
+// to `stallAt` and then nothing more, without ending: the request waits, as one whose network
+// went away, until it is aborted.
+function stallingFileReader(file, stallAt, onStall) {
+  return {
+    openFile() {
+      const size = statSync(file).size
+      return Promise.resolve({
+        size,
+        slice(start, end) {
+          const body = new PassThrough()
+          const until = Math.min(end, stallAt)
+          if (until > start) {
+            const read = createReadStream(file, { start, end: until - 1 })
+            read.pipe(body, { end: false })
+            if (until < end) read.on('end', onStall)
+          }
+          // The length the request declares: the whole slice.
+          body.size = end - start
+          return Promise.resolve({ value: body, done: end >= size })
+        },
+        close() {},
+      })
+    },
   }
 }
 
@@ -122,6 +157,9 @@ function run(tus, options) {
   const stopOn = options.stopOn ?? 'progress'
   const stop = () => {
     stopped = true
+    setTimeout(abort, options.stopDelayMs ?? 0)
+  }
+  const abort = () => {
     upload.abort().then(
       () =>
         finish(
@@ -217,6 +255,13 @@ function run(tus, options) {
   } else if (options.source === 'stream' && !tusOptions.uploadLengthDeferred) {
     // A plain stream has no size; an application that knows it says so.
     tusOptions.uploadSize = statSync(options.file).size
+  }
+  if (options.source === 'stalling') {
+    // Stopped once the bytes before the stall are on their way (progress events are
+    // throttled: the last ones before a stall may never come).
+    tusOptions.fileReader = stallingFileReader(options.file, options.stallAfterBytes, () => {
+      if (!stopped) stop()
+    })
   }
   if (options.urlStorage) tusOptions.urlStorage = new tus.FileUrlStorage(options.urlStorage)
 

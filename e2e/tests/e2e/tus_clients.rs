@@ -373,34 +373,39 @@ async fn tus_js_client_stopped_halfway_resumes_from_the_server_offset_in_a_new_p
 async fn tus_js_client_cut_off_in_the_middle_of_a_patch_resumes_after_what_the_server_kept() {
     let stack = Stack::start();
     let (file, bytes) = stack.file("data.bin", 8 * MIB, 303);
-    // One PATCH for the whole file, aborted once half of it is on the wire.
+    // One PATCH for the whole file whose body stops after `cut` bytes, as when the client's
+    // network goes away; the client gives up half a second later.
+    let cut = 3 * MIB as u64 + 1234;
     let first = stack
         .run(
             Client::Js,
             json!({
                 "endpoint": stack.endpoint(),
                 "file": path_str(&file),
-                "stopAfterBytes": 4 * MIB,
+                "source": "stalling",
+                "stallAfterBytes": cut,
+                "stopDelayMs": 500,
             }),
         )
         .await;
     let stopped = first.expect_ok();
     assert_eq!(stopped["stopped"], true, "{stopped}");
+    assert_eq!(stopped["bytesUploaded"], 0, "no PATCH answered: {stopped}");
     let url = first.url();
-    // The broken PATCH keeps what arrived, once the server has seen the connection close.
-    let mut kept = None;
-    until(
-        Duration::from_secs(10),
-        "the broken PATCH's bytes",
-        async || {
-            let (code, offset) = stack.head_offset(&url, &[]).await;
-            kept = offset.filter(|&o| code == 200 && o > 0);
-            kept.is_some()
-        },
-    )
-    .await;
-    let kept = kept.unwrap();
-    assert!(kept < bytes.len() as u64, "kept {kept}");
+    // The broken PATCH keeps every byte that arrived, once the server has seen the
+    // connection close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let head = stack.head_offset(&url, &[]).await;
+        if head == (200, Some(cut)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "HEAD {url} answers {head:?}, not the {cut} bytes the broken PATCH sent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // tus-js-client's own retries, as its users have them, for a server still settling.
     let second = stack
@@ -421,8 +426,12 @@ async fn tus_js_client_cut_off_in_the_middle_of_a_patch_resumes_after_what_the_s
         .find(|r| r["method"] == "PATCH")
         .cloned()
         .expect("a PATCH");
-    let resumed_at: u64 = first_patch["offset"].as_str().unwrap().parse().unwrap();
-    assert!(resumed_at > 0, "{:?}", second.requests());
+    assert_eq!(
+        first_patch["offset"],
+        cut.to_string(),
+        "{:?}",
+        second.requests()
+    );
     assert_completed_with(&stack.api_client(), &url, &bytes).await;
 }
 
@@ -490,6 +499,8 @@ async fn tus_js_client_creation_with_upload_sends_the_first_chunk_in_the_post() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the API does not offer tus creation-defer-length yet: POST /files/ with \
+            Upload-Defer-Length: 1 answers 400 invalid_header"]
 async fn tus_js_client_streams_with_a_deferred_length_declared_by_the_last_patch() {
     let stack = Stack::start();
     let (file, bytes) = stack.file("data.bin", 3 * MIB + 5, 306);
