@@ -614,11 +614,27 @@ impl Merger {
 
     /// The segments of a partial upload a concatenation names, if it is complete.
     async fn complete_part(&self, part: &UploadId) -> Result<Vec<ChunkRecord>, Unusable> {
-        let header = self
+        let mut header = self
             .state
             .upload_header(part)
             .await
             .map_err(Unusable::Unavailable)?;
+        if header.is_none() {
+            // Lost by the state store (Redis restarted empty)? Storage decides.
+            let rebuilt = self.recovery.rebuild(part).await.map_err(|e| {
+                Unusable::Unavailable(StateError::Unavailable {
+                    detail: e.to_string(),
+                    outcome_unknown: false,
+                })
+            })?;
+            if rebuilt {
+                header = self
+                    .state
+                    .upload_header(part)
+                    .await
+                    .map_err(Unusable::Unavailable)?;
+            }
+        }
         let complete = |segments: &[ChunkRecord], size: u64| {
             let mut end = 0;
             for s in segments {

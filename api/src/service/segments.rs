@@ -371,6 +371,17 @@ impl UploadService {
         };
         let limit = offset + room;
         let mut carry: Option<Bytes> = None;
+        if room == 0 {
+            // Every byte is there: a body may only be empty.
+            return match self.body_has_more(&mut carry, body).await {
+                true => Err(ServiceError::BodyTooLong { expected: 0 }),
+                false => Ok(Appended {
+                    id: id.clone(),
+                    offset,
+                    progress: None,
+                }),
+            };
+        }
         let mut progress = None;
         loop {
             let max = segment_size.min(limit - offset);
@@ -402,15 +413,18 @@ impl UploadService {
                     }),
                 };
             };
-            if let Some(declared) = &digest {
+            let failure = match (&digest, failure) {
                 // A body that broke off cannot match its digest: nothing of it counts.
-                if failure.is_some() || !hasher.matches(declared, &staged) {
+                (Some(declared), failure)
+                    if failure.is_some() || !hasher.matches(declared, &staged) =>
+                {
                     self.storage.discard(&staged).await;
                     return Err(failure.unwrap_or(ServiceError::ChecksumMismatch {
                         what: "Upload-Checksum",
                     }));
                 }
-            }
+                (_, failure) => failure,
+            };
             let counted = self.count_segment(id, offset, &staged).await?;
             offset = counted.bytes_received;
             progress = Some(counted);
@@ -456,52 +470,7 @@ impl UploadService {
         let writer =
             self.storage
                 .stage_chunk(id, Piece::Segment(offset), with_md5 || self.always_md5, rx);
-        let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
-        let reader = async move {
-            let mut taken = 0u64;
-            let end = loop {
-                let bytes = match carry.take() {
-                    Some(bytes) => bytes,
-                    None => match body.next().await {
-                        Ok(Some(bytes)) => bytes,
-                        Ok(None) => break SegmentEnd::BodyDone,
-                        Err(e) => break SegmentEnd::BodyFailed(e),
-                    },
-                };
-                let mut bytes = bytes;
-                let wanted = (max - taken) as usize;
-                if bytes.len() > wanted {
-                    *carry = Some(bytes.split_off(wanted));
-                }
-                if bytes.is_empty() {
-                    break SegmentEnd::Full;
-                }
-                taken += bytes.len() as u64;
-                hasher.update(&bytes);
-                let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
-                let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
-                    break SegmentEnd::BodyFailed(ServiceError::Internal(
-                        "the body budget closed".into(),
-                    ));
-                };
-                if tx
-                    .send(Feed::Data(Block::new(bytes, Some(permit))))
-                    .await
-                    .is_err()
-                {
-                    // The writer failed; its error is the one to report.
-                    return (taken, None);
-                }
-                if taken == max {
-                    break SegmentEnd::Full;
-                }
-            };
-            // Whatever arrived is a segment, however the body ended.
-            if taken > 0 {
-                let _ = tx.send(Feed::End).await;
-            }
-            (taken, Some(end))
-        };
+        let reader = self.feed_segment(max, carry, hasher, body, tx);
         let (written, (taken, end)) = tokio::join!(writer, reader);
         match (written, end) {
             (Ok(staged), Some(end)) => Ok((Some(staged), end)),
@@ -512,6 +481,62 @@ impl UploadService {
                 Err(ServiceError::Internal("the segment writer stopped".into()))
             }
         }
+    }
+
+    /// Feeds at most `max` bytes of the body (`carry` first) to a segment's writer, ending
+    /// the segment wherever the body stops. Returns how many bytes it fed and how the body
+    /// ended; `None` when the writer went away (its error is the one to report).
+    async fn feed_segment<B: PartBody>(
+        &self,
+        max: u64,
+        carry: &mut Option<Bytes>,
+        hasher: &mut BodyHasher,
+        body: &mut B,
+        tx: mpsc::Sender<Feed>,
+    ) -> (u64, Option<SegmentEnd>) {
+        let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
+        let mut taken = 0u64;
+        let end = loop {
+            let mut bytes = match carry.take() {
+                Some(bytes) => bytes,
+                None => match body.next().await {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => break SegmentEnd::BodyDone,
+                    Err(e) => break SegmentEnd::BodyFailed(e),
+                },
+            };
+            let wanted = (max - taken) as usize;
+            if bytes.len() > wanted {
+                *carry = Some(bytes.split_off(wanted));
+            }
+            if bytes.is_empty() {
+                break SegmentEnd::Full;
+            }
+            taken += bytes.len() as u64;
+            hasher.update(&bytes);
+            // Wait for memory before holding more: the budget is shared by every body.
+            let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
+            let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+                break SegmentEnd::BodyFailed(ServiceError::Internal(
+                    "the body budget closed".into(),
+                ));
+            };
+            if tx
+                .send(Feed::Data(Block::new(bytes, Some(permit))))
+                .await
+                .is_err()
+            {
+                return (taken, None);
+            }
+            if taken == max {
+                break SegmentEnd::Full;
+            }
+        };
+        // Whatever arrived is a segment, however the body ended.
+        if taken > 0 {
+            let _ = tx.send(Feed::End).await;
+        }
+        (taken, Some(end))
     }
 
     /// Counts a durable segment at `offset`; a refusal removes its copy.

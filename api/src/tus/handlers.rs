@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::extract::{Caller, UploadIdPath};
 use crate::handlers::files;
 use crate::service::{Append, NewStream, ServiceError, UploadName};
+use stitch_common::auth::Principal;
 
 /// The front end's settings; `/files` routes exist only when tus is on.
 fn config(app: &AppState) -> Result<&TusConfig, TusError> {
@@ -91,33 +92,13 @@ pub async fn create(
         base_url(&app, tus, &request_headers),
         name.as_str()
     );
-    let mut offset = None;
-    if has_body && !matches!(status.assembly, Assembly::Concat { .. }) {
-        if !h::is_offset_stream(&request_headers)? {
-            return Err(wrong_content_type());
+    let offset = match status.assembly {
+        Assembly::Concat { .. } => None,
+        _ if has_body => {
+            Some(append_with_creation(&app, tus, &caller, name, &request_headers, body).await?)
         }
-        let append = Append {
-            id: name,
-            offset: 0,
-            length: h::content_length(&request_headers)?,
-            digest: h::upload_checksum(&request_headers)?,
-        };
-        let body = ChunkBody::new(None, body, 0, tus.body_limits)?;
-        match app.uploads.append(&caller, append, body).await {
-            Ok(appended) => offset = Some(appended.offset),
-            // The upload exists: the client learns where it is and resumes there.
-            Err(e) if !matches!(e, ServiceError::ChecksumMismatch { .. }) => {
-                tracing::info!(error = %e, "the body of a creation-with-upload was not all stored");
-                offset = Some(
-                    app.uploads
-                        .upload_status(&caller, &UploadName::parse(status.id.name())?)
-                        .await?
-                        .bytes_received,
-                );
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+        _ => None,
+    };
     let mut response = StatusCode::CREATED.into_response();
     let headers = response.headers_mut();
     headers.insert(header::LOCATION, value(&location));
@@ -128,6 +109,44 @@ pub async fn create(
         headers.insert(h::UPLOAD_EXPIRES, value(&h::http_date(at)));
     }
     Ok(response)
+}
+
+/// creation-with-upload: the body of the `POST` that created upload `name`, appended at 0.
+/// Returns where the upload's bytes end. A body that breaks off still answers `201` with
+/// the offset reached (the upload exists; the client resumes from there); a wrong checksum
+/// is `460`.
+async fn append_with_creation(
+    app: &AppState,
+    tus: &TusConfig,
+    caller: &Principal,
+    name: UploadName,
+    request_headers: &HeaderMap,
+    body: Body,
+) -> Result<u64, TusError> {
+    if !h::is_offset_stream(request_headers)? {
+        return Err(wrong_content_type());
+    }
+    let append = Append {
+        id: name.clone(),
+        offset: 0,
+        length: h::content_length(request_headers)?,
+        digest: h::upload_checksum(request_headers)?,
+    };
+    let body = ChunkBody::new(None, body, 0, tus.body_limits)?;
+    match app.uploads.append(caller, append, body).await {
+        Ok(appended) => Ok(appended.offset),
+        Err(e @ ServiceError::ChecksumMismatch { .. }) => {
+            Err(TusError::Status(checksum_mismatch(), ApiError::Service(e)))
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "the body of a creation-with-upload was not all stored");
+            Ok(app
+                .uploads
+                .upload_status(caller, &name)
+                .await?
+                .bytes_received)
+        }
+    }
 }
 
 /// `HEAD /files/{id}`: with `Tus-Resumable`, where the upload stands (`Upload-Offset`,

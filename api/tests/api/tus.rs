@@ -460,8 +460,10 @@ async fn partial_uploads_concatenate_into_one_merging_upload() {
     let b = t.send(partial(2000)).await.location();
     assert_eq!(t.head(&a).await.header("upload-concat"), Some("partial"));
     assert_eq!(t.patch(&a, 0, vec![1; 3000]).await.status, 204);
-    // A complete partial upload does not merge alone.
+    // A complete partial upload does not merge alone, and takes no byte more.
     assert_eq!(merge_triggers(&app.env, id_of(&a)), 0);
+    assert_eq!(t.patch(&a, 3000, vec![1]).await.status, 413);
+    assert_eq!(t.patch(&a, 3000, vec![]).await.status, 204);
     let final_of = |list: String| {
         t.request(reqwest::Method::POST, &app.url("/files/"))
             .header("Upload-Concat", format!("final;{list}"))

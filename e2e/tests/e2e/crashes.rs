@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use stitch_common::failpoints::{
     CHUNK_DURABLE_BEFORE_RECORD, MERGE_COMMITTED_BEFORE_PUBLISH, MERGE_PUBLISHED_BEFORE_ACK,
-    MERGE_RENAMED_BEFORE_COMMIT,
+    MERGE_RENAMED_BEFORE_COMMIT, SEGMENT_DURABLE_BEFORE_RECORD,
 };
 use stitch_common::id::UploadId;
+use stitch_testkit::tus::{Tus, id_of};
 
 use crate::harness::*;
 
@@ -274,6 +275,61 @@ async fn an_api_killed_between_a_later_chunks_durable_copy_and_its_record_counts
     // and the uncounted copy is surplus for the merge's cleanup and the janitor.
     let sent = crash_api_at_chunk(&env, &tap, 1, 65).await;
     assert_eq!(sent, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_tus_segments_durable_copy_and_its_count_resumes_from_the_offset_before()
+ {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    let mut api = ServiceProcess::start(
+        armed(api_command(&env), SEGMENT_DURABLE_BEFORE_RECORD),
+        "stitch-api listening",
+    );
+    let (source, md5) = small_file(66);
+    let crashed = Tus::new(http_client(), &format!("http://{}", api.addr));
+    let created = crashed.create(source.len(), None).await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = id_of(&created.location()).to_owned();
+    let url = |addr| format!("http://{addr}/files/{id}");
+    let sent = crashed
+        .patch_request(&url(api.addr), 0, source.bytes.clone())
+        .send()
+        .await;
+    assert!(sent.is_err(), "the PATCH was answered: {sent:?}");
+    wait_for_crash(&mut api);
+    let storage = stitch_common::storage::FsChunkStore::new(env.storage_root.clone(), true);
+    let copies = storage
+        .copy_files_blocking(&UploadId::parse(&id).unwrap())
+        .unwrap();
+    assert!(
+        copies
+            .iter()
+            .any(|c| c.piece.is_some() && c.len == source.len()),
+        "the segment was durable before the crash: {copies:?}"
+    );
+
+    let api = start_api(&env);
+    let client = Tus::new(http_client(), &format!("http://{}", api.addr));
+    let head = client.head(&url(api.addr)).await;
+    assert_eq!(
+        head.offset(),
+        Some(0),
+        "the segment was never counted: {head:?}"
+    );
+    // The lease of the killed request lapses (the worker's short lock TTL is not the API's:
+    // the API's append lease is its default), then the client sends it all again.
+    let mut resent = client.patch(&url(api.addr), 0, source.bytes.clone()).await;
+    for _ in 0..60 {
+        if resent.status != 423 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        resent = client.patch(&url(api.addr), 0, source.bytes.clone()).await;
+    }
+    assert_eq!(resent.status, 204, "{resent:?}");
+    assert_completed_once(&env, &tap, &ApiClient::new(api.addr), &id, &source, &md5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,5 +17,6 @@ mod storage;
 mod storage_truth;
 mod traces;
 mod tus_clients;
+mod tus_faults;
 mod unroutable;
 mod webhooks;
