@@ -1,5 +1,7 @@
-//! What the tests run besides cargo: Debian packages (installed when root) and Python
-//! packages (installed into a virtual environment under `target/xtask/venv`).
+//! What the tests run besides cargo: Debian packages (installed when root), Python packages
+//! (installed into a virtual environment under `target/xtask/venv`) and npm packages
+//! (installed by `npm ci` from `e2e/clients/package-lock.json` into `target/xtask/node`), the
+//! last two being the third-party clients and reference libraries the tests drive.
 //!
 //! Each install is skipped when what it installs is already there, so a second run needs no
 //! network at all (`CARGO_NET_OFFLINE=true cargo xtask test` in a network namespace works
@@ -14,6 +16,14 @@ use anyhow::{Context as _, bail};
 /// The Python packages, pinned; the venv is rebuilt when this list changes.
 const REQUIREMENTS: &str = include_str!("../requirements.txt");
 
+/// The npm packages (tus-js-client), pinned with their whole tree by the lockfile; they are
+/// reinstalled when either file changes.
+const NODE_PACKAGE: &str = include_str!("../../e2e/clients/package.json");
+const NODE_LOCK: &str = include_str!("../../e2e/clients/package-lock.json");
+
+/// The oldest Node.js the npm packages support (tus-js-client's `engines`).
+const NODE_MIN_MAJOR: u32 = 18;
+
 /// Where RabbitMQ's own start script lives in Debian's package (the one on PATH, a wrapper,
 /// switches to the system's `rabbitmq` user and its directories, which the tests must not use).
 pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
@@ -21,6 +31,8 @@ pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 /// What the tests found or installed.
 pub struct Tools {
     venv: PathBuf,
+    /// `npm ci`'s directory; the tests get its `node_modules` (`STITCH_TEST_NODE_MODULES`).
+    node: PathBuf,
 }
 
 /// A program the tests need and the Debian package that ships it.
@@ -58,6 +70,16 @@ fn debian_tools() -> Vec<DebianTool> {
         package: "prometheus",
         purpose: "promtool, for the alert rules and their unit tests",
     });
+    tools.push(DebianTool {
+        present: || on_path("node"),
+        package: "nodejs",
+        purpose: "Node.js, to run tus-js-client against the API",
+    });
+    tools.push(DebianTool {
+        present: || on_path("npm"),
+        package: "npm",
+        purpose: "npm, to install tus-js-client",
+    });
     tools
 }
 
@@ -89,7 +111,9 @@ pub fn prepare(work: &Path, install: bool) -> anyhow::Result<Tools> {
     }
     let venv = work.join("venv");
     ensure_venv(&venv, install)?;
-    Ok(Tools { venv })
+    let node = work.join("node");
+    ensure_node_modules(&node, install)?;
+    Ok(Tools { venv, node })
 }
 
 impl Tools {
@@ -106,6 +130,11 @@ impl Tools {
             }
         }
         std::env::join_paths(dirs).context("building PATH")
+    }
+
+    /// The installed npm packages, for Node's module resolution.
+    pub fn node_modules(&self) -> PathBuf {
+        self.node.join("node_modules")
     }
 }
 
@@ -150,6 +179,74 @@ fn ensure_venv(venv: &Path, install: bool) -> anyhow::Result<()> {
     }
     std::fs::write(&stamp, REQUIREMENTS)?;
     Ok(())
+}
+
+/// Installs the npm packages of `e2e/clients` into `dir` with `npm ci` (exactly the
+/// lockfile's tree, scripts off), unless the lockfile there is already the same.
+fn ensure_node_modules(dir: &Path, install: bool) -> anyhow::Result<()> {
+    check_node_version()?;
+    let stamp = dir.join("stitch-package-lock.json");
+    let installed = std::fs::read_to_string(&stamp).ok().as_deref() == Some(NODE_LOCK)
+        && std::fs::read_to_string(dir.join("package.json"))
+            .ok()
+            .as_deref()
+            == Some(NODE_PACKAGE)
+        && dir.join("node_modules").is_dir();
+    if installed {
+        return Ok(());
+    }
+    if !install {
+        bail!(
+            "the npm packages of e2e/clients/package-lock.json (tus-js-client) are not installed \
+             in {}; run without --no-install",
+            dir.display()
+        );
+    }
+    println!("xtask: installing the npm packages into {}", dir.display());
+    // The stamp goes first, so that an interrupted install is redone next time.
+    if stamp.exists() {
+        std::fs::remove_file(&stamp).with_context(|| format!("removing {}", stamp.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("package.json"), NODE_PACKAGE)?;
+    std::fs::write(dir.join("package-lock.json"), NODE_LOCK)?;
+    let status = Command::new("npm")
+        .args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--ignore-scripts",
+            "--loglevel=error",
+        ])
+        .current_dir(dir)
+        .status()
+        .context("running npm")?;
+    if !status.success() {
+        bail!("npm ci could not install e2e/clients/package-lock.json ({status})");
+    }
+    std::fs::write(&stamp, NODE_LOCK)?;
+    Ok(())
+}
+
+/// Fails unless `node` is at least [`NODE_MIN_MAJOR`].
+fn check_node_version() -> anyhow::Result<()> {
+    let output = Command::new("node")
+        .arg("--version")
+        .output()
+        .context("running `node --version`")?;
+    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let major = version
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= NODE_MIN_MAJOR => Ok(()),
+        _ => bail!(
+            "the tests need Node.js {NODE_MIN_MAJOR} or later for tus-js-client; `node --version` \
+             says {version:?}"
+        ),
+    }
 }
 
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ mod outages;
 mod storage;
 mod storage_truth;
 mod traces;
+mod tus_clients;
 mod tus_faults;
 mod unroutable;
 mod webhooks;
