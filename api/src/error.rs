@@ -184,6 +184,7 @@ fn conflict_code(c: &Conflict) -> &'static str {
         Conflict::Assembly => "protocol_mismatch",
         Conflict::Offset { .. } => "offset_mismatch",
         Conflict::PastEnd { .. } => "past_end",
+        Conflict::Length { .. } => "upload_length_conflict",
         Conflict::Fenced => "fenced",
     }
 }

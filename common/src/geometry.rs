@@ -84,6 +84,22 @@ impl Geometry {
         })
     }
 
+    /// The geometry of an upload whose length is not known yet (tus `Upload-Defer-Length`):
+    /// all zeros, until the length is declared and the geometry becomes
+    /// `Geometry::new(length, length)`.
+    pub fn deferred() -> Self {
+        Self {
+            total_size: 0,
+            chunk_size: 0,
+            total_chunks: 0,
+        }
+    }
+
+    /// Whether the length is still to be declared.
+    pub fn is_deferred(&self) -> bool {
+        self.total_size == 0
+    }
+
     /// Works out the upload's geometry from one chunk of the chunk protocol: its index, the
     /// declared chunk count and its `Content-Range`. Any chunk determines it (chunk 0 by its
     /// length, chunk `i > 0` by `start / i`), and the chunk must then be exactly where and as

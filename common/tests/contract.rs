@@ -968,6 +968,65 @@ async fn segments_append_only_at_the_end_and_complete_once(store: &dyn StateStor
     ));
 }
 
+async fn a_deferred_length_is_declared_once_and_may_complete_the_upload(store: &dyn StateStore) {
+    let u = NewUpload {
+        geometry: Geometry::deferred(),
+        ..stream("defer1", 1, Assembly::Segments { partial: false })
+    };
+    store.create_upload(&u, &created(&u.id), TTL).await.unwrap();
+    // Open: any segment fits.
+    let p = store
+        .append_segment(&u.id, &segment(0, 1 << 40), &merge(&u.id), TTL)
+        .await
+        .unwrap();
+    assert!(!p.completed_upload);
+    let declare = |length| {
+        let id = u.id.clone();
+        async move { store.declare_length(&id, length, &merge(&id), TTL).await }
+    };
+    assert!(matches!(
+        declare((1 << 40) - 1).await,
+        Err(StateError::Conflict(Conflict::Length { current: 0, .. }))
+    ));
+    let p = declare((1 << 40) + 10).await.unwrap();
+    assert!(!p.completed_upload);
+    // The same again changes nothing; another one is refused.
+    assert!(!declare((1 << 40) + 10).await.unwrap().completed_upload);
+    assert!(matches!(
+        declare((1 << 40) + 11).await,
+        Err(StateError::Conflict(Conflict::Length { .. }))
+    ));
+    assert!(matches!(
+        store
+            .append_segment(&u.id, &segment(1 << 40, 11), &merge(&u.id), TTL)
+            .await,
+        Err(StateError::Conflict(Conflict::PastEnd { .. }))
+    ));
+    let done = store
+        .append_segment(&u.id, &segment(1 << 40, 10), &merge(&u.id), TTL)
+        .await
+        .unwrap();
+    assert!(done.completed_upload);
+    // Declared when every byte is there already: the declaration completes it.
+    let v = NewUpload {
+        geometry: Geometry::deferred(),
+        ..stream("defer2", 1, Assembly::Segments { partial: false })
+    };
+    store.create_upload(&v, &created(&v.id), TTL).await.unwrap();
+    store
+        .append_segment(&v.id, &segment(0, 5), &merge(&v.id), TTL)
+        .await
+        .unwrap();
+    let p = store
+        .declare_length(&v.id, 5, &merge(&v.id), TTL)
+        .await
+        .unwrap();
+    assert!(p.completed_upload);
+    assert_eq!(p.state, UploadState::Merging);
+    let status = store.upload_status(&v.id).await.unwrap().unwrap();
+    assert_eq!(status.geometry, Geometry::new(5, 5).unwrap());
+}
+
 async fn a_complete_partial_upload_waits_and_a_concatenation_merges_as_created(
     store: &dyn StateStore,
 ) {
@@ -1072,6 +1131,7 @@ async fn run_state_contract(store: &dyn StateStore) {
     lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(store).await;
     segments_append_only_at_the_end_and_complete_once(store).await;
     a_complete_partial_upload_waits_and_a_concatenation_merges_as_created(store).await;
+    a_deferred_length_is_declared_once_and_may_complete_the_upload(store).await;
 }
 
 #[tokio::test]

@@ -133,6 +133,7 @@ impl Janitor {
         // A complete partial upload waits for its concatenation, for as long as any idle
         // upload is kept.
         let every_chunk = stored == inventory.upload.geometry.total_size
+            && !inventory.upload.geometry.is_deferred()
             && inventory.upload.assembly.merges_when_complete();
         let abandoned = match header.state {
             UploadState::Receiving => idle && !every_chunk,

@@ -35,7 +35,8 @@ use stitch_common::quota::Reservation;
 /// A new upload of segments (tus `POST`).
 #[derive(Clone, Debug)]
 pub struct NewStream {
-    pub length: u64,
+    /// `None`: declared later, by an append (tus `Upload-Defer-Length`).
+    pub length: Option<u64>,
     pub filename: Option<String>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// A part of a later concatenation: complete when its bytes are there, never merged
@@ -61,6 +62,9 @@ pub struct Append {
     /// The body's length when the request declared it (`Content-Length`).
     pub length: Option<u64>,
     pub digest: Option<DeclaredDigest>,
+    /// The upload's length, for an upload created without one (tus `Upload-Length` on a
+    /// `PATCH`); once declared it cannot change.
+    pub upload_length: Option<u64>,
 }
 
 /// Where an append left the upload.
@@ -132,14 +136,19 @@ impl UploadService {
             Some(name) => caller.upload_id(name)?,
             None => UploadId::generate(&caller.tenant),
         };
-        if req.length == 0 {
-            return Err(ServiceError::InvalidRequest(
-                "an upload must have at least 1 byte".into(),
-            ));
-        }
-        let geometry = Geometry::new(req.length, req.length)?;
-        self.check_size(req.length)?;
-        caller.check_size(req.length)?;
+        let geometry = match req.length {
+            Some(0) => {
+                return Err(ServiceError::InvalidRequest(
+                    "an upload must have at least 1 byte".into(),
+                ));
+            }
+            Some(length) => {
+                self.check_size(length)?;
+                caller.check_size(length)?;
+                Geometry::new(length, length)?
+            }
+            None => Geometry::deferred(),
+        };
         let filename = req.filename.map(|f| self.check_filename(f)).transpose()?;
         self.check_metadata(req.metadata.as_ref())?;
         let mut upload = NewUpload {
@@ -291,8 +300,23 @@ impl UploadService {
     ) -> Result<Appended, ServiceError> {
         caller.require(Scope::Upload)?;
         let id = caller.upload_id(append.id.as_str())?;
-        let status = self.status_of(&id).await?;
+        let mut status = self.status_of(&id).await?;
         self.check_not_expired(&status)?;
+        if let Some(length) = append.upload_length {
+            self.declare_length(caller, &mut status, length).await?;
+            if status.bytes_received == length && append.offset == length {
+                // The declaration completed the upload: the body may only be empty.
+                let mut carry = None;
+                if self.body_has_more(&mut carry, &mut body).await {
+                    return Err(ServiceError::BodyTooLong { expected: 0 });
+                }
+                return Ok(Appended {
+                    id,
+                    offset: length,
+                    progress: None,
+                });
+            }
+        }
         if !matches!(status.assembly, Assembly::Segments { .. }) {
             return Err(Conflict::Assembly.into());
         }
@@ -306,7 +330,13 @@ impl UploadService {
             .into());
         }
         let size = status.geometry.total_size;
-        let room = size - status.bytes_received;
+        let room = match status.geometry.is_deferred() {
+            // Until its length is declared, an upload grows up to what its length could be.
+            true => self
+                .largest_upload(caller)
+                .saturating_sub(status.bytes_received),
+            false => size - status.bytes_received,
+        };
         if let Some(len) = append.length
             && len > room
         {
@@ -338,6 +368,78 @@ impl UploadService {
             tracing::warn!(upload_id = %id, error = %e, "could not release the append lease; it will lapse");
         }
         appended
+    }
+
+    /// The largest upload `caller` may make: `limits.max_upload_bytes`, its tenant's
+    /// `max_upload_bytes` and its token's bound, whichever is least.
+    fn largest_upload(&self, caller: &Principal) -> u64 {
+        let tenant = self.auth_settings.quotas_of(caller.tenant.as_str());
+        [
+            Some(self.limits.max_upload_bytes.0),
+            tenant.max_upload_bytes.map(|b| b.0),
+            caller.max_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(u64::MAX)
+    }
+
+    /// Fixes the length of an upload created without one: checked against the limits and
+    /// quotas, written to storage (the truth), then to the state store, which may complete
+    /// the upload (every byte was there already). Declaring the length the upload has is a
+    /// no-op; another one is a conflict.
+    async fn declare_length(
+        &self,
+        caller: &Principal,
+        status: &mut UploadStatus,
+        length: u64,
+    ) -> Result<(), ServiceError> {
+        let current = status.geometry.total_size;
+        if !status.geometry.is_deferred() || length < status.bytes_received || length == 0 {
+            return match current == length {
+                true => Ok(()),
+                false => Err(Conflict::Length {
+                    current,
+                    received: status.bytes_received,
+                }
+                .into()),
+            };
+        }
+        self.check_size(length)?;
+        caller.check_size(length)?;
+        let quotas = self.auth_settings.quotas_of(caller.tenant.as_str());
+        if let Some(max) = quotas.max_upload_bytes
+            && length > max.0
+        {
+            return Err(ServiceError::QuotaUploadTooLarge {
+                size: length,
+                max: max.0,
+            });
+        }
+        let id = status.id.clone();
+        if let Some(existing) = self.storage.record_length(&id, length).await? {
+            return Err(Conflict::Length {
+                current: existing,
+                received: status.bytes_received,
+            }
+            .into());
+        }
+        let job = MergeJob::new(id.clone());
+        let progress = self
+            .state
+            .declare_length(&id, length, &OutboxMessage::Merge(job.clone()), self.ttl_ms)
+            .await?;
+        // The ledger holds the declared size from now on (it held nothing for this upload).
+        if let Err(e) = self.quotas.track(&id, length, true).await {
+            tracing::warn!(upload_id = %id, error = %e, "the declared length is not in the quota ledger yet; the janitor will put it there");
+        }
+        if progress.completed_upload {
+            self.trigger_merge(&id, job).await;
+        }
+        status.geometry = Geometry::new(length, length)?;
+        status.state = progress.state;
+        Ok(())
     }
 
     async fn take_append_lease(

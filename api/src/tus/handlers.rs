@@ -50,13 +50,6 @@ pub async fn create(
     body: Body,
 ) -> Result<Response, TusError> {
     let tus = config(&app)?;
-    if request_headers.contains_key(h::UPLOAD_DEFER_LENGTH) {
-        return Err(ApiError::InvalidHeader {
-            header: "Upload-Defer-Length",
-            reason: "is not supported here: declare Upload-Length".into(),
-        }
-        .into());
-    }
     let metadata = h::upload_metadata(&request_headers)?;
     let filename = metadata.as_ref().and_then(h::filename_of);
     let concat = h::upload_concat(&request_headers)?;
@@ -75,8 +68,20 @@ pub async fn create(
                 .await?
         }
         partial => {
-            let length = h::upload_length(&request_headers)?
-                .ok_or(ApiError::MissingHeader("Upload-Length"))?;
+            let length = match (
+                h::upload_length(&request_headers)?,
+                h::defers_length(&request_headers)?,
+            ) {
+                (Some(_), true) => {
+                    return Err(ApiError::InvalidHeader {
+                        header: "Upload-Defer-Length",
+                        reason: "and Upload-Length cannot both be sent".into(),
+                    }
+                    .into());
+                }
+                (None, false) => return Err(ApiError::MissingHeader("Upload-Length").into()),
+                (length, _) => length,
+            };
             let req = NewStream {
                 length,
                 filename,
@@ -131,6 +136,7 @@ async fn append_with_creation(
         offset: 0,
         length: h::content_length(request_headers)?,
         digest: h::upload_checksum(request_headers)?,
+        upload_length: None,
     };
     let body = ChunkBody::new(None, body, 0, tus.body_limits)?;
     match app.uploads.append(caller, append, body).await {
@@ -177,7 +183,11 @@ fn upload_head(app: &AppState, status: &UploadStatus) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     let size = status.geometry.total_size;
-    headers.insert(h::UPLOAD_LENGTH, value(&size.to_string()));
+    if status.geometry.is_deferred() {
+        headers.insert(h::UPLOAD_DEFER_LENGTH, HeaderValue::from_static("1"));
+    } else {
+        headers.insert(h::UPLOAD_LENGTH, value(&size.to_string()));
+    }
     match &status.assembly {
         Assembly::Concat { parts } => {
             let urls: Vec<String> = parts
@@ -225,18 +235,12 @@ pub async fn patch(
     if !h::is_offset_stream(&request_headers)? {
         return Err(wrong_content_type());
     }
-    if request_headers.contains_key(h::UPLOAD_LENGTH) {
-        return Err(ApiError::InvalidHeader {
-            header: "Upload-Length",
-            reason: "is fixed at creation (deferred lengths are not supported here)".into(),
-        }
-        .into());
-    }
     let append = Append {
         id: name,
         offset: h::upload_offset(&request_headers)?,
         length: h::content_length(&request_headers)?,
         digest: h::upload_checksum(&request_headers)?,
+        upload_length: h::upload_length(&request_headers)?,
     };
     let body = ChunkBody::new(None, body, 0, tus.body_limits)?;
     let appended = app

@@ -26,8 +26,7 @@ pub const METHOD_OVERRIDE: &str = "x-http-method-override";
 /// The protocol version this server speaks.
 pub const VERSION: &str = "1.0.0";
 /// The extensions that work, exactly (`OPTIONS` advertises them).
-pub const EXTENSIONS: &str =
-    "creation,creation-with-upload,termination,checksum,expiration,concatenation";
+pub const EXTENSIONS: &str = "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation";
 /// The `Upload-Checksum` algorithms accepted.
 pub const CHECKSUM_ALGORITHMS: &str = "md5,sha1,sha256,crc32c";
 /// The content type of a body of upload bytes.
@@ -49,6 +48,15 @@ pub fn upload_length(headers: &axum::http::HeaderMap) -> Result<Option<u64>, Api
     match single(headers, UPLOAD_LENGTH)? {
         None => Ok(None),
         Some(_) => decimal(headers, UPLOAD_LENGTH).map(Some),
+    }
+}
+
+/// `Upload-Defer-Length: 1` (any other value is refused).
+pub fn defers_length(headers: &axum::http::HeaderMap) -> Result<bool, ApiError> {
+    match single(headers, UPLOAD_DEFER_LENGTH)? {
+        None => Ok(false),
+        Some("1") => Ok(true),
+        Some(_) => Err(invalid("Upload-Defer-Length", "must be 1")),
     }
 }
 

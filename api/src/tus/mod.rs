@@ -75,6 +75,7 @@ fn tus_status(e: &ApiError) -> StatusCode {
     };
     match service {
         ServiceError::Conflict(Conflict::Offset { .. }) => StatusCode::CONFLICT,
+        ServiceError::Conflict(Conflict::Length { .. }) => StatusCode::BAD_REQUEST,
         ServiceError::Conflict(Conflict::PastEnd { .. }) | ServiceError::BodyTooLong { .. } => {
             StatusCode::PAYLOAD_TOO_LARGE
         }

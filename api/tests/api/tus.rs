@@ -49,7 +49,7 @@ async fn options_advertises_exactly_what_works_without_asking_for_a_version() {
     assert_eq!(h["tus-resumable"], "1.0.0");
     assert_eq!(
         h["tus-extension"],
-        "creation,creation-with-upload,termination,checksum,expiration,concatenation"
+        "creation,creation-with-upload,creation-defer-length,termination,checksum,expiration,concatenation"
     );
     assert_eq!(h["tus-max-size"], (1u64 << 30).to_string().as_str());
     assert_eq!(h["tus-checksum-algorithm"], "md5,sha1,sha256,crc32c");
@@ -195,14 +195,15 @@ async fn refused_patches_change_neither_the_offset_nor_storage() {
         )
         .await;
     assert_eq!(unknown.status, 400);
-    // A deferred length is not supported: refused, not misread.
-    let deferred = t
+    // The length is fixed once declared: another one is refused.
+    let relength = t
         .send(
             t.patch_request(&url, 400, vec![3; 100])
-                .header("Upload-Length", "1000"),
+                .header("Upload-Length", "999"),
         )
         .await;
-    assert_eq!(deferred.status, 400);
+    assert_eq!(relength.status, 400, "{relength:?}");
+    assert_eq!(relength.code().as_deref(), Some("upload_length_conflict"));
     // An unknown upload: 404.
     let unknown_upload = t.patch(&app.url("/files/nope"), 0, vec![1]).await;
     assert_eq!(unknown_upload.status, 404);
@@ -563,4 +564,65 @@ async fn tus_creations_answer_to_the_tenants_quotas_and_store_nothing_when_refus
         t.patch(&first.location(), 0, vec![1; 1000]).await.status,
         204
     );
+}
+
+#[tokio::test]
+async fn a_deferred_length_is_declared_once_by_a_patch_and_completes_the_upload() {
+    let app = spawn_app().await;
+    let t = tus(&app);
+    let deferred = || {
+        t.request(reqwest::Method::POST, &app.url("/files/"))
+            .header("Upload-Defer-Length", "1")
+    };
+    let url = t.send(deferred()).await.location();
+    let head = t.head(&url).await;
+    assert_eq!(head.header("upload-defer-length"), Some("1"));
+    assert_eq!(head.header("upload-length"), None);
+    assert_eq!(t.patch(&url, 0, vec![1; 1000]).await.status, 204);
+    // A length below what arrived is refused and changes nothing.
+    let short = t
+        .send(
+            t.patch_request(&url, 1000, vec![])
+                .header("Upload-Length", "999"),
+        )
+        .await;
+    assert_eq!(short.status, 400, "{short:?}");
+    assert_eq!(t.head(&url).await.header("upload-defer-length"), Some("1"));
+    let last = t
+        .send(
+            t.patch_request(&url, 1000, vec![2; 500])
+                .header("Upload-Length", "1500"),
+        )
+        .await;
+    assert_eq!(last.status, 204, "{last:?}");
+    assert_eq!(last.offset(), Some(1500));
+    let head = t.head(&url).await;
+    assert_eq!(head.header("upload-length"), Some("1500"));
+    let id = id_of(&url);
+    let (_, status) = app.status(id).await;
+    assert_eq!(status["state"], "merging");
+    assert_eq!(status["total_size"], 1500);
+    assert_eq!(
+        std::fs::read_to_string(app.env.storage_root.join("uploads").join(id).join("length"))
+            .unwrap(),
+        "1500"
+    );
+
+    // Declared by an empty PATCH once every byte is there: that completes it too.
+    let url = t.send(deferred()).await.location();
+    assert_eq!(t.patch(&url, 0, vec![3; 10]).await.status, 204);
+    let declared = t
+        .send(
+            t.patch_request(&url, 10, vec![])
+                .header("Upload-Length", "10"),
+        )
+        .await;
+    assert_eq!(declared.status, 204, "{declared:?}");
+    let (_, status) = app.status(id_of(&url)).await;
+    assert_eq!(status["state"], "merging");
+    let jobs = take_merge_jobs(&app.env).await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    // Both headers at once are refused.
+    let both = t.send(deferred().header("Upload-Length", "10")).await;
+    assert_eq!(both.status, 400);
 }

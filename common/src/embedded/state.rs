@@ -503,7 +503,8 @@ impl StateStore for SqliteStateStore {
                 return Err(Conflict::Offset { current: bytes }.into());
             }
             let size = head.geometry.total_size;
-            if segment.offset.saturating_add(segment.len) > size {
+            // A length still open (tus Upload-Defer-Length) bounds nothing here.
+            if size > 0 && segment.offset.saturating_add(segment.len) > size {
                 return Err(Conflict::PastEnd { size }.into());
             }
             let numbered = ChunkRecord {
@@ -512,7 +513,7 @@ impl StateStore for SqliteStateStore {
             };
             insert_part(tx, key, &numbered)?;
             let (chunks_received, bytes_received) = (chunks + 1, bytes + numbered.len);
-            let completed = bytes_received == size && !partial;
+            let completed = size > 0 && bytes_received == size && !partial;
             tx.execute(
                 "UPDATE uploads SET chunks_received = ?2, bytes_received = ?3, updated_at = ?4, \
                  expires_at = ?5, state = ?6, \
@@ -541,6 +542,69 @@ impl StateStore for SqliteStateStore {
                 completed_upload: completed,
                 created_upload: false,
             })
+        })
+        .await
+    }
+
+    async fn declare_length(
+        &self,
+        id: &UploadId,
+        length: u64,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError> {
+        let (id, job) = (id.clone(), merge_job.clone());
+        self.run(move |tx| {
+            let now = now_ms() as i64;
+            let key = id.as_str();
+            purge_expired(tx, key, now)?;
+            let Some(head) = read_head(tx, key)? else {
+                return Err(StateError::NotFound);
+            };
+            let Assembly::Segments { partial } = head.assembly else {
+                return Err(Conflict::Assembly.into());
+            };
+            if head.state != UploadState::Receiving {
+                return Err(Conflict::NotReceiving(head.state).into());
+            }
+            let (chunks_received, bytes_received) = counts(tx, key)?;
+            let progress = |state, completed_upload| Progress {
+                state,
+                chunks_received,
+                bytes_received,
+                completed_upload,
+                created_upload: false,
+            };
+            let current = head.geometry.total_size;
+            if current == length {
+                return Ok(progress(UploadState::Receiving, false));
+            }
+            if current != 0 || length < bytes_received || length == 0 {
+                return Err(Conflict::Length {
+                    current,
+                    received: bytes_received,
+                }
+                .into());
+            }
+            let completed = bytes_received == length && !partial;
+            tx.execute(
+                "UPDATE uploads SET total_size = ?2, chunk_size = ?2, total_chunks = 1, \
+                 updated_at = ?3, expires_at = ?4, state = ?5, \
+                 merging_at = CASE WHEN ?5 = 'merging' THEN ?3 ELSE merging_at END WHERE id = ?1",
+                params![
+                    key,
+                    int(length),
+                    now,
+                    now + int(ttl_ms),
+                    if completed { "merging" } else { "receiving" }
+                ],
+            )
+            .map_err(db_error)?;
+            if completed {
+                push_outbox(tx, key, &job)?;
+                return Ok(progress(UploadState::Merging, true));
+            }
+            Ok(progress(UploadState::Receiving, false))
         })
         .await
     }
@@ -1046,7 +1110,9 @@ impl StateStore for SqliteStateStore {
                 insert_part(tx, key, chunk)?;
                 bytes += chunk.len;
             }
-            let complete = bytes == g.total_size && r.upload.assembly.merges_when_complete();
+            let complete = g.total_size > 0
+                && bytes == g.total_size
+                && r.upload.assembly.merges_when_complete();
             let state = if complete || matches!(r.upload.assembly, Assembly::Concat { .. }) {
                 UploadState::Merging
             } else {

@@ -86,6 +86,9 @@ pub enum Conflict {
     /// A segment must start where the bytes received so far end.
     #[error("the upload has {current} bytes; a segment must start there")]
     Offset { current: u64 },
+    /// The length was declared already with another value, or is below the bytes received.
+    #[error("the upload's length is {current} (0: open) with {received} bytes received")]
+    Length { current: u64, received: u64 },
     /// A segment must end within the upload's size.
     #[error("the segment ends past the upload's {size} bytes")]
     PastEnd { size: u64 },
@@ -314,6 +317,20 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         id: &UploadId,
         segment: &ChunkRecord,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError>;
+
+    /// Fixes the length of an upload of segments created without one (tus
+    /// `Upload-Defer-Length`), atomically: only if the upload is receiving and its length is
+    /// still open, and `length` is at least its bytes received ([`Conflict::Length`]
+    /// otherwise; declaring the length it has is a no-op). When the bytes received already
+    /// are `length`, moves it to `merging` with `merge_job` in its outbox, as the segment
+    /// that completes an upload does. A refusal changes nothing.
+    async fn declare_length(
+        &self,
+        id: &UploadId,
+        length: u64,
         merge_job: &OutboxMessage,
         ttl_ms: u64,
     ) -> Result<Progress, StateError>;

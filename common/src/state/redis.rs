@@ -88,6 +88,7 @@ pub struct RedisStateStore {
 struct Scripts {
     record_chunk: Script,
     append_segment: Script,
+    declare_length: Script,
     create_upload: Script,
     abort_upload: Script,
     begin_merge: Script,
@@ -106,6 +107,7 @@ fn scripts() -> &'static Scripts {
     SCRIPTS.get_or_init(|| Scripts {
         record_chunk: Script::new(include_str!("lua/record_chunk.lua")),
         append_segment: Script::new(include_str!("lua/append_segment.lua")),
+        declare_length: Script::new(include_str!("lua/declare_length.lua")),
         create_upload: Script::new(include_str!("lua/create_upload.lua")),
         abort_upload: Script::new(include_str!("lua/abort_upload.lua")),
         begin_merge: Script::new(include_str!("lua/begin_merge.lua")),
@@ -382,6 +384,10 @@ impl Reply {
                 current: self.u64(2)?,
             },
             "past_end" => Conflict::PastEnd { size: self.u64(2)? },
+            "length" => Conflict::Length {
+                current: self.u64(2)?,
+                received: self.u64(3)?,
+            },
             other => return Err(StateError::Corrupt(format!("unknown conflict {other:?}"))),
         })
     }
@@ -591,6 +597,41 @@ impl StateStore for RedisStateStore {
             .arg(part_entry(segment))
             .arg(segment.offset)
             .arg(segment.len)
+            .arg(now_ms())
+            .arg(ttl_ms)
+            .arg(merge_job.to_stored())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let reply = Reply::parse(reply)?;
+        match reply.str(0)?.as_str() {
+            "recorded" => Ok(Progress {
+                state: reply.state(1)?,
+                chunks_received: reply.u64(2)?,
+                bytes_received: reply.u64(3)?,
+                completed_upload: reply.u64(4)? == 1,
+                created_upload: false,
+            }),
+            "missing" => Err(StateError::NotFound),
+            "conflict" => Err(reply.conflict()?.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
+    async fn declare_length(
+        &self,
+        id: &UploadId,
+        length: u64,
+        merge_job: &OutboxMessage,
+        ttl_ms: u64,
+    ) -> Result<Progress, StateError> {
+        let mut conn = self.connection().await?;
+        let reply: Value = self
+            .scripts
+            .declare_length
+            .key(keys::meta(&self.namespace, id))
+            .key(self.outbox_key(id, merge_job))
+            .arg(length)
             .arg(now_ms())
             .arg(ttl_ms)
             .arg(merge_job.to_stored())

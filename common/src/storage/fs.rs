@@ -197,6 +197,52 @@ impl FsChunkStore {
         .map_err(|e| StorageError::Unavailable(format!("chunk writer failed: {e}")))?
     }
 
+    /// Records the length of an upload created without one (tus `Upload-Defer-Length`),
+    /// durably, before the state store hears of it: the first length written is the
+    /// upload's; a different one later is refused ([`StorageError::Corrupt`] never: a
+    /// conflict is `Ok(Some(existing))`). `Ok(None)`: this length is the one recorded.
+    pub async fn record_length(
+        &self,
+        id: &UploadId,
+        length: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let dir = self.upload_dir(id);
+        let fsync = self.fsync;
+        blocking(move || {
+            let path = dir.join(layout::LENGTH);
+            if let Some(existing) = read_length(&path)? {
+                return Ok((existing != length).then_some(existing));
+            }
+            let tmp = dir.join(layout::manifest_temp_name(&new_token()));
+            let result = (|| {
+                let mut file =
+                    File::create(&tmp).map_err(|e| StorageError::from_io("creating length", e))?;
+                file.write_all(length.to_string().as_bytes())
+                    .map_err(|e| StorageError::from_io("writing length", e))?;
+                if fsync {
+                    file.sync_all()
+                        .map_err(|e| StorageError::from_io("syncing length", e))?;
+                }
+                match std::fs::hard_link(&tmp, &path) {
+                    Ok(()) => {
+                        if fsync {
+                            sync_dir(&dir)?;
+                        }
+                        Ok(None)
+                    }
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                        let existing = read_length(&path)?.unwrap_or(length);
+                        Ok((existing != length).then_some(existing))
+                    }
+                    Err(e) => Err(StorageError::from_io("publishing length", e)),
+                }
+            })();
+            let _ = std::fs::remove_file(&tmp);
+            result
+        })
+        .await
+    }
+
     /// Removes a staged copy that did not get counted.
     pub async fn discard(&self, staged: &StagedChunk) {
         let path = staged.path.clone();
@@ -512,11 +558,24 @@ impl FsChunkStore {
                 break;
             }
         }
+        if inventory.upload.geometry.is_deferred()
+            && let Some(length) = read_length(&dir.join(layout::LENGTH))?
+        {
+            inventory.upload.geometry = crate::geometry::Geometry::new(length, length)
+                .map_err(|e| StorageError::Corrupt(format!("{}: {e}", dir.display())))?;
+        }
         let copies = self.complete_copies(id, &mut inventory.last_activity_ms)?;
         inventory.chunks = match &inventory.upload.assembly {
             Assembly::Chunks => chunks_of(&inventory.upload.geometry, copies),
             Assembly::Segments { .. } => {
-                segment_chain(inventory.upload.geometry.total_size, copies)
+                // A length still open bounds nothing.
+                let g = inventory.upload.geometry;
+                let size = if g.is_deferred() {
+                    u64::MAX
+                } else {
+                    g.total_size
+                };
+                segment_chain(size, copies)
             }
             // A concatenation has no parts of its own.
             Assembly::Concat { .. } => Vec::new(),
@@ -1078,6 +1137,19 @@ fn compare_manifest(existing: NewUpload, upload: &NewUpload) -> ManifestCheck {
 enum ManifestFile {
     #[serde(rename = "1")]
     V1(NewUpload),
+}
+
+/// A declared length (`layout::LENGTH`), if one was written.
+fn read_length(path: &Path) -> Result<Option<u64>, StorageError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| StorageError::Corrupt(format!("{}: not a length", path.display()))),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::from_io("reading a declared length", e)),
+    }
 }
 
 fn read_manifest(path: &Path) -> Result<Option<NewUpload>, StorageError> {

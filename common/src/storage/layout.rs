@@ -14,6 +14,9 @@ pub(super) const UPLOADS: &str = "uploads";
 pub(super) const CHUNKS: &str = "chunks";
 /// The upload's manifest, in its directory.
 pub(super) const MANIFEST: &str = "manifest.json";
+/// The length of an upload created without one (tus `Upload-Defer-Length`), once declared:
+/// the decimal number, in its directory.
+pub(super) const LENGTH: &str = "length";
 
 /// What a stored copy holds, named the way storage names it: its place in the upload.
 ///

@@ -499,8 +499,6 @@ async fn tus_js_client_creation_with_upload_sends_the_first_chunk_in_the_post() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the API does not offer tus creation-defer-length (docs/protocol.md#tus-10): POST \
-            /files/ with Upload-Defer-Length: 1 answers 400 invalid_header"]
 async fn tus_js_client_streams_with_a_deferred_length_declared_by_the_last_patch() {
     let stack = Stack::start();
     let (file, bytes) = stack.file("data.bin", 3 * MIB + 5, 306);

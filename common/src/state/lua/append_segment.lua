@@ -24,7 +24,8 @@ if assembly ~= 'segments' and assembly ~= 'partial' then return {'conflict', 'as
 if state ~= 'receiving' then return {'conflict', 'state', state} end
 local total, received = tonumber(m[3]), tonumber(m[4])
 if offset ~= received then return {'conflict', 'offset', m[4]} end
-if offset + len > total then return {'conflict', 'past_end', m[3]} end
+-- A length still open (0, tus Upload-Defer-Length) bounds nothing here; the caller does.
+if total > 0 and offset + len > total then return {'conflict', 'past_end', m[3]} end
 
 local index = tonumber(m[5])
 redis.call('HSET', parts, index, entry)

@@ -54,7 +54,8 @@ end
 
 redis.call('HSET', meta, 'chunks_received', chunks, 'bytes_received', bytes)
 redis.call('RPUSH', events, ARGV[21])
-if (bytes == tonumber(ARGV[1]) and ARGV[27] == '1') or ARGV[25] == 'concat' then
+if (bytes == tonumber(ARGV[1]) and tonumber(ARGV[1]) > 0 and ARGV[27] == '1')
+    or ARGV[25] == 'concat' then
   state = 'merging'
   redis.call('HSET', meta, 'state', state, 'merging_at', ARGV[10])
   redis.call('RPUSH', merges, ARGV[14])
