@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod keys;
+pub mod link;
 mod progress;
 pub mod serve;
 
@@ -71,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         command: keys::KeysCommand,
     },
+    /// Make "upload here" links for the upload page (`stitch link new --tenant T`).
+    Link {
+        #[command(subcommand)]
+        command: link::LinkCommand,
+    },
 }
 
 /// The whole `stitch` program.
@@ -95,6 +101,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => client::status::run(args).await,
             Command::Download(args) => client::download::run(args).await,
             Command::Keys { command } => keys::run(command),
+            Command::Link { command } => link::run(command),
         }
     });
     match result {

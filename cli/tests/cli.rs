@@ -761,3 +761,49 @@ fn serve_on_a_non_loopback_address_makes_a_key_at_first_start_and_requires_it() 
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("401"), "{stderr}");
 }
+
+#[test]
+fn link_new_prints_a_page_url_whose_token_is_a_link_for_the_tenant() {
+    const SECRET: &str = "the token secret of the link test, 0123456789";
+    let out = Command::new(STITCH)
+        .args([
+            "link",
+            "new",
+            "--tenant",
+            "acme",
+            "--ttl",
+            "2h",
+            "--max-bytes",
+            "5GiB",
+        ])
+        .env("STITCH__AUTH__TOKEN_SECRET", SECRET)
+        .env("STITCH__HTTP__PUBLIC_URL", "https://up.example.com")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = String::from_utf8(out.stdout).unwrap();
+    let token = url
+        .trim()
+        .strip_prefix("https://up.example.com/#token=")
+        .unwrap_or_else(|| panic!("{url}"));
+    let signer =
+        stitch_common::auth::TokenSigner::new(&stitch_common::config::Secret::new(SECRET), &[]);
+    let claims = signer
+        .verify(token, stitch_common::now_ms() / 1000)
+        .unwrap();
+    assert!(claims.link);
+    assert_eq!(claims.tenant.as_str(), "acme");
+    assert_eq!(claims.max_bytes, Some(5 << 30));
+    assert!(claims.upload.starts_with("link_"));
+    // Without a token secret there is no link.
+    let refused = Command::new(STITCH)
+        .args(["link", "new", "--tenant", "acme"])
+        .env_remove("STITCH__AUTH__TOKEN_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+}

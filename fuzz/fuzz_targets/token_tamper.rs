@@ -46,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
             && !max_bytes.is_empty()
             && max_bytes.len() <= 64)
             .then(|| max_bytes.clone()),
+        // A link when the expiry is odd: both kinds round-trip.
+        link: expires_at.parse::<u64>().is_ok_and(|e| e % 2 == 1),
     };
     let now: u64 = now.parse().unwrap_or_default();
     let signer = TokenSigner::new(&Secret::new("the current secret, 32 bytes long"), &[]);

@@ -88,8 +88,13 @@ pub struct TokenRequest {
     pub ttl: Option<Interval>,
     /// Default `upload` and `read`; never more than the caller's, never `admin`.
     pub scopes: Option<Vec<String>>,
-    /// Bound on the upload's declared size.
+    /// Bound on the upload's declared size (each upload's, for a link).
     pub max_bytes: Option<u64>,
+    /// An "upload here" link: the token may make any number of uploads, named
+    /// `<upload_id>-…` by the server (`upload_id`: the link's prefix, fresh when absent),
+    /// and touch those only.
+    #[serde(default)]
+    pub link: bool,
 }
 
 /// A token made by [`UploadService::issue_token`].
@@ -291,9 +296,10 @@ impl UploadService {
                 ));
             }
         }
-        let upload_id = match &req.upload_id {
-            Some(name) => caller.upload_id(name)?,
-            None => UploadId::generate(&caller.tenant),
+        let upload_id = match (&req.upload_id, req.link) {
+            (Some(name), _) => caller.upload_id(name)?,
+            (None, false) => UploadId::generate(&caller.tenant),
+            (None, true) => caller.upload_id(&stitch_common::auth::new_link_prefix())?,
         };
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
         let token = signer.sign(&TokenClaims {
@@ -303,6 +309,7 @@ impl UploadService {
             expires_at: expires_at_ms.div_ceil(1000),
             max_bytes: req.max_bytes,
             issuer: caller.key_id().map(str::to_owned),
+            link: req.link,
         });
         tracing::info!(upload_id = %upload_id, by = caller.label(), scopes = ?scopes, ttl_s = ttl.as_secs(), "capability token issued");
         Ok(IssuedToken {
@@ -321,9 +328,9 @@ impl UploadService {
         req: CreateUpload,
     ) -> Result<(Created, UploadStatus, Option<String>), ServiceError> {
         caller.require(Scope::Upload)?;
-        let id = match (&req.upload_id, &caller.upload) {
-            (Some(name), _) | (None, Some(name)) => caller.upload_id(name)?,
-            (None, None) => UploadId::generate(&caller.tenant),
+        let id = match &req.upload_id {
+            Some(name) => caller.upload_id(name)?,
+            None => caller.new_upload_id()?,
         };
         let geometry = Geometry::new(req.total_size, req.chunk_size)?;
         self.check_geometry(&geometry)?;
@@ -784,7 +791,7 @@ impl UploadService {
         cursor: Option<&str>,
     ) -> Result<(Vec<UploadStatus>, Option<String>), ServiceError> {
         caller.require(Scope::Read)?;
-        if let Some(name) = &caller.upload {
+        if let Some(name) = caller.single_upload() {
             return match self.status_of(&caller.upload_id(name)?).await {
                 Ok(status) => Ok((vec![status], None)),
                 Err(ServiceError::NotFound) => Ok((Vec::new(), None)),
@@ -798,6 +805,9 @@ impl UploadService {
         let mut page = Vec::new();
         let mut next = None;
         for (created_at, id) in self.storage.uploads_of(&caller.tenant).await? {
+            if caller.upload_id(id.name()).is_err() {
+                continue; // Not one of a link's uploads.
+            }
             let position = (created_at, id.as_str().to_owned());
             if after.as_ref().is_some_and(|after| position >= *after) {
                 continue;

@@ -132,10 +132,7 @@ impl UploadService {
         req: NewStream,
     ) -> Result<UploadStatus, ServiceError> {
         caller.require(Scope::Upload)?;
-        let id = match &caller.upload {
-            Some(name) => caller.upload_id(name)?,
-            None => UploadId::generate(&caller.tenant),
-        };
+        let id = caller.new_upload_id()?;
         let geometry = match req.length {
             Some(0) => {
                 return Err(ServiceError::InvalidRequest(
@@ -215,10 +212,7 @@ impl UploadService {
         let filename = filename.map(|f| self.check_filename(f)).transpose()?;
         self.check_metadata(metadata.as_ref())?;
         let mut upload = NewUpload {
-            id: match &caller.upload {
-                Some(name) => caller.upload_id(name)?,
-                None => UploadId::generate(&caller.tenant),
-            },
+            id: caller.new_upload_id()?,
             geometry: Geometry::new(length, length)?,
             filename,
             file_md5: None,

@@ -108,3 +108,82 @@ async fn a_tenant_lists_its_own_uploads_newest_first_page_by_page() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test]
+async fn an_upload_here_link_makes_uploads_and_sees_only_its_own() {
+    const KEY: &str = "sk_test_ui_link_0123456789";
+    let app = spawn_app_with(|s| {
+        s.auth.keys = vec![ApiKeyEntry {
+            id: "acme-key".into(),
+            tenant: "acme".into(),
+            sha256: key_sha256(KEY),
+            scopes: None,
+        }];
+        s.auth.token_secret = Some(stitch_common::config::Secret::new(
+            "the token secret of the ui tests, 0123456789",
+        ));
+    })
+    .await;
+    let owner = http_client_with_key(KEY);
+    let others = Tus::new(owner.clone(), &app.base)
+        .create(10, None)
+        .await
+        .location();
+    let issued: serde_json::Value = owner
+        .post(app.url("/upload/tokens"))
+        .json(&serde_json::json!({"link": true, "ttl": "1h", "max_bytes": 1000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let link = Tus::new(
+        http_client_with_key(issued["token"].as_str().unwrap()),
+        &app.base,
+    );
+    let mine: Vec<String> = [
+        link.create(100, None).await.location(),
+        link.create(200, None).await.location(),
+    ]
+    .into();
+    for url in &mine {
+        assert!(
+            id_of(url).starts_with(issued["upload_id"].as_str().unwrap()),
+            "{url}"
+        );
+        assert_eq!(link.patch(url, 0, vec![1; 10]).await.status, 204);
+    }
+    // Bounded per upload; blind to the tenant's other uploads; no deletes, no tokens.
+    assert_eq!(link.create(1001, None).await.status, 403);
+    assert_eq!(link.head(&others).await.status, 403);
+    assert_eq!(link.patch(&others, 0, vec![1]).await.status, 403);
+    let delete = link
+        .send(link.request(reqwest::Method::DELETE, &mine[0]))
+        .await;
+    assert_eq!(delete.status, 403);
+    let listed: serde_json::Value = link
+        .client
+        .get(app.url("/uploads"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<&str> = listed["uploads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["upload_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [id_of(&mine[1]), id_of(&mine[0])]);
+    let minted = link
+        .client
+        .post(app.url("/upload/tokens"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minted.status(), 403);
+}

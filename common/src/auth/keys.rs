@@ -157,6 +157,7 @@ impl KeyRing {
             credential: Credential::Key(found.id),
             upload: None,
             max_bytes: None,
+            link: false,
         })
     }
 }

@@ -45,10 +45,18 @@ pub struct Principal {
     pub tenant: Tenant,
     pub scopes: Scopes,
     pub credential: Credential,
-    /// A token's binding: the one upload (by name, in `tenant`) it may touch.
+    /// A token's binding: the one upload (by name, in `tenant`) it may touch; for a link,
+    /// the prefix of the names of the uploads it may make and touch.
     pub upload: Option<String>,
-    /// A token's bound on the size of that upload.
+    /// A token's bound on the size of that upload (of each, for a link).
     pub max_bytes: Option<u64>,
+    /// `upload` is a link's prefix, not one upload.
+    pub link: bool,
+}
+
+/// A fresh prefix for an "upload here" link's uploads (`link_<16 hex>`).
+pub fn new_link_prefix() -> String {
+    format!("link_{:016x}", rand::random::<u64>())
 }
 
 /// Why a request is not allowed. `Unauthorized` is 401 (who are you?), the others 403.
@@ -73,6 +81,7 @@ impl Principal {
             credential: Credential::Open,
             upload: None,
             max_bytes: None,
+            link: false,
         }
     }
 
@@ -93,12 +102,35 @@ impl Principal {
     /// the upload it is bound to.
     pub fn upload_id(&self, name: &str) -> Result<UploadId, ScopedIdError> {
         let id = UploadId::new(&self.tenant, name)?;
-        if let Some(bound) = &self.upload
-            && bound != id.name()
-        {
+        let allowed = match (&self.upload, self.link) {
+            (None, _) => true,
+            (Some(bound), false) => bound == id.name(),
+            (Some(prefix), true) => id
+                .name()
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.starts_with('-')),
+        };
+        if !allowed {
             return Err(ScopedIdError::Auth(AuthError::OtherUpload));
         }
         Ok(id)
+    }
+
+    /// The id of an upload this principal creates without naming it: a token's own upload,
+    /// a fresh `<prefix>-<uuid>` for a link, a fresh UUID otherwise.
+    pub fn new_upload_id(&self) -> Result<UploadId, ScopedIdError> {
+        match (&self.upload, self.link) {
+            (Some(bound), false) => self.upload_id(bound),
+            (Some(prefix), true) => {
+                self.upload_id(&format!("{prefix}-{}", uuid::Uuid::new_v4().simple()))
+            }
+            (None, _) => Ok(UploadId::generate(&self.tenant)),
+        }
+    }
+
+    /// Whether this principal is one upload's token (it sees that upload only).
+    pub fn single_upload(&self) -> Option<&str> {
+        self.upload.as_deref().filter(|_| !self.link)
     }
 
     /// Checks a declared upload size against the token's bound.
@@ -383,6 +415,40 @@ mod tests {
     }
 
     #[test]
+    fn a_link_makes_and_touches_only_uploads_under_its_prefix() {
+        let auth = keyed(vec![entry("ci", "acme", "k1", None)]);
+        let signer = auth.tokens().unwrap();
+        let token = signer.sign(&TokenClaims {
+            tenant: Tenant::parse("acme").unwrap(),
+            upload: "link_ab".into(),
+            scopes: Scopes::default_for_tokens(),
+            expires_at: crate::now_ms() / 1000 + 60,
+            max_bytes: Some(100),
+            issuer: None,
+            link: true,
+        });
+        let header = bearer(&token);
+        let p = auth
+            .authenticate(Presented {
+                authorization: Some(&header),
+                ..Default::default()
+            })
+            .unwrap();
+        let made = p.new_upload_id().unwrap();
+        assert!(made.as_str().starts_with("acme~link_ab-"), "{made}");
+        assert_ne!(made, p.new_upload_id().unwrap());
+        assert!(p.upload_id("link_ab-x1").is_ok());
+        assert_eq!(p.single_upload(), None);
+        for other in ["link_ab", "link_abc-x1", "link_a-b", "u1"] {
+            assert_eq!(
+                p.upload_id(other),
+                Err(ScopedIdError::Auth(AuthError::OtherUpload)),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
     fn a_token_principal_is_bound_to_its_upload() {
         let auth = keyed(vec![entry("ci", "acme", "k1", None)]);
         let signer = auth.tokens().unwrap();
@@ -394,6 +460,7 @@ mod tests {
             expires_at: now + 60,
             max_bytes: Some(100),
             issuer: Some("ci".into()),
+            link: false,
         });
         let header = bearer(&token);
         let p = auth
@@ -425,6 +492,7 @@ mod tests {
         let auth = keyed(vec![entry("ci", "acme", "k1", None)]);
         let signer = auth.tokens().unwrap();
         let claims = |issuer: Option<&str>| TokenClaims {
+            link: false,
             tenant: Tenant::parse("acme").unwrap(),
             upload: "u1".into(),
             scopes: Scopes::default_for_tokens(),

@@ -39,8 +39,12 @@ pub struct TokenClaims {
     pub expires_at: u64,
     pub max_bytes: Option<u64>,
     /// The id of the API key that made the token: the token is refused once that key is
-    /// gone. `None` for tokens made without a key (protected mode, event links).
+    /// gone. `None` for tokens made without a key (protected mode, event links, links made
+    /// by `stitch link new`).
     pub issuer: Option<String>,
+    /// An "upload here" link: `upload` is not one upload but a prefix, and the token may
+    /// make and touch any number of uploads named `<upload>-…` (server-made), none other.
+    pub link: bool,
 }
 
 impl TokenClaims {
@@ -51,6 +55,7 @@ impl TokenClaims {
             credential: Credential::Token,
             upload: Some(self.upload),
             max_bytes: self.max_bytes,
+            link: self.link,
         }
     }
 }
@@ -67,6 +72,9 @@ struct Payload {
     m: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     k: Option<String>,
+    /// A link (absent: one upload).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    l: bool,
 }
 
 /// Why a token was refused. Callers answer one 401 for all of them.
@@ -117,6 +125,7 @@ impl TokenSigner {
             e: claims.expires_at,
             m: claims.max_bytes,
             k: claims.issuer.clone(),
+            l: claims.link,
         };
         let json = serde_json::to_vec(&payload).expect("a payload serializes");
         let signed = format!("{PREFIX}{}", B64.encode(json));
@@ -155,6 +164,7 @@ impl TokenSigner {
             expires_at: p.e,
             max_bytes: p.m,
             issuer: p.k,
+            link: p.l,
         };
         crate::id::UploadId::new(&claims.tenant, &claims.upload)
             .map_err(|_| TokenError::Malformed)?;
@@ -193,6 +203,7 @@ impl DownloadLinks {
             expires_at,
             max_bytes: None,
             issuer: issuer.map(str::to_owned),
+            link: false,
         });
         let separator = if url.contains('?') { '&' } else { '?' };
         format!("{url}{separator}token={token}")
@@ -211,6 +222,7 @@ mod tests {
 
     fn claims() -> TokenClaims {
         TokenClaims {
+            link: false,
             tenant: Tenant::parse("acme").unwrap(),
             upload: "u1".into(),
             scopes: Scopes::of(&[Scope::Read]),
@@ -218,6 +230,17 @@ mod tests {
             max_bytes: Some(5),
             issuer: Some("ci".into()),
         }
+    }
+
+    #[test]
+    fn a_link_stays_a_link_and_a_token_for_one_upload_stays_one() {
+        let signer = TokenSigner::new(&Secret::new("the current secret, 32 bytes long"), &[]);
+        let link = TokenClaims {
+            link: true,
+            ..claims()
+        };
+        assert_eq!(signer.verify(&signer.sign(&link), 10), Ok(link));
+        assert!(!signer.verify(&signer.sign(&claims()), 10).unwrap().link);
     }
 
     #[test]

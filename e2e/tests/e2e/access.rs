@@ -75,6 +75,7 @@ async fn spawn(settings: &Settings, worker: bool) -> std::net::SocketAddr {
 fn token(upload: &str, scopes: &[Scope], expires_in: i64) -> String {
     let now = stitch_common::now_ms() as i64 / 1000;
     TokenSigner::new(&Secret::new(TOKEN_SECRET), &[]).sign(&TokenClaims {
+        link: false,
         tenant: Tenant::parse("acme").unwrap(),
         upload: upload.into(),
         scopes: Scopes::of(scopes),
@@ -254,6 +255,7 @@ async fn every_route_refuses_what_its_credential_does_not_allow_and_changes_noth
             t
         };
         let forged = TokenSigner::new(&Secret::new("x".repeat(40)), &[]).sign(&TokenClaims {
+            link: false,
             tenant: Tenant::parse("acme").unwrap(),
             upload: upload.into(),
             scopes: Scopes::all(),
