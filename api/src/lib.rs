@@ -20,6 +20,7 @@ pub mod hook;
 pub mod routes;
 pub mod service;
 pub mod tus;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub cors: Option<Arc<cors::CorsPolicy>>,
     /// The tus front end's settings; `None`: tus is off (`tus.enabled = false`).
     pub tus: Option<Arc<tus::TusConfig>>,
+    /// The upload page's settings; `None`: the page is off (`ui.disabled`).
+    pub ui: Option<Arc<ui::UiConfig>>,
 }
 
 /// A bound, not yet running API server.
@@ -97,6 +100,7 @@ impl Application {
                 public_url: settings.http.public_url.as_deref().map(Arc::from),
                 cors: cors::CorsPolicy::new(&settings.http.cors_origins).map(Arc::new),
                 tus: tus::TusConfig::from_settings(settings),
+                ui: ui::UiConfig::from_settings(settings),
             },
             limits: ServerLimits {
                 header_read_timeout: settings.http.header_read_timeout.0,

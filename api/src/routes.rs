@@ -24,6 +24,8 @@ pub fn router(state: AppState) -> Router {
         .route("/upload/status", get(uploads::status_by_header))
         .route("/upload/{id}/status", get(uploads::status_by_path))
         .merge(files_routes())
+        .merge(crate::ui::routes())
+        .route("/uploads", get(uploads::recent_uploads))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

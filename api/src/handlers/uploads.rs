@@ -88,3 +88,39 @@ async fn status(
     }
     Ok(Json(view))
 }
+
+/// `GET /uploads?limit=20&cursor=…`: the caller's uploads, newest first.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// The most uploads one page lists.
+const MAX_PAGE: usize = 100;
+
+pub async fn recent_uploads(
+    State(app): State<AppState>,
+    Caller(caller): Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let limit = query.limit.unwrap_or(20);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::InvalidQuery(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let (page, next) = app
+        .uploads
+        .recent_uploads(&caller, limit, query.cursor.as_deref())
+        .await?;
+    let views: Vec<StatusView> = page
+        .into_iter()
+        .map(|s| StatusView::new(s, app.public_url.as_deref()))
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "uploads": views, "next_cursor": next }),
+    ))
+}

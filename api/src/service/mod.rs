@@ -774,6 +774,50 @@ impl UploadService {
         self.status_of(&caller.upload_id(name.as_str())?).await
     }
 
+    /// The caller's uploads, newest first: at most `limit` after `cursor` (the cursor of the
+    /// page before), and the cursor of the next page when there is one. A token sees only its
+    /// own upload.
+    pub async fn recent_uploads(
+        &self,
+        caller: &Principal,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<UploadStatus>, Option<String>), ServiceError> {
+        caller.require(Scope::Read)?;
+        if let Some(name) = &caller.upload {
+            return match self.status_of(&caller.upload_id(name)?).await {
+                Ok(status) => Ok((vec![status], None)),
+                Err(ServiceError::NotFound) => Ok((Vec::new(), None)),
+                Err(e) => Err(e),
+            };
+        }
+        let after = match cursor.map(parse_cursor).transpose()? {
+            Some((ms, name)) => Some((ms, caller.upload_id(&name)?.as_str().to_owned())),
+            None => None,
+        };
+        let mut page = Vec::new();
+        let mut next = None;
+        for (created_at, id) in self.storage.uploads_of(&caller.tenant).await? {
+            let position = (created_at, id.as_str().to_owned());
+            if after.as_ref().is_some_and(|after| position >= *after) {
+                continue;
+            }
+            if page.len() == limit {
+                next = page
+                    .last()
+                    .map(|s: &UploadStatus| format!("{}.{}", s.created_at_ms, s.id.name()));
+                break;
+            }
+            match self.status_of(&id).await {
+                Ok(status) => page.push(status),
+                // Removed since the listing: not part of the page.
+                Err(ServiceError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((page, next))
+    }
+
     /// `url` (a completed upload's download URL) with a read-only token that lasts `ttl`, for
     /// a caller that may read the upload: a link to hand to someone without a key.
     pub fn signed_link(
@@ -984,6 +1028,16 @@ impl UploadService {
         }
         Ok(name)
     }
+}
+
+/// A listing cursor, `<created_at_ms>.<name>`: the position of the last upload of a page,
+/// as (creation time, key) in the caller's tenant (names are unique within it).
+fn parse_cursor(raw: &str) -> Result<(u64, String), ServiceError> {
+    let invalid = || ServiceError::InvalidRequest("cursor is not one this server gave".into());
+    let (ms, name) = raw.split_once('.').ok_or_else(invalid)?;
+    let ms = ms.parse().map_err(|_| invalid())?;
+    UploadName::parse(name).map_err(|_| invalid())?;
+    Ok((ms, name.to_owned()))
 }
 
 /// A fresh signing secret for an upload's callbacks, written as Standard Webhooks writes

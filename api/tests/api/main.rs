@@ -12,3 +12,4 @@ mod limits;
 mod pace;
 mod process;
 mod tus;
+mod ui;

@@ -63,6 +63,9 @@ pub struct Settings {
     /// The tus 1.0 front end (`/files/`).
     #[serde(default)]
     pub tus: TusSettings,
+    /// The upload page served at `/`.
+    #[serde(default)]
+    pub ui: UiSettings,
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
@@ -132,6 +135,17 @@ pub struct HttpSettings {
     /// Believe `Forwarded` and `X-Forwarded-Host`/`-Proto` from clients: only behind a proxy
     /// that sets them (anyone else could point Location headers elsewhere).
     pub trust_forwarded: bool,
+}
+
+/// The upload page.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiSettings {
+    /// Do not serve the page (`/` is then 404).
+    pub disabled: bool,
+    /// Where the page asks for a capability token per upload when API keys are on: the
+    /// operator's or app's own backend (which calls `POST /upload/tokens` with its key).
+    pub token_url: Option<String>,
 }
 
 /// The tus 1.0 front end.
@@ -429,6 +443,7 @@ impl Default for Settings {
             limits: Limits::default(),
             uploads: UploadSettings::default(),
             tus: TusSettings::default(),
+            ui: UiSettings::default(),
             log: LogSettings::default(),
             tracing: TracingSettings::default(),
             metrics: MetricsSettings::default(),
@@ -784,6 +799,14 @@ impl Settings {
         }
         if t.patch_deadline.0 < Duration::from_secs(1) {
             return invalid("STITCH__TUS__PATCH_DEADLINE", "must be at least 1s".into());
+        }
+        if let Some(url) = &self.ui.token_url
+            && !(url.starts_with("https://") || url.starts_with("http://") || url.starts_with('/'))
+        {
+            return invalid(
+                "STITCH__UI__TOKEN_URL",
+                "must be an http(s) URL or a path on this server".into(),
+            );
         }
         if h.min_body_rate.0 > MAX_MIN_BODY_RATE {
             return invalid(

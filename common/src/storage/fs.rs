@@ -656,6 +656,31 @@ impl FsChunkStore {
             .collect())
     }
 
+    /// `tenant`'s uploads that have a manifest, with their creation times, newest first (by
+    /// creation time, then key). Reads every manifest of the tenant: for a page of recent
+    /// uploads, not for an index of millions.
+    pub async fn uploads_of(
+        &self,
+        tenant: &crate::id::Tenant,
+    ) -> Result<Vec<(u64, UploadId)>, StorageError> {
+        let store = self.clone();
+        let tenant = tenant.clone();
+        let ids = self.upload_ids().await?;
+        blocking(move || {
+            let mut found: Vec<(u64, UploadId)> = ids
+                .into_iter()
+                .filter(|id| id.tenant() == tenant)
+                .filter_map(|id| {
+                    let manifest = read_manifest(&store.manifest_path(&id)).ok()??;
+                    Some((manifest.created_at_ms, id))
+                })
+                .collect();
+            found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.as_str().cmp(a.1.as_str())));
+            Ok(found)
+        })
+        .await
+    }
+
     /// The ids of every upload directory under the root (anything else is not ours).
     pub async fn upload_ids(&self) -> Result<Vec<UploadId>, StorageError> {
         let uploads = self.root.join(layout::UPLOADS);
