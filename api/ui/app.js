@@ -131,16 +131,23 @@
   function describeRefusal(status, error, retryAfter) {
     if (!error) return `The server answered ${status}.`
     const known = REFUSALS[error.code]
-    let text = known ? `${known(status)} ${error.message || ''}`.trim() : error.message || error.code
-    if (retryAfter) text += ` (retry after ${retryAfter} s)`
+    const said = error.message || ''
+    let text = known ? known(status) : said || error.code
+    if (known && said) {
+      // "Sentence (the server's words)." or, for a sentence that introduces them, "Sentence: words".
+      text = text.endsWith(':')
+        ? `${text} ${said}`
+        : `${text.replace(/\.$/, '')} (${said.replace(/\.$/, '')}).`
+    }
+    if (retryAfter) text += ` Retry after ${retryAfter} s.`
     return `${text} [${error.code}]`
   }
 
   async function fetchJson(url, token, init) {
     const response = await fetch(url, {
+      credentials: 'same-origin',
       ...init,
       headers: { Accept: 'application/json', ...authHeaders(token), ...((init && init.headers) || {}) },
-      credentials: 'same-origin',
       cache: 'no-store',
     })
     const text = await response.text()
@@ -162,6 +169,9 @@
     if (uploadId) body.upload_id = uploadId
     const answer = await fetchJson(page.config.token_url, null, {
       method: 'POST',
+      // The backend knows its user by its own cookies, also from another origin (which the
+      // server's CSP then names in connect-src, and which must answer CORS with credentials).
+      credentials: 'include',
       headers: { 'Content-Type': 'application/json' },
       body: JSON.stringify(body),
     })
@@ -371,7 +381,7 @@
       }
       clearInterval(this.polling)
       if (status.state === 'completed') {
-        this.setState('completed', 'Completed and verified')
+        this.setState('completed', 'Completed')
         this.q('.result-size').textContent = `${formatBytes(status.size)} (${status.size} bytes)`
         this.q('.result-md5').textContent = status.md5
         const link = this.q('.result-link')

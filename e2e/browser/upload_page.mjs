@@ -13,11 +13,13 @@
 //   refused     a file the server refuses (larger than its limit)
 //   artifacts   the directory for the screenshots
 //   throttle    bytes per second for the slowed upload (default 1 MiB/s)
-//   cutAt       the percentage of `resumed` after which the page is reloaded (default 40)
+//   cutAt       the percentage of `resumed` after which the page is reloaded (default 40);
+//               before that, at 15 %, the page's Pause button stops it and Resume goes on
 //   timeoutMs   for each wait (default 60000)
 //
 // Output: one JSON line on stdout:
 //   {"ok":true, "items":[{name, state, uploadId, md5, size, href, message}],
+//    "pause":{"percentAtPause", "patchOffsetAfterResume"},
 //    "resume":{"percentAtReload", "headOffsets":[...], "firstPatchOffset"},
 //    "refusal":{name, state, message}, "recent":{rows:[[...]], message},
 //    "requests":[{method, url, status, offset}], "consoleErrors":[...], "screenshots":[...]}
@@ -64,6 +66,7 @@ const timeout = options.timeoutMs || 60000
 const report = {
   ok: false,
   items: [],
+  pause: null,
   resume: {},
   refusal: null,
   recent: null,
@@ -127,21 +130,26 @@ async function run(chromium) {
       if (msg.type() === 'error') report.consoleErrors.push(msg.text())
     })
     page.on('pageerror', (err) => report.consoleErrors.push(`page error: ${err.message}`))
+    // PATCHes when they are sent (one cut by a pause or a reload never gets an answer), with
+    // the offset they start at; HEADs when answered, with the offset the server reported.
+    const files = (url) => new URL(url).pathname.startsWith('/files')
+    page.on('request', (request) => {
+      if (request.method() !== 'PATCH' || !files(request.url())) return
+      report.requests.push({
+        method: 'PATCH',
+        url: new URL(request.url()).pathname,
+        offset: Number(request.headers()['upload-offset']),
+      })
+    })
     page.on('response', (response) => {
       const request = response.request()
-      const url = new URL(request.url())
-      if (!url.pathname.startsWith('/files')) return
+      if (request.method() === 'PATCH' || !files(request.url())) return
+      const offset = response.headers()['upload-offset']
       report.requests.push({
         method: request.method(),
-        url: url.pathname,
+        url: new URL(request.url()).pathname,
         status: response.status(),
-        // A PATCH's offset is the one it sent; a HEAD's the one the server answered.
-        offset:
-          request.method() === 'PATCH'
-            ? Number(request.headers()['upload-offset'])
-            : response.headers()['upload-offset'] != null
-              ? Number(response.headers()['upload-offset'])
-              : null,
+        offset: offset != null ? Number(offset) : null,
       })
     })
     const ready = () => page.waitForSelector('body[data-ready="true"]', { timeout })
@@ -164,17 +172,32 @@ async function run(chromium) {
       })
     await throttle(options.throttle || MiB)
     await page.setInputFiles('#files', options.resumed)
-    const cutAt = options.cutAt || 40
-    await page.waitForFunction(
-      ([n, cut]) => {
-        for (const li of document.querySelectorAll('#queue > li.upload')) {
-          if (li.querySelector('.name').textContent === n) return li.querySelector('progress').value >= cut
-        }
-        return false
-      },
-      [resumedName, cutAt],
-      { timeout, polling: 50 },
-    )
+    const reached = (percent) =>
+      page.waitForFunction(
+        ([n, cut]) => {
+          for (const li of document.querySelectorAll('#queue > li.upload')) {
+            if (li.querySelector('.name').textContent === n) return li.querySelector('progress').value >= cut
+          }
+          return false
+        },
+        [resumedName, percent],
+        { timeout, polling: 50 },
+      )
+
+    step = 'pause and resume with the buttons'
+    await reached(15)
+    await itemFor(page, resumedName).getByRole('button', { name: 'Pause' }).click()
+    await waitForState(page, resumedName, ['paused'])
+    report.pause = { percentAtPause: (await readItem(page, resumedName)).percent }
+    const requestsBeforeResume = report.requests.length
+    await page.waitForTimeout(500)
+    await itemFor(page, resumedName).getByRole('button', { name: 'Resume' }).click()
+    await reached(report.pause.percentAtPause + 5)
+    const resumedPatch = report.requests.slice(requestsBeforeResume).find((r) => r.method === 'PATCH')
+    report.pause.patchOffsetAfterResume = resumedPatch ? resumedPatch.offset : null
+
+    step = 'reload the page part-way'
+    await reached(options.cutAt || 40)
     report.resume.percentAtReload = (await readItem(page, resumedName)).percent
     await shoot(page, 'uploading.png')
     const requestsBeforeReload = report.requests.length

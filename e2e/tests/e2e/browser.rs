@@ -188,13 +188,23 @@ async fn the_upload_page_uploads_resumes_after_a_reload_verifies_and_shows_a_ref
         assert_eq!(status["md5"], item["md5"], "{status}");
     }
 
+    // Pause stopped the upload and Resume went on from what the server had, not from 0.
+    let pause = &run["pause"];
+    let after_pause = pause["patchOffsetAfterResume"].as_u64().unwrap_or(0);
+    assert!(
+        after_pause > 0,
+        "Resume did not go on from the server's offset: {pause}\nrequests: {}",
+        run["requests"]
+    );
+
     // The reload cut the upload part-way, and the page resumed it from what the server kept:
     // the server reported bytes already there, and the first PATCH after the reload started
     // there, not at 0.
     let resume = &run["resume"];
+    eprintln!("paused and resumed: {pause}; reloaded and resumed: {resume}");
     let kept = resume["firstPatchOffset"].as_u64().unwrap_or(0);
     assert!(
-        kept > 0 && kept < (6 * MIB) as u64,
+        kept > after_pause && kept < (6 * MIB) as u64,
         "the upload did not resume from the middle: {resume}\nrequests: {}",
         run["requests"]
     );
