@@ -49,8 +49,7 @@
         : 'Your account has reached its upload quota (uploads in progress or space used). ' +
           'Wait for uploads to finish or delete files, then try again.',
     upload_too_large: () => 'This file is larger than this server accepts.',
-    unauthorized: () =>
-      'Not authorized: the upload link is missing, wrong or has expired. Ask for a new link.',
+    unauthorized: () => 'Not authorized: the upload link is missing, wrong or expired; ask for a new one.',
     forbidden: () =>
       'Not allowed: this link does not permit this upload (another file, or too large for it).',
     rejected_by_hook: () => 'Refused by the site:',
@@ -449,9 +448,9 @@
       $('recent').hidden = true
       $('recent-more').hidden = true
       message.textContent =
-        err.status === 401 || err.status === 403
-          ? 'The list of recent uploads needs a credential for the whole account; this link is for single uploads.'
-          : `The recent uploads could not be loaded. ${err.message}`
+        err.status === 403
+          ? 'This credential may not list uploads.'
+          : `The recent uploads could not be loaded: ${err.message}`
       return
     }
     const rows = $('recent-rows')

@@ -5,6 +5,9 @@
 //   node upload_page.mjs '<options as JSON>'
 //
 // Options:
+//   scenario    "uploads" (default: the options below) or "link": `url` is an upload link
+//               (`/#token=…`) through which `plain` is uploaded, and `badUrl` one with a
+//               forged token, which must be refused
 //   url         the page (`http://127.0.0.1:PORT/`)
 //   plain       a file that uploads straight through
 //   resumed     a file whose upload is cut by a page reload part-way (the upload is slowed by
@@ -115,6 +118,49 @@ async function waitForState(page, name, states) {
   )
 }
 
+/**
+ * An upload link (`url` ends in `#token=…`): one file goes up with the token alone, and
+ * the same page with a forged token (`badUrl`) shows the refusal.
+ */
+async function runLink(page, ready) {
+  step = 'upload through an upload link'
+  await page.goto(options.url)
+  await ready()
+  const name = path.basename(options.plain)
+  await page.setInputFiles('#files', options.plain)
+  await waitForState(page, name, ['completed', 'failed', 'refused', 'error'])
+  report.items = [await readItem(page, name)]
+  await page
+    .waitForFunction(() => document.querySelectorAll('#recent-rows tr').length >= 1, null, {
+      timeout: 10000,
+      polling: 100,
+    })
+    .catch(() => {})
+  report.recent = await readRecent(page)
+  report.authNote = await page.locator('#auth-note').textContent()
+  await shoot(page, 'link.png')
+
+  step = 'a forged upload link'
+  // Another document, so that the page reads the new fragment.
+  await page.goto('about:blank')
+  await page.goto(options.badUrl)
+  await ready()
+  await page.setInputFiles('#files', options.plain)
+  await waitForState(page, name, ['refused', 'error', 'completed', 'failed'])
+  const refused = await readItem(page, name)
+  report.refusal = { name: refused.name, state: refused.state, message: refused.message }
+  await shoot(page, 'link-refused.png')
+}
+
+async function readRecent(page) {
+  return page.evaluate(() => ({
+    rows: Array.from(document.querySelectorAll('#recent-rows tr')).map((tr) =>
+      Array.from(tr.cells).map((td) => td.textContent.trim()),
+    ),
+    message: document.getElementById('recent-message').textContent,
+  }))
+}
+
 async function run(chromium) {
   mkdirSync(options.artifacts, { recursive: true })
   const browser = await chromium.launch({
@@ -153,6 +199,11 @@ async function run(chromium) {
       })
     })
     const ready = () => page.waitForSelector('body[data-ready="true"]', { timeout })
+    if (options.scenario === 'link') {
+      await runLink(page, ready)
+      report.ok = true
+      return
+    }
 
     step = 'open the page'
     await page.goto(options.url)
@@ -224,12 +275,7 @@ async function run(chromium) {
       null,
       { timeout: 10000, polling: 100 },
     ).catch(() => {})
-    report.recent = await page.evaluate(() => ({
-      rows: Array.from(document.querySelectorAll('#recent-rows tr')).map((tr) =>
-        Array.from(tr.cells).map((td) => td.textContent.trim()),
-      ),
-      message: document.getElementById('recent-message').textContent,
-    }))
+    report.recent = await readRecent(page)
     await shoot(page, 'completed.png')
 
     step = 'a file the server refuses'

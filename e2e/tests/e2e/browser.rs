@@ -3,7 +3,8 @@
 //! The page uploads two files, one of them cut by a page reload part-way and resumed from
 //! what the server kept; what it shows (state, MD5, links) is checked against the files and
 //! against `GET /files/{id}`; a file over the server's limit shows the refusal's message.
-//! Screenshots land in `target/test-artifacts/browser/`.
+//! An upload link (`/#token=…`) uploads with its capability token alone, and a forged one is
+//! refused with the page's message. Screenshots land in `target/test-artifacts/browser/`.
 //!
 //! Beside it, two checks of the committed assets that need no browser: the vendored
 //! tus-js-client is byte for byte the one `api/ui/package-lock.json` installs, and the page
@@ -250,6 +251,105 @@ async fn the_upload_page_uploads_resumes_after_a_reload_verifies_and_shows_a_ref
     for shot in ["uploading.png", "completed.png", "refused.png"] {
         assert!(artifacts.join(shot).is_file(), "no screenshot {shot}");
     }
+}
+
+const KEY: &str = "sk_test_upload_page_0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_link_uploads_with_its_token_alone_and_a_forged_one_is_refused() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nid = \"page\"\ntenant = \"acme\"\nsha256 = \"{}\"\n",
+            stitch_common::auth::key_sha256(KEY)
+        ),
+    )
+    .unwrap();
+    let mut api_cmd = api_command(&env);
+    api_cmd.env("STITCH__AUTH__KEYS_FILE", &keys).env(
+        "STITCH__AUTH__TOKEN_SECRET",
+        "upload-page-token-secret-0123456789abcdef",
+    );
+    let api = ServiceProcess::start(api_cmd, "stitch-api listening");
+    let _worker = start_worker(&env);
+    let anonymous = ApiClient::new(api.addr);
+    let keyed = ApiClient::with_key(api.addr, KEY);
+
+    // What an operator's `stitch link new` or an app's backend does: a token for one upload.
+    let (code, token) = json_response(
+        keyed
+            .client
+            .post(keyed.url("/upload/tokens"))
+            .json(&json!({"upload_id": "shared-link", "ttl": "10m", "max_bytes": 4 * MIB}))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 201, "{token}");
+    let token = token["token"].as_str().unwrap();
+
+    let plain = write_file(dir.path(), "via-link-2MiB.bin", 2 * MIB, 4);
+    let bytes = std::fs::read(&plain).unwrap();
+    let run = run_page(json!({
+        "scenario": "link",
+        "url": anonymous.url(&format!("/#token={token}")),
+        "badUrl": anonymous.url("/#token=st1.forged.forged"),
+        "plain": plain,
+        "artifacts": target_dir().join("test-artifacts/browser"),
+    }))
+    .await;
+
+    let item = &run["items"][0];
+    assert_eq!(item["state"], "completed", "{item}");
+    assert_eq!(
+        item["uploadId"], "shared-link",
+        "the token's upload: {item}"
+    );
+    assert_eq!(item["md5"], md5_hex(&bytes), "{item}");
+    // The upload is the key's tenant's: nobody without a credential reaches it...
+    let (code, _) = json_response(
+        anonymous
+            .client
+            .get(anonymous.url("/files/shared-link"))
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 401);
+    // ...but the page's link carries the token.
+    let href = item["href"].as_str().unwrap();
+    assert!(href.contains("token="), "{href}");
+    let linked = anonymous.client.get(href).send().await.unwrap();
+    assert_eq!(linked.status(), 200, "{href}");
+    assert!(linked.bytes().await.unwrap() == bytes, "{href}");
+    assert!(keyed.download("shared-link").await == bytes);
+    let (_, status) = keyed.status("shared-link").await;
+    assert_eq!(status["md5"], item["md5"], "{status}");
+
+    // The link's holder sees its own upload in the list, and nothing else of the tenant's.
+    let rows = run["recent"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{}", run["recent"]);
+    assert_eq!(rows[0][0], "via-link-2MiB.bin", "{}", run["recent"]);
+    assert!(
+        run["authNote"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("upload link"),
+        "{run}"
+    );
+
+    let refusal = &run["refusal"];
+    assert_eq!(refusal["state"], "refused", "{refusal}");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("[unauthorized]"),
+        "{refusal}"
+    );
 }
 
 /// A file of `len` seeded random bytes named `name` in `dir`.
