@@ -7,7 +7,9 @@
 // Options:
 //   scenario    "uploads" (default: the options below) or "link": `url` is an upload link
 //               (`/#token=…`) through which `plain` is uploaded, and `badUrl` one with a
-//               forged token, which must be refused
+//               forged token, which must be refused; or "parallel": `plain` is large enough
+//               for parallel partial uploads, and `concat` lists the Upload-Concat headers
+//               of the POSTs
 //   url         the page (`http://127.0.0.1:PORT/`)
 //   plain       a file that uploads straight through
 //   resumed     a file whose upload is cut by a page reload part-way (the upload is slowed by
@@ -70,6 +72,7 @@ const report = {
   ok: false,
   items: [],
   pause: null,
+  concat: [],
   resume: {},
   refusal: null,
   recent: null,
@@ -152,6 +155,21 @@ async function runLink(page, ready) {
   await shoot(page, 'link-refused.png')
 }
 
+/** A file large enough for parallel partial uploads joined by a concatenation. */
+async function runParallel(page, ready) {
+  step = 'upload a large file in parallel parts'
+  page.on('request', (request) => {
+    const concat = request.headers()['upload-concat']
+    if (request.method() === 'POST' && concat) report.concat.push(concat)
+  })
+  await page.goto(options.url)
+  await ready()
+  const name = path.basename(options.plain)
+  await page.setInputFiles('#files', options.plain)
+  await waitForState(page, name, ['completed', 'failed', 'refused', 'error'])
+  report.items = [await readItem(page, name)]
+}
+
 async function readRecent(page) {
   return page.evaluate(() => ({
     rows: Array.from(document.querySelectorAll('#recent-rows tr')).map((tr) =>
@@ -199,8 +217,8 @@ async function run(chromium) {
       })
     })
     const ready = () => page.waitForSelector('body[data-ready="true"]', { timeout })
-    if (options.scenario === 'link') {
-      await runLink(page, ready)
+    if (options.scenario === 'link' || options.scenario === 'parallel') {
+      await (options.scenario === 'link' ? runLink : runParallel)(page, ready)
       report.ok = true
       return
     }

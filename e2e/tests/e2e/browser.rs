@@ -253,6 +253,47 @@ async fn the_upload_page_uploads_resumes_after_a_reload_verifies_and_shows_a_ref
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_goes_up_as_parallel_parts_joined_on_the_server() {
+    let env = TestEnv::new();
+    let api = start_api(&env);
+    let _worker = start_worker(&env);
+    let client = ApiClient::new(api.addr);
+    let dir = tempfile::tempdir().unwrap();
+    // The page splits files of 64 MiB and more into three partial uploads.
+    let large = write_file(dir.path(), "large-65MiB.bin", 65 * MIB + 3, 5);
+    let bytes = std::fs::read(&large).unwrap();
+    let run = run_page(json!({
+        "scenario": "parallel",
+        "url": client.url("/"),
+        "plain": large,
+        "artifacts": target_dir().join("test-artifacts/browser"),
+    }))
+    .await;
+
+    let item = &run["items"][0];
+    assert_eq!(item["state"], "completed", "{item}");
+    assert_eq!(item["md5"], md5_hex(&bytes), "{item}");
+    let concat: Vec<&str> = run["concat"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        concat.iter().filter(|c| **c == "partial").count(),
+        3,
+        "{concat:?}"
+    );
+    assert_eq!(
+        concat.iter().filter(|c| c.starts_with("final;")).count(),
+        1,
+        "{concat:?}"
+    );
+    let id = item["uploadId"].as_str().unwrap();
+    assert!(client.download(id).await == bytes, "GET /files/{id}");
+}
+
 const KEY: &str = "sk_test_upload_page_0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
