@@ -2,15 +2,17 @@
 //!
 //! `cargo xtask test` is the one command that runs the whole test suite on a fresh machine:
 //! 1. [`tools`]: installs what the tests run and the registries can give — Debian packages
-//!    (Redis, RabbitMQ, nginx, promtool, Node.js and npm) when root, Python packages into a
-//!    virtual environment under `target/xtask/venv` (never the system's Python), npm packages
-//!    into `target/xtask/node`;
+//!    (Redis, RabbitMQ, nginx, promtool, Node.js, npm and Chromium) when root, Python packages
+//!    into a virtual environment under `target/xtask/venv` (never the system's Python), npm
+//!    packages into `target/xtask/node` (the tus clients) and `target/xtask/node-ui` (the
+//!    upload page's tus-js-client and playwright-core);
 //! 2. [`services`]: uses the Redis and RabbitMQ named by `STITCH_TEST_REDIS_URL` and
 //!    `STITCH_TEST_AMQP_URL`, or starts its own as child processes on free loopback ports,
 //!    each with its own data, logs and configuration under `target/xtask/` (never the
 //!    system's node, directories or services);
 //! 3. runs the suite (nextest where installed, `cargo test` otherwise) with those URLs in the
-//!    environment, the venv first on `PATH` and the npm packages in `STITCH_TEST_NODE_MODULES`,
+//!    environment, the venv first on `PATH` and the npm packages in `STITCH_TEST_NODE_MODULES`
+//!    and `STITCH_TEST_UI_NODE_MODULES`,
 //!    prints the runner's summary, and stops the services it started — at the end, on failure
 //!    and on Ctrl-C;
 //! 4. [`fuzz`]: builds the fuzz targets of `fuzz/` and runs each for a short, seeded time
@@ -169,6 +171,7 @@ fn test(
         .env("STITCH_TEST_REDIS_URL", services.redis_url())
         .env("STITCH_TEST_AMQP_URL", services.amqp_url())
         .env("STITCH_TEST_NODE_MODULES", tools.node_modules())
+        .env("STITCH_TEST_UI_NODE_MODULES", tools.ui_node_modules())
         .env("PATH", tools.path_with_tools()?);
     println!(
         "xtask: running the suite with {} (Redis {}, RabbitMQ {})",

@@ -1,7 +1,8 @@
 //! What the tests run besides cargo: Debian packages (installed when root), Python packages
 //! (installed into a virtual environment under `target/xtask/venv`) and npm packages
-//! (installed by `npm ci` from `e2e/clients/package-lock.json` into `target/xtask/node`), the
-//! last two being the third-party clients and reference libraries the tests drive.
+//! (installed by `npm ci` from `e2e/clients/package-lock.json` into `target/xtask/node`, and
+//! from the upload page's `api/ui/package-lock.json` into `target/xtask/node-ui`), the last two
+//! being the third-party clients, reference libraries and browser driver the tests use.
 //!
 //! Each install is skipped when what it installs is already there, so a second run needs no
 //! network at all (`CARGO_NET_OFFLINE=true cargo xtask test` in a network namespace works
@@ -16,10 +17,36 @@ use anyhow::{Context as _, bail};
 /// The Python packages, pinned; the venv is rebuilt when this list changes.
 const REQUIREMENTS: &str = include_str!("../requirements.txt");
 
-/// The npm packages (tus-js-client), pinned with their whole tree by the lockfile; they are
-/// reinstalled when either file changes.
-const NODE_PACKAGE: &str = include_str!("../../e2e/clients/package.json");
-const NODE_LOCK: &str = include_str!("../../e2e/clients/package-lock.json");
+/// An npm package tree, pinned whole by its lockfile; reinstalled when either file changes.
+struct NodePackage {
+    /// Where it comes from, for messages.
+    source: &'static str,
+    /// What is in it, for messages.
+    what: &'static str,
+    /// The directory under `target/xtask` that `npm ci` installs it into.
+    dir: &'static str,
+    package: &'static str,
+    lock: &'static str,
+}
+
+/// The tus clients the end-to-end tests run under Node.js (tus-js-client).
+const E2E_CLIENTS: NodePackage = NodePackage {
+    source: "e2e/clients",
+    what: "tus-js-client",
+    dir: "node",
+    package: include_str!("../../e2e/clients/package.json"),
+    lock: include_str!("../../e2e/clients/package-lock.json"),
+};
+
+/// The upload page's packages: the tus-js-client whose browser build `api/ui/vendor/` holds
+/// (a test compares the two) and playwright-core, which drives Chromium in the browser test.
+const UPLOAD_PAGE: NodePackage = NodePackage {
+    source: "api/ui",
+    what: "tus-js-client, playwright-core",
+    dir: "node-ui",
+    package: include_str!("../../api/ui/package.json"),
+    lock: include_str!("../../api/ui/package-lock.json"),
+};
 
 /// The oldest Node.js the npm packages support (tus-js-client's `engines`).
 const NODE_MIN_MAJOR: u32 = 18;
@@ -28,11 +55,16 @@ const NODE_MIN_MAJOR: u32 = 18;
 /// switches to the system's `rabbitmq` user and its directories, which the tests must not use).
 pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
+/// Debian's Chromium, which playwright-core drives (it never downloads a browser of its own).
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
 /// What the tests found or installed.
 pub struct Tools {
     venv: PathBuf,
     /// `npm ci`'s directory; the tests get its `node_modules` (`STITCH_TEST_NODE_MODULES`).
     node: PathBuf,
+    /// The upload page's `npm ci` (`STITCH_TEST_UI_NODE_MODULES`).
+    node_ui: PathBuf,
 }
 
 /// A program the tests need and the Debian package that ships it.
@@ -78,7 +110,12 @@ fn debian_tools() -> Vec<DebianTool> {
     tools.push(DebianTool {
         present: || on_path("npm"),
         package: "npm",
-        purpose: "npm, to install tus-js-client",
+        purpose: "npm, to install tus-js-client and playwright-core",
+    });
+    tools.push(DebianTool {
+        present: || Path::new(CHROMIUM).is_file(),
+        package: "chromium",
+        purpose: "Chromium, the browser the upload page's test drives",
     });
     tools
 }
@@ -111,9 +148,16 @@ pub fn prepare(work: &Path, install: bool) -> anyhow::Result<Tools> {
     }
     let venv = work.join("venv");
     ensure_venv(&venv, install)?;
-    let node = work.join("node");
-    ensure_node_modules(&node, install)?;
-    Ok(Tools { venv, node })
+    check_node_version()?;
+    let node = work.join(E2E_CLIENTS.dir);
+    ensure_node_modules(&E2E_CLIENTS, &node, install)?;
+    let node_ui = work.join(UPLOAD_PAGE.dir);
+    ensure_node_modules(&UPLOAD_PAGE, &node_ui, install)?;
+    Ok(Tools {
+        venv,
+        node,
+        node_ui,
+    })
 }
 
 impl Tools {
@@ -135,6 +179,11 @@ impl Tools {
     /// The installed npm packages, for Node's module resolution.
     pub fn node_modules(&self) -> PathBuf {
         self.node.join("node_modules")
+    }
+
+    /// The upload page's installed npm packages.
+    pub fn ui_node_modules(&self) -> PathBuf {
+        self.node_ui.join("node_modules")
     }
 }
 
@@ -181,35 +230,40 @@ fn ensure_venv(venv: &Path, install: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the npm packages of `e2e/clients` into `dir` with `npm ci` (exactly the
-/// lockfile's tree, scripts off), unless the lockfile there is already the same.
-fn ensure_node_modules(dir: &Path, install: bool) -> anyhow::Result<()> {
-    check_node_version()?;
+/// Installs the npm packages of `pkg` into `dir` with `npm ci` (exactly the lockfile's tree,
+/// scripts off), unless the lockfile there is already the same.
+fn ensure_node_modules(pkg: &NodePackage, dir: &Path, install: bool) -> anyhow::Result<()> {
     let stamp = dir.join("stitch-package-lock.json");
-    let installed = std::fs::read_to_string(&stamp).ok().as_deref() == Some(NODE_LOCK)
+    let installed = std::fs::read_to_string(&stamp).ok().as_deref() == Some(pkg.lock)
         && std::fs::read_to_string(dir.join("package.json"))
             .ok()
             .as_deref()
-            == Some(NODE_PACKAGE)
+            == Some(pkg.package)
         && dir.join("node_modules").is_dir();
     if installed {
         return Ok(());
     }
     if !install {
         bail!(
-            "the npm packages of e2e/clients/package-lock.json (tus-js-client) are not installed \
-             in {}; run without --no-install",
+            "the npm packages of {}/package-lock.json ({}) are not installed in {}; run without \
+             --no-install",
+            pkg.source,
+            pkg.what,
             dir.display()
         );
     }
-    println!("xtask: installing the npm packages into {}", dir.display());
+    println!(
+        "xtask: installing the npm packages of {} into {}",
+        pkg.source,
+        dir.display()
+    );
     // The stamp goes first, so that an interrupted install is redone next time.
     if stamp.exists() {
         std::fs::remove_file(&stamp).with_context(|| format!("removing {}", stamp.display()))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("package.json"), NODE_PACKAGE)?;
-    std::fs::write(dir.join("package-lock.json"), NODE_LOCK)?;
+    std::fs::write(dir.join("package.json"), pkg.package)?;
+    std::fs::write(dir.join("package-lock.json"), pkg.lock)?;
     let status = Command::new("npm")
         .args([
             "ci",
@@ -222,9 +276,12 @@ fn ensure_node_modules(dir: &Path, install: bool) -> anyhow::Result<()> {
         .status()
         .context("running npm")?;
     if !status.success() {
-        bail!("npm ci could not install e2e/clients/package-lock.json ({status})");
+        bail!(
+            "npm ci could not install {}/package-lock.json ({status})",
+            pkg.source
+        );
     }
-    std::fs::write(&stamp, NODE_LOCK)?;
+    std::fs::write(&stamp, pkg.lock)?;
     Ok(())
 }
 

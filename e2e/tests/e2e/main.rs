@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod browser;
 mod crashes;
 mod digests;
 mod downloads;
