@@ -297,7 +297,8 @@ async fn a_large_file_goes_up_as_parallel_parts_joined_on_the_server() {
 const KEY: &str = "sk_test_upload_page_0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_link_uploads_with_its_token_alone_and_a_forged_one_is_refused() {
+async fn an_upload_here_link_uploads_with_its_token_alone_sees_only_its_uploads_and_a_forged_one_is_refused()
+ {
     let env = TestEnv::new();
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
@@ -319,18 +320,22 @@ async fn an_upload_link_uploads_with_its_token_alone_and_a_forged_one_is_refused
     let anonymous = ApiClient::new(api.addr);
     let keyed = ApiClient::with_key(api.addr, KEY);
 
-    // What an operator's `stitch link new` or an app's backend does: a token for one upload.
-    let (code, token) = json_response(
+    // Another upload of the tenant, which the link must not show.
+    let other = Source::random(1000, 1000, 5);
+    assert_eq!(keyed.put_chunk("not-the-links", &other, 0).await.0, 200);
+    // What an operator's `stitch link new` or an app's backend does: an "upload here" link.
+    let (code, issued) = json_response(
         keyed
             .client
             .post(keyed.url("/upload/tokens"))
-            .json(&json!({"upload_id": "shared-link", "ttl": "10m", "max_bytes": 4 * MIB}))
+            .json(&json!({"link": true, "ttl": "10m", "max_bytes": 4 * MIB}))
             .send()
             .await,
     )
     .await;
-    assert_eq!(code, 201, "{token}");
-    let token = token["token"].as_str().unwrap();
+    assert_eq!(code, 201, "{issued}");
+    let token = issued["token"].as_str().unwrap();
+    let prefix = issued["upload_id"].as_str().unwrap();
 
     let plain = write_file(dir.path(), "via-link-2MiB.bin", 2 * MIB, 4);
     let bytes = std::fs::read(&plain).unwrap();
@@ -345,16 +350,17 @@ async fn an_upload_link_uploads_with_its_token_alone_and_a_forged_one_is_refused
 
     let item = &run["items"][0];
     assert_eq!(item["state"], "completed", "{item}");
-    assert_eq!(
-        item["uploadId"], "shared-link",
-        "the token's upload: {item}"
+    let id = item["uploadId"].as_str().unwrap().to_owned();
+    assert!(
+        id.starts_with(&format!("{prefix}-")),
+        "an upload of the link, named by the server: {item}"
     );
     assert_eq!(item["md5"], md5_hex(&bytes), "{item}");
     // The upload is the key's tenant's: nobody without a credential reaches it...
     let (code, _) = json_response(
         anonymous
             .client
-            .get(anonymous.url("/files/shared-link"))
+            .get(anonymous.url(&format!("/files/{id}")))
             .send()
             .await,
     )
@@ -366,8 +372,8 @@ async fn an_upload_link_uploads_with_its_token_alone_and_a_forged_one_is_refused
     let linked = anonymous.client.get(href).send().await.unwrap();
     assert_eq!(linked.status(), 200, "{href}");
     assert!(linked.bytes().await.unwrap() == bytes, "{href}");
-    assert!(keyed.download("shared-link").await == bytes);
-    let (_, status) = keyed.status("shared-link").await;
+    assert!(keyed.download(&id).await == bytes);
+    let (_, status) = keyed.status(&id).await;
     assert_eq!(status["md5"], item["md5"], "{status}");
 
     // The link's holder sees its own upload in the list, and nothing else of the tenant's.
