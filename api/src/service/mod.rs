@@ -646,18 +646,22 @@ impl UploadService {
                 }
                 Ok(accepted(true, progress))
             }
-            Err(StateError::Unavailable {
+            Err(e) => Err(self.unrecorded(&staged, e).await),
+        }
+    }
+
+    /// A staged copy whose record failed: removed, unless the record may have been applied
+    /// (the answer was lost), in which case the copy may be the counted one and stays (an
+    /// uncounted copy is collected by the janitor; a counted one must never go missing).
+    async fn unrecorded(&self, staged: &StagedChunk, e: StateError) -> ServiceError {
+        match e {
+            StateError::Unavailable {
                 detail,
                 outcome_unknown: true,
-            }) => {
-                // The record may have been applied: the copy may be the counted one, so it
-                // stays (an uncounted copy is collected by the janitor, a counted one must
-                // never go missing).
-                Err(ServiceError::Unavailable(detail))
-            }
-            Err(e) => {
-                self.storage.discard(&staged).await;
-                Err(e.into())
+            } => ServiceError::Unavailable(detail),
+            e => {
+                self.storage.discard(staged).await;
+                e.into()
             }
         }
     }

@@ -24,7 +24,7 @@ use stitch_common::lock::{Lease, LockName, MergeLock};
 use stitch_common::metrics as m;
 use stitch_common::now_ms;
 use stitch_common::queue::{MergeJob, OutboxMessage};
-use stitch_common::state::{Conflict, Created, Progress, StateError};
+use stitch_common::state::{Conflict, Created, Progress};
 use stitch_common::storage::{Block, Feed, ManifestCheck, Piece, StagedChunk, StorageError};
 use stitch_common::upload::{Assembly, ChunkRecord, NewUpload, UploadState, UploadStatus};
 use tokio::sync::mpsc;
@@ -299,49 +299,11 @@ impl UploadService {
         if let Some(length) = append.upload_length {
             self.declare_length(caller, &mut status, length).await?;
             if status.bytes_received == length && append.offset == length {
-                // The declaration completed the upload: the body may only be empty.
-                let mut carry = None;
-                if self.body_has_more(&mut carry, &mut body).await {
-                    return Err(ServiceError::BodyTooLong { expected: 0 });
-                }
-                return Ok(Appended {
-                    id,
-                    offset: length,
-                    progress: None,
-                });
+                // The declaration completed the upload.
+                return self.only_empty(id, length, &mut body).await;
             }
         }
-        if !matches!(status.assembly, Assembly::Segments { .. }) {
-            return Err(Conflict::Assembly.into());
-        }
-        if status.state != UploadState::Receiving {
-            return Err(Conflict::NotReceiving(status.state).into());
-        }
-        if append.offset != status.bytes_received {
-            return Err(Conflict::Offset {
-                current: status.bytes_received,
-            }
-            .into());
-        }
-        let size = status.geometry.total_size;
-        let room = match status.geometry.is_deferred() {
-            // Until its length is declared, an upload grows up to what its length could be.
-            true => self
-                .largest_upload(caller)
-                .saturating_sub(status.bytes_received),
-            false => size - status.bytes_received,
-        };
-        if let Some(len) = append.length
-            && len > room
-        {
-            return Err(Conflict::PastEnd { size }.into());
-        }
-        if status.chunks_received >= self.limits.max_chunks {
-            return Err(ServiceError::TooManyChunks {
-                count: status.chunks_received + 1,
-                max: self.limits.max_chunks,
-            });
-        }
+        let room = self.room_for(caller, &status, &append)?;
         let _permit = self
             .write_permits
             .clone()
@@ -362,6 +324,61 @@ impl UploadService {
             tracing::warn!(upload_id = %id, error = %e, "could not release the append lease; it will lapse");
         }
         appended
+    }
+
+    /// How many bytes `append` may bring to the upload `status` describes, once it is checked
+    /// to take them: an upload of segments, receiving, at the offset the client believes.
+    fn room_for(
+        &self,
+        caller: &Principal,
+        status: &UploadStatus,
+        append: &Append,
+    ) -> Result<u64, ServiceError> {
+        if !matches!(status.assembly, Assembly::Segments { .. }) {
+            return Err(Conflict::Assembly.into());
+        }
+        if status.state != UploadState::Receiving {
+            return Err(Conflict::NotReceiving(status.state).into());
+        }
+        let received = status.bytes_received;
+        if append.offset != received {
+            return Err(Conflict::Offset { current: received }.into());
+        }
+        let size = status.geometry.total_size;
+        let room = match status.geometry.is_deferred() {
+            // Until its length is declared, an upload grows up to what its length could be.
+            true => self.largest_upload(caller).saturating_sub(received),
+            false => size - received,
+        };
+        if let Some(len) = append.length
+            && len > room
+        {
+            return Err(Conflict::PastEnd { size }.into());
+        }
+        if status.chunks_received >= self.limits.max_chunks {
+            return Err(ServiceError::TooManyChunks {
+                count: status.chunks_received + 1,
+                max: self.limits.max_chunks,
+            });
+        }
+        Ok(room)
+    }
+
+    /// An append to an upload that has every byte: it may only be empty.
+    async fn only_empty<B: PartBody>(
+        &self,
+        id: UploadId,
+        offset: u64,
+        body: &mut B,
+    ) -> Result<Appended, ServiceError> {
+        if self.body_has_more(&mut None, body).await {
+            return Err(ServiceError::BodyTooLong { expected: 0 });
+        }
+        Ok(Appended {
+            id,
+            offset,
+            progress: None,
+        })
     }
 
     /// The largest upload `caller` may make: `limits.max_upload_bytes`, its tenant's
@@ -465,19 +482,10 @@ impl UploadService {
             Some(_) => room,
             None => self.segment_size.min(room),
         };
-        let limit = offset + room;
-        let mut carry: Option<Bytes> = None;
         if room == 0 {
-            // Every byte is there: a body may only be empty.
-            return match self.body_has_more(&mut carry, body).await {
-                true => Err(ServiceError::BodyTooLong { expected: 0 }),
-                false => Ok(Appended {
-                    id: id.clone(),
-                    offset,
-                    progress: None,
-                }),
-            };
+            return self.only_empty(id.clone(), offset, body).await;
         }
+        let (limit, mut carry) = (offset + room, None);
         let mut progress = None;
         loop {
             let max = segment_size.min(limit - offset);
@@ -509,18 +517,9 @@ impl UploadService {
                     }),
                 };
             };
-            let failure = match (&digest, failure) {
-                // A body that broke off cannot match its digest: nothing of it counts.
-                (Some(declared), failure)
-                    if failure.is_some() || !hasher.matches(declared, &staged) =>
-                {
-                    self.storage.discard(&staged).await;
-                    return Err(failure.unwrap_or(ServiceError::ChecksumMismatch {
-                        what: "Upload-Checksum",
-                    }));
-                }
-                (_, failure) => failure,
-            };
+            let failure = self
+                .vouch(digest.as_ref(), hasher, &staged, failure)
+                .await?;
             let counted = self.count_segment(id, offset, &staged).await?;
             offset = counted.bytes_received;
             progress = Some(counted);
@@ -538,6 +537,29 @@ impl UploadService {
                 });
             }
         }
+    }
+
+    /// A staged segment with a declared digest counts only if the whole body arrived and
+    /// matches it; otherwise its copy goes and the error is returned. Without a digest, the
+    /// body's own failure (if any) is handed back, to report once the segment is counted.
+    async fn vouch(
+        &self,
+        digest: Option<&DeclaredDigest>,
+        hasher: BodyHasher,
+        staged: &StagedChunk,
+        failure: Option<ServiceError>,
+    ) -> Result<Option<ServiceError>, ServiceError> {
+        let Some(declared) = digest else {
+            return Ok(failure);
+        };
+        // A body that broke off cannot match its digest: nothing of it counts.
+        if failure.is_some() || !hasher.matches(declared, staged) {
+            self.storage.discard(staged).await;
+            return Err(failure.unwrap_or(ServiceError::ChecksumMismatch {
+                what: "Upload-Checksum",
+            }));
+        }
+        Ok(None)
     }
 
     /// Whether anything follows the bytes the upload had room for.
@@ -668,17 +690,7 @@ impl UploadService {
                 }
                 Ok(progress)
             }
-            Err(StateError::Unavailable {
-                detail,
-                outcome_unknown: true,
-            }) => {
-                // It may be counted: the copy stays (the janitor collects it if not).
-                Err(ServiceError::Unavailable(detail))
-            }
-            Err(e) => {
-                self.storage.discard(staged).await;
-                Err(e.into())
-            }
+            Err(e) => Err(self.unrecorded(staged, e).await),
         }
     }
 }

@@ -68,20 +68,7 @@ pub async fn create(
                 .await?
         }
         partial => {
-            let length = match (
-                h::upload_length(&request_headers)?,
-                h::defers_length(&request_headers)?,
-            ) {
-                (Some(_), true) => {
-                    return Err(ApiError::InvalidHeader {
-                        header: "Upload-Defer-Length",
-                        reason: "and Upload-Length cannot both be sent".into(),
-                    }
-                    .into());
-                }
-                (None, false) => return Err(ApiError::MissingHeader("Upload-Length").into()),
-                (length, _) => length,
-            };
+            let length = creation_length(&request_headers)?;
             let req = NewStream {
                 length,
                 filename,
@@ -114,6 +101,19 @@ pub async fn create(
         headers.insert(h::UPLOAD_EXPIRES, value(&h::http_date(at)));
     }
     Ok(response)
+}
+
+/// The length a `POST` declares: `Upload-Length`, or none with `Upload-Defer-Length: 1`.
+fn creation_length(headers: &HeaderMap) -> Result<Option<u64>, TusError> {
+    match (h::upload_length(headers)?, h::defers_length(headers)?) {
+        (Some(_), true) => Err(ApiError::InvalidHeader {
+            header: "Upload-Defer-Length",
+            reason: "and Upload-Length cannot both be sent".into(),
+        }
+        .into()),
+        (None, false) => Err(ApiError::MissingHeader("Upload-Length").into()),
+        (length, _) => Ok(length),
+    }
 }
 
 /// creation-with-upload: the body of the `POST` that created upload `name`, appended at 0.

@@ -626,3 +626,42 @@ async fn a_deferred_length_is_declared_once_by_a_patch_and_completes_the_upload(
     let both = t.send(deferred().header("Upload-Length", "10")).await;
     assert_eq!(both.status, 400);
 }
+
+#[tokio::test]
+async fn location_follows_forwarded_headers_only_when_trusted_else_the_host() {
+    let forwarded = |t: &Tus| {
+        t.request(reqwest::Method::POST, &format!("{}/files/", t.base))
+            .header("Upload-Length", "10")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "uploads.example.com")
+    };
+    let trusting = spawn_app_with(|s| s.http.trust_forwarded = true).await;
+    let t = tus(&trusting);
+    let url = t.send(forwarded(&t)).await.location();
+    assert!(
+        url.starts_with("https://uploads.example.com/files/"),
+        "{url}"
+    );
+    let std = t
+        .send(
+            t.request(reqwest::Method::POST, &trusting.url("/files/"))
+                .header("Upload-Length", "10")
+                .header("Forwarded", "for=1.2.3.4;proto=https;host=up.example.org"),
+        )
+        .await
+        .location();
+    assert!(std.starts_with("https://up.example.org/files/"), "{std}");
+
+    let wary = spawn_app().await;
+    let t = tus(&wary);
+    let url = t.send(forwarded(&t)).await.location();
+    assert!(url.starts_with(&format!("{}/files/", wary.base)), "{url}");
+    let public =
+        spawn_app_with(|s| s.http.public_url = Some("https://stitch.example.net/".into())).await;
+    let t = tus(&public);
+    let url = t.send(forwarded(&t)).await.location();
+    assert!(
+        url.starts_with("https://stitch.example.net/files/"),
+        "{url}"
+    );
+}
