@@ -18,6 +18,11 @@
 //! `cargo xtask fuzz` runs step 4 alone.
 
 mod fuzz;
+// The private RabbitMQ node's recipe, shared with the test kit's `RabbitServer` (by path:
+// the recipe is `std` only, and xtask stays free of the workspace's dependencies).
+#[path = "../../testkit/src/rabbitmq_node.rs"]
+#[allow(dead_code)]
+mod rabbitmq_node;
 mod services;
 mod tools;
 

@@ -16,7 +16,7 @@ const REQUIREMENTS: &str = include_str!("../requirements.txt");
 
 /// Where RabbitMQ's own start script lives in Debian's package (the one on PATH, a wrapper,
 /// switches to the system's `rabbitmq` user and its directories, which the tests must not use).
-pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+pub const RABBITMQ_SERVER: &str = crate::rabbitmq_node::RABBITMQ_SERVER;
 
 /// What the tests found or installed.
 pub struct Tools {
