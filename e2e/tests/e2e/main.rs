@@ -13,6 +13,7 @@ mod merge;
 mod metrics;
 mod migrations;
 mod outages;
+mod service_faults;
 mod storage;
 mod storage_truth;
 mod traces;
