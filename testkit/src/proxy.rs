@@ -138,3 +138,79 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An echo server on loopback.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("an address");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = socket.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn read_some(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frozen_connection_stays_open_and_silent_and_delivers_after_the_restore() {
+        let proxy = TcpProxy::start(echo().await).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connecting");
+        stream.write_all(b"one").await.expect("writing");
+        assert_eq!(
+            read_some(&mut stream, Duration::from_secs(5)).await,
+            Some(b"one".to_vec())
+        );
+
+        proxy.freeze();
+        stream
+            .write_all(b"two")
+            .await
+            .expect("a frozen path takes writes");
+        assert_eq!(
+            read_some(&mut stream, Duration::from_millis(300)).await,
+            None,
+            "nothing comes back, and the connection is not closed"
+        );
+
+        proxy.restore();
+        assert_eq!(
+            read_some(&mut stream, Duration::from_secs(5)).await,
+            Some(b"two".to_vec()),
+            "what was held back is delivered"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_made_while_frozen_goes_through_after_the_restore() {
+        let proxy = TcpProxy::start(echo().await).await;
+        proxy.freeze();
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connecting");
+        stream.write_all(b"hello").await.expect("writing");
+        assert_eq!(
+            read_some(&mut stream, Duration::from_millis(300)).await,
+            None
+        );
+        proxy.restore();
+        assert_eq!(
+            read_some(&mut stream, Duration::from_secs(5)).await,
+            Some(b"hello".to_vec())
+        );
+    }
+}
