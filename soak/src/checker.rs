@@ -190,6 +190,10 @@ impl Checker<'_> {
         let settings = self.env.settings();
         let backends = stitch_common::backends::Backends::distributed(&settings)?;
         let deadline = Instant::now() + Duration::from_secs(90);
+        // Everything published so far, at once (one connection, not one per upload).
+        while self.tap.collect().await.is_err() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
         for id in completed.keys() {
             let uid = UploadId::parse(id)?;
             let record = backends
@@ -201,13 +205,11 @@ impl Checker<'_> {
                 findings.violation(format!("{id}: completed without a completion record"));
                 continue;
             };
-            let ids = loop {
-                let ids = distinct(&self.tap.events_of(id).await, "upload.completed");
-                if !ids.is_empty() || Instant::now() > deadline {
-                    break ids;
-                }
+            let mut ids = distinct(&self.tap.seen_of(id), "upload.completed");
+            while ids.is_empty() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-            };
+                ids = distinct(&self.tap.events_of(id).await, "upload.completed");
+            }
             findings.completion_events += ids.len();
             if ids != [record.event_id.clone()] {
                 findings.violation(format!(
@@ -215,7 +217,7 @@ impl Checker<'_> {
                     record.event_id
                 ));
             }
-            let failed = distinct(&self.tap.events_of(id).await, "upload.failed");
+            let failed = distinct(&self.tap.seen_of(id), "upload.failed");
             if !failed.is_empty() {
                 findings.violation(format!("{id}: announced as failed too: {failed:?}"));
             }

@@ -380,6 +380,11 @@ impl DurableTap {
     /// broker answers).
     pub async fn events_of(&self, upload_id: &str) -> Vec<serde_json::Value> {
         let _ = self.collect().await;
+        self.seen_of(upload_id)
+    }
+
+    /// The events about one upload taken so far, without asking the broker.
+    pub fn seen_of(&self, upload_id: &str) -> Vec<serde_json::Value> {
         self.seen
             .lock()
             .expect("the tap's events")
