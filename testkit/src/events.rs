@@ -295,3 +295,102 @@ pub async fn unbind(queue: &str, exchange: &str, routing_key: &str) {
         .unwrap_or_else(|e| panic!("unbinding {queue} from {exchange} ({routing_key}): {e}"));
     let _ = connection.close(200, "unbound".into()).await;
 }
+
+/// A tap that outlives the broker: a durable queue bound to the namespace's events exchange,
+/// which keeps every (persistent) event through a broker's crash and restart, read with
+/// `basic.get` on a fresh connection whenever the test asks. For tests that kill the broker
+/// itself, whose [`EventTap`] (an exclusive queue) would go with its connection.
+pub struct DurableTap {
+    settings: stitch_common::config::Settings,
+    queue: String,
+    /// Everything taken from the queue so far (taking acks it).
+    seen: std::sync::Mutex<Vec<serde_json::Value>>,
+}
+
+impl DurableTap {
+    /// Declares the namespace's topology and the tap's queue, bound to every event.
+    pub async fn start(env: &TestEnv) -> anyhow::Result<Self> {
+        let settings = env.settings();
+        let broker = stitch_common::queue::AmqpBroker::new(&settings);
+        broker
+            .ping()
+            .await
+            .with_context(|| format!("declaring the RabbitMQ topology of {}", env.namespace))?;
+        let queue = format!("{}.test-durable-tap", env.namespace);
+        let connection =
+            Connection::connect(settings.amqp.url.expose(), ConnectionProperties::default())
+                .await
+                .context("connecting to RabbitMQ")?;
+        let channel = connection.create_channel().await?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declaring the durable tap queue")?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                broker.topology().events_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("binding the durable tap queue")?;
+        let _ = connection.close(200, "declared".into()).await;
+        Ok(Self {
+            settings,
+            queue,
+            seen: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Takes what the queue holds now into what was seen; an error while the broker is away.
+    pub async fn collect(&self) -> anyhow::Result<()> {
+        let connection = Connection::connect(
+            self.settings.amqp.url.expose(),
+            ConnectionProperties::default(),
+        )
+        .await
+        .context("connecting to RabbitMQ")?;
+        let channel = connection.create_channel().await?;
+        while let Some(message) = channel
+            .basic_get(
+                self.queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await?
+        {
+            if let Ok(event) = serde_json::from_slice(&message.delivery.data) {
+                self.seen.lock().expect("the tap's events").push(event);
+            }
+            message.delivery.ack(BasicAckOptions::default()).await?;
+        }
+        let _ = connection.close(200, "collected".into()).await;
+        Ok(())
+    }
+
+    /// The events about one upload seen so far, after taking what the queue holds (if the
+    /// broker answers).
+    pub async fn events_of(&self, upload_id: &str) -> Vec<serde_json::Value> {
+        let _ = self.collect().await;
+        self.seen_of(upload_id)
+    }
+
+    /// The events about one upload taken so far, without asking the broker.
+    pub fn seen_of(&self, upload_id: &str) -> Vec<serde_json::Value> {
+        self.seen
+            .lock()
+            .expect("the tap's events")
+            .iter()
+            .filter(|e| e["upload"]["id"] == upload_id)
+            .cloned()
+            .collect()
+    }
+}

@@ -10,13 +10,17 @@
 //! instead: the services it is given, and processes configured as Stitch ships.
 //!
 //! Tests that need Redis nodes of their own, to stop and restart them (the lock's Redlock
-//! quorum), start them with [`redis_server::RedisServer`].
+//! quorum, Redis killed with its append-only file), start them with
+//! [`redis_server::RedisServer`]; a RabbitMQ of their own, to kill and restart, with
+//! [`rabbit_server::RabbitServer`]; and put the namespace on them with [`TestEnv::on`].
 
 pub mod events;
 pub mod otlp;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod rabbit_server;
+pub mod rabbitmq_node;
 pub mod redis_server;
 pub mod sink;
 pub mod tus;
@@ -127,10 +131,18 @@ impl TestEnv {
     /// A fresh namespace whose schema record says it is migrated (what `stitch-worker
     /// migrate` leaves; the broker topology is declared by the processes as they connect).
     pub fn new() -> Arc<Self> {
-        let env = Self::unmigrated();
+        Self::on(Services::from_env())
+    }
+
+    /// [`TestEnv::new`] on services of the test's own (a [`redis_server::RedisServer`] or a
+    /// [`rabbit_server::RabbitServer`] it kills and restarts), whose URLs every process and
+    /// client of the namespace (the event tap included) is then configured with.
+    pub fn on(services: Services) -> Arc<Self> {
+        let url = services.redis_url.clone();
+        let env = Self::for_tests_on(services, true);
         let mut conn = env
             .redis()
-            .unwrap_or_else(|e| panic!("the tests need Redis at {}: {e}", redis_url()));
+            .unwrap_or_else(|e| panic!("the tests need Redis at {url}: {e}"));
         let version = stitch_common::migrate::SCHEMA_VERSION;
         let () = redis::cmd("HSET")
             .arg(stitch_common::migrate::schema_key(&env.namespace))
@@ -174,7 +186,11 @@ impl TestEnv {
         )
     }
 
-    fn for_tests(services: bool) -> Arc<Self> {
+    fn for_tests(on_services: bool) -> Arc<Self> {
+        Self::for_tests_on(Services::from_env(), on_services)
+    }
+
+    fn for_tests_on(services: Services, on_services: bool) -> Arc<Self> {
         let mut settings = Settings::default();
         settings.limits.max_chunks = 10_000;
         // Every delay is a quorum queue on the shared broker: tests keep them few.
@@ -189,8 +205,8 @@ impl TestEnv {
         Self::create(
             "test",
             &std::env::temp_dir(),
-            Services::from_env(),
             services,
+            on_services,
             settings,
         )
         .expect("creating a test directory")

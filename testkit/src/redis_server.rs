@@ -2,8 +2,11 @@
 //! (the lock's Redlock quorum) and need to take them down, freeze them and bring them back.
 //!
 //! Each server listens on its own free loopback port, keeps its files in its own directory
-//! under a temporary directory, persists nothing (a restart comes back empty, as a node
-//! without persistence does) and is killed when it drops.
+//! under a temporary directory and is killed when it drops. [`RedisServer::start`] persists
+//! nothing (a restart comes back empty, as a node without persistence does);
+//! [`RedisServer::start_persistent`] runs as deployments do (invariant 9): an append-only
+//! file synced at every write (`appendfsync always`), so that a SIGKILL and a restart keep
+//! every write the server acknowledged.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,12 +18,25 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
+    /// Whether the server keeps an append-only file (and a restart reloads it).
+    persistent: bool,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it answers `PING`.
+    /// Starts a server without persistence on a free port and waits until it answers `PING`.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Starts a server with an append-only file synced at every write (`appendonly yes`,
+    /// `appendfsync always`) in its own directory: a [`RedisServer::kill`] and a
+    /// [`RedisServer::restart`] keep every acknowledged write.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("stitch-redis-")
             .tempdir()
@@ -29,11 +45,12 @@ impl RedisServer {
         let mut last_error = String::new();
         for _ in 0..5 {
             let addr = free_port();
-            match spawn(addr, dir.path()) {
+            match spawn(addr, dir.path(), persistent) {
                 Ok(child) => {
                     return Self {
                         addr,
                         dir,
+                        persistent,
                         child: Some(child),
                     };
                 }
@@ -67,8 +84,19 @@ impl RedisServer {
         self.child.is_some()
     }
 
+    /// The directory the server keeps its files in (its append-only file, its log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills the server (SIGKILL, which also ends a paused one) and reaps it: what it held
+    /// in memory is gone; a persistent server's append-only file stays for a restart.
+    pub fn kill(&mut self) {
+        self.stop();
+    }
+
     /// Kills the server (SIGKILL, which also ends a paused one) and reaps it: everything it
-    /// held is gone.
+    /// held in memory is gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -96,13 +124,14 @@ impl RedisServer {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    /// Starts the server again on the same port, empty, and waits until it answers.
+    /// Kills the server if it runs, starts it again on the same port and waits until it
+    /// answers: empty, or for a persistent server with what its append-only file holds.
     pub fn restart(&mut self) {
         self.stop();
         // The port was just released; the kernel may take a moment to let it go.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match spawn(self.addr, self.dir.path()) {
+            match spawn(self.addr, self.dir.path(), self.persistent) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -125,8 +154,8 @@ impl Drop for RedisServer {
 
 /// Starts `redis-server` on `addr` and waits until it answers; on failure nothing is left
 /// running.
-fn spawn(addr: SocketAddr, dir: &Path) -> Result<Child, String> {
-    let mut child = redis_command(addr, dir)
+fn spawn(addr: SocketAddr, dir: &Path, persistent: bool) -> Result<Child, String> {
+    let mut child = redis_command(addr, dir, persistent)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -149,15 +178,21 @@ fn spawn(addr: SocketAddr, dir: &Path) -> Result<Child, String> {
     }
 }
 
-fn redis_command(addr: SocketAddr, dir: &Path) -> Command {
+fn redis_command(addr: SocketAddr, dir: &Path, persistent: bool) -> Command {
     let mut cmd = Command::new("redis-server");
     cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
         .arg(dir.join("redis.log"))
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--save", "", "--daemonize", "no"])
         .args(["--maxmemory-policy", "noeviction"]);
+    if persistent {
+        // Every write is in the file before the client hears of it.
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        cmd.args(["--appendonly", "no"]);
+    }
     cmd
 }
 

@@ -16,13 +16,20 @@
 //!    prints the runner's summary, and stops the services it started — at the end, on failure
 //!    and on Ctrl-C;
 //! 4. [`fuzz`]: builds the fuzz targets of `fuzz/` and runs each for a short, seeded time
-//!    (skipped with `STITCH_SKIP_FUZZ=1`), then exits with the runner's status, or failure
-//!    if a fuzz target failed.
+//!    (skipped with `STITCH_SKIP_FUZZ=1`);
+//! 5. [`soak`]: a short seeded nemesis soak (skipped with `STITCH_SKIP_SOAK=1`), then exits
+//!    with the runner's status, or failure if a fuzz target or the soak failed.
 //!
-//! `cargo xtask fuzz` runs step 4 alone.
+//! `cargo xtask fuzz` runs step 4 alone, `cargo xtask soak` step 5 (for as long as asked).
 
 mod fuzz;
+// The private RabbitMQ node's recipe, shared with the test kit's `RabbitServer` (by path:
+// the recipe is `std` only, and xtask stays free of the workspace's dependencies).
+#[path = "../../testkit/src/rabbitmq_node.rs"]
+#[allow(dead_code)]
+mod rabbitmq_node;
 mod services;
+mod soak;
 mod tools;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +76,22 @@ enum Task {
         /// Only these targets (default: all; `cargo fuzz list` names them).
         targets: Vec<String>,
     },
+    /// Uploads through 2 APIs and 2 workers while a seeded nemesis kills, pauses and
+    /// restarts them, Redis and RabbitMQ; then checks every promise (docs/reliability.md).
+    Soak {
+        /// How long the nemesis runs.
+        #[arg(long, default_value_t = soak::TEST_MINUTES)]
+        minutes: f64,
+        /// Seeds the nemesis and the uploads.
+        #[arg(long, default_value_t = soak::DEFAULT_SEED)]
+        seed: u64,
+        /// Build and run the release binaries.
+        #[arg(long)]
+        release: bool,
+        /// Passed on to the soak driver (`--clients N`, `--max-rss-mib N`, `--drain-seconds N`).
+        #[arg(last = true)]
+        driver_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,6 +126,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 targets,
             };
             let passed = fuzz::run(&workspace_root(), &target_dir(), &work_dir(), &options)?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Task::Soak {
+            minutes,
+            seed,
+            release,
+            driver_args,
+        } => {
+            let options = soak::Options {
+                minutes,
+                seed,
+                release,
+                driver_args,
+            };
+            let passed = soak::run(&workspace_root(), &target_dir(), &work_dir(), &options)?;
             Ok(if passed {
                 ExitCode::SUCCESS
             } else {
@@ -196,8 +238,13 @@ fn test(
         Some(options) => fuzz::run(&workspace_root(), &target_dir(), &work, &options)?,
         None => true,
     };
+    // The soak starts its own Redis and RabbitMQ, whatever the suite used.
+    let soak_passed = match soak::Options::for_test_command()? {
+        Some(options) => soak::run(&workspace_root(), &target_dir(), &work, &options)?,
+        None => true,
+    };
     Ok(match status.code() {
-        Some(0) if fuzz_passed => ExitCode::SUCCESS,
+        Some(0) if fuzz_passed && soak_passed => ExitCode::SUCCESS,
         Some(0) => ExitCode::FAILURE,
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         None => ExitCode::FAILURE,

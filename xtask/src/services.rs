@@ -3,11 +3,10 @@
 //!
 //! Our own run on free loopback ports, each in its own process group (so a Ctrl-C in the
 //! terminal reaches the test runner, and we stop the services in order), with everything
-//! they write under `target/xtask/`: Redis with no persistence; RabbitMQ as the node
-//! `stitch-test@localhost` registered with its own `epmd` on its own port, with its own
-//! configuration, environment file, plugins list (none), database, logs and Erlang cookie,
-//! so nothing of the system's RabbitMQ — node, directories, `/etc/rabbitmq` — is read or
-//! touched, and a system RabbitMQ can run beside it.
+//! they write under `target/xtask/`: Redis with no persistence; RabbitMQ as the private node
+//! of `testkit/src/rabbitmq_node.rs` (its own `epmd`, configuration, database, logs and
+//! Erlang cookie), so nothing of the system's RabbitMQ is read or touched, and a system
+//! RabbitMQ can run beside it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::rabbitmq_node::{self, NodePorts};
 use crate::tools::RABBITMQ_SERVER;
 
 /// The process groups we started and have not stopped, for the Ctrl-C handler.
@@ -220,72 +220,35 @@ fn redis_answers(addr: SocketAddr) -> bool {
 
 fn start_rabbitmq(dir: &Path, started: &mut Vec<Service>) -> anyhow::Result<String> {
     fresh_dir(dir)?;
-    let (amqp_port, dist_port, epmd_port) = (free_port()?, free_port()?, free_port()?);
-    let home = dir.join("home");
+    let ports = NodePorts {
+        amqp: free_port()?,
+        dist: free_port()?,
+        epmd: free_port()?,
+    };
+    rabbitmq_node::write_node_files(dir, ports)
+        .with_context(|| format!("writing the node's files in {}", dir.display()))?;
     let logs = dir.join("log");
-    std::fs::create_dir_all(&home)?;
-    std::fs::create_dir_all(&logs)?;
-    std::fs::write(
-        dir.join("rabbitmq.conf"),
-        format!(
-            "listeners.tcp.default = 127.0.0.1:{amqp_port}\n\
-             loopback_users.guest = true\n"
-        ),
-    )?;
-    std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
-    std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
 
     // Our own epmd, so the node name is ours alone whatever else runs on the machine.
-    let mut epmd = Command::new("epmd");
-    epmd.args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"]);
+    let epmd = rabbitmq_node::epmd_command(ports);
     let mut epmd = Service::spawn("epmd", epmd, logs.join("epmd.log"))?;
-    let epmd_addr = SocketAddr::from(([127, 0, 0, 1], epmd_port));
+    let epmd_addr = ports.epmd_addr();
     let waited = wait_until(&mut epmd, Duration::from_secs(10), || {
         TcpStream::connect_timeout(&epmd_addr, Duration::from_millis(300)).is_ok()
     });
     started.push(epmd);
     waited?;
 
-    let mut cmd = Command::new(RABBITMQ_SERVER);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("HOME", &home)
-        .env("LANG", "C.UTF-8")
-        .env("RABBITMQ_NODENAME", "stitch-test@localhost")
-        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-        .env("RABBITMQ_NODE_PORT", amqp_port.to_string())
-        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
-        .env("ERL_EPMD_PORT", epmd_port.to_string())
-        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
-        .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
-        .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
-        .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-        .env("RABBITMQ_LOG_BASE", &logs)
-        .env("RABBITMQ_LOGS", logs.join("rabbit.log"))
-        .env("RABBITMQ_PID_FILE", dir.join("rabbit.pid"))
-        .current_dir(dir);
+    let cmd = rabbitmq_node::rabbitmq_command(Path::new(RABBITMQ_SERVER), dir, ports);
     let mut rabbit = Service::spawn("rabbitmq-server", cmd, logs.join("startup.log"))?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], amqp_port));
-    let waited = wait_until(&mut rabbit, Duration::from_secs(180), || amqp_answers(addr));
+    let addr = ports.amqp_addr();
+    let waited = wait_until(&mut rabbit, Duration::from_secs(180), || {
+        rabbitmq_node::amqp_answers(addr)
+    });
     started.push(rabbit);
     waited?;
     println!("xtask: started RabbitMQ on {addr}");
-    Ok(format!("amqp://guest:guest@{addr}/%2f"))
-}
-
-/// Whether an AMQP 0-9-1 server answers the protocol header with its `Connection.Start`.
-fn amqp_answers(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut frame_type = [0u8; 1];
-    stream.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
-        && stream.read_exact(&mut frame_type).is_ok()
-        && frame_type[0] == 1
+    Ok(ports.amqp_url())
 }
 
 fn wait_until(

@@ -53,7 +53,7 @@ const NODE_MIN_MAJOR: u32 = 18;
 
 /// Where RabbitMQ's own start script lives in Debian's package (the one on PATH, a wrapper,
 /// switches to the system's `rabbitmq` user and its directories, which the tests must not use).
-pub const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+pub const RABBITMQ_SERVER: &str = crate::rabbitmq_node::RABBITMQ_SERVER;
 
 /// Debian's Chromium, which playwright-core drives (it never downloads a browser of its own).
 pub const CHROMIUM: &str = "/usr/bin/chromium";

@@ -5,9 +5,7 @@
 //! the janitor passed. The failpoints and what Stitch guarantees at each are listed in
 //! `docs/reliability.md`.
 
-use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -48,90 +46,6 @@ fn small_file(seed: u64) -> (Source, String) {
     (source, md5)
 }
 
-/// What every crash test checks once the crashed process was replaced: the upload completed
-/// exactly once with the source's size, MD5 and bytes; every `upload.completed` the tap saw
-/// carries the one event id the completion record holds; and after one janitor pass the
-/// upload's directory holds the manifest, the merged file and its completion record, nothing
-/// else (no `.part`, no temporary merge file, no chunk copy, no other attempt's file).
-async fn assert_completed_once(
-    env: &TestEnv,
-    tap: &EventTap,
-    client: &ApiClient,
-    id: &str,
-    source: &Source,
-    md5: &str,
-) {
-    let status = client.wait_for_state(id, "completed", 3 * MINUTE).await;
-    assert_eq!(status["state"], "completed", "{status}");
-    assert_eq!(status["size"], source.len());
-    assert_eq!(status["md5"], md5);
-    assert!(
-        client.download(id).await == source.bytes,
-        "the downloaded bytes differ from the source"
-    );
-    tap.wait_for(id, "upload.completed", 2 * MINUTE).await;
-
-    let settings = env.settings();
-    let backends = stitch_common::backends::Backends::distributed(&settings).unwrap();
-    let janitor = stitch_worker::janitor::Janitor {
-        state: backends.state.clone(),
-        quotas: backends.quotas.clone(),
-        storage: backends.storage.clone(),
-        events: backends.events.clone(),
-        lock: backends.lock.clone(),
-        recovery: stitch_common::recovery::Recovery::new(
-            backends.state.clone(),
-            backends.storage.clone(),
-            backends.events.clone(),
-            60_000,
-        ),
-        interval: Duration::from_secs(3600),
-        // Everything left now is past any use: the upload is completed.
-        grace: Duration::ZERO,
-        ttl: Duration::from_secs(3600),
-        completed_retention: None,
-    };
-    janitor.sweep_once().await.unwrap();
-
-    let storage = &backends.storage;
-    let uid = UploadId::parse(id).unwrap();
-    let record = storage
-        .inventory(&uid)
-        .await
-        .unwrap()
-        .expect("the upload's manifest")
-        .completion
-        .expect("a completion record");
-    let (_, after) = client.status(id).await;
-    assert_eq!(
-        after["completed_at"], status["completed_at"],
-        "the completion changed after the upload completed"
-    );
-    let event_ids = distinct_event_ids(tap, id, "upload.completed");
-    assert_eq!(
-        event_ids,
-        vec![record.event_id.clone()],
-        "one completion event id, the one the completion record holds"
-    );
-    assert!(distinct_event_ids(tap, id, "upload.failed").is_empty());
-
-    let expected: BTreeSet<PathBuf> = [
-        storage.manifest_path(&uid),
-        storage.attempt(&uid, record.fence).merged,
-        storage.completion_path(&uid, record.fence),
-    ]
-    .into();
-    assert_eq!(
-        files_under(&storage.upload_dir(&uid)),
-        expected,
-        "what the upload's directory holds after a janitor pass"
-    );
-    assert_eq!(
-        storage.resolve(&record.location),
-        Some(storage.attempt(&uid, record.fence).merged)
-    );
-}
-
 /// Waits until `worker` handled a merge job of an upload that was already completed (the
 /// crashed worker's unacked job, redelivered): its `/metrics` count such an outcome. The
 /// outcome is counted after the completion event was published again.
@@ -153,22 +67,6 @@ async fn wait_for_redelivered_job(worker: &ServiceProcess) {
         })
     })
     .await;
-}
-
-/// Every file (not directory) under `dir`, at any depth.
-fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
-    let mut files = BTreeSet::new();
-    let mut dirs = vec![dir.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            if entry.file_type().unwrap().is_dir() {
-                dirs.push(entry.path());
-            } else {
-                files.insert(entry.path());
-            }
-        }
-    }
-    files
 }
 
 /// Sends `index` of `source` with the upload's declarations.

@@ -1,11 +1,13 @@
 //! Starting the programs, uploading, looking at storage.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use md5::Digest;
-pub use stitch_testkit::events::EventTap;
+use stitch_common::id::UploadId;
+pub use stitch_testkit::events::{DurableTap, EventTap};
 pub use stitch_testkit::process::ServiceProcess;
 use stitch_testkit::process::stitch_command;
 pub use stitch_testkit::*;
@@ -110,8 +112,12 @@ pub async fn until(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> 
 
 /// The distinct event ids of `kind` events about `id`.
 pub fn distinct_event_ids(tap: &EventTap, id: &str, kind: &str) -> Vec<String> {
-    let mut ids: Vec<String> = tap
-        .events_of(id)
+    distinct_ids(&tap.events_of(id), kind)
+}
+
+/// The distinct event ids of the `kind` events among `events`.
+pub fn distinct_ids(events: &[serde_json::Value], kind: &str) -> Vec<String> {
+    let mut ids: Vec<String> = events
         .iter()
         .filter(|e| e["type"] == kind)
         .map(|e| e["event_id"].as_str().unwrap_or_default().to_owned())
@@ -123,10 +129,146 @@ pub fn distinct_event_ids(tap: &EventTap, id: &str, kind: &str) -> Vec<String> {
 
 /// The upload's fencing counter: how many merge attempts ever started.
 pub fn merge_attempts(env: &TestEnv, id: &str) -> u64 {
-    let mut conn = redis_connection().unwrap();
+    let mut conn = env.redis().unwrap();
     let value: Option<u64> = redis::cmd("GET")
         .arg(format!("{}:{{{id}}}:fence", env.namespace))
         .query(&mut conn)
         .unwrap();
     value.unwrap_or(0)
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Where a test sees the events published about an upload: a live [`EventTap`], or a
+/// [`DurableTap`] for tests that kill the broker.
+pub trait SeenEvents {
+    async fn seen(&self, id: &str) -> Vec<serde_json::Value>;
+}
+
+impl SeenEvents for EventTap {
+    async fn seen(&self, id: &str) -> Vec<serde_json::Value> {
+        self.events_of(id)
+    }
+}
+
+impl SeenEvents for DurableTap {
+    async fn seen(&self, id: &str) -> Vec<serde_json::Value> {
+        self.events_of(id).await
+    }
+}
+
+/// Waits until an event of `kind` about `id` was seen.
+pub async fn wait_for_event(tap: &impl SeenEvents, id: &str, kind: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let events = tap.seen(id).await;
+        if events.iter().any(|e| e["type"] == kind) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {kind} event about {id} within {limit:?}; saw {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What every crash and fault test checks once the fault is over: the upload completed
+/// exactly once with the source's size, MD5 and bytes; every `upload.completed` the tap saw
+/// carries the one event id the completion record holds; and after one janitor pass the
+/// upload's directory holds the manifest, the merged file and its completion record, nothing
+/// else (no `.part`, no temporary merge file, no chunk copy, no other attempt's file).
+pub async fn assert_completed_once(
+    env: &TestEnv,
+    tap: &impl SeenEvents,
+    client: &ApiClient,
+    id: &str,
+    source: &Source,
+    md5: &str,
+) {
+    let status = client.wait_for_state(id, "completed", 3 * MINUTE).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["size"], source.len());
+    assert_eq!(status["md5"], md5);
+    assert!(
+        client.download(id).await == source.bytes,
+        "the downloaded bytes differ from the source"
+    );
+    wait_for_event(tap, id, "upload.completed", 2 * MINUTE).await;
+
+    let settings = env.settings();
+    let backends = stitch_common::backends::Backends::distributed(&settings).unwrap();
+    let janitor = stitch_worker::janitor::Janitor {
+        state: backends.state.clone(),
+        quotas: backends.quotas.clone(),
+        storage: backends.storage.clone(),
+        events: backends.events.clone(),
+        lock: backends.lock.clone(),
+        recovery: stitch_common::recovery::Recovery::new(
+            backends.state.clone(),
+            backends.storage.clone(),
+            backends.events.clone(),
+            60_000,
+        ),
+        interval: Duration::from_secs(3600),
+        // Everything left now is past any use: the upload is completed.
+        grace: Duration::ZERO,
+        ttl: Duration::from_secs(3600),
+        completed_retention: None,
+    };
+    janitor.sweep_once().await.unwrap();
+
+    let storage = &backends.storage;
+    let uid = UploadId::parse(id).unwrap();
+    let record = storage
+        .inventory(&uid)
+        .await
+        .unwrap()
+        .expect("the upload's manifest")
+        .completion
+        .expect("a completion record");
+    let (_, after) = client.status(id).await;
+    assert_eq!(
+        after["completed_at"], status["completed_at"],
+        "the completion changed after the upload completed"
+    );
+    let event_ids = distinct_ids(&tap.seen(id).await, "upload.completed");
+    assert_eq!(
+        event_ids,
+        vec![record.event_id.clone()],
+        "one completion event id, the one the completion record holds"
+    );
+    assert!(distinct_ids(&tap.seen(id).await, "upload.failed").is_empty());
+
+    let expected: BTreeSet<PathBuf> = [
+        storage.manifest_path(&uid),
+        storage.attempt(&uid, record.fence).merged,
+        storage.completion_path(&uid, record.fence),
+    ]
+    .into();
+    assert_eq!(
+        files_under(&storage.upload_dir(&uid)),
+        expected,
+        "what the upload's directory holds after a janitor pass"
+    );
+    assert_eq!(
+        storage.resolve(&record.location),
+        Some(storage.attempt(&uid, record.fence).merged)
+    );
+}
+
+/// Every file (not directory) under `dir`, at any depth.
+pub fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
+    let mut files = BTreeSet::new();
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(entry.path());
+            } else {
+                files.insert(entry.path());
+            }
+        }
+    }
+    files
 }
