@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use crate::ingest::IngestArgs;
 use crate::merge::MergeArgs;
 use crate::single_node::SingleNodeArgs;
+use crate::tus::TusArgs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +38,10 @@ pub enum Command {
     /// `stitch-api` + `stitch-worker` (Redis, RabbitMQ), alternating.
     #[command(long_about = crate::single_node::LONG_ABOUT)]
     SingleNode(SingleNodeArgs),
+    /// tus ingest (one long `PATCH`, small `PATCH`es) against the chunk protocol from one
+    /// client and the disk, and the API's peak RSS per `PATCH` size.
+    #[command(long_about = crate::tus::LONG_ABOUT)]
+    Tus(TusArgs),
 }
 
 #[cfg(test)]
@@ -51,12 +56,13 @@ mod tests {
 
     #[test]
     fn every_subcommand_parses_with_its_defaults() {
-        for name in ["ingest", "merge", "single-node"] {
+        for name in ["ingest", "merge", "single-node", "tus"] {
             let cli = Cli::try_parse_from(["stitch-bench", name]).unwrap();
             let parsed = match cli.command {
                 Command::Ingest(_) => "ingest",
                 Command::Merge(_) => "merge",
                 Command::SingleNode(_) => "single-node",
+                Command::Tus(_) => "tus",
             };
             assert_eq!(parsed, name);
         }

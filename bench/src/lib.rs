@@ -1,9 +1,10 @@
 //! Stitch's benchmarks: the real release binaries, driven over loopback, measured against
 //! what the machine itself can do.
 //!
-//! A benchmark here is a subcommand of `stitch-bench` (see [`cli`]): [`ingest`], [`merge`]
-//! and [`single_node`]. Each one is built from the same parts, so that the next one only adds
-//! its own scenario; what the tests also need comes from the test kit (`stitch-testkit`):
+//! A benchmark here is a subcommand of `stitch-bench` (see [`cli`]): [`ingest`], [`merge`],
+//! [`single_node`] and [`tus`]. Each one is built from the same parts, so that the next one
+//! only adds its own scenario; what the tests also need comes from the test kit
+//! (`stitch-testkit`):
 //!
 //! - the bytes to send: the test kit's seeded `Source`, generated once, in one shared buffer
 //!   that chunks are sliced from without copying;
@@ -16,9 +17,10 @@
 //!   log line asked for) read from its JSON log, stopped with SIGTERM, and the namespace
 //!   removed afterwards;
 //! - [`upload`]: the chunk-protocol client (the test kit's `ApiClient` requests) that sends
-//!   an upload (or part of one) with N parallel connections and checks every answer, and
-//!   [`verify`], which checks status, storage and the merged file after it; the test kit's
-//!   `EventTap` times and checks `upload.completed`;
+//!   an upload (or part of one) with N parallel connections and checks every answer (the tus
+//!   benchmark has a tus client of its own, on the test kit's `Tus` requests), and
+//!   [`verify`], which checks status, storage (chunks or tus segments) and the merged file
+//!   after it; the test kit's `EventTap` times and checks `upload.completed`;
 //! - [`procfs`]: CPU time of a process, kernel threads' CPU, and the machine's CPU split, from
 //!   `/proc` (peak RSS is the test kit's); [`usage`]: who used the cores during a measurement,
 //!   and whether other work disturbed it;
@@ -40,6 +42,7 @@ pub mod options;
 pub mod procfs;
 pub mod report;
 pub mod single_node;
+pub mod tus;
 pub mod upload;
 pub mod usage;
 pub mod verify;

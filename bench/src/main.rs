@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Command::Ingest(args) => stitch_bench::ingest::run(&args),
         Command::Merge(args) => stitch_bench::merge::run(&args),
         Command::SingleNode(args) => stitch_bench::single_node::run(&args),
+        Command::Tus(args) => stitch_bench::tus::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
-//! What a benchmark checks after a run, beyond the answers to each chunk: the upload's
-//! status as the server reports it, the chunk files on storage, and, once merged, the file
-//! itself.
+//! What a benchmark checks after a run, beyond the answers to each request: the upload's
+//! status as the server reports it, the chunk (or tus segment) files on storage, and, once
+//! merged, the file itself.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -21,6 +21,9 @@ use crate::upload::http_client;
 #[derive(Clone, Debug, Deserialize)]
 pub struct StatusResponse {
     pub state: String,
+    /// `chunks` or `tus` (absent from the status of APIs older than tus).
+    #[serde(default)]
+    pub protocol: String,
     pub total_size: u64,
     pub total_chunks: u64,
     pub chunks_received: u64,
@@ -153,6 +156,107 @@ fn verify_counts(s: &StatusResponse, source: &Source<Bytes>) -> anyhow::Result<(
         "uploaded_chunks is not 0..{count}"
     );
     Ok(())
+}
+
+/// Checks a tus upload as the server sees it: state `state` (`merging` once every byte is
+/// counted and no worker runs yet, `completed` after the merge), protocol `tus`, `size`
+/// bytes counted, stored as `segments` segments.
+pub fn verify_tus_status(
+    s: &StatusResponse,
+    state: &str,
+    size: u64,
+    segments: u64,
+) -> anyhow::Result<()> {
+    ensure!(
+        s.state == state,
+        "upload state is {:?}, expected {state:?}",
+        s.state
+    );
+    ensure!(
+        s.protocol == "tus",
+        "the status says protocol {:?}, expected \"tus\"",
+        s.protocol
+    );
+    ensure!(
+        s.total_size == size && s.bytes_received == size,
+        "the server counts {} of {} bytes; the client sent {size}",
+        s.bytes_received,
+        s.total_size
+    );
+    ensure!(
+        s.chunks_received == segments,
+        "the server counts {} segments; the PATCHes make {segments}",
+        s.chunks_received
+    );
+    Ok(())
+}
+
+/// Checks that a merged upload of `size` bytes is `completed` with MD5 `md5_hex`.
+pub fn verify_merged_status(s: &StatusResponse, size: u64, md5_hex: &str) -> anyhow::Result<()> {
+    ensure!(
+        s.state == "completed",
+        "upload state is {:?}, expected \"completed\"",
+        s.state
+    );
+    ensure!(
+        s.size == Some(size) && s.bytes_received == size,
+        "the merged file has {:?} bytes ({} received), the client sent {size}",
+        s.size,
+        s.bytes_received
+    );
+    ensure!(
+        s.md5.as_deref() == Some(md5_hex),
+        "the server's MD5 of the merged file is {:?}, the client's {md5_hex}",
+        s.md5
+    );
+    Ok(())
+}
+
+/// The segment files of a tus upload on storage (`uploads/<id>/chunks/s<offset>.<token>`),
+/// in offset order, after checking that they are exactly the `(offset, length)` pieces of
+/// `expected`: one complete copy of each, nothing else (no `.part` left over).
+pub fn stored_segment_files(
+    storage_root: &Path,
+    upload_id: &str,
+    expected: &[(u64, u64)],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let id = UploadId::parse(upload_id).context("the upload id is invalid")?;
+    let storage = FsChunkStore::new(storage_root, true);
+    let dir = storage.chunks_dir(&id);
+    let copies = storage
+        .copy_files_blocking(&id)
+        .with_context(|| format!("listing {}", dir.display()))?;
+    let mut found = Vec::with_capacity(copies.len());
+    for copy in copies {
+        let Some(Piece::Segment(offset)) = copy.piece else {
+            bail!("unexpected file {} in {}", copy.name, dir.display());
+        };
+        found.push((offset, copy.len, copy.path));
+    }
+    found.sort_by_key(|(offset, _, _)| *offset);
+    let layout: Vec<(u64, u64)> = found.iter().map(|(o, l, _)| (*o, *l)).collect();
+    ensure!(
+        layout == expected,
+        "{} holds segments (offset, length) {}, expected {}",
+        dir.display(),
+        describe_layout(&layout),
+        describe_layout(expected)
+    );
+    Ok(found.into_iter().map(|(_, _, path)| path).collect())
+}
+
+/// A segment layout for a message, shortened when long.
+fn describe_layout(layout: &[(u64, u64)]) -> String {
+    const SHOWN: usize = 4;
+    let mut parts: Vec<String> = layout
+        .iter()
+        .take(SHOWN)
+        .map(|(o, l)| format!("({o}, {l})"))
+        .collect();
+    if layout.len() > SHOWN {
+        parts.push(format!("… {} in all", layout.len()));
+    }
+    format!("[{}]", parts.join(", "))
 }
 
 /// Checks that storage holds exactly one complete file per chunk (no `.part` left over, no
