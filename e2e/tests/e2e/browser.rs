@@ -399,6 +399,142 @@ async fn an_upload_here_link_uploads_with_its_token_alone_sees_only_its_uploads_
     );
 }
 
+/// A site's own token backend, as `ui.token_url` names it: on another origin, it answers the
+/// page's CORS preflight and `POST {"filename", "size"}` (with the browser's cookies) with a
+/// capability token for one upload, made with the site's API key. Counts what it made.
+struct TokenBackend {
+    addr: std::net::SocketAddr,
+    issued: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl TokenBackend {
+    async fn start(
+        key: &'static str,
+    ) -> (Self, tokio::sync::oneshot::Sender<std::net::SocketAddr>) {
+        use axum::http::{HeaderMap, HeaderValue, StatusCode};
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let issued = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<std::net::SocketAddr>();
+        let made = issued.clone();
+        tokio::spawn(async move {
+            let stitch = rx.await.unwrap();
+            let cors = |headers: &HeaderMap| {
+                let origin = headers
+                    .get("origin")
+                    .cloned()
+                    .unwrap_or_else(|| HeaderValue::from_static("null"));
+                [
+                    ("access-control-allow-origin", origin),
+                    (
+                        "access-control-allow-credentials",
+                        HeaderValue::from_static("true"),
+                    ),
+                    (
+                        "access-control-allow-methods",
+                        HeaderValue::from_static("POST"),
+                    ),
+                    (
+                        "access-control-allow-headers",
+                        HeaderValue::from_static("content-type"),
+                    ),
+                ]
+            };
+            let preflight = move |headers: HeaderMap| async move {
+                (StatusCode::NO_CONTENT, cors(&headers)).into_response()
+            };
+            let token = move |headers: HeaderMap, body: axum::Json<Value>| {
+                let made = made.clone();
+                async move {
+                    let client = ApiClient::with_key(stitch, key);
+                    let mut request = json!({"ttl": "10m", "max_bytes": body["size"]});
+                    if let Some(id) = body.get("upload_id") {
+                        request["upload_id"] = id.clone();
+                    }
+                    let (code, answer) = json_response(
+                        client
+                            .client
+                            .post(client.url("/upload/tokens"))
+                            .json(&request)
+                            .send()
+                            .await,
+                    )
+                    .await;
+                    assert_eq!(code, 201, "{answer}");
+                    made.lock()
+                        .unwrap()
+                        .push(answer["upload_id"].as_str().unwrap().to_owned());
+                    let reply = json!({"token": answer["token"]});
+                    (cors(&headers), axum::Json(reply)).into_response()
+                }
+            };
+            let app =
+                axum::Router::new().route("/token", axum::routing::post(token).options(preflight));
+            axum::serve(listener, app).await.unwrap();
+        });
+        (Self { addr, issued }, tx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_url_the_page_uploads_with_a_token_per_upload_from_the_sites_backend() {
+    const SITE_KEY: &str = "sk_test_upload_page_site_0123456789";
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(
+        &keys,
+        format!(
+            "[[keys]]\nid = \"site\"\ntenant = \"acme\"\nsha256 = \"{}\"\n",
+            stitch_common::auth::key_sha256(SITE_KEY)
+        ),
+    )
+    .unwrap();
+    let (backend, stitch_addr) = TokenBackend::start(SITE_KEY).await;
+    let mut api_cmd = api_command(&env);
+    api_cmd
+        .env("STITCH__AUTH__KEYS_FILE", &keys)
+        .env(
+            "STITCH__AUTH__TOKEN_SECRET",
+            "upload-page-token-secret-0123456789abcdef",
+        )
+        .env(
+            "STITCH__UI__TOKEN_URL",
+            format!("http://{}/token", backend.addr),
+        );
+    let api = ServiceProcess::start(api_cmd, "stitch-api listening");
+    stitch_addr.send(api.addr).unwrap();
+    let _worker = start_worker(&env);
+    let anonymous = ApiClient::new(api.addr);
+
+    let plain = write_file(dir.path(), "via-backend-2MiB.bin", 2 * MIB, 7);
+    let bytes = std::fs::read(&plain).unwrap();
+    let run = run_page(json!({
+        "scenario": "link",
+        "url": anonymous.url("/"),
+        "badUrl": anonymous.url("/#token=st1.forged.forged"),
+        "plain": plain,
+        "artifacts": target_dir().join("test-artifacts/browser/token-url"),
+    }))
+    .await;
+    let item = &run["items"][0];
+    assert_eq!(item["state"], "completed", "{item}");
+    assert_eq!(item["md5"], md5_hex(&bytes), "{item}");
+    let issued = backend.issued.lock().unwrap().clone();
+    assert!(
+        !issued.is_empty(),
+        "the page asked the site's backend for a token"
+    );
+    assert_eq!(
+        item["uploadId"],
+        issued[issued.len() - 1],
+        "the upload is the one the backend's token names: {item} {issued:?}"
+    );
+    let keyed = ApiClient::with_key(api.addr, SITE_KEY);
+    assert!(keyed.download(item["uploadId"].as_str().unwrap()).await == bytes);
+}
+
 /// A file of `len` seeded random bytes named `name` in `dir`.
 fn write_file(dir: &Path, name: &str, len: usize, seed: u64) -> PathBuf {
     let path = dir.join(name);
