@@ -32,6 +32,7 @@ COPY e2e/Cargo.toml e2e/Cargo.toml
 COPY bench/Cargo.toml bench/Cargo.toml
 COPY deploy-check/Cargo.toml deploy-check/Cargo.toml
 COPY xtask/Cargo.toml xtask/Cargo.toml
+COPY soak/Cargo.toml soak/Cargo.toml
 RUN set -eu; \
     for f in \
         common/src/lib.rs \
@@ -43,6 +44,7 @@ RUN set -eu; \
         bench/src/lib.rs bench/src/main.rs \
         deploy-check/src/lib.rs deploy-check/src/bin/config-check.rs \
         xtask/src/main.rs \
+        soak/src/lib.rs soak/src/main.rs \
     ; do mkdir -p "$(dirname "$f")"; echo 'fn main() {}' > "$f"; done
 RUN cargo build --release --locked -p stitch-api -p stitch-worker -p stitch-cli
 

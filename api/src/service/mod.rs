@@ -641,10 +641,12 @@ impl UploadService {
                 metrics::counter!(m::CHUNKS_RECEIVED, "result" => "duplicate").increment(1);
                 // The counted copy may be this very one: a rebuild from storage (by another
                 // pod or the janitor) can count a copy between its rename and its record.
-                if counted_token != staged.token {
+                // Then this request's copy is the one counted, not a duplicate.
+                let ours = counted_token == staged.token;
+                if !ours {
                     self.storage.discard(&staged).await;
                 }
-                Ok(accepted(true, progress))
+                Ok(accepted(!ours, progress))
             }
             Err(e) => Err(self.unrecorded(&staged, e).await),
         }
