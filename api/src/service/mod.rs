@@ -638,12 +638,15 @@ impl UploadService {
                 progress,
                 counted_token,
             }) => {
-                metrics::counter!(m::CHUNKS_RECEIVED, "result" => "duplicate").increment(1);
                 // The counted copy may be this very one: a rebuild from storage (by another
                 // pod or the janitor) can count a copy between its rename and its record.
                 // Then this request's copy is the one counted, not a duplicate.
                 let ours = counted_token == staged.token;
-                if !ours {
+                if ours {
+                    metrics::counter!(m::CHUNKS_RECEIVED, "result" => "new").increment(1);
+                    metrics::counter!(m::CHUNK_BYTES_RECEIVED).increment(len);
+                } else {
+                    metrics::counter!(m::CHUNKS_RECEIVED, "result" => "duplicate").increment(1);
                     self.storage.discard(&staged).await;
                 }
                 Ok(accepted(!ours, progress))
