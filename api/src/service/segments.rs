@@ -74,6 +74,9 @@ pub struct Appended {
     /// The bytes received so far (the next append's offset).
     pub offset: u64,
     pub progress: Option<Progress>,
+    /// When the upload expires if nothing more happens (`Upload-Expires`); `None` once it
+    /// stopped receiving.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Hashes for a declared digest the storage writer does not compute (SHA-1, SHA-256).
@@ -323,7 +326,21 @@ impl UploadService {
         if let Err(e) = self.append_lock.release(&lease).await {
             tracing::warn!(upload_id = %id, error = %e, "could not release the append lease; it will lapse");
         }
-        appended
+        let appended = appended?;
+        Ok(Appended {
+            expires_at_ms: self.expiry_after(&status, appended.progress.as_ref()),
+            ..appended
+        })
+    }
+
+    /// When the upload expires after an append that left it at `progress` (`None`: nothing
+    /// was counted, the upload is as `before`): a count is activity, so `uploads.ttl` from
+    /// now; `None` once it is no longer receiving.
+    fn expiry_after(&self, before: &UploadStatus, progress: Option<&Progress>) -> Option<u64> {
+        match progress {
+            Some(p) => (p.state == UploadState::Receiving).then(|| now_ms() + self.ttl_ms),
+            None => self.expires_at_ms(before),
+        }
     }
 
     /// How many bytes `append` may bring to the upload `status` describes, once it is checked
@@ -378,6 +395,7 @@ impl UploadService {
             id,
             offset,
             progress: None,
+            expires_at_ms: None,
         })
     }
 
@@ -514,6 +532,7 @@ impl UploadService {
                         id: id.clone(),
                         offset,
                         progress,
+                        expires_at_ms: None,
                     }),
                 };
             };
@@ -534,6 +553,7 @@ impl UploadService {
                     id: id.clone(),
                     offset,
                     progress,
+                    expires_at_ms: None,
                 });
             }
         }

@@ -256,20 +256,8 @@ pub async fn patch(
     let mut response = StatusCode::NO_CONTENT.into_response();
     let headers = response.headers_mut();
     headers.insert(h::UPLOAD_OFFSET, value(&appended.offset.to_string()));
-    let receiving = appended
-        .progress
-        .is_none_or(|p| p.state == UploadState::Receiving);
-    if receiving {
-        let name = UploadName::parse(appended.id.name())?;
-        if let Some(at) = app
-            .uploads
-            .upload_status(&caller, &name)
-            .await
-            .ok()
-            .and_then(|s| app.uploads.expires_at_ms(&s))
-        {
-            headers.insert(h::UPLOAD_EXPIRES, value(&h::http_date(at)));
-        }
+    if let Some(at) = appended.expires_at_ms {
+        headers.insert(h::UPLOAD_EXPIRES, value(&h::http_date(at)));
     }
     Ok(response)
 }

@@ -185,6 +185,21 @@ fn read_head(tx: &Transaction<'_>, id: &str) -> Result<Option<Head>, StateError>
     .transpose()
 }
 
+/// The head of an upload of segments that is receiving, and whether it is partial: the
+/// checks `append_segment` and `declare_length` share (those of their Lua scripts).
+fn receiving_segments(tx: &Transaction<'_>, id: &str) -> Result<(Head, bool), StateError> {
+    let Some(head) = read_head(tx, id)? else {
+        return Err(StateError::NotFound);
+    };
+    let Assembly::Segments { partial } = head.assembly else {
+        return Err(Conflict::Assembly.into());
+    };
+    if head.state != UploadState::Receiving {
+        return Err(Conflict::NotReceiving(head.state).into());
+    }
+    Ok((head, partial))
+}
+
 fn md5_text(md5: Option<Md5>) -> String {
     md5.map(|m| m.to_hex()).unwrap_or_default()
 }
@@ -489,15 +504,7 @@ impl StateStore for SqliteStateStore {
             let now = now_ms() as i64;
             let key = id.as_str();
             purge_expired(tx, key, now)?;
-            let Some(head) = read_head(tx, key)? else {
-                return Err(StateError::NotFound);
-            };
-            let Assembly::Segments { partial } = head.assembly else {
-                return Err(Conflict::Assembly.into());
-            };
-            if head.state != UploadState::Receiving {
-                return Err(Conflict::NotReceiving(head.state).into());
-            }
+            let (head, partial) = receiving_segments(tx, key)?;
             let (chunks, bytes) = counts(tx, key)?;
             if segment.offset != bytes {
                 return Err(Conflict::Offset { current: bytes }.into());
@@ -558,15 +565,7 @@ impl StateStore for SqliteStateStore {
             let now = now_ms() as i64;
             let key = id.as_str();
             purge_expired(tx, key, now)?;
-            let Some(head) = read_head(tx, key)? else {
-                return Err(StateError::NotFound);
-            };
-            let Assembly::Segments { partial } = head.assembly else {
-                return Err(Conflict::Assembly.into());
-            };
-            if head.state != UploadState::Receiving {
-                return Err(Conflict::NotReceiving(head.state).into());
-            }
+            let (head, partial) = receiving_segments(tx, key)?;
             let (chunks_received, bytes_received) = counts(tx, key)?;
             let progress = |state, completed_upload| Progress {
                 state,

@@ -367,6 +367,23 @@ impl Reply {
     }
 
     /// Decodes the conflict replies shared by the scripts.
+    /// The reply of `append_segment.lua` and `declare_length.lua`: `{"recorded", state,
+    /// chunks_received, bytes_received, completed}`, `{"missing"}` or a conflict.
+    fn segment_progress(&self) -> Result<Progress, StateError> {
+        match self.str(0)?.as_str() {
+            "recorded" => Ok(Progress {
+                state: self.state(1)?,
+                chunks_received: self.u64(2)?,
+                bytes_received: self.u64(3)?,
+                completed_upload: self.u64(4)? == 1,
+                created_upload: false,
+            }),
+            "missing" => Err(StateError::NotFound),
+            "conflict" => Err(self.conflict()?.into()),
+            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
+        }
+    }
+
     fn conflict(&self) -> Result<Conflict, StateError> {
         Ok(match self.str(1)?.as_str() {
             "geometry" => Conflict::Geometry {
@@ -603,19 +620,7 @@ impl StateStore for RedisStateStore {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let reply = Reply::parse(reply)?;
-        match reply.str(0)?.as_str() {
-            "recorded" => Ok(Progress {
-                state: reply.state(1)?,
-                chunks_received: reply.u64(2)?,
-                bytes_received: reply.u64(3)?,
-                completed_upload: reply.u64(4)? == 1,
-                created_upload: false,
-            }),
-            "missing" => Err(StateError::NotFound),
-            "conflict" => Err(reply.conflict()?.into()),
-            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
-        }
+        Reply::parse(reply)?.segment_progress()
     }
 
     async fn declare_length(
@@ -638,19 +643,7 @@ impl StateStore for RedisStateStore {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_error)?;
-        let reply = Reply::parse(reply)?;
-        match reply.str(0)?.as_str() {
-            "recorded" => Ok(Progress {
-                state: reply.state(1)?,
-                chunks_received: reply.u64(2)?,
-                bytes_received: reply.u64(3)?,
-                completed_upload: reply.u64(4)? == 1,
-                created_upload: false,
-            }),
-            "missing" => Err(StateError::NotFound),
-            "conflict" => Err(reply.conflict()?.into()),
-            other => Err(StateError::Corrupt(format!("unknown reply {other:?}"))),
-        }
+        Reply::parse(reply)?.segment_progress()
     }
 
     async fn upload_status(&self, id: &UploadId) -> Result<Option<UploadStatus>, StateError> {
