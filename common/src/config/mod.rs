@@ -238,6 +238,11 @@ pub struct MergeSettings {
     /// page cache: no fresh memory to fault in, no writeback to wait for, so the copy hides
     /// behind the MD5. Falls back to buffered writes where the file system refuses it.
     pub direct_io: bool,
+    /// Assemble the file while its chunks arrive: the API that counts a chunk appends the
+    /// contiguous in-order prefix to the upload's assembly file and advances its MD5 (and
+    /// SHA-256), saving the hash state with it, so that the merge only finishes what the
+    /// prefix has not covered. Off, the whole merge runs after the last chunk.
+    pub incremental: bool,
 }
 
 /// The outbox sweeper: no upload whose last chunk was accepted stays unfinished.
@@ -519,6 +524,7 @@ impl Default for MergeSettings {
             delivery_limit: 10,
             buffer_bytes: ByteSize(64 << 10),
             direct_io: true,
+            incremental: true,
         }
     }
 }
