@@ -15,6 +15,9 @@ pub const CHUNK_DURABLE_BEFORE_RECORD: &str = "chunk-durable-before-record";
 /// The API, after a segment of an append (tus `PATCH`) is durable and before the state store
 /// counts it.
 pub const SEGMENT_DURABLE_BEFORE_RECORD: &str = "segment-durable-before-record";
+/// The API, after a step of an upload's early assembly saved its checkpoint (the assembly
+/// synced up to it), before the next step.
+pub const PREFIX_SAVED: &str = "prefix-saved";
 /// The worker, after the merged file's rename and its completion record, before the commit.
 pub const MERGE_RENAMED_BEFORE_COMMIT: &str = "merge-renamed-before-commit";
 /// The worker, after the commit (which put the completion event in the outbox), before the

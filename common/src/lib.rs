@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod backends;
+pub mod concat;
 pub mod config;
 pub mod digest;
 pub mod embedded;

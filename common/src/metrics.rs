@@ -20,10 +20,13 @@ pub const CHUNKS_REFUSED: &str = "stitch_chunks_refused_total";
 pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 // Upload lifecycle (API and worker)
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
+pub const ASSEMBLY_STEPS: &str = "stitch_assembly_steps_total";
+pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
 // Worker
 pub const MERGES: &str = "stitch_merges_total";
 pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
 pub const MERGE_SIZE: &str = "stitch_merge_size_bytes";
+pub const MERGE_PREFIX_BYTES: &str = "stitch_merge_prefix_bytes_total";
 pub const MERGE_TRANSIENT_FAILURES: &str = "stitch_merge_transient_failures_total";
 pub const QUEUE_MESSAGES: &str = "stitch_queue_messages";
 /// Per tenant, for the tenants named in `[auth.tenants]` only (bounded by configuration).
@@ -160,6 +163,19 @@ fn register_now(role: Role) {
         }
         metrics::counter!(CHUNK_BYTES_RECEIVED).absolute(0);
         metrics::gauge!(CHUNK_WRITES_IN_FLIGHT).set(0.0);
+        describe_counter!(
+            ASSEMBLY_STEPS,
+            "Steps that carried an upload's in-order prefix on while its chunks arrive (merge.incremental), by result: ok, error (the merge does that part)"
+        );
+        describe_counter!(
+            ASSEMBLY_BYTES,
+            Unit::Bytes,
+            "Bytes appended to assembly files and hashed while their chunks arrive"
+        );
+        for result in ["ok", "error"] {
+            metrics::counter!(ASSEMBLY_STEPS, "result" => result).absolute(0);
+        }
+        metrics::counter!(ASSEMBLY_BYTES).absolute(0);
         for class in ["4xx", "5xx"] {
             metrics::counter!(CHUNKS_REFUSED, "class" => class).absolute(0);
         }
@@ -172,6 +188,12 @@ fn register_now(role: Role) {
             "Duration of committed merges (copy, MD5, fsync, commit)"
         );
         describe_histogram!(MERGE_SIZE, Unit::Bytes, "Size of merged files");
+        describe_counter!(
+            MERGE_PREFIX_BYTES,
+            Unit::Bytes,
+            "Bytes of committed merges that were assembled and hashed while the chunks arrived (the merge carried on from a saved prefix)"
+        );
+        metrics::counter!(MERGE_PREFIX_BYTES).absolute(0);
         describe_counter!(
             MERGE_TRANSIENT_FAILURES,
             "Merge attempts that failed transiently and were scheduled again, by cause (storage: disk full, I/O errors; backend: Redis, RabbitMQ)"

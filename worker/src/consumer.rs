@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::concat::Control;
 use crate::merge::{MergeError, MergeOutcome, Merger};
+use stitch_common::concat::Control;
 
 pub struct ConsumerConfig {
     pub prefetch: u16,

@@ -1,7 +1,8 @@
 //! Stitch's merge worker: turns completed uploads into one verified file.
 //!
 //! Roles (each switchable in `[worker]`):
-//! - **merge** ([`consumer`] → [`merge::Merger`] → [`concat`]): takes merge jobs from
+//! - **merge** ([`consumer`] → [`merge::Merger`] →
+//!   [`stitch_common::concat`]): takes merge jobs from
 //!   RabbitMQ, locks the upload (Redlock-style, fenced), concatenates its chunks while
 //!   computing MD5, verifies, commits and publishes `upload.completed`.
 //! - **sweeper** ([`sweeper`]): republishes merge triggers and events left in outboxes and
@@ -15,7 +16,7 @@
 //! [`Worker::run_until_stopped`], so tests and the single-node mode run it in-process.
 
 pub mod cli;
-pub mod concat;
+
 pub mod consumer;
 pub mod janitor;
 pub mod merge;

@@ -36,7 +36,7 @@ use stitch_common::storage::{CompletionRecord, FsChunkStore, Piece};
 use stitch_common::upload::{Assembly, ChunkRecord, Completion, UploadState, UploadStatus};
 use tokio::sync::Mutex;
 
-use crate::concat::{ChunkSource, Concat, ConcatError, Control, LostChunk, concatenate};
+use stitch_common::concat::{ChunkSource, Concat, ConcatError, Control, LostChunk, concatenate};
 
 /// How a merge attempt ended, when it did not need a retry.
 #[derive(Debug)]
@@ -104,6 +104,9 @@ pub struct Merger {
     direct_io: bool,
     /// Compute the file's SHA-256 beside its MD5 (`uploads.file_digest`).
     sha256: bool,
+    /// Carry on from the file the API assembled while the chunks arrived
+    /// (`merge.incremental`), when one fits.
+    incremental: bool,
     public_url: Option<String>,
     /// Frees the tenant's active-upload slot when the upload completes or fails.
     quotas: Option<Arc<dyn QuotaLedger>>,
@@ -131,6 +134,7 @@ impl Merger {
             fsync: settings.storage.fsync,
             direct_io: settings.merge.direct_io,
             sha256: settings.uploads.file_digest.with_sha256(),
+            incremental: settings.merge.incremental,
             public_url: settings.http.public_url.clone(),
             quotas: None,
             links: DownloadLinks::for_events(&settings.auth),
@@ -281,14 +285,28 @@ impl Merger {
         };
         tracing::info!(upload_id = %id, fence = plan.fence, chunks = parts.records.len(), "merging");
 
-        let files = self.storage.attempt(id, plan.fence);
+        // What the API assembled while the chunks arrived, when it fits what is counted:
+        // this attempt appends the rest to that file and hashes only the rest.
+        let prefix = self.saved_prefix(&plan, &parts.records).await;
+        let (files, covered) = match &prefix {
+            Some(p) => (
+                self.storage.attempt_from(id, plan.fence, p),
+                p.checkpoint.chunks as usize,
+            ),
+            None => (self.storage.attempt(id, plan.fence), 0),
+        };
+        let prefix_bytes = prefix.as_ref().map_or(0, |p| p.checkpoint.hashes.offset);
+        if prefix.is_some() {
+            tracing::debug!(upload_id = %id, prefix_bytes, chunks = covered, "carrying on from the assembled prefix");
+        }
         let job = Concat {
-            chunks: parts.sources.clone(),
+            chunks: parts.sources[covered..].to_vec(),
             output: files.temp.clone(),
             block_bytes: self.block_bytes,
             fsync: self.fsync,
             direct_io: self.direct_io,
             sha256: self.sha256,
+            resume: prefix.map(|p| p.checkpoint.hashes),
         };
         let reporter = tokio::spawn(report_progress(
             self.state.clone(),
@@ -325,6 +343,18 @@ impl Merger {
             }
         };
         tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, "chunks concatenated");
+        if prefix_bytes > 0 {
+            // Every writer of an assembly writes the same bytes at the same offsets, and
+            // none past the file's end; a longer file is not this upload's: merge anew.
+            let len = tokio::fs::metadata(&files.temp).await.map(|m| m.len());
+            if len.as_ref().ok() != Some(&done.size) {
+                self.storage.discard_temp(&files).await;
+                return Err(MergeError::Storage(format!(
+                    "the assembled file has {len:?} bytes, not {}",
+                    done.size
+                )));
+            }
+        }
 
         if let Some(expected) = plan.upload.file_md5
             && expected != done.md5
@@ -380,6 +410,7 @@ impl Merger {
                 tracing::info!(upload_id = %id, size = done.size, md5 = %done.md5, "merge committed");
                 metrics::histogram!(m::MERGE_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
+                metrics::counter!(m::MERGE_PREFIX_BYTES).increment(prefix_bytes);
                 m::transition("completed");
                 self.settle_quota(id, done.size).await;
                 #[cfg(feature = "failpoints")]
@@ -427,6 +458,26 @@ impl Merger {
             Err(e) => {
                 self.storage.discard_attempt(id, plan.fence).await;
                 Err(transient(e))
+            }
+        }
+    }
+
+    /// The upload's early assembly, when `merge.incremental` is on and its newest checkpoint
+    /// covers the first of the parts this merge counts (never for a concatenation, whose
+    /// parts are other uploads'). Storage errors only cost the shortcut.
+    async fn saved_prefix(
+        &self,
+        plan: &MergePlan,
+        records: &[ChunkRecord],
+    ) -> Option<stitch_common::storage::SavedPrefix> {
+        if !self.incremental || matches!(plan.upload.assembly, Assembly::Concat { .. }) {
+            return None;
+        }
+        match self.storage.saved_prefix(&plan.upload.id).await {
+            Ok(prefix) => prefix.filter(|p| p.checkpoint.fits(records, self.sha256)),
+            Err(e) => {
+                tracing::warn!(upload_id = %plan.upload.id, error = %e, "the assembled prefix could not be read; merging from byte 0");
+                None
             }
         }
     }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use stitch_common::auth::{Authenticator, DownloadLinks, Principal, Scope, Scopes, TokenClaims};
 use stitch_common::backends::Backends;
+use stitch_common::concat::prefix::Assembler;
 use stitch_common::config::Interval;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
@@ -76,6 +77,9 @@ pub struct UploadService {
     append_lock: Arc<dyn MergeLock>,
     /// An append is made durable and counted every this many bytes.
     segment_size: u64,
+    /// Assembles and hashes each upload's in-order prefix while its chunks arrive
+    /// (`merge.incremental`).
+    assembler: Option<Assembler>,
 }
 
 /// `POST /upload/tokens`: a capability token for one upload.
@@ -245,6 +249,12 @@ impl UploadService {
             hook,
             append_lock: backends.append_lock.clone(),
             segment_size: settings.tus.segment_size.0,
+            assembler: Assembler::new(
+                settings,
+                backends.state.clone(),
+                backends.storage.clone(),
+                backends.lock.clone(),
+            ),
         })
     }
 
@@ -631,6 +641,8 @@ impl UploadService {
                 }
                 if progress.completed_upload {
                     self.trigger_merge(&upload.id, merge_job).await;
+                } else {
+                    self.assemble(&upload.id);
                 }
                 Ok(accepted(false, progress))
             }
@@ -668,6 +680,14 @@ impl UploadService {
                 self.storage.discard(staged).await;
                 e.into()
             }
+        }
+    }
+
+    /// A part of `id` was counted: its in-order prefix may go further now (in the
+    /// background; nothing waits for it).
+    fn assemble(&self, id: &UploadId) {
+        if let Some(assembler) = &self.assembler {
+            assembler.chunk_counted(id);
         }
     }
 

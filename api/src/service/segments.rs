@@ -707,6 +707,8 @@ impl UploadService {
                 metrics::counter!(m::CHUNK_BYTES_RECEIVED).increment(record.len);
                 if progress.completed_upload {
                     self.trigger_merge(id, job).await;
+                } else {
+                    self.assemble(id);
                 }
                 Ok(progress)
             }

@@ -34,6 +34,7 @@ impl SqliteLock {
             LockName::Merge(id) => format!("{}:{{{id}}}:lock", self.namespace),
             LockName::Janitor => format!("{}:janitor:lock", self.namespace),
             LockName::Append(id) => format!("{}:{{{id}}}:append", self.namespace),
+            LockName::Assemble(id) => format!("{}:{{{id}}}:assemble", self.namespace),
         }
     }
 

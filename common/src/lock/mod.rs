@@ -30,6 +30,9 @@ pub enum LockName {
     Janitor,
     /// Appending to one upload of segments (a tus PATCH): one request of the fleet at a time.
     Append(UploadId),
+    /// Assembling one upload's in-order prefix while its chunks arrive: one API of the fleet
+    /// at a time (two would only do the same work twice).
+    Assemble(UploadId),
 }
 
 impl std::fmt::Display for LockName {
@@ -38,6 +41,7 @@ impl std::fmt::Display for LockName {
             Self::Merge(id) => write!(f, "merge of {id}"),
             Self::Janitor => f.write_str("janitor pass"),
             Self::Append(id) => write!(f, "append to {id}"),
+            Self::Assemble(id) => write!(f, "assembly of {id}"),
         }
     }
 }

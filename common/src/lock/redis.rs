@@ -45,6 +45,7 @@ fn key(ns: &str, name: &LockName) -> String {
         LockName::Merge(id) => format!("{ns}:{{{id}}}:lock"),
         LockName::Janitor => format!("{ns}:janitor:lock"),
         LockName::Append(id) => format!("{ns}:{{{id}}}:append"),
+        LockName::Assemble(id) => format!("{ns}:{{{id}}}:assemble"),
     }
 }
 

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::StorageError;
-use super::layout::{self, AttemptFile, CopyEntry, Piece};
+use super::layout::{self, AttemptFile, CopyEntry, Piece, PrefixFile};
+use crate::concat::prefix::Checkpoint;
 use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
@@ -91,6 +92,14 @@ pub struct CopyFile {
     /// The piece it is a complete copy of; `None` for a `.part` file or anything else.
     pub piece: Option<Piece>,
     pub len: u64,
+}
+
+/// An upload's assembly file and its newest usable checkpoint
+/// ([`FsChunkStore::saved_prefix`]).
+#[derive(Clone, Debug)]
+pub struct SavedPrefix {
+    pub path: PathBuf,
+    pub checkpoint: Checkpoint,
 }
 
 /// What [`FsChunkStore::remove_surplus`] keeps of an upload's files.
@@ -347,7 +356,7 @@ impl FsChunkStore {
                 blocking(move || {
                     let mut n = remove_old_files(&chunks, grace, |_| true)?;
                     n += remove_old_files(&dir, grace, |name| {
-                        AttemptFile::parse(name).is_some()
+                        (AttemptFile::parse(name).is_some() || PrefixFile::parse(name).is_some())
                             && Some(name) != merged.as_deref()
                             && name != record
                     })?;
@@ -379,7 +388,7 @@ impl FsChunkStore {
                 let leftover = matches!(
                     AttemptFile::parse(&name),
                     Some(AttemptFile::Merged(_) | AttemptFile::MergeTemp(_))
-                );
+                ) || PrefixFile::parse(&name).is_some();
                 if leftover && Some(name.as_str()) != keep.as_deref() {
                     let _ = std::fs::remove_file(entry.path());
                 }
@@ -387,6 +396,106 @@ impl FsChunkStore {
             Ok(())
         })
         .await
+    }
+
+    /// The newest checkpoint of the upload's early assembly whose assembly file is there
+    /// and holds at least the bytes it covers; `None` if there is none. Whether it fits the
+    /// counted chunks is the caller's to check ([`Checkpoint::fits`]).
+    pub async fn saved_prefix(&self, id: &UploadId) -> Result<Option<SavedPrefix>, StorageError> {
+        let dir = self.upload_dir(id);
+        blocking(move || {
+            let mut offsets: Vec<u64> = read_dir_or_empty(&dir)?
+                .iter()
+                .filter_map(
+                    |e| match PrefixFile::parse(&e.file_name().to_string_lossy()) {
+                        Some(PrefixFile::Checkpoint(offset)) => Some(offset),
+                        _ => None,
+                    },
+                )
+                .collect();
+            offsets.sort_unstable_by(|a, b| b.cmp(a));
+            for offset in offsets {
+                let Ok(body) = std::fs::read(dir.join(layout::checkpoint_name(offset))) else {
+                    continue;
+                };
+                let Ok(checkpoint) = serde_json::from_slice::<Checkpoint>(&body) else {
+                    continue;
+                };
+                if checkpoint.hashes.offset != offset
+                    || PrefixFile::parse(&checkpoint.assembly) != Some(PrefixFile::Assembly)
+                {
+                    continue;
+                }
+                let path = dir.join(&checkpoint.assembly);
+                if std::fs::metadata(&path).is_ok_and(|m| m.len() >= offset) {
+                    return Ok(Some(SavedPrefix { path, checkpoint }));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// A fresh name for an upload's assembly file, and its path (not created).
+    pub fn new_assembly(&self, id: &UploadId) -> (String, PathBuf) {
+        let name = layout::assembly_name(&new_token());
+        let path = self.upload_dir(id).join(&name);
+        (name, path)
+    }
+
+    /// Saves a checkpoint of the upload's early assembly durably (its assembly file must be
+    /// synced up to it already), then removes the older ones.
+    pub async fn save_prefix(
+        &self,
+        id: &UploadId,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StorageError> {
+        let dir = self.upload_dir(id);
+        let checkpoint = checkpoint.clone();
+        let fsync = self.fsync;
+        blocking(move || {
+            let offset = checkpoint.hashes.offset;
+            let body = serde_json::to_vec(&checkpoint)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            let tmp = dir.join(layout::checkpoint_temp_name(offset, &new_token()));
+            let result = (|| {
+                let mut file = File::create(&tmp)
+                    .map_err(|e| StorageError::from_io("creating a checkpoint", e))?;
+                file.write_all(&body)
+                    .map_err(|e| StorageError::from_io("writing a checkpoint", e))?;
+                if fsync {
+                    file.sync_all()
+                        .map_err(|e| StorageError::from_io("syncing a checkpoint", e))?;
+                }
+                std::fs::rename(&tmp, dir.join(layout::checkpoint_name(offset)))
+                    .map_err(|e| StorageError::from_io("publishing a checkpoint", e))?;
+                if fsync {
+                    sync_dir(&dir)?;
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&tmp);
+            result?;
+            for entry in read_dir_or_empty(&dir)? {
+                if let Some(PrefixFile::Checkpoint(older)) =
+                    PrefixFile::parse(&entry.file_name().to_string_lossy())
+                    && older < offset
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The file a merge attempt takes over from the early assembly, under the attempt's
+    /// names: it writes the rest into `path` and publishes it as its merged file.
+    pub fn attempt_from(&self, id: &UploadId, fence: u64, prefix: &SavedPrefix) -> AttemptFiles {
+        AttemptFiles {
+            temp: prefix.path.clone(),
+            ..self.attempt(id, fence)
+        }
     }
 
     /// Checks that the root accepts a write (readiness).

@@ -191,6 +191,52 @@ pub(super) fn manifest_temp_name(random: &str) -> String {
     format!(".manifest.{random}.tmp")
 }
 
+/// A file of an upload's early assembly ([`crate::concat::prefix`]): the file being
+/// assembled from its in-order prefix, or a checkpoint of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PrefixFile {
+    /// `.assembly.<random>`: a file being assembled while the chunks arrive.
+    Assembly,
+    /// `prefix.<offset>.json`: a checkpoint: the assembly's first `offset` bytes are the
+    /// file's, with the hashes' state after them.
+    Checkpoint(u64),
+    /// `.prefix.<offset>.<random>.tmp`: a checkpoint being written.
+    CheckpointTemp,
+}
+
+impl PrefixFile {
+    /// Reads a name found in an upload's directory; `None` for anything else.
+    pub(super) fn parse(name: &str) -> Option<Self> {
+        if let Some(random) = name.strip_prefix(".assembly.") {
+            (!random.is_empty() && !random.contains('.')).then_some(Self::Assembly)
+        } else if let Some(rest) = name.strip_prefix("prefix.") {
+            let offset = rest.strip_suffix(".json")?;
+            (offset.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| offset.parse().ok().map(Self::Checkpoint))
+                .flatten()
+        } else if let Some(rest) = name.strip_prefix(".prefix.") {
+            rest.ends_with(".tmp").then_some(Self::CheckpointTemp)
+        } else {
+            None
+        }
+    }
+}
+
+/// `.assembly.<random>`.
+pub(super) fn assembly_name(random: &str) -> String {
+    format!(".assembly.{random}")
+}
+
+/// `prefix.<offset>.json`.
+pub(super) fn checkpoint_name(offset: u64) -> String {
+    format!("prefix.{offset}.json")
+}
+
+/// `.prefix.<offset>.<random>.tmp`.
+pub(super) fn checkpoint_temp_name(offset: u64, random: &str) -> String {
+    format!(".prefix.{offset}.{random}.tmp")
+}
+
 /// The directory of one upload, relative to the root.
 pub(super) fn upload_dir(id: &UploadId) -> PathBuf {
     PathBuf::from(UPLOADS).join(id.as_str())
@@ -244,6 +290,23 @@ mod tests {
         }
         for other in [MANIFEST, "file.x", "completion.7.txt", ".file.7", "chunks"] {
             assert_eq!(AttemptFile::parse(other), None, "{other}");
+        }
+        for (name, file) in [
+            (assembly_name("r"), PrefixFile::Assembly),
+            (checkpoint_name(1 << 33), PrefixFile::Checkpoint(1 << 33)),
+            (checkpoint_temp_name(8, "r"), PrefixFile::CheckpointTemp),
+        ] {
+            assert_eq!(PrefixFile::parse(&name), Some(file), "{name}");
+            assert_eq!(AttemptFile::parse(&name), None, "{name}");
+        }
+        for other in [
+            MANIFEST,
+            "file.7",
+            "prefix.+1.json",
+            "prefix.x.json",
+            ".assembly.",
+        ] {
+            assert_eq!(PrefixFile::parse(other), None, "{other}");
         }
     }
 

@@ -10,6 +10,11 @@
 //! uploads/<id>/file.<fence>                  a merge attempt's verified file
 //! uploads/<id>/completion.<fence>.json       that attempt's completion record, written
 //!                                            after the file, before the state store commit
+//! uploads/<id>/.assembly.<random>            the file assembled while the chunks arrive
+//!                                            (`merge.incremental`); a merge publishes it
+//!                                            as its `file.<fence>`
+//! uploads/<id>/prefix.<offset>.json          a checkpoint of it: its first <offset> bytes
+//!                                            are the file's, with the hashes' state
 //! ```
 //! Only this module knows these names (`layout.rs` builds and parses them, and they never
 //! change: existing deployments' files must stay readable). Callers address a copy by its
@@ -28,7 +33,7 @@ mod layout;
 
 pub use fs::{
     AttemptFiles, Block, CompletionRecord, CopyFile, Feed, FsChunkStore, Inventory, Keep,
-    ManifestCheck, StagedChunk,
+    ManifestCheck, SavedPrefix, StagedChunk,
 };
 pub use layout::Piece;
 

@@ -21,14 +21,21 @@
 //! test machine accepts it, so that fallback is not exercised by the tests).
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use md5::Digest;
-use stitch_common::digest::{Md5, Sha256};
+
+use crate::digest::{Md5, Sha256};
+
+mod hashing;
+pub mod prefix;
+
+use hashing::FileHasher;
+pub use hashing::HashState;
 
 /// Blocks in flight between the copy thread and the hashing thread.
 const DEPTH: usize = 16;
@@ -63,9 +70,13 @@ pub struct Concat {
     pub direct_io: bool,
     /// Compute the SHA-256 of the file beside its MD5, in the same hashing stage.
     pub sha256: bool,
+    /// Carry on a file assembled earlier instead of starting one: `output` exists and its
+    /// first `offset` bytes are the file's, and the hashes carry on from this state (which
+    /// decides whether a SHA-256 is computed). The chunks are the ones that follow.
+    pub resume: Option<HashState>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Concatenated {
     pub size: u64,
     pub md5: Md5,
@@ -73,6 +84,8 @@ pub struct Concatenated {
     pub sha256: Option<Sha256>,
     /// Whether the output was written with direct I/O.
     pub direct_io: bool,
+    /// The hashes' state at the end, for a later run to carry on from.
+    pub state: HashState,
 }
 
 /// A counted chunk whose file is gone, short, or no longer holds the bytes that were
@@ -126,7 +139,8 @@ pub struct Control {
 }
 
 /// Runs the concatenation on the calling (blocking) thread plus two helpers. On any error
-/// the output file is removed.
+/// a new output file is removed; a resumed one keeps what it held (its first bytes are a
+/// saved prefix that others may carry on from).
 pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, ConcatError> {
     // Every chunk must be there, at its recorded size, before anything is written; all the
     // missing and short ones are reported at once, so that the client re-sends them together.
@@ -148,34 +162,42 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
     if !missing.is_empty() {
         return Err(ConcatError::LostChunks(missing));
     }
-    if job.direct_io {
-        match open_direct(&job.output) {
+    let hasher = match &job.resume {
+        Some(state) => FileHasher::resume(state)
+            .ok_or_else(|| ConcatError::Storage("a saved hash state does not decode".into()))?,
+        None => FileHasher::new(job.sha256),
+    };
+    let start = job.resume.as_ref().map_or(0, |s| s.offset);
+    let new = job.resume.is_none();
+    let cleanup = |result: Result<Concatenated, ConcatError>| {
+        if result.is_err() && new {
+            let _ = std::fs::remove_file(&job.output);
+        }
+        result
+    };
+    // Direct writes need aligned offsets: a prefix that ends mid-block carries on buffered.
+    if job.direct_io && start % DIRECT_ALIGN as u64 == 0 {
+        match open_direct(&job.output, new) {
             Ok((direct, tail)) => {
-                let result = run_direct(job, control, direct, tail);
-                if result.is_err() {
-                    let _ = std::fs::remove_file(&job.output);
-                }
-                return result;
+                return cleanup(run_direct(job, control, direct, tail, hasher, start));
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The file system refuses O_DIRECT (the file may exist by now: the name is
+                // The file system refuses O_DIRECT (a new file may exist by now: the name is
                 // this attempt's own, so it can go).
-                let _ = std::fs::remove_file(&job.output);
+                if new {
+                    let _ = std::fs::remove_file(&job.output);
+                }
                 tracing::debug!(output = %job.output.display(), "no direct I/O here; buffered merge");
             }
-            Err(e) => return Err(storage_error("creating the merged file", e)),
+            Err(e) => return Err(storage_error("opening the merged file", e)),
         }
     }
     let out = OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create_new(new)
         .open(&job.output)
-        .map_err(|e| storage_error("creating the merged file", e))?;
-    let result = run(job, control, out);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&job.output);
-    }
-    result
+        .map_err(|e| storage_error("opening the merged file", e))?;
+    cleanup(run(job, control, out, hasher, start))
 }
 
 fn storage_error(context: &str, e: std::io::Error) -> ConcatError {
@@ -192,7 +214,15 @@ fn sync_data(file: &File) -> std::io::Result<()> {
     file.sync_data()
 }
 
-fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, ConcatError> {
+fn run(
+    job: &Concat,
+    control: &Control,
+    mut out: File,
+    file_hasher: FileHasher,
+    start: u64,
+) -> Result<Concatenated, ConcatError> {
+    out.seek(SeekFrom::Start(start))
+        .map_err(|e| storage_error("seeking in the merged file", e))?;
     let syncer_file = out
         .try_clone()
         .map_err(|e| storage_error("cloning the output handle", e))?;
@@ -202,7 +232,6 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         for _ in 0..DEPTH + 2 {
             let _ = empty_tx.send(vec![0u8; job.block_bytes]);
         }
-        let file_hasher = FileHasher::new(job.sha256);
         let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx, file_hasher));
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
         let fsync = job.fsync;
@@ -219,10 +248,10 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
             Ok::<(), ConcatError>(())
         });
 
-        let copied = copy_chunks(job, control, &mut out, &full_tx, &empty_rx, &sync_tx);
+        let copied = copy_chunks(job, control, &mut out, start, &full_tx, &empty_rx, &sync_tx);
         drop(full_tx);
         drop(sync_tx);
-        let (md5, sha256) = hasher
+        let hasher = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
         let synced = syncer
@@ -238,68 +267,41 @@ fn run(job: &Concat, control: &Control, mut out: File) -> Result<Concatenated, C
         if job.fsync {
             sync_data(&out).map_err(|e| storage_error("syncing the merged file", e))?;
         }
+        let (md5, sha256, state) = hasher.finish(size);
         Ok(Concatenated {
             size,
             md5,
             sha256,
             direct_io: false,
+            state,
         })
     })
-}
-
-/// The whole-file hashes of the hashing stage: MD5 always, SHA-256 when asked for. Both see
-/// each block in turn while it is in cache.
-struct FileHasher {
-    md5: md5::Md5,
-    sha256: Option<sha2::Sha256>,
-}
-
-impl FileHasher {
-    fn new(with_sha256: bool) -> Self {
-        Self {
-            md5: md5::Md5::new(),
-            sha256: with_sha256.then(sha2::Sha256::new),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) {
-        self.md5.update(data);
-        if let Some(sha) = &mut self.sha256 {
-            sha.update(data);
-        }
-    }
-
-    fn finish(self) -> (Md5, Option<Sha256>) {
-        (
-            Md5::from_bytes(self.md5.finalize().into()),
-            self.sha256.map(|s| Sha256::from_bytes(s.finalize().into())),
-        )
-    }
 }
 
 fn hash_blocks(
     full: Receiver<(Vec<u8>, usize)>,
     empty: SyncSender<Vec<u8>>,
     mut hasher: FileHasher,
-) -> (Md5, Option<Sha256>) {
+) -> FileHasher {
     for (block, len) in full {
         hasher.update(&block[..len]);
         // The copier may have stopped early; a closed return path is fine.
         let _ = empty.send(block);
     }
-    hasher.finish()
+    hasher
 }
 
 fn copy_chunks(
     job: &Concat,
     control: &Control,
     out: &mut File,
+    start: u64,
     full: &SyncSender<(Vec<u8>, usize)>,
     empty: &Receiver<Vec<u8>>,
     sync: &SyncSender<()>,
 ) -> Result<u64, ConcatError> {
-    let mut written = 0u64;
-    let mut last_sync = 0u64;
+    let mut written = start;
+    let mut last_sync = start;
     // A block taken from the pool but not filled (end of a chunk) waits here for the next
     // read, so that the pool never shrinks.
     let mut spare: Option<Vec<u8>> = None;
@@ -416,10 +418,11 @@ impl<'a> ChunkReader<'a> {
 
 /// Creates the output for direct I/O: an `O_DIRECT` handle for the aligned blocks and an
 /// ordinary one for the unaligned tail (and the final fsync).
-fn open_direct(path: &Path) -> std::io::Result<(File, File)> {
+/// `new`: create it (it must not exist); otherwise open the existing file.
+fn open_direct(path: &Path, new: bool) -> std::io::Result<(File, File)> {
     let direct = OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create_new(new)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
     let tail = OpenOptions::new().write(true).open(path)?;
@@ -455,6 +458,8 @@ fn run_direct(
     control: &Control,
     direct: File,
     tail: File,
+    mut file_hasher: FileHasher,
+    start: u64,
 ) -> Result<Concatenated, ConcatError> {
     let tail = &tail;
     std::thread::scope(|scope| {
@@ -464,7 +469,6 @@ fn run_direct(
         for _ in 0..DIRECT_DEPTH {
             let _ = empty_tx.send(AlignedBlock::new());
         }
-        let mut file_hasher = FileHasher::new(job.sha256);
         let hasher = scope.spawn(move || {
             for (block, len) in full_rx {
                 file_hasher.update(&block.bytes()[..len]);
@@ -472,12 +476,12 @@ fn run_direct(
                     break;
                 }
             }
-            file_hasher.finish()
+            file_hasher
         });
-        let writer = scope.spawn(move || write_blocks(&direct, tail, write_rx, empty_tx));
-        let copied = fill_blocks(job, control, &full_tx, &empty_rx);
+        let writer = scope.spawn(move || write_blocks(&direct, tail, start, write_rx, empty_tx));
+        let copied = fill_blocks(job, control, start, &full_tx, &empty_rx);
         drop(full_tx);
-        let (md5, sha256) = hasher
+        let hasher = hasher
             .join()
             .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
         writer
@@ -487,11 +491,13 @@ fn run_direct(
         if job.fsync {
             sync_data(tail).map_err(|e| storage_error("syncing the merged file", e))?;
         }
+        let (md5, sha256, state) = hasher.finish(size);
         Ok(Concatenated {
             size,
             md5,
             sha256,
             direct_io: true,
+            state,
         })
     })
 }
@@ -501,11 +507,12 @@ fn run_direct(
 fn fill_blocks(
     job: &Concat,
     control: &Control,
+    start: u64,
     full: &SyncSender<(AlignedBlock, usize)>,
     empty: &Receiver<AlignedBlock>,
 ) -> Result<u64, ConcatError> {
     let stopped = || ConcatError::Storage("the hash or write thread stopped".into());
-    let mut written = 0u64;
+    let mut written = start;
     let mut block = empty.recv().map_err(|_| stopped())?;
     let mut filled = 0usize;
     for chunk in &job.chunks {
@@ -541,10 +548,11 @@ fn fill_blocks(
 fn write_blocks(
     direct: &File,
     tail: &File,
+    start: u64,
     blocks: Receiver<(AlignedBlock, usize)>,
     empty: SyncSender<AlignedBlock>,
 ) -> Result<(), ConcatError> {
-    let mut offset = 0u64;
+    let mut offset = start;
     for (block, len) in blocks {
         let aligned = len & !(DIRECT_ALIGN - 1);
         if aligned > 0 {
@@ -601,6 +609,7 @@ mod tests {
             fsync,
             direct_io,
             sha256: false,
+            resume: None,
         }
     }
 
@@ -672,6 +681,64 @@ mod tests {
         let done = concatenate(&job, &Control::default()).unwrap();
         assert!(done.direct_io);
         assert!(std::fs::read(&job.output).unwrap() == bytes);
+    }
+
+    #[test]
+    fn a_resumed_concatenation_appends_the_rest_and_ends_with_the_digests_of_the_whole() {
+        // 1 MiB chunks resume at an aligned offset (direct writes go on); 700,001-byte ones
+        // at an unaligned one (the rest is written buffered).
+        for chunk_len in [1 << 20, 700_001] {
+            let bytes = data(6 * chunk_len + 12_345);
+            for direct_io in MODES {
+                let dir = tempfile::tempdir().unwrap();
+                let chunks = write_chunks(dir.path(), &bytes, chunk_len, true);
+                let output = dir.path().join("out");
+                let mut first = job(chunks[..3].to_vec(), output.clone(), true, direct_io);
+                first.sha256 = true;
+                let before = concatenate(&first, &Control::default()).unwrap();
+                assert_eq!(before.state.offset, 3 * chunk_len as u64);
+                // The first chunks are gone: the rest can only come from the saved state.
+                for c in &chunks[..3] {
+                    std::fs::remove_file(&c.path).unwrap();
+                }
+                let mut rest = job(chunks[3..].to_vec(), output.clone(), true, direct_io);
+                rest.resume = Some(before.state.clone());
+                let control = Control::default();
+                let done = concatenate(&rest, &control).unwrap();
+                assert!(std::fs::read(&output).unwrap() == bytes, "{chunk_len}");
+                assert_eq!(done.size, bytes.len() as u64);
+                assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+                let sha256 = Sha256::from_bytes(sha2::Sha256::digest(&bytes).into());
+                assert_eq!(done.sha256, Some(sha256), "the state decides on SHA-256");
+                assert_eq!(done.direct_io, direct_io && chunk_len % DIRECT_ALIGN == 0);
+                assert_eq!(control.bytes_done.load(Ordering::Relaxed), done.size);
+            }
+        }
+    }
+
+    #[test]
+    fn a_resumed_concatenation_that_fails_keeps_the_file_it_carries_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = data(4 << 20);
+        let chunks = write_chunks(dir.path(), &bytes, 1 << 20, false);
+        let output = dir.path().join("out");
+        let before = concatenate(
+            &job(chunks[..2].to_vec(), output.clone(), false, true),
+            &Control::default(),
+        )
+        .unwrap();
+        let mut flipped = std::fs::read(&chunks[3].path).unwrap();
+        flipped[5] ^= 1;
+        std::fs::write(&chunks[3].path, flipped).unwrap();
+        let mut rest = job(chunks[2..].to_vec(), output.clone(), false, true);
+        rest.resume = Some(before.state);
+        let err = concatenate(&rest, &Control::default()).unwrap_err();
+        assert!(matches!(err, ConcatError::LostChunks(_)), "{err}");
+        let kept = std::fs::read(&output).unwrap();
+        assert!(
+            kept[..2 << 20] == bytes[..2 << 20],
+            "the saved prefix is intact"
+        );
     }
 
     #[test]

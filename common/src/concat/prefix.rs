@@ -1,0 +1,388 @@
+//! Assembling a file while its chunks arrive (`merge.incremental`), so that the verified
+//! file is there moments after the last byte instead of one whole MD5 later.
+//!
+//! The API that counts a chunk calls [`Assembler::chunk_counted`]. In the background, one
+//! API of the fleet at a time (lock [`LockName::Assemble`], tried, never waited for) carries
+//! the upload's *prefix* on: the counted chunks that follow each other from byte 0 without a
+//! gap. Each is read once, while it is still in the page cache, checked against its record
+//! (CRC32C, MD5 when recorded), appended to the upload's assembly file and fed to the MD5 (and
+//! SHA-256) — the merge's own loop, [`super::concatenate`], resumed. After each step the
+//! assembly is synced and a [`Checkpoint`] saved on storage: how many bytes and chunks the
+//! assembly holds, which copies they came from, and the hashes' serialized state. A crash
+//! (of the API, or of the merge that finishes the job) loses at most the step in flight:
+//! the next run carries on from the last checkpoint, never from byte 0.
+//!
+//! The merge reads the newest checkpoint that [`Checkpoint::fits`] what it counts, and only
+//! appends and hashes what the prefix has not covered, into the same file; chunks that
+//! arrive out of order wait for the gap before them to fill, then the prefix catches up
+//! (an upload sent in reverse is assembled entirely by the merge, as without this).
+//!
+//! Why this cannot publish a wrong digest, whoever is paused or killed where:
+//! - a checkpoint names the exact copies it covers (a digest of their tokens, which are
+//!   unique per copy); a checkpoint that does not fit the counted chunks — a chunk storage
+//!   lost and the client sent again, an upload aborted and created anew — is ignored;
+//! - checkpoints are named by the offset they reach and only written after the assembly's
+//!   bytes up to it are synced, so a stale writer can add an older checkpoint (never used: the
+//!   newest is) or one identical to a newer writer's, never a wrong one;
+//! - any writer of an assembly file writes the bytes of the same counted copies at the same
+//!   offsets, so two writers of one file (an API whose lease lapsed, and the merge) write
+//!   the same bytes, and nothing ever truncates an assembly file;
+//! - a merge that cannot use the prefix (no checkpoint, or none that fits) merges from byte
+//!   0 into a file of its own, as without this.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use super::{ChunkSource, Concat, ConcatError, Control, HashState, concatenate};
+use crate::config::Settings;
+use crate::id::UploadId;
+use crate::lock::{LockName, MergeLock};
+use crate::metrics as m;
+use crate::state::{StateError, StateStore};
+use crate::storage::{FsChunkStore, Piece, StorageError};
+use crate::upload::{Assembly, ChunkRecord, UploadState};
+
+/// How far one step carries the prefix before it saves a checkpoint and renews its lease.
+const STEP_BYTES: u64 = 256 << 20;
+
+/// What is known of an assembly file: its first `hashes.offset` bytes are the file's, made
+/// of the first `chunks` counted parts, whose copies' tokens digest to `tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The assembly file's name in the upload's directory (storage's to build and read).
+    pub(crate) assembly: String,
+    pub chunks: u64,
+    /// SHA-256 (hex) of the covered copies' tokens, one per line, in order.
+    pub tokens: String,
+    pub hashes: HashState,
+}
+
+impl Checkpoint {
+    /// Whether this checkpoint covers exactly the first [`Checkpoint::chunks`] of `records`
+    /// (the counted parts in order): the same copies, from byte 0 without a gap, up to its
+    /// offset — and computes the SHA-256 exactly when `sha256` is asked for.
+    pub fn fits(&self, records: &[ChunkRecord], sha256: bool) -> bool {
+        let Ok(n) = usize::try_from(self.chunks) else {
+            return false;
+        };
+        let Some(covered) = records.get(..n) else {
+            return false;
+        };
+        self.hashes.has_sha256() == sha256
+            && contiguous_len(covered) == Some(self.hashes.offset)
+            && tokens_digest(covered) == self.tokens
+    }
+}
+
+/// The length of `records` if they follow each other from byte 0 without a gap.
+fn contiguous_len(records: &[ChunkRecord]) -> Option<u64> {
+    records.iter().try_fold(0u64, |end, r| {
+        (r.offset == end && r.len > 0).then(|| end + r.len)
+    })
+}
+
+fn tokens_digest(records: &[ChunkRecord]) -> String {
+    let mut sha = sha2::Sha256::new();
+    for r in records {
+        sha.update(r.token.as_bytes());
+        sha.update(b"\n");
+    }
+    hex::encode(sha.finalize())
+}
+
+/// How many of `records` (counted parts in order) follow the first `from` without a gap,
+/// up to about `max_bytes` (at least one).
+fn next_run(records: &[ChunkRecord], from: usize, offset: u64, max_bytes: u64) -> usize {
+    let mut end = offset;
+    let mut n = 0;
+    for r in records.iter().skip(from) {
+        if r.offset != end || r.len == 0 || (n > 0 && end - offset >= max_bytes) {
+            break;
+        }
+        end += r.len;
+        n += 1;
+    }
+    n
+}
+
+/// A part's copy on storage, as the concatenation reads it.
+pub fn source(
+    storage: &FsChunkStore,
+    id: &UploadId,
+    assembly: &Assembly,
+    record: &ChunkRecord,
+) -> ChunkSource {
+    ChunkSource {
+        index: record.index.0,
+        path: storage.copy_path(id, Piece::of(assembly, record), &record.token),
+        len: record.len,
+        crc32c: record.crc32c,
+        md5: record.md5,
+    }
+}
+
+/// Why a step of the assembly stopped. None of these matters to the upload: the merge does
+/// whatever the prefix did not.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("state store: {0}")]
+    State(#[from] StateError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("assembling: {0}")]
+    Concat(#[from] ConcatError),
+    #[error("lock: {0}")]
+    Lock(String),
+}
+
+/// Carries uploads' prefixes on in the background of the API that counts their chunks.
+#[derive(Clone)]
+pub struct Assembler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Arc<dyn StateStore>,
+    storage: FsChunkStore,
+    lock: Arc<dyn MergeLock>,
+    block_bytes: usize,
+    fsync: bool,
+    direct_io: bool,
+    sha256: bool,
+    /// Uploads this process is assembling now, and whether a chunk was counted for one
+    /// meanwhile (the running task looks again before it stops).
+    running: Mutex<std::collections::HashMap<UploadId, bool>>,
+}
+
+impl Assembler {
+    /// `None` when `merge.incremental` is off.
+    pub fn new(
+        settings: &Settings,
+        state: Arc<dyn StateStore>,
+        storage: FsChunkStore,
+        lock: Arc<dyn MergeLock>,
+    ) -> Option<Self> {
+        settings.merge.incremental.then(|| Self {
+            inner: Arc::new(Inner {
+                state,
+                storage,
+                lock,
+                block_bytes: settings.merge.buffer_bytes.0 as usize,
+                fsync: settings.storage.fsync,
+                direct_io: settings.merge.direct_io,
+                sha256: settings.uploads.file_digest.with_sha256(),
+                running: Mutex::new(Default::default()),
+            }),
+        })
+    }
+
+    /// A chunk of `id` was counted: carry its prefix on in the background. Returns at once;
+    /// at most one task per upload runs in this process.
+    pub fn chunk_counted(&self, id: &UploadId) {
+        {
+            let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(again) = running.get_mut(id) {
+                *again = true;
+                return;
+            }
+            running.insert(id.clone(), false);
+        }
+        let inner = self.inner.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = inner.advance(&id).await {
+                    tracing::debug!(upload_id = %id, error = %e, "the prefix was not carried on; the merge will do it");
+                    metrics::counter!(m::ASSEMBLY_STEPS, "result" => "error").increment(1);
+                }
+                let mut running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
+                match running.get_mut(&id) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        running.remove(&id);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Carries `id`'s prefix as far as its counted chunks go, now (the background task's
+    /// work, for tests). Returns the bytes the prefix covers afterwards.
+    pub async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
+        self.inner.advance(id).await
+    }
+}
+
+impl Inner {
+    async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
+        let name = LockName::Assemble(id.clone());
+        let Some(mut lease) = self
+            .lock
+            .try_acquire(&name)
+            .await
+            .map_err(|e| AssembleError::Lock(e.to_string()))?
+        else {
+            // Another API is at it; it looks again before it lets go.
+            return Ok(0);
+        };
+        let result = self.advance_locked(id, &mut lease).await;
+        if let Err(e) = self.lock.release(&lease).await {
+            tracing::debug!(upload_id = %id, error = %e, "assembly lock not released; it expires");
+        }
+        result
+    }
+
+    async fn advance_locked(
+        &self,
+        id: &UploadId,
+        lease: &mut crate::lock::Lease,
+    ) -> Result<u64, AssembleError> {
+        let mut covered = 0;
+        loop {
+            // Only while the upload is receiving: once it is merging, the merge finishes the
+            // file (two would hash the same last chunks at once).
+            let Some(header) = self.state.upload_header(id).await? else {
+                return Ok(covered);
+            };
+            if header.state != UploadState::Receiving
+                || matches!(header.assembly, Assembly::Concat { .. })
+            {
+                return Ok(covered);
+            }
+            let records = self.state.counted_chunks(id).await?;
+            let saved = self
+                .storage
+                .saved_prefix(id)
+                .await?
+                .filter(|p| p.checkpoint.fits(&records, self.sha256));
+            let (from, offset) = saved.as_ref().map_or((0, 0), |p| {
+                (p.checkpoint.chunks as usize, p.checkpoint.hashes.offset)
+            });
+            covered = offset;
+            let n = next_run(&records, from, offset, STEP_BYTES);
+            // The last part is left to the merge: all counted means merging.
+            if n == 0 || from + n >= header_parts(&header, &records) {
+                return Ok(covered);
+            }
+            if !self
+                .lock
+                .renew(lease)
+                .await
+                .map_err(|e| AssembleError::Lock(e.to_string()))?
+            {
+                return Ok(covered);
+            }
+            let run = &records[from..from + n];
+            let (assembly, path, resume) = match saved {
+                Some(p) => (p.checkpoint.assembly, p.path, Some(p.checkpoint.hashes)),
+                None => {
+                    let (name, path) = self.storage.new_assembly(id);
+                    (name, path, None)
+                }
+            };
+            let job = Concat {
+                chunks: run
+                    .iter()
+                    .map(|r| source(&self.storage, id, &header.assembly, r))
+                    .collect(),
+                output: path,
+                block_bytes: self.block_bytes,
+                fsync: self.fsync,
+                direct_io: self.direct_io,
+                sha256: self.sha256,
+                resume,
+            };
+            let started = std::time::Instant::now();
+            let done = tokio::task::spawn_blocking(move || concatenate(&job, &Control::default()))
+                .await
+                .map_err(|e| ConcatError::Storage(format!("assembly thread failed: {e}")))??;
+            let checkpoint = Checkpoint {
+                assembly,
+                chunks: (from + n) as u64,
+                tokens: tokens_digest(&records[..from + n]),
+                hashes: done.state,
+            };
+            self.storage.save_prefix(id, &checkpoint).await?;
+            #[cfg(feature = "failpoints")]
+            crate::failpoints::crash_here(crate::failpoints::PREFIX_SAVED);
+            metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
+            metrics::counter!(m::ASSEMBLY_BYTES).increment(done.size - offset);
+            tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
+            covered = done.size;
+        }
+    }
+}
+
+/// How many parts the upload has in all: its chunk count, or, for segments, as many as are
+/// counted plus one (a tus upload's length says nothing of its segments).
+fn header_parts(header: &crate::state::UploadHeader, records: &[ChunkRecord]) -> usize {
+    match header.assembly {
+        Assembly::Chunks => header.geometry.total_chunks as usize,
+        _ => records.len() + 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::ChunkIndex;
+
+    fn record(index: u64, len: u64, token: &str) -> ChunkRecord {
+        ChunkRecord {
+            index: ChunkIndex(index),
+            offset: index * 10,
+            len,
+            crc32c: 0,
+            md5: None,
+            token: token.into(),
+        }
+    }
+
+    fn checkpoint(records: &[ChunkRecord], sha256: bool) -> Checkpoint {
+        let mut hasher = super::super::hashing::FileHasher::new(sha256);
+        hasher.update(b"x");
+        let (_, _, mut hashes) = hasher.finish(0);
+        hashes.offset = contiguous_len(records).unwrap();
+        Checkpoint {
+            assembly: ".assembly.r".into(),
+            chunks: records.len() as u64,
+            tokens: tokens_digest(records),
+            hashes,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_fits_only_the_copies_it_covers_from_byte_zero() {
+        let records: Vec<_> = (0..4).map(|i| record(i, 10, &format!("t{i}"))).collect();
+        let saved = checkpoint(&records[..2], false);
+        assert!(saved.fits(&records, false));
+        assert!(saved.fits(&records[..2], false));
+        assert!(!saved.fits(&records[..1], false), "fewer chunks counted");
+        assert!(!saved.fits(&records, true), "a SHA-256 is asked for now");
+        let mut resent = records.clone();
+        resent[1].token = "other".into();
+        assert!(!saved.fits(&resent, false), "chunk 1 is another copy now");
+        let mut gap = records.clone();
+        gap.remove(0);
+        assert!(!saved.fits(&gap, false), "chunk 0 is not counted");
+    }
+
+    #[test]
+    fn a_run_stops_at_the_first_gap_and_after_about_its_byte_budget() {
+        let mut records: Vec<_> = (0..6).map(|i| record(i, 10, "t")).collect();
+        assert_eq!(next_run(&records, 0, 0, 1 << 20), 6);
+        assert_eq!(
+            next_run(&records, 2, 20, 25),
+            3,
+            "the run that passes 25 bytes ends it"
+        );
+        assert_eq!(next_run(&records, 2, 20, 1), 1, "at least one");
+        records.remove(3);
+        assert_eq!(next_run(&records, 0, 0, 1 << 20), 3, "chunk 3 is missing");
+        assert_eq!(next_run(&records, 3, 30, 1 << 20), 0);
+        assert_eq!(contiguous_len(&records), None);
+    }
+}
