@@ -176,7 +176,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         result
     };
     // Direct writes need aligned offsets: a prefix that ends mid-block carries on buffered.
-    if job.direct_io && start % DIRECT_ALIGN as u64 == 0 {
+    if job.direct_io && start.is_multiple_of(DIRECT_ALIGN as u64) {
         match open_direct(&job.output, new) {
             Ok((direct, tail)) => {
                 return cleanup(run_direct(job, control, direct, tail, hasher, start));

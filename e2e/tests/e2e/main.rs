@@ -14,6 +14,7 @@ mod merge;
 mod metrics;
 mod migrations;
 mod outages;
+mod prefix;
 mod service_faults;
 mod storage;
 mod storage_truth;

@@ -1,0 +1,200 @@
+//! Verification that keeps pace (`merge.incremental`): the API assembles and hashes an
+//! upload's in-order prefix while the chunks arrive and saves the hashes' state with it; a
+//! crash carries on from the saved state, and the merge hashes only what the prefix did not
+//! cover. Each test removes the chunk files the saved prefix covers before going on, so the
+//! upload can only complete with the right MD5 if the saved state was used.
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use stitch_common::failpoints::PREFIX_SAVED;
+use stitch_common::id::UploadId;
+use stitch_common::storage::{FsChunkStore, SavedPrefix};
+
+use crate::harness::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Eight 1 MiB chunks, and the file's MD5.
+fn file(seed: u64) -> (Source, String) {
+    let source = Source::random(8 << 20, 1 << 20, seed);
+    let md5 = md5_hex(&source.bytes);
+    (source, md5)
+}
+
+async fn send(client: &ApiClient, id: &str, source: &Source, md5: &str, index: u64) {
+    let (code, body) = json_response(
+        client
+            .chunk_request(id, source, index)
+            .header("X-File-MD5", md5)
+            .send()
+            .await,
+    )
+    .await;
+    assert_eq!(code, 200, "chunk {index}: {body}");
+}
+
+/// Waits until the upload's saved prefix covers at least `chunks` chunks, and returns it.
+async fn wait_for_prefix(storage: &FsChunkStore, id: &UploadId, chunks: u64) -> SavedPrefix {
+    until(MINUTE, "the saved prefix", async || {
+        storage
+            .saved_prefix(id)
+            .await
+            .unwrap()
+            .is_some_and(|p| p.checkpoint.chunks >= chunks)
+    })
+    .await;
+    storage.saved_prefix(id).await.unwrap().unwrap()
+}
+
+/// Removes the chunk files a saved prefix covers: from now on, only its saved hash state
+/// and assembly file can account for those bytes.
+fn remove_covered_chunks(storage: &FsChunkStore, id: &UploadId, prefix: &SavedPrefix) {
+    let covered: Vec<_> = storage
+        .copy_files_blocking(id)
+        .unwrap()
+        .into_iter()
+        .filter(|c| {
+            matches!(c.piece, Some(stitch_common::storage::Piece::Chunk(i)) if i.0 < prefix.checkpoint.chunks)
+        })
+        .collect();
+    assert_eq!(
+        covered.len() as u64,
+        prefix.checkpoint.chunks,
+        "{covered:?}"
+    );
+    for copy in covered {
+        std::fs::remove_file(&copy.path).unwrap();
+    }
+}
+
+/// The worker's count of merged bytes it took from a saved prefix.
+async fn prefix_bytes_merged(worker: &ServiceProcess) -> f64 {
+    let url = format!("http://{}/metrics", worker.addr);
+    let text = http_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let name = format!("{} ", stitch_common::metrics::MERGE_PREFIX_BYTES);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the worker's metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_merge_of_an_upload_sent_in_order_hashes_only_what_the_prefix_did_not_cover() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let worker = start_worker(&env);
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (source, md5) = file(161);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    for index in 0..6 {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    // The API stops short of the last chunk: that one completes the upload and the merge
+    // finishes the file.
+    let prefix = wait_for_prefix(&storage, &uid, 6).await;
+    assert_eq!(prefix.checkpoint.hashes.offset, 6 << 20);
+    remove_covered_chunks(&storage, &uid, &prefix);
+    for index in 6..8 {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    // At least the six chunks (the API may have assembled the seventh before the merge).
+    assert!(prefix_bytes_merged(&worker).await >= (6 << 20) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_after_saving_the_prefix_carries_on_from_the_saved_hash_state() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let worker = start_worker(&env);
+    // Pass the line once (the first checkpoint), crash at the second.
+    let mut cmd = api_command(&env);
+    cmd.env("FAILPOINTS", format!("{PREFIX_SAVED}=1*off->return"));
+    let mut crashing = ServiceProcess::start(cmd, "stitch-api listening");
+    let client = ApiClient::new(crashing.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (source, md5) = file(162);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+
+    send(&client, &id, &source, &md5, 0).await;
+    let first = wait_for_prefix(&storage, &uid, 1).await;
+    assert_eq!(first.checkpoint.chunks, 1);
+    // Chunk 1 carries the prefix on: the API dies right after saving that checkpoint, maybe
+    // before its answer went out, maybe after chunk 2 was counted too.
+    for index in [1, 2] {
+        let _ = client
+            .chunk_request(&id, &source, index)
+            .header("X-File-MD5", &md5)
+            .send()
+            .await;
+    }
+    let status = crashing.wait_exit(2 * MINUTE);
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the API ended by {status}, not at its failpoint:\n{}",
+        crashing.log_tail()
+    );
+    let saved = storage.saved_prefix(&uid).await.unwrap().unwrap();
+    assert!(
+        saved.checkpoint.chunks > 1,
+        "the second checkpoint was saved before the crash: {saved:?}"
+    );
+    remove_covered_chunks(&storage, &uid, &saved);
+
+    // A fresh API: the client resumes, the prefix goes on from the saved state, and the
+    // merge from wherever the prefix got to.
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let (code, status) = client.status(&id).await;
+    assert_eq!(code, 200, "{status}");
+    let uploaded: Vec<u64> = status["uploaded_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    for index in (0..8).filter(|i| !uploaded.contains(i)) {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    assert!(prefix_bytes_merged(&worker).await >= saved.checkpoint.hashes.offset as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_sent_out_of_order_are_assembled_once_the_gap_before_them_fills() {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (source, md5) = file(163);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    for index in [3, 1, 2, 5] {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    // Nothing from byte 0 yet: no prefix.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(storage.saved_prefix(&uid).await.unwrap().is_none());
+    send(&client, &id, &source, &md5, 0).await;
+    let prefix = wait_for_prefix(&storage, &uid, 4).await;
+    assert_eq!(prefix.checkpoint.chunks, 4, "0 to 3, up to the gap at 4");
+    for index in [7, 4, 6] {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+}
