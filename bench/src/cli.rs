@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 use crate::ingest::IngestArgs;
 use crate::merge::MergeArgs;
+use crate::pace::PaceArgs;
 use crate::single_node::SingleNodeArgs;
 use crate::tus::TusArgs;
 
@@ -42,6 +43,10 @@ pub enum Command {
     /// client and the disk, and the API's peak RSS per `PATCH` size.
     #[command(long_about = crate::tus::LONG_ABOUT)]
     Tus(TusArgs),
+    /// First byte → verified file with `merge.incremental` off and on, against a bare sink
+    /// and MD5, in order and shuffled; and the merge tail after the last chunk.
+    #[command(long_about = crate::pace::LONG_ABOUT)]
+    Pace(PaceArgs),
 }
 
 #[cfg(test)]
@@ -56,15 +61,34 @@ mod tests {
 
     #[test]
     fn every_subcommand_parses_with_its_defaults() {
-        for name in ["ingest", "merge", "single-node", "tus"] {
+        for name in ["ingest", "merge", "single-node", "tus", "pace"] {
             let cli = Cli::try_parse_from(["stitch-bench", name]).unwrap();
             let parsed = match cli.command {
                 Command::Ingest(_) => "ingest",
                 Command::Merge(_) => "merge",
                 Command::SingleNode(_) => "single-node",
                 Command::Tus(_) => "tus",
+                Command::Pace(_) => "pace",
             };
             assert_eq!(parsed, name);
         }
+    }
+
+    #[test]
+    fn pace_takes_lists_of_sizes_and_client_counts() {
+        let cli = Cli::try_parse_from(["stitch-bench", "pace"]).unwrap();
+        let Command::Pace(args) = cli.command else {
+            panic!("not pace");
+        };
+        assert_eq!(args.sizes, [1 << 30, 10 << 30]);
+        assert_eq!(args.clients, [1, 4]);
+        assert_eq!((args.chunk_size, args.repeats), (8 << 20, 1));
+        let cli =
+            Cli::try_parse_from(["stitch-bench", "pace", "--sizes", "64MiB", "--clients", "4"])
+                .unwrap();
+        let Command::Pace(args) = cli.command else {
+            panic!("not pace");
+        };
+        assert_eq!((args.sizes, args.clients), (vec![64 << 20], vec![4]));
     }
 }

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => stitch_bench::merge::run(&args),
         Command::SingleNode(args) => stitch_bench::single_node::run(&args),
         Command::Tus(args) => stitch_bench::tus::run(&args),
+        Command::Pace(args) => stitch_bench::pace::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

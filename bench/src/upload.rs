@@ -1,9 +1,10 @@
 //! The chunk-protocol client of the benchmarks: sends one upload over N parallel HTTP/1.1
 //! connections (one `reqwest::Client`, hence one connection, per parallel client), each
-//! taking the next unsent chunk, and checks every answer: status 200, the chunk it asked
-//! about, the digests of the bytes it sent, and `upload_complete` exactly once in a run that
-//! completes the upload (never in one that does not). A run may send only some of the chunks,
-//! so that a benchmark can hold back the one that completes the upload.
+//! taking the next unsent chunk of the job's order, and checks every answer: status 200, the
+//! chunk it asked about, the digests of the bytes it sent, and `upload_complete` exactly once
+//! in a run that completes the upload (never in one that does not). A run may send only some
+//! of the chunks, so that a benchmark can hold back the one that completes the upload, and in
+//! any order (index order, or a shuffle of it).
 //! [`crate::verify`] then checks the upload's status and what is on storage.
 //!
 //! The requests are the test kit's ([`ApiClient::chunk_request`]). The client must not be the
@@ -12,7 +13,6 @@
 //! benchmarks run it on a current-thread runtime, so that it uses at most one core.
 
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -73,8 +73,9 @@ impl Payload {
     }
 
     /// Bytes in the chunks `chunks` (by index).
-    pub fn bytes_in(&self, chunks: Range<usize>) -> u64 {
+    pub fn bytes_in(&self, chunks: impl IntoIterator<Item = usize>) -> u64 {
         chunks
+            .into_iter()
             .map(|i| self.source.chunk(i as u64).1.len() as u64)
             .sum()
     }
@@ -86,8 +87,10 @@ pub struct UploadJob {
     pub addr: SocketAddr,
     pub upload_id: String,
     pub payload: Payload,
-    /// The chunks this run sends, by index (`0..chunks` for all).
-    pub send: Range<usize>,
+    /// The chunks this run sends, by index, in the order they are taken: each client takes
+    /// the next one not yet taken, so with N clients up to N are in flight at once. Index
+    /// order (`0..chunks`) for all of them, in order.
+    pub order: Arc<[usize]>,
     /// Whether the chunks sent complete the upload: then exactly one answer must say
     /// `upload_complete`, otherwise none may.
     pub completes: bool,
@@ -107,7 +110,7 @@ impl UploadJob {
         Self {
             addr,
             upload_id,
-            send: 0..payload.chunks(),
+            order: (0..payload.chunks()).collect(),
             completes: true,
             payload,
             clients,
@@ -124,7 +127,7 @@ pub struct UploadOutcome {
     pub started: Instant,
     /// From the first request sent to the last response read.
     pub elapsed: Duration,
-    /// Bytes sent (of the chunks in `send`).
+    /// Bytes sent (of the chunks in `order`).
     pub bytes: u64,
     /// When the answer that said `upload_complete` was read, if one did.
     pub completing: Option<Moment>,
@@ -172,15 +175,13 @@ pub fn http_client() -> anyhow::Result<reqwest::Client> {
 /// Sends every chunk of `job` and checks each answer. Fails on the first bad answer.
 pub async fn send_upload(job: &UploadJob) -> anyhow::Result<UploadOutcome> {
     ensure!(job.clients > 0, "at least one client is needed");
-    ensure!(
-        job.send.end <= job.payload.chunks() && !job.send.is_empty(),
-        "the chunks to send are not a non-empty range of the upload's chunks"
-    );
+    check_order(&job.order, job.payload.chunks())?;
     // Clients are built before the clock starts; each opens its connection on first use.
     let clients = (0..job.clients)
         .map(|_| Ok(ApiClient::with_client(job.addr, http_client()?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let next = Arc::new(AtomicUsize::new(job.send.start));
+    // The position in `order` of the next chunk to take.
+    let next = Arc::new(AtomicUsize::new(0));
     let completing = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     let mut workers = JoinSet::new();
@@ -209,7 +210,7 @@ pub async fn send_upload(job: &UploadJob) -> anyhow::Result<UploadOutcome> {
     Ok(UploadOutcome {
         started,
         elapsed,
-        bytes: job.payload.bytes_in(job.send.clone()),
+        bytes: job.payload.bytes_in(job.order.iter().copied()),
         completing: completing.first().copied(),
     })
 }
@@ -223,10 +224,15 @@ async fn send_chunks(
     completing: Arc<Mutex<Vec<Moment>>>,
 ) -> anyhow::Result<()> {
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(digests) = job.payload.digests.get(i).filter(|_| i < job.send.end) else {
+        let position = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&i) = job.order.get(position) else {
             return Ok(());
         };
+        let digests = job
+            .payload
+            .digests
+            .get(i)
+            .with_context(|| format!("chunk {i} is not a chunk of the upload"))?;
         let index = i as u64;
         let mut request = api
             // A slice of the shared buffer: no copy of the chunk is made to send it.
@@ -263,6 +269,20 @@ async fn send_chunks(
             completing.push(answered);
         }
     }
+}
+
+/// Checks that `order` names each of some of the `chunks` chunks once.
+fn check_order(order: &[usize], chunks: usize) -> anyhow::Result<()> {
+    ensure!(!order.is_empty(), "there are no chunks to send");
+    let mut seen = vec![false; chunks];
+    for &i in order {
+        let slot = seen
+            .get_mut(i)
+            .with_context(|| format!("chunk {i} is not one of the upload's {chunks} chunks"))?;
+        ensure!(!*slot, "chunk {i} is to be sent twice");
+        *slot = true;
+    }
+    Ok(())
 }
 
 fn check_answer(
@@ -313,5 +333,14 @@ mod tests {
         assert_eq!(first.md5_hex, hex::encode(md5));
         assert_eq!(BASE64.decode(&first.md5_base64).unwrap(), md5);
         assert_eq!(first.crc32c, format!("{:08x}", crc32c::crc32c(data)));
+    }
+
+    #[test]
+    fn an_order_sends_each_chunk_of_the_upload_at_most_once() {
+        assert!(check_order(&[2, 0, 1], 3).is_ok());
+        assert!(check_order(&[1], 3).is_ok());
+        assert!(check_order(&[], 3).is_err());
+        assert!(check_order(&[0, 3], 3).is_err());
+        assert!(check_order(&[1, 0, 1], 3).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! What a benchmark checks after a run, beyond the answers to each request: the upload's
 //! status as the server reports it, the chunk (or tus segment) files on storage, and, once
-//! merged, the file itself.
+//! merged, the `upload.completed` event and the file itself.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -13,6 +13,7 @@ use md5::Digest as _;
 use serde::Deserialize;
 use stitch_common::id::UploadId;
 use stitch_common::storage::{FsChunkStore, Piece};
+use stitch_testkit::events::Arrival;
 use stitch_testkit::{ApiClient, Source};
 
 use crate::upload::http_client;
@@ -156,6 +157,52 @@ fn verify_counts(s: &StatusResponse, source: &Source<Bytes>) -> anyhow::Result<(
         "uploaded_chunks is not 0..{count}"
     );
     Ok(())
+}
+
+/// Checks the outcome event of a merge: `upload.completed` (by routing key and type) with an
+/// event id, about a `completed` upload of `len` bytes whose MD5 is `md5_hex`.
+pub fn verify_completed_event(
+    arrival: &Arrival,
+    upload_id: &str,
+    len: u64,
+    md5_hex: &str,
+) -> anyhow::Result<()> {
+    let e: EventBody = serde_json::from_value(arrival.event.clone())
+        .with_context(|| format!("an event that is not the JSON expected: {}", arrival.event))?;
+    if arrival.routing_key != "upload.completed" || e.kind != "upload.completed" {
+        bail!(
+            "the outcome event of {upload_id} is {} ({:?}), not upload.completed",
+            arrival.routing_key,
+            e
+        );
+    }
+    ensure!(
+        e.upload.state == "completed"
+            && e.upload.size == len
+            && e.upload.md5.as_deref() == Some(md5_hex)
+            && !e.event_id.is_empty(),
+        "the upload.completed event says state {}, size {}, MD5 {:?}; expected completed, {len}, {md5_hex}",
+        e.upload.state,
+        e.upload.size,
+        e.upload.md5
+    );
+    Ok(())
+}
+
+/// The fields of an upload event the benchmarks check.
+#[derive(Debug, Deserialize)]
+struct EventBody {
+    event_id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    upload: EventUpload,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventUpload {
+    state: String,
+    size: u64,
+    md5: Option<String>,
 }
 
 /// Checks a tus upload as the server sees it: state `state` (`merging` once every byte is

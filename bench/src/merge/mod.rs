@@ -36,13 +36,13 @@
 mod report;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, bail, ensure};
-use serde::Deserialize;
+use anyhow::{Context, ensure};
 use stitch_common::id::UploadId;
 use stitch_common::state::keys;
-use stitch_testkit::events::{Arrival, EventTap};
+use stitch_testkit::events::EventTap;
 use stitch_testkit::{Services, Source, TestEnv};
 
 use crate::baseline::{self, Throughput};
@@ -53,7 +53,8 @@ use crate::procfs::CpuTime;
 use crate::upload::{Moment, Payload, UploadJob, send_upload};
 use crate::usage::{CpuSnapshot, CpuUsage, DISTURBED_CORES, Watched, wait_for_idle};
 use crate::verify::{
-    get_status, status_client, stored_chunk_files, verify_completed, verify_merged_file,
+    get_status, status_client, stored_chunk_files, verify_completed, verify_completed_event,
+    verify_merged_file,
 };
 use crate::workdir::WorkDir;
 
@@ -551,7 +552,7 @@ impl Bench<'_> {
         let upload_id = format!("bench-{:016x}", rand::random::<u64>());
         let last = self.payload.chunks() - 1;
         let job = UploadJob {
-            send: 0..last,
+            order: (0..last).collect(),
             completes: false,
             file_md5: Some(self.md5_hex.clone()),
             ..UploadJob::all(
@@ -610,7 +611,7 @@ impl Bench<'_> {
         worker.reset_peak_rss()?;
         let worker_rss_before = worker.peak_rss()?;
         let last_job = UploadJob {
-            send: last..last + 1,
+            order: Arc::from([last]),
             completes: true,
             clients: 1,
             ..job.clone()
@@ -635,7 +636,7 @@ impl Bench<'_> {
             .context("the last chunk's answer did not say upload_complete")?;
 
         // The checks.
-        self.check_event(&arrival, &upload_id)?;
+        verify_completed_event(&arrival, &upload_id, source.len(), &self.md5_hex)?;
         let id = UploadId::parse(&upload_id).context("the benchmark's upload id")?;
         let key = keys::meta(&env.namespace, &id);
         let meta: Vec<Option<String>> = redis::cmd("HMGET")
@@ -702,47 +703,4 @@ impl Bench<'_> {
             discarded: 0,
         })
     }
-
-    fn check_event(&self, arrival: &Arrival, upload_id: &str) -> anyhow::Result<()> {
-        let e: EventBody = serde_json::from_value(arrival.event.clone()).with_context(|| {
-            format!("an event that is not the JSON expected: {}", arrival.event)
-        })?;
-        if arrival.routing_key != "upload.completed" || e.kind != "upload.completed" {
-            bail!(
-                "the outcome event of {upload_id} is {} ({:?}), not upload.completed",
-                arrival.routing_key,
-                e
-            );
-        }
-        let len = self.payload.source.len();
-        ensure!(
-            e.upload.state == "completed"
-                && e.upload.size == len
-                && e.upload.md5.as_deref() == Some(self.md5_hex.as_str())
-                && !e.event_id.is_empty(),
-            "the upload.completed event says state {}, size {}, MD5 {:?}; expected completed, {}, {}",
-            e.upload.state,
-            e.upload.size,
-            e.upload.md5,
-            len,
-            self.md5_hex
-        );
-        Ok(())
-    }
-}
-
-/// The fields of an upload event the benchmark checks.
-#[derive(Debug, Deserialize)]
-struct EventBody {
-    event_id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    upload: EventUpload,
-}
-
-#[derive(Debug, Deserialize)]
-struct EventUpload {
-    state: String,
-    size: u64,
-    md5: Option<String>,
 }
