@@ -91,6 +91,12 @@ pub struct Finish {
     keep: Option<String>,
 }
 
+/// How long a merge waits for an early-assembly step in flight (a step is 256 MiB: well under
+/// a second on a local disk) before it carries on beside it.
+const ASSEMBLY_STEP_WAIT: Duration = Duration::from_secs(5);
+/// How often it looks whether that step has ended.
+const ASSEMBLY_POLL: Duration = Duration::from_millis(10);
+
 pub struct Merger {
     state: Arc<dyn StateStore>,
     storage: FsChunkStore,
@@ -473,12 +479,29 @@ impl Merger {
         if !self.incremental || matches!(plan.upload.assembly, Assembly::Concat { .. }) {
             return None;
         }
+        self.await_assembly_step(&plan.upload.id).await;
         match self.storage.saved_prefix(&plan.upload.id).await {
             Ok(prefix) => prefix.filter(|p| p.checkpoint.fits(records, self.sha256)),
             Err(e) => {
                 tracing::warn!(upload_id = %plan.upload.id, error = %e, "the assembled prefix could not be read; merging from byte 0");
                 None
             }
+        }
+    }
+
+    /// Waits, for at most [`ASSEMBLY_STEP_WAIT`], while an API still runs a step of the
+    /// upload's early assembly: that step ends with a checkpoint this merge carries on from,
+    /// where starting at once would hash the same bytes twice, on the same cores. The API
+    /// takes no further step (the upload is merging). A lock left by an API that died is
+    /// waited on only that long; carrying on beside a live step is safe anyway (both write
+    /// the same bytes), only slower.
+    async fn await_assembly_step(&self, id: &UploadId) {
+        let name = LockName::Assemble(id.clone());
+        let deadline = tokio::time::Instant::now() + ASSEMBLY_STEP_WAIT;
+        while matches!(self.lock.is_held(&name).await, Ok(true))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(ASSEMBLY_POLL).await;
         }
     }
 
