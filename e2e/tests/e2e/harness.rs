@@ -29,6 +29,15 @@ pub fn start_api(env: &TestEnv) -> ServiceProcess {
     ServiceProcess::start(api_command(env), "stitch-api listening")
 }
 
+/// An API that leaves the whole file to the merge (`merge.incremental` off): for tests of a
+/// merge caught in the middle of copying a whole upload (early assembly has its own, in
+/// `prefix.rs`).
+pub fn start_api_without_early_assembly(env: &TestEnv) -> ServiceProcess {
+    let mut cmd = api_command(env);
+    cmd.env("STITCH__MERGE__INCREMENTAL", "false");
+    ServiceProcess::start(cmd, "stitch-api listening")
+}
+
 pub fn start_worker(env: &TestEnv) -> ServiceProcess {
     ServiceProcess::start(worker_command(env), "stitch-worker listening")
 }

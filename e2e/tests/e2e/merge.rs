@@ -52,7 +52,7 @@ async fn two_apis_and_two_workers_turn_random_order_chunks_into_the_file() {
 async fn killing_every_worker_mid_merge_loses_nothing_and_duplicates_nothing() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     // Small blocks make the merge slow enough to be caught in the middle.
     let slow = |mut cmd: std::process::Command| {
@@ -104,7 +104,7 @@ async fn killing_every_worker_mid_merge_loses_nothing_and_duplicates_nothing() {
 async fn a_worker_paused_past_its_lease_changes_nothing_when_it_wakes() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     let mut stale_cmd = worker_command(&env);
     stale_cmd

@@ -198,3 +198,50 @@ async fn chunks_sent_out_of_order_are_assembled_once_the_gap_before_them_fills()
     }
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_attempt_the_checkpoint()
+ {
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    // Three 128 MiB chunks: the API assembles two, the merge appends the third in 4 KiB
+    // blocks, slow enough to be caught in the middle.
+    let source = Source::random(384 << 20, 128 << 20, 164);
+    let md5 = md5_hex(&source.bytes);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    for index in 0..2 {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    let prefix = wait_for_prefix(&storage, &uid, 2).await;
+    assert_eq!(prefix.checkpoint.hashes.offset, 256 << 20);
+    remove_covered_chunks(&storage, &uid, &prefix);
+
+    let mut slow = worker_command(&env);
+    slow.env("STITCH__MERGE__BUFFER_BYTES", "4KiB");
+    let mut first = ServiceProcess::start(slow, "stitch-worker listening");
+    send(&client, &id, &source, &md5, 2).await;
+    until(MINUTE, "the merge to take its fence", async || {
+        merge_attempts(&env, &id) >= 1
+    })
+    .await;
+    first.signal("STOP");
+    let (_, status) = client.status(&id).await;
+    assert_eq!(
+        status["state"], "merging",
+        "the merge was caught in the middle: {status}"
+    );
+    first.kill();
+    // The killed attempt wrote into the assembled file, maybe past the checkpoint; the
+    // checkpoint and the file are still there for the next attempt.
+    let saved = storage.saved_prefix(&uid).await.unwrap().unwrap();
+    assert_eq!(saved.checkpoint, prefix.checkpoint);
+
+    let second = start_worker(&env);
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    assert!(merge_attempts(&env, &id) >= 2);
+    assert_eq!(prefix_bytes_merged(&second).await, (256 << 20) as f64);
+}

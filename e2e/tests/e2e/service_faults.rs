@@ -67,7 +67,7 @@ async fn redis_killed_and_restarted_with_its_append_only_file_mid_merge_loses_no
         amqp_url: amqp_url(),
     });
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     let worker = slow_worker(&env, |_| {});
     let (source, md5) = big_file(256, 81);
@@ -99,7 +99,7 @@ async fn rabbitmq_killed_and_restarted_mid_merge_loses_nothing() {
     });
     // The tap's queue is durable: it keeps the events through the broker's crash.
     let tap = DurableTap::start(&env).await.unwrap();
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     let worker = slow_worker(&env, |_| {});
     let (source, md5) = big_file(256, 82);
@@ -119,7 +119,7 @@ async fn rabbitmq_killed_and_restarted_mid_merge_loses_nothing() {
 async fn a_broker_connection_black_holed_during_a_merge_commits_once_after_it_returns() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     // Only the worker reaches RabbitMQ through the proxy; heartbeats every 2 s, so that
     // both ends can tell the path is dead.
@@ -156,7 +156,7 @@ async fn a_broker_connection_black_holed_during_a_merge_commits_once_after_it_re
 async fn a_worker_stopped_mid_merge_with_a_short_grace_hands_the_job_back_unmerged() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     let mut worker = slow_worker(&env, |cmd| {
         // No grace: a running merge is cancelled at once.
@@ -190,7 +190,7 @@ async fn a_worker_stopped_mid_merge_with_a_short_grace_hands_the_job_back_unmerg
 async fn a_worker_stopped_mid_merge_with_a_long_grace_finishes_the_merge_first() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let api = start_api(&env);
+    let api = start_api_without_early_assembly(&env);
     let client = ApiClient::new(api.addr);
     let mut worker = slow_worker(&env, |cmd| {
         cmd.env("STITCH__HTTP__SHUTDOWN_GRACE", "2m");
