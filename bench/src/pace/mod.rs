@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use stitch_common::metrics as metric;
 use stitch_testkit::events::EventTap;
+use stitch_testkit::prometheus::Scrape;
 use stitch_testkit::{Services, Source, TestEnv};
 
 use crate::baseline::{self, Throughput};
@@ -40,7 +42,7 @@ use crate::deployment::{BUILD_ALL, Deployment, Role, check_binaries, wait_for_br
 use crate::machine::Machine;
 use crate::options::{RunArgs, parse_size};
 use crate::sink::BareSink;
-use crate::upload::{Payload, UploadJob, send_upload};
+use crate::upload::{Payload, UploadJob, http_client, send_upload};
 use crate::usage::{CpuSnapshot, CpuUsage, DISTURBED_CORES, Watched, wait_for_idle};
 use crate::verify::{
     get_status, status_client, verify_completed, verify_completed_event, verify_merged_file,
@@ -274,6 +276,14 @@ pub struct PaceRun {
     pub to_event: Duration,
     /// The completing chunk's answer → `upload.completed`.
     pub tail: Duration,
+    /// Bytes the API appended to the upload's assembly file and hashed while the chunks
+    /// arrived (its `stitch_assembly_bytes_total`), and its assembly steps that failed (whose
+    /// part the merge then does).
+    pub assembled_bytes: u64,
+    pub assembly_errors: u64,
+    /// Bytes of the file the merge took from the prefix the API had assembled and hashed
+    /// (the worker's `stitch_merge_prefix_bytes_total`; 0 before, by construction).
+    pub prefix_bytes: u64,
     /// CPU from just before the first byte until the event.
     pub usage: CpuUsage,
     /// The processes that did not exit cleanly on SIGTERM, with their exit status.
@@ -578,6 +588,7 @@ impl Bench<'_> {
                 "STITCH__LIMITS__MAX_CHUNK_BYTES",
                 self.args.chunk_size.max(128 << 20).to_string(),
             ),
+            // Both sides: the API assembles the prefix, the worker carries on from it.
             ("STITCH__MERGE__INCREMENTAL", mode.incremental().to_string()),
         ];
         deployment.start(Role::Api, &self.args.api_bin, &settings, &[])?;
@@ -666,6 +677,17 @@ impl Bench<'_> {
             .block_on(async { get_status(&status_client(api.addr)?, &upload_id).await })?;
         verify_completed(&status, source, upload.md5_hex)?;
         verify_merged_file(&env.storage_root, &upload_id, source.len(), upload.md5_hex)?;
+        let (api_metrics, worker_metrics) = self.runtime.block_on(async {
+            anyhow::Ok((scrape(api.addr).await?, scrape(worker.addr).await?))
+        })?;
+        let assembled_bytes = api_metrics.value(metric::ASSEMBLY_BYTES, &[]) as u64;
+        let assembly_errors =
+            api_metrics.value(metric::ASSEMBLY_STEPS, &[("result", "error")]) as u64;
+        let prefix_bytes = worker_metrics.value(metric::MERGE_PREFIX_BYTES, &[]) as u64;
+        ensure!(
+            mode.incremental() || (prefix_bytes == 0 && assembled_bytes == 0),
+            "with merge.incremental off, the API assembled {assembled_bytes} bytes and the merge took {prefix_bytes} bytes from a prefix"
+        );
 
         Ok(PaceRun {
             case: upload.case,
@@ -674,11 +696,35 @@ impl Bench<'_> {
             upload: outcome.elapsed,
             to_event: arrival.at.saturating_duration_since(outcome.started),
             tail: arrival.at.saturating_duration_since(completing.instant),
+            assembled_bytes,
+            assembly_errors,
+            prefix_bytes,
             usage,
             unclean_exits: Vec::new(),
             discarded: 0,
         })
     }
+}
+
+/// The `/metrics` page of the Stitch process at `addr` (the API's address, or the worker's
+/// probes).
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Scrape> {
+    let url = format!("http://{addr}/metrics");
+    let response = http_client()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    ensure!(
+        response.status() == reqwest::StatusCode::OK,
+        "GET {url}: HTTP {}",
+        response.status()
+    );
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("reading GET {url}"))?;
+    Ok(Scrape::parse(&text))
 }
 
 #[cfg(test)]

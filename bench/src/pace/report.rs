@@ -90,7 +90,7 @@ pub fn report(r: &PaceResults) -> Report<'_> {
 
 const HOW_TO_READ: &[&str] = &[
     "Times are seconds of wall time on this benchmark's clock; sizes are binary (MiB, GiB), rates decimal (MB/s = 10^6 bytes per second). \"First byte\" is the moment just before the client sends its first chunk request.",
-    "Upload = first byte → the last chunk answer read. First byte → event = to the `upload.completed` event, received on a private queue bound to `<ns>.events` before the first chunk: the file is then merged, its MD5 checked against `X-File-MD5` by the worker, and committed. Tail = the answer that said `upload_complete` → the event: what the merge adds after the last chunk. Ratio = first byte → event ÷ max((a), (b)).",
+    "Upload = first byte → the last chunk answer read. First byte → event = to the `upload.completed` event, received on a private queue bound to `<ns>.events` before the first chunk: the file is then merged, its MD5 checked against `X-File-MD5` by the worker, and committed. Tail = the answer that said `upload_complete` → the event: what the merge adds after the last chunk. API assembled = the share of the file the API appended to the upload's assembly file and hashed while the chunks arrived (its `stitch_assembly_bytes_total`); merge took from the prefix = the share the merge carried on from instead of copying and hashing it again (the worker's `stitch_merge_prefix_bytes_total`): both read after the event from the upload's own processes. Both are 0 before, which every upload before is checked for. Ratio = first byte → event ÷ max((a), (b)).",
     "(a) bare sink: the same chunk requests (bodies, headers, clients, connections, order) to a minimal HTTP server in this benchmark's process that streams each body to a file of its own, computing its CRC32C for the answer, and fsyncs it before answering 200: first byte → last answer. It is what taking the bytes durably costs on this machine with no state, queue, assembly or merge. (b) MD5: the payload hashed in memory on one core, once per size. A pipeline that receives, stores and hashes at once cannot beat the larger of the two; the target allows 20% over it.",
     "In order: chunks are taken in index order by the clients (each takes the next one not yet sent), so with N clients up to N are in flight and the prefix the API assembles grows as they land. Shuffled: the chunk indexes in a fixed seeded shuffle, so the prefix grows only as gaps fill, and most of the file is assembled near the end; the target asks only that it be no slower than before.",
     "CPU is CPU time (user + system, all threads) from `/proc`, from just before the first byte until the event, per GiB uploaded: API = `stitch-api`, worker = `stitch-worker`. After moves the copy and MD5 from the worker to the API. Other cores = the machine's busy time minus interrupts, the watched processes (API, worker, this benchmark, Redis, RabbitMQ) and kernel threads: an upload during which other processes used 0.35 cores or more is discarded and run again (up to `--retries` times), and the machine is waited on to be idle before each measurement.",
@@ -298,6 +298,8 @@ fn uploads(r: &PaceResults) -> Table {
         ">Upload s",
         ">First byte → event s",
         ">Tail s",
+        ">API assembled",
+        ">Merge took from the prefix",
         ">Ratio",
         ">Worker CPU s/GiB",
         ">API CPU s/GiB",
@@ -316,6 +318,8 @@ fn uploads(r: &PaceResults) -> Table {
             fixed(secs(run.upload), 2),
             fixed(secs(run.to_event), 2),
             fixed(secs(run.tail), 3),
+            share(run.assembled_bytes, c.size),
+            share(run.prefix_bytes, c.size),
             r.ratio(run).map_or("—".into(), |x| fixed(x, 2)),
             fixed(run.cpu_per_gib(WORKER), 2),
             fixed(run.cpu_per_gib(API), 2),
@@ -326,6 +330,11 @@ fn uploads(r: &PaceResults) -> Table {
         ]);
     }
     table
+}
+
+/// `part` as a percentage of `whole`.
+fn share(part: u64, whole: u64) -> String {
+    format!("{:.0}%", 100.0 * part as f64 / whole.max(1) as f64)
 }
 
 fn observations(r: &PaceResults) -> Vec<String> {
@@ -353,10 +362,14 @@ fn observations(r: &PaceResults) -> Vec<String> {
         let before = median_of(r, case, Mode::Before, |run| secs(run.to_event));
         if let (Some(after), Some(before)) = (after, before) {
             notes.push(format!(
-                "{name}: the verified file arrived {:.2} s after the first byte after, {:.2} s before ({:+.0}%); the worker used {:.2} CPU s/GiB after and {:.2} before, the API {:.2} and {:.2}.",
+                "{name}: the verified file arrived {:.2} s after the first byte after, {:.2} s before ({:+.0}%); after, the merge took {:.0}% of the file from the API's prefix. The worker used {:.2} CPU s/GiB after and {:.2} before, the API {:.2} and {:.2}.",
                 after,
                 before,
                 100.0 * (after - before) / before.max(1e-9),
+                median_of(r, case, Mode::After, |run| {
+                    100.0 * run.prefix_bytes as f64 / size_bytes as f64
+                })
+                .unwrap_or(0.0),
                 median_of(r, case, Mode::After, |run| run.cpu_per_gib(WORKER)).unwrap_or(0.0),
                 median_of(r, case, Mode::Before, |run| run.cpu_per_gib(WORKER)).unwrap_or(0.0),
                 median_of(r, case, Mode::After, |run| run.cpu_per_gib(API)).unwrap_or(0.0),
@@ -418,6 +431,30 @@ fn observations(r: &PaceResults) -> Vec<String> {
                 ));
             }
         }
+    }
+    let failed_steps = numbered(&r.runs, |run| {
+        (run.assembly_errors > 0).then(|| format!(" ({})", run.assembly_errors))
+    });
+    if !failed_steps.is_empty() {
+        notes.push(format!(
+            "Assembly steps of the API failed (the merge did their part) in uploads {}.",
+            failed_steps.join(", ")
+        ));
+    }
+    let unused = numbered(&r.runs, |run| {
+        (run.mode == Mode::After && run.prefix_bytes < run.assembled_bytes).then(|| {
+            format!(
+                " ({} assembled, {} taken)",
+                share(run.assembled_bytes, run.case.size),
+                share(run.prefix_bytes, run.case.size)
+            )
+        })
+    });
+    if !unused.is_empty() {
+        notes.push(format!(
+            "The merge took less from the prefix than the API had assembled in uploads {}: it copied and hashed the difference again (a merge carries on only from a checkpoint the API has saved, and that fits the chunks counted, when the merge looks for it).",
+            unused.join(", ")
+        ));
     }
     notes.push(format!(
         "The shuffled order is the chunk indexes shuffled by the benchmark's own SplitMix64 and Fisher–Yates with seed {SHUFFLE_SEED:#x}: the same order in every run."
@@ -540,6 +577,9 @@ mod tests {
                     upload: s(to_event - tail),
                     to_event: s(to_event),
                     tail: s(tail),
+                    assembled_bytes: if mode == Mode::After { size } else { 0 },
+                    assembly_errors: 0,
+                    prefix_bytes: if mode == Mode::After { size / 2 } else { 0 },
                     usage: usage(1.0, 2.0),
                     unclean_exits: Vec::new(),
                     discarded: 0,
@@ -643,7 +683,14 @@ mod tests {
             text.contains("| in order | 4 | after | 0.050 | 0.060 |"),
             "{text}"
         );
-        assert!(text.contains("| 5 | 10 GiB | in order | 4 | before | 14.00 | 30.00 | 16.000 | 1.50 | 0.20 | 0.10 | 10.00 | 20.00 | 0.00 |"), "{text}");
+        assert!(text.contains("| 5 | 10 GiB | in order | 4 | before | 14.00 | 30.00 | 16.000 | 0% | 0% | 1.50 | 0.20 | 0.10 | 10.00 | 20.00 | 0.00 |"), "{text}");
+        assert!(
+            text.contains(
+                "| 6 | 10 GiB | in order | 4 | after | 24.94 | 25.00 | 0.060 | 100% | 50% | 1.25 |"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("- The merge took less from the prefix than the API had assembled in uploads #2 (100% assembled, 50% taken), #4"), "{text}");
         assert!(text.contains("- 2 of 4 judged targets fail: 10 GiB in order, 4 clients; 10 GiB shuffled, 4 clients.\n"), "{text}");
         assert!(
             text.contains(
