@@ -225,6 +225,8 @@ mod tests {
 
     #[test]
     fn the_sink_stores_each_chunk_in_a_file_of_its_own_and_answers_its_crc() {
+        // As `main` does, before any client exists.
+        stitch_common::tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let sink_dir = dir.path().join("sink");
         let sink = BareSink::start(&sink_dir).unwrap();

@@ -194,8 +194,12 @@ async fn restarting_serve_mid_upload_and_mid_merge_loses_nothing() {
     let source = Source::random(96 << 20, 4 << 20, 33);
     let md5 = md5_hex(&source.bytes);
     let id = "restart-me";
-    // The merge uses small blocks so that the kill below finds it in progress.
-    let slow_merge = [("STITCH__MERGE__BUFFER_BYTES", "4KiB")];
+    // The merge uses small blocks so that the kill below finds it in progress, and does the
+    // whole file (no early assembly, which would leave it only the last chunk).
+    let slow_merge = [
+        ("STITCH__MERGE__BUFFER_BYTES", "4KiB"),
+        ("STITCH__MERGE__INCREMENTAL", "false"),
+    ];
 
     // Half the chunks, then the server dies.
     let mut server = serve(&env, &slow_merge);
