@@ -402,23 +402,14 @@ fn snapshot(
 
 /// The lock of an upload's early assembly (`<ns>:{<id>}:assemble`): held for a moment by the
 /// API's background assembly, which an earlier accepted chunk started, whatever the request
-/// under test does. Snapshots leave it out, as they leave out [`is_early_assembly_file`].
+/// under test does. Snapshots leave it out, as they leave out the assembly's files.
 fn is_early_assembly_key(key: &str) -> bool {
     key.ends_with(":assemble")
 }
 
-/// A file of an upload's early assembly (`merge.incremental`): the assembly file and its
-/// checkpoints, written in the background after an accepted chunk (not by the request under
-/// test, which a before/after comparison judges) and derived from the counted chunks: no
-/// upload state, only work the merge would otherwise do.
-fn is_early_assembly_file(name: &str) -> bool {
-    name.starts_with(".assembly.")
-        || name.starts_with(".prefix.")
-        || (name.starts_with("prefix.") && name.ends_with(".json"))
-}
-
 /// Every file under the storage root (relative path → size), but those of early assembly
-/// ([`is_early_assembly_file`]).
+/// (written in the background after an accepted chunk, not by the request a before/after
+/// comparison judges, and derived from the counted chunks: no upload state).
 pub fn storage_snapshot(root: &Path) -> BTreeMap<String, u64> {
     fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, u64>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -428,7 +419,9 @@ pub fn storage_snapshot(root: &Path) -> BTreeMap<String, u64> {
             let path = entry.path();
             if path.is_dir() {
                 walk(&path, root, out);
-            } else if !is_early_assembly_file(&entry.file_name().to_string_lossy()) {
+            } else if !stitch_common::storage::is_early_assembly_file(
+                &entry.file_name().to_string_lossy(),
+            ) {
                 let rel = path
                     .strip_prefix(root)
                     .unwrap_or(&path)

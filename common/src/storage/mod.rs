@@ -37,6 +37,12 @@ pub use fs::{
 };
 pub use layout::Piece;
 
+/// Whether `name`, in an upload's directory, is a file of its early assembly
+/// ([`crate::concat::prefix`]): the assembly file, a checkpoint, or a checkpoint being written.
+pub fn is_early_assembly_file(name: &str) -> bool {
+    layout::PrefixFile::parse(name).is_some()
+}
+
 /// A storage failure. Callers branch on the variant.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

@@ -83,30 +83,6 @@ fn chunk(
         .header("X-File-Name", "data.bin")
 }
 
-/// Resumes as a client does: asks the status, then sends the chunks it lists as missing, in
-/// order; exactly one of them completes the upload. Returns the indices it sent.
-async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) -> Vec<u64> {
-    let (code, status) = client.status(id).await;
-    assert_eq!(code, 200, "{status}");
-    let uploaded: Vec<u64> = status["uploaded_chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_u64().unwrap())
-        .collect();
-    let missing: Vec<u64> = (0..source.total_chunks())
-        .filter(|i| !uploaded.contains(i))
-        .collect();
-    let mut completing = 0;
-    for &index in &missing {
-        let (code, body) = json_response(chunk(client, id, source, md5, index).send().await).await;
-        assert_eq!(code, 200, "chunk {index}: {body}");
-        completing += usize::from(body["upload_complete"] == true);
-    }
-    assert_eq!(completing, 1, "one chunk completed the upload");
-    missing
-}
-
 /// Starts an API whose failpoint `chunk-durable-before-record` crashes it at chunk
 /// `crash_at` of a three-chunk upload sent in order; checks that the crash came after the
 /// chunk's copy (and the manifest) were durable and that the client got no answer; starts a

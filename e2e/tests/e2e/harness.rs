@@ -281,3 +281,35 @@ pub fn files_under(dir: &std::path::Path) -> BTreeSet<PathBuf> {
     }
     files
 }
+
+/// Resumes as a client does: asks the status, then sends the chunks it lists as missing, in
+/// order; exactly one of them completes the upload. Returns the indices it sent.
+pub async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) -> Vec<u64> {
+    let (code, status) = client.status(id).await;
+    assert_eq!(code, 200, "{status}");
+    let uploaded: Vec<u64> = status["uploaded_chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap())
+        .collect();
+    let missing: Vec<u64> = (0..source.total_chunks())
+        .filter(|i| !uploaded.contains(i))
+        .collect();
+    let mut completing = 0;
+    for &index in &missing {
+        let (code, body) = json_response(
+            client
+                .chunk_request(id, source, index)
+                .header("X-File-MD5", md5)
+                .header("X-File-Name", "data.bin")
+                .send()
+                .await,
+        )
+        .await;
+        assert_eq!(code, 200, "chunk {index}: {body}");
+        completing += usize::from(body["upload_complete"] == true);
+    }
+    assert_eq!(completing, 1, "one chunk completed the upload");
+    missing
+}

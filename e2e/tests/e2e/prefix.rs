@@ -158,17 +158,7 @@ async fn an_api_killed_after_saving_the_prefix_carries_on_from_the_saved_hash_st
     // merge from wherever the prefix got to.
     let api = start_api(&env);
     let client = ApiClient::new(api.addr);
-    let (code, status) = client.status(&id).await;
-    assert_eq!(code, 200, "{status}");
-    let uploaded: Vec<u64> = status["uploaded_chunks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_u64().unwrap())
-        .collect();
-    for index in (0..8).filter(|i| !uploaded.contains(i)) {
-        send(&client, &id, &source, &md5, index).await;
-    }
+    resume(&client, &id, &source, &md5).await;
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert!(prefix_bytes_merged(&worker).await >= saved.checkpoint.hashes.offset as f64);
 }
