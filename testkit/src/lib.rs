@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod rabbit_server;
 pub mod rabbitmq_node;
 pub mod redis_server;
+pub mod reflink;
 pub mod sink;
 pub mod tus;
 

@@ -108,6 +108,8 @@ pub struct Merger {
     block_bytes: usize,
     fsync: bool,
     direct_io: bool,
+    /// Clone the chunks into the file where the file system can (`merge.reflink`).
+    reflink: bool,
     /// Compute the file's SHA-256 beside its MD5 (`uploads.file_digest`).
     sha256: bool,
     /// Carry on from the file the API assembled while the chunks arrived
@@ -139,6 +141,7 @@ impl Merger {
             block_bytes: settings.merge.buffer_bytes.0 as usize,
             fsync: settings.storage.fsync,
             direct_io: settings.merge.direct_io,
+            reflink: settings.merge.reflink,
             sha256: settings.uploads.file_digest.with_sha256(),
             incremental: settings.merge.incremental,
             public_url: settings.http.public_url.clone(),
@@ -311,6 +314,7 @@ impl Merger {
             block_bytes: self.block_bytes,
             fsync: self.fsync,
             direct_io: self.direct_io,
+            reflink: self.reflink,
             sha256: self.sha256,
             resume: prefix.map(|p| p.checkpoint.hashes),
         };

@@ -19,6 +19,11 @@
 //! Where the file system refuses `O_DIRECT` (some FUSE and network file systems; tmpfs
 //! before Linux 6.6) the merge falls back to buffered writes (every local file system of the
 //! test machine accepts it, so that fallback is not exercised by the tests).
+//!
+//! Where the file system can share blocks between files (`merge.reflink`; XFS, Btrfs), the
+//! chunks are not copied at all: each is cloned into place ([`clone`]) and only read back,
+//! on this thread, for its checks and for the hashing thread. Every byte is then written to
+//! disk once, when its chunk was stored.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
@@ -31,6 +36,7 @@ use md5::Digest;
 
 use crate::digest::{Md5, Sha256};
 
+mod clone;
 mod hashing;
 pub mod prefix;
 
@@ -68,6 +74,9 @@ pub struct Concat {
     pub fsync: bool,
     /// Write the output with `O_DIRECT` where the file system allows it.
     pub direct_io: bool,
+    /// Share the chunks' blocks with the output (`FICLONERANGE`) where the file system
+    /// allows it, instead of writing them again; `direct_io` then does not apply.
+    pub reflink: bool,
     /// Compute the SHA-256 of the file beside its MD5, in the same hashing stage.
     pub sha256: bool,
     /// Carry on a file assembled earlier instead of starting one: `output` exists and its
@@ -84,6 +93,8 @@ pub struct Concatenated {
     pub sha256: Option<Sha256>,
     /// Whether the output was written with direct I/O.
     pub direct_io: bool,
+    /// Bytes of this run shared with their chunk files rather than written (reflink).
+    pub cloned_bytes: u64,
     /// The hashes' state at the end, for a later run to carry on from.
     pub state: HashState,
 }
@@ -175,6 +186,26 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         }
         result
     };
+    if job.reflink && clonable(job, start) {
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(new)
+            .open(&job.output)
+            .map_err(|e| storage_error("opening the merged file", e))?;
+        // The first chunk tells whether this file system clones; nothing is hashed yet, so
+        // a refusal leaves the copy paths below a clean start.
+        match clone_first(&job.chunks[0], &out, start) {
+            Ok(()) => return cleanup(run_clone(job, control, &out, hasher, start)),
+            Err(Cloned::Refused(e)) => {
+                drop(out);
+                if new {
+                    let _ = std::fs::remove_file(&job.output);
+                }
+                tracing::debug!(output = %job.output.display(), error = %e, "no reflink here; the merge copies");
+            }
+            Err(Cloned::Failed(e)) => return cleanup(Err(e)),
+        }
+    }
     // Direct writes need aligned offsets: a prefix that ends mid-block carries on buffered.
     if job.direct_io && start.is_multiple_of(DIRECT_ALIGN as u64) {
         match open_direct(&job.output, new) {
@@ -273,9 +304,139 @@ fn run(
             md5,
             sha256,
             direct_io: false,
+            cloned_bytes: 0,
             state,
         })
     })
+}
+
+/// Whether the run can be cloned: it starts on a block and every chunk but its last is whole
+/// blocks (the kernel clones only block-aligned ranges, but for one that ends its source).
+fn clonable(job: &Concat, start: u64) -> bool {
+    let align = DIRECT_ALIGN as u64;
+    let Some((_, init)) = job.chunks.split_last() else {
+        return false;
+    };
+    job.chunks[0].len > 0
+        && start.is_multiple_of(align)
+        && init.iter().all(|c| c.len.is_multiple_of(align))
+}
+
+/// Why the first clone did not happen.
+enum Cloned {
+    /// The file system does not clone (or not this range): copy instead.
+    Refused(std::io::Error),
+    /// Storage failed, or the chunk is gone.
+    Failed(ConcatError),
+}
+
+fn clone_first(chunk: &ChunkSource, out: &File, start: u64) -> Result<(), Cloned> {
+    let src = File::open(&chunk.path).map_err(|e| {
+        Cloned::Failed(if e.kind() == ErrorKind::NotFound {
+            lost(chunk.index, "is missing on storage")
+        } else {
+            storage_error("opening a chunk", e)
+        })
+    })?;
+    clone::clone_range(&src, out, chunk.len, start).map_err(|e| {
+        if clone::refused(&e) {
+            Cloned::Refused(e)
+        } else {
+            Cloned::Failed(storage_error("cloning a chunk into the merged file", e))
+        }
+    })
+}
+
+/// The clone merge: each chunk is shared into place (the first already is), then read back
+/// on this thread for its checks and handed to the hashing thread. A chunk the file system
+/// will not clone after all (a block-unaligned tail inside the file's end, as a retried run
+/// meets) is written from the blocks read.
+fn run_clone(
+    job: &Concat,
+    control: &Control,
+    out: &File,
+    file_hasher: FileHasher,
+    start: u64,
+) -> Result<Concatenated, ConcatError> {
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(DEPTH);
+        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
+        for _ in 0..DEPTH + 2 {
+            let _ = empty_tx.send(vec![0u8; job.block_bytes]);
+        }
+        let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx, file_hasher));
+        let read = read_cloned(job, control, out, start, &full_tx, &empty_rx);
+        drop(full_tx);
+        let hasher = hasher
+            .join()
+            .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
+        let (size, cloned_bytes) = read?;
+        if job.fsync {
+            sync_data(out).map_err(|e| storage_error("syncing the merged file", e))?;
+        }
+        let (md5, sha256, state) = hasher.finish(size);
+        Ok(Concatenated {
+            size,
+            md5,
+            sha256,
+            direct_io: false,
+            cloned_bytes,
+            state,
+        })
+    })
+}
+
+/// Clones each chunk after the first into place and reads every one for the checks and the
+/// hash; returns the file's end and how many bytes were cloned.
+fn read_cloned(
+    job: &Concat,
+    control: &Control,
+    out: &File,
+    start: u64,
+    full: &SyncSender<(Vec<u8>, usize)>,
+    empty: &Receiver<Vec<u8>>,
+) -> Result<(u64, u64), ConcatError> {
+    let stopped = || ConcatError::Storage("hash thread stopped".into());
+    let mut offset = start;
+    let mut cloned_bytes = 0;
+    let mut spare: Option<Vec<u8>> = None;
+    for (i, chunk) in job.chunks.iter().enumerate() {
+        let mut reader = ChunkReader::open(chunk)?;
+        let cloned = i == 0
+            || match clone::clone_range(&reader.file, out, chunk.len, offset) {
+                Ok(()) => true,
+                Err(e) if clone::refused(&e) => false,
+                Err(e) => return Err(storage_error("cloning a chunk into the merged file", e)),
+            };
+        let mut at = offset;
+        loop {
+            if control.cancel.load(Ordering::Relaxed) {
+                return Err(ConcatError::Cancelled);
+            }
+            let mut block = match spare.take() {
+                Some(block) => block,
+                None => empty.recv().map_err(|_| stopped())?,
+            };
+            let n = reader.read(&mut block)?;
+            if n == 0 {
+                spare = Some(block);
+                break;
+            }
+            if !cloned {
+                out.write_all_at(&block[..n], at)
+                    .map_err(|e| storage_error("writing the merged file", e))?;
+            }
+            at += n as u64;
+            full.send((block, n)).map_err(|_| stopped())?;
+        }
+        reader.finish()?;
+        offset += chunk.len;
+        if cloned {
+            cloned_bytes += chunk.len;
+        }
+        control.bytes_done.store(offset, Ordering::Relaxed);
+    }
+    Ok((offset, cloned_bytes))
 }
 
 fn hash_blocks(
@@ -497,6 +658,7 @@ fn run_direct(
             md5,
             sha256,
             direct_io: true,
+            cloned_bytes: 0,
             state,
         })
     })
@@ -608,6 +770,7 @@ mod tests {
             block_bytes: 4096,
             fsync,
             direct_io,
+            reflink: false,
             sha256: false,
             resume: None,
         }
@@ -820,5 +983,134 @@ mod tests {
             ));
             assert!(!job.output.exists());
         }
+    }
+
+    /// Chunks of whole blocks and an unaligned last one, written and synced in `dir`.
+    fn cloneable_chunks(dir: &std::path::Path, bytes: &[u8], chunk: usize) -> Vec<ChunkSource> {
+        let chunks = write_chunks(dir, bytes, chunk, true);
+        for c in &chunks {
+            File::open(&c.path).unwrap().sync_all().unwrap();
+        }
+        chunks
+    }
+
+    #[test]
+    fn on_a_file_system_that_shares_blocks_the_chunks_are_cloned_not_written_again() {
+        use stitch_testkit::reflink::{reflink_tempdir, sync_fs, used_bytes};
+        let dir = reflink_tempdir();
+        let bytes = data(16 * (4 << 20) + 12_345);
+        let chunks = cloneable_chunks(dir.path(), &bytes, 4 << 20);
+        // The same run, copied and then cloned: the disk's use says which wrote the bytes.
+        for reflink in [false, true] {
+            let mut job = job(
+                chunks.clone(),
+                dir.path().join(format!("out-{reflink}")),
+                true,
+                true,
+            );
+            job.reflink = reflink;
+            job.sha256 = true;
+            sync_fs(dir.path());
+            let before = used_bytes(dir.path());
+            let control = Control::default();
+            let done = concatenate(&job, &control).unwrap();
+            sync_fs(dir.path());
+            let grew = used_bytes(dir.path()) - before;
+            assert!(std::fs::read(&job.output).unwrap() == bytes, "{reflink}");
+            assert_eq!(done.size, bytes.len() as u64);
+            assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+            let sha256 = Sha256::from_bytes(sha2::Sha256::digest(&bytes).into());
+            assert_eq!(done.sha256, Some(sha256));
+            assert_eq!(control.bytes_done.load(Ordering::Relaxed), done.size);
+            if reflink {
+                assert_eq!(done.cloned_bytes, done.size);
+                assert!(!done.direct_io);
+                assert!(
+                    grew < 1 << 20,
+                    "cloning {} bytes took {grew} bytes of disk",
+                    done.size
+                );
+            } else {
+                assert_eq!(done.cloned_bytes, 0);
+                assert!(
+                    grew >= done.size,
+                    "copying {} bytes took {grew} bytes of disk",
+                    done.size
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_resumed_clone_shares_the_rest_and_a_tail_the_file_system_refuses_is_written() {
+        use stitch_testkit::reflink::reflink_tempdir;
+        let dir = reflink_tempdir();
+        let bytes = data(6 * (1 << 20) + 5_000);
+        let chunks = cloneable_chunks(dir.path(), &bytes, 1 << 20);
+        let output = dir.path().join("out");
+        let mut first = job(chunks[..3].to_vec(), output.clone(), true, true);
+        first.reflink = true;
+        let before = concatenate(&first, &Control::default()).unwrap();
+        assert_eq!(before.cloned_bytes, 3 << 20);
+        let mut rest = job(chunks[3..].to_vec(), output.clone(), true, true);
+        rest.reflink = true;
+        rest.resume = Some(before.state.clone());
+        let done = concatenate(&rest, &Control::default()).unwrap();
+        assert!(std::fs::read(&output).unwrap() == bytes);
+        assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+        assert_eq!(done.cloned_bytes, bytes.len() as u64 - (3 << 20));
+
+        // A file longer than the run (as a run retried over a longer file meets): the
+        // kernel will not clone the unaligned last chunk inside it, so it is written.
+        let longer = dir.path().join("longer");
+        std::fs::write(&longer, vec![0xAA; bytes.len() + (1 << 20)]).unwrap();
+        let mut over = job(chunks[3..].to_vec(), longer.clone(), true, true);
+        over.reflink = true;
+        over.resume = Some(before.state);
+        let done = concatenate(&over, &Control::default()).unwrap();
+        assert_eq!(
+            done.cloned_bytes,
+            3 << 20,
+            "the whole-block chunks are cloned"
+        );
+        let file = std::fs::read(&longer).unwrap();
+        assert!(file[3 << 20..bytes.len()] == bytes[3 << 20..]);
+        assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+    }
+
+    #[test]
+    fn where_the_file_system_cannot_clone_the_merge_copies() {
+        // tmpfs shares no blocks between files; 1 MiB chunks would be cloned elsewhere.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let bytes = data(4 * (1 << 20) + 77);
+        let chunks = write_chunks(dir.path(), &bytes, 1 << 20, false);
+        for direct_io in MODES {
+            let mut job = job(
+                chunks.clone(),
+                dir.path().join(format!("out-{direct_io}")),
+                false,
+                direct_io,
+            );
+            job.reflink = true;
+            let done = concatenate(&job, &Control::default()).unwrap();
+            assert_eq!(done.cloned_bytes, 0);
+            assert!(std::fs::read(&job.output).unwrap() == bytes);
+            assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+        }
+    }
+
+    #[test]
+    fn a_clone_of_a_chunk_that_changed_on_storage_fails_and_leaves_no_output() {
+        use stitch_testkit::reflink::reflink_tempdir;
+        let dir = reflink_tempdir();
+        let bytes = data(4 << 20);
+        let chunks = cloneable_chunks(dir.path(), &bytes, 1 << 20);
+        let mut flipped = std::fs::read(&chunks[2].path).unwrap();
+        flipped[17] ^= 1;
+        std::fs::write(&chunks[2].path, flipped).unwrap();
+        let mut job = job(chunks, dir.path().join("out"), false, true);
+        job.reflink = true;
+        assert_eq!(lost_indices(concatenate(&job, &Control::default())), [2]);
+        assert!(!job.output.exists());
     }
 }

@@ -150,6 +150,7 @@ struct Inner {
     block_bytes: usize,
     fsync: bool,
     direct_io: bool,
+    reflink: bool,
     sha256: bool,
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
@@ -172,6 +173,7 @@ impl Assembler {
                 block_bytes: settings.merge.buffer_bytes.0 as usize,
                 fsync: settings.storage.fsync,
                 direct_io: settings.merge.direct_io,
+                reflink: settings.merge.reflink,
                 sha256: settings.uploads.file_digest.with_sha256(),
                 running: Mutex::new(Default::default()),
             }),
@@ -292,6 +294,7 @@ impl Inner {
                 block_bytes: self.block_bytes,
                 fsync: self.fsync,
                 direct_io: self.direct_io,
+                reflink: self.reflink,
                 sha256: self.sha256,
                 resume,
             };

@@ -238,6 +238,12 @@ pub struct MergeSettings {
     /// page cache: no fresh memory to fault in, no writeback to wait for, so the copy hides
     /// behind the MD5. Falls back to buffered writes where the file system refuses it.
     pub direct_io: bool,
+    /// Share the chunks' blocks with the merged file (`FICLONERANGE`, "reflink") instead of
+    /// copying them, where the storage's file system can (XFS with reflink, Btrfs, NFS 4.2
+    /// with server-side clone): each byte is then written once, when its chunk is stored,
+    /// and assembling costs what reading it back for the MD5 costs. Elsewhere (ext4, tmpfs,
+    /// CephFS) the merge copies, as with it off.
+    pub reflink: bool,
     /// Assemble the file while its chunks arrive: the API that counts a chunk appends the
     /// contiguous in-order prefix to the upload's assembly file and advances its MD5 (and
     /// SHA-256), saving the hash state with it, so that the merge only finishes what the
@@ -524,6 +530,7 @@ impl Default for MergeSettings {
             delivery_limit: 10,
             buffer_bytes: ByteSize(64 << 10),
             direct_io: true,
+            reflink: true,
             incremental: true,
         }
     }
