@@ -22,6 +22,8 @@ pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const ASSEMBLY_STEPS: &str = "stitch_assembly_steps_total";
 pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
+/// Early assembly (API) and merges (worker) alike.
+pub const CLONED_BYTES: &str = "stitch_cloned_bytes_total";
 // Worker
 pub const MERGES: &str = "stitch_merges_total";
 pub const MERGE_DURATION: &str = "stitch_merge_duration_seconds";
@@ -127,6 +129,12 @@ fn register_now(role: Role) {
     for outcome in REBUILD_OUTCOMES {
         metrics::counter!(STATE_REBUILDS, "outcome" => outcome).absolute(0);
     }
+    describe_counter!(
+        CLONED_BYTES,
+        Unit::Bytes,
+        "Bytes placed into assembly and merged files by sharing their chunks' blocks (merge.reflink) instead of writing them again"
+    );
+    metrics::counter!(CLONED_BYTES).absolute(0);
     if role == Role::Api {
         describe_counter!(
             HTTP_REQUESTS,

@@ -139,20 +139,35 @@ impl TestEnv {
     /// [`rabbit_server::RabbitServer`] it kills and restarts), whose URLs every process and
     /// client of the namespace (the event tap included) is then configured with.
     pub fn on(services: Services) -> Arc<Self> {
-        let url = services.redis_url.clone();
         let env = Self::for_tests_on(services, true);
-        let mut conn = env
-            .redis()
-            .unwrap_or_else(|e| panic!("the tests need Redis at {url}: {e}"));
+        env.mark_migrated();
+        env
+    }
+
+    /// Writes the schema record `stitch-worker migrate` leaves.
+    fn mark_migrated(&self) {
+        let mut conn = self.redis().unwrap_or_else(|e| {
+            panic!(
+                "the tests need Redis at {}: {e}",
+                self.services.as_ref().map_or("", |s| s.redis_url.as_str())
+            )
+        });
         let version = stitch_common::migrate::SCHEMA_VERSION;
         let () = redis::cmd("HSET")
-            .arg(stitch_common::migrate::schema_key(&env.namespace))
+            .arg(stitch_common::migrate::schema_key(&self.namespace))
             .arg("version")
             .arg(version)
             .arg("compatible_from")
             .arg(version)
             .query(&mut conn)
             .expect("recording the test namespace's schema version");
+    }
+
+    /// [`TestEnv::new`] with its storage directory under `parent` (a file system the test
+    /// needs, such as [`reflink::reflink_dir`]).
+    pub fn new_in(parent: &Path) -> Arc<Self> {
+        let env = Self::for_tests_in(Services::from_env(), true, parent);
+        env.mark_migrated();
         env
     }
 
@@ -192,6 +207,10 @@ impl TestEnv {
     }
 
     fn for_tests_on(services: Services, on_services: bool) -> Arc<Self> {
+        Self::for_tests_in(services, on_services, &std::env::temp_dir())
+    }
+
+    fn for_tests_in(services: Services, on_services: bool, parent: &Path) -> Arc<Self> {
         let mut settings = Settings::default();
         settings.limits.max_chunks = 10_000;
         // Every delay is a quorum queue on the shared broker: tests keep them few.
@@ -203,14 +222,8 @@ impl TestEnv {
             Interval(Duration::from_millis(300)),
             Interval(Duration::from_secs(1)),
         ];
-        Self::create(
-            "test",
-            &std::env::temp_dir(),
-            services,
-            on_services,
-            settings,
-        )
-        .expect("creating a test directory")
+        Self::create("test", parent, services, on_services, settings)
+            .expect("creating a test directory")
     }
 
     fn create(

@@ -352,7 +352,7 @@ impl Merger {
                 };
             }
         };
-        tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, "chunks concatenated");
+        tracing::debug!(upload_id = %id, size = done.size, direct_io = done.direct_io, cloned_bytes = done.cloned_bytes, "chunks concatenated");
         if prefix_bytes > 0 {
             // Every writer of an assembly writes the same bytes at the same offsets, and
             // none past the file's end; a longer file is not this upload's: merge anew.
@@ -421,6 +421,7 @@ impl Merger {
                 metrics::histogram!(m::MERGE_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::histogram!(m::MERGE_SIZE).record(done.size as f64);
                 metrics::counter!(m::MERGE_PREFIX_BYTES).increment(prefix_bytes);
+                metrics::counter!(m::CLONED_BYTES).increment(done.cloned_bytes);
                 m::transition("completed");
                 self.settle_quota(id, done.size).await;
                 #[cfg(feature = "failpoints")]

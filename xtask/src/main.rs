@@ -2,7 +2,7 @@
 //!
 //! `cargo xtask test` is the one command that runs the whole test suite on a fresh machine:
 //! 1. [`tools`]: installs what the tests run and the registries can give — Debian packages
-//!    (Redis, RabbitMQ, nginx, promtool, Node.js, npm and Chromium) when root, Python packages
+//!    (Redis, RabbitMQ, nginx, promtool, Node.js, npm, Chromium and xfsprogs) when root, Python packages
 //!    into a virtual environment under `target/xtask/venv` (never the system's Python), npm
 //!    packages into `target/xtask/node` (the tus clients) and `target/xtask/node-ui` (the
 //!    upload page's tus-js-client and playwright-core);
@@ -12,7 +12,8 @@
 //!    system's node, directories or services);
 //! 3. runs the suite (nextest where installed, `cargo test` otherwise) with those URLs in the
 //!    environment, the venv first on `PATH` and the npm packages in `STITCH_TEST_NODE_MODULES`
-//!    and `STITCH_TEST_UI_NODE_MODULES`,
+//!    and `STITCH_TEST_UI_NODE_MODULES`, and a directory on a file system that clones (an XFS
+//!    image it loop-mounts, [`reflink`]) in `STITCH_TEST_REFLINK_DIR`,
 //!    prints the runner's summary, and stops the services it started — at the end, on failure
 //!    and on Ctrl-C;
 //! 4. [`fuzz`]: builds the fuzz targets of `fuzz/` and runs each for a short, seeded time
@@ -23,6 +24,7 @@
 //! `cargo xtask fuzz` runs step 4 alone, `cargo xtask soak` step 5 (for as long as asked).
 
 mod fuzz;
+mod reflink;
 // The private RabbitMQ node's recipe, shared with the test kit's `RabbitServer` (by path:
 // the recipe is `std` only, and xtask stays free of the workspace's dependencies).
 #[path = "../../testkit/src/rabbitmq_node.rs"]
@@ -193,6 +195,7 @@ fn test(
     // Started after the tools, which may have installed their programs. Dropping them (at
     // the end, on an error, or from the Ctrl-C handler) stops them.
     let services = services::Services::provide(&work)?;
+    let reflink = reflink::ReflinkDir::provide(&work)?;
 
     let nextest = !force_cargo_test && tools::has_nextest();
     let mut runner = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -214,6 +217,7 @@ fn test(
         .env("STITCH_TEST_AMQP_URL", services.amqp_url())
         .env("STITCH_TEST_NODE_MODULES", tools.node_modules())
         .env("STITCH_TEST_UI_NODE_MODULES", tools.ui_node_modules())
+        .env("STITCH_TEST_REFLINK_DIR", reflink.dir())
         .env("PATH", tools.path_with_tools()?);
     println!(
         "xtask: running the suite with {} (Redis {}, RabbitMQ {})",
@@ -227,6 +231,7 @@ fn test(
     );
     let status = runner.status().context("starting the test runner")?;
     drop(services);
+    drop(reflink);
     println!(
         "xtask: the suite {} in {:.0?}",
         if status.success() { "passed" } else { "FAILED" },

@@ -92,6 +92,13 @@ fn debian_tools() -> Vec<DebianTool> {
             purpose: "the tests' own RabbitMQ",
         });
     }
+    if std::env::var_os("STITCH_TEST_REFLINK_DIR").is_none() {
+        tools.push(DebianTool {
+            present: || on_path("mkfs.xfs"),
+            package: "xfsprogs",
+            purpose: "mkfs.xfs, for the file system the reflink merge is tested on",
+        });
+    }
     tools.push(DebianTool {
         present: || on_path("nginx") || Path::new("/usr/sbin/nginx").exists(),
         package: "nginx",
@@ -340,7 +347,7 @@ pub fn on_path(program: &str) -> bool {
         .any(|dir| dir.join(program).is_file())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -313,6 +313,7 @@ impl Inner {
             crate::failpoints::crash_here(crate::failpoints::PREFIX_SAVED);
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
             metrics::counter!(m::ASSEMBLY_BYTES).increment(done.size - offset);
+            metrics::counter!(m::CLONED_BYTES).increment(done.cloned_bytes);
             tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
             covered = done.size;
         }

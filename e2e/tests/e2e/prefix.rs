@@ -68,9 +68,9 @@ fn remove_covered_chunks(storage: &FsChunkStore, id: &UploadId, prefix: &SavedPr
     }
 }
 
-/// The worker's count of merged bytes it took from a saved prefix.
-async fn prefix_bytes_merged(worker: &ServiceProcess) -> f64 {
-    let url = format!("http://{}/metrics", worker.addr);
+/// The value of the counter `name` on `process`'s `/metrics`.
+async fn counter(process: &ServiceProcess, name: &str) -> f64 {
+    let url = format!("http://{}/metrics", process.addr);
     let text = http_client()
         .get(&url)
         .send()
@@ -79,11 +79,16 @@ async fn prefix_bytes_merged(worker: &ServiceProcess) -> f64 {
         .text()
         .await
         .unwrap();
-    let name = format!("{} ", stitch_common::metrics::MERGE_PREFIX_BYTES);
+    let prefix = format!("{name} ");
     text.lines()
-        .find_map(|l| l.strip_prefix(&name))
+        .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the worker's metrics:\n{text}"))
+        .unwrap_or_else(|| panic!("no {name} in the metrics of {url}:\n{text}"))
+}
+
+/// The worker's count of merged bytes it took from a saved prefix.
+async fn prefix_bytes_merged(worker: &ServiceProcess) -> f64 {
+    counter(worker, stitch_common::metrics::MERGE_PREFIX_BYTES).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -234,4 +239,36 @@ async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_att
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert!(merge_attempts(&env, &id) >= 2);
     assert_eq!(prefix_bytes_merged(&second).await, (256 << 20) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_not_written_again()
+{
+    use stitch_common::metrics::CLONED_BYTES;
+    let env = TestEnv::new_in(&stitch_testkit::reflink::reflink_dir());
+    let tap = EventTap::start(&env).await;
+    let worker = start_worker(&env);
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (source, md5) = file(164);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    for index in 0..6 {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    // The API's prefix: cloned, not copied.
+    wait_for_prefix(&storage, &uid, 6).await;
+    assert_eq!(counter(&api, CLONED_BYTES).await, (6 << 20) as f64);
+    for index in 6..8 {
+        send(&client, &id, &source, &md5, index).await;
+    }
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    // The merge cloned all that the prefix it carried on from did not cover.
+    let from_prefix = prefix_bytes_merged(&worker).await;
+    assert!(from_prefix >= (6 << 20) as f64);
+    assert_eq!(
+        from_prefix + counter(&worker, CLONED_BYTES).await,
+        source.len() as f64
+    );
 }
