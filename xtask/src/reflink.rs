@@ -68,10 +68,10 @@ impl ReflinkDir {
 
 impl Drop for ReflinkDir {
     fn drop(&mut self) {
-        if let Some((mount, image)) = self.mounted.take() {
-            if run(Command::new("umount").arg(&mount)).is_ok() {
-                let _ = std::fs::remove_file(image);
-            }
+        if let Some((mount, image)) = self.mounted.take()
+            && run(Command::new("umount").arg(&mount)).is_ok()
+        {
+            let _ = std::fs::remove_file(image);
         }
     }
 }
