@@ -31,12 +31,27 @@ pub fn shuffled_no_slower(after: f64, before: f64) -> bool {
     after <= before * SHUFFLED_ALLOWANCE
 }
 
+/// The section of a run on a file system that copies (ext4), and of one on a file system that
+/// clones (XFS, Btrfs), where `merge.reflink` writes every byte once: both are kept.
+const HEADING: &str = "## Pace (issue: verification that keeps pace with the upload)";
+const HEADING_CLONING: &str =
+    "## Pace on a file system that clones (issue: verification that keeps pace with the upload)";
+
+/// Whether a file system of this type shares blocks between files (`FICLONERANGE`).
+fn clones(fs_type: &str) -> bool {
+    matches!(fs_type, "xfs" | "btrfs" | "bcachefs")
+}
+
 /// The report of a run.
 pub fn report(r: &PaceResults) -> Report<'_> {
     let a = &r.args;
     Report {
         command: "pace",
-        heading: "## Pace (issue: verification that keeps pace with the upload)",
+        heading: if clones(&r.machine.work_fs.fs_type) {
+            HEADING_CLONING
+        } else {
+            HEADING
+        },
         build: BUILD_ALL,
         services_for: "",
         options: format!(
@@ -59,7 +74,11 @@ pub fn report(r: &PaceResults) -> Report<'_> {
         preface: vec![format!(
             "The goal (from the issue): first byte → verified file ≤ {PACE_TARGET} × max(the same upload to a bare sink, MD5 of the bytes) for in-order uploads, and the merge tail after the last chunk close to constant in the file's size; done when that holds for 1 GiB and 10 GiB in-order uploads and shuffled uploads are no slower than before. \"Before\" is `STITCH__MERGE__INCREMENTAL=false` on the API and the worker (the whole copy and MD5 after the last chunk); \"after\" is `=true` (the default: the API assembles and hashes the in-order prefix while the chunks arrive). Every upload is {} chunks with `X-File-MD5`, through a fresh `stitch-api` and `stitch-worker`.",
             size(a.chunk_size)
-        )],
+        ), if clones(&r.machine.work_fs.fs_type) {
+            format!("The work directory is on {} ({}), which shares blocks between files: with `merge.reflink` (the default) the API's early assembly and the merge clone each chunk into the file instead of writing it again, so every byte reaches the disk once. Run with `--dir` on such a file system to reproduce; the same benchmark on ext4, where every byte is written twice, is the section above.", r.machine.work_fs.fs_type, r.machine.work_fs.source)
+        } else {
+            "The work directory's file system does not share blocks between files (ext4): early assembly and the merge copy each chunk into the file, so every byte is written twice. On XFS or Btrfs the merge clones instead (`merge.reflink`): the benchmark run with `--dir` there writes the section below.".to_owned()
+        }],
         headline: Section::new("Targets", targets(r)).outro(format!(
             "{} The issue asks that shuffled uploads be no slower than before; the target allows {:.0}% over before for run-to-run noise (an allowance of this benchmark, not a number from the issue).",
             if a.repeats == 1 {
