@@ -16,6 +16,7 @@ use serde::Deserialize;
 use stitch_common::auth::{Authenticator, DownloadLinks, Principal, Scope, Scopes, TokenClaims};
 use stitch_common::backends::Backends;
 use stitch_common::concat::prefix::Assembler;
+use stitch_common::concat::stream::{Hashed, StreamHash};
 use stitch_common::config::Interval;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
@@ -545,7 +546,14 @@ impl UploadService {
             .try_acquire_owned()
             .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
-        let staged = self.stage_part(&upload.id, &chunk, len, &mut body).await?;
+        // One client sending in order: the whole file's hash goes on through this body.
+        let stream = self
+            .assembler
+            .as_ref()
+            .and_then(|a| a.stream_hash(&upload.id, chunk.range.start));
+        let (staged, hashed) = self
+            .stage_part(&upload.id, &chunk, len, &mut body, stream)
+            .await?;
         if first && let Err(e) = self.ensure_manifest(&mut upload).await {
             self.storage.discard(&staged).await;
             return Err(e);
@@ -554,7 +562,7 @@ impl UploadService {
         stitch_common::failpoints::crash_here(
             stitch_common::failpoints::CHUNK_DURABLE_BEFORE_RECORD,
         );
-        self.count_part(&upload, &chunk, len, staged).await
+        self.count_part(&upload, &chunk, len, staged, hashed).await
     }
 
     /// 3. The body, to a durable copy under a unique name, checked against the part's MD5.
@@ -564,10 +572,11 @@ impl UploadService {
         chunk: &ChunkPart,
         len: u64,
         body: &mut B,
-    ) -> Result<StagedChunk, ServiceError> {
+        stream: Option<StreamHash>,
+    ) -> Result<(StagedChunk, Option<Hashed>), ServiceError> {
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
-        let staged = self
-            .receive_body(id, chunk.index, with_md5, len, body)
+        let (staged, hashed) = self
+            .receive_body(id, chunk.index, with_md5, len, body, stream)
             .await?;
         if let Some(expected) = chunk.chunk_md5
             && staged.digests.md5 != Some(expected)
@@ -575,7 +584,7 @@ impl UploadService {
             self.storage.discard(&staged).await;
             return Err(ServiceError::ChecksumMismatch { what: "chunk MD5" });
         }
-        Ok(staged)
+        Ok((staged, hashed))
     }
 
     /// 4. A first part creates the upload: its manifest now, its state atomically with the
@@ -599,6 +608,7 @@ impl UploadService {
         chunk: &ChunkPart,
         len: u64,
         staged: StagedChunk,
+        hashed: Option<Hashed>,
     ) -> Result<ChunkAccepted, ServiceError> {
         let record = ChunkRecord {
             index: chunk.index,
@@ -616,6 +626,9 @@ impl UploadService {
             progress,
             digests: staged.digests,
         };
+        if let (Some(assembler), Some(hashed)) = (&self.assembler, &hashed) {
+            assembler.hashed(&upload.id, chunk.index.0, &staged.token, hashed.clone());
+        }
         let merge_job = MergeJob::new(upload.id.clone());
         let merge_outboxed = OutboxMessage::Merge(merge_job.clone());
         let created_event = Event::created(upload);
@@ -642,6 +655,9 @@ impl UploadService {
                 if progress.completed_upload {
                     self.trigger_merge(&upload.id, merge_job).await;
                 } else {
+                    if let (Some(assembler), Some(hashed)) = (&self.assembler, &hashed) {
+                        assembler.counted(&upload.id, &hashed.after);
+                    }
                     self.assemble(&upload.id);
                 }
                 Ok(accepted(false, progress))
@@ -747,7 +763,8 @@ impl UploadService {
         with_md5: bool,
         len: u64,
         body: &mut B,
-    ) -> Result<StagedChunk, ServiceError> {
+        mut stream: Option<StreamHash>,
+    ) -> Result<(StagedChunk, Option<Hashed>), ServiceError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let writer = self.storage.stage_chunk(id, index, with_md5, rx);
         let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
@@ -758,17 +775,20 @@ impl UploadService {
                 if received > len {
                     return Err(ServiceError::BodyTooLong { expected: len });
                 }
+                if let Some(stream) = &mut stream {
+                    stream.feed(&bytes).await;
+                }
                 // Wait for memory before holding more: the budget is shared by all chunks.
                 let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
                 let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 if tx
                     .send(Feed::Data(Block::new(bytes, Some(permit))))
                     .await
                     .is_err()
                 {
-                    return Ok(()); // The writer failed; its error is the one to report.
+                    return Ok(None); // The writer failed; its error is the one to report.
                 }
             }
             if received < len {
@@ -782,7 +802,10 @@ impl UploadService {
                 });
             }
             let _ = tx.send(Feed::End).await;
-            Ok(())
+            Ok(match stream {
+                Some(stream) => stream.finish().await,
+                None => None,
+            })
         };
         let (written, read) = tokio::join!(writer, reader);
         match (read, written) {
@@ -792,11 +815,11 @@ impl UploadService {
                 Err(e)
             }
             (Err(e), Err(_)) => Err(e),
-            (Ok(()), Err(StorageError::Interrupted)) => {
+            (Ok(_), Err(StorageError::Interrupted)) => {
                 Err(ServiceError::InvalidBody("the body ended early".into()))
             }
-            (Ok(()), Err(e)) => Err(e.into()),
-            (Ok(()), Ok(staged)) => Ok(staged),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Ok(hashed), Ok(staged)) => Ok((staged, hashed)),
         }
     }
 

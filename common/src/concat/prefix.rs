@@ -35,6 +35,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use super::hashing::FileHasher;
+use super::stream::{Chains, Hashed, StreamHash};
 use super::{ChunkSource, Concat, ConcatError, Control, HashState, concatenate};
 use crate::config::Settings;
 use crate::id::UploadId;
@@ -155,6 +157,12 @@ struct Inner {
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
     running: Mutex<std::collections::HashMap<UploadId, bool>>,
+    /// The running hashes of uploads whose chunks this process received in order.
+    chains: Mutex<Chains>,
+    /// Whether the storage clones: only then does hashing in the request save the work of
+    /// reading back (a copy reads each chunk anyway, and hashes it as it goes). Cleared by
+    /// the first step that had to copy a run hashed in its requests.
+    clones: std::sync::atomic::AtomicBool,
 }
 
 impl Assembler {
@@ -176,6 +184,8 @@ impl Assembler {
                 reflink: settings.merge.reflink,
                 sha256: settings.uploads.file_digest.with_sha256(),
                 running: Mutex::new(Default::default()),
+                chains: Mutex::new(Chains::default()),
+                clones: std::sync::atomic::AtomicBool::new(settings.merge.reflink),
             }),
         })
     }
@@ -211,6 +221,31 @@ impl Assembler {
         });
     }
 
+    /// The whole file's hashes to carry through the body of `id`'s part at `offset`, when
+    /// this process's running hash of the upload ends there (or the part starts the file).
+    pub fn stream_hash(&self, id: &UploadId, offset: u64) -> Option<StreamHash> {
+        if !self.inner.clones.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let state = self
+            .inner
+            .chains()
+            .state_at(id, offset, self.inner.sha256)?;
+        StreamHash::start(state)
+    }
+
+    /// The copy `token` of `id`'s part `index` was hashed in its request (called before it
+    /// is counted): once counted, the assembly places it without reading it back.
+    pub fn hashed(&self, id: &UploadId, index: u64, token: &str, hashed: Hashed) {
+        self.inner.chains().hashed(id, index, token, hashed);
+    }
+
+    /// The copy hashed in its request that ends at `after` was counted: the next part of
+    /// `id` can carry the hash on through its own request.
+    pub fn counted(&self, id: &UploadId, after: &HashState) {
+        self.inner.chains().counted(id, after);
+    }
+
     /// Carries `id`'s prefix as far as its counted chunks go, now (the background task's
     /// work, for tests). Returns the bytes the prefix covers afterwards.
     pub async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
@@ -219,6 +254,10 @@ impl Assembler {
 }
 
 impl Inner {
+    fn chains(&self) -> std::sync::MutexGuard<'_, Chains> {
+        self.chains.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
         let name = LockName::Assemble(id.clone());
         let Some(mut lease) = self
@@ -252,6 +291,7 @@ impl Inner {
             if header.state != UploadState::Receiving
                 || matches!(header.assembly, Assembly::Concat { .. })
             {
+                self.chains().forget(id);
                 return Ok(covered);
             }
             let records = self.state.counted_chunks(id).await?;
@@ -277,6 +317,21 @@ impl Inner {
             {
                 return Ok(covered);
             }
+            // The chunks hashed in their requests, from exactly this state on, need no
+            // reading: the run stops at the first one that was not.
+            let from_state = saved.as_ref().map_or_else(
+                || FileHasher::new(self.sha256).finish(0).2,
+                |p| p.checkpoint.hashes.clone(),
+            );
+            let (n, hashed) =
+                match self
+                    .chains()
+                    .take_run(id, &records[from..from + n], &from_state)
+                {
+                    Some((k, after)) => (k, Some(after)),
+                    None => (n, None),
+                };
+            let streamed = hashed.is_some();
             let run = &records[from..from + n];
             let (assembly, path, resume) = match saved {
                 Some(p) => (p.checkpoint.assembly, p.path, Some(p.checkpoint.hashes)),
@@ -297,6 +352,7 @@ impl Inner {
                 reflink: self.reflink,
                 sha256: self.sha256,
                 resume,
+                hashed,
             };
             let started = std::time::Instant::now();
             let done = tokio::task::spawn_blocking(move || concatenate(&job, &Control::default()))
@@ -314,6 +370,13 @@ impl Inner {
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
             metrics::counter!(m::ASSEMBLY_BYTES).increment(done.size - offset);
             metrics::counter!(m::CLONED_BYTES).increment(done.cloned_bytes);
+            if streamed && done.cloned_bytes == 0 {
+                tracing::info!(upload_id = %id, "storage does not clone: chunks are no longer hashed in their requests");
+                self.clones
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+            } else if streamed {
+                metrics::counter!(m::ASSEMBLY_STREAMED_BYTES).increment(done.size - offset);
+            }
             tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
             covered = done.size;
         }

@@ -242,7 +242,7 @@ async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_att
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_not_written_again()
+async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_and_hashed_as_it_arrives()
 {
     use stitch_common::metrics::CLONED_BYTES;
     let env = TestEnv::new_in(&stitch_testkit::reflink::reflink_dir());
@@ -257,9 +257,14 @@ async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_
     for index in 0..6 {
         send(&client, &id, &source, &md5, index).await;
     }
-    // The API's prefix: cloned, not copied.
+    // The API's prefix: cloned, not copied; and, the chunks having come one after the
+    // other, hashed in their requests rather than read back.
     wait_for_prefix(&storage, &uid, 6).await;
     assert_eq!(counter(&api, CLONED_BYTES).await, (6 << 20) as f64);
+    assert_eq!(
+        counter(&api, stitch_common::metrics::ASSEMBLY_STREAMED_BYTES).await,
+        (6 << 20) as f64
+    );
     for index in 6..8 {
         send(&client, &id, &source, &md5, index).await;
     }
