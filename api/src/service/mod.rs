@@ -546,10 +546,13 @@ impl UploadService {
             .try_acquire_owned()
             .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
-        // One client sending in order: the whole file's hash goes on through this body.
+        // One client sending in order: the whole file's hash goes on through this body. Not
+        // through the last chunk's: the merge hashes that one (a one-chunk upload is hashed
+        // once, by the merge).
         let stream = self
             .assembler
             .as_ref()
+            .filter(|_| chunk.index.0 + 1 < upload.geometry.total_chunks)
             .and_then(|a| a.stream_hash(&upload.id, chunk.range.start));
         let (staged, hashed) = self
             .stage_part(&upload.id, &chunk, len, &mut body, stream)
