@@ -49,10 +49,30 @@ pub fn md5_hex(data: &[u8]) -> String {
 /// Sends every chunk of `source` in a random order, spread over `apis`, 4 at a time, with
 /// the whole file's MD5 declared.
 pub async fn upload(apis: &[ApiClient], id: &str, source: &Source, file_md5: &str) {
+    upload_with(apis, id, source, file_md5, 4).await;
+}
+
+/// [`upload`], one chunk after the other in index order: the first chunk creates the upload
+/// before any other arrives (with chunks in parallel, a chunk that finds the first one's
+/// manifest on storage but no record yet rebuilds the upload from storage, and it counts
+/// as rebuilt rather than created).
+pub async fn upload_in_order(apis: &[ApiClient], id: &str, source: &Source, file_md5: &str) {
+    upload_with(apis, id, source, file_md5, 1).await;
+}
+
+async fn upload_with(
+    apis: &[ApiClient],
+    id: &str,
+    source: &Source,
+    file_md5: &str,
+    in_flight: usize,
+) {
     use futures_util::StreamExt;
     use rand::seq::SliceRandom;
     let mut order: Vec<u64> = (0..source.total_chunks()).collect();
-    order.shuffle(&mut rand::rng());
+    if in_flight > 1 {
+        order.shuffle(&mut rand::rng());
+    }
     let results: Vec<(u16, serde_json::Value)> = futures_util::stream::iter(order)
         .map(|index| {
             let api = &apis[index as usize % apis.len()];
@@ -67,7 +87,7 @@ pub async fn upload(apis: &[ApiClient], id: &str, source: &Source, file_md5: &st
                 .await
             }
         })
-        .buffer_unordered(4)
+        .buffer_unordered(in_flight)
         .collect()
         .await;
     for (code, body) in &results {

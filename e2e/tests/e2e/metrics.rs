@@ -103,10 +103,11 @@ async fn metrics_follow_uploads_merges_and_webhooks() {
         assert_eq!(scrape.value(name, &labels), 0.0, "{name} {labels:?}");
     }
 
-    // One upload that completes, one whose declared MD5 is wrong, one refused chunk.
+    // One upload that completes, one whose declared MD5 is wrong, one refused chunk. Each
+    // sent in order, so that each is created by its first chunk (exactly two "created").
     let good = Source::random(3 * 64 * 1024 + 5, 64 * 1024, 61);
     let good_id = new_id();
-    upload(
+    upload_in_order(
         std::slice::from_ref(&client),
         &good_id,
         &good,
@@ -115,7 +116,7 @@ async fn metrics_follow_uploads_merges_and_webhooks() {
     .await;
     let bad = Source::random(2 * 64 * 1024, 64 * 1024, 62);
     let bad_id = new_id();
-    upload(
+    upload_in_order(
         std::slice::from_ref(&client),
         &bad_id,
         &bad,

@@ -243,7 +243,7 @@ async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_att
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_and_hashed_as_it_arrives()
-{
+ {
     use stitch_common::metrics::CLONED_BYTES;
     let env = TestEnv::new_in(&stitch_testkit::reflink::reflink_dir());
     let tap = EventTap::start(&env).await;
