@@ -659,7 +659,11 @@ impl UploadService {
                     self.trigger_merge(&upload.id, merge_job).await;
                 } else {
                     if let (Some(assembler), Some(hashed)) = (&self.assembler, &hashed) {
-                        assembler.counted(&upload.id, &hashed.after);
+                        assembler.counted(
+                            &upload.id,
+                            chunk.range.start + len,
+                            hashed.after.clone(),
+                        );
                     }
                     self.assemble(&upload.id);
                 }
@@ -805,10 +809,7 @@ impl UploadService {
                 });
             }
             let _ = tx.send(Feed::End).await;
-            Ok(match stream {
-                Some(stream) => stream.finish().await,
-                None => None,
-            })
+            Ok(stream.map(StreamHash::finish))
         };
         let (written, read) = tokio::join!(writer, reader);
         match (read, written) {

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use super::hashing::FileHasher;
-use super::stream::{Chains, Hashed, StreamHash};
+use super::stream::{Chains, Hashed, Pending, StreamHash, resolve_run};
 use super::{ChunkSource, Concat, ConcatError, Control, HashState, concatenate};
 use crate::config::Settings;
 use crate::id::UploadId;
@@ -163,6 +163,10 @@ struct Inner {
     /// reading back (a copy reads each chunk anyway, and hashes it as it goes). Cleared by
     /// the first step that had to copy a run hashed in its requests.
     clones: std::sync::atomic::AtomicBool,
+    /// KiB of request bodies that may wait to be hashed, across uploads
+    /// (`limits.max_buffered_body_bytes`).
+    hash_budget: Arc<tokio::sync::Semaphore>,
+    hash_budget_kib: u32,
 }
 
 impl Assembler {
@@ -173,6 +177,8 @@ impl Assembler {
         storage: FsChunkStore,
         lock: Arc<dyn MergeLock>,
     ) -> Option<Self> {
+        let hash_budget_kib =
+            (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         settings.merge.incremental.then(|| Self {
             inner: Arc::new(Inner {
                 state,
@@ -186,6 +192,8 @@ impl Assembler {
                 running: Mutex::new(Default::default()),
                 chains: Mutex::new(Chains::default()),
                 clones: std::sync::atomic::AtomicBool::new(settings.merge.reflink),
+                hash_budget: Arc::new(tokio::sync::Semaphore::new(hash_budget_kib as usize)),
+                hash_budget_kib,
             }),
         })
     }
@@ -227,11 +235,15 @@ impl Assembler {
         if !self.inner.clones.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
-        let state = self
+        let before = self
             .inner
             .chains()
             .state_at(id, offset, self.inner.sha256)?;
-        StreamHash::start(state)
+        Some(StreamHash::start(
+            before,
+            self.inner.hash_budget.clone(),
+            self.inner.hash_budget_kib,
+        ))
     }
 
     /// The copy `token` of `id`'s part `index` was hashed in its request (called before it
@@ -240,10 +252,10 @@ impl Assembler {
         self.inner.chains().hashed(id, index, token, hashed);
     }
 
-    /// The copy hashed in its request that ends at `after` was counted: the next part of
-    /// `id` can carry the hash on through its own request.
-    pub fn counted(&self, id: &UploadId, after: &HashState) {
-        self.inner.chains().counted(id, after);
+    /// The copy hashed in its request, ending at byte `end` with the state `after`, was
+    /// counted: the next part of `id` can carry the hash on through its own request.
+    pub fn counted(&self, id: &UploadId, end: u64, after: Pending) {
+        self.inner.chains().counted(id, end, after);
     }
 
     /// Carries `id`'s prefix as far as its counted chunks go, now (the background task's
@@ -323,14 +335,11 @@ impl Inner {
                 || FileHasher::new(self.sha256).finish(0).2,
                 |p| p.checkpoint.hashes.clone(),
             );
-            let (n, hashed) =
-                match self
-                    .chains()
-                    .take_run(id, &records[from..from + n], &from_state)
-                {
-                    Some((k, after)) => (k, Some(after)),
-                    None => (n, None),
-                };
+            let candidates = self.chains().candidates(id, &records[from..from + n]);
+            let (n, hashed) = match resolve_run(&candidates, &from_state).await {
+                Some((k, after)) => (k, Some(after)),
+                None => (n, None),
+            };
             let streamed = hashed.is_some();
             let run = &records[from..from + n];
             let (assembly, path, resume) = match saved {
