@@ -22,7 +22,6 @@ pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const ASSEMBLY_STEPS: &str = "stitch_assembly_steps_total";
 pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
-pub const ASSEMBLY_STREAMED_BYTES: &str = "stitch_assembly_streamed_bytes_total";
 /// Early assembly (API) and merges (worker) alike.
 pub const CLONED_BYTES: &str = "stitch_cloned_bytes_total";
 // Worker
@@ -185,12 +184,6 @@ fn register_now(role: Role) {
             metrics::counter!(ASSEMBLY_STEPS, "result" => result).absolute(0);
         }
         metrics::counter!(ASSEMBLY_BYTES).absolute(0);
-        describe_counter!(
-            ASSEMBLY_STREAMED_BYTES,
-            Unit::Bytes,
-            "Bytes of assembly_bytes hashed while their chunk's request body was received (one client sending in order), so placed without being read back"
-        );
-        metrics::counter!(ASSEMBLY_STREAMED_BYTES).absolute(0);
         for class in ["4xx", "5xx"] {
             metrics::counter!(CHUNKS_REFUSED, "class" => class).absolute(0);
         }

@@ -317,7 +317,6 @@ impl Merger {
             reflink: self.reflink,
             sha256: self.sha256,
             resume: prefix.map(|p| p.checkpoint.hashes),
-            hashed: None,
         };
         let reporter = tokio::spawn(report_progress(
             self.state.clone(),

@@ -16,7 +16,6 @@ use serde::Deserialize;
 use stitch_common::auth::{Authenticator, DownloadLinks, Principal, Scope, Scopes, TokenClaims};
 use stitch_common::backends::Backends;
 use stitch_common::concat::prefix::Assembler;
-use stitch_common::concat::stream::{Hashed, StreamHash};
 use stitch_common::config::Interval;
 use stitch_common::config::{Limits, Settings};
 use stitch_common::digest::{ChunkDigests, Md5};
@@ -546,17 +545,7 @@ impl UploadService {
             .try_acquire_owned()
             .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
-        // One client sending in order: the whole file's hash goes on through this body. Not
-        // through the last chunk's: the merge hashes that one (a one-chunk upload is hashed
-        // once, by the merge).
-        let stream = self
-            .assembler
-            .as_ref()
-            .filter(|_| chunk.index.0 + 1 < upload.geometry.total_chunks)
-            .and_then(|a| a.stream_hash(&upload.id, chunk.range.start));
-        let (staged, hashed) = self
-            .stage_part(&upload.id, &chunk, len, &mut body, stream)
-            .await?;
+        let staged = self.stage_part(&upload.id, &chunk, len, &mut body).await?;
         if first && let Err(e) = self.ensure_manifest(&mut upload).await {
             self.storage.discard(&staged).await;
             return Err(e);
@@ -565,7 +554,7 @@ impl UploadService {
         stitch_common::failpoints::crash_here(
             stitch_common::failpoints::CHUNK_DURABLE_BEFORE_RECORD,
         );
-        self.count_part(&upload, &chunk, len, staged, hashed).await
+        self.count_part(&upload, &chunk, len, staged).await
     }
 
     /// 3. The body, to a durable copy under a unique name, checked against the part's MD5.
@@ -575,11 +564,10 @@ impl UploadService {
         chunk: &ChunkPart,
         len: u64,
         body: &mut B,
-        stream: Option<StreamHash>,
-    ) -> Result<(StagedChunk, Option<Hashed>), ServiceError> {
+    ) -> Result<StagedChunk, ServiceError> {
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
-        let (staged, hashed) = self
-            .receive_body(id, chunk.index, with_md5, len, body, stream)
+        let staged = self
+            .receive_body(id, chunk.index, with_md5, len, body)
             .await?;
         if let Some(expected) = chunk.chunk_md5
             && staged.digests.md5 != Some(expected)
@@ -587,7 +575,7 @@ impl UploadService {
             self.storage.discard(&staged).await;
             return Err(ServiceError::ChecksumMismatch { what: "chunk MD5" });
         }
-        Ok((staged, hashed))
+        Ok(staged)
     }
 
     /// 4. A first part creates the upload: its manifest now, its state atomically with the
@@ -611,7 +599,6 @@ impl UploadService {
         chunk: &ChunkPart,
         len: u64,
         staged: StagedChunk,
-        hashed: Option<Hashed>,
     ) -> Result<ChunkAccepted, ServiceError> {
         let record = ChunkRecord {
             index: chunk.index,
@@ -629,9 +616,6 @@ impl UploadService {
             progress,
             digests: staged.digests,
         };
-        if let (Some(assembler), Some(hashed)) = (&self.assembler, &hashed) {
-            assembler.hashed(&upload.id, chunk.index.0, &staged.token, hashed.clone());
-        }
         let merge_job = MergeJob::new(upload.id.clone());
         let merge_outboxed = OutboxMessage::Merge(merge_job.clone());
         let created_event = Event::created(upload);
@@ -658,13 +642,6 @@ impl UploadService {
                 if progress.completed_upload {
                     self.trigger_merge(&upload.id, merge_job).await;
                 } else {
-                    if let (Some(assembler), Some(hashed)) = (&self.assembler, &hashed) {
-                        assembler.counted(
-                            &upload.id,
-                            chunk.range.start + len,
-                            hashed.after.clone(),
-                        );
-                    }
                     self.assemble(&upload.id);
                 }
                 Ok(accepted(false, progress))
@@ -770,8 +747,7 @@ impl UploadService {
         with_md5: bool,
         len: u64,
         body: &mut B,
-        mut stream: Option<StreamHash>,
-    ) -> Result<(StagedChunk, Option<Hashed>), ServiceError> {
+    ) -> Result<StagedChunk, ServiceError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let writer = self.storage.stage_chunk(id, index, with_md5, rx);
         let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
@@ -782,20 +758,17 @@ impl UploadService {
                 if received > len {
                     return Err(ServiceError::BodyTooLong { expected: len });
                 }
-                if let Some(stream) = &mut stream {
-                    stream.feed(&bytes).await;
-                }
                 // Wait for memory before holding more: the budget is shared by all chunks.
                 let kib = (bytes.len().div_ceil(1024) as u32).clamp(1, budget_kib);
                 let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
-                    return Ok(None);
+                    return Ok(());
                 };
                 if tx
                     .send(Feed::Data(Block::new(bytes, Some(permit))))
                     .await
                     .is_err()
                 {
-                    return Ok(None); // The writer failed; its error is the one to report.
+                    return Ok(()); // The writer failed; its error is the one to report.
                 }
             }
             if received < len {
@@ -809,7 +782,7 @@ impl UploadService {
                 });
             }
             let _ = tx.send(Feed::End).await;
-            Ok(stream.map(StreamHash::finish))
+            Ok(())
         };
         let (written, read) = tokio::join!(writer, reader);
         match (read, written) {
@@ -819,11 +792,11 @@ impl UploadService {
                 Err(e)
             }
             (Err(e), Err(_)) => Err(e),
-            (Ok(_), Err(StorageError::Interrupted)) => {
+            (Ok(()), Err(StorageError::Interrupted)) => {
                 Err(ServiceError::InvalidBody("the body ended early".into()))
             }
-            (Ok(_), Err(e)) => Err(e.into()),
-            (Ok(hashed), Ok(staged)) => Ok((staged, hashed)),
+            (Ok(()), Err(e)) => Err(e.into()),
+            (Ok(()), Ok(staged)) => Ok(staged),
         }
     }
 

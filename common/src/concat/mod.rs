@@ -39,7 +39,6 @@ use crate::digest::{Md5, Sha256};
 mod clone;
 mod hashing;
 pub mod prefix;
-pub mod stream;
 
 use hashing::FileHasher;
 pub use hashing::HashState;
@@ -84,10 +83,6 @@ pub struct Concat {
     /// first `offset` bytes are the file's, and the hashes carry on from this state (which
     /// decides whether a SHA-256 is computed). The chunks are the ones that follow.
     pub resume: Option<HashState>,
-    /// The run's bytes were hashed already, in the requests that brought them
-    /// ([`stream`]): the hashes' state after them. Where the run is cloned, its chunks are
-    /// then placed without being read; elsewhere they are read and hashed as usual.
-    pub hashed: Option<HashState>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,12 +195,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         // The first chunk tells whether this file system clones; nothing is hashed yet, so
         // a refusal leaves the copy paths below a clean start.
         match clone_first(&job.chunks[0], &out, start) {
-            Ok(()) => {
-                return cleanup(match &job.hashed {
-                    Some(after) => place_cloned(job, control, &out, start, after),
-                    None => run_clone(job, control, &out, hasher, start),
-                });
-            }
+            Ok(()) => return cleanup(run_clone(job, control, &out, hasher, start)),
             Err(Cloned::Refused(e)) => {
                 drop(out);
                 if new {
@@ -393,72 +383,6 @@ fn run_clone(
             cloned_bytes,
             state,
         })
-    })
-}
-
-/// The clone merge of a run hashed already: each chunk after the first is cloned into place
-/// (or, where the kernel refuses one, copied) and every one is read back for its checks
-/// (length, CRC32C, MD5 when recorded: cheap beside the file's MD5, which is not computed
-/// again), so that the file holds what was recorded.
-fn place_cloned(
-    job: &Concat,
-    control: &Control,
-    out: &File,
-    start: u64,
-    after: &HashState,
-) -> Result<Concatenated, ConcatError> {
-    let mut offset = start;
-    let mut cloned_bytes = 0;
-    let mut buf = vec![0u8; job.block_bytes.max(4096)];
-    for (i, chunk) in job.chunks.iter().enumerate() {
-        if control.cancel.load(Ordering::Relaxed) {
-            return Err(ConcatError::Cancelled);
-        }
-        let mut reader = ChunkReader::open(chunk)?;
-        let cloned = i == 0
-            || match clone::clone_range(&reader.file, out, chunk.len, offset) {
-                Ok(()) => true,
-                Err(e) if clone::refused(&e) => false,
-                Err(e) => return Err(storage_error("cloning a chunk into the merged file", e)),
-            };
-        let mut at = offset;
-        loop {
-            let n = reader.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            if !cloned {
-                out.write_all_at(&buf[..n], at)
-                    .map_err(|e| storage_error("writing the merged file", e))?;
-            }
-            at += n as u64;
-        }
-        reader.finish()?;
-        offset += chunk.len;
-        if cloned {
-            cloned_bytes += chunk.len;
-        }
-        control.bytes_done.store(offset, Ordering::Relaxed);
-    }
-    if offset != after.offset {
-        return Err(ConcatError::Storage(format!(
-            "the run ends at byte {offset}, its hashes at byte {}",
-            after.offset
-        )));
-    }
-    if job.fsync {
-        sync_data(out).map_err(|e| storage_error("syncing the merged file", e))?;
-    }
-    let (md5, sha256, state) = FileHasher::resume(after)
-        .ok_or_else(|| ConcatError::Storage("a hash state does not decode".into()))?
-        .finish(after.offset);
-    Ok(Concatenated {
-        size: offset,
-        md5,
-        sha256,
-        direct_io: false,
-        cloned_bytes,
-        state,
     })
 }
 
@@ -849,7 +773,6 @@ mod tests {
             reflink: false,
             sha256: false,
             resume: None,
-            hashed: None,
         }
     }
 
@@ -1188,36 +1111,6 @@ mod tests {
         let mut job = job(chunks, dir.path().join("out"), false, true);
         job.reflink = true;
         assert_eq!(lost_indices(concatenate(&job, &Control::default())), [2]);
-        assert!(!job.output.exists());
-    }
-
-    #[test]
-    fn a_run_hashed_in_its_requests_is_cloned_and_checked_but_not_hashed_again() {
-        use stitch_testkit::reflink::reflink_tempdir;
-        let dir = reflink_tempdir();
-        let bytes = data(5 * (1 << 20) + 999);
-        let chunks = cloneable_chunks(dir.path(), &bytes, 1 << 20);
-        // A state that is not the chunks' own: what comes back is the state given.
-        let mut other = FileHasher::new(false);
-        other.update(&data(bytes.len() + 1)[1..]);
-        let (other_md5, _, other_state) = other.finish(bytes.len() as u64);
-        let mut job = job(chunks.clone(), dir.path().join("out"), true, true);
-        job.reflink = true;
-        job.hashed = Some(other_state.clone());
-        let done = concatenate(&job, &Control::default()).unwrap();
-        assert_eq!(done.md5, other_md5, "the file's MD5 was not computed again");
-        assert_eq!(done.state, other_state);
-        assert_eq!(done.cloned_bytes, bytes.len() as u64);
-        assert!(std::fs::read(&job.output).unwrap() == bytes);
-
-        // Each chunk is still checked against its record.
-        let mut flipped = std::fs::read(&chunks[3].path).unwrap();
-        flipped[9] ^= 1;
-        std::fs::write(&chunks[3].path, flipped).unwrap();
-        let mut job = self::tests::job(chunks, dir.path().join("out2"), true, true);
-        job.reflink = true;
-        job.hashed = Some(other_state);
-        assert_eq!(lost_indices(concatenate(&job, &Control::default())), [3]);
         assert!(!job.output.exists());
     }
 }

@@ -35,8 +35,6 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use super::hashing::FileHasher;
-use super::stream::{Chains, Hashed, Pending, StreamHash, resolve_run};
 use super::{ChunkSource, Concat, ConcatError, Control, HashState, concatenate};
 use crate::config::Settings;
 use crate::id::UploadId;
@@ -157,16 +155,6 @@ struct Inner {
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
     running: Mutex<std::collections::HashMap<UploadId, bool>>,
-    /// The running hashes of uploads whose chunks this process received in order.
-    chains: Mutex<Chains>,
-    /// Whether the storage clones: only then does hashing in the request save the work of
-    /// reading back (a copy reads each chunk anyway, and hashes it as it goes). Cleared by
-    /// the first step that had to copy a run hashed in its requests.
-    clones: std::sync::atomic::AtomicBool,
-    /// KiB of request bodies that may wait to be hashed, across uploads
-    /// (`limits.max_buffered_body_bytes`).
-    hash_budget: Arc<tokio::sync::Semaphore>,
-    hash_budget_kib: u32,
 }
 
 impl Assembler {
@@ -177,8 +165,6 @@ impl Assembler {
         storage: FsChunkStore,
         lock: Arc<dyn MergeLock>,
     ) -> Option<Self> {
-        let hash_budget_kib =
-            (settings.limits.max_buffered_body_bytes.0 >> 10).clamp(64, u32::MAX as u64) as u32;
         settings.merge.incremental.then(|| Self {
             inner: Arc::new(Inner {
                 state,
@@ -190,10 +176,6 @@ impl Assembler {
                 reflink: settings.merge.reflink,
                 sha256: settings.uploads.file_digest.with_sha256(),
                 running: Mutex::new(Default::default()),
-                chains: Mutex::new(Chains::default()),
-                clones: std::sync::atomic::AtomicBool::new(settings.merge.reflink),
-                hash_budget: Arc::new(tokio::sync::Semaphore::new(hash_budget_kib as usize)),
-                hash_budget_kib,
             }),
         })
     }
@@ -229,35 +211,6 @@ impl Assembler {
         });
     }
 
-    /// The whole file's hashes to carry through the body of `id`'s part at `offset`, when
-    /// this process's running hash of the upload ends there (or the part starts the file).
-    pub fn stream_hash(&self, id: &UploadId, offset: u64) -> Option<StreamHash> {
-        if !self.inner.clones.load(std::sync::atomic::Ordering::Relaxed) {
-            return None;
-        }
-        let before = self
-            .inner
-            .chains()
-            .state_at(id, offset, self.inner.sha256)?;
-        Some(StreamHash::start(
-            before,
-            self.inner.hash_budget.clone(),
-            self.inner.hash_budget_kib,
-        ))
-    }
-
-    /// The copy `token` of `id`'s part `index` was hashed in its request (called before it
-    /// is counted): once counted, the assembly places it without reading it back.
-    pub fn hashed(&self, id: &UploadId, index: u64, token: &str, hashed: Hashed) {
-        self.inner.chains().hashed(id, index, token, hashed);
-    }
-
-    /// The copy hashed in its request, ending at byte `end` with the state `after`, was
-    /// counted: the next part of `id` can carry the hash on through its own request.
-    pub fn counted(&self, id: &UploadId, end: u64, after: Pending) {
-        self.inner.chains().counted(id, end, after);
-    }
-
     /// Carries `id`'s prefix as far as its counted chunks go, now (the background task's
     /// work, for tests). Returns the bytes the prefix covers afterwards.
     pub async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
@@ -266,10 +219,6 @@ impl Assembler {
 }
 
 impl Inner {
-    fn chains(&self) -> std::sync::MutexGuard<'_, Chains> {
-        self.chains.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
         let name = LockName::Assemble(id.clone());
         let Some(mut lease) = self
@@ -303,7 +252,6 @@ impl Inner {
             if header.state != UploadState::Receiving
                 || matches!(header.assembly, Assembly::Concat { .. })
             {
-                self.chains().forget(id);
                 return Ok(covered);
             }
             let records = self.state.counted_chunks(id).await?;
@@ -329,18 +277,6 @@ impl Inner {
             {
                 return Ok(covered);
             }
-            // The chunks hashed in their requests, from exactly this state on, need no
-            // reading: the run stops at the first one that was not.
-            let from_state = saved.as_ref().map_or_else(
-                || FileHasher::new(self.sha256).finish(0).2,
-                |p| p.checkpoint.hashes.clone(),
-            );
-            let candidates = self.chains().candidates(id, &records[from..from + n]);
-            let (n, hashed) = match resolve_run(&candidates, &from_state).await {
-                Some((k, after)) => (k, Some(after)),
-                None => (n, None),
-            };
-            let streamed = hashed.is_some();
             let run = &records[from..from + n];
             let (assembly, path, resume) = match saved {
                 Some(p) => (p.checkpoint.assembly, p.path, Some(p.checkpoint.hashes)),
@@ -361,7 +297,6 @@ impl Inner {
                 reflink: self.reflink,
                 sha256: self.sha256,
                 resume,
-                hashed,
             };
             let started = std::time::Instant::now();
             let done = tokio::task::spawn_blocking(move || concatenate(&job, &Control::default()))
@@ -379,13 +314,6 @@ impl Inner {
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
             metrics::counter!(m::ASSEMBLY_BYTES).increment(done.size - offset);
             metrics::counter!(m::CLONED_BYTES).increment(done.cloned_bytes);
-            if streamed && done.cloned_bytes == 0 {
-                tracing::info!(upload_id = %id, "storage does not clone: chunks are no longer hashed in their requests");
-                self.clones
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-            } else if streamed {
-                metrics::counter!(m::ASSEMBLY_STREAMED_BYTES).increment(done.size - offset);
-            }
             tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
             covered = done.size;
         }
