@@ -26,7 +26,7 @@
 //! disk once, when its chunk was stored.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -195,7 +195,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         // The first chunk tells whether this file system clones; nothing is hashed yet, so
         // a refusal leaves the copy paths below a clean start.
         match clone_first(&job.chunks[0], &out, start) {
-            Ok(()) => return cleanup(run_clone(job, control, &out, hasher, start)),
+            Ok(()) => return cleanup(run(job, control, out, hasher, start, true)),
             Err(Cloned::Refused(e)) => {
                 drop(out);
                 if new {
@@ -228,7 +228,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         .create_new(new)
         .open(&job.output)
         .map_err(|e| storage_error("opening the merged file", e))?;
-    cleanup(run(job, control, out, hasher, start))
+    cleanup(run(job, control, out, hasher, start, false))
 }
 
 fn storage_error(context: &str, e: std::io::Error) -> ConcatError {
@@ -245,15 +245,18 @@ fn sync_data(file: &File) -> std::io::Result<()> {
     file.sync_data()
 }
 
+/// The buffered merge, and the clone merge (`cloning`: the first chunk is cloned already,
+/// each other one is cloned where the kernel allows it and written otherwise): this thread
+/// reads the chunks, checks them and writes what is not cloned; a hashing thread hashes
+/// every block read; a third syncs early what was written.
 fn run(
     job: &Concat,
     control: &Control,
-    mut out: File,
+    out: File,
     file_hasher: FileHasher,
     start: u64,
+    cloning: bool,
 ) -> Result<Concatenated, ConcatError> {
-    out.seek(SeekFrom::Start(start))
-        .map_err(|e| storage_error("seeking in the merged file", e))?;
     let syncer_file = out
         .try_clone()
         .map_err(|e| storage_error("cloning the output handle", e))?;
@@ -279,7 +282,9 @@ fn run(
             Ok::<(), ConcatError>(())
         });
 
-        let copied = copy_chunks(job, control, &mut out, start, &full_tx, &empty_rx, &sync_tx);
+        let copied = copy_chunks(
+            job, control, &out, start, cloning, &full_tx, &empty_rx, &sync_tx,
+        );
         drop(full_tx);
         drop(sync_tx);
         let hasher = hasher
@@ -290,8 +295,8 @@ fn run(
             .map_err(|_| ConcatError::Storage("sync thread panicked".into()))?;
         // A lost chunk says more than the I/O error it may have caused; otherwise the sync
         // thread's error is the cause of a copy that stopped because it did.
-        let size = match (copied, synced) {
-            (Ok(size), Ok(())) => size,
+        let (size, cloned_bytes) = match (copied, synced) {
+            (Ok(done), Ok(())) => done,
             (Err(e @ (ConcatError::LostChunks(_) | ConcatError::Cancelled)), _) => return Err(e),
             (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
         };
@@ -304,7 +309,7 @@ fn run(
             md5,
             sha256,
             direct_io: false,
-            cloned_bytes: 0,
+            cloned_bytes,
             state,
         })
     })
@@ -347,98 +352,6 @@ fn clone_first(chunk: &ChunkSource, out: &File, start: u64) -> Result<(), Cloned
     })
 }
 
-/// The clone merge: each chunk is shared into place (the first already is), then read back
-/// on this thread for its checks and handed to the hashing thread. A chunk the file system
-/// will not clone after all (a block-unaligned tail inside the file's end, as a retried run
-/// meets) is written from the blocks read.
-fn run_clone(
-    job: &Concat,
-    control: &Control,
-    out: &File,
-    file_hasher: FileHasher,
-    start: u64,
-) -> Result<Concatenated, ConcatError> {
-    std::thread::scope(|scope| {
-        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(DEPTH);
-        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
-        for _ in 0..DEPTH + 2 {
-            let _ = empty_tx.send(vec![0u8; job.block_bytes]);
-        }
-        let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx, file_hasher));
-        let read = read_cloned(job, control, out, start, &full_tx, &empty_rx);
-        drop(full_tx);
-        let hasher = hasher
-            .join()
-            .map_err(|_| ConcatError::Storage("hash thread panicked".into()))?;
-        let (size, cloned_bytes) = read?;
-        if job.fsync {
-            sync_data(out).map_err(|e| storage_error("syncing the merged file", e))?;
-        }
-        let (md5, sha256, state) = hasher.finish(size);
-        Ok(Concatenated {
-            size,
-            md5,
-            sha256,
-            direct_io: false,
-            cloned_bytes,
-            state,
-        })
-    })
-}
-
-/// Clones each chunk after the first into place and reads every one for the checks and the
-/// hash; returns the file's end and how many bytes were cloned.
-fn read_cloned(
-    job: &Concat,
-    control: &Control,
-    out: &File,
-    start: u64,
-    full: &SyncSender<(Vec<u8>, usize)>,
-    empty: &Receiver<Vec<u8>>,
-) -> Result<(u64, u64), ConcatError> {
-    let stopped = || ConcatError::Storage("hash thread stopped".into());
-    let mut offset = start;
-    let mut cloned_bytes = 0;
-    let mut spare: Option<Vec<u8>> = None;
-    for (i, chunk) in job.chunks.iter().enumerate() {
-        let mut reader = ChunkReader::open(chunk)?;
-        let cloned = i == 0
-            || match clone::clone_range(&reader.file, out, chunk.len, offset) {
-                Ok(()) => true,
-                Err(e) if clone::refused(&e) => false,
-                Err(e) => return Err(storage_error("cloning a chunk into the merged file", e)),
-            };
-        let mut at = offset;
-        loop {
-            if control.cancel.load(Ordering::Relaxed) {
-                return Err(ConcatError::Cancelled);
-            }
-            let mut block = match spare.take() {
-                Some(block) => block,
-                None => empty.recv().map_err(|_| stopped())?,
-            };
-            let n = reader.read(&mut block)?;
-            if n == 0 {
-                spare = Some(block);
-                break;
-            }
-            if !cloned {
-                out.write_all_at(&block[..n], at)
-                    .map_err(|e| storage_error("writing the merged file", e))?;
-            }
-            at += n as u64;
-            full.send((block, n)).map_err(|_| stopped())?;
-        }
-        reader.finish()?;
-        offset += chunk.len;
-        if cloned {
-            cloned_bytes += chunk.len;
-        }
-        control.bytes_done.store(offset, Ordering::Relaxed);
-    }
-    Ok((offset, cloned_bytes))
-}
-
 fn hash_blocks(
     full: Receiver<(Vec<u8>, usize)>,
     empty: SyncSender<Vec<u8>>,
@@ -452,22 +365,38 @@ fn hash_blocks(
     hasher
 }
 
+/// Reads, checks and hands on every chunk, writing each at its offset unless it is cloned
+/// (`cloning`: the first is already; each other one is if the kernel allows). Returns the
+/// file's end and how many bytes were cloned.
+#[allow(clippy::too_many_arguments)]
 fn copy_chunks(
     job: &Concat,
     control: &Control,
-    out: &mut File,
+    out: &File,
     start: u64,
+    cloning: bool,
     full: &SyncSender<(Vec<u8>, usize)>,
     empty: &Receiver<Vec<u8>>,
     sync: &SyncSender<()>,
-) -> Result<u64, ConcatError> {
-    let mut written = start;
-    let mut last_sync = start;
+) -> Result<(u64, u64), ConcatError> {
+    let mut offset = start;
+    let mut cloned_bytes = 0;
+    // Bytes written since the last early sync (cloned ones need none).
+    let mut unsynced = 0;
     // A block taken from the pool but not filled (end of a chunk) waits here for the next
     // read, so that the pool never shrinks.
     let mut spare: Option<Vec<u8>> = None;
-    for chunk in &job.chunks {
+    for (i, chunk) in job.chunks.iter().enumerate() {
         let mut reader = ChunkReader::open(chunk)?;
+        let cloned = cloning
+            && (i == 0
+                || match clone::clone_range(&reader.file, out, chunk.len, offset) {
+                    Ok(()) => true,
+                    Err(e) if clone::refused(&e) => false,
+                    Err(e) => {
+                        return Err(storage_error("cloning a chunk into the merged file", e));
+                    }
+                });
         loop {
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(ConcatError::Cancelled);
@@ -483,24 +412,31 @@ fn copy_chunks(
                 spare = Some(block);
                 break;
             }
-            out.write_all(&block[..n])
-                .map_err(|e| storage_error("writing the merged file", e))?;
-            written += n as u64;
+            if !cloned {
+                out.write_all_at(&block[..n], offset)
+                    .map_err(|e| storage_error("writing the merged file", e))?;
+                unsynced += n as u64;
+            }
+            offset += n as u64;
             full.send((block, n))
                 .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?;
-            if written - last_sync >= SYNC_EVERY {
-                last_sync = written;
+            if unsynced >= SYNC_EVERY {
+                unsynced = 0;
                 if let Err(TrySendError::Disconnected(())) = sync.try_send(()) {
                     // The sync thread stopped on an error: it fails the merge.
                     return Err(ConcatError::Storage("the sync thread stopped".into()));
                 }
-                control.bytes_done.store(written, Ordering::Relaxed);
+                control.bytes_done.store(offset, Ordering::Relaxed);
             }
         }
         reader.finish()?;
+        if cloned {
+            cloned_bytes += chunk.len;
+            control.bytes_done.store(offset, Ordering::Relaxed);
+        }
     }
-    control.bytes_done.store(written, Ordering::Relaxed);
-    Ok(written)
+    control.bytes_done.store(offset, Ordering::Relaxed);
+    Ok((offset, cloned_bytes))
 }
 
 /// Reads one chunk file, checking as it goes that it holds what was recorded for it.
