@@ -55,7 +55,8 @@ impl Backends {
                     .context("setting up the append lock")?,
             ),
             events: broker,
-            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
+            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync)
+                .with_direct_io(settings.storage.direct_io),
             webhook_store: Arc::new(
                 RedisWebhookStore::new(settings).context("setting up the webhook store")?,
             ),

@@ -25,6 +25,7 @@ pub mod backends;
 pub mod concat;
 pub mod config;
 pub mod digest;
+pub mod direct_io;
 pub mod embedded;
 pub mod events;
 #[cfg(feature = "failpoints")]

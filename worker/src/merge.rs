@@ -110,6 +110,7 @@ pub struct Merger {
     direct_io: bool,
     /// Clone the chunks into the file where the file system can (`merge.reflink`).
     reflink: bool,
+    read_direct: bool,
     /// Compute the file's SHA-256 beside its MD5 (`uploads.file_digest`).
     sha256: bool,
     /// Carry on from the file the API assembled while the chunks arrived
@@ -142,6 +143,7 @@ impl Merger {
             fsync: settings.storage.fsync,
             direct_io: settings.merge.direct_io,
             reflink: settings.merge.reflink,
+            read_direct: settings.storage.direct_io,
             sha256: settings.uploads.file_digest.with_sha256(),
             incremental: settings.merge.incremental,
             public_url: settings.http.public_url.clone(),
@@ -315,6 +317,7 @@ impl Merger {
             fsync: self.fsync,
             direct_io: self.direct_io,
             reflink: self.reflink,
+            read_direct: self.read_direct,
             sha256: self.sha256,
             resume: prefix.map(|p| p.checkpoint.hashes),
         };

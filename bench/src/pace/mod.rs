@@ -88,6 +88,16 @@ pub struct PaceArgs {
     /// with a fresh deployment.
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
+    /// Only these orders (`in-order`, `shuffled`): for a quick look; a report of a subset
+    /// cannot judge the targets, so it is refused with `--write-docs`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_order)]
+    pub orders: Option<Vec<Order>>,
+    /// Only these modes (`before`, `after`), as `--orders`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
+    pub modes: Option<Vec<Mode>>,
+    /// Skip the bare sink (its baseline is then missing from the report), as `--orders`.
+    #[arg(long)]
+    pub no_sink: bool,
     /// The `stitch-api` binary.
     #[arg(long, default_value = "target/release/stitch-api")]
     pub api_bin: PathBuf,
@@ -124,6 +134,22 @@ impl Order {
             Self::InOrder => (0..chunks).collect(),
             Self::Shuffled => shuffled(chunks, SHUFFLE_SEED),
         }
+    }
+}
+
+fn parse_order(raw: &str) -> Result<Order, String> {
+    match raw {
+        "in-order" => Ok(Order::InOrder),
+        "shuffled" => Ok(Order::Shuffled),
+        _ => Err("an order is in-order or shuffled".into()),
+    }
+}
+
+fn parse_mode(raw: &str) -> Result<Mode, String> {
+    match raw {
+        "before" => Ok(Mode::Before),
+        "after" => Ok(Mode::After),
+        _ => Err("a mode is before or after".into()),
     }
 }
 
@@ -345,6 +371,10 @@ fn check_args(args: &PaceArgs) -> anyhow::Result<()> {
         "--clients needs client counts of at least 1"
     );
     ensure!(args.repeats >= 1, "--repeats must be at least 1");
+    ensure!(
+        !(args.run.write_docs && (args.orders.is_some() || args.modes.is_some() || args.no_sink)),
+        "--orders, --modes and --no-sink measure a subset, which cannot be written to the docs"
+    );
     for &size in &args.sizes {
         ensure!(
             usize::try_from(size).is_ok(),
@@ -395,6 +425,9 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
         for repeat in 0..args.repeats {
             for &clients in &args.clients {
                 for order in Order::ALL {
+                    if args.orders.as_ref().is_some_and(|o| !o.contains(&order)) {
+                        continue;
+                    }
                     let case = Case {
                         size,
                         order,
@@ -407,8 +440,13 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
                         order: order.indexes(payload.chunks()).into(),
                         md5_hex: &md5_hex,
                     };
-                    sinks.push(bench.undisturbed(|b| b.sink(&upload))?);
+                    if !args.no_sink {
+                        sinks.push(bench.undisturbed(|b| b.sink(&upload))?);
+                    }
                     for mode in Mode::in_repeat(repeat) {
+                        if args.modes.as_ref().is_some_and(|m| !m.contains(&mode)) {
+                            continue;
+                        }
                         runs.push(bench.undisturbed(|b| b.upload(&upload, mode))?);
                     }
                 }

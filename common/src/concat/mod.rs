@@ -26,7 +26,7 @@
 //! disk once, when its chunk was stored.
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +35,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use md5::Digest;
 
 use crate::digest::{Md5, Sha256};
+use crate::direct_io::{self, ALIGN as DIRECT_ALIGN, AlignedBlock, BLOCK as DIRECT_BLOCK};
 
 mod clone;
 mod hashing;
@@ -47,10 +48,6 @@ pub use hashing::HashState;
 const DEPTH: usize = 16;
 /// Bytes written between two early writeback requests.
 const SYNC_EVERY: u64 = 64 << 20;
-/// Direct I/O: the size of a write, and of the blocks the threads pass along.
-const DIRECT_BLOCK: usize = 1 << 20;
-/// Direct I/O: alignment of buffers, offsets and lengths (the largest logical block size).
-const DIRECT_ALIGN: usize = 4096;
 /// Direct I/O: blocks in the pool (copy → hash → write → copy).
 const DIRECT_DEPTH: usize = 8;
 
@@ -77,6 +74,10 @@ pub struct Concat {
     /// Share the chunks' blocks with the output (`FICLONERANGE`) where the file system
     /// allows it, instead of writing them again; `direct_io` then does not apply.
     pub reflink: bool,
+    /// Read the chunks with `O_DIRECT` where the file system allows it (they were written
+    /// that way, `storage.direct_io`, so the page cache does not hold them): in
+    /// [`direct_io::BLOCK`]s, whatever `block_bytes` says.
+    pub read_direct: bool,
     /// Compute the SHA-256 of the file beside its MD5, in the same hashing stage.
     pub sha256: bool,
     /// Carry on a file assembled earlier instead of starting one: `output` exists and its
@@ -261,10 +262,18 @@ fn run(
         .try_clone()
         .map_err(|e| storage_error("cloning the output handle", e))?;
     std::thread::scope(|scope| {
-        let (full_tx, full_rx) = sync_channel::<(Vec<u8>, usize)>(DEPTH);
-        let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(DEPTH + 2);
-        for _ in 0..DEPTH + 2 {
-            let _ = empty_tx.send(vec![0u8; job.block_bytes]);
+        // Direct reads want large blocks (the disk streams 1 MiB reads; 64 KiB ones would
+        // wait on it per block); reads from the page cache want small ones, which stay in
+        // the CPU's cache between the read and the hash.
+        let (depth, block_bytes) = if job.read_direct {
+            (DIRECT_DEPTH, DIRECT_BLOCK)
+        } else {
+            (DEPTH, job.block_bytes)
+        };
+        let (full_tx, full_rx) = sync_channel::<(AlignedBlock, usize)>(depth);
+        let (empty_tx, empty_rx) = sync_channel::<AlignedBlock>(depth + 2);
+        for _ in 0..depth + 2 {
+            let _ = empty_tx.send(AlignedBlock::new(block_bytes));
         }
         let hasher = scope.spawn(move || hash_blocks(full_rx, empty_tx, file_hasher));
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
@@ -353,12 +362,12 @@ fn clone_first(chunk: &ChunkSource, out: &File, start: u64) -> Result<(), Cloned
 }
 
 fn hash_blocks(
-    full: Receiver<(Vec<u8>, usize)>,
-    empty: SyncSender<Vec<u8>>,
+    full: Receiver<(AlignedBlock, usize)>,
+    empty: SyncSender<AlignedBlock>,
     mut hasher: FileHasher,
 ) -> FileHasher {
     for (block, len) in full {
-        hasher.update(&block[..len]);
+        hasher.update(&block.bytes()[..len]);
         // The copier may have stopped early; a closed return path is fine.
         let _ = empty.send(block);
     }
@@ -375,8 +384,8 @@ fn copy_chunks(
     out: &File,
     start: u64,
     cloning: bool,
-    full: &SyncSender<(Vec<u8>, usize)>,
-    empty: &Receiver<Vec<u8>>,
+    full: &SyncSender<(AlignedBlock, usize)>,
+    empty: &Receiver<AlignedBlock>,
     sync: &SyncSender<()>,
 ) -> Result<(u64, u64), ConcatError> {
     let mut offset = start;
@@ -385,9 +394,9 @@ fn copy_chunks(
     let mut unsynced = 0;
     // A block taken from the pool but not filled (end of a chunk) waits here for the next
     // read, so that the pool never shrinks.
-    let mut spare: Option<Vec<u8>> = None;
+    let mut spare: Option<AlignedBlock> = None;
     for (i, chunk) in job.chunks.iter().enumerate() {
-        let mut reader = ChunkReader::open(chunk)?;
+        let mut reader = ChunkReader::open(chunk, job.read_direct)?;
         let cloned = cloning
             && (i == 0
                 || match clone::clone_range(&reader.file, out, chunk.len, offset) {
@@ -407,13 +416,13 @@ fn copy_chunks(
                     .recv()
                     .map_err(|_| ConcatError::Storage("hash thread stopped".into()))?,
             };
-            let n = reader.read(&mut block)?;
+            let n = reader.read(block.bytes_mut())?;
             if n == 0 {
                 spare = Some(block);
                 break;
             }
             if !cloned {
-                out.write_all_at(&block[..n], offset)
+                out.write_all_at(&block.bytes()[..n], offset)
                     .map_err(|e| storage_error("writing the merged file", e))?;
                 unsynced += n as u64;
             }
@@ -442,15 +451,31 @@ fn copy_chunks(
 /// Reads one chunk file, checking as it goes that it holds what was recorded for it.
 struct ChunkReader<'a> {
     chunk: &'a ChunkSource,
+    /// Opened with `O_DIRECT` when `direct`.
     file: File,
+    direct: bool,
+    /// An ordinary handle for a read that cannot be direct (an unaligned buffer or offset),
+    /// opened when one is needed.
+    plain: Option<File>,
     crc: u32,
     md5: Option<md5::Md5>,
     read: u64,
 }
 
 impl<'a> ChunkReader<'a> {
-    fn open(chunk: &'a ChunkSource) -> Result<Self, ConcatError> {
-        let file = File::open(&chunk.path).map_err(|e| {
+    /// `direct`: read with `O_DIRECT` where the file system allows it.
+    fn open(chunk: &'a ChunkSource, direct: bool) -> Result<Self, ConcatError> {
+        let opened = if direct {
+            direct_io::open_read(&chunk.path)
+        } else {
+            Ok(None)
+        };
+        let (file, direct) = match opened {
+            Ok(Some(file)) => Ok((file, true)),
+            Ok(None) => File::open(&chunk.path).map(|f| (f, false)),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
             if e.kind() == ErrorKind::NotFound {
                 lost(chunk.index, "is missing on storage")
             } else {
@@ -460,6 +485,8 @@ impl<'a> ChunkReader<'a> {
         Ok(Self {
             chunk,
             file,
+            direct,
+            plain: None,
             crc: 0,
             md5: chunk.md5.map(|_| md5::Md5::new()),
             read: 0,
@@ -468,8 +495,19 @@ impl<'a> ChunkReader<'a> {
 
     /// Reads into `buf` (0 at the end of the file), folding the bytes into the checks.
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, ConcatError> {
+        let file = if !self.direct || direct_io::aligned(buf, self.read) {
+            &self.file
+        } else {
+            match &mut self.plain {
+                Some(plain) => &*plain,
+                slot => &*slot.insert(
+                    File::open(&self.chunk.path)
+                        .map_err(|e| storage_error("opening a chunk", e))?,
+                ),
+            }
+        };
         let n = loop {
-            match self.file.read(buf) {
+            match file.read_at(buf, self.read) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(storage_error("reading a chunk", e)),
@@ -485,6 +523,10 @@ impl<'a> ChunkReader<'a> {
 
     /// Whether what was read is what was recorded: its length, CRC32C and MD5 (if any).
     fn finish(self) -> Result<(), ConcatError> {
+        if !self.direct {
+            // Each chunk is read once: its pages are of no more use to anyone.
+            direct_io::forget_cached(&self.file);
+        }
         let chunk = self.chunk;
         if self.read != chunk.len {
             return Err(lost(
@@ -526,29 +568,6 @@ fn open_direct(path: &Path, new: bool) -> std::io::Result<(File, File)> {
     Ok((direct, tail))
 }
 
-/// A buffer whose usable part starts at a [`DIRECT_ALIGN`] boundary (the heap allocation
-/// does not move when the block is passed between threads).
-struct AlignedBlock {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedBlock {
-    fn new() -> Self {
-        let buf = vec![0u8; DIRECT_BLOCK + DIRECT_ALIGN];
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-        Self { buf, start }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..self.start + DIRECT_BLOCK]
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + DIRECT_BLOCK]
-    }
-}
-
 /// The direct-I/O merge: copy (this thread) → hash → write, over a pool of aligned blocks.
 fn run_direct(
     job: &Concat,
@@ -564,7 +583,7 @@ fn run_direct(
         let (write_tx, write_rx) = sync_channel::<(AlignedBlock, usize)>(DIRECT_DEPTH);
         let (empty_tx, empty_rx) = sync_channel::<AlignedBlock>(DIRECT_DEPTH);
         for _ in 0..DIRECT_DEPTH {
-            let _ = empty_tx.send(AlignedBlock::new());
+            let _ = empty_tx.send(AlignedBlock::new(DIRECT_BLOCK));
         }
         let hasher = scope.spawn(move || {
             for (block, len) in full_rx {
@@ -614,7 +633,7 @@ fn fill_blocks(
     let mut block = empty.recv().map_err(|_| stopped())?;
     let mut filled = 0usize;
     for chunk in &job.chunks {
-        let mut reader = ChunkReader::open(chunk)?;
+        let mut reader = ChunkReader::open(chunk, job.read_direct)?;
         loop {
             if control.cancel.load(Ordering::Relaxed) {
                 return Err(ConcatError::Cancelled);
@@ -707,6 +726,7 @@ mod tests {
             fsync,
             direct_io,
             reflink: false,
+            read_direct: true,
             sha256: false,
             resume: None,
         }
@@ -752,6 +772,49 @@ mod tests {
                     control.bytes_done.load(Ordering::Relaxed),
                     bytes.len() as u64
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn direct_reads_leave_the_page_cache_alone_and_buffered_ones_forget_what_they_read() {
+        use crate::direct_io::{evict, resident_pages};
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let bytes = data(3 * DIRECT_BLOCK + 777);
+        let chunks = write_chunks(dir.path(), &bytes, DIRECT_BLOCK, true);
+        let cached = || -> usize { chunks.iter().map(|c| resident_pages(&c.path)).sum() };
+        let all_pages: usize = chunks.iter().map(|c| c.len.div_ceil(4096) as usize).sum();
+        // (chunks cached first, read direct, expected cached after)
+        for (warm, read_direct) in [(true, true), (false, true), (true, false)] {
+            for output_direct in MODES {
+                for chunk in &chunks {
+                    if warm {
+                        // Read in, as a chunk just written through the page cache is.
+                        std::fs::read(&chunk.path).unwrap();
+                    } else {
+                        evict(&chunk.path);
+                    }
+                }
+                let before = cached();
+                assert_eq!(before, if warm { all_pages } else { 0 });
+                let mut job = job(
+                    chunks.clone(),
+                    dir.path()
+                        .join(format!("out-{warm}-{read_direct}-{output_direct}")),
+                    true,
+                    output_direct,
+                );
+                job.read_direct = read_direct;
+                let done = concatenate(&job, &Control::default()).unwrap();
+                assert_eq!(done.md5, Md5::from_bytes(md5::Md5::digest(&bytes).into()));
+                let after = cached();
+                let case = format!("warm {warm}, direct {read_direct}, out {output_direct}");
+                if read_direct {
+                    assert_eq!(after, before, "{case}: neither filled nor dropped");
+                } else {
+                    assert_eq!(after, 0, "{case}: dropped once read");
+                }
+                assert!(std::fs::read(&job.output).unwrap() == bytes, "{case}");
             }
         }
     }

@@ -151,6 +151,8 @@ struct Inner {
     fsync: bool,
     direct_io: bool,
     reflink: bool,
+    read_direct: bool,
+    nice: i32,
     sha256: bool,
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
@@ -174,6 +176,8 @@ impl Assembler {
                 fsync: settings.storage.fsync,
                 direct_io: settings.merge.direct_io,
                 reflink: settings.merge.reflink,
+                read_direct: settings.storage.direct_io,
+                nice: settings.merge.assembly_nice.into(),
                 sha256: settings.uploads.file_digest.with_sha256(),
                 running: Mutex::new(Default::default()),
             }),
@@ -295,11 +299,12 @@ impl Inner {
                 fsync: self.fsync,
                 direct_io: self.direct_io,
                 reflink: self.reflink,
+                read_direct: self.read_direct,
                 sha256: self.sha256,
                 resume,
             };
             let started = std::time::Instant::now();
-            let done = tokio::task::spawn_blocking(move || concatenate(&job, &Control::default()))
+            let done = background(self.nice, move || concatenate(&job, &Control::default()))
                 .await
                 .map_err(|e| ConcatError::Storage(format!("assembly thread failed: {e}")))??;
             let checkpoint = Checkpoint {
@@ -317,6 +322,40 @@ impl Inner {
             tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
             covered = done.size;
         }
+    }
+}
+
+/// Runs `work` on a thread of its own (and the threads it starts, which inherit it) at nice
+/// level `nice`, so that it takes only the CPU that requests leave idle: the assembly is
+/// work the merge would otherwise do, never something a client waits on, while every
+/// request is. A thread's nice level cannot be lowered again without privileges, hence a
+/// thread of its own rather than one of the runtime's pool.
+async fn background<T: Send + 'static>(
+    nice: i32,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("stitch-assembly".into())
+        .spawn(move || {
+            set_nice(nice);
+            let _ = tx.send(work());
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("the assembly thread panicked"))
+}
+
+/// Sets the calling thread's nice level (Linux keeps one per thread). A failure leaves it
+/// as it was: the work still runs, at the priority it had.
+#[allow(unsafe_code)]
+fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid(2) and setpriority(2) only take and return integers.
+    unsafe {
+        let tid = libc::gettid();
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
     }
 }
 
@@ -372,6 +411,28 @@ mod tests {
         let mut gap = records.clone();
         gap.remove(0);
         assert!(!saved.fits(&gap, false), "chunk 0 is not counted");
+    }
+
+    #[allow(unsafe_code)]
+    fn nice_of_this_thread() -> i32 {
+        // SAFETY: gettid(2) and getpriority(2) only take and return integers.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[tokio::test]
+    async fn the_assembly_runs_at_its_nice_level_and_leaves_the_callers_alone() {
+        let before = nice_of_this_thread();
+        let (own, spawned) = background(7 + before, || {
+            let own = nice_of_this_thread();
+            // The concatenation's hashing and sync threads are started from it.
+            let spawned = std::thread::spawn(nice_of_this_thread).join().unwrap();
+            (own, spawned)
+        })
+        .await
+        .unwrap();
+        assert_eq!((own, spawned), (7 + before, 7 + before));
+        assert_eq!(nice_of_this_thread(), before);
+        assert_eq!(background(0, nice_of_this_thread).await.unwrap(), before);
     }
 
     #[test]

@@ -184,6 +184,11 @@ pub struct StorageSettings {
     /// fsync chunk files and directories before counting a chunk. Turning this off trades
     /// invariant 1 (durability across a power loss) for speed; only for throwaway setups.
     pub fsync: bool,
+    /// Write chunk files with direct I/O (`O_DIRECT`, 1 MiB aligned writes), and read them
+    /// back for the merge the same way: past the page cache, which an upload's bytes gain
+    /// nothing from (each is read once more, soon) and which costs a fresh page of memory
+    /// per 4 KiB written. Falls back to ordinary I/O where the file system refuses it.
+    pub direct_io: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -249,6 +254,10 @@ pub struct MergeSettings {
     /// SHA-256), saving the hash state with it, so that the merge only finishes what the
     /// prefix has not covered. Off, the whole merge runs after the last chunk.
     pub incremental: bool,
+    /// The nice level (0–19) of the API's assembly threads: they take the CPU that requests
+    /// leave idle, so that receiving chunks never waits on hashing them (the merge finishes
+    /// whatever the assembly has not reached). 0: the same priority as requests.
+    pub assembly_nice: u8,
 }
 
 /// The outbox sweeper: no upload whose last chunk was accepted stays unfinished.
@@ -488,6 +497,7 @@ impl Default for StorageSettings {
         Self {
             root: PathBuf::from("./stitch-data"),
             fsync: true,
+            direct_io: true,
         }
     }
 }
@@ -532,6 +542,7 @@ impl Default for MergeSettings {
             direct_io: true,
             reflink: true,
             incremental: true,
+            assembly_nice: 10,
         }
     }
 }
@@ -748,6 +759,9 @@ impl Settings {
         }
         if self.merge.delivery_limit == 0 {
             return invalid("STITCH__MERGE__DELIVERY_LIMIT", "must be at least 1");
+        }
+        if self.merge.assembly_nice > 19 {
+            return invalid("STITCH__MERGE__ASSEMBLY_NICE", "must be between 0 and 19");
         }
         if !(4 << 10..=16 << 20).contains(&self.merge.buffer_bytes.0) {
             return invalid(
@@ -1017,6 +1031,18 @@ mod tests {
         assert!(err.to_string().contains("bind"), "{err}");
         let err = load_toml("[limits]\nmax_chunk_bytes = \"lots\"\n").unwrap_err();
         assert!(err.to_string().contains("byte size"), "{err}");
+        let err = load_toml("[merge]\nassembly_nice = 20\n").unwrap_err();
+        assert!(
+            err.to_string().contains("STITCH__MERGE__ASSEMBLY_NICE"),
+            "{err}"
+        );
+        assert_eq!(
+            load_toml("[merge]\nassembly_nice = 19\n")
+                .unwrap()
+                .merge
+                .assembly_nice,
+            19
+        );
         let err = load_toml("[merge]\nretry_delays = []\n").unwrap_err();
         assert!(
             err.to_string().contains("STITCH__MERGE__RETRY_DELAYS"),

@@ -233,7 +233,8 @@ impl Backends {
                 settings.tus.append_lease.0,
             )),
             webhook_store: Arc::new(SqliteWebhookStore::new(db)),
-            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync),
+            storage: FsChunkStore::new(&settings.storage.root, settings.storage.fsync)
+                .with_direct_io(settings.storage.direct_io),
         })
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use super::StorageError;
 use super::layout::{self, AttemptFile, CopyEntry, Piece, PrefixFile};
 use crate::concat::prefix::Checkpoint;
 use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
+use crate::direct_io;
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
 use crate::upload::{Assembly, ChunkRecord, NewUpload};
@@ -120,14 +122,25 @@ pub enum Keep<'a> {
 pub struct FsChunkStore {
     root: PathBuf,
     fsync: bool,
+    direct_io: bool,
 }
 
 impl FsChunkStore {
+    /// Chunk files are written with direct I/O where the file system allows it; see
+    /// [`FsChunkStore::with_direct_io`].
     pub fn new(root: impl Into<PathBuf>, fsync: bool) -> Self {
         Self {
             root: root.into(),
             fsync,
+            direct_io: true,
         }
+    }
+
+    /// Whether chunk files are written with `O_DIRECT` (`storage.direct_io`, see
+    /// [`crate::direct_io`]) or through the page cache.
+    pub fn with_direct_io(mut self, direct_io: bool) -> Self {
+        self.direct_io = direct_io;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -192,7 +205,7 @@ impl FsChunkStore {
         let store = self.clone();
         let id = id.clone();
         tokio::task::spawn_blocking(move || {
-            let digests = write_copy(&dir, &part, with_md5, store.fsync, feed, |crc| {
+            let digests = write_copy(&dir, &part, with_md5, &store, feed, |crc| {
                 store.copy_path(&id, piece, &layout::copy_token(&random, crc))
             })?;
             let token = layout::copy_token(&random, digests.crc32c);
@@ -1083,17 +1096,15 @@ fn write_copy(
     dir: &Path,
     part: &Path,
     with_md5: bool,
-    fsync: bool,
+    store: &FsChunkStore,
     mut feed: mpsc::Receiver<Feed>,
     final_path: impl FnOnce(u32) -> PathBuf,
 ) -> Result<ChunkDigests, StorageError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| StorageError::from_io("creating chunk directory", e))?;
     let part = part.to_owned();
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&part)
+    let fsync = store.fsync;
+    let mut file = ChunkFile::create(&part, store.direct_io, fsync)
         .map_err(|e| StorageError::from_io("creating chunk file", e))?;
     // MD5 (a full core at ~500 MB/s) runs on its own thread, fed the same blocks, so that one
     // stream's write and hash overlap instead of adding up; CRC32C is cheap enough to stay
@@ -1112,17 +1123,13 @@ fn write_copy(
             })
         });
         let mut crc = ChunkHasher::new(false);
-        let mut writeback = Writeback::default();
         let written = (|| {
             loop {
                 match feed.blocking_recv() {
                     Some(Feed::Data(block)) => {
                         crc.update(&block);
-                        file.write_all(&block)
+                        file.write(&block)
                             .map_err(|e| StorageError::from_io("writing chunk", e))?;
-                        if fsync {
-                            writeback.wrote(&file, block.len() as u64);
-                        }
                         if with_md5 {
                             // Only fails if the hash thread died, which join reports.
                             let _ = md5_tx.send(block);
@@ -1132,10 +1139,7 @@ fn write_copy(
                     None => return Err(StorageError::Interrupted),
                 }
             }
-            if fsync {
-                file.sync_data()
-                    .map_err(|e| StorageError::from_io("syncing chunk", e))?;
-            }
+            file.finish()?;
             Ok(())
         })();
         drop(md5_tx);
@@ -1160,6 +1164,90 @@ fn write_copy(
         let _ = std::fs::remove_file(&part);
     }
     result
+}
+
+/// A chunk file being written: through the page cache, or with `O_DIRECT` in whole
+/// [`direct_io::BLOCK`]s from an aligned buffer, the last one padded to [`direct_io::ALIGN`]
+/// and the file then cut back to its length.
+struct ChunkFile {
+    file: File,
+    fsync: bool,
+    /// Direct I/O: the block being filled, how much of it is, and the file offset it goes to.
+    direct: Option<(direct_io::AlignedBlock, usize, u64)>,
+    writeback: Writeback,
+}
+
+impl ChunkFile {
+    /// Creates `part` (it must not exist), for direct I/O when `direct` and the file system
+    /// allows it.
+    fn create(part: &Path, direct: bool, fsync: bool) -> std::io::Result<Self> {
+        let new = || OpenOptions::new().write(true).create_new(true).clone();
+        let chunk_file = |file, direct| Self {
+            file,
+            fsync,
+            direct,
+            writeback: Writeback::default(),
+        };
+        if direct {
+            match new().custom_flags(libc::O_DIRECT).open(part) {
+                Ok(file) => {
+                    let block = direct_io::AlignedBlock::new(direct_io::BLOCK);
+                    return Ok(chunk_file(file, Some((block, 0, 0))));
+                }
+                Err(e) if direct_io::refused(&e) => {
+                    // The file may have been created before the flag was refused; the name
+                    // is this copy's own.
+                    let _ = std::fs::remove_file(part);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(chunk_file(new().open(part)?, None))
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        let Some((block, filled, offset)) = &mut self.direct else {
+            self.file.write_all(data)?;
+            if self.fsync {
+                self.writeback.wrote(&self.file, data.len() as u64);
+            }
+            return Ok(());
+        };
+        while !data.is_empty() {
+            let n = data.len().min(block.len() - *filled);
+            block.bytes_mut()[*filled..*filled + n].copy_from_slice(&data[..n]);
+            *filled += n;
+            data = &data[n..];
+            if *filled == block.len() {
+                self.file.write_all_at(block.bytes(), *offset)?;
+                *offset += block.len() as u64;
+                *filled = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is buffered and makes the file durable (when `fsync`).
+    fn finish(&mut self) -> Result<(), StorageError> {
+        if let Some((block, filled, offset)) = &mut self.direct
+            && *filled > 0
+        {
+            let padded = filled.next_multiple_of(direct_io::ALIGN);
+            block.bytes_mut()[*filled..padded].fill(0);
+            self.file
+                .write_all_at(&block.bytes()[..padded], *offset)
+                .map_err(|e| StorageError::from_io("writing chunk", e))?;
+            self.file
+                .set_len(*offset + *filled as u64)
+                .map_err(|e| StorageError::from_io("writing chunk", e))?;
+        }
+        if self.fsync {
+            self.file
+                .sync_data()
+                .map_err(|e| StorageError::from_io("syncing chunk", e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Starts the disk writing a chunk's data while the rest of it still arrives, so that the
@@ -1372,6 +1460,47 @@ mod tests {
             files_under(&store.chunks_dir(&id)),
             vec![format!("3.{}", a.token)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_written_directly_holds_exactly_its_bytes_and_stays_out_of_the_page_cache() {
+        use crate::direct_io::{BLOCK, resident_pages};
+        // On a disk (tmpfs may copy O_DIRECT writes into its memory, and /tmp can be one).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let id = UploadId::parse("u-direct").unwrap();
+        let data: Vec<u8> = (0..3 * BLOCK + 5000)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        // A byte, one aligned page, one block, and blocks with a padded, cut-back tail; fed
+        // in pieces that straddle the blocks.
+        for (direct, len) in [
+            (true, 1),
+            (true, 4096),
+            (true, BLOCK),
+            (true, data.len()),
+            (false, data.len()),
+        ] {
+            let store = FsChunkStore::new(dir.path(), true).with_direct_io(direct);
+            let bytes = &data[..len];
+            let parts: Vec<&[u8]> = bytes.chunks(70_001).collect();
+            let staged = stage(&store, &id, &parts, true).await.unwrap();
+            let resident = resident_pages(&staged.path);
+            if direct {
+                assert_eq!(resident, 0, "{len} bytes written directly are not cached");
+            } else {
+                assert!(resident > 0, "{len} bytes written buffered stay cached");
+            }
+            assert_eq!(
+                std::fs::read(&staged.path).unwrap(),
+                bytes,
+                "{direct} {len}"
+            );
+            assert_eq!(staged.digests.crc32c, crc32c::crc32c(bytes));
+            assert_eq!(
+                staged.digests.md5.unwrap(),
+                Md5::from_bytes(<md5::Md5 as md5::Digest>::digest(bytes).into())
+            );
+        }
     }
 
     #[tokio::test]
