@@ -58,11 +58,16 @@ pub fn forget_cached(file: &File) {
 /// A buffer of `len` bytes ([`ALIGN`]ed length) whose usable part starts at an [`ALIGN`]
 /// boundary; the heap allocation does not move when the block is passed between threads.
 ///
-/// Blocks are pooled per process (up to [`POOL_BYTES`]): a dropped block is kept for the
-/// next one of its size, so that every chunk and every assembly step reuses memory already
-/// faulted in rather than zeroing fresh pages (which showed in profiles as page faults and
-/// `memset` at several percent of the API's CPU).
+/// Blocks are pooled per process (up to [`POOL_BYTES`] idle, the most recently used kept): a
+/// dropped block is kept for the next one of its size, so that every chunk and every
+/// assembly step reuses memory already faulted in rather than zeroing fresh pages (which
+/// showed in profiles as page faults and `memset` at several percent of the API's CPU).
 pub struct AlignedBlock {
+    raw: Raw,
+}
+
+/// An allocation, where its aligned part starts, and that part's length.
+struct Raw {
     buf: Vec<u8>,
     start: usize,
     len: usize,
@@ -71,9 +76,42 @@ pub struct AlignedBlock {
 /// Bytes of idle blocks a process keeps for reuse.
 pub const POOL_BYTES: usize = 16 << 20;
 
-static POOL: std::sync::Mutex<Vec<AlignedBlock>> = std::sync::Mutex::new(Vec::new());
+/// Idle blocks, oldest first.
+struct Pool {
+    idle: Vec<Raw>,
+    bytes: usize,
+}
 
-fn pool() -> std::sync::MutexGuard<'static, Vec<AlignedBlock>> {
+impl Pool {
+    const fn new() -> Self {
+        Self {
+            idle: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The most recently kept idle block of `len`.
+    fn take(&mut self, len: usize) -> Option<Raw> {
+        let i = self.idle.iter().rposition(|r| r.len == len)?;
+        let raw = self.idle.remove(i);
+        self.bytes -= raw.len;
+        Some(raw)
+    }
+
+    /// Keeps `raw`, letting the oldest idle blocks go while more than `cap` bytes are kept.
+    fn put(&mut self, raw: Raw, cap: usize) {
+        self.bytes += raw.len;
+        self.idle.push(raw);
+        while self.bytes > cap {
+            let oldest = self.idle.remove(0);
+            self.bytes -= oldest.len;
+        }
+    }
+}
+
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool::new());
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
     POOL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -81,48 +119,39 @@ impl AlignedBlock {
     /// `len` rounded up to [`ALIGN`]; its bytes are whatever the last user left.
     pub fn new(len: usize) -> Self {
         let len = len.max(1).next_multiple_of(ALIGN);
-        {
-            let mut pool = pool();
-            if let Some(i) = pool.iter().position(|b| b.len == len) {
-                return pool.swap_remove(i);
-            }
-        }
-        let buf = vec![0u8; len + ALIGN];
-        let start = buf.as_ptr().align_offset(ALIGN);
-        Self { buf, start, len }
+        let raw = pool().take(len).unwrap_or_else(|| {
+            let buf = vec![0u8; len + ALIGN];
+            let start = buf.as_ptr().align_offset(ALIGN);
+            Raw { buf, start, len }
+        });
+        Self { raw }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.raw.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.raw.len == 0
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
+        &self.raw.buf[self.raw.start..self.raw.start + self.raw.len]
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
+        &mut self.raw.buf[self.raw.start..self.raw.start + self.raw.len]
     }
 }
 
 impl Drop for AlignedBlock {
     fn drop(&mut self) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let mut pool = pool();
-        let pooled: usize = pool.iter().map(|b| b.len).sum();
-        if pooled + self.len <= POOL_BYTES {
-            pool.push(Self {
-                buf: std::mem::take(&mut self.buf),
-                start: self.start,
-                len: self.len,
-            });
-        }
+        let raw = Raw {
+            buf: std::mem::take(&mut self.raw.buf),
+            start: self.raw.start,
+            len: self.raw.len,
+        };
+        pool().put(raw, POOL_BYTES);
     }
 }
 
@@ -203,25 +232,39 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_block_is_reused_for_the_next_of_its_size_and_the_pool_is_bounded() {
-        // A size no other test uses, so that tests running at once do not take it.
-        let len = 3 * ALIGN + ALIGN * 997;
-        let block = AlignedBlock::new(len);
-        let address = block.bytes().as_ptr();
-        drop(block);
+    fn a_pool_gives_back_the_latest_block_of_a_size_and_keeps_at_most_its_cap() {
+        let raw = |len: usize| Raw {
+            buf: vec![0u8; len],
+            start: 0,
+            len,
+        };
+        let mut pool = Pool::new();
+        let a = raw(ALIGN);
+        let address = a.buf.as_ptr();
+        pool.put(raw(2 * ALIGN), 10 * ALIGN);
+        pool.put(a, 10 * ALIGN);
+        assert!(pool.take(3 * ALIGN).is_none(), "no block of that size");
+        assert_eq!(pool.take(ALIGN).unwrap().buf.as_ptr(), address);
+        assert!(pool.take(ALIGN).is_none());
+        for _ in 0..8 {
+            pool.put(raw(ALIGN), 10 * ALIGN);
+        }
+        let latest = raw(3 * ALIGN);
+        let address = latest.buf.as_ptr();
+        pool.put(latest, 10 * ALIGN);
+        assert!(pool.bytes <= 10 * ALIGN, "{}", pool.bytes);
+        let kept: usize = pool.idle.iter().map(|r| r.len).sum();
+        assert_eq!(kept, pool.bytes);
+        assert!(pool.take(2 * ALIGN).is_none(), "the oldest went first");
+        assert_eq!(pool.take(3 * ALIGN).unwrap().buf.as_ptr(), address);
+    }
+
+    #[test]
+    fn a_dropped_block_comes_back_aligned() {
+        let len = 1000 * ALIGN;
+        drop(AlignedBlock::new(len));
         let again = AlignedBlock::new(len);
-        assert_eq!(
-            again.bytes().as_ptr(),
-            address,
-            "the pooled block came back"
-        );
         assert!(aligned(again.bytes(), 0));
-        drop(again);
-        let many: Vec<_> = (0..POOL_BYTES / len + 8)
-            .map(|_| AlignedBlock::new(len))
-            .collect();
-        drop(many);
-        let pooled: usize = pool().iter().map(|b| b.len).sum();
-        assert!(pooled <= POOL_BYTES, "{pooled}");
+        assert_eq!(again.len(), len);
     }
 }

@@ -20,8 +20,9 @@
 //   resume          with urlStorage: resume the upload stored for this file, if any
 //   stopAfterBytes  abort once this many bytes are sent (stopOn "progress", the default: in
 //                   the middle of a PATCH, but progress events are throttled, so later than
-//                   that) or accepted (stopOn "chunk": between two PATCHes), stopDelayMs
-//                   later (default 0)
+//                   that) or accepted (stopOn "chunk": between two PATCHes, before the
+//                   next one starts unless stopDelayMs is given), stopDelayMs later
+//                   (default 0)
 //   retryDelays     tus-js-client's retries (default none, so failures show)
 //   uploadDataDuringCreation, uploadLengthDeferred, uploadSize   passed on (a "stream"
 //                   source's uploadSize is the file's unless the length is deferred)
@@ -157,7 +158,14 @@ function run(tus, options) {
   const stopOn = options.stopOn ?? 'progress'
   const stop = () => {
     stopped = true
-    setTimeout(abort, options.stopDelayMs ?? 0)
+    if (stopOn === 'chunk' && options.stopDelayMs == null) {
+      // At once, inside onChunkComplete: tus-js-client then sends no next PATCH. From a
+      // timer, the next PATCH may already be on its way, and its first bytes reach the
+      // server (which keeps them: the offset is then past what this client saw accepted).
+      abort()
+    } else {
+      setTimeout(abort, options.stopDelayMs ?? 0)
+    }
   }
   const abort = () => {
     upload.abort().then(

@@ -24,6 +24,12 @@
 //! chunks are not copied at all: each is cloned into place ([`clone`]) and only read back,
 //! on this thread, for its checks and for the hashing thread. Every byte is then written to
 //! disk once, when its chunk was stored.
+//!
+//! Chunks written with direct I/O (`storage.direct_io`, [`crate::direct_io`]) are read back
+//! the same way (`read_direct`), in 1 MiB blocks, since the page cache does not hold them; a
+//! read that cannot be direct (a buffer or offset off the 4 KiB grid, as odd chunk lengths
+//! make in the direct merge's blocks) goes through an ordinary handle. A chunk read through
+//! the page cache has its pages dropped once read: nobody reads it again.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;

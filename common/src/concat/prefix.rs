@@ -4,7 +4,9 @@
 //! The API that counts a chunk calls [`Assembler::chunk_counted`]. In the background, one
 //! API of the fleet at a time (lock [`LockName::Assemble`], tried, never waited for) carries
 //! the upload's *prefix* on: the counted chunks that follow each other from byte 0 without a
-//! gap. Each is read once, while it is still in the page cache, checked against its record
+//! gap. Each is read once (with direct I/O, as it was written: `storage.direct_io`; from the
+//! page cache otherwise), on threads at nice `merge.assembly_nice` so that requests come
+//! first, checked against its record
 //! (CRC32C, MD5 when recorded), appended to the upload's assembly file and fed to the MD5 (and
 //! SHA-256) — the merge's own loop, [`super::concatenate`], resumed. After each step the
 //! assembly is synced and a [`Checkpoint`] saved on storage: how many bytes and chunks the
