@@ -198,15 +198,10 @@ pub(crate) fn resident_pages(path: &Path) -> usize {
 /// Drops `path`'s pages from the page cache (it must be synced), as if it was written long
 /// ago: a test's starting point for reads that must not go through the cache.
 #[cfg(test)]
-#[allow(unsafe_code)]
 pub(crate) fn evict(path: &Path) {
-    use std::os::fd::AsRawFd;
     let file = File::open(path).unwrap();
     file.sync_all().unwrap();
-    // SAFETY: posix_fadvise(2) only reads its integer arguments; the descriptor is valid for
-    // the borrow of `file`.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0);
+    forget_cached(&file);
     assert_eq!(
         resident_pages(path),
         0,

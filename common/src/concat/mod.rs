@@ -219,7 +219,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
             Ok((direct, tail)) => {
                 return cleanup(run_direct(job, control, direct, tail, hasher, start));
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(e) if direct_io::refused(&e) => {
                 // The file system refuses O_DIRECT (a new file may exist by now: the name is
                 // this attempt's own, so it can go).
                 if new {
@@ -790,7 +790,7 @@ mod tests {
         let chunks = write_chunks(dir.path(), &bytes, DIRECT_BLOCK, true);
         let cached = || -> usize { chunks.iter().map(|c| resident_pages(&c.path)).sum() };
         let all_pages: usize = chunks.iter().map(|c| c.len.div_ceil(4096) as usize).sum();
-        // (chunks cached first, read direct, expected cached after)
+        // (chunks cached before the run, chunks read with O_DIRECT)
         for (warm, read_direct) in [(true, true), (false, true), (true, false)] {
             for output_direct in MODES {
                 for chunk in &chunks {

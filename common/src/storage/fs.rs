@@ -1172,9 +1172,15 @@ fn write_copy(
 struct ChunkFile {
     file: File,
     fsync: bool,
-    /// Direct I/O: the block being filled, how much of it is, and the file offset it goes to.
-    direct: Option<(direct_io::AlignedBlock, usize, u64)>,
+    direct: Option<DirectBuffer>,
     writeback: Writeback,
+}
+
+/// Direct I/O: the block being filled, how much of it is, and the file offset it goes to.
+struct DirectBuffer {
+    block: direct_io::AlignedBlock,
+    filled: usize,
+    offset: u64,
 }
 
 impl ChunkFile {
@@ -1191,8 +1197,12 @@ impl ChunkFile {
         if direct {
             match new().custom_flags(libc::O_DIRECT).open(part) {
                 Ok(file) => {
-                    let block = direct_io::AlignedBlock::new(direct_io::BLOCK);
-                    return Ok(chunk_file(file, Some((block, 0, 0))));
+                    let buffer = DirectBuffer {
+                        block: direct_io::AlignedBlock::new(direct_io::BLOCK),
+                        filled: 0,
+                        offset: 0,
+                    };
+                    return Ok(chunk_file(file, Some(buffer)));
                 }
                 Err(e) if direct_io::refused(&e) => {
                     // The file may have been created before the flag was refused; the name
@@ -1206,7 +1216,12 @@ impl ChunkFile {
     }
 
     fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        let Some((block, filled, offset)) = &mut self.direct else {
+        let Some(DirectBuffer {
+            block,
+            filled,
+            offset,
+        }) = &mut self.direct
+        else {
             self.file.write_all(data)?;
             if self.fsync {
                 self.writeback.wrote(&self.file, data.len() as u64);
@@ -1229,7 +1244,11 @@ impl ChunkFile {
 
     /// Writes what is buffered and makes the file durable (when `fsync`).
     fn finish(&mut self) -> Result<(), StorageError> {
-        if let Some((block, filled, offset)) = &mut self.direct
+        if let Some(DirectBuffer {
+            block,
+            filled,
+            offset,
+        }) = &mut self.direct
             && *filled > 0
         {
             let padded = filled.next_multiple_of(direct_io::ALIGN);
