@@ -81,6 +81,7 @@ enum Command {
 
 /// The whole `stitch` program.
 pub fn main() -> ExitCode {
+    stitch_common::heap::keep_freed_memory();
     // Before any client exists (downloads, uploads, the OTLP exporter of `serve`).
     stitch_common::tls::install_crypto_provider();
     let cli = Cli::parse();

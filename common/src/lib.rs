@@ -31,6 +31,7 @@ pub mod events;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
 pub mod geometry;
+pub mod heap;
 pub mod id;
 pub mod lock;
 pub mod metrics;

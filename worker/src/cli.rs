@@ -39,6 +39,7 @@ const NOT_MIGRATED: u8 = 3;
 
 /// The whole `stitch-worker` program.
 pub fn main() -> ExitCode {
+    stitch_common::heap::keep_freed_memory();
     // Before any client exists: the OTLP exporter and the webhook clients need it.
     stitch_common::tls::install_crypto_provider();
     let args = Args::parse();
