@@ -8,7 +8,7 @@
 //! every page of it a page fault and a page of zeroes on first touch. Measured here (4 GiB
 //! from one client, `stitch-bench pace`): about 85 000 faults per GiB in the API, all in the
 //! socket reads; with both settings below, under 2 000 per GiB. Raising the trim threshold
-//! alone fixes malloc's mapping threshold at 128 KiB and made it worse (260 000 per GiB).
+//! alone made it worse here (260 000 per GiB).
 //!
 //! What is kept is bounded by what the process held at once, which the body-memory budget
 //! (`limits.max_buffered_body_bytes`) and the concurrency limits bound; past
