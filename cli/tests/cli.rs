@@ -117,18 +117,9 @@ fn a_file_uploaded_and_downloaded_with_the_cli_comes_back_identical() {
 /// Waits until the server has no chunk body being written (`stitch_chunk_writes_in_flight`
 /// at 0 on its `/metrics`).
 async fn wait_until_no_chunk_is_written(addr: SocketAddr) {
-    let client = stitch_testkit::http_client();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let text = client
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .expect("a /metrics response")
-            .text()
-            .await
-            .unwrap();
-        let scrape = stitch_testkit::prometheus::Scrape::parse(&text);
+        let scrape = stitch_testkit::prometheus::scrape(addr).await;
         assert!(
             scrape.has("stitch_chunk_writes_in_flight", &[]),
             "no stitch_chunk_writes_in_flight on /metrics"

@@ -25,26 +25,24 @@ pub fn keep_freed_memory() {
     if std::env::var_os("GLIBC_TUNABLES").is_some() {
         return;
     }
-    tune_malloc(KEEP_BYTES);
+    tune_malloc();
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MMAP_BYTES: libc::c_int = 32 << 20;
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn tune_malloc(bytes: usize) {
-    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+fn tune_malloc() {
+    const KEEP: libc::c_int = KEEP_BYTES as libc::c_int;
+    const MMAP_BYTES: libc::c_int = 32 << 20;
     // SAFETY: mallopt(3) only reads its integer arguments and changes malloc's own settings,
     // which malloc reads under its locks.
     unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP);
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_BYTES);
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc(_bytes: usize) {}
+fn tune_malloc() {}
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {

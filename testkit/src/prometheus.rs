@@ -2,6 +2,18 @@
 //! can look up one series by its name and labels.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+/// Scrapes the `/metrics` page of the process listening at `addr`.
+pub async fn scrape(addr: SocketAddr) -> Scrape {
+    let response = crate::http_client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("a /metrics response");
+    assert_eq!(response.status(), 200, "GET /metrics");
+    Scrape::parse(&response.text().await.expect("the /metrics page"))
+}
 
 /// One scrape: every sample by name and labels, and the names declared with `# TYPE`.
 #[derive(Debug, Default)]

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use stitch_testkit::prometheus::Scrape;
+use stitch_testkit::prometheus::scrape;
 
 use crate::harness::*;
 
@@ -54,18 +54,6 @@ fn fill_disk_but(path: &std::path::Path, leave: u64) {
         }
     }
     file.set_len(written.saturating_sub(leave)).unwrap();
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> Scrape {
-    let text = http_client()
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .expect("a /metrics response")
-        .text()
-        .await
-        .unwrap();
-    Scrape::parse(&text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
