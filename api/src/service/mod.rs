@@ -567,7 +567,7 @@ impl UploadService {
     ) -> Result<StagedChunk, ServiceError> {
         let with_md5 = self.always_md5 || chunk.chunk_md5.is_some();
         let staged = self
-            .receive_body(id, chunk.index, with_md5, len, body)
+            .receive_body(id, chunk.index, chunk.range.start, with_md5, len, body)
             .await?;
         if let Some(expected) = chunk.chunk_md5
             && staged.digests.md5 != Some(expected)
@@ -744,12 +744,14 @@ impl UploadService {
         &self,
         id: &UploadId,
         index: ChunkIndex,
+        start: u64,
         with_md5: bool,
         len: u64,
         body: &mut B,
     ) -> Result<StagedChunk, ServiceError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
-        let writer = self.storage.stage_chunk(id, index, with_md5, rx);
+        let tap = self.assembler.as_ref().and_then(|a| a.tap(id, start));
+        let writer = self.storage.stage_chunk(id, index, with_md5, rx, tap);
         let (budget, budget_kib) = (self.body_budget.clone(), self.body_budget_kib);
         let reader = async move {
             let mut received = 0u64;

@@ -605,9 +605,14 @@ impl UploadService {
         body: &mut B,
     ) -> Result<(Option<StagedChunk>, SegmentEnd), ServiceError> {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
-        let writer =
-            self.storage
-                .stage_chunk(id, Piece::Segment(offset), with_md5 || self.always_md5, rx);
+        let tap = self.assembler.as_ref().and_then(|a| a.tap(id, offset));
+        let writer = self.storage.stage_chunk(
+            id,
+            Piece::Segment(offset),
+            with_md5 || self.always_md5,
+            rx,
+            tap,
+        );
         let reader = self.feed_segment(max, carry, hasher, body, tx);
         let (written, (taken, end)) = tokio::join!(writer, reader);
         match (written, end) {

@@ -61,14 +61,19 @@ impl FileHasher {
         }
     }
 
-    /// The final digests, and the state that another run could carry on from (`offset`
-    /// being the bytes seen in all).
-    pub(super) fn finish(self, offset: u64) -> (Md5, Option<Sha256>, HashState) {
-        let state = HashState {
+    /// The state after `offset` bytes in all, to carry on from, without finishing.
+    pub(super) fn state(&self, offset: u64) -> HashState {
+        HashState {
             offset,
             md5: BASE64.encode(self.md5.serialize()),
             sha256: self.sha256.as_ref().map(|s| BASE64.encode(s.serialize())),
-        };
+        }
+    }
+
+    /// The final digests, and the state that another run could carry on from (`offset`
+    /// being the bytes seen in all).
+    pub(super) fn finish(self, offset: u64) -> (Md5, Option<Sha256>, HashState) {
+        let state = self.state(offset);
         (
             Md5::from_bytes(self.md5.finalize().into()),
             self.sha256.map(|s| Sha256::from_bytes(s.finalize().into())),

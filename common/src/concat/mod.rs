@@ -45,6 +45,7 @@ use crate::direct_io::{self, ALIGN as DIRECT_ALIGN, AlignedBlock, BLOCK as DIREC
 
 mod clone;
 mod hashing;
+pub mod lanes;
 pub mod prefix;
 
 use hashing::FileHasher;
@@ -236,6 +237,68 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         .open(&job.output)
         .map_err(|e| storage_error("opening the merged file", e))?;
     cleanup(run(job, control, out, hasher, start, false))
+}
+
+/// Appends `chunks` to `output` (new when `new`, else holding the file's first `start`
+/// bytes) by sharing their blocks (reflink), reading none of them: their bytes were hashed
+/// as they arrived ([`lanes`]). `Ok(false)` when the file system, or the run's alignment,
+/// does not allow it: whatever was shared is what any writer of the file writes there, and
+/// a new file is removed.
+pub fn clone_run(
+    chunks: &[ChunkSource],
+    output: &Path,
+    start: u64,
+    new: bool,
+    fsync: bool,
+) -> Result<bool, ConcatError> {
+    let aligned = start.is_multiple_of(DIRECT_ALIGN as u64)
+        && chunks.split_last().is_some_and(|(_, init)| {
+            init.iter()
+                .all(|c| c.len.is_multiple_of(DIRECT_ALIGN as u64))
+        });
+    if !aligned {
+        return Ok(false);
+    }
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(new)
+        .open(output)
+        .map_err(|e| storage_error("opening the assembly file", e))?;
+    let result = (|| {
+        let mut offset = start;
+        for chunk in chunks {
+            let src = File::open(&chunk.path).map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    lost(chunk.index, "is missing on storage")
+                } else {
+                    storage_error("opening a chunk", e)
+                }
+            })?;
+            let len = src
+                .metadata()
+                .map_err(|e| storage_error("looking up a chunk", e))?
+                .len();
+            if len != chunk.len {
+                return Err(lost(
+                    chunk.index,
+                    format!("has {len} bytes on storage, {} recorded", chunk.len),
+                ));
+            }
+            match clone::clone_range(&src, &out, chunk.len, offset) {
+                Ok(()) => offset += chunk.len,
+                Err(e) if clone::refused(&e) => return Ok(false),
+                Err(e) => return Err(storage_error("cloning a chunk into the assembly", e)),
+            }
+        }
+        if fsync {
+            sync_data(&out).map_err(|e| storage_error("syncing the assembly file", e))?;
+        }
+        Ok(true)
+    })();
+    if new && !matches!(result, Ok(true)) {
+        let _ = std::fs::remove_file(output);
+    }
+    result
 }
 
 fn storage_error(context: &str, e: std::io::Error) -> ConcatError {

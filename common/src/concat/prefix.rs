@@ -37,7 +37,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use super::{ChunkSource, Concat, ConcatError, Control, HashState, concatenate};
+use super::hashing::FileHasher;
+use super::lanes::{HashLanes, Tap};
+use super::{ChunkSource, Concat, ConcatError, Control, HashState, clone_run, concatenate};
 use crate::config::Settings;
 use crate::id::UploadId;
 use crate::lock::{LockName, MergeLock};
@@ -156,6 +158,8 @@ struct Inner {
     read_direct: bool,
     nice: i32,
     sha256: bool,
+    /// Hashing in line (`merge.hash_in_line`).
+    lanes: Option<HashLanes>,
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
     running: Mutex<std::collections::HashMap<UploadId, bool>>,
@@ -169,7 +173,13 @@ impl Assembler {
         storage: FsChunkStore,
         lock: Arc<dyn MergeLock>,
     ) -> Option<Self> {
-        settings.merge.incremental.then(|| Self {
+        if !settings.merge.incremental {
+            return None;
+        }
+        let sha256 = settings.uploads.file_digest.with_sha256();
+        let lanes = (settings.merge.hash_in_line && settings.merge.reflink)
+            .then(|| HashLanes::new(sha256, settings.merge.hash_ahead.0));
+        let assembler = Self {
             inner: Arc::new(Inner {
                 state,
                 storage,
@@ -180,10 +190,27 @@ impl Assembler {
                 reflink: settings.merge.reflink,
                 read_direct: settings.storage.direct_io,
                 nice: settings.merge.assembly_nice.into(),
-                sha256: settings.uploads.file_digest.with_sha256(),
+                sha256,
+                lanes,
                 running: Mutex::new(Default::default()),
             }),
-        })
+        };
+        if let Some(lanes) = &assembler.inner.lanes {
+            // A copy hashed in line may let the prefix go further.
+            let inner = Arc::downgrade(&assembler.inner);
+            lanes.on_hashed(move |id| {
+                if let Some(inner) = inner.upgrade() {
+                    Assembler { inner }.chunk_counted(id);
+                }
+            });
+        }
+        Some(assembler)
+    }
+
+    /// A way for the piece of `id` that starts at `start` into its upload's lane, when
+    /// hashing it in line can be of use ([`HashLanes::tap`]).
+    pub fn tap(&self, id: &UploadId, start: u64) -> Option<Tap> {
+        self.inner.lanes.as_ref()?.tap(id, start)
     }
 
     /// A chunk of `id` was counted: carry its prefix on in the background. Returns at once;
@@ -252,14 +279,20 @@ impl Inner {
         loop {
             // Only while the upload is receiving: once it is merging, the merge finishes the
             // file (two would hash the same last chunks at once).
-            let Some(header) = self.state.upload_header(id).await? else {
-                return Ok(covered);
+            let header = match self.state.upload_header(id).await? {
+                Some(h)
+                    if h.state == UploadState::Receiving
+                        && !matches!(h.assembly, Assembly::Concat { .. }) =>
+                {
+                    h
+                }
+                _ => {
+                    if let Some(lanes) = &self.lanes {
+                        lanes.forget(id);
+                    }
+                    return Ok(covered);
+                }
             };
-            if header.state != UploadState::Receiving
-                || matches!(header.assembly, Assembly::Concat { .. })
-            {
-                return Ok(covered);
-            }
             let records = self.state.counted_chunks(id).await?;
             let saved = self
                 .storage
@@ -270,20 +303,9 @@ impl Inner {
                 (p.checkpoint.chunks as usize, p.checkpoint.hashes.offset)
             });
             covered = offset;
-            let n = next_run(&records, from, offset, STEP_BYTES);
             // The last part is left to the merge: all counted means merging.
-            if n == 0 || from + n >= header_parts(&header, &records) {
-                return Ok(covered);
-            }
-            if !self
-                .lock
-                .renew(lease)
-                .await
-                .map_err(|e| AssembleError::Lock(e.to_string()))?
-            {
-                return Ok(covered);
-            }
-            let run = &records[from..from + n];
+            let parts = header_parts(&header, &records);
+            let open = records.len().min(parts.saturating_sub(1));
             let (assembly, path, resume) = match saved {
                 Some(p) => (p.checkpoint.assembly, p.path, Some(p.checkpoint.hashes)),
                 None => {
@@ -291,40 +313,135 @@ impl Inner {
                     (name, path, None)
                 }
             };
-            let job = Concat {
-                chunks: run
-                    .iter()
-                    .map(|r| source(&self.storage, id, &header.assembly, r))
-                    .collect(),
-                output: path,
-                block_bytes: self.block_bytes,
-                fsync: self.fsync,
-                direct_io: self.direct_io,
-                reflink: self.reflink,
-                read_direct: self.read_direct,
-                sha256: self.sha256,
-                resume,
+            let start = std::time::Instant::now();
+            let step = match self.hashed_in_line(id, &records[from.min(open)..open], &resume) {
+                InLine::Hashed(n, after) => {
+                    if !self.renew(lease).await? {
+                        return Ok(covered);
+                    }
+                    let chunks = self.sources(id, &header, &records[from..from + n]);
+                    let (output, new) = (path.clone(), resume.is_none());
+                    let fsync = self.fsync;
+                    let cloned =
+                        background(0, move || clone_run(&chunks, &output, offset, new, fsync))
+                            .await
+                            .map_err(|e| {
+                                ConcatError::Storage(format!("assembly thread failed: {e}"))
+                            })??;
+                    if cloned {
+                        let bytes = after.offset - offset;
+                        Some((n, after, bytes))
+                    } else {
+                        // No reflink here after all: hashing in line only doubles the work.
+                        if let Some(lanes) = &self.lanes {
+                            lanes.disable();
+                        }
+                        None
+                    }
+                }
+                InLine::Pending => return Ok(covered),
+                InLine::None => None,
             };
-            let started = std::time::Instant::now();
-            let done = background(self.nice, move || concatenate(&job, &Control::default()))
-                .await
-                .map_err(|e| ConcatError::Storage(format!("assembly thread failed: {e}")))??;
+            let (n, hashes, cloned_bytes) = match step {
+                Some(done) => done,
+                None => {
+                    let n = next_run(&records[..open], from, offset, STEP_BYTES);
+                    if n == 0 {
+                        return Ok(covered);
+                    }
+                    if !self.renew(lease).await? {
+                        return Ok(covered);
+                    }
+                    let job = Concat {
+                        chunks: self.sources(id, &header, &records[from..from + n]),
+                        output: path,
+                        block_bytes: self.block_bytes,
+                        fsync: self.fsync,
+                        direct_io: self.direct_io,
+                        reflink: self.reflink,
+                        read_direct: self.read_direct,
+                        sha256: self.sha256,
+                        resume,
+                    };
+                    let done =
+                        background(self.nice, move || concatenate(&job, &Control::default()))
+                            .await
+                            .map_err(|e| {
+                                ConcatError::Storage(format!("assembly thread failed: {e}"))
+                            })??;
+                    (n, done.state, done.cloned_bytes)
+                }
+            };
             let checkpoint = Checkpoint {
                 assembly,
                 chunks: (from + n) as u64,
                 tokens: tokens_digest(&records[..from + n]),
-                hashes: done.state,
+                hashes,
             };
             self.storage.save_prefix(id, &checkpoint).await?;
             #[cfg(feature = "failpoints")]
             crate::failpoints::crash_here(crate::failpoints::PREFIX_SAVED);
+            if let Some(lanes) = &self.lanes {
+                lanes.checkpoint_saved(id, &checkpoint.hashes);
+            }
+            let reached = checkpoint.hashes.offset;
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
-            metrics::counter!(m::ASSEMBLY_BYTES).increment(done.size - offset);
-            metrics::counter!(m::CLONED_BYTES).increment(done.cloned_bytes);
-            tracing::debug!(upload_id = %id, offset = done.size, chunks = from + n, seconds = started.elapsed().as_secs_f64(), "prefix carried on");
-            covered = done.size;
+            metrics::counter!(m::ASSEMBLY_BYTES).increment(reached - offset);
+            metrics::counter!(m::CLONED_BYTES).increment(cloned_bytes);
+            tracing::debug!(upload_id = %id, offset = reached, chunks = from + n, seconds = start.elapsed().as_secs_f64(), "prefix carried on");
+            covered = reached;
         }
     }
+
+    /// What hashing in line did for the counted parts that follow the prefix (`resume`: its
+    /// hashes; none: byte 0).
+    fn hashed_in_line(
+        &self,
+        id: &UploadId,
+        next: &[ChunkRecord],
+        resume: &Option<HashState>,
+    ) -> InLine {
+        let Some(lanes) = &self.lanes else {
+            return InLine::None;
+        };
+        let base = resume
+            .clone()
+            .unwrap_or_else(|| FileHasher::new(self.sha256).state(0));
+        match lanes.chain(id, &base, next) {
+            (0, _) if next.first().is_some_and(|r| lanes.pending(id, r.offset)) => InLine::Pending,
+            (0, _) => InLine::None,
+            (n, after) => InLine::Hashed(n, after),
+        }
+    }
+
+    async fn renew(&self, lease: &mut crate::lock::Lease) -> Result<bool, AssembleError> {
+        self.lock
+            .renew(lease)
+            .await
+            .map_err(|e| AssembleError::Lock(e.to_string()))
+    }
+
+    fn sources(
+        &self,
+        id: &UploadId,
+        header: &crate::state::UploadHeader,
+        records: &[ChunkRecord],
+    ) -> Vec<ChunkSource> {
+        records
+            .iter()
+            .map(|r| source(&self.storage, id, &header.assembly, r))
+            .collect()
+    }
+}
+
+/// What hashing in line did for the parts after the prefix.
+enum InLine {
+    /// The next `n` were hashed; the hashes' state after them.
+    Hashed(usize, HashState),
+    /// The next one is being hashed now: its lane carries the prefix on when it is done.
+    Pending,
+    /// Nothing: the next part is read back from storage.
+    None,
 }
 
 /// Runs `work` on a thread of its own (and the threads it starts, which inherit it) at nice

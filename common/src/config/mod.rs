@@ -258,6 +258,17 @@ pub struct MergeSettings {
     /// leave idle, so that receiving chunks never waits on hashing them (the merge finishes
     /// whatever the assembly has not reached). 0: the same priority as requests.
     pub assembly_nice: u8,
+    /// Hash in line (with `incremental`, where the storage clones: `reflink`): the API
+    /// advances the file's hashes over each chunk's bytes while it receives them, from
+    /// memory, in order, and the assembly then only clones the chunk into place. A client
+    /// sending in order is paced by the hashes (they are never more than a few MiB behind),
+    /// so the verified file is there moments after the last byte. Off, the assembly reads
+    /// each chunk back from storage, at `assembly_nice`.
+    pub hash_in_line: bool,
+    /// Memory the API may hold, in all uploads, of chunks received ahead of their upload's
+    /// hashes (other connections of the same upload) until the hashes reach them. A chunk
+    /// that would go past it is read back from storage instead.
+    pub hash_ahead: ByteSize,
 }
 
 /// The outbox sweeper: no upload whose last chunk was accepted stays unfinished.
@@ -543,6 +554,8 @@ impl Default for MergeSettings {
             reflink: true,
             incremental: true,
             assembly_nice: 10,
+            hash_in_line: true,
+            hash_ahead: ByteSize(64 << 20),
         }
     }
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::StorageError;
 use super::layout::{self, AttemptFile, CopyEntry, Piece, PrefixFile};
+use crate::concat::lanes::Tap;
 use crate::concat::prefix::Checkpoint;
 use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
 use crate::direct_io;
@@ -44,6 +45,16 @@ impl Block {
             bytes,
             _budget: budget,
         }
+    }
+
+    /// The same bytes, holding no share of the budget.
+    pub fn share(&self) -> Self {
+        Self::new(self.bytes.clone(), None)
+    }
+
+    /// Gives the block's share of the budget back while it is kept for something else.
+    pub fn release_budget(&mut self) {
+        self._budget = None;
     }
 }
 
@@ -191,12 +202,16 @@ impl FsChunkStore {
     /// The copy's token is a random part followed by the chunk's CRC32C (8 hex digits), so
     /// that storage alone tells what each complete copy holds when the state store must be
     /// rebuilt ([`FsChunkStore::inventory`]).
+    ///
+    /// With a `tap`, each block goes on to it once written (hashing in line,
+    /// [`crate::concat::lanes`]), and the tap hears of the copy's token once it is durable.
     pub async fn stage_chunk(
         &self,
         id: &UploadId,
         piece: impl Into<Piece>,
         with_md5: bool,
         feed: mpsc::Receiver<Feed>,
+        tap: Option<Tap>,
     ) -> Result<StagedChunk, StorageError> {
         let piece = piece.into();
         let random = new_token();
@@ -205,10 +220,14 @@ impl FsChunkStore {
         let store = self.clone();
         let id = id.clone();
         tokio::task::spawn_blocking(move || {
-            let digests = write_copy(&dir, &part, with_md5, &store, feed, |crc| {
+            let mut tap = tap;
+            let digests = write_copy(&dir, &part, with_md5, &store, feed, tap.as_mut(), |crc| {
                 store.copy_path(&id, piece, &layout::copy_token(&random, crc))
             })?;
             let token = layout::copy_token(&random, digests.crc32c);
+            if let Some(tap) = tap {
+                tap.finish(&token);
+            }
             Ok(StagedChunk {
                 path: store.copy_path(&id, piece, &token),
                 token,
@@ -1098,6 +1117,7 @@ fn write_copy(
     with_md5: bool,
     store: &FsChunkStore,
     mut feed: mpsc::Receiver<Feed>,
+    mut tap: Option<&mut Tap>,
     final_path: impl FnOnce(u32) -> PathBuf,
 ) -> Result<ChunkDigests, StorageError> {
     std::fs::create_dir_all(dir)
@@ -1130,9 +1150,16 @@ fn write_copy(
                         crc.update(&block);
                         file.write(&block)
                             .map_err(|e| StorageError::from_io("writing chunk", e))?;
-                        if with_md5 {
-                            // Only fails if the hash thread died, which join reports.
-                            let _ = md5_tx.send(block);
+                        match (with_md5, tap.as_deref_mut()) {
+                            (true, tap) => {
+                                if let Some(tap) = tap {
+                                    tap.push(block.share());
+                                }
+                                // Only fails if the hash thread died, which join reports.
+                                let _ = md5_tx.send(block);
+                            }
+                            (false, Some(tap)) => tap.push(block),
+                            (false, None) => {}
                         }
                     }
                     Some(Feed::End) => break,
@@ -1430,7 +1457,7 @@ mod tests {
         end: bool,
     ) -> Result<StagedChunk, StorageError> {
         let (tx, rx) = mpsc::channel(4);
-        let task = store.stage_chunk(id, ChunkIndex(3), true, rx);
+        let task = store.stage_chunk(id, ChunkIndex(3), true, rx, None);
         let feed = async {
             for p in parts {
                 tx.send(Feed::Data(Block::new(Bytes::copy_from_slice(p), None)))

@@ -1,0 +1,514 @@
+//! Hashing in line (`merge.hash_in_line`): the whole-file hashes advanced over a chunk's
+//! bytes while the API receives them, from memory, instead of reading the chunk back from
+//! storage afterwards.
+//!
+//! Each upload this API receives has a *lane*: where its hashes stand (the *head*: an offset
+//! and the hashes' state there) and the *streams* of the pieces being received, by the offset
+//! they start at. The writer of a piece taps its blocks into the piece's stream once they are
+//! written ([`Tap::push`]); a hashing thread of the lane feeds the head's stream to the
+//! hashes, and when a stream ends with a durable copy ([`Tap::finish`]) it notes one fact:
+//! *hashing copy `token` from state `from` gives state `after`*. Those facts are true for
+//! ever (a copy's bytes never change; tokens are unique per copy), whatever becomes of the
+//! upload, so the assembly ([`super::prefix`]) can use any of them whose `from` is where its
+//! saved checkpoint stands and whose copy is the one counted: it then only clones the chunk
+//! into the assembly file and saves the `after` state, reading nothing.
+//!
+//! Pacing: the head's stream holds at most [`HEAD_QUEUE`] bytes the hashes have not taken;
+//! its writer waits beyond that, so that a client sends no faster than the file is hashed
+//! and the hashes are moments behind the last byte. Streams ahead of the head (other
+//! connections of the same upload) keep their blocks, up to `merge.hash_ahead` bytes for the
+//! whole process, until the head reaches them; a stream that would go past that budget, or
+//! whose writer waited on the hashes longer than [`HEAD_WAIT`], stops being hashed in line,
+//! and its chunk is read back from storage by the assembly as without this.
+//!
+//! A stream that fails (a body cut short, a copy not written) puts the head back where the
+//! stream began: its state was saved before the first byte.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::HashState;
+use super::hashing::FileHasher;
+use crate::id::UploadId;
+use crate::storage::Block;
+use crate::upload::ChunkRecord;
+
+/// Bytes of the head's stream the hashes have not taken yet before its writer waits.
+pub const HEAD_QUEUE: u64 = 2 << 20;
+/// How long the head's writer waits on the hashes, in all, before the stream is dropped.
+pub const HEAD_WAIT: Duration = Duration::from_secs(2);
+/// A lane that nothing fed or hashed for this long is dropped when another is opened (its
+/// upload was abandoned, or its chunks go to another API now).
+const IDLE: Duration = Duration::from_secs(60);
+
+/// The lanes of the uploads this process receives.
+#[derive(Clone)]
+pub struct HashLanes {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    sha256: bool,
+    /// Bytes the streams ahead of their heads may hold, in all.
+    ahead_budget: u64,
+    /// Off once the storage turned out not to clone: hashing in line would then be wasted.
+    enabled: AtomicBool,
+    lanes: Mutex<Lanes>,
+    changed: Condvar,
+    on_hashed: OnceLock<OnHashed>,
+}
+
+type OnHashed = Box<dyn Fn(&UploadId) + Send + Sync>;
+
+#[derive(Default)]
+struct Lanes {
+    by_upload: HashMap<UploadId, Lane>,
+    /// Bytes held by streams ahead of their heads.
+    ahead: u64,
+}
+
+struct Lane {
+    head: Option<Head>,
+    streams: BTreeMap<u64, Stream>,
+    /// Copy token → what hashing it did.
+    hashed: HashMap<String, Hashed>,
+    /// A hashing thread runs for this lane.
+    hashing: bool,
+    touched: Instant,
+    runtime: tokio::runtime::Handle,
+}
+
+struct Head {
+    offset: u64,
+    /// `None` while the hashing thread holds it.
+    hasher: Option<FileHasher>,
+}
+
+#[derive(Default)]
+struct Stream {
+    /// Blocks not hashed yet, and whether each counts against the ahead budget.
+    blocks: VecDeque<(Block, bool)>,
+    queued: u64,
+    fed: u64,
+    /// The hashes' state where the stream begins, once the hashing thread began it.
+    from: Option<HashState>,
+    end: Option<End>,
+    waited: Duration,
+}
+
+enum End {
+    Copy(String),
+    Failed,
+}
+
+/// What hashing one copy did to the hashes.
+#[derive(Clone, Debug)]
+struct Hashed {
+    from: HashState,
+    after: HashState,
+}
+
+impl HashLanes {
+    /// `ahead_budget`: bytes that streams ahead of their heads may hold, in all.
+    pub fn new(sha256: bool, ahead_budget: u64) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                sha256,
+                ahead_budget,
+                enabled: AtomicBool::new(true),
+                lanes: Mutex::new(Lanes::default()),
+                changed: Condvar::new(),
+                on_hashed: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Called (from a hashing thread, in the runtime that opened the lane) each time a copy
+    /// of `id` has been hashed in line.
+    pub fn on_hashed(&self, f: impl Fn(&UploadId) + Send + Sync + 'static) {
+        let _ = self.shared.on_hashed.set(Box::new(f));
+    }
+
+    /// Stops hashing in line in this process (streams already open carry on).
+    pub fn disable(&self) {
+        self.shared.enabled.store(false, Ordering::Relaxed);
+    }
+
+    /// A stream for the piece of `id` that starts at `start`, if hashing it in line can be of
+    /// use: its upload's hashes stand at or before `start` in this process (or it starts at
+    /// byte 0), and no other copy of it is being received here. Must be called in a Tokio
+    /// runtime.
+    pub fn tap(&self, id: &UploadId, start: u64) -> Option<Tap> {
+        if !self.shared.enabled.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut lanes = self.shared.lock();
+        let now = Instant::now();
+        let idle: Vec<UploadId> = lanes
+            .by_upload
+            .iter()
+            .filter(|(_, l)| !l.hashing && now.duration_since(l.touched) > IDLE)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for gone in idle {
+            lanes.remove(&gone);
+        }
+        let sha256 = self.shared.sha256;
+        let lane = lanes.by_upload.entry(id.clone()).or_insert_with(|| Lane {
+            head: None,
+            streams: BTreeMap::new(),
+            hashed: HashMap::new(),
+            hashing: false,
+            touched: now,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        if lane.head.is_none() && start == 0 && !lane.hashing {
+            lane.head = Some(Head {
+                offset: 0,
+                hasher: Some(FileHasher::new(sha256)),
+            });
+        }
+        let ahead_of_head = lane.head.as_ref().is_some_and(|h| start >= h.offset);
+        if !ahead_of_head || lane.streams.contains_key(&start) {
+            return None;
+        }
+        lane.streams.insert(start, Stream::default());
+        lane.touched = now;
+        self.shared.wake(id, lane);
+        Some(Tap {
+            shared: self.shared.clone(),
+            id: id.clone(),
+            start,
+            ended: false,
+        })
+    }
+
+    /// How many of `records` (counted parts in order, the first starting where `base`
+    /// stands) were hashed in line one after the other from `base`, and the state after the
+    /// last of them.
+    pub fn chain(
+        &self,
+        id: &UploadId,
+        base: &HashState,
+        records: &[ChunkRecord],
+    ) -> (usize, HashState) {
+        let lanes = self.shared.lock();
+        let mut state = base.clone();
+        let mut n = 0;
+        if let Some(lane) = lanes.by_upload.get(id) {
+            for r in records {
+                match lane.hashed.get(&r.token) {
+                    Some(h)
+                        if h.from == state
+                            && state.offset == r.offset
+                            && h.after.offset == r.offset + r.len =>
+                    {
+                        state = h.after.clone();
+                        n += 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        (n, state)
+    }
+
+    /// Whether the piece of `id` at `offset` is being hashed in line now (the head is there
+    /// and its stream is live): the assembly leaves it to the lane.
+    pub fn pending(&self, id: &UploadId, offset: u64) -> bool {
+        let lanes = self.shared.lock();
+        lanes.by_upload.get(id).is_some_and(|lane| {
+            lane.head.as_ref().is_some_and(|h| h.offset == offset)
+                && lane
+                    .streams
+                    .get(&offset)
+                    .is_some_and(|s| !matches!(s.end, Some(End::Failed)))
+        })
+    }
+
+    /// The assembly saved a checkpoint of `id` at `state`: facts behind it are of no more
+    /// use, and a lane that stood behind it (a chunk it did not hash, read back by the
+    /// assembly instead) carries on from there.
+    pub fn checkpoint_saved(&self, id: &UploadId, state: &HashState) {
+        let mut lanes = self.shared.lock();
+        let Lanes { by_upload, ahead } = &mut *lanes;
+        let Some(lane) = by_upload.get_mut(id) else {
+            return;
+        };
+        lane.hashed.retain(|_, h| h.after.offset > state.offset);
+        let behind = lane.head.as_ref().is_none_or(|h| h.offset < state.offset);
+        if behind && !lane.hashing {
+            let Some(hasher) = FileHasher::resume(state) else {
+                return;
+            };
+            lane.head = Some(Head {
+                offset: state.offset,
+                hasher: Some(hasher),
+            });
+            let kept = lane.streams.split_off(&state.offset);
+            for (_, stream) in std::mem::replace(&mut lane.streams, kept) {
+                *ahead -= stream.ahead_bytes();
+            }
+            self.shared.wake(id, lane);
+        }
+    }
+
+    /// `id` is no longer received (merging, gone): its lane goes.
+    pub fn forget(&self, id: &UploadId) {
+        self.shared.lock().remove(id);
+        self.shared.changed.notify_all();
+    }
+
+    /// Bytes held by streams ahead of their heads, in all (for tests and metrics).
+    pub fn ahead_bytes(&self) -> u64 {
+        self.shared.lock().ahead
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the lane's hashing thread if its head's stream has work and none runs.
+    fn wake(self: &Arc<Self>, id: &UploadId, lane: &mut Lane) {
+        let ready = lane
+            .head
+            .as_ref()
+            .is_some_and(|h| lane.streams.contains_key(&h.offset));
+        if lane.hashing || !ready {
+            return;
+        }
+        lane.hashing = true;
+        let shared = self.clone();
+        let id = id.clone();
+        let runtime = lane.runtime.clone();
+        let spawned = std::thread::Builder::new()
+            .name("stitch-hash-lane".into())
+            .spawn(move || {
+                let _runtime = runtime.enter();
+                shared.hash_lane(&id);
+            });
+        if spawned.is_err() {
+            lane.hashing = false;
+        }
+    }
+
+    /// The hashing thread: feeds the head's stream to the hashes, then the next, while there
+    /// is one.
+    fn hash_lane(self: &Arc<Self>, id: &UploadId) {
+        let mut lanes = self.lock();
+        loop {
+            let Lanes { by_upload, ahead } = &mut *lanes;
+            let Some(lane) = by_upload.get_mut(id) else {
+                return;
+            };
+            let Some(head) = lane.head.as_mut() else {
+                lane.hashing = false;
+                return;
+            };
+            let offset = head.offset;
+            let Some(stream) = lane.streams.get_mut(&offset) else {
+                lane.hashing = false;
+                return;
+            };
+            let Some(mut hasher) = head.hasher.take() else {
+                lane.hashing = false;
+                return;
+            };
+            if stream.from.is_none() {
+                stream.from = Some(hasher.state(offset));
+            }
+            if let Some((block, counted)) = stream.blocks.pop_front() {
+                let len = block.len() as u64;
+                stream.queued -= len;
+                if counted {
+                    *ahead -= len;
+                }
+                lane.touched = Instant::now();
+                drop(lanes);
+                self.changed.notify_all();
+                hasher.update(&block);
+                drop(block);
+                lanes = self.lock();
+                match lanes.by_upload.get_mut(id).and_then(|l| l.head.as_mut()) {
+                    Some(head) if head.offset == offset => head.hasher = Some(hasher),
+                    // Forgotten meanwhile.
+                    _ => return,
+                }
+                continue;
+            }
+            match &stream.end {
+                Some(End::Copy(token)) => {
+                    let from = stream.from.take().expect("set above");
+                    let end = offset + stream.fed;
+                    let after = hasher.state(end);
+                    lane.hashed.insert(token.clone(), Hashed { from, after });
+                    lane.streams.remove(&offset);
+                    head.offset = end;
+                    head.hasher = Some(hasher);
+                    lane.touched = Instant::now();
+                    drop(lanes);
+                    if let Some(f) = self.on_hashed.get() {
+                        f(id);
+                    }
+                    lanes = self.lock();
+                }
+                Some(End::Failed) => {
+                    // Back to where the stream began: its bytes are not the file's.
+                    let from = stream.from.take().expect("set above");
+                    lane.streams.remove(&offset);
+                    match FileHasher::resume(&from) {
+                        Some(restored) => head.hasher = Some(restored),
+                        None => lane.head = None,
+                    }
+                }
+                None => {
+                    head.hasher = Some(hasher);
+                    lanes = self
+                        .changed
+                        .wait_timeout(lanes, Duration::from_millis(500))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+}
+
+impl Lanes {
+    fn remove(&mut self, id: &UploadId) {
+        if let Some(lane) = self.by_upload.remove(id) {
+            self.ahead -= lane.streams.values().map(Stream::ahead_bytes).sum::<u64>();
+        }
+    }
+}
+
+impl Stream {
+    fn ahead_bytes(&self) -> u64 {
+        self.blocks
+            .iter()
+            .filter(|(_, counted)| *counted)
+            .map(|(b, _)| b.len() as u64)
+            .sum()
+    }
+}
+
+/// A piece's way into its lane, held by its writer.
+pub struct Tap {
+    shared: Arc<Shared>,
+    id: UploadId,
+    start: u64,
+    ended: bool,
+}
+
+impl Tap {
+    /// Hands on a block once it is written. Waits while the head's stream is
+    /// [`HEAD_QUEUE`] ahead of the hashes (a blocking call: the writer's thread).
+    pub fn push(&mut self, mut block: Block) {
+        let len = block.len() as u64;
+        let mut lanes = self.shared.lock();
+        loop {
+            let Lanes { by_upload, ahead } = &mut *lanes;
+            let Some(lane) = by_upload.get_mut(&self.id) else {
+                return;
+            };
+            let at_head = lane.head.as_ref().is_some_and(|h| h.offset == self.start);
+            let Some(stream) = lane.streams.get_mut(&self.start) else {
+                return;
+            };
+            if stream.end.is_some() {
+                return;
+            }
+            if at_head {
+                if stream.queued >= HEAD_QUEUE {
+                    if stream.waited >= HEAD_WAIT {
+                        drop(lanes);
+                        self.fail();
+                        return;
+                    }
+                    let started = Instant::now();
+                    lanes = self
+                        .shared
+                        .changed
+                        .wait_timeout(lanes, HEAD_WAIT)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    if let Some(s) = lanes
+                        .by_upload
+                        .get_mut(&self.id)
+                        .and_then(|l| l.streams.get_mut(&self.start))
+                    {
+                        s.waited += started.elapsed();
+                    }
+                    continue;
+                }
+                stream.blocks.push_back((block, false));
+            } else {
+                if *ahead + len > self.shared.ahead_budget {
+                    drop(lanes);
+                    self.fail();
+                    return;
+                }
+                block.release_budget();
+                stream.blocks.push_back((block, true));
+                *ahead += len;
+            }
+            stream.queued += len;
+            stream.fed += len;
+            lane.touched = Instant::now();
+            self.shared.wake(&self.id, lane);
+            drop(lanes);
+            self.shared.changed.notify_all();
+            return;
+        }
+    }
+
+    /// The piece's copy is durable under `token`: the lane may note what hashing it did.
+    pub fn finish(mut self, token: &str) {
+        self.ended = true;
+        let mut lanes = self.shared.lock();
+        if let Some(lane) = lanes.by_upload.get_mut(&self.id)
+            && let Some(stream) = lane.streams.get_mut(&self.start)
+            && stream.end.is_none()
+        {
+            stream.end = Some(End::Copy(token.to_owned()));
+            self.shared.wake(&self.id, lane);
+        }
+        drop(lanes);
+        self.shared.changed.notify_all();
+    }
+
+    /// The stream is not the file's: dropped if the hashes have not begun it, undone by the
+    /// hashing thread otherwise.
+    fn fail(&mut self) {
+        self.ended = true;
+        let mut lanes = self.shared.lock();
+        let Lanes { by_upload, ahead } = &mut *lanes;
+        if let Some(lane) = by_upload.get_mut(&self.id)
+            && let Some(stream) = lane.streams.get_mut(&self.start)
+        {
+            if stream.from.is_none() {
+                *ahead -= stream.ahead_bytes();
+                lane.streams.remove(&self.start);
+            } else {
+                *ahead -= stream.ahead_bytes();
+                stream.blocks.clear();
+                stream.queued = 0;
+                stream.end = Some(End::Failed);
+            }
+        }
+        drop(lanes);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.fail();
+        }
+    }
+}
