@@ -22,6 +22,8 @@ pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const ASSEMBLY_STEPS: &str = "stitch_assembly_steps_total";
 pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
+/// Of those, the bytes hashed as they arrived (merge.hash_in_line), not read back.
+pub const HASHED_IN_LINE_BYTES: &str = "stitch_hashed_in_line_bytes_total";
 /// Early assembly (API) and merges (worker) alike.
 pub const CLONED_BYTES: &str = "stitch_cloned_bytes_total";
 // Worker
@@ -180,10 +182,16 @@ fn register_now(role: Role) {
             Unit::Bytes,
             "Bytes appended to assembly files and hashed while their chunks arrive"
         );
+        describe_counter!(
+            HASHED_IN_LINE_BYTES,
+            Unit::Bytes,
+            "Of the assembled bytes, those hashed from memory as their chunks arrived (merge.hash_in_line) rather than read back from storage"
+        );
         for result in ["ok", "error"] {
             metrics::counter!(ASSEMBLY_STEPS, "result" => result).absolute(0);
         }
         metrics::counter!(ASSEMBLY_BYTES).absolute(0);
+        metrics::counter!(HASHED_IN_LINE_BYTES).absolute(0);
         for class in ["4xx", "5xx"] {
             metrics::counter!(CHUNKS_REFUSED, "class" => class).absolute(0);
         }

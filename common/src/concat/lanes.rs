@@ -13,7 +13,7 @@
 //! saved checkpoint stands and whose copy is the one counted: it then only clones the chunk
 //! into the assembly file and saves the `after` state, reading nothing.
 //!
-//! Pacing: the head's stream holds at most [`HEAD_QUEUE`] bytes the hashes have not taken;
+//! Pacing: the head's stream holds at most `merge.hash_queue` bytes the hashes have not taken;
 //! its writer waits beyond that, so that a client sends no faster than the file is hashed
 //! and the hashes are moments behind the last byte. Streams ahead of the head (other
 //! connections of the same upload) keep their blocks, up to `merge.hash_ahead` bytes for the
@@ -35,8 +35,6 @@ use crate::id::UploadId;
 use crate::storage::Block;
 use crate::upload::ChunkRecord;
 
-/// Bytes of the head's stream the hashes have not taken yet before its writer waits.
-pub const HEAD_QUEUE: u64 = 2 << 20;
 /// How long the head's writer waits on the hashes, in all, before the stream is dropped.
 pub const HEAD_WAIT: Duration = Duration::from_secs(2);
 /// A lane that nothing fed or hashed for this long is dropped when another is opened (its
@@ -51,6 +49,8 @@ pub struct HashLanes {
 
 struct Shared {
     sha256: bool,
+    /// Bytes of the head's stream the hashes have not taken yet before its writer waits.
+    head_queue: u64,
     /// Bytes the streams ahead of their heads may hold, in all.
     ahead_budget: u64,
     /// Off once the storage turned out not to clone: hashing in line would then be wasted.
@@ -111,11 +111,13 @@ struct Hashed {
 }
 
 impl HashLanes {
+    /// `head_queue`: bytes a head's stream holds before its writer waits for the hashes;
     /// `ahead_budget`: bytes that streams ahead of their heads may hold, in all.
-    pub fn new(sha256: bool, ahead_budget: u64) -> Self {
+    pub fn new(sha256: bool, head_queue: u64, ahead_budget: u64) -> Self {
         Self {
             shared: Arc::new(Shared {
                 sha256,
+                head_queue,
                 ahead_budget,
                 enabled: AtomicBool::new(true),
                 lanes: Mutex::new(Lanes::default()),
@@ -406,7 +408,7 @@ pub struct Tap {
 
 impl Tap {
     /// Hands on a block once it is written. Waits while the head's stream is
-    /// [`HEAD_QUEUE`] ahead of the hashes (a blocking call: the writer's thread).
+    /// `merge.hash_queue` ahead of the hashes (a blocking call: the writer's thread).
     pub fn push(&mut self, mut block: Block) {
         let len = block.len() as u64;
         let mut lanes = self.shared.lock();
@@ -423,7 +425,7 @@ impl Tap {
                 return;
             }
             if at_head {
-                if stream.queued >= HEAD_QUEUE {
+                if stream.queued >= self.shared.head_queue {
                     if stream.waited >= HEAD_WAIT {
                         drop(lanes);
                         self.fail();
@@ -510,5 +512,290 @@ impl Drop for Tap {
         if !self.ended {
             self.fail();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::id::Tenant;
+
+    const CHUNK: usize = 1 << 20;
+
+    fn upload() -> UploadId {
+        UploadId::new(&Tenant::parse("acme").unwrap(), "lanes").unwrap()
+    }
+
+    fn bytes(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    fn record(offset: u64, len: usize, token: &str) -> ChunkRecord {
+        ChunkRecord {
+            index: crate::geometry::ChunkIndex(offset / CHUNK as u64),
+            offset,
+            len: len as u64,
+            crc32c: 0,
+            md5: None,
+            token: token.into(),
+        }
+    }
+
+    /// The state after hashing `parts` one after the other from byte 0.
+    fn hashed(parts: &[&[u8]]) -> HashState {
+        let mut hasher = FileHasher::new(true);
+        let mut offset = 0;
+        for p in parts {
+            hasher.update(p);
+            offset += p.len() as u64;
+        }
+        hasher.state(offset)
+    }
+
+    fn start() -> HashState {
+        FileHasher::new(true).state(0)
+    }
+
+    /// Lanes whose hashing threads report each copy hashed on the returned channel.
+    fn lanes(ahead_budget: u64) -> (HashLanes, mpsc::Receiver<UploadId>) {
+        let lanes = HashLanes::new(true, 2 << 20, ahead_budget);
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        lanes.on_hashed(move |id| {
+            let _ = tx.lock().unwrap().send(id.clone());
+        });
+        (lanes, rx)
+    }
+
+    /// Feeds `data` in 256 KiB blocks, as a chunk writer does.
+    fn feed(tap: &mut Tap, data: &[u8]) {
+        for block in data.chunks(256 << 10) {
+            tap.push(Block::new(Bytes::copy_from_slice(block), None));
+        }
+    }
+
+    fn wait_hashed(rx: &mpsc::Receiver<UploadId>) {
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("a copy hashed in line");
+    }
+
+    /// Polls `cond` (the lanes' threads move on their own) for up to a minute.
+    fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_hashed_in_line_chain_to_the_state_of_hashing_the_file() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK / 2 + 7));
+        // The second piece arrives on another connection while the first is still open.
+        let mut first = lanes.tap(&id, 0).expect("a lane opens at byte 0");
+        let mut second = lanes.tap(&id, CHUNK as u64).expect("ahead of the head");
+        assert!(
+            lanes.tap(&id, CHUNK as u64).is_none(),
+            "one stream per piece"
+        );
+        let (ta, tb) = tokio::task::spawn_blocking(move || {
+            feed(&mut second, &b);
+            assert!(
+                second.shared.lock().ahead > 0,
+                "the piece ahead holds its blocks"
+            );
+            second.finish("copy-b");
+            feed(&mut first, &a);
+            first.finish("copy-a");
+            (a, b)
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        wait_hashed(&rx);
+        assert_eq!(lanes.ahead_bytes(), 0);
+
+        let records = [
+            record(0, ta.len(), "copy-a"),
+            record(CHUNK as u64, tb.len(), "copy-b"),
+        ];
+        let (n, state) = lanes.chain(&id, &start(), &records);
+        assert_eq!(n, 2);
+        assert_eq!(state, hashed(&[&ta, &tb]));
+        // From the state after the first copy, only the second is left.
+        let (n, state) = lanes.chain(&id, &hashed(&[&ta]), &records[1..]);
+        assert_eq!((n, state), (1, hashed(&[&ta, &tb])));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fact_is_used_only_for_its_copy_from_its_state() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let a = bytes(1, CHUNK);
+        let mut tap = lanes.tap(&id, 0).unwrap();
+        let data = a.clone();
+        tokio::task::spawn_blocking(move || {
+            feed(&mut tap, &data);
+            tap.finish("copy-a");
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        // Another copy of the chunk was counted (a re-send, counted by another API).
+        assert_eq!(
+            lanes
+                .chain(&id, &start(), &[record(0, a.len(), "copy-a2")])
+                .0,
+            0
+        );
+        // The prefix stands somewhere else than where the copy was hashed from.
+        let elsewhere = hashed(&[&bytes(9, 10)]);
+        assert_eq!(
+            lanes
+                .chain(&id, &elsewhere, &[record(0, a.len(), "copy-a")])
+                .0,
+            0
+        );
+        // The record says another length.
+        assert_eq!(
+            lanes
+                .chain(&id, &start(), &[record(0, a.len() - 1, "copy-a")])
+                .0,
+            0
+        );
+        // Another upload.
+        let other = UploadId::new(&Tenant::parse("acme").unwrap(), "other").unwrap();
+        assert_eq!(
+            lanes
+                .chain(&other, &start(), &[record(0, a.len(), "copy-a")])
+                .0,
+            0
+        );
+        assert_eq!(
+            lanes
+                .chain(&id, &start(), &[record(0, a.len(), "copy-a")])
+                .0,
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_cut_short_puts_the_hashes_back_where_it_began() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let mut cut = lanes.tap(&id, 0).unwrap();
+        let shared = cut.shared.clone();
+        let (stream_begun, id2) = (shared.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            feed(&mut cut, &bytes(7, CHUNK / 2));
+            // The hashes have taken some of its bytes when the body breaks off.
+            eventually("the hashes to begin the stream", || {
+                let lanes = stream_begun.lock();
+                let lane = &lanes.by_upload[&id2];
+                lane.streams
+                    .get(&0)
+                    .is_some_and(|s| s.from.is_some() && s.queued == 0)
+            });
+            drop(cut);
+        })
+        .await
+        .unwrap();
+        eventually("the failed stream to be undone", || {
+            !shared.lock().by_upload[&id].streams.contains_key(&0)
+        });
+
+        let good = bytes(8, CHUNK);
+        let mut tap = lanes.tap(&id, 0).expect("the piece again, from byte 0");
+        let data = good.clone();
+        tokio::task::spawn_blocking(move || {
+            feed(&mut tap, &data);
+            tap.finish("copy-good");
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        let (n, state) = lanes.chain(&id, &start(), &[record(0, good.len(), "copy-good")]);
+        assert_eq!((n, state), (1, hashed(&[&good])));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_ahead_that_would_pass_the_budget_is_dropped_and_its_bytes_freed() {
+        let (lanes, _rx) = lanes(CHUNK as u64);
+        let id = upload();
+        let _head = lanes.tap(&id, 0).unwrap();
+        let mut ahead = lanes.tap(&id, 4 * CHUNK as u64).unwrap();
+        let probe = lanes.clone();
+        tokio::task::spawn_blocking(move || {
+            ahead.push(Block::new(Bytes::from(bytes(1, CHUNK * 3 / 4)), None));
+            assert_eq!(probe.ahead_bytes(), (CHUNK * 3 / 4) as u64);
+            // Past the budget: the stream goes, and with it what it held.
+            ahead.push(Block::new(Bytes::from(bytes(2, CHUNK / 2)), None));
+            assert_eq!(probe.ahead_bytes(), 0);
+            ahead.push(Block::new(Bytes::from(bytes(3, 10)), None));
+            ahead.finish("copy-far");
+            assert_eq!(probe.ahead_bytes(), 0);
+        })
+        .await
+        .unwrap();
+        assert!(
+            !lanes.shared.lock().by_upload[&id]
+                .streams
+                .contains_key(&(4 * CHUNK as u64)),
+            "the dropped stream is gone"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lane_behind_the_saved_prefix_carries_on_from_it() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK));
+        // The first chunk's body reached another API: this one's lane never hashes it.
+        drop(lanes.tap(&id, 0).unwrap());
+        let mut second = lanes.tap(&id, CHUNK as u64).unwrap();
+        let data = b.clone();
+        tokio::task::spawn_blocking(move || {
+            feed(&mut second, &data);
+            second.finish("copy-b");
+        })
+        .await
+        .unwrap();
+        assert_eq!(lanes.ahead_bytes(), b.len() as u64, "waiting for the head");
+        // The assembly read the first chunk back and saved the prefix after it.
+        lanes.checkpoint_saved(&id, &hashed(&[&a]));
+        wait_hashed(&rx);
+        let (n, state) = lanes.chain(
+            &id,
+            &hashed(&[&a]),
+            &[record(CHUNK as u64, b.len(), "copy-b")],
+        );
+        assert_eq!((n, state), (1, hashed(&[&a, &b])));
+        assert_eq!(lanes.ahead_bytes(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_lane_opens_behind_or_without_a_head() {
+        let (lanes, _rx) = lanes(64 << 20);
+        let id = upload();
+        assert!(
+            lanes.tap(&id, CHUNK as u64).is_none(),
+            "nothing hashes up to it"
+        );
+        let head = lanes.tap(&id, 0).unwrap();
+        assert!(
+            lanes.tap(&id, 0).is_none(),
+            "a second copy of a piece being hashed"
+        );
+        drop(head);
+        lanes.disable();
+        assert!(lanes.tap(&id, 0).is_none(), "disabled");
     }
 }

@@ -177,8 +177,13 @@ impl Assembler {
             return None;
         }
         let sha256 = settings.uploads.file_digest.with_sha256();
-        let lanes = (settings.merge.hash_in_line && settings.merge.reflink)
-            .then(|| HashLanes::new(sha256, settings.merge.hash_ahead.0));
+        let lanes = (settings.merge.hash_in_line && settings.merge.reflink).then(|| {
+            HashLanes::new(
+                sha256,
+                settings.merge.hash_queue.0,
+                settings.merge.hash_ahead.0,
+            )
+        });
         let assembler = Self {
             inner: Arc::new(Inner {
                 state,
@@ -286,7 +291,10 @@ impl Inner {
                 {
                     h
                 }
-                _ => {
+                // Not counted yet: a lane may have hashed the upload's first chunk before
+                // its count created the upload. Its lane stays.
+                None => return Ok(covered),
+                Some(_) => {
                     if let Some(lanes) = &self.lanes {
                         lanes.forget(id);
                     }
@@ -330,18 +338,21 @@ impl Inner {
                             })??;
                     if cloned {
                         let bytes = after.offset - offset;
+                        metrics::counter!(m::HASHED_IN_LINE_BYTES).increment(bytes);
                         Some((n, after, bytes))
                     } else {
                         // No reflink here after all: hashing in line only doubles the work.
                         if let Some(lanes) = &self.lanes {
                             lanes.disable();
                         }
+                        tracing::warn!(upload_id = %id, offset, "the storage did not clone a chunk into an assembly file: hashing in line is off in this process (merge.hash_in_line needs a file system that clones: XFS with reflink=1, Btrfs)");
                         None
                     }
                 }
                 InLine::Pending => return Ok(covered),
                 InLine::None => None,
             };
+            let in_line = step.is_some();
             let (n, hashes, cloned_bytes) = match step {
                 Some(done) => done,
                 None => {
@@ -388,7 +399,7 @@ impl Inner {
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
             metrics::counter!(m::ASSEMBLY_BYTES).increment(reached - offset);
             metrics::counter!(m::CLONED_BYTES).increment(cloned_bytes);
-            tracing::debug!(upload_id = %id, offset = reached, chunks = from + n, seconds = start.elapsed().as_secs_f64(), "prefix carried on");
+            tracing::debug!(upload_id = %id, offset = reached, chunks = from + n, in_line, seconds = start.elapsed().as_secs_f64(), "prefix carried on");
             covered = reached;
         }
     }

@@ -265,6 +265,11 @@ pub struct MergeSettings {
     /// so the verified file is there moments after the last byte. Off, the assembly reads
     /// each chunk back from storage, at `assembly_nice`.
     pub hash_in_line: bool,
+    /// How far (bytes) the hashes may be behind the writing of an upload's next in-order
+    /// chunk before its writer waits for them. The bytes queued stay part of
+    /// `limits.max_buffered_body_bytes`. Enough to keep the hashes busy while one chunk is
+    /// made durable and the next one begins.
+    pub hash_queue: ByteSize,
     /// Memory the API may hold, in all uploads, of chunks received ahead of their upload's
     /// hashes (other connections of the same upload) until the hashes reach them. A chunk
     /// that would go past it is read back from storage instead.
@@ -555,6 +560,7 @@ impl Default for MergeSettings {
             incremental: true,
             assembly_nice: 10,
             hash_in_line: true,
+            hash_queue: ByteSize(8 << 20),
             hash_ahead: ByteSize(64 << 20),
         }
     }
@@ -772,6 +778,9 @@ impl Settings {
         }
         if self.merge.delivery_limit == 0 {
             return invalid("STITCH__MERGE__DELIVERY_LIMIT", "must be at least 1");
+        }
+        if self.merge.hash_queue.0 < 1 << 20 {
+            return invalid("STITCH__MERGE__HASH_QUEUE", "must be at least 1MiB");
         }
         if self.merge.assembly_nice > 19 {
             return invalid("STITCH__MERGE__ASSEMBLY_NICE", "must be between 0 and 19");

@@ -86,6 +86,24 @@ async fn counter(process: &ServiceProcess, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in the metrics of {url}:\n{text}"))
 }
 
+/// Waits for the counter `name` on `process` to reach `value` (a step counts its bytes just
+/// after saving its checkpoint), then checks that it stopped there.
+async fn counter_settles_at(process: &ServiceProcess, name: &str, value: f64) {
+    let mut last = 0.0;
+    let reached = tokio::time::timeout(MINUTE, async {
+        loop {
+            last = counter(process, name).await;
+            if last >= value {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "{name} stayed at {last}, short of {value}");
+    assert_eq!(counter(process, name).await, value, "{name}");
+}
+
 /// The worker's count of merged bytes it took from a saved prefix.
 async fn prefix_bytes_merged(worker: &ServiceProcess) -> f64 {
     counter(worker, stitch_common::metrics::MERGE_PREFIX_BYTES).await
@@ -120,7 +138,22 @@ async fn the_merge_of_an_upload_sent_in_order_hashes_only_what_the_prefix_did_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_api_killed_after_saving_the_prefix_carries_on_from_the_saved_hash_state() {
-    let env = TestEnv::new();
+    killed_after_saving_the_prefix(TestEnv::new(), 0.0).await;
+}
+
+/// With hashing in line, the checkpoints the killed API saves hold the state its lane
+/// computed from memory: the file only verifies if that state was right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_after_saving_a_prefix_hashed_in_line_carries_on_from_its_state() {
+    let env = TestEnv::new_in(&stitch_testkit::reflink::reflink_dir());
+    killed_after_saving_the_prefix(env, (1 << 20) as f64).await;
+}
+
+/// Sends chunk 0 to an API that dies right after saving its second checkpoint, checks that
+/// `in_line` bytes of the first were hashed in line, then sends the rest (chunks 1 and 2
+/// maybe twice) and has a fresh API and the merge finish from the saved state alone.
+async fn killed_after_saving_the_prefix(env: std::sync::Arc<TestEnv>, in_line: f64) {
+    use stitch_common::metrics::HASHED_IN_LINE_BYTES;
     let tap = EventTap::start(&env).await;
     let worker = start_worker(&env);
     // Pass the line once (the first checkpoint), crash at the second.
@@ -136,6 +169,7 @@ async fn an_api_killed_after_saving_the_prefix_carries_on_from_the_saved_hash_st
     send(&client, &id, &source, &md5, 0).await;
     let first = wait_for_prefix(&storage, &uid, 1).await;
     assert_eq!(first.checkpoint.chunks, 1);
+    counter_settles_at(&crashing, HASHED_IN_LINE_BYTES, in_line).await;
     // Chunk 1 carries the prefix on: the API dies right after saving that checkpoint, maybe
     // before its answer went out, maybe after chunk 2 was counted too.
     for index in [1, 2] {
@@ -241,6 +275,41 @@ async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_att
     assert_eq!(prefix_bytes_merged(&second).await, (256 << 20) as f64);
 }
 
+/// Hashing in line (`merge.hash_in_line`): chunks sent in order are hashed from memory as
+/// they arrive; the prefix only clones them into the assembly file and saves the state their
+/// lane reached. Removing the chunk files then leaves the merge nothing to read but the saved
+/// state, so the file verifies only if that state was right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_sent_in_order_are_hashed_as_they_arrive_not_read_back() {
+    use stitch_common::metrics::{ASSEMBLY_BYTES, HASHED_IN_LINE_BYTES};
+    for (seed, in_line) in [(165, true), (166, false)] {
+        let env = TestEnv::new_in(&stitch_testkit::reflink::reflink_dir());
+        let tap = EventTap::start(&env).await;
+        let _worker = start_worker(&env);
+        let mut cmd = api_command(&env);
+        cmd.env("STITCH__MERGE__HASH_IN_LINE", in_line.to_string());
+        let api = ServiceProcess::start(cmd, "stitch-api listening");
+        let client = ApiClient::new(api.addr);
+        let storage = FsChunkStore::new(env.storage_root.clone(), true);
+        let (source, md5) = file(seed);
+        let id = new_id();
+        let uid = UploadId::parse(&id).unwrap();
+        for index in 0..6 {
+            send(&client, &id, &source, &md5, index).await;
+        }
+        let prefix = wait_for_prefix(&storage, &uid, 6).await;
+        let assembled = prefix.checkpoint.hashes.offset as f64;
+        counter_settles_at(&api, ASSEMBLY_BYTES, assembled).await;
+        let expected = if in_line { assembled } else { 0.0 };
+        counter_settles_at(&api, HASHED_IN_LINE_BYTES, expected).await;
+        remove_covered_chunks(&storage, &uid, &prefix);
+        for index in 6..8 {
+            send(&client, &id, &source, &md5, index).await;
+        }
+        assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_not_written_again()
 {
@@ -259,7 +328,7 @@ async fn on_a_file_system_that_shares_blocks_every_byte_is_cloned_into_the_file_
     }
     // The API's prefix: cloned, not copied.
     wait_for_prefix(&storage, &uid, 6).await;
-    assert_eq!(counter(&api, CLONED_BYTES).await, (6 << 20) as f64);
+    counter_settles_at(&api, CLONED_BYTES, (6 << 20) as f64).await;
     for index in 6..8 {
         send(&client, &id, &source, &md5, index).await;
     }
