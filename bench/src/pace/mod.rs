@@ -99,6 +99,11 @@ pub struct PaceArgs {
     /// Skip the bare sink (its baseline is then missing from the report), as `--orders`.
     #[arg(long)]
     pub no_sink: bool,
+    /// A setting for both the API and the worker of every upload, as a `STITCH__…`
+    /// variable (`--set STITCH__MERGE__HASH_IN_LINE=false`; repeatable): to compare
+    /// configurations. The processes inherit no `STITCH…` variable from the shell.
+    #[arg(long = "set", value_parser = parse_setting)]
+    pub settings: Vec<(String, String)>,
     /// The `stitch-api` binary.
     #[arg(long, default_value = "target/release/stitch-api")]
     pub api_bin: PathBuf,
@@ -143,6 +148,13 @@ fn parse_order(raw: &str) -> Result<Order, String> {
         "in-order" => Ok(Order::InOrder),
         "shuffled" => Ok(Order::Shuffled),
         _ => Err("an order is in-order or shuffled".into()),
+    }
+}
+
+fn parse_setting(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((key, value)) if key.starts_with("STITCH__") => Ok((key.into(), value.into())),
+        _ => Err("a setting is STITCH__SECTION__KEY=value".into()),
     }
 }
 
@@ -373,8 +385,12 @@ fn check_args(args: &PaceArgs) -> anyhow::Result<()> {
     );
     ensure!(args.repeats >= 1, "--repeats must be at least 1");
     ensure!(
-        !(args.run.write_docs && (args.orders.is_some() || args.modes.is_some() || args.no_sink)),
-        "--orders, --modes and --no-sink measure a subset, which cannot be written to the docs"
+        !(args.run.write_docs
+            && (args.orders.is_some()
+                || args.modes.is_some()
+                || args.no_sink
+                || !args.settings.is_empty())),
+        "--orders, --modes, --no-sink and --set measure a subset or another configuration, which cannot be written to the docs"
     );
     for &size in &args.sizes {
         ensure!(
@@ -641,7 +657,7 @@ impl Bench<'_> {
         let env = TestEnv::deployed("bench", self.work.path(), Some(self.services))
             .context("creating a storage directory")?;
         let mut deployment = Deployment::new(env);
-        let settings = [
+        let mut settings = vec![
             // Keys a crashed run leaves behind expire soon.
             ("STITCH__UPLOADS__TTL", "1h".to_owned()),
             (
@@ -651,6 +667,12 @@ impl Bench<'_> {
             // Both sides: the API assembles the prefix, the worker carries on from it.
             ("STITCH__MERGE__INCREMENTAL", mode.incremental().to_string()),
         ];
+        settings.extend(
+            self.args
+                .settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone())),
+        );
         deployment.start(Role::Api, &self.args.api_bin, &settings, &[])?;
         deployment.start(Role::Worker, &self.args.worker_bin, &settings, &[])?;
         Ok(deployment)

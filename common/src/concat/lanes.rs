@@ -13,13 +13,15 @@
 //! saved checkpoint stands and whose copy is the one counted: it then only clones the chunk
 //! into the assembly file and saves the `after` state, reading nothing.
 //!
-//! Pacing: the head's stream holds at most `merge.hash_queue` bytes the hashes have not taken;
-//! its writer waits beyond that, so that a client sends no faster than the file is hashed
-//! and the hashes are moments behind the last byte. Streams ahead of the head (other
-//! connections of the same upload) keep their blocks, up to `merge.hash_ahead` bytes for the
-//! whole process, until the head reaches them; a stream that would go past that budget, or
-//! whose writer waited on the hashes longer than [`HEAD_WAIT`], stops being hashed in line,
-//! and its chunk is read back from storage by the assembly as without this.
+//! Pacing: a writer waits while the hashes have `merge.hash_queue` bytes to take before its
+//! next block and wait on nothing but the hashing thread (the pieces from the head up to its
+//! own follow each other and have all ended): a client sending in order, on one connection
+//! or several, then sends no faster than the file is hashed, and the hashes are moments
+//! behind the last byte. Pieces further ahead (other connections of the same upload, while
+//! the head's piece is still arriving) keep their blocks, up to `merge.hash_ahead` bytes for
+//! the whole process, until the head reaches them. A piece that would go past that budget,
+//! or whose writer waited [`HEAD_WAIT`] without the hashes moving, stops being hashed in
+//! line, and its chunk is read back from storage by the assembly as without this.
 //!
 //! A stream that fails (a body cut short, a copy not written) puts the head back where the
 //! stream began: its state was saved before the first byte.
@@ -35,7 +37,8 @@ use crate::id::UploadId;
 use crate::storage::Block;
 use crate::upload::ChunkRecord;
 
-/// How long the head's writer waits on the hashes, in all, before the stream is dropped.
+/// How long a writer waits on the hashes of its upload without them taking a block before
+/// its stream is dropped.
 pub const HEAD_WAIT: Duration = Duration::from_secs(2);
 /// A lane that nothing fed or hashed for this long is dropped when another is opened (its
 /// upload was abandoned, or its chunks go to another API now).
@@ -77,6 +80,8 @@ struct Lane {
     /// A hashing thread runs for this lane.
     hashing: bool,
     touched: Instant,
+    /// When its hashes last took a block (or its hashing thread started).
+    progressed: Instant,
     runtime: tokio::runtime::Handle,
 }
 
@@ -95,7 +100,6 @@ struct Stream {
     /// The hashes' state where the stream begins, once the hashing thread began it.
     from: Option<HashState>,
     end: Option<End>,
-    waited: Duration,
 }
 
 enum End {
@@ -140,8 +144,8 @@ impl HashLanes {
 
     /// A stream for the piece of `id` that starts at `start`, if hashing it in line can be of
     /// use: its upload's hashes stand at or before `start` in this process (or it starts at
-    /// byte 0), and no other copy of it is being received here. Must be called in a Tokio
-    /// runtime.
+    /// byte 0, or within `merge.hash_ahead` of it before byte 0 came), and no other copy of
+    /// it is being received here. Must be called in a Tokio runtime.
     pub fn tap(&self, id: &UploadId, start: u64) -> Option<Tap> {
         if !self.shared.enabled.load(Ordering::Relaxed) {
             return None;
@@ -164,6 +168,7 @@ impl HashLanes {
             hashed: HashMap::new(),
             hashing: false,
             touched: now,
+            progressed: now,
             runtime: tokio::runtime::Handle::current(),
         });
         if lane.head.is_none() && start == 0 && !lane.hashing {
@@ -172,7 +177,13 @@ impl HashLanes {
                 hasher: Some(FileHasher::new(sha256)),
             });
         }
-        let ahead_of_head = lane.head.as_ref().is_some_and(|h| start >= h.offset);
+        let ahead_of_head = match &lane.head {
+            Some(head) => start >= head.offset,
+            // The first pieces of an upload sent on several connections at once: the one at
+            // byte 0 may open the lane after them. Only near the start, so that an API that
+            // never receives byte 0 holds little for a head that never comes.
+            None => !lane.hashing && lane.hashed.is_empty() && start < self.shared.ahead_budget,
+        };
         if !ahead_of_head || lane.streams.contains_key(&start) {
             return None;
         }
@@ -284,6 +295,7 @@ impl Shared {
             return;
         }
         lane.hashing = true;
+        lane.progressed = Instant::now();
         let shared = self.clone();
         let id = id.clone();
         let runtime = lane.runtime.clone();
@@ -330,6 +342,7 @@ impl Shared {
                     *ahead -= len;
                 }
                 lane.touched = Instant::now();
+                lane.progressed = lane.touched;
                 drop(lanes);
                 self.changed.notify_all();
                 hasher.update(&block);
@@ -380,6 +393,34 @@ impl Shared {
     }
 }
 
+impl Lane {
+    /// The bytes the hashes must take before a block of the stream at `start` that is
+    /// pushed now: those queued in the streams from the head up to this one, when they
+    /// follow each other (as far as is known: a stream still being received ends where the
+    /// next begins). `None` when there is a gap before it: the hashes cannot reach it until
+    /// another piece comes, and pacing it would only hold its client.
+    fn backlog(&self, start: u64) -> Option<u64> {
+        let head = self.head.as_ref()?;
+        let mut at = Some(head.offset);
+        let mut backlog = 0;
+        for (&from, stream) in self.streams.range(head.offset..=start) {
+            if at.is_some_and(|at| at != from) {
+                return None;
+            }
+            backlog += stream.queued;
+            if from == start {
+                return Some(backlog);
+            }
+            at = match stream.end {
+                Some(End::Copy(_)) => Some(from + stream.fed),
+                Some(End::Failed) => return None,
+                None => None,
+            };
+        }
+        None
+    }
+}
+
 impl Lanes {
     fn remove(&mut self, id: &UploadId) {
         if let Some(lane) = self.by_upload.remove(id) {
@@ -407,8 +448,9 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Hands on a block once it is written. Waits while the head's stream is
-    /// `merge.hash_queue` ahead of the hashes (a blocking call: the writer's thread).
+    /// Hands on a block once it is written. Waits while the hashes have `merge.hash_queue`
+    /// bytes to take before it and wait on nothing but their thread ([`Lane::backlog`]; a
+    /// blocking call: the writer's thread).
     pub fn push(&mut self, mut block: Block) {
         let len = block.len() as u64;
         let mut lanes = self.shared.lock();
@@ -418,35 +460,29 @@ impl Tap {
                 return;
             };
             let at_head = lane.head.as_ref().is_some_and(|h| h.offset == self.start);
+            let backlog = lane.backlog(self.start);
             let Some(stream) = lane.streams.get_mut(&self.start) else {
                 return;
             };
             if stream.end.is_some() {
                 return;
             }
-            if at_head {
-                if stream.queued >= self.shared.head_queue {
-                    if stream.waited >= HEAD_WAIT {
-                        drop(lanes);
-                        self.fail();
-                        return;
-                    }
-                    let started = Instant::now();
-                    lanes = self
-                        .shared
-                        .changed
-                        .wait_timeout(lanes, HEAD_WAIT)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                    if let Some(s) = lanes
-                        .by_upload
-                        .get_mut(&self.id)
-                        .and_then(|l| l.streams.get_mut(&self.start))
-                    {
-                        s.waited += started.elapsed();
-                    }
-                    continue;
+            if backlog.is_some_and(|b| b >= self.shared.head_queue) {
+                if lane.progressed.elapsed() >= HEAD_WAIT {
+                    // The hashes are stuck (or starved): this piece is read back instead.
+                    drop(lanes);
+                    self.fail();
+                    return;
                 }
+                lanes = self
+                    .shared
+                    .changed
+                    .wait_timeout(lanes, HEAD_WAIT)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+            if at_head {
                 stream.blocks.push_back((block, false));
             } else {
                 if *ahead + len > self.shared.ahead_budget {
@@ -782,20 +818,39 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn no_lane_opens_behind_or_without_a_head() {
-        let (lanes, _rx) = lanes(64 << 20);
+    async fn pieces_near_the_start_wait_for_byte_0_and_others_need_a_head() {
+        let (lanes, rx) = lanes(4 * CHUNK as u64);
         let id = upload();
         assert!(
-            lanes.tap(&id, CHUNK as u64).is_none(),
-            "nothing hashes up to it"
+            lanes.tap(&id, 4 * CHUNK as u64).is_none(),
+            "past merge.hash_ahead, nothing hashes up to it"
         );
-        let head = lanes.tap(&id, 0).unwrap();
+        // The second piece's request came before the first's.
+        let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK));
+        let mut second = lanes.tap(&id, CHUNK as u64).expect("near the start");
+        let mut first = lanes.tap(&id, 0).expect("byte 0 opens the head");
         assert!(
             lanes.tap(&id, 0).is_none(),
             "a second copy of a piece being hashed"
         );
-        drop(head);
+        let (ta, tb) = (a.clone(), b.clone());
+        tokio::task::spawn_blocking(move || {
+            feed(&mut second, &tb);
+            second.finish("copy-b");
+            feed(&mut first, &ta);
+            first.finish("copy-a");
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        wait_hashed(&rx);
+        let records = [
+            record(0, a.len(), "copy-a"),
+            record(CHUNK as u64, b.len(), "copy-b"),
+        ];
+        assert_eq!(lanes.chain(&id, &start(), &records), (2, hashed(&[&a, &b])));
         lanes.disable();
-        assert!(lanes.tap(&id, 0).is_none(), "disabled");
+        let other = UploadId::new(&Tenant::parse("acme").unwrap(), "other").unwrap();
+        assert!(lanes.tap(&other, 0).is_none(), "disabled");
     }
 }
