@@ -395,21 +395,21 @@ impl Shared {
 
 impl Lane {
     /// The bytes the hashes must take before a block of the stream at `start` that is
-    /// pushed now: those queued in the streams from the head up to this one, when they
-    /// follow each other (as far as is known: a stream still being received ends where the
-    /// next begins). `None` when there is a gap before it: the hashes cannot reach it until
-    /// another piece comes, and pacing it would only hold its client.
+    /// pushed now: those queued in the streams from the head up to this one. `None` when
+    /// the upload is not arriving in order here: some stream of the lane lies beyond a gap
+    /// (as far as is known: a stream still being received ends where the next begins), so
+    /// the hashes cannot reach it until another piece comes; holding this writer back would
+    /// only slow an upload whose file the merge finishes anyway.
     fn backlog(&self, start: u64) -> Option<u64> {
         let head = self.head.as_ref()?;
         let mut at = Some(head.offset);
-        let mut backlog = 0;
-        for (&from, stream) in self.streams.range(head.offset..=start) {
+        let mut backlog = None;
+        for (&from, stream) in self.streams.range(head.offset..) {
             if at.is_some_and(|at| at != from) {
                 return None;
             }
-            backlog += stream.queued;
-            if from == start {
-                return Some(backlog);
+            if from <= start {
+                backlog = Some(backlog.unwrap_or(0) + stream.queued);
             }
             at = match stream.end {
                 Some(End::Copy(_)) => Some(from + stream.fed),
@@ -417,7 +417,7 @@ impl Lane {
                 None => None,
             };
         }
-        None
+        backlog
     }
 }
 
