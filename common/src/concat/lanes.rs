@@ -13,14 +13,14 @@
 //! saved checkpoint stands and whose copy is the one counted: it then only clones the chunk
 //! into the assembly file and saves the `after` state, reading nothing.
 //!
-//! Pacing: a writer waits while the hashes have `merge.hash_queue` bytes to take before its
-//! next block and wait on nothing but the hashing thread (the pieces from the head up to its
-//! own follow each other and have all ended): a client sending in order, on one connection
-//! or several, then sends no faster than the file is hashed, and the hashes are moments
-//! behind the last byte. Pieces further ahead (other connections of the same upload, while
-//! the head's piece is still arriving) keep their blocks, up to `merge.hash_ahead` bytes for
-//! the whole process, until the head reaches them. A piece that would go past that budget,
-//! or whose writer waited [`HEAD_WAIT`] without the hashes moving, stops being hashed in
+//! Pacing: while an upload arrives in order here (its streams follow each other from the
+//! head without a gap), a writer waits whenever the hashes have `merge.hash_queue` bytes to
+//! take before its next block: a client sending in order, on one connection or several,
+//! then sends no faster than the file is hashed, and the hashes are moments behind the last
+//! byte. Streams the hashes cannot reach yet keep their blocks, up to `merge.hash_ahead`
+//! bytes for the whole process, and their writers are not held back (the merge finishes an
+//! upload sent out of order anyway). A stream that would go past that budget, or whose
+//! writer waited [`HEAD_WAIT`] without the hashes taking a block, stops being hashed in
 //! line, and its chunk is read back from storage by the assembly as without this.
 //!
 //! A stream that fails (a body cut short, a copy not written) puts the head back where the
