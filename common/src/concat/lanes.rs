@@ -616,6 +616,18 @@ mod tests {
         }
     }
 
+    /// Feeds a whole copy through `tap` on a blocking thread, as its writer does, and ends it
+    /// as the durable copy `token`.
+    async fn send(mut tap: Tap, data: &[u8], token: &'static str) {
+        let data = data.to_vec();
+        tokio::task::spawn_blocking(move || {
+            feed(&mut tap, &data);
+            tap.finish(token);
+        })
+        .await
+        .unwrap();
+    }
+
     fn wait_hashed(rx: &mpsc::Receiver<UploadId>) {
         rx.recv_timeout(Duration::from_secs(60))
             .expect("a copy hashed in line");
@@ -676,14 +688,7 @@ mod tests {
         let (lanes, rx) = lanes(64 << 20);
         let id = upload();
         let a = bytes(1, CHUNK);
-        let mut tap = lanes.tap(&id, 0).unwrap();
-        let data = a.clone();
-        tokio::task::spawn_blocking(move || {
-            feed(&mut tap, &data);
-            tap.finish("copy-a");
-        })
-        .await
-        .unwrap();
+        send(lanes.tap(&id, 0).unwrap(), &a, "copy-a").await;
         wait_hashed(&rx);
         // Another copy of the chunk was counted (a re-send, counted by another API).
         assert_eq!(
@@ -749,14 +754,8 @@ mod tests {
         });
 
         let good = bytes(8, CHUNK);
-        let mut tap = lanes.tap(&id, 0).expect("the piece again, from byte 0");
-        let data = good.clone();
-        tokio::task::spawn_blocking(move || {
-            feed(&mut tap, &data);
-            tap.finish("copy-good");
-        })
-        .await
-        .unwrap();
+        let tap = lanes.tap(&id, 0).expect("the piece again, from byte 0");
+        send(tap, &good, "copy-good").await;
         wait_hashed(&rx);
         let (n, state) = lanes.chain(&id, &start(), &[record(0, good.len(), "copy-good")]);
         assert_eq!((n, state), (1, hashed(&[&good])));
@@ -796,14 +795,7 @@ mod tests {
         let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK));
         // The first chunk's body reached another API: this one's lane never hashes it.
         drop(lanes.tap(&id, 0).unwrap());
-        let mut second = lanes.tap(&id, CHUNK as u64).unwrap();
-        let data = b.clone();
-        tokio::task::spawn_blocking(move || {
-            feed(&mut second, &data);
-            second.finish("copy-b");
-        })
-        .await
-        .unwrap();
+        send(lanes.tap(&id, CHUNK as u64).unwrap(), &b, "copy-b").await;
         assert_eq!(lanes.ahead_bytes(), b.len() as u64, "waiting for the head");
         // The assembly read the first chunk back and saved the prefix after it.
         lanes.checkpoint_saved(&id, &hashed(&[&a]));

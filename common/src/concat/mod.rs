@@ -161,26 +161,7 @@ pub struct Control {
 /// a new output file is removed; a resumed one keeps what it held (its first bytes are a
 /// saved prefix that others may carry on from).
 pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, ConcatError> {
-    // Every chunk must be there, at its recorded size, before anything is written; all the
-    // missing and short ones are reported at once, so that the client re-sends them together.
-    let mut missing = Vec::new();
-    for chunk in &job.chunks {
-        match std::fs::metadata(&chunk.path) {
-            Ok(m) if m.len() == chunk.len => {}
-            Ok(m) => missing.push(LostChunk {
-                index: chunk.index,
-                why: format!("has {} bytes on storage, {} recorded", m.len(), chunk.len),
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => missing.push(LostChunk {
-                index: chunk.index,
-                why: "is missing on storage".into(),
-            }),
-            Err(e) => return Err(storage_error("looking up a chunk", e)),
-        }
-    }
-    if !missing.is_empty() {
-        return Err(ConcatError::LostChunks(missing));
-    }
+    all_present(&job.chunks)?;
     let hasher = match &job.resume {
         Some(state) => FileHasher::resume(state)
             .ok_or_else(|| ConcatError::Storage("a saved hash state does not decode".into()))?,
@@ -194,7 +175,7 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
         }
         result
     };
-    if job.reflink && clonable(job, start) {
+    if job.reflink && clonable(&job.chunks, start) {
         let out = OpenOptions::new()
             .write(true)
             .create_new(new)
@@ -239,6 +220,31 @@ pub fn concatenate(job: &Concat, control: &Control) -> Result<Concatenated, Conc
     cleanup(run(job, control, out, hasher, start, false))
 }
 
+/// Every chunk must be there, at its recorded size, before anything is written; all the
+/// missing and short ones are reported at once, so that the client re-sends them together.
+fn all_present(chunks: &[ChunkSource]) -> Result<(), ConcatError> {
+    let mut missing = Vec::new();
+    for chunk in chunks {
+        match std::fs::metadata(&chunk.path) {
+            Ok(m) if m.len() == chunk.len => {}
+            Ok(m) => missing.push(LostChunk {
+                index: chunk.index,
+                why: format!("has {} bytes on storage, {} recorded", m.len(), chunk.len),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => missing.push(LostChunk {
+                index: chunk.index,
+                why: "is missing on storage".into(),
+            }),
+            Err(e) => return Err(storage_error("looking up a chunk", e)),
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ConcatError::LostChunks(missing))
+    }
+}
+
 /// Appends `chunks` to `output` (new when `new`, else holding the file's first `start`
 /// bytes) by sharing their blocks (reflink), reading none of them: their bytes were hashed
 /// as they arrived ([`lanes`]). `Ok(false)` when the file system, or the run's alignment,
@@ -251,14 +257,10 @@ pub fn clone_run(
     new: bool,
     fsync: bool,
 ) -> Result<bool, ConcatError> {
-    let aligned = start.is_multiple_of(DIRECT_ALIGN as u64)
-        && chunks.split_last().is_some_and(|(_, init)| {
-            init.iter()
-                .all(|c| c.len.is_multiple_of(DIRECT_ALIGN as u64))
-        });
-    if !aligned {
+    if !clonable(chunks, start) {
         return Ok(false);
     }
+    all_present(chunks)?;
     let out = OpenOptions::new()
         .write(true)
         .create_new(new)
@@ -267,23 +269,7 @@ pub fn clone_run(
     let result = (|| {
         let mut offset = start;
         for chunk in chunks {
-            let src = File::open(&chunk.path).map_err(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    lost(chunk.index, "is missing on storage")
-                } else {
-                    storage_error("opening a chunk", e)
-                }
-            })?;
-            let len = src
-                .metadata()
-                .map_err(|e| storage_error("looking up a chunk", e))?
-                .len();
-            if len != chunk.len {
-                return Err(lost(
-                    chunk.index,
-                    format!("has {len} bytes on storage, {} recorded", chunk.len),
-                ));
-            }
+            let src = File::open(&chunk.path).map_err(|e| open_error(chunk, e))?;
             match clone::clone_range(&src, &out, chunk.len, offset) {
                 Ok(()) => offset += chunk.len,
                 Err(e) if clone::refused(&e) => return Ok(false),
@@ -299,6 +285,15 @@ pub fn clone_run(
         let _ = std::fs::remove_file(output);
     }
     result
+}
+
+/// A chunk that would not open: lost when it is gone, a storage failure otherwise.
+fn open_error(chunk: &ChunkSource, e: std::io::Error) -> ConcatError {
+    if e.kind() == ErrorKind::NotFound {
+        lost(chunk.index, "is missing on storage")
+    } else {
+        storage_error("opening a chunk", e)
+    }
 }
 
 fn storage_error(context: &str, e: std::io::Error) -> ConcatError {
@@ -395,12 +390,12 @@ fn run(
 
 /// Whether the run can be cloned: it starts on a block and every chunk but its last is whole
 /// blocks (the kernel clones only block-aligned ranges, but for one that ends its source).
-fn clonable(job: &Concat, start: u64) -> bool {
+fn clonable(chunks: &[ChunkSource], start: u64) -> bool {
     let align = DIRECT_ALIGN as u64;
-    let Some((_, init)) = job.chunks.split_last() else {
+    let Some((_, init)) = chunks.split_last() else {
         return false;
     };
-    job.chunks[0].len > 0
+    chunks[0].len > 0
         && start.is_multiple_of(align)
         && init.iter().all(|c| c.len.is_multiple_of(align))
 }
@@ -414,13 +409,7 @@ enum Cloned {
 }
 
 fn clone_first(chunk: &ChunkSource, out: &File, start: u64) -> Result<(), Cloned> {
-    let src = File::open(&chunk.path).map_err(|e| {
-        Cloned::Failed(if e.kind() == ErrorKind::NotFound {
-            lost(chunk.index, "is missing on storage")
-        } else {
-            storage_error("opening a chunk", e)
-        })
-    })?;
+    let src = File::open(&chunk.path).map_err(|e| Cloned::Failed(open_error(chunk, e)))?;
     clone::clone_range(&src, out, chunk.len, start).map_err(|e| {
         if clone::refused(&e) {
             Cloned::Refused(e)
@@ -544,13 +533,7 @@ impl<'a> ChunkReader<'a> {
             Ok(None) => File::open(&chunk.path).map(|f| (f, false)),
             Err(e) => Err(e),
         }
-        .map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                lost(chunk.index, "is missing on storage")
-            } else {
-                storage_error("opening a chunk", e)
-            }
-        })?;
+        .map_err(|e| open_error(chunk, e))?;
         Ok(Self {
             chunk,
             file,
