@@ -705,6 +705,14 @@ mod tests {
                 .0,
             0
         );
+        // At the same offset, in another state: a checkpoint saved without the SHA-256.
+        let other_digests = FileHasher::new(false).state(0);
+        assert_eq!(
+            lanes
+                .chain(&id, &other_digests, &[record(0, a.len(), "copy-a")])
+                .0,
+            0
+        );
         // The record says another length.
         assert_eq!(
             lanes
