@@ -239,6 +239,8 @@ pub struct PaceResults {
     pub machine: Machine,
     /// (b) per size: MD5 of the payload in memory, one core.
     pub md5: Vec<Throughput>,
+    /// Per size: the same with the `md-5` crate (what (b) was before Stitch had its own MD5).
+    pub md5_crate: Vec<Throughput>,
     /// (a) the bare sink, per case and repeat, in the order run.
     pub sinks: Vec<SinkRun>,
     /// The uploads through Stitch, in the order run.
@@ -431,6 +433,7 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
         services: &services,
         runtime: &runtime,
         busy_waits: 0,
+        md5_crate: Vec::new(),
     };
     let mut md5 = Vec::new();
     let mut sinks = Vec::new();
@@ -495,6 +498,7 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
         args: args.clone(),
         machine,
         md5,
+        md5_crate: bench.md5_crate,
         sinks,
         runs,
         busy_waits: bench.busy_waits,
@@ -541,6 +545,8 @@ struct Bench<'a> {
     services: &'a Services,
     runtime: &'a tokio::runtime::Runtime,
     busy_waits: usize,
+    /// Per size, in order: MD5 with the `md-5` crate, beside (b).
+    md5_crate: Vec<Throughput>,
 }
 
 impl Bench<'_> {
@@ -574,6 +580,13 @@ impl Bench<'_> {
             hashed.elapsed.as_secs_f64(),
             hashed.mb_per_s()
         ));
+        let crate_hashed = baseline::md5_crate_one_core(&payload.source.bytes, MD5_BLOCK);
+        progress(format!(
+            "    the md-5 crate: {:.2} s, {:.0} MB/s",
+            crate_hashed.elapsed.as_secs_f64(),
+            crate_hashed.mb_per_s()
+        ));
+        self.md5_crate.push(crate_hashed);
         Ok((payload, hex::encode(digest), hashed))
     }
 

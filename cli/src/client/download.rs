@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Args;
 use futures_util::StreamExt;
-use md5::Digest;
 use serde::Serialize;
 
 use super::{Client, ServerArgs};
@@ -191,7 +190,7 @@ async fn fetch(
 fn hash_file(path: &Path) -> Result<String, Failure> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut md5 = md5::Md5::new();
+    let mut md5 = stitch_common::digest::Md5Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file.read(&mut buf).context("reading the file")?;
@@ -200,5 +199,5 @@ fn hash_file(path: &Path) -> Result<String, Failure> {
         }
         md5.update(&buf[..n]);
     }
-    Ok(stitch_common::digest::Md5::from_bytes(md5.finalize().into()).to_hex())
+    Ok(md5.finalize().to_hex())
 }

@@ -19,6 +19,7 @@ use clap::Args;
 use md5::Digest;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
+use stitch_common::digest::Md5Hasher;
 use tokio::sync::mpsc;
 
 use super::{Client, ServerArgs, Status};
@@ -294,7 +295,7 @@ fn read_chunks(
     tx: mpsc::Sender<Outgoing>,
 ) -> anyhow::Result<()> {
     let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
-    let mut md5 = md5::Md5::new();
+    let mut md5 = Md5Hasher::new();
     let wanted: std::collections::HashSet<u64> = missing.iter().copied().collect();
     let last = missing.last().copied();
     let mut held = None;
@@ -321,8 +322,7 @@ fn read_chunks(
         }
     }
     if let Some(mut chunk) = held {
-        chunk.file_md5 =
-            Some(stitch_common::digest::Md5::from_bytes(md5.finalize().into()).to_hex());
+        chunk.file_md5 = Some(md5.finalize().to_hex());
         let _ = tx.blocking_send(chunk);
     }
     Ok(())

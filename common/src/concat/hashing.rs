@@ -5,11 +5,11 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use md5::Digest as _;
-use md5::digest::common::hazmat::SerializableState;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use sha2::digest::common::hazmat::SerializableState;
 
-use crate::digest::{Md5, Sha256};
+use crate::digest::{Md5, Md5Hasher, Sha256};
 
 /// The hashes' state after the first `offset` bytes of a file: what to save to carry on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,14 +31,14 @@ impl HashState {
 
 /// The hashes a concatenation computes: each block is fed to both while it is in cache.
 pub(super) struct FileHasher {
-    md5: md5::Md5,
+    md5: Md5Hasher,
     sha256: Option<sha2::Sha256>,
 }
 
 impl FileHasher {
     pub(super) fn new(with_sha256: bool) -> Self {
         Self {
-            md5: md5::Md5::new(),
+            md5: Md5Hasher::new(),
             sha256: with_sha256.then(sha2::Sha256::new),
         }
     }
@@ -46,7 +46,7 @@ impl FileHasher {
     /// The hashes as `state` left them; `None` when the state does not decode (a record
     /// written by another version, or damaged): the caller starts over.
     pub(super) fn resume(state: &HashState) -> Option<Self> {
-        let md5 = restore::<md5::Md5>(&state.md5)?;
+        let md5 = Md5Hasher::deserialize(&BASE64.decode(&state.md5).ok()?)?;
         let sha256 = match &state.sha256 {
             Some(s) => Some(restore::<sha2::Sha256>(s)?),
             None => None,
@@ -75,7 +75,7 @@ impl FileHasher {
     pub(super) fn finish(self, offset: u64) -> (Md5, Option<Sha256>, HashState) {
         let state = self.state(offset);
         (
-            Md5::from_bytes(self.md5.finalize().into()),
+            self.md5.finalize(),
             self.sha256.map(|s| Sha256::from_bytes(s.finalize().into())),
             state,
         )

@@ -38,9 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
-use md5::Digest;
-
-use crate::digest::{Md5, Sha256};
+use crate::digest::{Md5, Md5Hasher, Sha256};
 use crate::direct_io::{self, ALIGN as DIRECT_ALIGN, AlignedBlock, BLOCK as DIRECT_BLOCK};
 
 mod clone;
@@ -516,7 +514,7 @@ struct ChunkReader<'a> {
     /// opened when one is needed.
     plain: Option<File>,
     crc: u32,
-    md5: Option<md5::Md5>,
+    md5: Option<Md5Hasher>,
     read: u64,
 }
 
@@ -540,7 +538,7 @@ impl<'a> ChunkReader<'a> {
             direct,
             plain: None,
             crc: 0,
-            md5: chunk.md5.map(|_| md5::Md5::new()),
+            md5: chunk.md5.map(|_| Md5Hasher::new()),
             read: 0,
         })
     }
@@ -596,7 +594,7 @@ impl<'a> ChunkReader<'a> {
             ));
         }
         if let (Some(expected), Some(m)) = (chunk.md5, self.md5)
-            && Md5::from_bytes(m.finalize().into()) != expected
+            && m.finalize() != expected
         {
             return Err(lost(
                 chunk.index,
@@ -743,6 +741,7 @@ fn write_blocks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use md5::Digest as _;
 
     fn write_chunks(
         dir: &std::path::Path,

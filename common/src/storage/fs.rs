@@ -16,7 +16,7 @@ use super::StorageError;
 use super::layout::{self, AttemptFile, CopyEntry, Piece, PrefixFile};
 use crate::concat::lanes::Tap;
 use crate::concat::prefix::Checkpoint;
-use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Sha256};
+use crate::digest::{ChunkDigests, ChunkHasher, CompositeMd5, Md5, Md5Hasher, Sha256};
 use crate::direct_io;
 use crate::geometry::ChunkIndex;
 use crate::id::UploadId;
@@ -1135,11 +1135,11 @@ fn write_copy(
         let (md5_tx, md5_rx) = std::sync::mpsc::sync_channel::<Block>(1);
         let md5_thread = with_md5.then(|| {
             scope.spawn(move || {
-                let mut md5 = <md5::Md5 as md5::Digest>::new();
+                let mut md5 = Md5Hasher::new();
                 for block in md5_rx {
-                    md5::Digest::update(&mut md5, &*block);
+                    md5.update(&block);
                 }
-                Md5::from_bytes(md5::Digest::finalize(md5).into())
+                md5.finalize()
             })
         });
         let mut crc = ChunkHasher::new(false);

@@ -7,8 +7,11 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use md5::Digest as _;
 use serde::{Deserialize, Serialize};
+
+mod md5_hasher;
+
+pub use md5_hasher::Md5Hasher;
 
 /// An MD5 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,14 +136,14 @@ impl CompositeMd5 {
     /// The composite of `parts` (each part's MD5, in order), or `None` when a part has no
     /// MD5 (it was received without one) or there are no parts.
     pub fn of_parts(parts: impl IntoIterator<Item = Option<Md5>>) -> Option<Self> {
-        let mut outer = md5::Md5::new();
+        let mut outer = Md5Hasher::new();
         let mut count = 0u64;
         for part in parts {
             outer.update(part?.as_bytes());
             count += 1;
         }
         (count > 0).then(|| Self {
-            md5: Md5(outer.finalize().into()),
+            md5: outer.finalize(),
             parts: count,
         })
     }
@@ -208,7 +211,7 @@ pub fn crc32c_hex(crc: u32) -> String {
 /// Digests computed while a chunk streams to storage.
 pub struct ChunkHasher {
     crc32c: u32,
-    md5: Option<md5::Md5>,
+    md5: Option<Md5Hasher>,
     len: u64,
 }
 
@@ -224,7 +227,7 @@ impl ChunkHasher {
     pub fn new(with_md5: bool) -> Self {
         Self {
             crc32c: 0,
-            md5: with_md5.then(md5::Md5::new),
+            md5: with_md5.then(Md5Hasher::new),
             len: 0,
         }
     }
@@ -241,7 +244,7 @@ impl ChunkHasher {
         ChunkDigests {
             len: self.len,
             crc32c: self.crc32c,
-            md5: self.md5.map(|m| Md5(m.finalize().into())),
+            md5: self.md5.map(Md5Hasher::finalize),
         }
     }
 }
@@ -249,6 +252,7 @@ impl ChunkHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use md5::Digest as _;
 
     #[test]
     fn md5_parses_hex_and_base64_alike() {
