@@ -136,36 +136,40 @@ pub fn page_cache_write_cold_and_warm(
 }
 
 /// MD5 of `data` on the calling thread, fed in `block`-sized updates as a chunk writer
-/// would, with Stitch's own MD5 ([`Md5Hasher`]). Returns the rate and the digest (which also keeps the work from being optimised
-/// away).
+/// would, with Stitch's own MD5 ([`Md5Hasher`]). Returns the rate and the digest (which also
+/// keeps the work from being optimised away).
 pub fn md5_one_core(data: &[u8], block: usize) -> (Throughput, [u8; 16]) {
+    md5_timed(data, block, |pieces| {
+        let mut hasher = Md5Hasher::new();
+        pieces.for_each(|piece| hasher.update(piece));
+        *hasher.finalize().as_bytes()
+    })
+}
+
+/// [`md5_one_core`] with the `md-5` crate's MD5, which Stitch used before its own: the
+/// same-run measure of what [`Md5Hasher`] gains.
+pub fn md5_crate_one_core(data: &[u8], block: usize) -> (Throughput, [u8; 16]) {
+    use md5::Digest as _;
+    md5_timed(data, block, |pieces| {
+        let mut hasher = md5::Md5::new();
+        pieces.for_each(|piece| hasher.update(piece));
+        hasher.finalize().into()
+    })
+}
+
+/// Times `hash` over `data` in `block`-sized pieces.
+fn md5_timed(
+    data: &[u8],
+    block: usize,
+    hash: impl FnOnce(std::slice::Chunks<'_, u8>) -> [u8; 16],
+) -> (Throughput, [u8; 16]) {
     let started = Instant::now();
-    let mut hasher = Md5Hasher::new();
-    for piece in data.chunks(block.max(1)) {
-        hasher.update(piece);
-    }
-    let digest: [u8; 16] = *hasher.finalize().as_bytes();
+    let digest = hash(data.chunks(block.max(1)));
     let throughput = Throughput {
         bytes: data.len() as u64,
         elapsed: started.elapsed(),
     };
     (throughput, std::hint::black_box(digest))
-}
-
-/// [`md5_one_core`] with the `md-5` crate's MD5, which Stitch used before its own: the
-/// same-run measure of what [`Md5Hasher`] gains.
-pub fn md5_crate_one_core(data: &[u8], block: usize) -> Throughput {
-    use md5::Digest as _;
-    let started = Instant::now();
-    let mut hasher = md5::Md5::new();
-    for piece in data.chunks(block.max(1)) {
-        hasher.update(piece);
-    }
-    std::hint::black_box(hasher.finalize());
-    Throughput {
-        bytes: data.len() as u64,
-        elapsed: started.elapsed(),
-    }
 }
 
 /// MD5 of the files `paths` read in order in `block`-sized reads, then of `tail`, on the

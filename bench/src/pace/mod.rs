@@ -433,15 +433,16 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
         services: &services,
         runtime: &runtime,
         busy_waits: 0,
-        md5_crate: Vec::new(),
     };
     let mut md5 = Vec::new();
+    let mut md5_crate = Vec::new();
     let mut sinks = Vec::new();
     let mut runs = Vec::new();
     for &size in &args.sizes {
         // One payload in memory at a time: the previous size's is dropped by now.
-        let (payload, md5_hex, hashed) = bench.payload(size)?;
+        let (payload, md5_hex, hashed, crate_hashed) = bench.payload(size)?;
         md5.push(hashed);
+        md5_crate.push(crate_hashed);
         if !args.no_sink {
             // The first upload of a size writes into memory the machine has not used lately
             // (on a VM whose host takes freed memory back, a fault on the host per page):
@@ -498,7 +499,7 @@ fn measure(args: &PaceArgs, work: &WorkDir) -> anyhow::Result<PaceResults> {
         args: args.clone(),
         machine,
         md5,
-        md5_crate: bench.md5_crate,
+        md5_crate,
         sinks,
         runs,
         busy_waits: bench.busy_waits,
@@ -545,8 +546,6 @@ struct Bench<'a> {
     services: &'a Services,
     runtime: &'a tokio::runtime::Runtime,
     busy_waits: usize,
-    /// Per size, in order: MD5 with the `md-5` crate, beside (b).
-    md5_crate: Vec<Throughput>,
 }
 
 impl Bench<'_> {
@@ -561,9 +560,9 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The payload of `size` with its chunk digests, its MD5 (hex), and (b): its MD5 timed
-    /// on one core.
-    fn payload(&mut self, size: u64) -> anyhow::Result<(Payload, String, Throughput)> {
+    /// The payload of `size` with its chunk digests, its MD5 (hex), (b): its MD5 timed on one
+    /// core, and the same with the `md-5` crate.
+    fn payload(&mut self, size: u64) -> anyhow::Result<(Payload, String, Throughput, Throughput)> {
         progress(format!(
             "generating {} of pseudo-random bytes",
             crate::report::size(size)
@@ -580,14 +579,18 @@ impl Bench<'_> {
             hashed.elapsed.as_secs_f64(),
             hashed.mb_per_s()
         ));
-        let crate_hashed = baseline::md5_crate_one_core(&payload.source.bytes, MD5_BLOCK);
+        let (crate_hashed, crate_digest) =
+            baseline::md5_crate_one_core(&payload.source.bytes, MD5_BLOCK);
         progress(format!(
             "    the md-5 crate: {:.2} s, {:.0} MB/s",
             crate_hashed.elapsed.as_secs_f64(),
             crate_hashed.mb_per_s()
         ));
-        self.md5_crate.push(crate_hashed);
-        Ok((payload, hex::encode(digest), hashed))
+        ensure!(
+            crate_digest == digest,
+            "Stitch's MD5 and the md-5 crate's differ on the payload"
+        );
+        Ok((payload, hex::encode(digest), hashed, crate_hashed))
     }
 
     /// `measure`, repeated (up to `--retries` times) while other work disturbed it.

@@ -136,177 +136,79 @@ fn compress(state: &mut [u32; 4], blocks: &[[u8; BLOCK]]) {
     md5::block_api::compress(state, blocks);
 }
 
-/// One step of each round, as RFC 1321 writes it: `a = b + ((a + f(b, c, d) + X[k] + T) <<< s)`,
-/// the operands being register names. The message word and the constant go into `a` while
-/// `f` waits for `b` (the previous step's result); what depends only on `c` and `d` is
-/// computed first too.
+/// One step, as RFC 1321 writes it: `a = b + ((a + f(b, c, d) + X[k] + T) <<< s)`, the
+/// operands being register names and `f` the round's instructions, which leave `f` (or its
+/// last part) in `t`. The message word and the constant go into `a` while `f` waits for `b`
+/// (the previous step's result); the rounds compute what depends only on `c` and `d` first.
 #[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
+macro_rules! step {
+    ($a:literal, $b:literal, $k:literal, $t:literal, $s:literal; $($f:tt)*) => {
+        concat!(
+            "add ", $a, ", dword ptr [{x} + ", $k, " * 4]\n",
+            "add ", $a, ", ", $t, "\n",
+            $($f)*
+            "add ", $a, ", {t:e}\n",
+            "rol ", $a, ", ", $s, "\n",
+            "add ", $a, ", ", $b, "\n",
+        )
+    };
+}
+
+/// Round 1: F = ((c ^ d) & b) ^ d.
+#[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
 macro_rules! step_f {
     ($a:literal, $b:literal, $c:literal, $d:literal, $k:literal, $t:literal, $s:literal) => {
-        concat!(
-            "mov {t:e}, ",
-            $c,
-            "\n",
-            "add ",
-            $a,
-            ", dword ptr [{x} + ",
-            $k,
-            " * 4]\n",
-            "xor {t:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $t,
-            "\n",
-            "and {t:e}, ",
-            $b,
-            "\n", // F = ((c ^ d) & b) ^ d
-            "xor {t:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", {t:e}\n",
-            "rol ",
-            $a,
-            ", ",
-            $s,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $b,
-            "\n",
+        step!($a, $b, $k, $t, $s;
+            "mov {t:e}, ", $c, "\n",
+            "xor {t:e}, ", $d, "\n",
+            "and {t:e}, ", $b, "\n",
+            "xor {t:e}, ", $d, "\n",
         )
     };
 }
 
+/// Round 2: G = (b & d) | (c & !d), added as two halves (they never share a bit), the one
+/// that does not wait for `b` first.
 #[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
 macro_rules! step_g {
     ($a:literal, $b:literal, $c:literal, $d:literal, $k:literal, $t:literal, $s:literal) => {
-        concat!(
-            "mov {t:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", dword ptr [{x} + ",
-            $k,
-            " * 4]\n",
+        step!($a, $b, $k, $t, $s;
+            "mov {t:e}, ", $d, "\n",
             "not {t:e}\n",
-            "add ",
-            $a,
-            ", ",
-            $t,
-            "\n",
-            "and {t:e}, ",
-            $c,
-            "\n", // G = (b & d) | (c & !d), whose halves never share a bit
-            "mov {u:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", {t:e}\n",
-            "and {u:e}, ",
-            $b,
-            "\n",
-            "add ",
-            $a,
-            ", {u:e}\n",
-            "rol ",
-            $a,
-            ", ",
-            $s,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $b,
-            "\n",
+            "and {t:e}, ", $c, "\n",
+            "add ", $a, ", {t:e}\n",
+            "mov {t:e}, ", $d, "\n",
+            "and {t:e}, ", $b, "\n",
         )
     };
 }
 
+/// Round 3: H = b ^ c ^ d.
 #[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
 macro_rules! step_h {
     ($a:literal, $b:literal, $c:literal, $d:literal, $k:literal, $t:literal, $s:literal) => {
-        concat!(
-            "mov {t:e}, ",
-            $c,
-            "\n",
-            "add ",
-            $a,
-            ", dword ptr [{x} + ",
-            $k,
-            " * 4]\n",
-            "xor {t:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $t,
-            "\n",
-            "xor {t:e}, ",
-            $b,
-            "\n", // H = b ^ c ^ d
-            "add ",
-            $a,
-            ", {t:e}\n",
-            "rol ",
-            $a,
-            ", ",
-            $s,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $b,
-            "\n",
+        step!($a, $b, $k, $t, $s;
+            "mov {t:e}, ", $c, "\n",
+            "xor {t:e}, ", $d, "\n",
+            "xor {t:e}, ", $b, "\n",
         )
     };
 }
 
+/// Round 4: I = c ^ (b | !d).
 #[cfg(target_arch = "x86_64")]
+#[rustfmt::skip]
 macro_rules! step_i {
     ($a:literal, $b:literal, $c:literal, $d:literal, $k:literal, $t:literal, $s:literal) => {
-        concat!(
-            "mov {t:e}, ",
-            $d,
-            "\n",
-            "add ",
-            $a,
-            ", dword ptr [{x} + ",
-            $k,
-            " * 4]\n",
+        step!($a, $b, $k, $t, $s;
+            "mov {t:e}, ", $d, "\n",
             "not {t:e}\n",
-            "add ",
-            $a,
-            ", ",
-            $t,
-            "\n",
-            "or {t:e}, ",
-            $b,
-            "\n", // I = c ^ (b | !d)
-            "xor {t:e}, ",
-            $c,
-            "\n",
-            "add ",
-            $a,
-            ", {t:e}\n",
-            "rol ",
-            $a,
-            ", ",
-            $s,
-            "\n",
-            "add ",
-            $a,
-            ", ",
-            $b,
-            "\n",
+            "or {t:e}, ", $b, "\n",
+            "xor {t:e}, ", $c, "\n",
         )
     };
 }
@@ -398,7 +300,6 @@ fn compress(state: &mut [u32; 4], blocks: &[[u8; BLOCK]]) {
                 d = inout(reg) d,
                 x = in(reg) block.as_ptr(),
                 t = out(reg) _,
-                u = out(reg) _,
                 options(nostack, readonly),
             );
         }
