@@ -5,13 +5,21 @@
 //! Each upload this API receives has a *lane*: where its hashes stand (the *head*: an offset
 //! and the hashes' state there) and the *streams* of the pieces being received, by the offset
 //! they start at. The writer of a piece taps its blocks into the piece's stream once they are
-//! written ([`Tap::push`]); a hashing thread of the lane feeds the head's stream to the
-//! hashes, and when a stream ends with a durable copy ([`Tap::finish`]) it notes one fact:
-//! *hashing copy `token` from state `from` gives state `after`*. Those facts are true for
-//! ever (a copy's bytes never change; tokens are unique per copy), whatever becomes of the
-//! upload, so the assembly ([`super::prefix`]) can use any of them whose `from` is where its
-//! saved checkpoint stands and whose copy is the one counted: it then only clones the chunk
-//! into the assembly file and saves the `after` state, reading nothing.
+//! written ([`Tap::push`]), says when it has pushed the last one ([`Tap::fed_all`]) and
+//! when the copy is durable ([`Tap::finish`]); a hashing thread of the lane feeds the
+//! head's stream to the hashes. For each stream hashed to its end whose copy is durable the
+//! lane notes one fact: *hashing copy `token` from state `from` gives state `after`*. Those
+//! facts are true for ever (a copy's bytes never change; tokens are unique per copy),
+//! whatever becomes of the upload, so the assembly ([`super::prefix`]) can use any of them
+//! whose `from` is where its saved checkpoint stands and whose copy is the one counted: it
+//! then only clones the chunk into the assembly file and saves the `after` state, reading
+//! nothing.
+//!
+//! The hashes do not wait for a copy to be durable before they go on to the next piece: a
+//! stream whose bytes are all hashed is *passed*, and its fact is noted when its copy is
+//! durable. If that copy fails instead, the head goes back to where the passed stream
+//! began, and every stream from there on is dropped (their bytes followed bytes that are
+//! not the file's; the assembly reads their chunks back).
 //!
 //! Pacing: while an upload arrives in order here (its streams follow each other from the
 //! head without a gap), a writer waits whenever the hashes have `merge.hash_queue` bytes to
@@ -23,11 +31,16 @@
 //! writer waited [`HEAD_WAIT`] without the hashes taking a block, stops being hashed in
 //! line, and its chunk is read back from storage by the assembly as without this.
 //!
+//! Each hashing thread and each waiting writer has a condition variable of its own, woken
+//! only by what it waits for: a block or an end in the head's stream for the one, room
+//! under `merge.hash_queue` for the other. Many uploads and connections then never wake
+//! each other.
+//!
 //! A stream that fails (a body cut short, a copy not written) puts the head back where the
 //! stream began: its state was saved before the first byte.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +56,16 @@ pub const HEAD_WAIT: Duration = Duration::from_secs(2);
 /// A lane that nothing fed or hashed for this long is dropped when another is opened (its
 /// upload was abandoned, or its chunks go to another API now).
 const IDLE: Duration = Duration::from_secs(60);
+/// How long an idle hashing thread sleeps before it looks at its lane again on its own.
+const HASHER_NAP: Duration = Duration::from_millis(500);
+
+/// Serial numbers of lanes and streams: a thread that let go of the lock knows, when it
+/// takes it again, whether the lane or stream it held is still the same one.
+static SERIAL: AtomicU64 = AtomicU64::new(1);
+
+fn next_serial() -> u64 {
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
 
 /// The lanes of the uploads this process receives.
 #[derive(Clone)]
@@ -59,7 +82,6 @@ struct Shared {
     /// Off once the storage turned out not to clone: hashing in line would then be wasted.
     enabled: AtomicBool,
     lanes: Mutex<Lanes>,
-    changed: Condvar,
     on_hashed: OnceLock<OnHashed>,
 }
 
@@ -73,12 +95,19 @@ struct Lanes {
 }
 
 struct Lane {
+    serial: u64,
     head: Option<Head>,
     streams: BTreeMap<u64, Stream>,
     /// Copy token → what hashing it did.
     hashed: HashMap<String, Hashed>,
     /// A hashing thread runs for this lane.
     hashing: bool,
+    /// Its hashing thread waits on `work`.
+    hasher_idle: bool,
+    work: Arc<Condvar>,
+    /// How many times the head went back to a passed stream: a hashing thread that held
+    /// the hasher meanwhile drops what it hashed.
+    rewinds: u64,
     touched: Instant,
     /// When its hashes last took a block (or its hashing thread started).
     progressed: Instant,
@@ -91,15 +120,25 @@ struct Head {
     hasher: Option<FileHasher>,
 }
 
-#[derive(Default)]
 struct Stream {
+    /// The tap's: a stream found again at the same offset after the lock was let go is the
+    /// tap's own only if it is the same.
+    serial: u64,
     /// Blocks not hashed yet, and whether each counts against the ahead budget.
     blocks: VecDeque<(Block, bool)>,
     queued: u64,
     fed: u64,
+    /// Its writer has pushed every byte of the piece ([`Tap::fed_all`]).
+    complete: bool,
     /// The hashes' state where the stream begins, once the hashing thread began it.
     from: Option<HashState>,
+    /// Passed: every byte hashed, the head gone on, the copy not durable yet. The state
+    /// after its last byte.
+    after: Option<HashState>,
     end: Option<End>,
+    /// Its writer waits on `room`.
+    writer_waits: bool,
+    room: Arc<Condvar>,
 }
 
 enum End {
@@ -125,14 +164,13 @@ impl HashLanes {
                 ahead_budget,
                 enabled: AtomicBool::new(true),
                 lanes: Mutex::new(Lanes::default()),
-                changed: Condvar::new(),
                 on_hashed: OnceLock::new(),
             }),
         }
     }
 
-    /// Called (from a hashing thread, in the runtime that opened the lane) each time a copy
-    /// of `id` has been hashed in line.
+    /// Called (from a hashing or writer thread, in the runtime that opened the lane) each
+    /// time a copy of `id` has been hashed in line.
     pub fn on_hashed(&self, f: impl Fn(&UploadId) + Send + Sync + 'static) {
         let _ = self.shared.on_hashed.set(Box::new(f));
     }
@@ -163,10 +201,14 @@ impl HashLanes {
         }
         let sha256 = self.shared.sha256;
         let lane = lanes.by_upload.entry(id.clone()).or_insert_with(|| Lane {
+            serial: next_serial(),
             head: None,
             streams: BTreeMap::new(),
             hashed: HashMap::new(),
             hashing: false,
+            hasher_idle: false,
+            work: Arc::new(Condvar::new()),
+            rewinds: 0,
             touched: now,
             progressed: now,
             runtime: tokio::runtime::Handle::current(),
@@ -187,13 +229,17 @@ impl HashLanes {
         if !ahead_of_head || lane.streams.contains_key(&start) {
             return None;
         }
-        lane.streams.insert(start, Stream::default());
+        let serial = next_serial();
+        lane.streams.insert(start, Stream::new(serial));
         lane.touched = now;
         self.shared.wake(id, lane);
+        // A piece beyond a gap: the writers before it need not wait for the hashes.
+        lane.release_writers(self.shared.head_queue);
         Some(Tap {
             shared: self.shared.clone(),
             id: id.clone(),
             start,
+            serial,
             ended: false,
         })
     }
@@ -229,15 +275,15 @@ impl HashLanes {
     }
 
     /// Whether the piece of `id` at `offset` is being hashed in line now (the head is there
-    /// and its stream is live): the assembly leaves it to the lane.
+    /// and its stream is live, or its stream is passed and waits for its copy): the
+    /// assembly leaves it to the lane.
     pub fn pending(&self, id: &UploadId, offset: u64) -> bool {
         let lanes = self.shared.lock();
         lanes.by_upload.get(id).is_some_and(|lane| {
-            lane.head.as_ref().is_some_and(|h| h.offset == offset)
-                && lane
-                    .streams
-                    .get(&offset)
-                    .is_some_and(|s| !matches!(s.end, Some(End::Failed)))
+            let at_head = lane.head.as_ref().is_some_and(|h| h.offset == offset);
+            lane.streams.get(&offset).is_some_and(|s| {
+                !matches!(s.end, Some(End::Failed)) && (at_head || s.after.is_some())
+            })
         })
     }
 
@@ -263,15 +309,16 @@ impl HashLanes {
             let kept = lane.streams.split_off(&state.offset);
             for (_, stream) in std::mem::replace(&mut lane.streams, kept) {
                 *ahead -= stream.ahead_bytes();
+                stream.room.notify_all();
             }
             self.shared.wake(id, lane);
+            lane.release_writers(self.shared.head_queue);
         }
     }
 
     /// `id` is no longer received (merging, gone): its lane goes.
     pub fn forget(&self, id: &UploadId) {
         self.shared.lock().remove(id);
-        self.shared.changed.notify_all();
     }
 
     /// Bytes held by streams ahead of their heads, in all (for tests and metrics).
@@ -285,38 +332,45 @@ impl Shared {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the lane's hashing thread if its head's stream has work and none runs.
+    /// Starts the lane's hashing thread if its head's stream has work and none runs, or
+    /// wakes it if it waits.
     fn wake(self: &Arc<Self>, id: &UploadId, lane: &mut Lane) {
+        if lane.hashing {
+            if lane.hasher_idle {
+                lane.work.notify_one();
+            }
+            return;
+        }
         let ready = lane
             .head
             .as_ref()
             .is_some_and(|h| lane.streams.contains_key(&h.offset));
-        if lane.hashing || !ready {
+        if !ready {
             return;
         }
         lane.hashing = true;
         lane.progressed = Instant::now();
         let shared = self.clone();
-        let id = id.clone();
+        let (id, serial) = (id.clone(), lane.serial);
         let runtime = lane.runtime.clone();
         let spawned = std::thread::Builder::new()
             .name("stitch-hash-lane".into())
             .spawn(move || {
                 let _runtime = runtime.enter();
-                shared.hash_lane(&id);
+                shared.hash_lane(&id, serial);
             });
         if spawned.is_err() {
             lane.hashing = false;
         }
     }
 
-    /// The hashing thread: feeds the head's stream to the hashes, then the next, while there
-    /// is one.
-    fn hash_lane(self: &Arc<Self>, id: &UploadId) {
+    /// The hashing thread of lane `serial`: feeds the head's stream to the hashes, then the
+    /// next, while there is one.
+    fn hash_lane(self: &Arc<Self>, id: &UploadId, serial: u64) {
         let mut lanes = self.lock();
         loop {
             let Lanes { by_upload, ahead } = &mut *lanes;
-            let Some(lane) = by_upload.get_mut(id) else {
+            let Some(lane) = by_upload.get_mut(id).filter(|l| l.serial == serial) else {
                 return;
             };
             let Some(head) = lane.head.as_mut() else {
@@ -343,15 +397,22 @@ impl Shared {
                 }
                 lane.touched = Instant::now();
                 lane.progressed = lane.touched;
+                lane.release_writers(self.head_queue);
+                let rewinds = lane.rewinds;
                 drop(lanes);
-                self.changed.notify_all();
                 hasher.update(&block);
                 drop(block);
                 lanes = self.lock();
-                match lanes.by_upload.get_mut(id).and_then(|l| l.head.as_mut()) {
-                    Some(head) if head.offset == offset => head.hasher = Some(hasher),
+                match lanes.by_upload.get_mut(id).filter(|l| l.serial == serial) {
+                    Some(lane) if lane.rewinds == rewinds => {
+                        if let Some(head) = lane.head.as_mut() {
+                            head.hasher = Some(hasher);
+                        }
+                    }
+                    // A passed stream's copy failed meanwhile: this state is not the file's.
+                    Some(_) => {}
                     // Forgotten meanwhile.
-                    _ => return,
+                    None => return,
                 }
                 continue;
             }
@@ -365,6 +426,7 @@ impl Shared {
                     head.offset = end;
                     head.hasher = Some(hasher);
                     lane.touched = Instant::now();
+                    lane.release_writers(self.head_queue);
                     drop(lanes);
                     if let Some(f) = self.on_hashed.get() {
                         f(id);
@@ -379,14 +441,29 @@ impl Shared {
                         Some(restored) => head.hasher = Some(restored),
                         None => lane.head = None,
                     }
+                    lane.release_writers(self.head_queue);
+                }
+                None if stream.complete => {
+                    // Every byte is hashed and the copy is being made durable: on to the
+                    // next piece meanwhile ([`Tap::finish`] notes the fact).
+                    let end = offset + stream.fed;
+                    stream.after = Some(hasher.state(end));
+                    head.offset = end;
+                    head.hasher = Some(hasher);
+                    lane.release_writers(self.head_queue);
                 }
                 None => {
                     head.hasher = Some(hasher);
-                    lanes = self
-                        .changed
-                        .wait_timeout(lanes, Duration::from_millis(500))
+                    lane.hasher_idle = true;
+                    let work = lane.work.clone();
+                    lanes = work
+                        .wait_timeout(lanes, HASHER_NAP)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
+                    match lanes.by_upload.get_mut(id).filter(|l| l.serial == serial) {
+                        Some(lane) => lane.hasher_idle = false,
+                        None => return,
+                    }
                 }
             }
         }
@@ -414,10 +491,46 @@ impl Lane {
             at = match stream.end {
                 Some(End::Copy(_)) => Some(from + stream.fed),
                 Some(End::Failed) => return None,
+                None if stream.complete => Some(from + stream.fed),
                 None => None,
             };
         }
         backlog
+    }
+
+    /// Wakes each waiting writer that may push now.
+    fn release_writers(&self, head_queue: u64) {
+        for (&start, stream) in &self.streams {
+            if stream.writer_waits && self.backlog(start).is_none_or(|b| b < head_queue) {
+                stream.room.notify_one();
+            }
+        }
+    }
+
+    /// The stream of the tap `serial` at `start`.
+    fn stream_of(&mut self, start: u64, serial: u64) -> Option<&mut Stream> {
+        self.streams.get_mut(&start).filter(|s| s.serial == serial)
+    }
+
+    /// A passed stream's copy failed: the head goes back to where it began, and every
+    /// stream from there on goes (what the hashes took of them followed bytes that are not
+    /// the file's). Returns the bytes the dropped streams held ahead of the head.
+    fn rewind(&mut self, start: u64, from: &HashState) -> u64 {
+        let dropped = self.streams.split_off(&start);
+        let mut freed = 0;
+        for stream in dropped.values() {
+            freed += stream.ahead_bytes();
+            stream.room.notify_all();
+        }
+        self.rewinds += 1;
+        self.head = FileHasher::resume(from).map(|hasher| Head {
+            offset: start,
+            hasher: Some(hasher),
+        });
+        if self.hasher_idle {
+            self.work.notify_one();
+        }
+        freed
     }
 }
 
@@ -425,11 +538,30 @@ impl Lanes {
     fn remove(&mut self, id: &UploadId) {
         if let Some(lane) = self.by_upload.remove(id) {
             self.ahead -= lane.streams.values().map(Stream::ahead_bytes).sum::<u64>();
+            for stream in lane.streams.values() {
+                stream.room.notify_all();
+            }
+            lane.work.notify_all();
         }
     }
 }
 
 impl Stream {
+    fn new(serial: u64) -> Self {
+        Self {
+            serial,
+            blocks: VecDeque::new(),
+            queued: 0,
+            fed: 0,
+            complete: false,
+            from: None,
+            after: None,
+            end: None,
+            writer_waits: false,
+            room: Arc::new(Condvar::new()),
+        }
+    }
+
     fn ahead_bytes(&self) -> u64 {
         self.blocks
             .iter()
@@ -444,6 +576,7 @@ pub struct Tap {
     shared: Arc<Shared>,
     id: UploadId,
     start: u64,
+    serial: u64,
     ended: bool,
 }
 
@@ -461,25 +594,33 @@ impl Tap {
             };
             let at_head = lane.head.as_ref().is_some_and(|h| h.offset == self.start);
             let backlog = lane.backlog(self.start);
-            let Some(stream) = lane.streams.get_mut(&self.start) else {
+            let progressed = lane.progressed;
+            let Some(stream) = lane.stream_of(self.start, self.serial) else {
                 return;
             };
-            if stream.end.is_some() {
+            if stream.end.is_some() || stream.complete {
                 return;
             }
             if backlog.is_some_and(|b| b >= self.shared.head_queue) {
-                if lane.progressed.elapsed() >= HEAD_WAIT {
+                if progressed.elapsed() >= HEAD_WAIT {
                     // The hashes are stuck (or starved): this piece is read back instead.
                     drop(lanes);
                     self.fail();
                     return;
                 }
-                lanes = self
-                    .shared
-                    .changed
+                stream.writer_waits = true;
+                let room = stream.room.clone();
+                lanes = room
                     .wait_timeout(lanes, HEAD_WAIT)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                if let Some(stream) = lanes
+                    .by_upload
+                    .get_mut(&self.id)
+                    .and_then(|l| l.stream_of(self.start, self.serial))
+                {
+                    stream.writer_waits = false;
+                }
                 continue;
             }
             if at_head {
@@ -498,9 +639,21 @@ impl Tap {
             stream.fed += len;
             lane.touched = Instant::now();
             self.shared.wake(&self.id, lane);
-            drop(lanes);
-            self.shared.changed.notify_all();
             return;
+        }
+    }
+
+    /// Every byte of the piece has been pushed (its copy is being made durable): the
+    /// hashes may go on past it once they have taken them.
+    pub fn fed_all(&mut self) {
+        let mut lanes = self.shared.lock();
+        if let Some(lane) = lanes.by_upload.get_mut(&self.id)
+            && let Some(stream) = lane.stream_of(self.start, self.serial)
+            && stream.end.is_none()
+        {
+            stream.complete = true;
+            self.shared.wake(&self.id, lane);
+            lane.release_writers(self.shared.head_queue);
         }
     }
 
@@ -508,38 +661,65 @@ impl Tap {
     pub fn finish(mut self, token: &str) {
         self.ended = true;
         let mut lanes = self.shared.lock();
-        if let Some(lane) = lanes.by_upload.get_mut(&self.id)
-            && let Some(stream) = lane.streams.get_mut(&self.start)
-            && stream.end.is_none()
-        {
-            stream.end = Some(End::Copy(token.to_owned()));
-            self.shared.wake(&self.id, lane);
+        let Some(lane) = lanes.by_upload.get_mut(&self.id) else {
+            return;
+        };
+        let Some(stream) = lane.stream_of(self.start, self.serial) else {
+            return;
+        };
+        if stream.end.is_some() {
+            return;
         }
-        drop(lanes);
-        self.shared.changed.notify_all();
+        match (stream.after.take(), stream.from.take()) {
+            (Some(after), Some(from)) => {
+                // Passed already: the fact is known.
+                lane.streams.remove(&self.start);
+                lane.hashed.insert(token.to_owned(), Hashed { from, after });
+                lane.touched = Instant::now();
+                drop(lanes);
+                if let Some(f) = self.shared.on_hashed.get() {
+                    f(&self.id);
+                }
+            }
+            (after, from) => {
+                stream.after = after;
+                stream.from = from;
+                stream.end = Some(End::Copy(token.to_owned()));
+                self.shared.wake(&self.id, lane);
+                lane.release_writers(self.shared.head_queue);
+            }
+        }
     }
 
     /// The stream is not the file's: dropped if the hashes have not begun it, undone by the
-    /// hashing thread otherwise.
+    /// hashing thread if they are in it, and the head rewound to it if they passed it.
     fn fail(&mut self) {
         self.ended = true;
         let mut lanes = self.shared.lock();
         let Lanes { by_upload, ahead } = &mut *lanes;
-        if let Some(lane) = by_upload.get_mut(&self.id)
-            && let Some(stream) = lane.streams.get_mut(&self.start)
-        {
-            if stream.from.is_none() {
-                *ahead -= stream.ahead_bytes();
+        let Some(lane) = by_upload.get_mut(&self.id) else {
+            return;
+        };
+        let Some(stream) = lane.stream_of(self.start, self.serial) else {
+            return;
+        };
+        *ahead -= stream.ahead_bytes();
+        match (&stream.from, &stream.after) {
+            (None, _) => {
                 lane.streams.remove(&self.start);
-            } else {
-                *ahead -= stream.ahead_bytes();
+            }
+            (Some(from), Some(_)) => {
+                let from = from.clone();
+                *ahead -= lane.rewind(self.start, &from);
+            }
+            (Some(_), None) => {
                 stream.blocks.clear();
                 stream.queued = 0;
                 stream.end = Some(End::Failed);
+                self.shared.wake(&self.id, lane);
             }
         }
-        drop(lanes);
-        self.shared.changed.notify_all();
+        lane.release_writers(self.shared.head_queue);
     }
 }
 
@@ -767,6 +947,183 @@ mod tests {
         wait_hashed(&rx);
         let (n, state) = lanes.chain(&id, &start(), &[record(0, good.len(), "copy-good")]);
         assert_eq!((n, state), (1, hashed(&[&good])));
+    }
+
+    /// Where the head of `id`'s lane stands.
+    fn head_of(lanes: &HashLanes, id: &UploadId) -> Option<u64> {
+        let lanes = lanes.shared.lock();
+        lanes.by_upload[id].head.as_ref().map(|h| h.offset)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_hashes_go_on_past_a_piece_whose_copy_is_not_durable_yet() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK / 2 + 3));
+        let mut first = lanes.tap(&id, 0).unwrap();
+        let mut second = lanes.tap(&id, CHUNK as u64).unwrap();
+        let (ta, tb) = (a.clone(), b.clone());
+        let (first, second) = tokio::task::spawn_blocking(move || {
+            feed(&mut first, &ta);
+            first.fed_all();
+            feed(&mut second, &tb);
+            second.fed_all();
+            (first, second)
+        })
+        .await
+        .unwrap();
+        let end = (a.len() + b.len()) as u64;
+        // Neither copy is durable, and the hashes have taken both.
+        eventually("the hashes to pass both pieces", || {
+            head_of(&lanes, &id) == Some(end)
+        });
+        assert!(lanes.pending(&id, 0), "the assembly waits for the fact");
+        let records = [
+            record(0, a.len(), "copy-a"),
+            record(CHUNK as u64, b.len(), "copy-b"),
+        ];
+        assert_eq!(lanes.chain(&id, &start(), &records).0, 0, "no fact yet");
+        // The copies become durable, the later one first.
+        tokio::task::spawn_blocking(move || {
+            second.finish("copy-b");
+            first.finish("copy-a");
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        wait_hashed(&rx);
+        assert_eq!(lanes.chain(&id, &start(), &records), (2, hashed(&[&a, &b])));
+        assert!(!lanes.pending(&id, 0));
+        assert_eq!(lanes.ahead_bytes(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_passed_piece_whose_copy_fails_rewinds_the_hashes_to_it() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let (a, b) = (bytes(1, CHUNK), bytes(2, CHUNK));
+        let mut first = lanes.tap(&id, 0).unwrap();
+        let mut second = lanes.tap(&id, CHUNK as u64).unwrap();
+        let third_start = 2 * CHUNK as u64;
+        let mut third = lanes.tap(&id, third_start).unwrap();
+        let (ta, tb) = (a.clone(), b.clone());
+        let (first, third) = tokio::task::spawn_blocking(move || {
+            feed(&mut first, &ta);
+            first.fed_all();
+            feed(&mut second, &tb);
+            second.fed_all();
+            second.finish("copy-b");
+            // The third piece is still arriving.
+            feed(&mut third, &bytes(3, CHUNK / 4));
+            (first, third)
+        })
+        .await
+        .unwrap();
+        wait_hashed(&rx);
+        eventually("the hashes to be in the third piece", || {
+            head_of(&lanes, &id) == Some(third_start)
+                && lanes.shared.lock().by_upload[&id].streams[&third_start]
+                    .blocks
+                    .is_empty()
+        });
+        // The first copy is never made durable (a failed fsync, say).
+        tokio::task::spawn_blocking(move || drop(first))
+            .await
+            .unwrap();
+        assert_eq!(
+            head_of(&lanes, &id),
+            Some(0),
+            "back where the failed copy began"
+        );
+        assert!(
+            lanes.shared.lock().by_upload[&id].streams.is_empty(),
+            "every stream from there on is dropped"
+        );
+        assert!(!lanes.pending(&id, CHUNK as u64));
+        assert_eq!(lanes.ahead_bytes(), 0);
+        // What the third piece's writer does next goes nowhere.
+        tokio::task::spawn_blocking(move || {
+            let mut third = third;
+            feed(&mut third, &bytes(3, CHUNK / 4));
+            third.fed_all();
+            third.finish("copy-c");
+        })
+        .await
+        .unwrap();
+        let records = [
+            record(0, a.len(), "copy-a"),
+            record(CHUNK as u64, b.len(), "copy-b"),
+        ];
+        assert_eq!(lanes.chain(&id, &start(), &records).0, 0);
+
+        // The piece again, other bytes: hashed from byte 0's state.
+        let a2 = bytes(4, CHUNK);
+        send(
+            lanes.tap(&id, 0).expect("the head is there"),
+            &a2,
+            "copy-a2",
+        )
+        .await;
+        wait_hashed(&rx);
+        assert_eq!(
+            lanes.chain(&id, &start(), &[record(0, a2.len(), "copy-a2")]),
+            (1, hashed(&[&a2]))
+        );
+        // The second copy's fact still says only what is true: from the first copy's state.
+        assert_eq!(
+            lanes.chain(&id, &hashed(&[&a]), &records[1..]),
+            (1, hashed(&[&a, &b]))
+        );
+        assert_eq!(lanes.chain(&id, &hashed(&[&a2]), &records[1..]).0, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_held_back_by_the_hashes_is_woken_as_they_take_its_blocks() {
+        // A queue of one block: the writer waits before nearly every block it pushes. A
+        // wake-up lost would cost it HEAD_WAIT each time.
+        let lanes = HashLanes::new(true, 256 << 10, 64 << 20);
+        let id = upload();
+        let data = bytes(5, 32 * (256 << 10));
+        let tap = lanes.tap(&id, 0).unwrap();
+        let began = Instant::now();
+        let shared = lanes.shared.clone();
+        let (tap, waited) = tokio::task::spawn_blocking({
+            let data = data.clone();
+            move || {
+                let mut tap = tap;
+                let mut waited = 0;
+                for block in data.chunks(256 << 10) {
+                    let id = upload();
+                    let lanes = shared.lock();
+                    waited += usize::from(lanes.by_upload[&id].backlog(0) >= Some(256 << 10));
+                    drop(lanes);
+                    tap.push(Block::new(Bytes::copy_from_slice(block), None));
+                }
+                tap.fed_all();
+                (tap, waited)
+            }
+        })
+        .await
+        .unwrap();
+        let took = began.elapsed();
+        assert!(waited > 0, "the writer was held back");
+        assert!(
+            took < HEAD_WAIT * 4,
+            "{waited} waits took {took:?}: a writer slept through the room made for it"
+        );
+        tokio::task::spawn_blocking(move || tap.finish("copy"))
+            .await
+            .unwrap();
+        eventually("the fact", || {
+            lanes
+                .chain(&id, &start(), &[record(0, data.len(), "copy")])
+                .0
+                == 1
+        });
+        assert_eq!(
+            lanes.chain(&id, &start(), &[record(0, data.len(), "copy")]),
+            (1, hashed(&[&data]))
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1162,7 +1162,12 @@ fn write_copy(
                             (false, None) => {}
                         }
                     }
-                    Some(Feed::End) => break,
+                    Some(Feed::End) => {
+                        if let Some(tap) = tap.as_deref_mut() {
+                            tap.fed_all();
+                        }
+                        break;
+                    }
                     None => return Err(StorageError::Interrupted),
                 }
             }
@@ -1195,8 +1200,9 @@ fn write_copy(
 
 /// A chunk file being written: through the page cache, or with `O_DIRECT` in whole
 /// [`direct_io::BLOCK`]s from an aligned buffer, the last one padded to [`direct_io::ALIGN`]
-/// and the file then cut back to its length.
-struct ChunkFile {
+/// and the file then cut back to its length. Public so that the benchmarks' bare sink
+/// writes its files the way Stitch writes a chunk's copy.
+pub struct ChunkFile {
     file: File,
     fsync: bool,
     direct: Option<DirectBuffer>,
@@ -1213,7 +1219,7 @@ struct DirectBuffer {
 impl ChunkFile {
     /// Creates `part` (it must not exist), for direct I/O when `direct` and the file system
     /// allows it.
-    fn create(part: &Path, direct: bool, fsync: bool) -> std::io::Result<Self> {
+    pub fn create(part: &Path, direct: bool, fsync: bool) -> std::io::Result<Self> {
         let new = || OpenOptions::new().write(true).create_new(true).clone();
         let chunk_file = |file, direct| Self {
             file,
@@ -1242,7 +1248,8 @@ impl ChunkFile {
         Ok(chunk_file(new().open(part)?, None))
     }
 
-    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+    /// Appends `data`.
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         let Some(DirectBuffer {
             block,
             filled,
@@ -1270,7 +1277,7 @@ impl ChunkFile {
     }
 
     /// Writes what is buffered and makes the file durable (when `fsync`).
-    fn finish(&mut self) -> Result<(), StorageError> {
+    pub fn finish(&mut self) -> Result<(), StorageError> {
         if let Some(DirectBuffer {
             block,
             filled,
