@@ -11,7 +11,8 @@
 //! order (in order; shuffled: a seeded shuffle of the chunk indexes, the same every run):
 //! 1. (a) the bare sink ([`crate::sink`]): the same chunk requests, bodies and headers, from
 //!    the same client with the same connections in the same order, to a server in this
-//!    process that only streams each body to a file of its own and fsyncs it before
+//!    process that only streams each body to a file of its own (Stitch's chunk file
+//!    writer: `O_DIRECT` where the file system allows it) and fsyncs it before
 //!    answering; timed from the first byte to the last answer;
 //! 2. the upload through a fresh `stitch-api` and `stitch-worker` (own namespace and storage
 //!    directory, removed afterwards) in each mode, the mode that goes first alternating from
@@ -55,7 +56,7 @@ pub use self::report::{PACE_TARGET, SHUFFLED_ALLOWANCE, pace_ratio, shuffled_no_
 pub const LONG_ABOUT: &str = "Whether verification keeps pace with the upload: first byte → verified file, with merge.incremental off (before) and on (after), against a bare sink and MD5.\n\n\
         For each of --sizes, --repeats times, for each of --clients and each order (in order, \
         and a seeded shuffle of the chunk indexes): the upload's chunk requests to a bare sink \
-        in this process (each body streamed to a file of its own and fsynced, nothing else), \
+        in this process (each body streamed to a file of its own as Stitch writes a chunk, O_DIRECT where the file system allows it, and fsynced; nothing else), \
         then through a fresh stitch-api and stitch-worker with STITCH__MERGE__INCREMENTAL=false \
         and =true on both. Times the first byte to the upload.completed event, and the merge \
         tail from the completing chunk's answer to the event, with the API's and the worker's \
