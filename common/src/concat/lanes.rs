@@ -23,9 +23,10 @@
 //!
 //! Pacing: while an upload arrives in order here (its streams follow each other from the
 //! head without a gap), a writer waits whenever the hashes have `merge.hash_queue` bytes to
-//! take before its next block: a client sending in order, on one connection or several,
-//! then sends no faster than the file is hashed, and the hashes are moments behind the last
-//! byte. Streams the hashes cannot reach yet keep their blocks, up to `merge.hash_ahead`
+//! take before its next block, until they have half of that left (so that the writer, and
+//! the connection behind it, wake once per half queue, not once per block taken): a client
+//! sending in order, on one connection or several, then sends no faster than the file is
+//! hashed, and the hashes are moments behind the last byte. Streams the hashes cannot reach yet keep their blocks, up to `merge.hash_ahead`
 //! bytes for the whole process, and their writers are not held back (the merge finishes an
 //! upload sent out of order anyway). A stream that would go past that budget, or whose
 //! writer waited [`HEAD_WAIT`] without the hashes taking a block, stops being hashed in
@@ -92,6 +93,8 @@ struct Lanes {
     by_upload: HashMap<UploadId, Lane>,
     /// Bytes held by streams ahead of their heads.
     ahead: u64,
+    /// Times a writer was held back by the hashes.
+    writer_waits: u64,
 }
 
 struct Lane {
@@ -292,7 +295,9 @@ impl HashLanes {
     /// assembly instead) carries on from there.
     pub fn checkpoint_saved(&self, id: &UploadId, state: &HashState) {
         let mut lanes = self.shared.lock();
-        let Lanes { by_upload, ahead } = &mut *lanes;
+        let Lanes {
+            by_upload, ahead, ..
+        } = &mut *lanes;
         let Some(lane) = by_upload.get_mut(id) else {
             return;
         };
@@ -324,6 +329,11 @@ impl HashLanes {
     /// Bytes held by streams ahead of their heads, in all (for tests and metrics).
     pub fn ahead_bytes(&self) -> u64 {
         self.shared.lock().ahead
+    }
+
+    /// Times a writer was held back by the hashes, in all (for tests and metrics).
+    pub fn writer_waits(&self) -> u64 {
+        self.shared.lock().writer_waits
     }
 }
 
@@ -369,7 +379,9 @@ impl Shared {
     fn hash_lane(self: &Arc<Self>, id: &UploadId, serial: u64) {
         let mut lanes = self.lock();
         loop {
-            let Lanes { by_upload, ahead } = &mut *lanes;
+            let Lanes {
+                by_upload, ahead, ..
+            } = &mut *lanes;
             let Some(lane) = by_upload.get_mut(id).filter(|l| l.serial == serial) else {
                 return;
             };
@@ -498,10 +510,10 @@ impl Lane {
         backlog
     }
 
-    /// Wakes each waiting writer that may push now.
+    /// Wakes each waiting writer that may push now: half its queue is free ([`Tap::push`]).
     fn release_writers(&self, head_queue: u64) {
         for (&start, stream) in &self.streams {
-            if stream.writer_waits && self.backlog(start).is_none_or(|b| b < head_queue) {
+            if stream.writer_waits && self.backlog(start).is_none_or(|b| b < head_queue / 2) {
                 stream.room.notify_one();
             }
         }
@@ -587,8 +599,15 @@ impl Tap {
     pub fn push(&mut self, mut block: Block) {
         let len = block.len() as u64;
         let mut lanes = self.shared.lock();
+        // Once held back, a writer waits until the hashes have taken half the queue, so that
+        // it and the connection behind it wake once per half queue, not once per block.
+        let mut limit = self.shared.head_queue;
         loop {
-            let Lanes { by_upload, ahead } = &mut *lanes;
+            let Lanes {
+                by_upload,
+                ahead,
+                writer_waits,
+            } = &mut *lanes;
             let Some(lane) = by_upload.get_mut(&self.id) else {
                 return;
             };
@@ -601,7 +620,7 @@ impl Tap {
             if stream.end.is_some() || stream.complete {
                 return;
             }
-            if backlog.is_some_and(|b| b >= self.shared.head_queue) {
+            if backlog.is_some_and(|b| b >= limit) {
                 if progressed.elapsed() >= HEAD_WAIT {
                     // The hashes are stuck (or starved): this piece is read back instead.
                     drop(lanes);
@@ -609,6 +628,8 @@ impl Tap {
                     return;
                 }
                 stream.writer_waits = true;
+                *writer_waits += 1;
+                limit = self.shared.head_queue / 2;
                 let room = stream.room.clone();
                 lanes = room
                     .wait_timeout(lanes, HEAD_WAIT)
@@ -696,7 +717,9 @@ impl Tap {
     fn fail(&mut self) {
         self.ended = true;
         let mut lanes = self.shared.lock();
-        let Lanes { by_upload, ahead } = &mut *lanes;
+        let Lanes {
+            by_upload, ahead, ..
+        } = &mut *lanes;
         let Some(lane) = by_upload.get_mut(&self.id) else {
             return;
         };
@@ -1079,38 +1102,36 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_held_back_by_the_hashes_is_woken_as_they_take_its_blocks() {
-        // A queue of one block: the writer waits before nearly every block it pushes. A
-        // wake-up lost would cost it HEAD_WAIT each time.
-        let lanes = HashLanes::new(true, 256 << 10, 64 << 20);
+        // A queue of four blocks: the writer is held back again and again. A wake-up lost
+        // would cost it HEAD_WAIT each time.
+        let queue = 4 * (256 << 10);
+        let lanes = HashLanes::new(true, queue as u64, 64 << 20);
         let id = upload();
         let data = bytes(5, 32 * (256 << 10));
         let tap = lanes.tap(&id, 0).unwrap();
         let began = Instant::now();
-        let shared = lanes.shared.clone();
-        let (tap, waited) = tokio::task::spawn_blocking({
+        let tap = tokio::task::spawn_blocking({
             let data = data.clone();
             move || {
                 let mut tap = tap;
-                let mut waited = 0;
-                for block in data.chunks(256 << 10) {
-                    let id = upload();
-                    let lanes = shared.lock();
-                    waited += usize::from(lanes.by_upload[&id].backlog(0) >= Some(256 << 10));
-                    drop(lanes);
-                    tap.push(Block::new(Bytes::copy_from_slice(block), None));
-                }
+                feed(&mut tap, &data);
                 tap.fed_all();
-                (tap, waited)
+                tap
             }
         })
         .await
         .unwrap();
         let took = began.elapsed();
-        assert!(waited > 0, "the writer was held back");
+        let waits = lanes.writer_waits();
+        assert!(waits > 0, "the writer was held back");
         assert!(
             took < HEAD_WAIT * 4,
-            "{waited} waits took {took:?}: a writer slept through the room made for it"
+            "{waits} waits took {took:?}: a writer slept through the room made for it"
         );
+        // Held back, it waits until half the queue is free, then pushes at least two
+        // blocks: at most one wait per two blocks (a writer woken at each block taken
+        // would wait about 28 times).
+        assert!(waits <= 16, "{waits} waits for 32 blocks");
         tokio::task::spawn_blocking(move || tap.finish("copy"))
             .await
             .unwrap();

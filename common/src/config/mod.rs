@@ -266,9 +266,10 @@ pub struct MergeSettings {
     /// each chunk back from storage, at `assembly_nice`.
     pub hash_in_line: bool,
     /// How far (bytes) the hashes may be behind the writing of an upload's next in-order
-    /// chunk before its writer waits for them. The bytes queued stay part of
-    /// `limits.max_buffered_body_bytes`. Enough to keep the hashes busy while one chunk is
-    /// made durable and the next one begins.
+    /// chunk before its writer waits for them; a writer held back waits until they are
+    /// half as far behind. The bytes queued stay part of `limits.max_buffered_body_bytes`.
+    /// Enough to keep the hashes busy while one chunk is made durable and the next one
+    /// begins.
     pub hash_queue: ByteSize,
     /// Memory the API may hold, in all uploads, of chunks received ahead of their upload's
     /// hashes (other connections of the same upload) until the hashes reach them. A chunk
