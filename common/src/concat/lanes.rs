@@ -455,9 +455,11 @@ impl Shared {
                     }
                     lane.release_writers(self.head_queue);
                 }
-                None if stream.complete => {
+                None if stream.complete && stream.fed > 0 => {
                     // Every byte is hashed and the copy is being made durable: on to the
-                    // next piece meanwhile ([`Tap::finish`] notes the fact).
+                    // next piece meanwhile ([`Tap::finish`] notes the fact). An empty piece
+                    // waits for its copy instead: passing it would leave the head where it
+                    // is.
                     let end = offset + stream.fed;
                     stream.after = Some(hasher.state(end));
                     head.offset = end;
@@ -1018,6 +1020,41 @@ mod tests {
         assert_eq!(lanes.chain(&id, &start(), &records), (2, hashed(&[&a, &b])));
         assert!(!lanes.pending(&id, 0));
         assert_eq!(lanes.ahead_bytes(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_piece_is_noted_once_its_copy_is_durable() {
+        let (lanes, rx) = lanes(64 << 20);
+        let id = upload();
+        let mut empty = lanes.tap(&id, 0).unwrap();
+        eventually("the hashing thread to wait for bytes", || {
+            lanes.shared.lock().by_upload[&id].hasher_idle
+        });
+        // Its writer says it has pushed everything (nothing), and the hashing thread looks
+        // at the piece before the copy is durable.
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            empty.fed_all();
+            std::thread::sleep(Duration::from_millis(100));
+            empty.finish("copy-empty");
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the copy's end to get through: the lanes are not stuck");
+        wait_hashed(&rx);
+        assert_eq!(
+            lanes.chain(&id, &start(), &[record(0, 0, "copy-empty")]),
+            (1, start())
+        );
+        // The lane is still usable: its hashing thread did not get stuck on the empty piece.
+        let a = bytes(1, CHUNK);
+        send(lanes.tap(&id, 0).expect("the head is at 0"), &a, "copy-a").await;
+        wait_hashed(&rx);
+        assert_eq!(
+            lanes.chain(&id, &start(), &[record(0, a.len(), "copy-a")]),
+            (1, hashed(&[&a]))
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
