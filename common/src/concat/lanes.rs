@@ -312,10 +312,7 @@ impl HashLanes {
                 hasher: Some(hasher),
             });
             let kept = lane.streams.split_off(&state.offset);
-            for (_, stream) in std::mem::replace(&mut lane.streams, kept) {
-                *ahead -= stream.ahead_bytes();
-                stream.room.notify_all();
-            }
+            *ahead -= Stream::dropped(std::mem::replace(&mut lane.streams, kept).values());
             self.shared.wake(id, lane);
             lane.release_writers(self.shared.head_queue);
         }
@@ -530,12 +527,7 @@ impl Lane {
     /// stream from there on goes (what the hashes took of them followed bytes that are not
     /// the file's). Returns the bytes the dropped streams held ahead of the head.
     fn rewind(&mut self, start: u64, from: &HashState) -> u64 {
-        let dropped = self.streams.split_off(&start);
-        let mut freed = 0;
-        for stream in dropped.values() {
-            freed += stream.ahead_bytes();
-            stream.room.notify_all();
-        }
+        let freed = Stream::dropped(self.streams.split_off(&start).values());
         self.rewinds += 1;
         self.head = FileHasher::resume(from).map(|hasher| Head {
             offset: start,
@@ -551,10 +543,7 @@ impl Lane {
 impl Lanes {
     fn remove(&mut self, id: &UploadId) {
         if let Some(lane) = self.by_upload.remove(id) {
-            self.ahead -= lane.streams.values().map(Stream::ahead_bytes).sum::<u64>();
-            for stream in lane.streams.values() {
-                stream.room.notify_all();
-            }
+            self.ahead -= Stream::dropped(lane.streams.values());
             lane.work.notify_all();
         }
     }
@@ -574,6 +563,18 @@ impl Stream {
             writer_waits: false,
             room: Arc::new(Condvar::new()),
         }
+    }
+
+    /// `streams` leave their lane: their writers, if waiting, wake to find them gone.
+    /// Returns the bytes they held ahead of the head.
+    fn dropped<'a>(streams: impl IntoIterator<Item = &'a Stream>) -> u64 {
+        streams
+            .into_iter()
+            .map(|stream| {
+                stream.room.notify_all();
+                stream.ahead_bytes()
+            })
+            .sum()
     }
 
     fn ahead_bytes(&self) -> u64 {
@@ -693,24 +694,20 @@ impl Tap {
         if stream.end.is_some() {
             return;
         }
-        match (stream.after.take(), stream.from.take()) {
-            (Some(after), Some(from)) => {
-                // Passed already: the fact is known.
-                lane.streams.remove(&self.start);
-                lane.hashed.insert(token.to_owned(), Hashed { from, after });
-                lane.touched = Instant::now();
-                drop(lanes);
-                if let Some(f) = self.shared.on_hashed.get() {
-                    f(&self.id);
-                }
-            }
-            (after, from) => {
-                stream.after = after;
-                stream.from = from;
-                stream.end = Some(End::Copy(token.to_owned()));
-                self.shared.wake(&self.id, lane);
-                lane.release_writers(self.shared.head_queue);
-            }
+        let Some(after) = stream.after.take() else {
+            stream.end = Some(End::Copy(token.to_owned()));
+            self.shared.wake(&self.id, lane);
+            lane.release_writers(self.shared.head_queue);
+            return;
+        };
+        // Passed already: the fact is known.
+        let from = stream.from.take().expect("a passed stream was begun");
+        lane.streams.remove(&self.start);
+        lane.hashed.insert(token.to_owned(), Hashed { from, after });
+        lane.touched = Instant::now();
+        drop(lanes);
+        if let Some(f) = self.shared.on_hashed.get() {
+            f(&self.id);
         }
     }
 
@@ -821,12 +818,19 @@ mod tests {
         }
     }
 
+    /// Feeds all of a piece's bytes, and says so, as its writer does before making the copy
+    /// durable.
+    fn feed_all(tap: &mut Tap, data: &[u8]) {
+        feed(tap, data);
+        tap.fed_all();
+    }
+
     /// Feeds a whole copy through `tap` on a blocking thread, as its writer does, and ends it
     /// as the durable copy `token`.
     async fn send(mut tap: Tap, data: &[u8], token: &'static str) {
         let data = data.to_vec();
         tokio::task::spawn_blocking(move || {
-            feed(&mut tap, &data);
+            feed_all(&mut tap, &data);
             tap.finish(token);
         })
         .await
@@ -989,10 +993,8 @@ mod tests {
         let mut second = lanes.tap(&id, CHUNK as u64).unwrap();
         let (ta, tb) = (a.clone(), b.clone());
         let (first, second) = tokio::task::spawn_blocking(move || {
-            feed(&mut first, &ta);
-            first.fed_all();
-            feed(&mut second, &tb);
-            second.fed_all();
+            feed_all(&mut first, &ta);
+            feed_all(&mut second, &tb);
             (first, second)
         })
         .await
@@ -1068,10 +1070,8 @@ mod tests {
         let mut third = lanes.tap(&id, third_start).unwrap();
         let (ta, tb) = (a.clone(), b.clone());
         let (first, third) = tokio::task::spawn_blocking(move || {
-            feed(&mut first, &ta);
-            first.fed_all();
-            feed(&mut second, &tb);
-            second.fed_all();
+            feed_all(&mut first, &ta);
+            feed_all(&mut second, &tb);
             second.finish("copy-b");
             // The third piece is still arriving.
             feed(&mut third, &bytes(3, CHUNK / 4));
@@ -1104,8 +1104,7 @@ mod tests {
         // What the third piece's writer does next goes nowhere.
         tokio::task::spawn_blocking(move || {
             let mut third = third;
-            feed(&mut third, &bytes(3, CHUNK / 4));
-            third.fed_all();
+            feed_all(&mut third, &bytes(3, CHUNK / 4));
             third.finish("copy-c");
         })
         .await
@@ -1151,8 +1150,7 @@ mod tests {
             let data = data.clone();
             move || {
                 let mut tap = tap;
-                feed(&mut tap, &data);
-                tap.fed_all();
+                feed_all(&mut tap, &data);
                 tap
             }
         })
