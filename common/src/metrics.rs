@@ -22,6 +22,9 @@ pub const QUOTA_REFUSALS: &str = "stitch_quota_refusals_total";
 pub const UPLOAD_TRANSITIONS: &str = "stitch_upload_transitions_total";
 pub const ASSEMBLY_STEPS: &str = "stitch_assembly_steps_total";
 pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
+/// How the early assembly found the parts after a prefix: `after` (only those, the prefix
+/// carried on from the process's own last step) or `all` (every counted part).
+pub const ASSEMBLY_READS: &str = "stitch_assembly_reads_total";
 /// Of those, the bytes hashed as they arrived (merge.hash_in_line), not read back.
 pub const HASHED_IN_LINE_BYTES: &str = "stitch_hashed_in_line_bytes_total";
 /// Early assembly (API) and merges (worker) alike.
@@ -187,8 +190,15 @@ fn register_now(role: Role) {
             Unit::Bytes,
             "Of the assembled bytes, those hashed from memory as their chunks arrived (merge.hash_in_line) rather than read back from storage"
         );
+        describe_counter!(
+            ASSEMBLY_READS,
+            "How the early assembly read the counted parts after an upload's prefix: after (only those, carrying on from this process's last step) or all (every counted part: a first step here, or another API's step since)"
+        );
         for result in ["ok", "error"] {
             metrics::counter!(ASSEMBLY_STEPS, "result" => result).absolute(0);
+        }
+        for parts in ["after", "all"] {
+            metrics::counter!(ASSEMBLY_READS, "parts" => parts).absolute(0);
         }
         metrics::counter!(ASSEMBLY_BYTES).absolute(0);
         metrics::counter!(HASHED_IN_LINE_BYTES).absolute(0);

@@ -772,6 +772,28 @@ async fn lost_chunks_reopen_the_upload_fenced_and_count_again_when_sent_again(
         .map(|c| c.index.0)
         .collect();
     assert_eq!(counted, [0, 2, 3]);
+    // A run of counted parts stops at the first that is not counted, and at its bound.
+    let id = &u.id;
+    let run = |from, max| async move {
+        store
+            .counted_run(id, from, max)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| (c.index.0, c.offset, c.token.clone()))
+            .collect::<Vec<_>>()
+    };
+    let token = |i: u64| chunk(&u, i, 3).token;
+    assert_eq!(run(0, 10).await, [(0, 0, token(0))]);
+    assert_eq!(
+        run(2, 10).await,
+        [(2, 20, token(2)), (3, 30, token(3))],
+        "records as counted_chunks reads them"
+    );
+    assert_eq!(run(2, 1).await, [(2, 20, token(2))]);
+    assert_eq!(run(1, 10).await, [], "chunk 1 is not counted");
+    assert_eq!(run(2, 0).await, []);
+    assert_eq!(run(u64::MAX - 1, 5).await, []);
     assert!(
         !store
             .stuck_merges(u64::MAX)

@@ -32,7 +32,9 @@
 //! - a merge that cannot use the prefix (no checkpoint, or none that fits) merges from byte
 //!   0 into a file of its own, as without this.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
@@ -45,11 +47,20 @@ use crate::id::UploadId;
 use crate::lock::{LockName, MergeLock};
 use crate::metrics as m;
 use crate::state::{StateError, StateStore};
-use crate::storage::{FsChunkStore, Piece, StorageError};
+use crate::storage::{CheckpointFile, FsChunkStore, Piece, SavedPrefix, StorageError};
 use crate::upload::{Assembly, ChunkRecord, UploadState};
 
 /// How far one step carries the prefix before it saves a checkpoint and renews its lease.
 const STEP_BYTES: u64 = 256 << 20;
+
+/// How many counted parts after the prefix a step reads at most (it stops at
+/// [`STEP_BYTES`] anyway; the next step reads on).
+const RUN_PARTS: usize = 256;
+
+/// How many uploads' prefixes one process carries on at most (see
+/// [`Inner::prefix_and_next`]); past it, the one carried on longest ago is read again from
+/// storage when its upload comes back.
+const CARRIED_MAX: usize = 1024;
 
 /// What is known of an assembly file: its first `hashes.offset` bytes are the file's, made
 /// of the first `chunks` counted parts, whose copies' tokens digest to `tokens`.
@@ -89,11 +100,92 @@ fn contiguous_len(records: &[ChunkRecord]) -> Option<u64> {
 
 fn tokens_digest(records: &[ChunkRecord]) -> String {
     let mut sha = sha2::Sha256::new();
+    digest_tokens(&mut sha, records);
+    hex::encode(sha.finalize())
+}
+
+fn digest_tokens(sha: &mut sha2::Sha256, records: &[ChunkRecord]) {
     for r in records {
         sha.update(r.token.as_bytes());
         sha.update(b"\n");
     }
-    hex::encode(sha.finalize())
+}
+
+/// Where an upload's prefix stands: what its next step carries on from.
+#[derive(Clone)]
+struct Prefix {
+    /// The assembly file's name (as its checkpoints record it) and path.
+    assembly: String,
+    path: PathBuf,
+    /// How many counted parts it covers, from the first.
+    chunks: u64,
+    /// The hashes after them; `None` before the first step (byte 0, no file yet).
+    hashes: Option<HashState>,
+    /// The covered copies' tokens, digested so far: a checkpoint's `tokens` without
+    /// reading them all again.
+    tokens: sha2::Sha256,
+    /// The checkpoint it stands at, when this process saved it (the next one replaces it).
+    saved_here: Option<CheckpointFile>,
+    /// When it was carried on last.
+    at: std::time::Instant,
+}
+
+impl Prefix {
+    /// Nothing assembled yet, into a new file.
+    fn new(assembly: String, path: PathBuf) -> Self {
+        Self {
+            assembly,
+            path,
+            chunks: 0,
+            hashes: None,
+            tokens: sha2::Sha256::new(),
+            saved_here: None,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// The checkpoint `saved` on storage, which fits `records` (the counted parts in order).
+    fn resumed(saved: SavedPrefix, records: &[ChunkRecord]) -> Self {
+        let mut tokens = sha2::Sha256::new();
+        digest_tokens(&mut tokens, &records[..saved.checkpoint.chunks as usize]);
+        Self {
+            assembly: saved.checkpoint.assembly,
+            path: saved.path,
+            chunks: saved.checkpoint.chunks,
+            hashes: Some(saved.checkpoint.hashes),
+            tokens,
+            saved_here: None,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        self.hashes.as_ref().map_or(0, |h| h.offset)
+    }
+
+    /// The prefix once `parts` (the next ones) are appended, with the hashes after them,
+    /// and its checkpoint (which the caller saves, then notes with [`Prefix::saved`]).
+    fn extended(mut self, parts: &[ChunkRecord], hashes: HashState) -> (Self, Checkpoint) {
+        digest_tokens(&mut self.tokens, parts);
+        self.chunks += parts.len() as u64;
+        let checkpoint = Checkpoint {
+            assembly: self.assembly.clone(),
+            chunks: self.chunks,
+            tokens: hex::encode(self.tokens.clone().finalize()),
+            hashes: hashes.clone(),
+        };
+        self.hashes = Some(hashes);
+        self.saved_here = None;
+        self.at = std::time::Instant::now();
+        (self, checkpoint)
+    }
+
+    fn saved(self, file: CheckpointFile) -> Self {
+        Self {
+            saved_here: Some(file),
+            ..self
+        }
+    }
 }
 
 /// How many of `records` (counted parts in order) follow the first `from` without a gap,
@@ -162,7 +254,9 @@ struct Inner {
     lanes: Option<HashLanes>,
     /// Uploads this process is assembling now, and whether a chunk was counted for one
     /// meanwhile (the running task looks again before it stops).
-    running: Mutex<std::collections::HashMap<UploadId, bool>>,
+    running: Mutex<HashMap<UploadId, bool>>,
+    /// The prefixes this process saved last, carried on from step to step.
+    carried: Mutex<HashMap<UploadId, Prefix>>,
 }
 
 impl Assembler {
@@ -198,6 +292,7 @@ impl Assembler {
                 sha256,
                 lanes,
                 running: Mutex::new(Default::default()),
+                carried: Mutex::new(Default::default()),
             }),
         };
         if let Some(lanes) = &assembler.inner.lanes {
@@ -280,6 +375,20 @@ impl Inner {
         id: &UploadId,
         lease: &mut crate::lock::Lease,
     ) -> Result<u64, AssembleError> {
+        let result = self.carry_on(id, lease).await;
+        if result.is_err() {
+            self.carried().remove(id);
+        }
+        result
+    }
+
+    /// The steps of [`Self::advance_locked`]: each carries the prefix over the counted parts
+    /// that follow it, until none does.
+    async fn carry_on(
+        &self,
+        id: &UploadId,
+        lease: &mut crate::lock::Lease,
+    ) -> Result<u64, AssembleError> {
         let mut covered = 0;
         loop {
             // Only while the upload is receiving: once it is merging, the merge finishes the
@@ -298,37 +407,27 @@ impl Inner {
                     if let Some(lanes) = &self.lanes {
                         lanes.forget(id);
                     }
+                    self.carried().remove(id);
                     return Ok(covered);
                 }
             };
-            let records = self.state.counted_chunks(id).await?;
-            let saved = self
-                .storage
-                .saved_prefix(id)
-                .await?
-                .filter(|p| p.checkpoint.fits(&records, self.sha256));
-            let (from, offset) = saved.as_ref().map_or((0, 0), |p| {
-                (p.checkpoint.chunks as usize, p.checkpoint.hashes.offset)
-            });
+            let (prefix, mut next) = self.prefix_and_next(id).await?;
+            let (from, offset) = (prefix.chunks as usize, prefix.offset());
             covered = offset;
             // The last part is left to the merge: all counted means merging.
-            let parts = header_parts(&header, &records);
-            let open = records.len().min(parts.saturating_sub(1));
-            let (assembly, path, resume) = match saved {
-                Some(p) => (p.checkpoint.assembly, p.path, Some(p.checkpoint.hashes)),
-                None => {
-                    let (name, path) = self.storage.new_assembly(id);
-                    (name, path, None)
-                }
-            };
+            if let Assembly::Chunks = header.assembly {
+                let open = header.geometry.total_chunks.saturating_sub(1);
+                next.retain(|r| r.index.0 < open);
+            }
+            let resume = prefix.hashes.clone();
             let start = std::time::Instant::now();
-            let step = match self.hashed_in_line(id, &records[from.min(open)..open], &resume) {
+            let step = match self.hashed_in_line(id, &next, &resume) {
                 InLine::Hashed(n, after) => {
                     if !self.renew(lease).await? {
                         return Ok(covered);
                     }
-                    let chunks = self.sources(id, &header, &records[from..from + n]);
-                    let (output, new) = (path.clone(), resume.is_none());
+                    let chunks = self.sources(id, &header, &next[..n]);
+                    let (output, new) = (prefix.path.clone(), resume.is_none());
                     let fsync = self.fsync;
                     let cloned =
                         background(0, move || clone_run(&chunks, &output, offset, new, fsync))
@@ -356,7 +455,7 @@ impl Inner {
             let (n, hashes, cloned_bytes) = match step {
                 Some(done) => done,
                 None => {
-                    let n = next_run(&records[..open], from, offset, STEP_BYTES);
+                    let n = next_run(&next, 0, offset, STEP_BYTES);
                     if n == 0 {
                         return Ok(covered);
                     }
@@ -364,8 +463,8 @@ impl Inner {
                         return Ok(covered);
                     }
                     let job = Concat {
-                        chunks: self.sources(id, &header, &records[from..from + n]),
-                        output: path,
+                        chunks: self.sources(id, &header, &next[..n]),
+                        output: prefix.path.clone(),
                         block_bytes: self.block_bytes,
                         fsync: self.fsync,
                         direct_io: self.direct_io,
@@ -383,25 +482,94 @@ impl Inner {
                     (n, done.state, done.cloned_bytes)
                 }
             };
-            let checkpoint = Checkpoint {
-                assembly,
-                chunks: (from + n) as u64,
-                tokens: tokens_digest(&records[..from + n]),
-                hashes,
-            };
-            self.storage.save_prefix(id, &checkpoint).await?;
+            let replaces = prefix.saved_here.map(|f| f.offset);
+            let (prefix, checkpoint) = prefix.extended(&next[..n], hashes);
+            let file = self.storage.save_prefix(id, &checkpoint, replaces).await?;
+            let prefix = prefix.saved(file);
             #[cfg(feature = "failpoints")]
             crate::failpoints::crash_here(crate::failpoints::PREFIX_SAVED);
             if let Some(lanes) = &self.lanes {
                 lanes.checkpoint_saved(id, &checkpoint.hashes);
             }
             let reached = checkpoint.hashes.offset;
+            self.carry(id, prefix);
             metrics::counter!(m::ASSEMBLY_STEPS, "result" => "ok").increment(1);
             metrics::counter!(m::ASSEMBLY_BYTES).increment(reached - offset);
             metrics::counter!(m::CLONED_BYTES).increment(cloned_bytes);
             tracing::debug!(upload_id = %id, offset = reached, chunks = from + n, in_line, seconds = start.elapsed().as_secs_f64(), "prefix carried on");
             covered = reached;
         }
+    }
+
+    /// Where `id`'s prefix stands, and the counted parts that follow it without a gap
+    /// (some of them, at least: a step takes at most [`STEP_BYTES`] anyway).
+    ///
+    /// The prefix this process saved last is carried on as long as its checkpoint is still
+    /// the file it saved (one `stat`: another API's step replaces it), and only the parts
+    /// after it are read: a step costs the same at an upload's first GiB and at its
+    /// hundredth. The counted parts it covers cannot have changed meanwhile: a merge uncounts
+    /// only lost chunks it needs, past the newest checkpoint that fits, and an abort removes
+    /// the checkpoint with the upload's directory. Otherwise (this process's first step,
+    /// another API's since) every counted part is read and the newest checkpoint checked
+    /// against them; unless the first part is not counted, when no checkpoint can fit and
+    /// there is nothing to assemble (an upload sent in reverse costs one read per chunk).
+    async fn prefix_and_next(
+        &self,
+        id: &UploadId,
+    ) -> Result<(Prefix, Vec<ChunkRecord>), AssembleError> {
+        let carried = self.carried().get(id).cloned();
+        if let Some(prefix) = carried {
+            if let Some(file) = &prefix.saved_here
+                && self.storage.checkpoint_kept(id, file).await
+            {
+                let next = self.state.counted_run(id, prefix.chunks, RUN_PARTS).await?;
+                metrics::counter!(m::ASSEMBLY_READS, "parts" => "after").increment(1);
+                return Ok((prefix, next));
+            }
+            self.carried().remove(id);
+        }
+        let first = self.state.counted_run(id, 0, 1).await?;
+        if first.is_empty() {
+            metrics::counter!(m::ASSEMBLY_READS, "parts" => "after").increment(1);
+            let (assembly, path) = self.storage.new_assembly(id);
+            return Ok((Prefix::new(assembly, path), first));
+        }
+        let records = self.state.counted_chunks(id).await?;
+        metrics::counter!(m::ASSEMBLY_READS, "parts" => "all").increment(1);
+        let saved = self
+            .storage
+            .saved_prefix(id)
+            .await?
+            .filter(|p| p.checkpoint.fits(&records, self.sha256));
+        let prefix = match saved {
+            Some(p) => Prefix::resumed(p, &records),
+            None => {
+                let (assembly, path) = self.storage.new_assembly(id);
+                Prefix::new(assembly, path)
+            }
+        };
+        let next = records[prefix.chunks as usize..].to_vec();
+        Ok((prefix, next))
+    }
+
+    /// The prefixes this process carries on (see [`Self::prefix_and_next`]).
+    fn carried(&self) -> MutexGuard<'_, HashMap<UploadId, Prefix>> {
+        self.carried.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn carry(&self, id: &UploadId, prefix: Prefix) {
+        let mut carried = self.carried();
+        if carried.len() >= CARRIED_MAX && !carried.contains_key(id) {
+            // Uploads abandoned mid-way leave theirs behind: the oldest goes.
+            if let Some(oldest) = carried
+                .iter()
+                .min_by_key(|(_, p)| p.at)
+                .map(|(id, _)| id.clone())
+            {
+                carried.remove(&oldest);
+            }
+        }
+        carried.insert(id.clone(), prefix);
     }
 
     /// What hashing in line did for the counted parts that follow the prefix (`resume`: its
@@ -486,15 +654,6 @@ fn set_nice(nice: i32) {
     unsafe {
         let tid = libc::gettid();
         let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
-    }
-}
-
-/// How many parts the upload has in all: its chunk count, or, for segments, as many as are
-/// counted plus one (a tus upload's length says nothing of its segments).
-fn header_parts(header: &crate::state::UploadHeader, records: &[ChunkRecord]) -> usize {
-    match header.assembly {
-        Assembly::Chunks => header.geometry.total_chunks as usize,
-        _ => records.len() + 1,
     }
 }
 

@@ -1047,6 +1047,39 @@ impl StateStore for SqliteStateStore {
         .await
     }
 
+    async fn counted_run(
+        &self,
+        id: &UploadId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<ChunkRecord>, StateError> {
+        let id = id.clone();
+        let (Ok(from), Ok(max)) = (i64::try_from(from), i64::try_from(max)) else {
+            return Ok(Vec::new());
+        };
+        let parts = self
+            .run(move |tx| {
+                purge_expired(tx, id.as_str(), now_ms() as i64)?;
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT idx, offset, len, crc32c, md5, token FROM parts WHERE upload_id = ?1 AND idx >= ?2 ORDER BY idx LIMIT ?3",
+                    )
+                    .map_err(db_error)?;
+                stmt.query_map(params![id.as_str(), from, max], part_from_row)
+                    .map_err(db_error)?
+                    .map(|r| r.map(to_record))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_error)
+            })
+            .await?;
+        // Up to the first index that is not counted.
+        Ok(parts
+            .into_iter()
+            .zip(from as u64..=u64::MAX)
+            .map_while(|(part, index)| (part.index.0 == index).then_some(part))
+            .collect())
+    }
+
     async fn ping(&self) -> Result<(), StateError> {
         self.run(|tx| tx.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
             .await

@@ -406,6 +406,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// empty when the upload is unknown or its chunks were dropped (abort).
     async fn counted_chunks(&self, id: &UploadId) -> Result<Vec<ChunkRecord>, StateError>;
 
+    /// The counted parts of an upload that follow each other from index `from`: `from`,
+    /// `from + 1`, … up to the first that is not counted, at most `max` of them, in index
+    /// order. Reads only those, whatever the upload's size (the early assembly asks for the
+    /// parts after its prefix at every step).
+    async fn counted_run(
+        &self,
+        id: &UploadId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<ChunkRecord>, StateError>;
+
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StateError>;
 

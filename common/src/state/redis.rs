@@ -1036,6 +1036,29 @@ impl StateStore for RedisStateStore {
         Ok(out)
     }
 
+    async fn counted_run(
+        &self,
+        id: &UploadId,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<ChunkRecord>, StateError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.connection().await?;
+        let entries: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys::parts(&self.namespace, id))
+            .arg((from..=u64::MAX).take(max).collect::<Vec<u64>>())
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        entries
+            .iter()
+            .zip(from..=u64::MAX)
+            .map_while(|(entry, index)| entry.as_deref().map(|e| parse_part(index, e)))
+            .collect()
+    }
+
     /// Redis answers, and the namespace's schema still fits this build: a pod whose schema a
     /// breaking migration has moved past stops being ready (and gets no traffic) instead of
     /// touching data it no longer understands.

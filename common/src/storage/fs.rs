@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -113,6 +113,14 @@ pub struct CopyFile {
 pub struct SavedPrefix {
     pub path: PathBuf,
     pub checkpoint: Checkpoint,
+}
+
+/// A checkpoint [`FsChunkStore::save_prefix`] saved: the offset it names, and the file it
+/// saved there ([`FsChunkStore::checkpoint_kept`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointFile {
+    pub offset: u64,
+    inode: u64,
 }
 
 /// What [`FsChunkStore::remove_surplus`] keeps of an upload's files.
@@ -475,13 +483,29 @@ impl FsChunkStore {
         (name, path)
     }
 
+    /// Whether the checkpoint an assembly step saved ([`Self::save_prefix`]) is still on
+    /// storage, the very file: no step has replaced it since (another process's, at the
+    /// same offset or past it), and nothing removed it. One `stat`, whatever the upload's
+    /// size.
+    pub async fn checkpoint_kept(&self, id: &UploadId, saved: &CheckpointFile) -> bool {
+        let path = self
+            .upload_dir(id)
+            .join(layout::checkpoint_name(saved.offset));
+        tokio::fs::metadata(path)
+            .await
+            .is_ok_and(|m| m.ino() == saved.inode)
+    }
+
     /// Saves a checkpoint of the upload's early assembly durably (its assembly file must be
-    /// synced up to it already), then removes the older ones.
+    /// synced up to it already), then removes the older ones: the one at `replaces` (the
+    /// step's own start, one `unlink`), or, when the step did not start from one it saved
+    /// itself (`None`), every older one in the upload's directory.
     pub async fn save_prefix(
         &self,
         id: &UploadId,
         checkpoint: &Checkpoint,
-    ) -> Result<(), StorageError> {
+        replaces: Option<u64>,
+    ) -> Result<CheckpointFile, StorageError> {
         let dir = self.upload_dir(id);
         let checkpoint = checkpoint.clone();
         let fsync = self.fsync;
@@ -493,6 +517,10 @@ impl FsChunkStore {
             let result = (|| {
                 let mut file = File::create(&tmp)
                     .map_err(|e| StorageError::from_io("creating a checkpoint", e))?;
+                let inode = file
+                    .metadata()
+                    .map_err(|e| StorageError::from_io("creating a checkpoint", e))?
+                    .ino();
                 file.write_all(&body)
                     .map_err(|e| StorageError::from_io("writing a checkpoint", e))?;
                 if fsync {
@@ -504,10 +532,14 @@ impl FsChunkStore {
                 if fsync {
                     sync_dir(&dir)?;
                 }
-                Ok(())
+                Ok(CheckpointFile { offset, inode })
             })();
             let _ = std::fs::remove_file(&tmp);
-            result?;
+            let saved = result?;
+            if let Some(older) = replaces.filter(|&o| o < offset) {
+                let _ = std::fs::remove_file(dir.join(layout::checkpoint_name(older)));
+                return Ok(saved);
+            }
             for entry in read_dir_or_empty(&dir)? {
                 if let Some(PrefixFile::Checkpoint(older)) =
                     PrefixFile::parse(&entry.file_name().to_string_lossy())
@@ -516,7 +548,7 @@ impl FsChunkStore {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
-            Ok(())
+            Ok(saved)
         })
         .await
     }

@@ -32,8 +32,8 @@ mod fs;
 mod layout;
 
 pub use fs::{
-    AttemptFiles, Block, ChunkFile, CompletionRecord, CopyFile, Feed, FsChunkStore, Inventory,
-    Keep, ManifestCheck, SavedPrefix, StagedChunk,
+    AttemptFiles, Block, CheckpointFile, ChunkFile, CompletionRecord, CopyFile, Feed, FsChunkStore,
+    Inventory, Keep, ManifestCheck, SavedPrefix, StagedChunk,
 };
 pub use layout::Piece;
 

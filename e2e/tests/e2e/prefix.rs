@@ -202,6 +202,54 @@ async fn killed_after_saving_the_prefix(env: std::sync::Arc<TestEnv>, in_line: f
     assert!(prefix_bytes_merged(&worker).await >= saved.checkpoint.hashes.offset as f64);
 }
 
+/// A step reads only the counted chunks after the prefix it saved last, so that it costs the
+/// same at an upload's first chunk and at its ten-thousandth; when its checkpoint is not the
+/// file it saved any more (another API's step replaced it) it reads them all again and
+/// carries on from what storage holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_step_of_the_prefix_reads_only_the_chunks_after_it() {
+    let all_read = format!(
+        "{}{{parts=\"all\"}}",
+        stitch_common::metrics::ASSEMBLY_READS
+    );
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    let api = start_api(&env);
+    let client = ApiClient::new(api.addr);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (source, md5) = file(167);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    for index in 0..6 {
+        send(&client, &id, &source, &md5, index).await;
+        wait_for_prefix(&storage, &uid, index + 1).await;
+    }
+    assert_eq!(
+        counter(&api, &all_read).await,
+        1.0,
+        "only the first step read every counted chunk"
+    );
+
+    // Another writer saves the same checkpoint again: a file of its own, in its place.
+    let saved = storage.saved_prefix(&uid).await.unwrap().unwrap();
+    let name = format!("prefix.{}.json", saved.checkpoint.hashes.offset);
+    let path = upload_dir(&env, &id).join(&name);
+    let again = upload_dir(&env, &id).join(format!(".{name}.again"));
+    std::fs::copy(&path, &again).unwrap();
+    std::fs::rename(&again, &path).unwrap();
+    send(&client, &id, &source, &md5, 6).await;
+    let prefix = wait_for_prefix(&storage, &uid, 7).await;
+    assert_eq!(counter(&api, &all_read).await, 2.0);
+    assert_eq!(
+        prefix.path, saved.path,
+        "carried on from the checkpoint on storage"
+    );
+    remove_covered_chunks(&storage, &uid, &prefix);
+    send(&client, &id, &source, &md5, 7).await;
+    assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chunks_sent_out_of_order_are_assembled_once_the_gap_before_them_fills() {
     let env = TestEnv::new();
