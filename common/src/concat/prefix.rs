@@ -54,8 +54,9 @@ use crate::upload::{Assembly, ChunkRecord, UploadState};
 const STEP_BYTES: u64 = 256 << 20;
 
 /// How many counted parts after the prefix a step reads at most (it stops at
-/// [`STEP_BYTES`] anyway; the next step reads on).
+/// [`STEP_BYTES`] anyway; the next step reads on), and how many it asks for first.
 const RUN_PARTS: usize = 256;
+const RUN_FIRST: usize = 4;
 
 /// How many uploads' prefixes one process carries on at most (see
 /// [`Inner::prefix_and_next`]); past it, the one carried on longest ago is read again from
@@ -522,7 +523,7 @@ impl Inner {
             if let Some(file) = &prefix.saved_here
                 && self.storage.checkpoint_kept(id, file).await
             {
-                let next = self.state.counted_run(id, prefix.chunks, RUN_PARTS).await?;
+                let next = self.run_after(id, prefix.chunks).await?;
                 metrics::counter!(m::ASSEMBLY_READS, "parts" => "after").increment(1);
                 return Ok((prefix, next));
             }
@@ -550,6 +551,27 @@ impl Inner {
         };
         let next = records[prefix.chunks as usize..].to_vec();
         Ok((prefix, next))
+    }
+
+    /// The counted parts from index `from` on, up to the first gap, [`STEP_BYTES`] or
+    /// [`RUN_PARTS`]: read a few at a time, since a step usually finds one or two (a read
+    /// costs Redis a lookup per index asked for, counted or not).
+    async fn run_after(&self, id: &UploadId, from: u64) -> Result<Vec<ChunkRecord>, StateError> {
+        let mut next: Vec<ChunkRecord> = Vec::new();
+        let mut ask = RUN_FIRST;
+        loop {
+            let run = self
+                .state
+                .counted_run(id, from + next.len() as u64, ask)
+                .await?;
+            let short = run.len() < ask;
+            next.extend(run);
+            let bytes: u64 = next.iter().map(|r| r.len).sum();
+            if short || bytes >= STEP_BYTES || next.len() >= RUN_PARTS {
+                return Ok(next);
+            }
+            ask = (ask * 2).min(RUN_PARTS - next.len());
+        }
     }
 
     /// The prefixes this process carries on (see [`Self::prefix_and_next`]).
