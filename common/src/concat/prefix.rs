@@ -393,10 +393,13 @@ impl Inner {
         let mut covered = 0;
         loop {
             // Only while the upload is receiving: once it is merging, the merge finishes the
-            // file (two would hash the same last chunks at once).
+            // file (two would hash the same last chunks at once). Never for a partial upload
+            // (tus): it is not merged alone, the concatenation that uses it reads its
+            // segments, and removes its directory as soon as the last one is counted.
             let header = match self.state.upload_header(id).await? {
                 Some(h)
                     if h.state == UploadState::Receiving
+                        && h.assembly.merges_when_complete()
                         && !matches!(h.assembly, Assembly::Concat { .. }) =>
                 {
                     h

@@ -333,3 +333,21 @@ pub async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) ->
     assert_eq!(completing, 1, "one chunk completed the upload");
     missing
 }
+
+/// The value of the counter `name` on `process`'s `/metrics`.
+pub async fn counter(process: &ServiceProcess, name: &str) -> f64 {
+    let url = format!("http://{}/metrics", process.addr);
+    let text = http_client()
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics of {url}:\n{text}"))
+}

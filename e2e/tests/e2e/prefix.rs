@@ -68,24 +68,6 @@ fn remove_covered_chunks(storage: &FsChunkStore, id: &UploadId, prefix: &SavedPr
     }
 }
 
-/// The value of the counter `name` on `process`'s `/metrics`.
-async fn counter(process: &ServiceProcess, name: &str) -> f64 {
-    let url = format!("http://{}/metrics", process.addr);
-    let text = http_client()
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics of {url}:\n{text}"))
-}
-
 /// Waits for the counter `name` on `process` to reach `value` (a step counts its bytes just
 /// after saving its checkpoint), then checks that it stopped there.
 async fn counter_settles_at(process: &ServiceProcess, name: &str, value: f64) {
@@ -321,6 +303,69 @@ async fn a_merge_killed_while_it_finishes_the_assembled_file_leaves_the_next_att
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert!(merge_attempts(&env, &id) >= 2);
     assert_eq!(prefix_bytes_merged(&second).await, (256 << 20) as f64);
+}
+
+/// An API paused in the middle of a step, whose lease lapses meanwhile, goes on writing into
+/// the assembly file after the merge took it over, finished it and published it as the
+/// upload's file: it writes the bytes of the same counted copies at the same offsets, so the
+/// file it writes into stays the verified one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_paused_in_a_step_past_its_lease_leaves_the_merged_file_as_verified() {
+    use stitch_common::metrics::ASSEMBLY_BYTES;
+    let env = TestEnv::new();
+    let tap = EventTap::start(&env).await;
+    let _worker = start_worker(&env);
+    // Steps in 4 KiB blocks (slow enough to be caught in the middle), under a 1 s lease.
+    let mut slow = api_command(&env);
+    slow.env("STITCH__MERGE__BUFFER_BYTES", "4KiB")
+        .env("STITCH__LOCK__TTL", "1s");
+    let stale = ServiceProcess::start(slow, "stitch-api listening");
+    let client = ApiClient::new(stale.addr);
+    let other = start_api(&env);
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let source = Source::random(384 << 20, 128 << 20, 169);
+    let md5 = md5_hex(&source.bytes);
+    let id = new_id();
+    let uid = UploadId::parse(&id).unwrap();
+    send(&client, &id, &source, &md5, 0).await;
+    let first = wait_for_prefix(&storage, &uid, 1).await;
+
+    // Chunk 1: stop the API once its step has written part of it into the assembly file.
+    send(&client, &id, &source, &md5, 1).await;
+    let past_chunk_0 =
+        || std::fs::metadata(&first.path).is_ok_and(|m| m.len() > (128 << 20) + (4 << 20));
+    until(
+        MINUTE,
+        "the step over chunk 1 to be under way",
+        async || past_chunk_0(),
+    )
+    .await;
+    stale.signal("STOP");
+    let saved = storage.saved_prefix(&uid).await.unwrap().unwrap();
+    assert_eq!(
+        saved.checkpoint, first.checkpoint,
+        "the API was stopped before its step over chunk 1 ended"
+    );
+
+    // The last chunk, through another API: the merge waits out the lapsed lease, takes the
+    // assembly file over from the checkpoint of chunk 0, and publishes it.
+    send(&ApiClient::new(other.addr), &id, &source, &md5, 2).await;
+    assert_completed_once(&env, &tap, &client_of(&other), &id, &source, &md5).await;
+
+    // The paused API wakes and finishes its step into the published file.
+    stale.signal("CONT");
+    counter_settles_at(&stale, ASSEMBLY_BYTES, (256 << 20) as f64).await;
+    let (_, status) = client_of(&other).status(&id).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["md5"], md5.as_str());
+    assert!(
+        client_of(&other).download(&id).await == source.bytes,
+        "the merged file changed under the stale step"
+    );
+}
+
+fn client_of(api: &ServiceProcess) -> ApiClient {
+    ApiClient::new(api.addr)
 }
 
 /// Hashing in line (`merge.hash_in_line`): chunks sent in order are hashed from memory as

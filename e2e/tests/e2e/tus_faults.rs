@@ -141,6 +141,17 @@ async fn partial_uploads_sent_to_two_apis_concatenate_into_the_right_file() {
     let id = id_of(&whole.location()).to_owned();
     let client = ApiClient::new(a.addr);
     assert_merged(&client, &id, &bytes).await;
+    // Partial uploads are not assembled early: the concatenation reads their segments, and
+    // removes their directories while such a step could still be writing into them.
+    for api in [&a, &b] {
+        for result in ["ok", "error"] {
+            let steps = format!(
+                "{}{{result=\"{result}\"}}",
+                stitch_common::metrics::ASSEMBLY_STEPS
+            );
+            assert_eq!(counter(api, &steps).await, 0.0, "{steps}");
+        }
+    }
     // The partial uploads were used up: gone, their files too.
     for part in &parts {
         let (code, _) = client.status(id_of(part)).await;
