@@ -86,6 +86,29 @@ impl Tus {
         answer(self.patch_request(url, offset, bytes).send().await).await
     }
 
+    /// PATCHes `bytes` at `offset`, again while another request holds the upload's append
+    /// lease (423), up to `tries` times, `pause` apart. The server refuses such a PATCH
+    /// without reading its body, so the refusal can also reach the client as a broken pipe
+    /// while it still sends; that is tried again the same way.
+    pub async fn patch_when_free(
+        &self,
+        url: &str,
+        offset: u64,
+        bytes: &[u8],
+        tries: u32,
+        pause: std::time::Duration,
+    ) -> Answer {
+        for _ in 1..tries {
+            match self.patch_request(url, offset, bytes.to_vec()).send().await {
+                Ok(response) if response.status().as_u16() != 423 => {
+                    return answer(Ok(response)).await;
+                }
+                _ => tokio::time::sleep(pause).await,
+            }
+        }
+        self.patch(url, offset, bytes.to_vec()).await
+    }
+
     pub fn patch_request(&self, url: &str, offset: u64, bytes: Vec<u8>) -> reqwest::RequestBuilder {
         self.request(reqwest::Method::PATCH, url)
             .header("Upload-Offset", offset.to_string())

@@ -194,14 +194,15 @@ async fn an_api_killed_between_a_tus_segments_durable_copy_and_its_count_resumes
     );
     // The lease of the killed request lapses (the worker's short lock TTL is not the API's:
     // the API's append lease is its default), then the client sends it all again.
-    let mut resent = client.patch(&url(api.addr), 0, source.bytes.clone()).await;
-    for _ in 0..60 {
-        if resent.status != 423 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        resent = client.patch(&url(api.addr), 0, source.bytes.clone()).await;
-    }
+    let resent = client
+        .patch_when_free(
+            &url(api.addr),
+            0,
+            &source.bytes,
+            60,
+            Duration::from_millis(500),
+        )
+        .await;
     assert_eq!(resent.status, 204, "{resent:?}");
     assert_completed_once(&env, &tap, &ApiClient::new(api.addr), &id, &source, &md5).await;
 }

@@ -23,15 +23,10 @@ fn api_with_small_segments(env: &TestEnv) -> ServiceProcess {
 
 /// PATCHes `bytes` at `offset`, again while another request's lease lapses (423).
 async fn patch_when_free(t: &Tus, url: &str, offset: u64, bytes: &[u8]) {
-    for _ in 0..40 {
-        let answer = t.patch(url, offset, bytes.to_vec()).await;
-        match answer.status {
-            204 => return,
-            423 => tokio::time::sleep(Duration::from_millis(250)).await,
-            _ => panic!("PATCH at {offset}: {answer:?}"),
-        }
-    }
-    panic!("the upload stayed locked");
+    let answer = t
+        .patch_when_free(url, offset, bytes, 40, Duration::from_millis(250))
+        .await;
+    assert_eq!(answer.status, 204, "PATCH at {offset}: {answer:?}");
 }
 
 async fn assert_merged(client: &ApiClient, id: &str, bytes: &[u8]) {
