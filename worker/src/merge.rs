@@ -386,7 +386,7 @@ impl Merger {
         self.storage
             .publish_merged(&files)
             .await
-            .map_err(transient)?;
+            .map_err(|e| MergeError::Storage(e.to_string()))?;
 
         let (crc32c, composite_md5) = Completion::part_digests(&parts.records);
         let completion = Completion {
@@ -404,7 +404,7 @@ impl Merger {
         let record = CompletionRecord::new(plan.fence, &completion);
         if let Err(e) = self.storage.write_completion(id, &record).await {
             self.storage.discard_attempt(id, plan.fence).await;
-            return Err(transient(e));
+            return Err(MergeError::Storage(e.to_string()));
         }
         #[cfg(feature = "failpoints")]
         stitch_common::failpoints::crash_here(
