@@ -25,6 +25,9 @@ pub const ASSEMBLY_BYTES: &str = "stitch_assembly_bytes_total";
 /// How the early assembly found the parts after a prefix: `after` (only those, the prefix
 /// carried on from the process's own last step) or `all` (every counted part).
 pub const ASSEMBLY_READS: &str = "stitch_assembly_reads_total";
+/// The early assembly's leases on an upload (`taken`), and the times another API held it
+/// (`busy`).
+pub const ASSEMBLY_LEASES: &str = "stitch_assembly_leases_total";
 /// Of those, the bytes hashed as they arrived (merge.hash_in_line), not read back.
 pub const HASHED_IN_LINE_BYTES: &str = "stitch_hashed_in_line_bytes_total";
 /// Early assembly (API) and merges (worker) alike.
@@ -194,8 +197,15 @@ fn register_now(role: Role) {
             ASSEMBLY_READS,
             "How the early assembly read the counted parts after an upload's prefix: after (only those, carrying on from this process's last step) or all (every counted part: a first step here, or another API's step since)"
         );
+        describe_counter!(
+            ASSEMBLY_LEASES,
+            "Leases the early assembly took on an upload (taken: one per run of chunks counted one after another), and tries that found another API holding it (busy)"
+        );
         for result in ["ok", "error"] {
             metrics::counter!(ASSEMBLY_STEPS, "result" => result).absolute(0);
+        }
+        for result in ["taken", "busy"] {
+            metrics::counter!(ASSEMBLY_LEASES, "result" => result).absolute(0);
         }
         for parts in ["after", "all"] {
             metrics::counter!(ASSEMBLY_READS, "parts" => parts).absolute(0);

@@ -329,10 +329,12 @@ impl Assembler {
         let id = id.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(e) = inner.advance(&id).await {
+                // Chunks counted while the lease is held are looked at under the same lease.
+                if let Err(e) = inner.advance(&id, || inner.counted_again(&id)).await {
                     tracing::debug!(upload_id = %id, error = %e, "the prefix was not carried on; the merge will do it");
                     metrics::counter!(m::ASSEMBLY_STEPS, "result" => "error").increment(1);
                 }
+                // And one counted between the last look and the release, under a new one.
                 let mut running = inner.running.lock().unwrap_or_else(|e| e.into_inner());
                 match running.get_mut(&id) {
                     Some(again) if *again => *again = false,
@@ -348,12 +350,15 @@ impl Assembler {
     /// Carries `id`'s prefix as far as its counted chunks go, now (the background task's
     /// work, for tests). Returns the bytes the prefix covers afterwards.
     pub async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
-        self.inner.advance(id).await
+        self.inner.advance(id, || false).await
     }
 }
 
 impl Inner {
-    async fn advance(&self, id: &UploadId) -> Result<u64, AssembleError> {
+    /// Takes the upload's assembly lease and carries the prefix on, again while `again`
+    /// says a chunk was counted meanwhile, then lets the lease go: one lease for a run of
+    /// chunks arriving one after the other, not one per chunk.
+    async fn advance(&self, id: &UploadId, again: impl Fn() -> bool) -> Result<u64, AssembleError> {
         let name = LockName::Assemble(id.clone());
         let Some(mut lease) = self
             .lock
@@ -362,13 +367,26 @@ impl Inner {
             .map_err(|e| AssembleError::Lock(e.to_string()))?
         else {
             // Another API is at it; it looks again before it lets go.
+            metrics::counter!(m::ASSEMBLY_LEASES, "result" => "busy").increment(1);
             return Ok(0);
         };
-        let result = self.advance_locked(id, &mut lease).await;
+        metrics::counter!(m::ASSEMBLY_LEASES, "result" => "taken").increment(1);
+        let result = loop {
+            let result = self.advance_locked(id, &mut lease).await;
+            if result.is_err() || !again() {
+                break result;
+            }
+        };
         if let Err(e) = self.lock.release(&lease).await {
             tracing::debug!(upload_id = %id, error = %e, "assembly lock not released; it expires");
         }
         result
+    }
+
+    /// Whether a chunk of `id` was counted since the last look; clears the mark.
+    fn counted_again(&self, id: &UploadId) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.get_mut(id).is_some_and(std::mem::take)
     }
 
     async fn advance_locked(
@@ -390,34 +408,27 @@ impl Inner {
         id: &UploadId,
         lease: &mut crate::lock::Lease,
     ) -> Result<u64, AssembleError> {
-        let mut covered = 0;
+        // The first step looks at the upload before anything else; later ones only once
+        // they know there is something to do (the look that finds nothing costs one read).
+        let Some(first) = self.assemblable(id).await? else {
+            return Ok(0);
+        };
+        let mut header = Some(first);
         loop {
-            // Only while the upload is receiving: once it is merging, the merge finishes the
-            // file (two would hash the same last chunks at once). Never for a partial upload
-            // (tus): it is not merged alone, the concatenation that uses it reads its
-            // segments, and removes its directory as soon as the last one is counted.
-            let header = match self.state.upload_header(id).await? {
-                Some(h)
-                    if h.state == UploadState::Receiving
-                        && h.assembly.merges_when_complete()
-                        && !matches!(h.assembly, Assembly::Concat { .. }) =>
-                {
-                    h
-                }
-                // Not counted yet: a lane may have hashed the upload's first chunk before
-                // its count created the upload. Its lane stays.
-                None => return Ok(covered),
-                Some(_) => {
-                    if let Some(lanes) = &self.lanes {
-                        lanes.forget(id);
-                    }
-                    self.carried().remove(id);
-                    return Ok(covered);
-                }
-            };
             let (prefix, mut next) = self.prefix_and_next(id).await?;
             let (from, offset) = (prefix.chunks as usize, prefix.offset());
-            covered = offset;
+            // What the prefix covers when this step goes no further.
+            let covered = offset;
+            if next.is_empty() {
+                return Ok(covered);
+            }
+            let header = match header.take() {
+                Some(header) => header,
+                None => match self.assemblable(id).await? {
+                    Some(header) => header,
+                    None => return Ok(covered),
+                },
+            };
             // The last part is left to the merge: all counted means merging.
             if let Assembly::Chunks = header.assembly {
                 let open = header.geometry.total_chunks.saturating_sub(1);
@@ -501,7 +512,36 @@ impl Inner {
             metrics::counter!(m::ASSEMBLY_BYTES).increment(reached - offset);
             metrics::counter!(m::CLONED_BYTES).increment(cloned_bytes);
             tracing::debug!(upload_id = %id, offset = reached, chunks = from + n, in_line, seconds = start.elapsed().as_secs_f64(), "prefix carried on");
-            covered = reached;
+        }
+    }
+
+    /// `id`'s header while its prefix is to be carried on: only while the upload is
+    /// receiving, since once it is merging the merge finishes the file (two would hash the
+    /// same last chunks at once). Never for a partial upload (tus): it is not merged alone,
+    /// the concatenation that uses it reads its segments, and removes its directory as soon
+    /// as the last one is counted. Otherwise its lane and carried prefix are forgotten.
+    async fn assemblable(
+        &self,
+        id: &UploadId,
+    ) -> Result<Option<crate::state::UploadHeader>, AssembleError> {
+        match self.state.upload_header(id).await? {
+            Some(h)
+                if h.state == UploadState::Receiving
+                    && h.assembly.merges_when_complete()
+                    && !matches!(h.assembly, Assembly::Concat { .. }) =>
+            {
+                Ok(Some(h))
+            }
+            // Not counted yet: a lane may have hashed the upload's first chunk before its
+            // count created the upload. Its lane stays.
+            None => Ok(None),
+            Some(_) => {
+                if let Some(lanes) = &self.lanes {
+                    lanes.forget(id);
+                }
+                self.carried().remove(id);
+                Ok(None)
+            }
         }
     }
 
@@ -618,7 +658,17 @@ impl Inner {
         }
     }
 
+    /// Makes sure the lease outlasts a step: renewed once less than half its length is
+    /// left (a step takes far less; renewing before every step cost a Redis call per
+    /// chunk). A lease already lapsed on this process's clock is renewed too, which fails
+    /// if another holder took it meanwhile.
     async fn renew(&self, lease: &mut crate::lock::Lease) -> Result<bool, AssembleError> {
+        let left = lease
+            .valid_until()
+            .saturating_duration_since(std::time::Instant::now());
+        if left > self.lock.ttl() / 2 {
+            return Ok(true);
+        }
         self.lock
             .renew(lease)
             .await

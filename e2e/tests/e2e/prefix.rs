@@ -10,6 +10,7 @@ use std::time::Duration;
 use stitch_common::failpoints::PREFIX_SAVED;
 use stitch_common::id::UploadId;
 use stitch_common::storage::{FsChunkStore, SavedPrefix};
+use stitch_testkit::tus::{Tus, id_of};
 
 use crate::harness::*;
 
@@ -361,6 +362,60 @@ async fn an_api_paused_in_a_step_past_its_lease_leaves_the_merged_file_as_verifi
     assert!(
         client_of(&other).download(&id).await == source.bytes,
         "the merged file changed under the stale step"
+    );
+}
+
+/// Parts counted while a step runs are carried on under the lease that step holds: one
+/// lease for a run of parts, not one per part (each costs Redis a `SET NX` and a release).
+/// tus segments, since they may differ in size: a large first one whose step is slow, then
+/// two small ones counted while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_counted_while_a_step_runs_are_carried_on_under_its_lease() {
+    use stitch_common::metrics::ASSEMBLY_LEASES;
+    let taken = format!("{ASSEMBLY_LEASES}{{result=\"taken\"}}");
+    let env = TestEnv::new();
+    let _worker = start_worker(&env);
+    // Steps read parts back in 4 KiB blocks: slow enough for more parts to be counted
+    // meanwhile.
+    let mut slow = api_command(&env);
+    slow.env("STITCH__MERGE__BUFFER_BYTES", "4KiB")
+        .env("STITCH__MERGE__HASH_IN_LINE", "false")
+        .env("STITCH__TUS__SEGMENT_SIZE", "128MiB");
+    let api = ServiceProcess::start(slow, "stitch-api listening");
+    let storage = FsChunkStore::new(env.storage_root.clone(), true);
+    let (big, small) = (128usize << 20, 4usize << 10);
+    let bytes = Source::random(big + 3 * small, (big + 3 * small) as u64, 171).bytes;
+    let t = Tus::new(http_client(), &format!("http://{}", api.addr));
+    let url = t.create(bytes.len() as u64, None).await.location();
+    let id = id_of(&url).to_owned();
+    let uid = UploadId::parse(&id).unwrap();
+    let mut offset = 0;
+    for len in [big, small, small] {
+        let answer = t
+            .patch(&url, offset as u64, bytes[offset..offset + len].to_vec())
+            .await;
+        assert_eq!(answer.status, 204, "{answer:?}");
+        offset += len;
+    }
+    assert!(
+        storage.saved_prefix(&uid).await.unwrap().is_none(),
+        "the two small segments were counted while the step over the first one ran"
+    );
+    let prefix = wait_for_prefix(&storage, &uid, 3).await;
+    assert_eq!(prefix.checkpoint.chunks, 3, "every segment counted so far");
+    let answer = t.patch(&url, offset as u64, bytes[offset..].to_vec()).await;
+    assert_eq!(answer.status, 204, "{answer:?}");
+    let client = ApiClient::new(api.addr);
+    let status = client.wait_for_state(&id, "completed", MINUTE).await;
+    assert_eq!(status["md5"], md5_hex(&bytes), "{status}");
+    assert!(
+        client.download(&id).await == bytes,
+        "the merged file differs"
+    );
+    assert_eq!(
+        counter(&api, &taken).await,
+        1.0,
+        "one lease for the three segments"
     );
 }
 
