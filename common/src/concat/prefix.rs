@@ -50,7 +50,8 @@ use crate::state::{StateError, StateStore};
 use crate::storage::{CheckpointFile, FsChunkStore, Piece, SavedPrefix, StorageError};
 use crate::upload::{Assembly, ChunkRecord, UploadState};
 
-/// How far one step carries the prefix before it saves a checkpoint and renews its lease.
+/// How far one step carries the prefix before it saves a checkpoint (and the lease is
+/// renewed before the next, once half its length is gone).
 const STEP_BYTES: u64 = 256 << 20;
 
 /// How many counted parts after the prefix a step reads at most (it stops at
