@@ -374,7 +374,18 @@ impl Inner {
         metrics::counter!(m::ASSEMBLY_LEASES, "result" => "taken").increment(1);
         let result = loop {
             let result = self.advance_locked(id, &mut lease).await;
-            if result.is_err() || !again() {
+            if result.is_err() {
+                break result;
+            }
+            // Looks that find a gap take no step, so nothing else renews the lease while
+            // chunks keep coming (a shuffled upload): renewed here, or let go when lost,
+            // leaving a chunk counted meanwhile to a look under a new lease.
+            match self.renew(&mut lease).await {
+                Ok(true) => {}
+                Ok(false) => break result,
+                Err(e) => break Err(e),
+            }
+            if !again() {
                 break result;
             }
         };

@@ -365,57 +365,134 @@ async fn an_api_paused_in_a_step_past_its_lease_leaves_the_merged_file_as_verifi
     );
 }
 
-/// Parts counted while a step runs are carried on under the lease that step holds: one
-/// lease for a run of parts, not one per part (each costs Redis a `SET NX` and a release).
-/// tus segments, since they may differ in size: a large first one whose step is slow, then
-/// two small ones counted while it runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parts_counted_while_a_step_runs_are_carried_on_under_its_lease() {
-    use stitch_common::metrics::ASSEMBLY_LEASES;
-    let taken = format!("{ASSEMBLY_LEASES}{{result=\"taken\"}}");
-    let env = TestEnv::new();
-    let _worker = start_worker(&env);
-    // Steps read parts back in 4 KiB blocks: slow enough for more parts to be counted
-    // meanwhile.
-    let mut slow = api_command(&env);
-    slow.env("STITCH__MERGE__BUFFER_BYTES", "4KiB")
-        .env("STITCH__MERGE__HASH_IN_LINE", "false")
-        .env("STITCH__TUS__SEGMENT_SIZE", "128MiB");
-    let api = ServiceProcess::start(slow, "stitch-api listening");
-    let storage = FsChunkStore::new(env.storage_root.clone(), true);
-    let (big, small) = (128usize << 20, 4usize << 10);
-    let bytes = Source::random(big + 3 * small, (big + 3 * small) as u64, 171).bytes;
-    let t = Tus::new(http_client(), &format!("http://{}", api.addr));
-    let url = t.create(bytes.len() as u64, None).await.location();
-    let id = id_of(&url).to_owned();
-    let uid = UploadId::parse(&id).unwrap();
-    let mut offset = 0;
-    for len in [big, small, small] {
-        let answer = t
-            .patch(&url, offset as u64, bytes[offset..offset + len].to_vec())
+/// A tus upload whose segments may differ in size: a large first one whose step (reading
+/// it back in 4 KiB blocks) is slow, then small ones counted while that step runs.
+struct SlowStep {
+    _worker: ServiceProcess,
+    api: ServiceProcess,
+    storage: FsChunkStore,
+    tus: Tus,
+    url: String,
+    id: String,
+    uid: UploadId,
+    bytes: Vec<u8>,
+    sent: usize,
+}
+
+impl SlowStep {
+    const BIG: usize = 128 << 20;
+    const SMALL: usize = 4 << 10;
+
+    /// The API's lease lasts `lease_ttl`.
+    async fn start(env: &TestEnv, lease_ttl: &str) -> Self {
+        let worker = start_worker(env);
+        let mut slow = api_command(env);
+        slow.env("STITCH__MERGE__BUFFER_BYTES", "4KiB")
+            .env("STITCH__MERGE__HASH_IN_LINE", "false")
+            .env("STITCH__TUS__SEGMENT_SIZE", "128MiB")
+            .env("STITCH__LOCK__TTL", lease_ttl);
+        let api = ServiceProcess::start(slow, "stitch-api listening");
+        let len = Self::BIG + 3 * Self::SMALL;
+        let bytes = Source::random(len, len as u64, 171).bytes;
+        let tus = Tus::new(http_client(), &format!("http://{}", api.addr));
+        let url = tus.create(bytes.len() as u64, None).await.location();
+        let id = id_of(&url).to_owned();
+        Self {
+            _worker: worker,
+            storage: FsChunkStore::new(env.storage_root.clone(), true),
+            uid: UploadId::parse(&id).unwrap(),
+            api,
+            tus,
+            url,
+            id,
+            bytes,
+            sent: 0,
+        }
+    }
+
+    async fn patch(&mut self, len: usize) {
+        let end = self.sent + len;
+        let answer = self
+            .tus
+            .patch(
+                &self.url,
+                self.sent as u64,
+                self.bytes[self.sent..end].to_vec(),
+            )
             .await;
         assert_eq!(answer.status, 204, "{answer:?}");
-        offset += len;
+        self.sent = end;
     }
-    assert!(
-        storage.saved_prefix(&uid).await.unwrap().is_none(),
-        "the two small segments were counted while the step over the first one ran"
-    );
-    let prefix = wait_for_prefix(&storage, &uid, 3).await;
-    assert_eq!(prefix.checkpoint.chunks, 3, "every segment counted so far");
-    let answer = t.patch(&url, offset as u64, bytes[offset..].to_vec()).await;
-    assert_eq!(answer.status, 204, "{answer:?}");
-    let client = ApiClient::new(api.addr);
-    let status = client.wait_for_state(&id, "completed", MINUTE).await;
-    assert_eq!(status["md5"], md5_hex(&bytes), "{status}");
-    assert!(
-        client.download(&id).await == bytes,
-        "the merged file differs"
-    );
+
+    /// The big segment, then two small ones while its step still runs.
+    async fn three_segments_during_one_step(&mut self) {
+        self.patch(Self::BIG).await;
+        self.patch(Self::SMALL).await;
+        self.patch(Self::SMALL).await;
+        assert!(
+            self.storage
+                .saved_prefix(&self.uid)
+                .await
+                .unwrap()
+                .is_none(),
+            "the two small segments were counted while the step over the first one ran"
+        );
+    }
+
+    /// The prefix reaches the three segments; then the last one completes the upload.
+    async fn completes(&mut self) {
+        let prefix = wait_for_prefix(&self.storage, &self.uid, 3).await;
+        assert_eq!(prefix.checkpoint.chunks, 3, "every segment counted so far");
+        self.patch(self.bytes.len() - self.sent).await;
+        let client = ApiClient::new(self.api.addr);
+        let status = client.wait_for_state(&self.id, "completed", MINUTE).await;
+        assert_eq!(status["md5"], md5_hex(&self.bytes), "{status}");
+        assert!(
+            client.download(&self.id).await == self.bytes,
+            "the merged file differs"
+        );
+    }
+
+    async fn leases_taken(&self) -> f64 {
+        let taken = format!(
+            "{}{{result=\"taken\"}}",
+            stitch_common::metrics::ASSEMBLY_LEASES
+        );
+        counter(&self.api, &taken).await
+    }
+}
+
+/// Parts counted while a step runs are carried on under the lease that step holds: one
+/// lease for a run of parts, not one per part (each costs Redis a `SET NX` and a release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_counted_while_a_step_runs_are_carried_on_under_its_lease() {
+    let env = TestEnv::new();
+    let mut upload = SlowStep::start(&env, "30s").await;
+    upload.three_segments_during_one_step().await;
+    upload.completes().await;
     assert_eq!(
-        counter(&api, &taken).await,
+        upload.leases_taken().await,
         1.0,
         "one lease for the three segments"
+    );
+}
+
+/// A lease that lapsed while its holder was stopped is not held on to for the parts counted
+/// meanwhile: they are carried on under a new one, not left to the merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_counted_while_the_lease_lapsed_are_carried_on_under_a_new_one() {
+    let env = TestEnv::new();
+    let mut upload = SlowStep::start(&env, "1s").await;
+    upload.three_segments_during_one_step().await;
+    // Past the lease, in the middle of the step.
+    upload.api.signal("STOP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    upload.api.signal("CONT");
+    upload.completes().await;
+    assert_eq!(
+        upload.leases_taken().await,
+        2.0,
+        "a new lease after the lapsed one"
     );
 }
 
