@@ -83,6 +83,11 @@ fn transient(e: impl std::fmt::Display) -> MergeError {
     MergeError::Transient(e.to_string())
 }
 
+/// A storage failure (a full disk, an I/O error) of the merge's own files.
+fn storage_failure(e: impl std::fmt::Display) -> MergeError {
+    MergeError::Storage(e.to_string())
+}
+
 /// Cleanup that follows the ack: delete the chunks and stray attempt files, release the lock.
 #[derive(Debug)]
 pub struct Finish {
@@ -386,7 +391,7 @@ impl Merger {
         self.storage
             .publish_merged(&files)
             .await
-            .map_err(|e| MergeError::Storage(e.to_string()))?;
+            .map_err(storage_failure)?;
 
         let (crc32c, composite_md5) = Completion::part_digests(&parts.records);
         let completion = Completion {
@@ -404,7 +409,7 @@ impl Merger {
         let record = CompletionRecord::new(plan.fence, &completion);
         if let Err(e) = self.storage.write_completion(id, &record).await {
             self.storage.discard_attempt(id, plan.fence).await;
-            return Err(MergeError::Storage(e.to_string()));
+            return Err(storage_failure(e));
         }
         #[cfg(feature = "failpoints")]
         stitch_common::failpoints::crash_here(

@@ -334,6 +334,11 @@ pub async fn resume(client: &ApiClient, id: &str, source: &Source, md5: &str) ->
     missing
 }
 
+/// The series of metric `name` with `label` = `value`, as `/metrics` names it.
+pub fn series(name: &str, label: &str, value: &str) -> String {
+    format!("{name}{{{label}=\"{value}\"}}")
+}
+
 /// The value of the counter `name` on `process`'s `/metrics`.
 pub async fn counter(process: &ServiceProcess, name: &str) -> f64 {
     let url = format!("http://{}/metrics", process.addr);

@@ -191,10 +191,7 @@ async fn killed_after_saving_the_prefix(env: std::sync::Arc<TestEnv>, in_line: f
 /// carries on from what storage holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_step_of_the_prefix_reads_only_the_chunks_after_it() {
-    let all_read = format!(
-        "{}{{parts=\"all\"}}",
-        stitch_common::metrics::ASSEMBLY_READS
-    );
+    let all_read = series(stitch_common::metrics::ASSEMBLY_READS, "parts", "all");
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
     let _worker = start_worker(&env);
@@ -350,17 +347,18 @@ async fn an_api_paused_in_a_step_past_its_lease_leaves_the_merged_file_as_verifi
 
     // The last chunk, through another API: the merge waits out the lapsed lease, takes the
     // assembly file over from the checkpoint of chunk 0, and publishes it.
-    send(&ApiClient::new(other.addr), &id, &source, &md5, 2).await;
-    assert_completed_once(&env, &tap, &client_of(&other), &id, &source, &md5).await;
+    let other_client = ApiClient::new(other.addr);
+    send(&other_client, &id, &source, &md5, 2).await;
+    assert_completed_once(&env, &tap, &other_client, &id, &source, &md5).await;
 
     // The paused API wakes and finishes its step into the published file.
     stale.signal("CONT");
     counter_settles_at(&stale, ASSEMBLY_BYTES, (256 << 20) as f64).await;
-    let (_, status) = client_of(&other).status(&id).await;
+    let (_, status) = other_client.status(&id).await;
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["md5"], md5.as_str());
     assert!(
-        client_of(&other).download(&id).await == source.bytes,
+        other_client.download(&id).await == source.bytes,
         "the merged file changed under the stale step"
     );
 }
@@ -454,10 +452,7 @@ impl SlowStep {
     }
 
     async fn leases_taken(&self) -> f64 {
-        let taken = format!(
-            "{}{{result=\"taken\"}}",
-            stitch_common::metrics::ASSEMBLY_LEASES
-        );
+        let taken = series(stitch_common::metrics::ASSEMBLY_LEASES, "result", "taken");
         counter(&self.api, &taken).await
     }
 }
@@ -494,10 +489,6 @@ async fn parts_counted_while_the_lease_lapsed_are_carried_on_under_a_new_one() {
         2.0,
         "a new lease after the lapsed one"
     );
-}
-
-fn client_of(api: &ServiceProcess) -> ApiClient {
-    ApiClient::new(api.addr)
 }
 
 /// Hashing in line (`merge.hash_in_line`): chunks sent in order are hashed from memory as

@@ -140,10 +140,7 @@ async fn partial_uploads_sent_to_two_apis_concatenate_into_the_right_file() {
     // removes their directories while such a step could still be writing into them.
     for api in [&a, &b] {
         for result in ["ok", "error"] {
-            let steps = format!(
-                "{}{{result=\"{result}\"}}",
-                stitch_common::metrics::ASSEMBLY_STEPS
-            );
+            let steps = series(stitch_common::metrics::ASSEMBLY_STEPS, "result", result);
             assert_eq!(counter(api, &steps).await, 0.0, "{steps}");
         }
     }
