@@ -9,6 +9,9 @@
 //!
 //! The names and the boundaries they sit at are listed in `docs/reliability.md`.
 
+/// The API, after a new upload's quota reservation and before its manifest (and, for the
+/// chunk protocol, before its first chunk's body is read).
+pub const QUOTA_RESERVED_BEFORE_MANIFEST: &str = "quota-reserved-before-manifest";
 /// The API, after a chunk's copy is durable on storage (and, for an upload's first chunk,
 /// after its manifest) and before the state store records it.
 pub const CHUNK_DURABLE_BEFORE_RECORD: &str = "chunk-durable-before-record";

@@ -51,6 +51,8 @@ pub const STUCK_MERGES: &str = "stitch_stuck_merges";
 pub const WEBHOOK_DELIVERIES: &str = "stitch_webhook_deliveries_total";
 pub const WEBHOOK_DURATION: &str = "stitch_webhook_delivery_duration_seconds";
 pub const JANITOR_FILES_REMOVED: &str = "stitch_janitor_files_removed_total";
+/// Quota reservations the janitor released because their upload never reached storage.
+pub const QUOTA_RESERVATIONS_RELEASED: &str = "stitch_quota_reservations_released_total";
 // Everywhere
 pub const BACKEND_ERRORS: &str = "stitch_backend_errors_total";
 /// Uploads whose state was rebuilt from storage after the state store lost it.
@@ -265,6 +267,10 @@ fn register_now(role: Role) {
             JANITOR_FILES_REMOVED,
             "Files and directories the janitor removed"
         );
+        describe_counter!(
+            QUOTA_RESERVATIONS_RELEASED,
+            "Quota reservations the janitor released because their upload never reached storage"
+        );
         for outcome in MERGE_OUTCOMES {
             metrics::counter!(MERGES, "outcome" => outcome).absolute(0);
         }
@@ -286,6 +292,7 @@ fn register_now(role: Role) {
             metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).absolute(0);
         }
         metrics::counter!(JANITOR_FILES_REMOVED).absolute(0);
+        metrics::counter!(QUOTA_RESERVATIONS_RELEASED).absolute(0);
     }
 }
 

@@ -169,7 +169,55 @@ async fn tracking_makes_an_entry_what_storage_says_whatever_it_was(ledger: &dyn 
     );
 }
 
+/// The names of `tenant`'s uploads reserved before `before_ms` and not confirmed since, sorted.
+async fn unconfirmed(ledger: &dyn QuotaLedger, tenant: &str, before_ms: u64) -> Vec<String> {
+    let tenant = Tenant::parse(tenant).unwrap();
+    let mut names: Vec<String> = ledger
+        .unconfirmed(before_ms)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|id| id.tenant() == tenant)
+        .map(|id| id.name().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+async fn reservations_stay_unconfirmed_until_a_later_step_names_their_upload(
+    ledger: &dyn QuotaLedger,
+) {
+    let none = limits(None, None);
+    let before = stitch_common::now_ms();
+    for name in ["a", "b", "c", "d"] {
+        ledger.reserve(&id("t4", name), 5, &none).await.unwrap();
+    }
+    assert_eq!(
+        ledger.reserve(&id("t4", "a"), 5, &none).await.unwrap(),
+        Reservation::Held
+    );
+    let after = stitch_common::now_ms() + 1;
+    assert_eq!(unconfirmed(ledger, "t4", after).await, ["a", "b", "c", "d"]);
+    assert!(
+        unconfirmed(ledger, "t4", before).await.is_empty(),
+        "only reservations made before the time asked are listed"
+    );
+    ledger.settle(&id("t4", "b"), 5).await.unwrap();
+    ledger.release(&id("t4", "c")).await.unwrap();
+    ledger.track(&id("t4", "d"), 5, true).await.unwrap();
+    assert_eq!(
+        unconfirmed(ledger, "t4", after).await,
+        ["a"],
+        "settling, releasing and tracking each confirm"
+    );
+    // An entry made by tracking alone was never a reservation.
+    ledger.track(&id("t4", "e"), 5, true).await.unwrap();
+    ledger.release(&id("t4", "a")).await.unwrap();
+    assert!(unconfirmed(ledger, "t4", u64::MAX).await.is_empty());
+}
+
 async fn run_quota_contract(ledger: Arc<dyn QuotaLedger>) {
+    reservations_stay_unconfirmed_until_a_later_step_names_their_upload(ledger.as_ref()).await;
     tracking_makes_an_entry_what_storage_says_whatever_it_was(ledger.as_ref()).await;
     reservations_stop_at_the_active_limit_and_completion_frees_a_slot(ledger.as_ref()).await;
     stored_bytes_are_bounded_and_released_when_an_upload_goes(ledger.as_ref()).await;

@@ -16,6 +16,12 @@
 //!
 //! Nothing younger than `janitor.grace` is touched: a copy being written, or between its
 //! rename and its record, is in use. Several janitors may run; each removal is idempotent.
+//!
+//! After the walk, the quota reservations older than the grace that no step confirmed are
+//! looked at: one whose upload has no manifest belongs to a creation that died between its
+//! reservation and its manifest (nothing on storage names it, so the walk cannot find it), and
+//! is released. Should a creation have outlived the grace and write its manifest after all,
+//! the next pass tracks the upload again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +62,8 @@ pub struct Swept {
     /// Completed uploads removed because their retention passed.
     pub deleted: Vec<String>,
     pub files_removed: usize,
+    /// Quota reservations released because their upload never reached storage.
+    pub reservations_released: usize,
 }
 
 impl Janitor {
@@ -68,6 +76,7 @@ impl Janitor {
                         expired = swept.expired.len(),
                         deleted = swept.deleted.len(),
                         files = swept.files_removed,
+                        reservations = swept.reservations_released,
                         "janitor pass"
                     );
                 }
@@ -103,7 +112,24 @@ impl Janitor {
                 tracing::warn!(upload_id = %id, error = %e, "janitor skipped an upload");
             }
         }
+        self.release_stranded_reservations(&mut swept).await?;
         Ok(swept)
+    }
+
+    /// Releases the reservations older than the grace whose upload has no manifest: their
+    /// creation died before writing it. Those with a manifest are left to the next walk,
+    /// whose `track` confirms them.
+    async fn release_stranded_reservations(&self, swept: &mut Swept) -> anyhow::Result<()> {
+        let before = stitch_common::now_ms().saturating_sub(self.grace.as_millis() as u64);
+        for id in self.quotas.unconfirmed(before).await? {
+            if self.storage.read_manifest(&id).await?.is_none() {
+                self.quotas.release(&id).await?;
+                tracing::info!(upload_id = %id, "released a quota reservation whose upload never reached storage");
+                swept.reservations_released += 1;
+                metrics::counter!(stitch_common::metrics::QUOTA_RESERVATIONS_RELEASED).increment(1);
+            }
+        }
+        Ok(())
     }
 
     async fn tend(&self, id: &UploadId, swept: &mut Swept) -> anyhow::Result<()> {

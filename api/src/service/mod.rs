@@ -499,7 +499,8 @@ impl UploadService {
             }
             upload.metadata = Some(metadata);
         }
-        self.quotas
+        let reservation = self
+            .quotas
             .reserve(&upload.id, size, &quotas)
             .await
             .inspect_err(|e| {
@@ -510,7 +511,14 @@ impl UploadService {
                 };
                 metrics::counter!(m::QUOTA_REFUSALS, "limit" => limit).increment(1);
             })
-            .map_err(ServiceError::from)
+            .map_err(ServiceError::from)?;
+        #[cfg(feature = "failpoints")]
+        if reservation == Reservation::New {
+            stitch_common::failpoints::crash_here(
+                stitch_common::failpoints::QUOTA_RESERVED_BEFORE_MANIFEST,
+            );
+        }
+        Ok(reservation)
     }
 
     /// Gives back a reservation whose upload was not created after all. Kept when the

@@ -1,5 +1,6 @@
-//! [`QuotaLedger`] in the single-node database: one row per upload holding a reservation,
-//! each operation one `BEGIN IMMEDIATE` transaction.
+//! [`QuotaLedger`] in the single-node database: one row per upload holding a reservation
+//! (`quota`), one per reservation not confirmed yet (`quota_unconfirmed`), each operation one
+//! `BEGIN IMMEDIATE` transaction.
 
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
@@ -43,6 +44,12 @@ fn int(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// A step after the reservation: the upload leaves the unconfirmed ones.
+fn confirm(tx: &rusqlite::Transaction<'_>, key: &str) -> Result<(), rusqlite::Error> {
+    tx.execute("DELETE FROM quota_unconfirmed WHERE upload_id = ?1", [key])
+        .map(|_| ())
+}
+
 enum Outcome {
     New,
     Held,
@@ -61,6 +68,7 @@ impl QuotaLedger for SqliteQuotaLedger {
         let key = upload.as_str().to_owned();
         let tenant = upload.tenant().to_string();
         let (max_active, max_stored) = (limits.max_active_uploads, limits.max_stored_bytes);
+        let now = crate::now_ms();
         let outcome = self
             .run(move |tx| {
                 let held: Option<i64> = tx
@@ -87,6 +95,10 @@ impl QuotaLedger for SqliteQuotaLedger {
                     "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, 1)",
                     params![key, tenant, int(bytes)],
                 )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO quota_unconfirmed (upload_id, reserved_at) VALUES (?1, ?2)",
+                    params![key, int(now)],
+                )?;
                 Ok(Outcome::New)
             })
             .await?;
@@ -108,6 +120,7 @@ impl QuotaLedger for SqliteQuotaLedger {
     async fn settle(&self, upload: &UploadId, bytes: u64) -> Result<(), StateError> {
         let key = upload.as_str().to_owned();
         self.run(move |tx| {
+            confirm(tx, &key)?;
             tx.execute(
                 "UPDATE quota SET active = 0, bytes = ?2 WHERE upload_id = ?1",
                 params![key, int(bytes)],
@@ -120,6 +133,7 @@ impl QuotaLedger for SqliteQuotaLedger {
     async fn release(&self, upload: &UploadId) -> Result<(), StateError> {
         let key = upload.as_str().to_owned();
         self.run(move |tx| {
+            confirm(tx, &key)?;
             tx.execute("DELETE FROM quota WHERE upload_id = ?1", [key])
                 .map(|_| ())
         })
@@ -130,6 +144,7 @@ impl QuotaLedger for SqliteQuotaLedger {
         let key = upload.as_str().to_owned();
         let tenant = upload.tenant().to_string();
         self.run(move |tx| {
+            confirm(tx, &key)?;
             tx.execute(
                 "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (upload_id) DO UPDATE SET bytes = ?3, active = ?4",
@@ -155,5 +170,26 @@ impl QuotaLedger for SqliteQuotaLedger {
             )
         })
         .await
+    }
+
+    async fn unconfirmed(&self, before_ms: u64) -> Result<Vec<UploadId>, StateError> {
+        let keys = self
+            .run(move |tx| {
+                let mut stmt =
+                    tx.prepare("SELECT upload_id FROM quota_unconfirmed WHERE reserved_at < ?1")?;
+                stmt.query_map([int(before_ms)], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        Ok(keys
+            .into_iter()
+            .filter_map(|key| {
+                UploadId::from_key(&key)
+                    .inspect_err(
+                        |e| tracing::warn!(key, error = %e, "an unreadable quota reservation"),
+                    )
+                    .ok()
+            })
+            .collect())
     }
 }

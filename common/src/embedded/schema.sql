@@ -128,3 +128,11 @@ CREATE TABLE IF NOT EXISTS quota (
   active INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS quota_by_tenant ON quota (tenant, active);
+-- Reservations no later step has named yet, and when each was made (ms since the epoch): the
+-- janitor releases those whose upload never reached storage. Added without a version bump, as
+-- `quota` was: an earlier Stitch opening the database ignores the table.
+CREATE TABLE IF NOT EXISTS quota_unconfirmed (
+  upload_id TEXT PRIMARY KEY,
+  reserved_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quota_unconfirmed_by_time ON quota_unconfirmed (reserved_at);

@@ -14,6 +14,12 @@
 //! - [`QuotaLedger::release`]: it is gone (aborted, expired, deleted) — everything is freed;
 //! - [`QuotaLedger::track`]: the janitor's repair — the entry becomes what storage says
 //!   (after a lost Redis, or a crash between a state change and its ledger step).
+//!
+//! A reservation stays *unconfirmed*, with the time it was made, until one of the later
+//! steps names its upload. The API's creation writes the upload's manifest right after its
+//! reservation; should the API die in between, nothing on storage names the upload, so no
+//! walk of storage could find it: the janitor asks [`QuotaLedger::unconfirmed`] for the
+//! reservations older than `janitor.grace` and releases each whose upload has no manifest.
 
 mod redis;
 
@@ -82,4 +88,11 @@ pub trait QuotaLedger: Send + Sync {
 
     /// What `tenant` uses now.
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError>;
+
+    /// The uploads, of every tenant, whose reservation was made before `before_ms` (ms since
+    /// the epoch) and no later step ([`settle`](Self::settle), [`release`](Self::release),
+    /// [`track`](Self::track)) has named since: creations still under way, or interrupted
+    /// between the reservation and the manifest. Read without a lock: a step may confirm one
+    /// meanwhile.
+    async fn unconfirmed(&self, before_ms: u64) -> Result<Vec<UploadId>, StateError>;
 }

@@ -1,6 +1,7 @@
 //! [`QuotaLedger`] on Redis: per tenant, a hash of active uploads, a hash of kept uploads and
-//! their bytes, and the running total, all under the hash tag `{quota:<tenant>}` so that each
-//! operation is one script on one slot.
+//! their bytes, the running total, and a hash of the unconfirmed reservations and when they
+//! were made, all under the hash tag `{quota:<tenant>}` so that each operation is one script
+//! on one slot.
 
 use async_trait::async_trait;
 use deadpool_redis::Pool;
@@ -36,13 +37,17 @@ fn scripts() -> &'static Scripts {
 }
 
 /// Key layout: the ledger is the only code that knows it.
-fn keys(ns: &str, tenant: &Tenant) -> [String; 3] {
+fn keys(ns: &str, tenant: &Tenant) -> [String; 4] {
     [
         format!("{ns}:{{quota:{tenant}}}:active"),
         format!("{ns}:{{quota:{tenant}}}:stored"),
         format!("{ns}:{{quota:{tenant}}}:total"),
+        format!("{ns}:{{quota:{tenant}}}:{UNCONFIRMED}"),
     ]
 }
+
+/// The last part of the key of a tenant's unconfirmed reservations.
+const UNCONFIRMED: &str = "unconfirmed";
 
 fn limit(value: Option<u64>) -> i64 {
     value.map_or(-1, |v| v.min(i64::MAX as u64) as i64)
@@ -70,11 +75,12 @@ impl RedisQuotaLedger {
         active: bool,
     ) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
-        let [active_key, stored, total] = keys(&self.namespace, &upload.tenant());
+        let [active_key, stored, total, unconfirmed] = keys(&self.namespace, &upload.tenant());
         let _: i64 = script
             .key(active_key)
             .key(stored)
             .key(total)
+            .key(unconfirmed)
             .arg(upload.as_str())
             .arg(bytes)
             .arg(if active { "1" } else { "0" })
@@ -94,7 +100,7 @@ impl QuotaLedger for RedisQuotaLedger {
         limits: &Quotas,
     ) -> Result<Reservation, QuotaError> {
         let mut conn = self.connection().await?;
-        let [active, stored, total] = keys(&self.namespace, &upload.tenant());
+        let [active, stored, total, unconfirmed] = keys(&self.namespace, &upload.tenant());
         let max_stored = limits.max_stored_bytes.map(|b| b.0);
         let reply: Vec<String> = self
             .scripts
@@ -102,10 +108,12 @@ impl QuotaLedger for RedisQuotaLedger {
             .key(active)
             .key(stored)
             .key(total)
+            .key(unconfirmed)
             .arg(upload.as_str())
             .arg(bytes)
             .arg(limit(limits.max_active_uploads))
             .arg(limit(max_stored))
+            .arg(crate::now_ms())
             .invoke_async(&mut conn)
             .await
             .map_err(crate::state::redis_error)?;
@@ -145,7 +153,7 @@ impl QuotaLedger for RedisQuotaLedger {
 
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {
         let mut conn = self.connection().await?;
-        let [active, _, total] = keys(&self.namespace, tenant);
+        let [active, _, total, _] = keys(&self.namespace, tenant);
         let (active, total): (u64, Option<i64>) = redis::pipe()
             .cmd("HLEN")
             .arg(active)
@@ -158,5 +166,30 @@ impl QuotaLedger for RedisQuotaLedger {
             active_uploads: active,
             stored_bytes: total.unwrap_or(0).max(0) as u64,
         })
+    }
+
+    async fn unconfirmed(&self, before_ms: u64) -> Result<Vec<UploadId>, StateError> {
+        let mut conn = self.connection().await?;
+        let pattern = format!("{}:{{quota:*}}:{UNCONFIRMED}", self.namespace);
+        let mut out = Vec::new();
+        for key in crate::state::scan_keys(&mut conn, &pattern).await? {
+            let held: Vec<(String, u64)> = redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(crate::state::redis_error)?;
+            for (upload, at) in held {
+                if at >= before_ms {
+                    continue;
+                }
+                match UploadId::from_key(&upload) {
+                    Ok(id) => out.push(id),
+                    Err(e) => {
+                        tracing::warn!(key, upload, error = %e, "an unreadable quota reservation")
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 
 pub(crate) use self::redis::pool as redis_pool;
 pub use self::redis::{RedisStateStore, keys};
-pub(crate) use self::redis::{connection as redis_connection, redis_error};
+pub(crate) use self::redis::{connection as redis_connection, redis_error, scan_keys};
 use crate::digest::Md5;
 use crate::geometry::{ChunkIndex, Geometry};
 use crate::id::UploadId;

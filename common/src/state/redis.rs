@@ -148,32 +148,13 @@ impl RedisStateStore {
         connection(&self.pool).await
     }
 
-    /// Every key of the namespace of one kind (`meta`, `outbox`, …), by SCAN: cheap per call
-    /// and safe on a busy server. Under Redis Cluster this runs per node.
+    /// Every key of the namespace of one kind (`meta`, `outbox`, …).
     async fn scan(
         &self,
         conn: &mut deadpool_redis::Connection,
         kind: &str,
     ) -> Result<Vec<String>, StateError> {
-        let pattern = format!("{}:{{*}}:{kind}", self.namespace);
-        let mut cursor: u64 = 0;
-        let mut out = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await
-                .map_err(redis_error)?;
-            out.extend(batch);
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
-        }
+        scan_keys(conn, &format!("{}:{{*}}:{kind}", self.namespace)).await
     }
 
     /// The upload's record: meta, parts, bits and both outbox lists.
@@ -308,6 +289,32 @@ pub(crate) fn pool(url: &str, size: usize, timeout: Duration, key: &str) -> anyh
         .recycle_timeout(Some(timeout))
         .runtime(Runtime::Tokio1)
         .build()?)
+}
+
+/// Every key matching `pattern`, by SCAN: cheap per call and safe on a busy server. Under
+/// Redis Cluster this runs per node.
+pub(crate) async fn scan_keys(
+    conn: &mut deadpool_redis::Connection,
+    pattern: &str,
+) -> Result<Vec<String>, StateError> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        out.extend(batch);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
+    }
 }
 
 pub(crate) fn redis_error(e: RedisError) -> StateError {

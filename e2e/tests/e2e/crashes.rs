@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use stitch_common::failpoints::{
     CHUNK_DURABLE_BEFORE_RECORD, MERGE_COMMITTED_BEFORE_PUBLISH, MERGE_PUBLISHED_BEFORE_ACK,
-    MERGE_RENAMED_BEFORE_COMMIT, SEGMENT_DURABLE_BEFORE_RECORD,
+    MERGE_RENAMED_BEFORE_COMMIT, QUOTA_RESERVED_BEFORE_MANIFEST, SEGMENT_DURABLE_BEFORE_RECORD,
 };
 use stitch_common::id::UploadId;
 use stitch_testkit::tus::{Tus, id_of};
@@ -297,4 +297,65 @@ async fn a_worker_killed_after_the_publish_and_before_the_ack_republishes_the_sa
     wait_for_redelivered_job(&worker).await;
     assert_completed_once(&env, &tap, &client, &id, &source, &md5).await;
     assert_eq!(merge_attempts(&env, &id), 1, "the upload was merged once");
+}
+
+/// `cmd` with one active upload allowed per tenant.
+fn one_active_upload(mut cmd: Command) -> Command {
+    cmd.env("STITCH__AUTH__QUOTAS__MAX_ACTIVE_UPLOADS", "1");
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_api_killed_between_a_quota_reservation_and_the_manifest_does_not_keep_the_slot() {
+    let env = TestEnv::new();
+    let (source, md5) = small_file(71);
+    let stranded = new_id();
+    let mut api = ServiceProcess::start(
+        armed(
+            one_active_upload(api_command(&env)),
+            QUOTA_RESERVED_BEFORE_MANIFEST,
+        ),
+        "stitch-api listening",
+    );
+    let sent = chunk(&ApiClient::new(api.addr), &stranded, &source, &md5, 0)
+        .send()
+        .await;
+    assert!(sent.is_err(), "the first chunk was answered: {sent:?}");
+    wait_for_crash(&mut api);
+    assert!(
+        !upload_dir(&env, &stranded).exists(),
+        "nothing on storage names the upload whose creation died"
+    );
+
+    // The dead creation's reservation holds the tenant's only slot.
+    let api = ServiceProcess::start(one_active_upload(api_command(&env)), "stitch-api listening");
+    let client = ApiClient::new(api.addr);
+    let id = new_id();
+    let (code, body) = json_response(chunk(&client, &id, &source, &md5, 0).send().await).await;
+    assert_eq!((code, error_code(&body)), (429, "quota_exceeded"), "{body}");
+
+    // The janitor gives it back once the grace has passed, and the tenant uploads again.
+    let mut cmd = worker_command(&env);
+    cmd.env("STITCH__JANITOR__GRACE", "1s")
+        .env("STITCH__JANITOR__INTERVAL", "200ms");
+    let worker = ServiceProcess::start(cmd, "stitch-worker listening");
+    until(MINUTE, "the stranded reservation's release", async || {
+        let (code, _) = json_response(chunk(&client, &id, &source, &md5, 0).send().await).await;
+        code == 200
+    })
+    .await;
+    assert_eq!(
+        counter(&worker, stitch_common::metrics::QUOTA_RESERVATIONS_RELEASED).await,
+        1.0,
+        "exactly the stranded reservation was released"
+    );
+    for index in 1..source.total_chunks() {
+        let (code, body) =
+            json_response(chunk(&client, &id, &source, &md5, index).send().await).await;
+        assert_eq!(code, 200, "chunk {index}: {body}");
+    }
+    until(MINUTE, "the upload's completion", async || {
+        client.status(&id).await.1["state"] == "completed"
+    })
+    .await;
 }

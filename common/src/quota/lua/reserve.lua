@@ -1,8 +1,9 @@
 -- Reserves an active-upload slot and the upload's bytes for one tenant, atomically against
 -- every other reservation of the tenant (all three keys share the tenant's hash tag).
 -- KEYS[1] active (hash upload -> bytes), KEYS[2] stored (hash upload -> bytes),
--- KEYS[3] stored total (integer)
--- ARGV[1] upload key, ARGV[2] bytes, ARGV[3] max active (-1: none), ARGV[4] max stored (-1)
+-- KEYS[3] stored total (integer), KEYS[4] unconfirmed (hash upload -> ms reserved at)
+-- ARGV[1] upload key, ARGV[2] bytes, ARGV[3] max active (-1: none), ARGV[4] max stored (-1),
+-- ARGV[5] now (ms since the epoch)
 -- Returns {'held'} | {'new'} | {'active', count} | {'stored', total}
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
   return {'held'}
@@ -20,4 +21,5 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('INCRBY', KEYS[3], ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
 return {'new'}
