@@ -157,6 +157,19 @@ pub struct NewUpload {
     pub callback_secret: Option<String>,
 }
 
+impl NewUpload {
+    /// What the upload holds of its tenant's stored bytes (quotas) until it completes: its
+    /// size, except for a concatenation, whose bytes its parts hold until it completes and
+    /// they are retired, so that a file sent in parallel parts is not counted twice. Once
+    /// complete, every upload holds its file's size.
+    pub fn quota_bytes_until_complete(&self) -> u64 {
+        match self.assembly {
+            Assembly::Concat { .. } => 0,
+            _ => self.geometry.total_size,
+        }
+    }
+}
+
 /// One received chunk, as the state store records it. Storage holds its bytes at the
 /// file named by `token` (see `storage`), which makes concurrent copies of one chunk distinct.
 #[derive(Clone, Debug, PartialEq, Eq)]

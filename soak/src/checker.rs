@@ -231,26 +231,11 @@ impl Checker<'_> {
         completed: &BTreeMap<String, &UploadRecord>,
         findings: &mut Findings,
     ) -> anyhow::Result<()> {
-        let settings = self.env.settings();
+        let mut settings = self.env.settings();
+        // Nothing is in flight any more: whatever is left over is past any use.
+        settings.janitor.grace = stitch_common::config::Interval(Duration::ZERO);
         let backends = stitch_common::backends::Backends::distributed(&settings)?;
-        let janitor = stitch_worker::janitor::Janitor {
-            state: backends.state.clone(),
-            quotas: backends.quotas.clone(),
-            storage: backends.storage.clone(),
-            events: backends.events.clone(),
-            lock: backends.lock.clone(),
-            recovery: stitch_common::recovery::Recovery::new(
-                backends.state.clone(),
-                backends.storage.clone(),
-                backends.events.clone(),
-                60_000,
-            ),
-            interval: Duration::from_secs(3600),
-            // Nothing is in flight any more: whatever is left over is past any use.
-            grace: Duration::ZERO,
-            ttl: Duration::from_secs(3600),
-            completed_retention: None,
-        };
+        let janitor = stitch_worker::janitor::Janitor::new(&backends, &settings);
         janitor.sweep_once().await?;
         let storage = &backends.storage;
         for id in completed.keys() {

@@ -26,6 +26,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use stitch_common::backends::Backends;
+use stitch_common::config::Settings;
 use stitch_common::events::Event;
 use stitch_common::id::UploadId;
 use stitch_common::lock::{LockName, MergeLock};
@@ -67,6 +69,28 @@ pub struct Swept {
 }
 
 impl Janitor {
+    /// The janitor of `backends`, as `settings` configure it (`janitor.interval` and
+    /// `janitor.grace`, `uploads.ttl`, `uploads.completed_retention`).
+    pub fn new(backends: &Backends, settings: &Settings) -> Self {
+        Self {
+            state: backends.state.clone(),
+            quotas: backends.quotas.clone(),
+            storage: backends.storage.clone(),
+            events: backends.events.clone(),
+            lock: backends.lock.clone(),
+            recovery: Recovery::new(
+                backends.state.clone(),
+                backends.storage.clone(),
+                backends.events.clone(),
+                settings.uploads.ttl.0.as_millis() as u64,
+            ),
+            interval: settings.janitor.interval.0,
+            grace: settings.janitor.grace.0,
+            ttl: settings.uploads.ttl.0,
+            completed_retention: settings.uploads.completed_retention.map(|r| r.0),
+        }
+    }
+
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         loop {
             match self.pass().await {
@@ -197,7 +221,7 @@ impl Janitor {
         // In use. The ledger holds what storage holds: a reservation the API's crash or a
         // lost Redis dropped is made again (never refused: the upload exists), a failed
         // upload's slot is freed.
-        let size = inventory.upload.geometry.total_size;
+        let size = inventory.upload.quota_bytes_until_complete();
         self.quotas
             .track(id, size, header.state != UploadState::Failed)
             .await?;

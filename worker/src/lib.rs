@@ -174,23 +174,7 @@ impl Worker {
             roles.spawn(sweeper.run(stop_rx.clone()));
         }
         if s.worker.janitor {
-            let janitor = janitor::Janitor {
-                state: self.backends.state.clone(),
-                quotas: self.backends.quotas.clone(),
-                storage: self.backends.storage.clone(),
-                events: self.backends.events.clone(),
-                lock: self.backends.lock.clone(),
-                recovery: stitch_common::recovery::Recovery::new(
-                    self.backends.state.clone(),
-                    self.backends.storage.clone(),
-                    self.backends.events.clone(),
-                    s.uploads.ttl.0.as_millis() as u64,
-                ),
-                interval: s.janitor.interval.0,
-                grace: s.janitor.grace.0,
-                ttl: s.uploads.ttl.0,
-                completed_retention: s.uploads.completed_retention.map(|r| r.0),
-            };
+            let janitor = janitor::Janitor::new(&self.backends, s);
             roles.spawn(janitor.run(stop_rx.clone()));
         }
         if let Some(dispatcher) = &self.dispatcher {

@@ -627,7 +627,8 @@ impl Merger {
         {
             Ok(Failed::Now) => {
                 m::transition("failed");
-                self.settle_quota(id, plan.upload.geometry.total_size).await;
+                self.settle_quota(id, plan.upload.quota_bytes_until_complete())
+                    .await;
                 self.publish_outboxed(id, &event, outboxed).await;
                 Ok(MergeOutcome::Failed(reason.to_owned()))
             }

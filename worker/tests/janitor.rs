@@ -7,12 +7,14 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use stitch_common::backends::Backends;
+use stitch_common::config::Interval;
 use stitch_common::events::Event;
 use stitch_common::geometry::{ChunkIndex, Geometry};
 use stitch_common::id::UploadId;
 use stitch_common::lock::LockName;
 use stitch_common::queue::OutboxMessage;
-use stitch_common::upload::{ChunkRecord, NewUpload};
+use stitch_common::quota::Usage;
+use stitch_common::upload::{Assembly, ChunkRecord, NewUpload};
 use stitch_testkit::TestEnv;
 use stitch_testkit::events::EventTap;
 use stitch_worker::janitor::Janitor;
@@ -50,6 +52,19 @@ fn upload(id: &str) -> NewUpload {
     }
 }
 
+/// The test's backends and a janitor of them whose grace, ttl and interval are an hour,
+/// keeping completed files for ever.
+fn janitor_of(env: &TestEnv) -> (Backends, Janitor) {
+    let mut settings = env.settings();
+    settings.janitor.interval = Interval(HOUR);
+    settings.janitor.grace = Interval(HOUR);
+    settings.uploads.ttl = Interval(HOUR);
+    settings.uploads.completed_retention = None;
+    let backends = Backends::distributed(&settings).unwrap();
+    let janitor = Janitor::new(&backends, &settings);
+    (backends, janitor)
+}
+
 fn names(dir: &Path) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(dir)
         .map(|e| {
@@ -66,25 +81,8 @@ fn names(dir: &Path) -> Vec<String> {
 async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads() {
     let env = TestEnv::new();
     let tap = EventTap::start(&env).await;
-    let backends = Backends::distributed(&env.settings()).unwrap();
+    let (backends, janitor) = janitor_of(&env);
     let storage = backends.storage.clone();
-    let janitor = Janitor {
-        state: backends.state.clone(),
-        quotas: backends.quotas.clone(),
-        storage: storage.clone(),
-        events: backends.events.clone(),
-        lock: backends.lock.clone(),
-        recovery: stitch_common::recovery::Recovery::new(
-            backends.state.clone(),
-            storage.clone(),
-            backends.events.clone(),
-            60_000,
-        ),
-        interval: HOUR,
-        grace: HOUR,
-        ttl: HOUR,
-        completed_retention: None,
-    };
 
     // An upload the state store no longer knows (its keys expired), untouched for two hours.
     let expired = upload("gone");
@@ -169,5 +167,38 @@ async fn the_janitor_collects_only_old_leftovers_and_announces_expired_uploads()
     assert_eq!(
         janitor.sweep_once().await.unwrap().expired,
         Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_counts_a_concatenation_being_merged_as_a_slot_whose_bytes_its_parts_hold() {
+    let env = TestEnv::new();
+    let (backends, janitor) = janitor_of(&env);
+    let part = upload("part");
+    let whole = NewUpload {
+        assembly: Assembly::Concat {
+            parts: vec![part.id.clone()],
+        },
+        ..upload("whole")
+    };
+    backends.storage.ensure_manifest(&whole).await.unwrap();
+    backends
+        .state
+        .create_concatenation(
+            &whole,
+            &OutboxMessage::event(&Event::created(&whole)),
+            &OutboxMessage::merge(whole.id.clone()),
+            60_000,
+        )
+        .await
+        .unwrap();
+    janitor.sweep_once().await.unwrap();
+    assert_eq!(
+        backends.quotas.usage(&whole.id.tenant()).await.unwrap(),
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 0
+        },
+        "the ledger tracks the merging concatenation's slot, not its parts' bytes again"
     );
 }

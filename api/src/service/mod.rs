@@ -501,7 +501,7 @@ impl UploadService {
         }
         let reservation = self
             .quotas
-            .reserve(&upload.id, size, &quotas)
+            .reserve(&upload.id, upload.quota_bytes_until_complete(), &quotas)
             .await
             .inspect_err(|e| {
                 let limit = match e {

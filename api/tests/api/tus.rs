@@ -26,6 +26,13 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// The upload's outbox merge triggers, as stored.
+/// The creation of a partial upload of `len` bytes (`Upload-Concat: partial`).
+fn partial(t: &Tus, app: &TestApp, len: u64) -> reqwest::RequestBuilder {
+    t.request(reqwest::Method::POST, &app.url("/files/"))
+        .header("Upload-Length", len.to_string())
+        .header("Upload-Concat", "partial")
+}
+
 fn merge_triggers(env: &TestEnv, id: &str) -> usize {
     let mut conn = redis_connection().expect("Redis");
     redis::cmd("LLEN")
@@ -452,13 +459,8 @@ async fn an_upload_past_its_expiry_is_gone() {
 async fn partial_uploads_concatenate_into_one_merging_upload() {
     let app = spawn_app().await;
     let t = tus(&app);
-    let partial = |len: u64| {
-        t.request(reqwest::Method::POST, &app.url("/files/"))
-            .header("Upload-Length", len.to_string())
-            .header("Upload-Concat", "partial")
-    };
-    let a = t.send(partial(3000)).await.location();
-    let b = t.send(partial(2000)).await.location();
+    let a = t.send(partial(&t, &app, 3000)).await.location();
+    let b = t.send(partial(&t, &app, 2000)).await.location();
     assert_eq!(t.head(&a).await.header("upload-concat"), Some("partial"));
     assert_eq!(t.patch(&a, 0, vec![1; 3000]).await.status, 204);
     // A complete partial upload does not merge alone, and takes no byte more.
@@ -492,6 +494,30 @@ async fn partial_uploads_concatenate_into_one_merging_upload() {
         merge_triggers(&app.env, id_of(&whole)) + take_merge_jobs(&app.env).await.len(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_concatenation_takes_no_stored_bytes_its_parts_already_hold() {
+    let app = spawn_app_with(|s| {
+        s.auth.quotas.max_stored_bytes = Some(stitch_common::config::ByteSize(6000));
+    })
+    .await;
+    let t = tus(&app);
+    let a = t.send(partial(&t, &app, 3000)).await.location();
+    let b = t.send(partial(&t, &app, 2000)).await.location();
+    assert_eq!(t.patch(&a, 0, vec![1; 3000]).await.status, 204);
+    assert_eq!(t.patch(&b, 0, vec![2; 2000]).await.status, 204);
+    // 5000 of 6000 are held by the parts; their concatenation is those bytes, not 5000 more.
+    let whole = t
+        .send(
+            t.request(reqwest::Method::POST, &app.url("/files/"))
+                .header("Upload-Concat", format!("final;{a} {b}")),
+        )
+        .await;
+    assert_eq!(whole.status, 201, "{whole:?}");
+    let over = t.create(1001, None).await;
+    assert_eq!(over.status, 429, "{over:?}");
+    assert_eq!(t.create(1000, None).await.status, 201);
 }
 
 #[tokio::test]

@@ -225,26 +225,11 @@ pub async fn assert_completed_once(
     );
     wait_for_event(tap, id, "upload.completed", 2 * MINUTE).await;
 
-    let settings = env.settings();
+    let mut settings = env.settings();
+    // Everything left now is past any use: the upload is completed.
+    settings.janitor.grace = stitch_common::config::Interval(Duration::ZERO);
     let backends = stitch_common::backends::Backends::distributed(&settings).unwrap();
-    let janitor = stitch_worker::janitor::Janitor {
-        state: backends.state.clone(),
-        quotas: backends.quotas.clone(),
-        storage: backends.storage.clone(),
-        events: backends.events.clone(),
-        lock: backends.lock.clone(),
-        recovery: stitch_common::recovery::Recovery::new(
-            backends.state.clone(),
-            backends.storage.clone(),
-            backends.events.clone(),
-            60_000,
-        ),
-        interval: Duration::from_secs(3600),
-        // Everything left now is past any use: the upload is completed.
-        grace: Duration::ZERO,
-        ttl: Duration::from_secs(3600),
-        completed_retention: None,
-    };
+    let janitor = stitch_worker::janitor::Janitor::new(&backends, &settings);
     janitor.sweep_once().await.unwrap();
 
     let storage = &backends.storage;

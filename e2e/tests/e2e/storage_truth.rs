@@ -198,23 +198,9 @@ async fn the_janitor_expiring_uploads_during_their_resume_never_leaves_a_counted
     let client = spawn_app(&settings).await;
     let backends = stitch_common::backends::Backends::distributed(&settings).unwrap();
     // Idle for 150 ms is abandoned: the janitor expires uploads while their chunks arrive.
-    let janitor = stitch_worker::janitor::Janitor {
-        state: backends.state.clone(),
-        quotas: backends.quotas.clone(),
-        storage: backends.storage.clone(),
-        events: backends.events.clone(),
-        lock: backends.lock.clone(),
-        recovery: stitch_common::recovery::Recovery::new(
-            backends.state.clone(),
-            backends.storage.clone(),
-            backends.events.clone(),
-            60_000,
-        ),
-        interval: Duration::from_secs(3600),
-        grace: Duration::from_secs(30),
-        ttl: Duration::from_millis(150),
-        completed_retention: None,
-    };
+    let mut janitor = stitch_worker::janitor::Janitor::new(&backends, &settings);
+    janitor.grace = Duration::from_secs(30);
+    janitor.ttl = Duration::from_millis(150);
     let (mut expired, mut completed) = (0, 0);
     for round in 0..20u64 {
         let id = new_id();

@@ -216,6 +216,24 @@ impl Stack {
         run_client(client, self.dir.path(), options).await
     }
 
+    /// tus-js-client sending `file` in three parallel partial uploads and their
+    /// concatenation, with `metadata`; checked to have succeeded.
+    async fn run_parallel(&self, file: &Path, metadata: Value) -> ClientRun {
+        let run = self
+            .run(
+                Client::Js,
+                json!({
+                    "endpoint": self.endpoint(),
+                    "file": path_str(file),
+                    "parallelUploads": 3,
+                    "metadata": metadata,
+                }),
+            )
+            .await;
+        run.expect_ok();
+        run
+    }
+
     /// `HEAD /files/{id}`: the status and the `Upload-Offset` the server answers.
     async fn head_offset(&self, url: &str, headers: &[(&str, &str)]) -> (u16, Option<u64>) {
         let mut request = http_client().head(url).header("Tus-Resumable", "1.0.0");
@@ -440,17 +458,8 @@ async fn tus_js_client_parallel_uploads_are_concatenated_into_the_final_upload()
     let stack = Stack::start();
     let (file, bytes) = stack.file("data.bin", 10 * MIB + 7, 304);
     let run = stack
-        .run(
-            Client::Js,
-            json!({
-                "endpoint": stack.endpoint(),
-                "file": path_str(&file),
-                "parallelUploads": 3,
-                "metadata": {"filename": "parallel.bin"},
-            }),
-        )
+        .run_parallel(&file, json!({"filename": "parallel.bin"}))
         .await;
-    run.expect_ok();
     let requests = run.requests();
     let partials = requests
         .iter()
@@ -470,6 +479,41 @@ async fn tus_js_client_parallel_uploads_are_concatenated_into_the_final_upload()
     let url = run.url();
     let status = assert_completed_with(&stack.api_client(), &url, &bytes).await;
     assert_eq!(status["filename"], "parallel.bin", "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tus_js_client_parallel_uploads_of_more_than_half_the_quota_complete_and_count_once() {
+    let env = TestEnv::new();
+    let mut cmd = api_command(&env);
+    cmd.env(
+        "STITCH__AUTH__QUOTAS__MAX_STORED_BYTES",
+        (16 * MIB).to_string(),
+    );
+    let stack = Stack::with_api(env, ServiceProcess::start(cmd, "stitch-api listening"));
+    let size = 10 * MIB + 7;
+    let (file, bytes) = stack.file("data.bin", size, 306);
+    let run = stack.run_parallel(&file, json!({})).await;
+    assert_completed_with(&stack.api_client(), &run.url(), &bytes).await;
+    // Once the parts are retired the tenant keeps the file's bytes once: what is left of
+    // the quota fits an upload, one byte more does not.
+    let left = 16 * MIB - size;
+    let create = async |len: usize| {
+        http_client()
+            .post(stack.endpoint())
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", len.to_string())
+            .send()
+            .await
+            .expect("a POST response")
+            .status()
+            .as_u16()
+    };
+    until(
+        Duration::from_secs(60),
+        "the parts' retirement",
+        async || create(left + 1).await == 429 && create(left).await == 201,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
