@@ -216,7 +216,61 @@ async fn reservations_stay_unconfirmed_until_a_later_step_names_their_upload(
     assert!(unconfirmed(ledger, "t4", u64::MAX).await.is_empty());
 }
 
+async fn tracking_an_open_length_keeps_a_larger_reservation_and_grows_a_smaller_entry(
+    ledger: &dyn QuotaLedger,
+) {
+    ledger
+        .reserve(&id("t5", "open"), 100, &limits(None, None))
+        .await
+        .unwrap();
+    ledger
+        .track_growing(&id("t5", "open"), 40, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        usage(ledger, "t5").await,
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 100
+        },
+        "a reservation of the largest size stays"
+    );
+    ledger
+        .track_growing(&id("t5", "open"), 130, true)
+        .await
+        .unwrap();
+    ledger
+        .track_growing(&id("t5", "lost"), 30, true)
+        .await
+        .unwrap();
+    ledger
+        .track_growing(&id("t5", "lost"), 30, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        usage(ledger, "t5").await,
+        Usage {
+            active_uploads: 2,
+            stored_bytes: 160
+        },
+        "what was received is held at least, once"
+    );
+    ledger
+        .track_growing(&id("t5", "lost"), 10, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        usage(ledger, "t5").await,
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 160
+        }
+    );
+}
+
 async fn run_quota_contract(ledger: Arc<dyn QuotaLedger>) {
+    tracking_an_open_length_keeps_a_larger_reservation_and_grows_a_smaller_entry(ledger.as_ref())
+        .await;
     reservations_stay_unconfirmed_until_a_later_step_names_their_upload(ledger.as_ref()).await;
     tracking_makes_an_entry_what_storage_says_whatever_it_was(ledger.as_ref()).await;
     reservations_stop_at_the_active_limit_and_completion_frees_a_slot(ledger.as_ref()).await;

@@ -221,10 +221,16 @@ impl Janitor {
         // In use. The ledger holds what storage holds: a reservation the API's crash or a
         // lost Redis dropped is made again (never refused: the upload exists), a failed
         // upload's slot is freed.
-        let size = inventory.upload.quota_bytes_until_complete();
-        self.quotas
-            .track(id, size, header.state != UploadState::Failed)
-            .await?;
+        let active = header.state != UploadState::Failed;
+        match inventory.upload.geometry.is_deferred() {
+            // Its length still open, it keeps the reservation of its largest size, or at
+            // least what it received.
+            true => self.quotas.track_growing(id, stored, active).await?,
+            false => {
+                let size = inventory.upload.quota_bytes_until_complete();
+                self.quotas.track(id, size, active).await?;
+            }
+        }
         self.unless_gone(id).await?;
         // Only copies nothing counts go, once past the grace.
         let counted = self.state.counted_chunks(id).await?;

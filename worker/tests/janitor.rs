@@ -202,3 +202,39 @@ async fn the_janitor_counts_a_concatenation_being_merged_as_a_slot_whose_bytes_i
         "the ledger tracks the merging concatenation's slot, not its parts' bytes again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_keeps_the_reservation_of_an_upload_whose_length_is_open() {
+    let env = TestEnv::new();
+    let (backends, janitor) = janitor_of(&env);
+    let open = NewUpload {
+        geometry: Geometry::deferred(),
+        assembly: Assembly::Segments { partial: false },
+        ..upload("open")
+    };
+    backends.storage.ensure_manifest(&open).await.unwrap();
+    backends
+        .state
+        .create_upload(&open, &OutboxMessage::event(&Event::created(&open)), 60_000)
+        .await
+        .unwrap();
+    let limits = stitch_common::config::Quotas {
+        max_active_uploads: None,
+        max_stored_bytes: None,
+        max_upload_bytes: None,
+    };
+    backends
+        .quotas
+        .reserve(&open.id, 600, &limits)
+        .await
+        .unwrap();
+    janitor.sweep_once().await.unwrap();
+    assert_eq!(
+        backends.quotas.usage(&open.id.tenant()).await.unwrap(),
+        Usage {
+            active_uploads: 1,
+            stored_bytes: 600
+        },
+        "the reservation of its largest size stays until the length is declared"
+    );
+}

@@ -499,9 +499,15 @@ impl UploadService {
             }
             upload.metadata = Some(metadata);
         }
+        // An upload whose length is open holds the most it may reach until it declares one:
+        // otherwise its bytes would pass `max_stored_bytes` unseen.
+        let bytes = match upload.geometry.is_deferred() {
+            true => self.largest_upload(caller),
+            false => upload.quota_bytes_until_complete(),
+        };
         let reservation = self
             .quotas
-            .reserve(&upload.id, upload.quota_bytes_until_complete(), &quotas)
+            .reserve(&upload.id, bytes, &quotas)
             .await
             .inspect_err(|e| {
                 let limit = match e {
@@ -519,6 +525,21 @@ impl UploadService {
             );
         }
         Ok(reservation)
+    }
+
+    /// The largest upload `caller` may make: `limits.max_upload_bytes`, its tenant's
+    /// `max_upload_bytes` and its token's bound, whichever is least.
+    fn largest_upload(&self, caller: &Principal) -> u64 {
+        let tenant = self.auth_settings.quotas_of(caller.tenant.as_str());
+        [
+            Some(self.limits.max_upload_bytes.0),
+            tenant.max_upload_bytes.map(|b| b.0),
+            caller.max_bytes,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(u64::MAX)
     }
 
     /// Gives back a reservation whose upload was not created after all. Kept when the

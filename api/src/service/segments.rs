@@ -399,21 +399,6 @@ impl UploadService {
         })
     }
 
-    /// The largest upload `caller` may make: `limits.max_upload_bytes`, its tenant's
-    /// `max_upload_bytes` and its token's bound, whichever is least.
-    fn largest_upload(&self, caller: &Principal) -> u64 {
-        let tenant = self.auth_settings.quotas_of(caller.tenant.as_str());
-        [
-            Some(self.limits.max_upload_bytes.0),
-            tenant.max_upload_bytes.map(|b| b.0),
-            caller.max_bytes,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(u64::MAX)
-    }
-
     /// Fixes the length of an upload created without one: checked against the limits and
     /// quotas, written to storage (the truth), then to the state store, which may complete
     /// the upload (every byte was there already). Declaring the length the upload has is a

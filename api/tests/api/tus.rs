@@ -654,6 +654,35 @@ async fn a_deferred_length_is_declared_once_by_a_patch_and_completes_the_upload(
 }
 
 #[tokio::test]
+async fn an_upload_of_open_length_holds_the_largest_size_it_may_reach_until_it_declares_one() {
+    let app = spawn_app_with(|s| {
+        s.auth.quotas.max_stored_bytes = Some(stitch_common::config::ByteSize(1000));
+        s.auth.quotas.max_upload_bytes = Some(stitch_common::config::ByteSize(600));
+    })
+    .await;
+    let t = tus(&app);
+    let deferred = || {
+        t.request(reqwest::Method::POST, &app.url("/files/"))
+            .header("Upload-Defer-Length", "1")
+    };
+    let url = t.send(deferred()).await.location();
+    // 600 of 1000 are held by the first: a second could pass the limit unseen.
+    let second = t.send(deferred()).await;
+    assert_eq!(second.status, 429, "{second:?}");
+    assert_eq!(second.code().as_deref(), Some("quota_exceeded"));
+    assert_eq!(t.patch(&url, 0, vec![1; 100]).await.status, 204);
+    let declared = t
+        .send(
+            t.patch_request(&url, 100, vec![])
+                .header("Upload-Length", "100"),
+        )
+        .await;
+    assert_eq!(declared.status, 204, "{declared:?}");
+    // Declared, it holds its 100 bytes: 600 more fit again.
+    assert_eq!(t.send(deferred()).await.status, 201);
+}
+
+#[tokio::test]
 async fn location_follows_forwarded_headers_only_when_trusted_else_the_host() {
     let forwarded = |t: &Tus| {
         t.request(reqwest::Method::POST, &format!("{}/files/", t.base))

@@ -40,6 +40,44 @@ impl SqliteQuotaLedger {
     }
 }
 
+/// What [`SqliteQuotaLedger::upsert`] makes an existing entry hold.
+enum Held {
+    /// The bytes given.
+    Set,
+    /// The bytes given or what it holds, whichever is more.
+    AtLeast,
+}
+
+impl SqliteQuotaLedger {
+    /// `track` and `track_growing`: the upload's entry, made or changed, without a limit.
+    async fn upsert(
+        &self,
+        upload: &UploadId,
+        bytes: u64,
+        active: bool,
+        held: Held,
+    ) -> Result<(), StateError> {
+        let key = upload.as_str().to_owned();
+        let tenant = upload.tenant().to_string();
+        let sql = match held {
+            Held::Set => {
+                "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (upload_id) DO UPDATE SET bytes = ?3, active = ?4"
+            }
+            Held::AtLeast => {
+                "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (upload_id) DO UPDATE SET bytes = max(bytes, ?3), active = ?4"
+            }
+        };
+        self.run(move |tx| {
+            confirm(tx, &key)?;
+            tx.execute(sql, params![key, tenant, int(bytes), active as i64])
+                .map(|_| ())
+        })
+        .await
+    }
+}
+
 fn int(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
@@ -141,18 +179,16 @@ impl QuotaLedger for SqliteQuotaLedger {
     }
 
     async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError> {
-        let key = upload.as_str().to_owned();
-        let tenant = upload.tenant().to_string();
-        self.run(move |tx| {
-            confirm(tx, &key)?;
-            tx.execute(
-                "INSERT INTO quota (upload_id, tenant, bytes, active) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (upload_id) DO UPDATE SET bytes = ?3, active = ?4",
-                params![key, tenant, int(bytes), active as i64],
-            )
-            .map(|_| ())
-        })
-        .await
+        self.upsert(upload, bytes, active, Held::Set).await
+    }
+
+    async fn track_growing(
+        &self,
+        upload: &UploadId,
+        received: u64,
+        active: bool,
+    ) -> Result<(), StateError> {
+        self.upsert(upload, received, active, Held::AtLeast).await
     }
 
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {

@@ -13,7 +13,9 @@
 //! - [`QuotaLedger::settle`]: it completed or failed — the slot is freed, its bytes stay;
 //! - [`QuotaLedger::release`]: it is gone (aborted, expired, deleted) — everything is freed;
 //! - [`QuotaLedger::track`]: the janitor's repair — the entry becomes what storage says
-//!   (after a lost Redis, or a crash between a state change and its ledger step).
+//!   (after a lost Redis, or a crash between a state change and its ledger step);
+//!   [`QuotaLedger::track_growing`] the same for an upload whose length is still open, which
+//!   holds the largest size it may reach until it declares one.
 //!
 //! A reservation stays *unconfirmed*, with the time it was made, until one of the later
 //! steps names its upload. The API's creation writes the upload's manifest right after its
@@ -85,6 +87,16 @@ pub trait QuotaLedger: Send + Sync {
     /// Makes the ledger hold `bytes` for `upload`, active or not, whatever it held before
     /// and whatever the limits: the upload exists on storage. Idempotent.
     async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError>;
+
+    /// [`track`](Self::track) for an upload whose length is still open (tus
+    /// `Upload-Defer-Length`): makes its entry hold at least the `received` bytes, keeping one
+    /// that holds more (its reservation of the largest size it may reach). Idempotent.
+    async fn track_growing(
+        &self,
+        upload: &UploadId,
+        received: u64,
+        active: bool,
+    ) -> Result<(), StateError>;
 
     /// What `tenant` uses now.
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError>;

@@ -67,12 +67,15 @@ impl RedisQuotaLedger {
         crate::state::redis_connection(&self.pool).await
     }
 
+    /// Runs one of the ledger's scripts on `upload`'s entry; `mode` is the track script's
+    /// (`grow` or `set`), which the others ignore.
     async fn run(
         &self,
         script: &Script,
         upload: &UploadId,
         bytes: u64,
         active: bool,
+        mode: &str,
     ) -> Result<(), StateError> {
         let mut conn = self.connection().await?;
         let [active_key, stored, total, unconfirmed] = keys(&self.namespace, &upload.tenant());
@@ -84,6 +87,7 @@ impl RedisQuotaLedger {
             .arg(upload.as_str())
             .arg(bytes)
             .arg(if active { "1" } else { "0" })
+            .arg(mode)
             .invoke_async(&mut conn)
             .await
             .map_err(crate::state::redis_error)?;
@@ -140,15 +144,27 @@ impl QuotaLedger for RedisQuotaLedger {
     }
 
     async fn settle(&self, upload: &UploadId, bytes: u64) -> Result<(), StateError> {
-        self.run(&self.scripts.settle, upload, bytes, false).await
+        self.run(&self.scripts.settle, upload, bytes, false, "")
+            .await
     }
 
     async fn release(&self, upload: &UploadId) -> Result<(), StateError> {
-        self.run(&self.scripts.release, upload, 0, false).await
+        self.run(&self.scripts.release, upload, 0, false, "").await
     }
 
     async fn track(&self, upload: &UploadId, bytes: u64, active: bool) -> Result<(), StateError> {
-        self.run(&self.scripts.track, upload, bytes, active).await
+        self.run(&self.scripts.track, upload, bytes, active, "set")
+            .await
+    }
+
+    async fn track_growing(
+        &self,
+        upload: &UploadId,
+        received: u64,
+        active: bool,
+    ) -> Result<(), StateError> {
+        self.run(&self.scripts.track, upload, received, active, "grow")
+            .await
     }
 
     async fn usage(&self, tenant: &Tenant) -> Result<Usage, StateError> {
