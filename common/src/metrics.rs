@@ -50,6 +50,9 @@ pub const OUTBOX_ENTRIES: &str = "stitch_outbox_entries";
 pub const STUCK_MERGES: &str = "stitch_stuck_merges";
 pub const WEBHOOK_DELIVERIES: &str = "stitch_webhook_deliveries_total";
 pub const WEBHOOK_DURATION: &str = "stitch_webhook_delivery_duration_seconds";
+/// Chunk bodies refused because the process's write slots, or the tenant's share of them,
+/// were taken (`limit` = `process` | `tenant`).
+pub const WRITE_REFUSALS: &str = "stitch_write_refusals_total";
 pub const JANITOR_FILES_REMOVED: &str = "stitch_janitor_files_removed_total";
 /// Quota reservations the janitor released because their upload never reached storage.
 pub const QUOTA_RESERVATIONS_RELEASED: &str = "stitch_quota_reservations_released_total";
@@ -266,6 +269,10 @@ fn register_now(role: Role) {
         describe_counter!(
             JANITOR_FILES_REMOVED,
             "Files and directories the janitor removed"
+        );
+        describe_counter!(
+            WRITE_REFUSALS,
+            "Chunk bodies refused because every write slot, or the tenant's share, was taken"
         );
         describe_counter!(
             QUOTA_RESERVATIONS_RELEASED,

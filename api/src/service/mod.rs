@@ -5,6 +5,7 @@
 //! ([`ChunkPart`], [`PartBody`]), and every failure is a [`ServiceError`].
 
 mod error;
+mod permits;
 mod segments;
 
 pub use self::error::{QUOTA_RETRY_AFTER_SECS, ServiceError};
@@ -36,6 +37,8 @@ use stitch_common::upload::{Assembly, ChunkRecord, NewUpload, UploadState, Uploa
 use stitch_common::webhooks::callback::CallbackPolicy;
 use tokio::sync::{Semaphore, mpsc};
 
+use self::permits::WritePermits;
+
 use crate::hook::Hook;
 use stitch_common::quota::{QuotaError, QuotaLedger, Reservation};
 
@@ -60,8 +63,8 @@ pub struct UploadService {
     recovery: Recovery,
     /// Compute MD5 of every chunk even without a client digest (operator's choice).
     always_md5: bool,
-    /// Bounds the chunk bodies written at once by this process.
-    write_permits: Arc<Semaphore>,
+    /// Bounds the chunk bodies written at once by this process, and by each tenant.
+    write_permits: WritePermits,
     /// Body memory in flight, in KiB units (`limits.max_buffered_body_bytes`).
     body_budget: Arc<Semaphore>,
     body_budget_kib: u32,
@@ -239,7 +242,7 @@ impl UploadService {
             limits: settings.limits.clone(),
             ttl_ms: settings.uploads.ttl.0.as_millis() as u64,
             always_md5: settings.uploads.chunk_md5,
-            write_permits: Arc::new(Semaphore::new(settings.limits.max_concurrent_chunk_writes)),
+            write_permits: WritePermits::new(&settings.limits),
             body_budget: Arc::new(Semaphore::new(budget_kib as usize)),
             body_budget_kib: budget_kib,
             auth,
@@ -570,8 +573,7 @@ impl UploadService {
     ) -> Result<ChunkAccepted, ServiceError> {
         let _permit = self
             .write_permits
-            .clone()
-            .try_acquire_owned()
+            .try_take(&upload.id.tenant())
             .map_err(|_| ServiceError::Busy)?;
         let _in_flight = InFlight::start();
         let staged = self.stage_part(&upload.id, &chunk, len, &mut body).await?;

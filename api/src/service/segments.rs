@@ -309,8 +309,7 @@ impl UploadService {
         let room = self.room_for(caller, &status, &append)?;
         let _permit = self
             .write_permits
-            .clone()
-            .try_acquire_owned()
+            .try_take(&id.tenant())
             .map_err(|_| ServiceError::Busy)?;
         let lease = self.take_append_lease(&id).await?;
         let renewer = tokio::spawn(renew_while_appending(

@@ -8,6 +8,22 @@ fn secs(n: u64) -> stitch_common::config::Interval {
     stitch_common::config::Interval(Duration::from_secs(n))
 }
 
+/// Sends a chunk's `head` and the `first` part of its body, and waits until its copy is being
+/// written: the connection then holds a write slot until the rest is sent.
+async fn start_slow_chunk(app: &TestApp, head: &str, first: &[u8]) -> RawConnection {
+    let mut slow = RawConnection::open(app.addr).await;
+    slow.send(head.as_bytes()).await;
+    slow.send(first).await;
+    let env = app.env.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the slow chunk to start writing",
+        || env.storage_snapshot().keys().any(|k| k.ends_with(".part")),
+    )
+    .await;
+    slow
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let app = spawn_app_with(|s| s.http.header_read_timeout = secs(1)).await;
@@ -46,17 +62,8 @@ async fn chunk_writes_beyond_the_limit_get_503_until_one_finishes() {
     let source = Source::random(2000, 1000, 16);
 
     // A slow client holds the only write slot.
-    let mut slow = RawConnection::open(app.addr).await;
-    slow.send(raw_chunk_head(&id, 0, 2, 0, 1000, 2000).as_bytes())
-        .await;
-    slow.send(&source.chunk(0).1[..500]).await;
-    let env = app.env.clone();
-    eventually(
-        Duration::from_secs(20),
-        "the slow chunk to start writing",
-        || env.storage_snapshot().keys().any(|k| k.ends_with(".part")),
-    )
-    .await;
+    let head = raw_chunk_head(&id, 0, 2, 0, 1000, 2000);
+    let mut slow = start_slow_chunk(&app, &head, &source.chunk(0).1[..500]).await;
 
     let response = app.chunk_request(&id, &source, 1).send().await.unwrap();
     assert_eq!(response.status(), 503);
@@ -71,6 +78,69 @@ async fn chunk_writes_beyond_the_limit_get_503_until_one_finishes() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["upload_complete"], true);
     assert_eq!(reassemble_counted(&app.env, &id), source.bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_share_of_the_write_slots_gets_503_while_another_tenant_writes() {
+    let keys = [
+        ("acme", "sk_test_share_acme_0123456789"),
+        ("globex", "sk_test_share_globex_0123456789"),
+    ];
+    let app = spawn_app_with(|s| {
+        s.limits.max_concurrent_chunk_writes = 4;
+        s.limits.max_chunk_writes_per_tenant = Some(1);
+        s.auth.keys = keys
+            .iter()
+            .map(|(tenant, key)| stitch_common::config::ApiKeyEntry {
+                id: format!("{tenant}-key"),
+                tenant: (*tenant).into(),
+                sha256: stitch_common::auth::key_sha256(key),
+                scopes: None,
+            })
+            .collect();
+    })
+    .await;
+    let source = Source::random(2000, 1000, 18);
+    let id = new_id();
+
+    // acme's slow chunk holds its one slot (three of the process's four are free).
+    let head = raw_chunk_head(&id, 0, 2, 0, 1000, 2000).replace(
+        "Host: test\r\n",
+        &format!("Host: test\r\nAuthorization: Bearer {}\r\n", keys[0].1),
+    );
+    let mut slow = start_slow_chunk(&app, &head, &source.chunk(0).1[..500]).await;
+
+    let send = |key: &str, id: &str, index: u64| {
+        let (start, bytes) = source.chunk(index);
+        http_client_with_key(key)
+            .put(app.url("/upload/chunk"))
+            .header("X-File-ID", id)
+            .header("X-Chunk-Index", index.to_string())
+            .header("X-Total-Chunks", "2")
+            .header(
+                "Content-Range",
+                format!("bytes {start}-{}/2000", start + bytes.len() as u64 - 1),
+            )
+            .body(bytes.to_vec())
+            .send()
+    };
+    let refused = send(keys[0].1, &id, 1).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(error_code(&body), "too_busy");
+    let other = send(keys[1].1, &new_id(), 0).await.unwrap();
+    assert_eq!(other.status(), 200, "another tenant still writes");
+
+    slow.send(&source.chunk(0).1[500..]).await;
+    let (status, text) = slow.read_response(Duration::from_secs(20)).await;
+    assert_eq!(status, 200, "{text}");
+    let done = send(keys[0].1, &id, 1).await.unwrap();
+    assert_eq!(
+        done.status(),
+        200,
+        "the slot is back once the slow chunk ended"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

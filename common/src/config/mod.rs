@@ -376,6 +376,10 @@ pub struct Limits {
     pub max_chunks: u64,
     /// Chunk bodies being written at once by one API process; more get 503 + Retry-After.
     pub max_concurrent_chunk_writes: usize,
+    /// Of those, how many one tenant may have at once, so that no tenant can take every slot
+    /// and make the others' chunks wait; more get 503 + Retry-After too. Unset: half of
+    /// `max_concurrent_chunk_writes` (at least 1). Per process, like the slots it shares.
+    pub max_chunk_writes_per_tenant: Option<usize>,
     /// Body bytes one API process holds in memory at once, across all chunks in flight
     /// (between the socket and the disk and hash). Past it, reading waits: memory stays
     /// bounded however many clients send at once.
@@ -605,6 +609,14 @@ impl Default for WebhookSettings {
     }
 }
 
+impl Limits {
+    /// How many chunk bodies one tenant may write at once in one process.
+    pub fn chunk_writes_per_tenant(&self) -> usize {
+        self.max_chunk_writes_per_tenant
+            .unwrap_or((self.max_concurrent_chunk_writes / 2).max(1))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -612,6 +624,7 @@ impl Default for Limits {
             max_upload_bytes: ByteSize(16 << 40),
             max_chunks: 100_000,
             max_concurrent_chunk_writes: 64,
+            max_chunk_writes_per_tenant: None,
             max_buffered_body_bytes: ByteSize(16 << 20),
             max_filename_bytes: 1024,
             max_metadata_bytes: 8 << 10,
@@ -717,6 +730,17 @@ impl Settings {
             return invalid(
                 "STITCH__LIMITS__MAX_CONCURRENT_CHUNK_WRITES",
                 "must be at least 1",
+            );
+        }
+        if let Some(per_tenant) = l.max_chunk_writes_per_tenant
+            && !(1..=l.max_concurrent_chunk_writes).contains(&per_tenant)
+        {
+            return invalid(
+                "STITCH__LIMITS__MAX_CHUNK_WRITES_PER_TENANT",
+                &format!(
+                    "must be between 1 and limits.max_concurrent_chunk_writes ({})",
+                    l.max_concurrent_chunk_writes
+                ),
             );
         }
         if self.limits.max_buffered_body_bytes.0 < 64 << 10 {
@@ -1066,6 +1090,25 @@ mod tests {
                 .assembly_nice,
             19
         );
+        for share in ["0", "65"] {
+            let err = load_toml(&format!(
+                "[limits]\nmax_chunk_writes_per_tenant = {share}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("STITCH__LIMITS__MAX_CHUNK_WRITES_PER_TENANT"),
+                "{err}"
+            );
+        }
+        let limits = load_toml("[limits]\nmax_concurrent_chunk_writes = 9\n")
+            .unwrap()
+            .limits;
+        assert_eq!(limits.chunk_writes_per_tenant(), 4, "half, by default");
+        let limits = load_toml("[limits]\nmax_chunk_writes_per_tenant = 64\n")
+            .unwrap()
+            .limits;
+        assert_eq!(limits.chunk_writes_per_tenant(), 64);
         let err = load_toml("[merge]\nretry_delays = []\n").unwrap_err();
         assert!(
             err.to_string().contains("STITCH__MERGE__RETRY_DELAYS"),
