@@ -14,8 +14,8 @@
 //!    environment, the venv first on `PATH` and the npm packages in `STITCH_TEST_NODE_MODULES`
 //!    and `STITCH_TEST_UI_NODE_MODULES`, and a directory on a file system that clones (an XFS
 //!    image it loop-mounts, [`reflink`]) in `STITCH_TEST_REFLINK_DIR`,
-//!    prints the runner's summary, and stops the services it started — at the end, on failure
-//!    and on Ctrl-C;
+//!    prints the runner's summary, and stops the services it started and unmounts the image —
+//!    at the end, on failure and on Ctrl-C or SIGTERM ([`interrupt`]);
 //! 4. [`fuzz`]: builds the fuzz targets of `fuzz/` and runs each for a short, seeded time
 //!    (skipped with `STITCH_SKIP_FUZZ=1`);
 //! 5. [`soak`]: a short seeded nemesis soak (skipped with `STITCH_SKIP_SOAK=1`), then exits
@@ -24,6 +24,7 @@
 //! `cargo xtask fuzz` runs step 4 alone, `cargo xtask soak` step 5 (for as long as asked).
 
 mod fuzz;
+mod interrupt;
 mod reflink;
 // The private RabbitMQ node's recipe, shared with the test kit's `RabbitServer` (by path:
 // the recipe is `std` only, and xtask stays free of the workspace's dependencies).
@@ -229,7 +230,11 @@ fn test(
         services.redis_url(),
         services.amqp_url_redacted(),
     );
-    let status = runner.status().context("starting the test runner")?;
+    let mut child = runner.spawn().context("starting the test runner")?;
+    interrupt::runner_is(Some(child.id()));
+    let status = child.wait().context("waiting for the test runner")?;
+    interrupt::hold_if_interrupted();
+    interrupt::runner_is(None);
     drop(services);
     drop(reflink);
     println!(

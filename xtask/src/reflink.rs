@@ -6,10 +6,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{Context, bail};
 
 const IMAGE_BYTES: u64 = 4 << 30;
+
+/// The mounts (mount point, image) of this run not undone yet, for the interrupt handler.
+static MOUNTED: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
 
 pub struct ReflinkDir {
     dir: PathBuf,
@@ -55,6 +59,10 @@ impl ReflinkDir {
             "xtask: a reflink file system (XFS, loop) at {}",
             mount.display()
         );
+        MOUNTED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((mount.clone(), image.clone()));
         Ok(Self {
             dir,
             mounted: Some((mount, image)),
@@ -68,10 +76,29 @@ impl ReflinkDir {
 
 impl Drop for ReflinkDir {
     fn drop(&mut self) {
-        if let Some((mount, image)) = self.mounted.take()
-            && run(Command::new("umount").arg(&mount)).is_ok()
+        if let Some((mount, image)) = self.mounted.take() {
+            MOUNTED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(m, _)| *m != mount);
+            if run(Command::new("umount").arg(&mount)).is_ok() {
+                let _ = std::fs::remove_file(image);
+            }
+        }
+    }
+}
+
+/// Unmounts every image of this run at once (the interrupt handler): lazily when a process
+/// still uses it (`umount -l` detaches it now; the kernel lets it go when the last user
+/// ends), then removes the image.
+pub fn unmount_all_now() {
+    let mounts = std::mem::take(&mut *MOUNTED.lock().unwrap_or_else(|e| e.into_inner()));
+    for (mount, image) in mounts {
+        if run(Command::new("umount").arg(&mount)).is_ok()
+            || run(Command::new("umount").arg("-l").arg(&mount)).is_ok()
         {
-            let _ = std::fs::remove_file(image);
+            let _ = std::fs::remove_file(&image);
+            eprintln!("xtask: unmounted {}", mount.display());
         }
     }
 }

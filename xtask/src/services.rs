@@ -21,7 +21,7 @@ use anyhow::{Context as _, bail};
 use crate::rabbitmq_node::{self, NodePorts};
 use crate::tools::RABBITMQ_SERVER;
 
-/// The process groups we started and have not stopped, for the Ctrl-C handler.
+/// The process groups we started and have not stopped, for the interrupt handler.
 static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
 /// The services of one test run. Dropping it stops the ones it started.
@@ -36,7 +36,7 @@ impl Services {
     /// The services named in the environment, or our own, started and answering. On an
     /// error, what was started is stopped again.
     pub fn provide(work: &Path) -> anyhow::Result<Self> {
-        install_interrupt_handler();
+        crate::interrupt::install();
         let mut services = Self {
             redis_url: String::new(),
             amqp_url: String::new(),
@@ -155,20 +155,19 @@ fn signal_group(group: i32, signal: &str) {
         .status();
 }
 
-/// On Ctrl-C or SIGTERM: stop every service we started, then exit 130.
-fn install_interrupt_handler() {
-    let _ = ctrlc::set_handler(|| {
-        eprintln!("xtask: interrupted; stopping the test services");
-        let groups = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
-        for group in groups.iter().rev() {
-            signal_group(*group, "TERM");
-        }
+/// Every service still running, stopped at once (the interrupt handler): SIGTERM to each
+/// group, three seconds, then SIGKILL.
+pub fn stop_all_now() {
+    let groups = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for group in groups.iter().rev() {
+        signal_group(*group, "TERM");
+    }
+    if !groups.is_empty() {
         std::thread::sleep(Duration::from_secs(3));
-        for group in groups.iter().rev() {
-            signal_group(*group, "KILL");
-        }
-        std::process::exit(130);
-    });
+    }
+    for group in groups.iter().rev() {
+        signal_group(*group, "KILL");
+    }
 }
 
 /// A port on 127.0.0.1 that nothing listens on now.
