@@ -502,10 +502,13 @@ impl UploadService {
             }
             upload.metadata = Some(metadata);
         }
-        // An upload whose length is open holds the most it may reach until it declares one:
-        // otherwise its bytes would pass `max_stored_bytes` unseen.
+        // Under a `max_stored_bytes`, an upload whose length is open holds the most it may
+        // reach until it declares one: otherwise its bytes would pass the limit unseen.
+        // Without one there is nothing to pass, and a bound as large as
+        // `limits.max_upload_bytes` would only blur the tenant's stored-bytes gauge.
         let bytes = match upload.geometry.is_deferred() {
-            true => self.largest_upload(caller),
+            true if quotas.max_stored_bytes.is_some() => self.largest_upload(caller),
+            true => 0,
             false => upload.quota_bytes_until_complete(),
         };
         let reservation = self
