@@ -193,8 +193,10 @@ fn test(
     let started = std::time::Instant::now();
 
     let tools = tools::prepare(&work, !no_install)?;
+    // From here on, Ctrl-C or SIGTERM stops what the run started ([`interrupt`]).
+    interrupt::install();
     // Started after the tools, which may have installed their programs. Dropping them (at
-    // the end, on an error, or from the Ctrl-C handler) stops them.
+    // the end or on an error) stops them; the interrupt handler stops them on a signal.
     let services = services::Services::provide(&work)?;
     let reflink = reflink::ReflinkDir::provide(&work)?;
 

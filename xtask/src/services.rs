@@ -36,7 +36,6 @@ impl Services {
     /// The services named in the environment, or our own, started and answering. On an
     /// error, what was started is stopped again.
     pub fn provide(work: &Path) -> anyhow::Result<Self> {
-        crate::interrupt::install();
         let mut services = Self {
             redis_url: String::new(),
             amqp_url: String::new(),
